@@ -1,0 +1,1 @@
+"""streamdet pipeline: stages, messages, transport and sinks."""

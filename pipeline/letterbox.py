@@ -1,0 +1,178 @@
+"""Letterbox resizing and its inverse.
+
+A letterbox scales a frame by one factor that keeps its aspect ratio so it fits inside the model
+input, then pads the rest with a constant value, centred. Postprocess undoes it with the same
+:class:`LetterboxParams`, which ride along in every preprocess message.
+
+Reference: ultralytics ``data/augment.py`` ``LetterBox`` and torchvision
+``models/detection/transform.py`` (``resize_boxes``, mapping boxes back to the original image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.boxes import FloatArray
+
+
+@dataclass(frozen=True, slots=True)
+class LetterboxParams:
+    """How one frame was letterboxed into the model input.
+
+    Attributes:
+        frame_hw: decoded frame size ``(height, width)`` in pixels.
+        input_wh: model input size ``(width, height)`` in pixels.
+        resized_wh: size ``(width, height)`` of the scaled frame inside the input, in pixels.
+        pad_xy: left and top padding ``(pad_x, pad_y)`` in input pixels.
+    """
+
+    frame_hw: tuple[int, int]
+    input_wh: tuple[int, int]
+    resized_wh: tuple[int, int]
+    pad_xy: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        for name in ("frame_hw", "input_wh", "resized_wh"):
+            a, b = getattr(self, name)
+            if a <= 0 or b <= 0:
+                raise ValueError(f"expected positive {name}, got {(a, b)}")
+        px, py = self.pad_xy
+        if px < 0 or py < 0:
+            raise ValueError(f"expected non-negative pad_xy, got {self.pad_xy}")
+        if self.resized_wh[0] + px > self.input_wh[0] or self.resized_wh[1] + py > self.input_wh[1]:
+            raise ValueError(
+                f"expected resized_wh + pad_xy inside input_wh {self.input_wh}, "
+                f"got resized_wh={self.resized_wh} pad_xy={self.pad_xy}"
+            )
+
+    @property
+    def scale_xy(self) -> tuple[float, float]:
+        """Scale factors ``(sx, sy)`` from frame pixels to input pixels."""
+        return (self.resized_wh[0] / self.frame_hw[1], self.resized_wh[1] / self.frame_hw[0])
+
+    def to_list(self) -> list[int]:
+        """Flat form ``[fh, fw, iw, ih, rw, rh, px, py]`` for message headers."""
+        return [*self.frame_hw, *self.input_wh, *self.resized_wh, *self.pad_xy]
+
+    @classmethod
+    def from_list(cls, values: list[int] | tuple[int, ...]) -> LetterboxParams:
+        """Inverse of :meth:`to_list`.
+
+        Raises:
+            ValueError: if ``values`` does not hold 8 integers.
+        """
+        if len(values) != 8:
+            raise ValueError(f"expected 8 letterbox values, got {len(values)}")
+        v = [int(x) for x in values]
+        return cls((v[0], v[1]), (v[2], v[3]), (v[4], v[5]), (v[6], v[7]))
+
+
+def letterbox_params(frame_hw: tuple[int, int], input_wh: tuple[int, int]) -> LetterboxParams:
+    """Compute the letterbox that fits ``frame_hw`` into ``input_wh``, centred.
+
+    Args:
+        frame_hw: frame size ``(height, width)`` in pixels.
+        input_wh: model input size ``(width, height)`` in pixels.
+
+    Returns:
+        The :class:`LetterboxParams`.
+
+    Raises:
+        ValueError: on non-positive sizes.
+    """
+    fh, fw = int(frame_hw[0]), int(frame_hw[1])
+    iw, ih = int(input_wh[0]), int(input_wh[1])
+    if fh <= 0 or fw <= 0 or iw <= 0 or ih <= 0:
+        raise ValueError(f"expected positive sizes, got frame_hw={frame_hw} input_wh={input_wh}")
+    r = min(iw / fw, ih / fh)
+    rw = min(iw, max(1, int(round(fw * r))))
+    rh = min(ih, max(1, int(round(fh * r))))
+    return LetterboxParams((fh, fw), (iw, ih), (rw, rh), ((iw - rw) // 2, (ih - rh) // 2))
+
+
+def letterbox(
+    image: npt.NDArray[np.uint8],
+    input_wh: tuple[int, int],
+    pad_value: int = 114,
+    out: npt.NDArray[np.uint8] | None = None,
+) -> tuple[npt.NDArray[np.uint8], LetterboxParams]:
+    """Letterbox one HWC uint8 image into ``input_wh``.
+
+    Args:
+        image: ``(H, W, C)`` uint8 image (any channel order; it is kept).
+        input_wh: target size ``(width, height)``.
+        pad_value: constant for the padded border.
+        out: optional ``(ih, iw, C)`` uint8 buffer to write into (avoids an allocation).
+
+    Returns:
+        The ``(ih, iw, C)`` uint8 letterboxed image and its :class:`LetterboxParams`.
+
+    Raises:
+        ValueError: if ``image`` is not a 3-D uint8 array or ``out`` has the wrong shape.
+    """
+    if image.ndim != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected (H, W, C) uint8 image, got shape {image.shape} dtype {image.dtype}")
+    p = letterbox_params((image.shape[0], image.shape[1]), input_wh)
+    iw, ih = p.input_wh
+    c = image.shape[2]
+    if out is None:
+        out = np.empty((ih, iw, c), dtype=np.uint8)
+    elif out.shape != (ih, iw, c) or out.dtype != np.uint8:
+        raise ValueError(f"expected out of shape {(ih, iw, c)} uint8, got {out.shape} {out.dtype}")
+    (rw, rh), (px, py) = p.resized_wh, p.pad_xy
+    if (rw, rh) != (p.input_wh) or px or py:
+        out[:py] = pad_value
+        out[py + rh :] = pad_value
+        out[py : py + rh, :px] = pad_value
+        out[py : py + rh, px + rw :] = pad_value
+    region = out[py : py + rh, px : px + rw]
+    if (rw, rh) == (image.shape[1], image.shape[0]):
+        region[...] = image
+    else:
+        cv2.resize(image, (rw, rh), dst=region, interpolation=cv2.INTER_LINEAR)
+    return out, p
+
+
+def boxes_input_to_frame(boxes_xyxy: FloatArray, params: LetterboxParams, clip: bool = True) -> FloatArray:
+    """Map boxes from model-input pixels back to decoded-frame pixels.
+
+    Args:
+        boxes_xyxy: ``(N, 4)`` float32 xyxy boxes in model-input pixels.
+        params: the letterbox that produced the input.
+        clip: clip the result to the frame.
+
+    Returns:
+        ``(N, 4)`` float32 xyxy boxes in frame pixels.
+    """
+    sx, sy = params.scale_xy
+    px, py = params.pad_xy
+    out = np.empty((boxes_xyxy.shape[0], 4), dtype=np.float32)
+    out[:, 0::2] = (boxes_xyxy[:, 0::2] - px) / sx
+    out[:, 1::2] = (boxes_xyxy[:, 1::2] - py) / sy
+    if clip:
+        fh, fw = params.frame_hw
+        np.clip(out[:, 0::2], 0.0, float(fw), out=out[:, 0::2])
+        np.clip(out[:, 1::2], 0.0, float(fh), out=out[:, 1::2])
+    return out
+
+
+def boxes_frame_to_input(boxes_xyxy: FloatArray, params: LetterboxParams) -> FloatArray:
+    """Map boxes from decoded-frame pixels to model-input pixels (inverse of :func:`boxes_input_to_frame`).
+
+    Args:
+        boxes_xyxy: ``(N, 4)`` float32 xyxy boxes in frame pixels.
+        params: the letterbox applied to the frame.
+
+    Returns:
+        ``(N, 4)`` float32 xyxy boxes in model-input pixels.
+    """
+    sx, sy = params.scale_xy
+    px, py = params.pad_xy
+    out = np.empty((boxes_xyxy.shape[0], 4), dtype=np.float32)
+    out[:, 0::2] = boxes_xyxy[:, 0::2] * sx + px
+    out[:, 1::2] = boxes_xyxy[:, 1::2] * sy + py
+    return out

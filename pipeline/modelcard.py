@@ -1,0 +1,306 @@
+"""Model cards: what a model expects and produces, stored beside its ONNX file as ``MODEL.json``.
+
+A card is written by ``training.export`` and read by the pipeline and the evaluator. For a user's
+ultralytics ONNX export with no card, :func:`card_from_ultralytics_metadata` builds one from the
+metadata ultralytics writes into the ONNX file (``names``, ``imgsz``, ``stride``, ``task``).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CARD_SCHEMA = "streamdet.modelcard/1"
+
+
+class Task(str, Enum):
+    """What a model does; picks the postprocess."""
+
+    DETECT = "detect"
+    SEGMENT = "segment"  # instance segmentation: boxes + mask coefficients + prototypes
+    SEMANTIC = "semantic"
+
+
+class HeadLayout(str, Enum):
+    """Layout of a model's raw outputs.
+
+    ``ultralytics_detect``: one output ``(B, 4 + C, N)``: boxes cxcywh in input pixels, class
+    scores after sigmoid, no NMS. ``ultralytics_segment``: that with ``32`` mask coefficients after
+    the class scores, ``(B, 4 + C + 32, N)``, plus prototypes ``(B, 32, H/4, W/4)``.
+    ``end2end``: NMS inside the model, one output ``(B, K, 6)`` rows ``x1, y1, x2, y2, score,
+    class`` in input pixels (ultralytics end2end), or three outputs boxes ``(B, K, 4)`` xyxy,
+    scores ``(B, K)``, labels ``(B, K)``. ``semantic_logits``: ``(B, C, H, W)`` logits.
+    """
+
+    ULTRALYTICS_DETECT = "ultralytics_detect"
+    ULTRALYTICS_SEGMENT = "ultralytics_segment"
+    END2END = "end2end"
+    SEMANTIC_LOGITS = "semantic_logits"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class InputSpec(_Frozen):
+    """The model's image input.
+
+    Attributes:
+        name: ONNX input tensor name.
+        layout: ``NCHW`` (only layout supported).
+        dtype: ``float32`` or ``float16``.
+        channel_order: ``RGB`` or ``BGR``.
+        width: input width in pixels.
+        height: input height in pixels.
+        dynamic_batch: whether the batch dimension is dynamic.
+    """
+
+    name: str = "images"
+    layout: str = "NCHW"
+    dtype: str = "float32"
+    channel_order: str = "RGB"
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    dynamic_batch: bool = True
+
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, v: str) -> str:
+        if v != "NCHW":
+            raise ValueError(f"expected layout NCHW, got {v}")
+        return v
+
+    @field_validator("channel_order")
+    @classmethod
+    def _order(cls, v: str) -> str:
+        if v not in ("RGB", "BGR"):
+            raise ValueError(f"expected channel_order RGB or BGR, got {v}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in ("float32", "float16"):
+            raise ValueError(f"expected dtype float32 or float16, got {v}")
+        return v
+
+
+class Normalization(_Frozen):
+    """``x = (pixel - mean) / std`` per channel, pixels in ``[0, 255]``, in the input's channel order."""
+
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (255.0, 255.0, 255.0)
+
+
+class HeadSpec(_Frozen):
+    """The model's output head.
+
+    Attributes:
+        layout: see :class:`HeadLayout`.
+        num_classes: number of classes ``C`` (for semantic models, including background).
+        strides: feature strides of the anchor-free head, e.g. ``(8, 16, 32)``.
+        num_mask_coeffs: mask coefficients per box (instance segmentation), else 0.
+        outputs: ONNX output names, in the order of the layout.
+        mask_hw: prototype map size ``(H, W)`` for instance segmentation.
+    """
+
+    layout: HeadLayout
+    num_classes: int = Field(gt=0)
+    strides: tuple[int, ...] = (8, 16, 32)
+    num_mask_coeffs: int = 0
+    outputs: tuple[str, ...] = ("output0",)
+    mask_hw: tuple[int, int] | None = None
+
+
+class ModelCard(_Frozen):
+    """Everything the pipeline needs to run a model, plus how it was made and how well it does.
+
+    Attributes:
+        schema_version: always :data:`CARD_SCHEMA`.
+        name: short model name.
+        task: :class:`Task`.
+        head: :class:`HeadSpec`.
+        input: :class:`InputSpec`.
+        normalization: :class:`Normalization`.
+        pad_value: letterbox pad value in pixel units (0..255).
+        class_names: one name per class id.
+        metrics: validation metrics (e.g. ``mAP50-95``), with the data they were measured on.
+        provenance: the command, seed and time that produced the model.
+        params: parameter count.
+        gflops: GFLOPs per image at the input size.
+    """
+
+    schema_version: str = Field(default=CARD_SCHEMA, alias="schema")
+    name: str
+    task: Task
+    head: HeadSpec
+    input: InputSpec
+    normalization: Normalization = Normalization()
+    pad_value: int = Field(default=114, ge=0, le=255)
+    class_names: tuple[str, ...]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    params: int | None = None
+    gflops: float | None = None
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @property
+    def input_wh(self) -> tuple[int, int]:
+        """Model input size ``(width, height)`` in pixels."""
+        return (self.input.width, self.input.height)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        if self.schema_version != CARD_SCHEMA:
+            raise ValueError(f"expected schema {CARD_SCHEMA}, got {self.schema_version}")
+        if len(self.class_names) != self.head.num_classes:
+            raise ValueError(
+                f"expected {self.head.num_classes} class names (head.num_classes), got {len(self.class_names)}"
+            )
+        want = {
+            Task.DETECT: {HeadLayout.ULTRALYTICS_DETECT, HeadLayout.END2END},
+            Task.SEGMENT: {HeadLayout.ULTRALYTICS_SEGMENT},
+            Task.SEMANTIC: {HeadLayout.SEMANTIC_LOGITS},
+        }[self.task]
+        if self.head.layout not in want:
+            raise ValueError(f"expected head layout in {sorted(w.value for w in want)} for task {self.task.value}, "
+                             f"got {self.head.layout.value}")
+        return self
+
+    def to_json(self) -> str:
+        """Serialise to indented JSON (with the ``schema`` key)."""
+        return self.model_dump_json(by_alias=True, indent=2)
+
+
+class ModelCardError(ValueError):
+    """A model card is missing, unreadable or contradicts its model."""
+
+
+def card_path_for(model_path: str | os.PathLike[str]) -> Path:
+    """The card path beside a model: ``MODEL.onnx`` -> ``MODEL.json``."""
+    return Path(model_path).with_suffix(".json")
+
+
+def load_card(path: str | os.PathLike[str]) -> ModelCard:
+    """Read and validate a model card.
+
+    Args:
+        path: the card's JSON file.
+
+    Returns:
+        The validated :class:`ModelCard`.
+
+    Raises:
+        ModelCardError: if the file is missing, not JSON, or not a valid card (the message names the file).
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise ModelCardError(f"{p}: model card not found") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelCardError(f"{p}: not a readable JSON model card ({e})") from e
+    try:
+        return ModelCard.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or "card"
+        raise ModelCardError(f"{p}: invalid model card: {loc}: {first['msg']}") from e
+
+
+def save_card(card: ModelCard, path: str | os.PathLike[str]) -> None:
+    """Write a card atomically (temporary file, then rename).
+
+    Args:
+        card: the card.
+        path: destination JSON path.
+
+    Raises:
+        OSError: if the path cannot be written.
+    """
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(card.to_json() + "\n")
+    os.replace(tmp, p)
+
+
+def card_from_ultralytics_metadata(
+    metadata: dict[str, str],
+    input_name: str,
+    input_shape: list[int | str | None],
+    output_names: list[str],
+    output_shapes: list[list[int | str | None]],
+    name: str = "ultralytics",
+) -> ModelCard:
+    """Build a card for a user's ultralytics ONNX export from its embedded metadata.
+
+    Ultralytics writes ``names`` (a Python dict literal ``{0: 'person', ...}``), ``imgsz``
+    (``[h, w]``), ``stride`` and ``task`` into the ONNX ``metadata_props``. Its models take RGB
+    float32 in ``[0, 1]`` (pixels / 255), letterboxed with pad value 114.
+
+    Args:
+        metadata: the ONNX metadata_props as a dict.
+        input_name: the ONNX input name.
+        input_shape: the ONNX input shape (dims may be symbolic).
+        output_names: the ONNX output names.
+        output_shapes: their shapes.
+        name: model name for the card.
+
+    Returns:
+        A :class:`ModelCard`.
+
+    Raises:
+        ModelCardError: if the metadata lacks class names or the head cannot be recognised.
+    """
+    if "names" not in metadata:
+        raise ModelCardError("ONNX metadata has no 'names' (not an ultralytics export) and no model card was given")
+    try:
+        names_obj = ast.literal_eval(metadata["names"])
+    except (ValueError, SyntaxError) as e:
+        raise ModelCardError(f"ONNX metadata 'names' is not a dict literal: {metadata['names'][:80]!r}") from e
+    if isinstance(names_obj, dict):
+        class_names = tuple(str(names_obj[k]) for k in sorted(names_obj))
+    else:
+        class_names = tuple(str(n) for n in names_obj)
+    h = input_shape[2] if len(input_shape) == 4 else None
+    w = input_shape[3] if len(input_shape) == 4 else None
+    if "imgsz" in metadata:
+        imgsz = ast.literal_eval(metadata["imgsz"])
+        h, w = (imgsz, imgsz) if isinstance(imgsz, int) else (imgsz[0], imgsz[1])
+    if not isinstance(h, int) or not isinstance(w, int):
+        raise ModelCardError(f"cannot tell the input size: input shape {input_shape} and no 'imgsz' metadata")
+    task = metadata.get("task", "detect")
+    stride = int(ast.literal_eval(metadata.get("stride", "32")))
+    strides = tuple(s for s in (8, 16, 32, 64) if s <= stride) or (stride,)
+    nc = len(class_names)
+    end2end = len(output_shapes[0]) == 3 and output_shapes[0][-1] == 6
+    if task == "segment":
+        nm = 32
+        if len(output_shapes) > 1 and len(output_shapes[1]) == 4 and isinstance(output_shapes[1][1], int):
+            nm = output_shapes[1][1]
+        ps = output_shapes[1] if len(output_shapes) > 1 else []
+        mask_hw = (ps[2], ps[3]) if len(ps) == 4 and isinstance(ps[2], int) and isinstance(ps[3], int) else None
+        head = HeadSpec(layout=HeadLayout.ULTRALYTICS_SEGMENT, num_classes=nc, strides=strides,
+                        num_mask_coeffs=nm, outputs=tuple(output_names), mask_hw=mask_hw)
+        t = Task.SEGMENT
+    elif task == "detect":
+        layout = HeadLayout.END2END if end2end else HeadLayout.ULTRALYTICS_DETECT
+        head = HeadSpec(layout=layout, num_classes=nc, strides=strides, outputs=tuple(output_names))
+        t = Task.DETECT
+    else:
+        raise ModelCardError(f"ultralytics task {task!r} is not supported (detect, segment)")
+    dyn = not isinstance(input_shape[0], int) if input_shape else True
+    return ModelCard(
+        name=name, task=t, head=head,
+        input=InputSpec(name=input_name, width=int(w), height=int(h), dynamic_batch=dyn),
+        normalization=Normalization(), pad_value=114, class_names=class_names,
+        provenance={"source": "ultralytics ONNX metadata", **{k: metadata[k] for k in ("version", "description")
+                                                              if k in metadata}},
+    )

@@ -1,0 +1,1 @@
+"""streamdet training: synthetic data, detectors and segmenters trained from scratch, export and evaluation."""

@@ -1,0 +1,267 @@
+"""Write and read synthetic datasets on disk in COCO format.
+
+Layout of a dataset directory::
+
+    DIR/images/000000.png      RGB frames (lossless PNG)
+    DIR/semantic/000000.png    uint8 class maps (0 background, k + 1 class k)
+    DIR/annotations.json       COCO: images, annotations (bbox xywh, RLE segmentation), categories
+
+COCO category ids are class id + 1 (COCO reserves 0). CLI::
+
+    python -m training.dataset --out DIR --images N --seed S
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+from training.synth import CLASS_NAMES, Sample, SyntheticDataset
+
+
+class DatasetError(ValueError):
+    """A dataset directory or annotation file is missing or malformed; the message names the file."""
+
+
+def categories() -> list[dict[str, Any]]:
+    """COCO categories for :data:`CLASS_NAMES` (id = class id + 1)."""
+    return [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES)]
+
+
+def encode_rle(mask: npt.NDArray[np.uint8]) -> dict[str, Any]:
+    """COCO RLE of one binary mask, JSON-ready (``counts`` as str).
+
+    Args:
+        mask: ``(H, W)`` uint8 {0, 1} mask.
+
+    Returns:
+        ``{"size": [H, W], "counts": str}``.
+    """
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def sample_annotations(sample: Sample, image_id: int, first_ann_id: int) -> list[dict[str, Any]]:
+    """COCO annotations of one sample.
+
+    Args:
+        sample: the sample.
+        image_id: its COCO image id.
+        first_ann_id: id of its first annotation.
+
+    Returns:
+        COCO annotation dicts (bbox xywh in frame pixels, RLE segmentation, ``iscrowd`` = ignore flag).
+    """
+    anns = []
+    for k in range(sample.boxes_xyxy.shape[0]):
+        x1, y1, x2, y2 = (float(v) for v in sample.boxes_xyxy[k])
+        anns.append({
+            "id": first_ann_id + k,
+            "image_id": image_id,
+            "category_id": int(sample.class_ids[k]) + 1,
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "area": float(sample.masks[k].sum()),
+            "segmentation": encode_rle(sample.masks[k]),
+            "iscrowd": int(sample.ignore[k]),
+        })
+    return anns
+
+
+def coco_document(images: list[dict[str, Any]], annotations: list[dict[str, Any]],
+                  info: dict[str, Any]) -> dict[str, Any]:
+    """Assemble a COCO ground-truth document."""
+    return {"info": info, "images": images, "annotations": annotations, "categories": categories()}
+
+
+def write_dataset(out: Path, *, num_images: int, seed: int, show_progress: bool = True,
+                  command: str = "") -> Path:
+    """Generate a dataset directory (atomically: built in a temporary directory, then renamed).
+
+    Args:
+        out: destination directory; must not exist or be empty.
+        num_images: number of images.
+        seed: dataset seed.
+        show_progress: show a progress bar.
+        command: the command line, recorded in the annotation ``info``.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        DatasetError: if ``out`` exists and is not an empty directory.
+        OSError: if it cannot be written.
+    """
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DatasetError(f"{out}: output exists and is not an empty directory")
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    try:
+        (tmp / "images").mkdir()
+        (tmp / "semantic").mkdir()
+        ds = SyntheticDataset(seed=seed, num_images=num_images)
+        images: list[dict[str, Any]] = []
+        anns: list[dict[str, Any]] = []
+        for i in tqdm(range(num_images), desc="dataset", disable=not show_progress, file=sys.stderr):
+            s = ds[i]
+            name = f"{i:06d}.png"
+            cv2.imwrite(str(tmp / "images" / name), cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR))
+            cv2.imwrite(str(tmp / "semantic" / name), s.semantic)
+            h, w = s.image.shape[:2]
+            images.append({"id": i, "file_name": name, "width": w, "height": h})
+            anns.extend(sample_annotations(s, i, len(anns) + 1))
+        doc = coco_document(images, anns, {"seed": seed, "num_images": num_images, "command": command,
+                                           "generator": "training.synth"})
+        (tmp / "annotations.json").write_text(json.dumps(doc))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@dataclass(frozen=True)
+class CocoDataset:
+    """A dataset directory, validated.
+
+    Attributes:
+        root: the directory.
+        coco: the parsed ``annotations.json``.
+        class_names: category names ordered by category id.
+    """
+
+    root: Path
+    coco: dict[str, Any]
+    class_names: tuple[str, ...]
+
+    @property
+    def image_ids(self) -> list[int]:
+        """COCO image ids in file order."""
+        return [int(im["id"]) for im in self.coco["images"]]
+
+    def image_path(self, image: dict[str, Any]) -> Path:
+        """Path of an image entry's file."""
+        return self.root / "images" / str(image["file_name"])
+
+    def semantic_path(self, image: dict[str, Any]) -> Path:
+        """Path of an image entry's semantic map."""
+        return self.root / "semantic" / str(image["file_name"])
+
+    def read_image_rgb(self, image: dict[str, Any]) -> npt.NDArray[np.uint8]:
+        """Read an image as ``(H, W, 3)`` uint8 RGB.
+
+        Raises:
+            DatasetError: if the file is missing or not an image.
+        """
+        p = self.image_path(image)
+        bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise DatasetError(f"{p}: missing or not an image")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def read_semantic(self, image: dict[str, Any]) -> npt.NDArray[np.uint8]:
+        """Read an image's semantic map as ``(H, W)`` uint8.
+
+        Raises:
+            DatasetError: if the file is missing or not an image.
+        """
+        p = self.semantic_path(image)
+        m = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+        if m is None or m.ndim != 2:
+            raise DatasetError(f"{p}: missing or not a single-channel class map")
+        return m
+
+
+def load_coco_dataset(root: str | os.PathLike[str]) -> CocoDataset:
+    """Open and validate a dataset directory.
+
+    Args:
+        root: the directory holding ``annotations.json`` and ``images/``.
+
+    Returns:
+        The :class:`CocoDataset`.
+
+    Raises:
+        DatasetError: if the directory or annotation file is missing or malformed (the message
+            names the file and the problem).
+    """
+    r = Path(root)
+    if not r.is_dir():
+        raise DatasetError(f"{r}: dataset directory not found")
+    ann = r / "annotations.json"
+    try:
+        coco = json.loads(ann.read_text())
+    except FileNotFoundError as e:
+        raise DatasetError(f"{ann}: annotation file not found") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{ann}: not valid JSON ({e})") from e
+    if not isinstance(coco, dict):
+        raise DatasetError(f"{ann}: expected a COCO object, got {type(coco).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise DatasetError(f"{ann}: expected a list under '{key}'")
+    cat_ids = set()
+    for c in coco["categories"]:
+        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
+            raise DatasetError(f"{ann}: malformed category {str(c)[:80]}")
+        cat_ids.add(c["id"])
+    img_ids = set()
+    for im in coco["images"]:
+        if not isinstance(im, dict) or not all(k in im for k in ("id", "file_name", "width", "height")):
+            raise DatasetError(f"{ann}: malformed image entry {str(im)[:80]}")
+        img_ids.add(im["id"])
+    for a in coco["annotations"]:
+        if not isinstance(a, dict) or not all(k in a for k in ("image_id", "category_id", "bbox")):
+            raise DatasetError(f"{ann}: malformed annotation {str(a)[:80]}")
+        if a["image_id"] not in img_ids:
+            raise DatasetError(f"{ann}: annotation {a.get('id')} refers to unknown image {a['image_id']}")
+        if a["category_id"] not in cat_ids:
+            raise DatasetError(f"{ann}: annotation {a.get('id')} has unknown category {a['category_id']}")
+        b = a["bbox"]
+        if not (isinstance(b, list) and len(b) == 4 and b[2] >= 0 and b[3] >= 0):
+            raise DatasetError(f"{ann}: annotation {a.get('id')} has malformed bbox {b}")
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    return CocoDataset(root=r, coco=coco, class_names=tuple(c["name"] for c in cats))
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    ap = argparse.ArgumentParser(prog="python -m training.dataset", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
+    ap.add_argument("--images", required=True, type=int, help="number of images")
+    ap.add_argument("--seed", type=int, default=0, help="dataset seed")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(list(argv) if argv is not None else None)
+    if args.images < 1:
+        print(f"error: --images: expected a positive count, got {args.images}", file=sys.stderr)
+        return 2
+    cmd = "python -m training.dataset " + " ".join(sys.argv[1:] if argv is None else list(argv))
+    try:
+        write_dataset(args.out, num_images=args.images, seed=args.seed, show_progress=not args.quiet,
+                      command=cmd)
+    except (DatasetError, OSError) as e:
+        msg = str(e) if isinstance(e, DatasetError) else f"{args.out}: cannot write ({e.strerror or e})"
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.images} images to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
