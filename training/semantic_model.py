@@ -1,0 +1,247 @@
+"""A small U-Net-style semantic segmenter: per-pixel class logits at the model input resolution.
+
+The encoder is a plain stack of 3x3 convolution + BatchNorm + ReLU stages, each halving the
+resolution (strides 2, 4, 8, 16, 32), the later blocks of a stage residual. The deepest stage gets a
+global-average-pool context term (as in ParseNet / the image-pooling branch of DeepLabv3's ASPP).
+The decoder, level by level down to ``decoder_stride``, projects the coarser feature to the skip's
+width (1x1 convolution + BatchNorm), upsamples it by 2 (bilinear), adds the encoder feature of that
+stride (a U-Net skip connection, merged by addition as in FPN, which is cheaper than concatenation)
+and mixes them with a 3x3 convolution; a 1x1 head gives the logits, which are upsampled bilinearly
+to the input resolution inside the model.
+
+References: Ronneberger et al., "U-Net: Convolutional Networks for Biomedical Image Segmentation"
+(MICCAI 2015); Long et al., "Fully Convolutional Networks for Semantic Segmentation" (CVPR 2015);
+Lin et al., "Feature Pyramid Networks for Object Detection" (CVPR 2017); Liu et al., "ParseNet:
+Looking Wider to See Better" (2015).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.letterbox import LetterboxParams, letterbox_params
+
+DEFAULT_INPUT_WH: tuple[int, int] = (640, 384)
+"""Model input size ``(width, height)`` of the bundled semantic model (the detector's)."""
+
+
+@dataclass(frozen=True)
+class SemanticNetConfig:
+    """Architecture of a :class:`SemanticNet`.
+
+    Attributes:
+        num_classes: output channels ``C`` (background + object classes).
+        input_wh: model input size ``(width, height)``; both must be multiples of the deepest stride.
+        widths: channels of each encoder stage; stage ``i`` has stride ``2 ** (i + 1)``.
+        depths: 3x3 convolutions per stage (the first one strided), each >= 1.
+        decoder_stride: stride of the logits before the final bilinear upsample (2, 4, ... up to
+            half the deepest stride).
+        context: add a global-average-pool context term at the deepest stage.
+    """
+
+    num_classes: int = 11
+    input_wh: tuple[int, int] = DEFAULT_INPUT_WH
+    widths: tuple[int, ...] = (16, 32, 64, 96, 128)
+    depths: tuple[int, ...] = (1, 2, 2, 2, 2)
+    decoder_stride: int = 4
+    context: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise ValueError(f"expected num_classes >= 2, got {self.num_classes}")
+        if len(self.widths) < 2 or len(self.widths) != len(self.depths):
+            raise ValueError(f"expected >= 2 stages with one depth each, got widths={self.widths} "
+                             f"depths={self.depths}")
+        if min(self.widths) < 1 or min(self.depths) < 1:
+            raise ValueError(f"expected positive widths and depths, got {self.widths} {self.depths}")
+        deepest = self.max_stride
+        if self.decoder_stride not in [2**k for k in range(1, len(self.widths))]:
+            raise ValueError(f"expected decoder_stride a power of 2 in [2, {deepest // 2}], got {self.decoder_stride}")
+        w, h = self.input_wh
+        if w <= 0 or h <= 0 or w % deepest or h % deepest:
+            raise ValueError(f"expected input_wh multiples of the deepest stride {deepest}, got {self.input_wh}")
+
+    @property
+    def max_stride(self) -> int:
+        """Stride of the deepest encoder stage."""
+        return int(2 ** len(self.widths))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type form for checkpoints (lists instead of tuples)."""
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SemanticNetConfig:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: on unknown keys or invalid values.
+        """
+        known = {"num_classes", "input_wh", "widths", "depths", "decoder_stride", "context"}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"expected model config keys {sorted(known)}, got unknown {sorted(extra)}")
+        kw: dict[str, Any] = {k: tuple(int(x) for x in v) if isinstance(v, list | tuple) else v for k, v in d.items()}
+        return cls(**kw)
+
+
+class ConvBNReLU(nn.Sequential):
+    """3x3 (or ``k`` x ``k``) convolution, BatchNorm, ReLU; ``(B, c_in, H, W) -> (B, c_out, H/s, W/s)``."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, k: int = 3) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Residual(nn.Module):
+    """``x + f(x)`` around a shape-preserving block."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block and add its input."""
+        return x + self.block(x)
+
+
+class GlobalContext(nn.Module):
+    """Adds a per-image context vector: ``x + relu(W @ mean_hw(x) + b)`` broadcast over ``H, W``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Add the context vector; ``(B, C, H, W) -> (B, C, H, W)``."""
+        return x + F.relu(self.proj(x.mean(dim=(2, 3), keepdim=True)))
+
+
+class SemanticNet(nn.Module):
+    """U-Net-style semantic segmenter.
+
+    Input: ``(B, 3, H, W)`` float32 RGB, ``pixel / 255``, letterboxed to ``config.input_wh``
+    (other sizes work if ``H`` and ``W`` are multiples of ``config.max_stride``).
+    Output: ``(B, num_classes, H, W)`` float32 logits (class 0 = background).
+
+    Args:
+        config: the architecture.
+    """
+
+    def __init__(self, config: SemanticNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        stages: list[nn.Module] = []
+        c = 3
+        for width, depth in zip(config.widths, config.depths):
+            blocks: list[nn.Module] = [ConvBNReLU(c, width, stride=2)]
+            blocks += [Residual(ConvBNReLU(width, width)) for _ in range(depth - 1)]
+            stages.append(nn.Sequential(*blocks))
+            c = width
+        self.stages = nn.ModuleList(stages)
+        self.context = GlobalContext(c) if config.context else nn.Identity()
+        # decoder levels from stride max/2 down to decoder_stride; level i has stride 2 ** (i + 1)
+        first = len(config.widths) - 2
+        last = int(np.log2(config.decoder_stride)) - 1
+        self.skip_levels = list(range(first, last - 1, -1))
+        lateral: list[nn.Module] = []
+        decoder: list[nn.Module] = []
+        for i in self.skip_levels:
+            # 1x1 projection before the upsample (cheaper than after; both are linear)
+            lateral.append(nn.Sequential(nn.Conv2d(c, config.widths[i], 1, bias=False),
+                                         nn.BatchNorm2d(config.widths[i])))
+            decoder.append(ConvBNReLU(config.widths[i], config.widths[i]))
+            c = config.widths[i]
+        self.lateral = nn.ModuleList(lateral)
+        self.decoder = nn.ModuleList(decoder)
+        self.head = nn.Conv2d(c, config.num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, 3, H, W)`` float32 in ``[0, 1]`` to ``(B, num_classes, H, W)`` logits."""
+        feats: list[torch.Tensor] = []
+        y = x
+        for stage in self.stages:
+            y = stage(y)
+            feats.append(y)
+        y = self.context(y)
+        for i, lateral, block in zip(self.skip_levels, self.lateral, self.decoder):
+            y = F.interpolate(lateral(y), scale_factor=2.0, mode="bilinear", align_corners=False)
+            y = block(y + feats[i])
+        y = self.head(y)
+        return F.interpolate(y, scale_factor=float(self.config.decoder_stride), mode="bilinear",
+                             align_corners=False)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (weights and biases; BatchNorm running statistics excluded)."""
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def gflops(model: nn.Module, input_wh: tuple[int, int]) -> float:
+    """GFLOPs (2 x multiply-accumulates of convolutions and matrix products) for one image.
+
+    Counted with :class:`torch.utils.flop_counter.FlopCounterMode` on a ``(1, 3, H, W)`` input, in
+    eval mode (the model's mode is restored afterwards).
+
+    Args:
+        model: the model.
+        input_wh: input size ``(width, height)``.
+
+    Returns:
+        GFLOPs per image.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, 3, input_wh[1], input_wh[0])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return float(counter.get_total_flops()) / 1e9
+
+
+def letterbox_labels(
+    labels: npt.NDArray[np.uint8],
+    input_wh: tuple[int, int],
+    pad_label: int = 0,
+) -> tuple[npt.NDArray[np.uint8], LetterboxParams]:
+    """Letterbox a class map exactly like :func:`pipeline.letterbox.letterbox` does the image.
+
+    Same geometry (:func:`pipeline.letterbox.letterbox_params`), but nearest-neighbour interpolation
+    so no label is blended, and the border is filled with ``pad_label``.
+
+    Args:
+        labels: ``(H, W)`` uint8 class map.
+        input_wh: target size ``(width, height)``.
+        pad_label: class for the padded border (0 = background).
+
+    Returns:
+        The ``(ih, iw)`` uint8 letterboxed class map and its :class:`~pipeline.letterbox.LetterboxParams`.
+
+    Raises:
+        ValueError: if ``labels`` is not a 2-D uint8 array.
+    """
+    if labels.ndim != 2 or labels.dtype != np.uint8:
+        raise ValueError(f"expected (H, W) uint8 class map, got shape {labels.shape} dtype {labels.dtype}")
+    p = letterbox_params((labels.shape[0], labels.shape[1]), input_wh)
+    (iw, ih), (rw, rh), (px, py) = p.input_wh, p.resized_wh, p.pad_xy
+    out = np.full((ih, iw), pad_label, dtype=np.uint8)
+    region = out[py : py + rh, px : px + rw]
+    if (rw, rh) == (labels.shape[1], labels.shape[0]):
+        region[...] = labels
+    else:
+        cv2.resize(labels, (rw, rh), dst=region, interpolation=cv2.INTER_NEAREST)
+    return out, p
