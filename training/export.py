@@ -1,0 +1,364 @@
+"""Export a trained detector checkpoint to ONNX with its model card.
+
+CLI::
+
+    python -m training.export CHECKPOINT --out MODEL.onnx [--opset 17] [--name NAME]
+        [--metrics-json FILE] [--data-seed S --val-images N]
+
+Writes ``MODEL.onnx`` (input ``images`` ``(batch, 3, H, W)``, outputs ``output0`` and, for
+instance segmentation, ``output1``, dynamic batch axis ``batch``; the ultralytics YOLOv8 detect /
+segment layouts, see ``docs/CONTRACTS.md``) and ``MODEL.json``, the
+:class:`pipeline.modelcard.ModelCard`. The ONNX file also carries ultralytics-style metadata
+(``names``, ``imgsz``, ``stride``, ``task``, ``batch``) so other tools read it as an ultralytics export.
+
+Before the files are renamed into place, ONNX Runtime is run against PyTorch on random inputs
+(batch 2) and the largest absolute differences are printed (:func:`parity_report`; boxes
+normalised by the input size); above ``1e-4`` the export fails.
+``--metrics-json`` copies a metrics dict (e.g. ``training.evaluate --json-out``) into the card;
+``--data-seed S --val-images N`` instead renders ``N`` held-out synthetic images with seed ``S``
+and evaluates the exported model on them with :func:`training.evaluate.evaluate_model`.
+Bad input prints one ``error: <path>: <problem>`` line and exits 1, leaving no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.modelcard import (
+    HeadLayout,
+    HeadSpec,
+    InputSpec,
+    ModelCard,
+    Normalization,
+    Task,
+    card_path_for,
+    save_card,
+)
+from training.model import CHECKPOINT_FORMAT, NUM_MASK_COEFFS, Detector, DetectorConfig, model_summary
+
+PARITY_TOLERANCE = 1e-4
+"""Largest allowed absolute difference between ONNX Runtime and PyTorch outputs."""
+
+
+class ExportError(RuntimeError):
+    """A bad checkpoint, path or export result; the message is ``<path>: <problem>``."""
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> tuple[Detector, dict[str, Any]]:
+    """Load a detector checkpoint written by :mod:`training.train` (its EMA weights), in eval mode.
+
+    Args:
+        path: ``last.pt`` or ``best.pt``.
+
+    Returns:
+        The :class:`training.model.Detector` and the checkpoint dict.
+
+    Raises:
+        ExportError: if the file is missing, unreadable or not a detector checkpoint.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"{p}: checkpoint not found")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load raises many unpickling error types
+        raise ExportError(f"{p}: not a readable PyTorch checkpoint ({type(e).__name__})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ExportError(f"{p}: not a detector checkpoint (expected format {CHECKPOINT_FORMAT})")
+    try:
+        config = DetectorConfig.from_dict(ckpt["model_config"])
+        model = Detector(config)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ExportError(f"{p}: checkpoint does not hold a valid detector ({str(e).splitlines()[0][:160]})") from e
+    names = ckpt.get("class_names")
+    if not isinstance(names, list) or len(names) != config.num_classes:
+        raise ExportError(f"{p}: expected {config.num_classes} class names in the checkpoint, got {names!r:.80}")
+    return model.eval(), ckpt
+
+
+def ultralytics_metadata(config: DetectorConfig, class_names: Sequence[str], task: str) -> dict[str, str]:
+    """ONNX ``metadata_props`` as ultralytics writes them (read by ``card_from_ultralytics_metadata``).
+
+    Returns:
+        ``names`` (dict literal), ``imgsz`` (``[h, w]``), ``stride``, ``task``, ``batch``, ``description``.
+    """
+    w, h = config.input_wh
+    return {
+        "description": f"streamdet YOLOv8-style {task} model",
+        "author": "streamdet",
+        "stride": "32",
+        "task": task,
+        "batch": "1",
+        "imgsz": str([h, w]),
+        "names": str({i: n for i, n in enumerate(class_names)}),
+    }
+
+
+def export_onnx(model: Detector, path: str | os.PathLike[str], opset: int = 17,
+                metadata: dict[str, str] | None = None) -> None:
+    """Export ``model`` (eval mode) to ``path`` with the TorchScript-based exporter.
+
+    Args:
+        model: the detector.
+        path: destination ``.onnx`` (written directly; callers pass a temporary name).
+        opset: ONNX opset (>= 17).
+        metadata: ``metadata_props`` to embed.
+
+    Raises:
+        ExportError: on an opset below 17 or a failed export.
+    """
+    import onnx
+
+    if opset < 17:
+        raise ExportError(f"--opset: expected >= 17, got {opset}")
+    model.eval()
+    w, h = model.config.input_wh
+    x = torch.zeros(1, 3, h, w)
+    outputs = ["output0", "output1"] if model.segment else ["output0"]
+    dyn = {"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=outputs,
+                          opset_version=opset, dynamic_axes=dyn, dynamo=False, do_constant_folding=True)
+    proto = onnx.load(str(path))
+    for k, v in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def parity_report(model: Detector, onnx_path: str | os.PathLike[str], inputs: np.ndarray) -> dict[str, float]:
+    """Largest absolute differences between PyTorch and ONNX Runtime outputs on ``inputs``, per output part.
+
+    Box coordinates are in input pixels (up to 640), where float32 carries only ~3e-5 px per ULP
+    and two correct float32 implementations (PyTorch with BatchNorm vs with BatchNorm folded,
+    as ONNX Runtime runs it) already differ by ~1e-4 px; so the pass/fail figure ``max_abs_diff``
+    takes boxes divided by the input width/height (``boxes_normalized``), alongside the scores,
+    mask coefficients and prototypes as they are.
+
+    Args:
+        model: the detector (eval mode).
+        onnx_path: its export.
+        inputs: ``(B, 3, H, W)`` float32 in ``[0, 1]``.
+
+    Returns:
+        ``boxes_px``, ``boxes_normalized``, ``scores`` (and ``mask_coeffs``, ``protos`` for
+        segment models) max abs differences, and ``max_abs_diff`` over all but ``boxes_px``.
+
+    Raises:
+        ExportError: if the ONNX outputs' count or shapes differ from PyTorch's.
+    """
+    from engines.onnxruntime_backend import OnnxRuntimeEngine
+
+    with torch.no_grad():
+        ref = model(torch.from_numpy(inputs))
+    refs = [r.numpy() for r in (list(ref) if isinstance(ref, tuple) else [ref])]
+    engine = OnnxRuntimeEngine(model_path=onnx_path, intra_op_threads=1)
+    engine.start()
+    try:
+        outs = engine.infer(inputs)
+    finally:
+        engine.stop()
+    if len(outs) != len(refs):
+        raise ExportError(f"{onnx_path}: expected {len(refs)} outputs, got {len(outs)}")
+    for o, r in zip(outs, refs, strict=True):
+        if o.shape != r.shape:
+            raise ExportError(f"{onnx_path}: output shape {o.shape} differs from PyTorch {r.shape}")
+    w, h = model.config.input_wh
+    nc = model.nc
+    d0 = np.abs(outs[0].astype(np.float64) - refs[0])
+    scale = np.array([w, h, w, h], dtype=np.float64).reshape(1, 4, 1)
+    report = {
+        "boxes_px": float(d0[:, :4].max()),
+        "boxes_normalized": float((d0[:, :4] / scale).max()),
+        "scores": float(d0[:, 4 : 4 + nc].max()),
+    }
+    if model.segment:
+        report["mask_coeffs"] = float(d0[:, 4 + nc :].max())
+        report["protos"] = float(np.abs(outs[1].astype(np.float64) - refs[1]).max())
+    report["max_abs_diff"] = max(v for k, v in report.items() if k != "boxes_px")
+    return report
+
+
+def build_card(model: Detector, ckpt: dict[str, Any], *, name: str, export_command: str, opset: int,
+               metrics: dict[str, Any] | None = None) -> ModelCard:
+    """The model card of an exported detector.
+
+    Args:
+        model: the detector.
+        ckpt: its checkpoint (class names, training command, seeds).
+        name: model name.
+        export_command: the export command line.
+        opset: the ONNX opset.
+        metrics: validation metrics to record.
+
+    Returns:
+        The :class:`pipeline.modelcard.ModelCard`.
+    """
+    cfg = model.config
+    w, h = cfg.input_wh
+    segment = model.segment
+    head = HeadSpec(
+        layout=HeadLayout.ULTRALYTICS_SEGMENT if segment else HeadLayout.ULTRALYTICS_DETECT,
+        num_classes=cfg.num_classes,
+        strides=tuple(model.strides),
+        num_mask_coeffs=NUM_MASK_COEFFS if segment else 0,
+        outputs=("output0", "output1") if segment else ("output0",),
+        mask_hw=(h // 4, w // 4) if segment else None,
+    )
+    summary = model_summary(model)
+    provenance = {
+        "training_command": ckpt.get("command"),
+        "seed": ckpt.get("seed"),
+        "data_seed": ckpt.get("data_seed"),
+        "val_data_seed": ckpt.get("val_data_seed"),
+        "train_images": ckpt.get("train_images"),
+        "val_images": ckpt.get("val_images"),
+        "h264_fraction": ckpt.get("h264_fraction"),
+        "epochs_trained": int(ckpt.get("epoch", -1)) + 1,
+        "iterations": ckpt.get("iteration"),
+        "training_val_metrics_input_pixels": ckpt.get("val_metrics"),
+        "model_config": cfg.to_dict(),
+        "architecture": "YOLOv8-style: C2f backbone, PAN-FPN, decoupled DFL head (training/model.py)",
+        "export_command": export_command,
+        "opset": opset,
+        "torch_version": torch.__version__,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return ModelCard(
+        name=name,
+        task=Task.SEGMENT if segment else Task.DETECT,
+        head=head,
+        input=InputSpec(name="images", width=w, height=h, dynamic_batch=True),
+        normalization=Normalization(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0)),
+        pad_value=114,
+        class_names=tuple(ckpt["class_names"]),
+        metrics=metrics or {},
+        provenance=provenance,
+        params=int(summary["params"]),
+        gflops=float(summary["gflops"]),
+    )
+
+
+def _evaluate_on_synthetic(onnx_path: Path, card_path: Path, seed: int, n: int) -> dict[str, Any]:
+    """Render ``n`` synthetic images (seed ``seed``) to a temporary dataset and evaluate the model on it."""
+    from training.dataset import write_dataset
+    from training.evaluate import evaluate_model
+
+    with tempfile.TemporaryDirectory(prefix="streamdet-export-eval-") as tmp:
+        data = write_dataset(Path(tmp) / "data", num_images=n, seed=seed, show_progress=False)
+        result = evaluate_model(model_path=onnx_path, data_dir=data, card_path=card_path, show_progress=False)
+    result["data"] = {"generator": "training.synth.SyntheticDataset", "seed": seed, "num_images": n}
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="training checkpoint (RUN_DIR/best.pt or last.pt)")
+    p.add_argument("--out", required=True, help="output MODEL.onnx (the card goes to MODEL.json)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--name", default=None, help="model name in the card (default: the file stem)")
+    p.add_argument("--metrics-json", default=None, help="metrics JSON to copy into the card")
+    p.add_argument("--data-seed", type=int, default=None, help="evaluate on synthetic images of this seed")
+    p.add_argument("--val-images", type=int, default=0, help="number of synthetic images to evaluate on")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Export; see the module docstring.
+
+    Args:
+        argv: command-line arguments without the program name (``sys.argv[1:]`` when None).
+
+    Returns:
+        0 on success, 1 on bad input (one ``error:`` line on stderr).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        run_export(args, "python -m training.export " + shlex.join(argv))
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_export(args: argparse.Namespace, command: str) -> None:
+    """Do the export of :func:`main` (see the module docstring).
+
+    Raises:
+        ExportError: on bad input or a failed parity check.
+        OSError: if the output cannot be written.
+    """
+    out = Path(args.out)
+    if out.suffix != ".onnx":
+        raise ExportError(f"{out}: expected an output path ending in .onnx")
+    if (args.data_seed is None) != (args.val_images <= 0):
+        raise ExportError(f"{out}: --data-seed and --val-images go together (got {args.data_seed}, {args.val_images})")
+    metrics: dict[str, Any] = {}
+    if args.metrics_json:
+        mp = Path(args.metrics_json)
+        try:
+            metrics = json.loads(mp.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ExportError(f"{mp}: not a readable metrics JSON file ({e})") from e
+        if not isinstance(metrics, dict):
+            raise ExportError(f"{mp}: expected a JSON object of metrics")
+    model, ckpt = load_checkpoint(args.checkpoint)
+    if not out.parent.is_dir():
+        raise ExportError(f"{out}: output directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise ExportError(f"{out}: output directory {out.parent} is not writable")
+    card_path = card_path_for(out)
+    tmp_onnx = out.with_name(f".{out.name}.tmp")
+    tmp_card = card_path.with_name(f".{card_path.name}.tmp")
+    try:
+        export_onnx(model, tmp_onnx, args.opset,
+                    ultralytics_metadata(model.config, ckpt["class_names"], "segment" if model.segment else "detect"))
+        w, h = model.config.input_wh
+        rng = np.random.default_rng(0)
+        rep = parity_report(model, tmp_onnx, rng.random((2, 3, h, w), dtype=np.float32))
+        print("parity (random inputs, batch 2): max |onnxruntime - torch| "
+              + " ".join(f"{k}={v:.3g}" for k, v in rep.items()))
+        if not rep["max_abs_diff"] <= PARITY_TOLERANCE:
+            raise ExportError(f"{out}: ONNX Runtime differs from PyTorch by {rep['max_abs_diff']:.3g} > "
+                              f"{PARITY_TOLERANCE}")
+        card = build_card(model, ckpt, name=args.name or out.stem, export_command=command, opset=args.opset,
+                          metrics=metrics)
+        save_card(card, tmp_card)
+        if args.data_seed is not None:
+            result = _evaluate_on_synthetic(tmp_onnx, tmp_card, args.data_seed, args.val_images)
+            result["model"] = str(out)
+            print(f"evaluation: {result.get('summary')}")
+            card = card.model_copy(update={"metrics": result})
+            save_card(card, tmp_card)
+        os.replace(tmp_onnx, out)
+        os.replace(tmp_card, card_path)
+    finally:
+        for t in (tmp_onnx, tmp_card):
+            if t.exists():
+                t.unlink()
+    print(f"wrote {out} and {card_path} ({card.params} params, {card.gflops} GFLOPs)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
