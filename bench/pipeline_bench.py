@@ -1,0 +1,170 @@
+"""Pipeline throughput against a naive loop and against the engine alone, on the same model and frames.
+
+    python bench/pipeline_bench.py --video PATH [--model MODEL.onnx] [--frames N] [--soak LOOPS]
+
+Measured in one run, on the first ``N`` frames of the video:
+
+(a) the pipeline (``pipeline.runner.Pipeline``, every stage in its own process, no sinks), fps from
+    the go signal to the last frame out of postprocess (process start-up excluded);
+(b) a naive single-process loop: ``cv2.VideoCapture`` -> ``cv2.resize`` -> ONNX Runtime ->
+    ``cv2.dnn.NMSBoxes``, one frame at a time;
+(c) the engine alone (``engines.onnxruntime_backend.OnnxRuntimeEngine``, same batch size as the
+    pipeline) on frames decoded and letterboxed beforehand.
+
+``--soak LOOPS`` also runs the pipeline over the video LOOPS times and prints the resident memory
+of the stage processes over time (it must stay flat). The last line is
+``pipeline_vs_engine_only=X.XX pipeline_vs_naive=Y.YY``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def load_frames(video: str, n: int) -> list[np.ndarray]:
+    import av
+
+    frames = []
+    with av.open(video) as c:
+        for f in c.decode(video=0):
+            frames.append(f.to_ndarray(format="rgb24"))
+            if len(frames) >= n:
+                break
+    return frames
+
+
+def bench_engine_only(model: Path, card: Any, frames: list[np.ndarray], batch: int, threads: int) -> float:
+    from engines.onnxruntime_backend import OnnxRuntimeEngine
+    from pipeline.preprocess_ops import preprocess_batch
+
+    batches = [preprocess_batch(frames[i:i + batch], card)[0] for i in range(0, len(frames), batch)]
+    with OnnxRuntimeEngine(model_path=model, intra_op_threads=threads) as engine:
+        engine.infer(batches[0])  # warm-up
+        t0 = time.perf_counter()
+        for b in batches:
+            engine.infer(b)
+        return len(frames) / (time.perf_counter() - t0)
+
+
+def bench_naive(model: Path, card: Any, video: str, n: int, score_threshold: float, iou_threshold: float) -> float:
+    """cv2.VideoCapture -> cv2.resize -> ONNX Runtime -> cv2.dnn.NMSBoxes, one frame at a time."""
+    import cv2
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    iw, ih = card.input_wh
+    nc = card.head.num_classes
+    cap = cv2.VideoCapture(video)
+    sess.run(None, {name: np.zeros((1, 3, ih, iw), np.float32)})  # warm-up
+    done = 0
+    t0 = time.perf_counter()
+    while done < n:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        x = cv2.resize(bgr, (iw, ih))[:, :, ::-1].transpose(2, 0, 1)[None].astype(np.float32) / 255.0
+        out = sess.run(None, {name: x})[0][0]  # (4 + C, N)
+        scores = out[4:4 + nc].max(axis=0)
+        keep = scores > score_threshold
+        cxcywh = out[:4, keep].T
+        boxes = np.column_stack([cxcywh[:, 0] - cxcywh[:, 2] / 2, cxcywh[:, 1] - cxcywh[:, 3] / 2,
+                                 cxcywh[:, 2], cxcywh[:, 3]])
+        cv2.dnn.NMSBoxes(boxes.tolist(), scores[keep].tolist(), score_threshold, iou_threshold)
+        done += 1
+    cap.release()
+    return done / (time.perf_counter() - t0)
+
+
+def bench_pipeline(settings: Any, monitor: Any = None) -> tuple[float, Any]:
+    from pipeline.runner import Pipeline
+
+    summary = Pipeline(settings=settings, progress=False, monitor=monitor).run(handle_signals=False)
+    if summary.exit_code != 0:
+        raise SystemExit(f"error: pipeline run failed: {'; '.join(summary.errors)}")
+    return summary.fps, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--video", required=True, help="video file")
+    p.add_argument("--model", default=str(ROOT / "engines" / "models" / "detector.onnx"), help="ONNX model")
+    p.add_argument("--frames", type=int, default=200, help="frames to measure on (default %(default)s)")
+    p.add_argument("--batch", type=int, default=None, help="engine batch size (default: the pipeline's setting)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads for the pipeline's engine (default: the setting)")
+    p.add_argument("--soak", type=int, default=0, metavar="LOOPS",
+                   help="also loop the video LOOPS times through the pipeline and report resident memory")
+    args = p.parse_args(argv)
+
+    from pipeline.runner import Pipeline, PipelineError, process_rss_kib
+    from pipeline.settings import load_settings
+
+    over: dict[str, Any] = {"sources": [args.video], "model": args.model, "max_frames": args.frames,
+                            "quiet": True, "sinks": {"publish": None}}
+    if args.batch is not None:
+        over["preprocess"] = {"max_batch": args.batch}
+    if args.threads is not None:
+        over["engine"] = {"intra_op_threads": args.threads}
+    settings = load_settings(overrides=over)
+    probe = Pipeline(settings=settings)
+    try:
+        probe.prepare()
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    card = probe.card
+    batch = settings.preprocess.max_batch
+    frames = load_frames(args.video, args.frames)
+    n = len(frames)
+    print(f"model={Path(args.model).name} input={card.input_wh[0]}x{card.input_wh[1]} video={Path(args.video).name} "
+          f"frame={frames[0].shape[1]}x{frames[0].shape[0]} frames={n} batch={batch} cpus={os.cpu_count()} "
+          f"pipeline_threads={settings.engine.intra_op_threads}")
+
+    engine_fps = bench_engine_only(Path(args.model), card, frames, batch, threads=0)
+    print(f"(c) engine only (batch {batch}, pre-decoded, pre-letterboxed): {engine_fps:.1f} fps")
+    naive_fps = bench_naive(Path(args.model), card, args.video, n, settings.postprocess.score_threshold,
+                            settings.postprocess.iou_threshold)
+    print(f"(b) naive loop (cv2 decode + resize, ORT, cv2.dnn.NMSBoxes): {naive_fps:.1f} fps")
+    pipe_fps, summary = bench_pipeline(settings)
+    print(f"(a) pipeline: {pipe_fps:.1f} fps ({summary.frames} frames in {summary.seconds:.2f} s, "
+          f"{summary.detections} detections)")
+
+    if args.soak:
+        samples: list[tuple[float, int]] = []
+        t0 = time.monotonic()
+
+        def monitor(pipe: Any) -> None:
+            rss = sum(process_rss_kib(pid) for pid in pipe.child_pids())
+            if rss:
+                samples.append((time.monotonic() - t0, rss))
+
+        soak = settings.model_copy(update={"max_frames": None,
+                                           "decode": settings.decode.model_copy(update={"loop": args.soak})})
+        fps, s2 = bench_pipeline(soak, monitor)
+        if samples:
+            q = max(1, len(samples) // 4)
+            early = float(np.median([r for _, r in samples[q:2 * q] or samples[:1]]))
+            late = float(np.median([r for _, r in samples[3 * q:]]))
+            print(f"soak: {s2.frames} frames at {fps:.1f} fps; stage RSS (sum) early {early / 1024:.1f} MiB, "
+                  f"late {late / 1024:.1f} MiB, growth {(late - early) / 1024:+.1f} MiB, "
+                  f"peak {s2.peak_rss_kib / 1024:.1f} MiB")
+            step = max(1, len(samples) // 8)
+            print("soak RSS samples (s, MiB): " + ", ".join(f"{t:.0f}:{r / 1024:.0f}" for t, r in samples[::step]))
+    print(f"pipeline_vs_engine_only={pipe_fps / engine_fps:.2f} pipeline_vs_naive={pipe_fps / naive_fps:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

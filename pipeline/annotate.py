@@ -1,0 +1,79 @@
+"""Draw detections on a frame (boxes, labels, optional instance masks) with OpenCV."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+# 20 distinct RGB colours (the "tab20"-like palette ultralytics uses for classes)
+PALETTE_RGB: tuple[tuple[int, int, int], ...] = (
+    (255, 56, 56), (255, 157, 151), (255, 112, 31), (255, 178, 29), (207, 210, 49),
+    (72, 249, 10), (146, 204, 23), (61, 219, 134), (26, 147, 52), (0, 212, 187),
+    (44, 153, 168), (0, 194, 255), (52, 69, 147), (100, 115, 255), (0, 24, 236),
+    (132, 56, 255), (82, 0, 133), (203, 56, 255), (255, 149, 200), (255, 55, 199),
+)
+
+
+def class_color(class_id: int) -> tuple[int, int, int]:
+    """The palette colour ``(r, g, b)`` of a class id."""
+    return PALETTE_RGB[int(class_id) % len(PALETTE_RGB)]
+
+
+def draw_detections(
+    image_rgb: npt.NDArray[np.uint8],
+    boxes_xyxy: npt.NDArray[np.float32],
+    scores: npt.NDArray[np.float32],
+    class_ids: npt.NDArray[np.int64],
+    class_names: Sequence[str],
+    *,
+    masks: npt.NDArray[Any] | None = None,
+    mask_alpha: float = 0.4,
+    thickness: int = 2,
+) -> npt.NDArray[np.uint8]:
+    """Draw boxes with ``label score`` captions (and masks, blended) onto an image, in place.
+
+    Args:
+        image_rgb: ``(H, W, 3)`` uint8 RGB image, modified in place.
+        boxes_xyxy: ``(N, 4)`` float32 xyxy boxes in the image's pixels.
+        scores: ``(N,)`` float32 scores.
+        class_ids: ``(N,)`` int class ids.
+        class_names: names by class id (ids past the end are shown as numbers).
+        masks: optional ``(N, H, W)`` bool/uint8 instance masks.
+        mask_alpha: mask blend weight.
+        thickness: box line width in pixels.
+
+    Returns:
+        ``image_rgb``.
+
+    Raises:
+        ValueError: if the image is not ``(H, W, 3)`` uint8 or the arrays disagree in length.
+    """
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+        raise ValueError(f"expected (H, W, 3) uint8 image, got {image_rgb.shape} {image_rgb.dtype}")
+    n = len(boxes_xyxy)
+    if len(scores) != n or len(class_ids) != n:
+        raise ValueError(f"expected {n} scores and class ids, got {len(scores)} and {len(class_ids)}")
+    h, w = image_rgb.shape[:2]
+    if masks is not None and len(masks) == n and n and masks.shape[1:] == (h, w):
+        for i in range(n):
+            m = masks[i].astype(bool, copy=False)
+            tint = np.array(class_color(int(class_ids[i])), dtype=np.float32)
+            image_rgb[m] = (image_rgb[m] * (1.0 - mask_alpha) + tint * mask_alpha).astype(np.uint8)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = max(0.4, min(h, w) / 1000.0)
+    for (x1, y1, x2, y2), score, cid in zip(boxes_xyxy.tolist(), scores.tolist(), class_ids.tolist(), strict=True):
+        color = class_color(cid)
+        p1 = (int(round(x1)), int(round(y1)))
+        p2 = (int(round(x2)), int(round(y2)))
+        cv2.rectangle(image_rgb, p1, p2, color, thickness, cv2.LINE_AA)
+        name = class_names[cid] if 0 <= cid < len(class_names) else str(cid)
+        text = f"{name} {score:.2f}"
+        (tw, th), base = cv2.getTextSize(text, font, scale, 1)
+        ty = p1[1] - 2 if p1[1] - th - base - 2 >= 0 else p1[1] + th + 2
+        cv2.rectangle(image_rgb, (p1[0], ty - th - 2), (p1[0] + tw + 2, ty + base - 1), color, -1)
+        cv2.putText(image_rgb, text, (p1[0] + 1, ty - 1), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return image_rgb

@@ -1,0 +1,537 @@
+"""The runner: validates the inputs, wires the stages together in plain Python and supervises them.
+
+Start-up, before anything is decoded: every source is probed (exists, is a video), the model is
+inspected (a readable ONNX file), its card found and checked against it. Then each stage starts
+in its own process (``multiprocessing``, spawn start method)::
+
+    decode (one per source) --FrameMsg--> preprocess --BatchMsg--> engine --ResultMsg--> postprocess + sinks
+        ^        frame slots (shared memory), credits back      tensor slots, credits back
+
+Stages report ``ready`` once their sockets are bound and the model is loaded (a port in use or a
+model ONNX Runtime cannot load fails here); only then does the runner let the decoders start.
+The runner then follows the stages' status reports (progress bar, counts, errors) until the
+postprocess stage has passed every source's EOS to the sinks.
+
+Stopping: the first SIGINT/SIGTERM closes the inputs (decoders send EOS, the rest drains, sinks
+flush; exit 130/143); a second one, a stage error or a drain longer than
+:data:`DRAIN_TIMEOUT_S` aborts at once. Children ignore SIGINT, watch their parent and die with
+it; the runner joins them and kills any that remain, so no process outlives a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from engines.base import EngineError
+from pipeline.messages import StageName, StatusKind, StatusMsg, check_source_id
+from pipeline.modelcard import ModelCard, ModelCardError
+from pipeline.settings import Settings
+from pipeline.slotpool import unlink_pool
+from pipeline.stages.base import StageSpec, stage_main
+from pipeline.stages.decode import DecodeSpec, SourceError, SourceInfo, probe_source
+from pipeline.stages.engine import EngineSpec, ModelInfo, check_card_against_model, inspect_onnx, resolve_card
+from pipeline.stages.postprocess import PostprocessSpec, SinkConfig
+from pipeline.stages.preprocess import PreprocessSpec
+from pipeline.transport import (
+    CONTROL_HWM,
+    POLL_MS,
+    StageEndpoints,
+    TransportMode,
+    ipc_endpoints,
+    make_socket,
+    redact_url,
+    tcp_endpoints,
+)
+
+STARTUP_TIMEOUT_S = 120.0
+"""Longest wait for every stage to report ready (plus the publish-subscriber wait)."""
+
+DRAIN_TIMEOUT_S = 30.0
+"""After a stop signal, longest wait for the pipeline to drain before aborting."""
+
+JOIN_TIMEOUT_S = 5.0
+"""Longest wait for a stage process to exit once the run is over, before it is killed."""
+
+RSS_SAMPLE_S = 0.5
+"""How often the runner samples the stages' resident memory (and calls the monitor)."""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+class PipelineError(Exception):
+    """The run cannot start or failed; ``str(e)`` is one line naming the input and the problem.
+
+    Attributes:
+        exit_code: the process exit status to use.
+    """
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(" ".join(message.split()))
+        self.exit_code = exit_code
+
+
+def source_ids_for(urls: list[str]) -> list[str]:
+    """Topic-safe, unique source ids from paths/URLs: the file stem, ``-2``, ``-3``... on repeats.
+
+    Args:
+        urls: sources as given.
+
+    Returns:
+        One id per source, matching ``[A-Za-z0-9_-]{1,64}``.
+    """
+    ids: list[str] = []
+    for url in urls:
+        stem = Path(redact_url(url).split("?", 1)[0].rstrip("/")).stem or "source"
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:56] or "source"
+        sid, k = base, 2
+        while sid in ids:
+            sid, k = f"{base}-{k}", k + 1
+        ids.append(check_source_id(sid))
+    return ids
+
+
+@dataclass
+class SourceReport:
+    """What happened to one source.
+
+    Attributes:
+        source_id: its id.
+        display: path or URL (credentials redacted).
+        frames: frames that went through the whole pipeline.
+        reason: how it ended (``finished``, ``max_frames``, ``interrupted``, ``error``), empty if it did not.
+        error: the source's problem, if any.
+    """
+
+    source_id: str
+    display: str
+    frames: int = 0
+    reason: str = ""
+    error: str = ""
+
+
+@dataclass
+class RunSummary:
+    """The outcome of a run.
+
+    Attributes:
+        model: the model's name.
+        frames: frames that went through the whole pipeline (all sources).
+        seconds: wall time from the go signal to the end of the last stage.
+        detections: detections in the published messages.
+        sources: per-source reports.
+        outputs: one line per sink saying where its output went.
+        errors: one line per problem.
+        exit_code: the process exit status.
+        peak_rss_kib: peak resident memory (sum over the stage processes) seen while running.
+    """
+
+    model: str
+    frames: int = 0
+    seconds: float = 0.0
+    detections: int = 0
+    sources: list[SourceReport] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    exit_code: int = EXIT_OK
+    peak_rss_kib: int = 0
+
+    @property
+    def fps(self) -> float:
+        """Frames per second over the run."""
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+def process_rss_kib(pid: int) -> int:
+    """Resident memory of a process in KiB (``VmRSS`` from ``/proc/<pid>/status``), 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    sources: list[SourceInfo]
+    model: ModelInfo
+    card: ModelCard
+    max_batch: int
+    pad_batches: bool
+
+
+class Pipeline:
+    """One pipeline run: :meth:`prepare` (validation) then :meth:`run`.
+
+    Args:
+        settings: the run's settings.
+        progress: show a tqdm progress bar on stderr (default: unless ``settings.quiet`` or stderr
+            is not a TTY).
+        monitor: called about every 50 ms while running with the pipeline (e.g. to sample memory).
+    """
+
+    def __init__(self, *, settings: Settings, progress: bool | None = None,
+                 monitor: Callable[[Pipeline], None] | None = None) -> None:
+        self.settings = settings
+        self.progress = (not settings.quiet and sys.stderr.isatty()) if progress is None else progress
+        self.monitor = monitor
+        self._prepared: _Prepared | None = None
+        self._procs: list[tuple[StageName, str, Any]] = []
+        self._signals: list[int] = []
+        self.frames_done = 0
+        """Frames through the whole pipeline so far (for monitors)."""
+
+    # ----------------------------------------------------------------------------- validation
+    def prepare(self) -> None:
+        """Validate sources, model and card (nothing is decoded yet).
+
+        Raises:
+            PipelineError: naming the first bad input (exit code 1).
+        """
+        s = self.settings
+        ids = source_ids_for(s.sources)
+        infos = []
+        for url, sid in zip(s.sources, ids, strict=True):
+            try:
+                infos.append(probe_source(url, sid))
+            except SourceError as e:
+                raise PipelineError(str(e)) from e
+        try:
+            info = inspect_onnx(s.model)
+            card = resolve_card(info, s.card)
+            card_name = str(s.card) if s.card is not None else (
+                str(info.path.with_suffix(".json")) if info.path.with_suffix(".json").is_file()
+                else "ONNX metadata")
+            check_card_against_model(card, info, card_name)
+            from engines.select import choose_backend
+
+            eng = s.engine
+            choose_backend(eng.backend, eng.device, info.path, allow_fallback=eng.allow_fallback)
+        except (EngineError, ModelCardError) as e:
+            raise PipelineError(str(e)) from e
+        max_batch, pad = s.preprocess.max_batch, False
+        if info.static_batch is not None or not card.input.dynamic_batch:
+            max_batch, pad = info.static_batch or 1, True
+        self._prepared = _Prepared(infos, info, card, max_batch, pad)
+
+    @property
+    def card(self) -> ModelCard:
+        """The model card (after :meth:`prepare`)."""
+        assert self._prepared is not None
+        return self._prepared.card
+
+    @property
+    def sources(self) -> list[SourceInfo]:
+        """The probed sources (after :meth:`prepare`)."""
+        assert self._prepared is not None
+        return self._prepared.sources
+
+    def expected_frames(self) -> int | None:
+        """Frames the run should produce if it finishes (None if a source's length is unknown)."""
+        total = 0
+        for src in self.sources:
+            if not src.is_file or src.frames <= 0:
+                return None
+            n = src.frames * self.settings.decode.loop
+            total += min(n, self.settings.max_frames) if self.settings.max_frames else n
+        return total
+
+    def child_pids(self) -> list[int]:
+        """Pids of the stage processes still running."""
+        return [p.pid for _, _, p in self._procs if p.pid is not None and p.is_alive()]
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Ask for a graceful stop (what SIGINT/SIGTERM do); a second request aborts."""
+        self._signals.append(signum)
+
+    # ------------------------------------------------------------------------------- wiring
+    def _specs(self, endpoints: StageEndpoints, pools: list[str], tensor_pool: str) -> list[StageSpec]:
+        assert self._prepared is not None
+        s, p = self.settings, self._prepared
+        sinks = SinkConfig(
+            publish=s.sinks.publish, publish_wait_subscribers=s.sinks.publish_wait_subscribers,
+            publish_wait_timeout_s=s.sinks.publish_wait_timeout_s,
+            jsonl=str(s.sinks.jsonl) if s.sinks.jsonl else None,
+            video_out=str(s.sinks.video_out) if s.sinks.video_out else None,
+            fps_by_source=tuple((src.source_id, src.fps) for src in p.sources),
+        )
+        n = len(p.sources)
+        ctl = endpoints.control
+        specs: list[StageSpec] = [
+            PostprocessSpec(control=ctl, nice=s.postprocess.nice, card=p.card, model_name=p.card.name,
+                            config=s.postprocess.to_config(), sinks=sinks, endpoints=endpoints, num_sources=n),
+            EngineSpec(control=ctl, card=p.card, model_path=str(p.model.path), backend=s.engine.backend,
+                       device=s.engine.device, intra_op_threads=s.engine.intra_op_threads,
+                       allow_fallback=s.engine.allow_fallback, endpoints=endpoints, num_sources=n,
+                       warmup_batch=p.max_batch),
+            PreprocessSpec(control=ctl, nice=s.preprocess.nice, card=p.card, endpoints=endpoints,
+                           tensor_pool=tensor_pool, tensor_slots=s.preprocess.tensor_slots, max_batch=p.max_batch,
+                           pad_batches=p.pad_batches, max_wait_ms=s.preprocess.max_wait_ms,
+                           keep_pixels=sinks.needs_pixels, num_sources=n),
+        ]
+        for src, pool in zip(p.sources, pools, strict=True):
+            specs.append(DecodeSpec(control=ctl, nice=s.decode.nice, source=src, pool=pool,
+                                    num_slots=s.decode.slots, endpoints=endpoints, max_frames=s.max_frames,
+                                    loop=s.decode.loop, threads=s.decode.threads))
+        return specs
+
+    # ---------------------------------------------------------------------------------- run
+    def run(self, *, handle_signals: bool = True) -> RunSummary:
+        """Run the pipeline to the end of every source (or a stop).
+
+        Args:
+            handle_signals: install SIGINT/SIGTERM handlers for the run (main thread only).
+
+        Returns:
+            The :class:`RunSummary` (its ``exit_code`` says how the run ended).
+
+        Raises:
+            PipelineError: if validation fails (when :meth:`prepare` was not called yet).
+        """
+        if self._prepared is None:
+            self.prepare()
+        assert self._prepared is not None
+        summary = RunSummary(model=self._prepared.card.name,
+                             sources=[SourceReport(src.source_id, src.display) for src in self._prepared.sources])
+        old_handlers: dict[int, Any] = {}
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
+        tmpdir = tempfile.mkdtemp(prefix="streamdet-")  # mode 0700: the ipc sockets are private
+        token = uuid.uuid4().hex[:8]
+        pools = [f"sd-{token}-f{i}" for i in range(len(self._prepared.sources))]
+        tensor_pool = f"sd-{token}-t"
+        ctx: zmq.Context[Any] = zmq.Context()
+        control = None
+        try:
+            t = self.settings.transport
+            endpoints = (tcp_endpoints(t.tcp_host, t.tcp_base_port, pools) if t.mode is TransportMode.TCP
+                         else ipc_endpoints(tmpdir, pools))
+            try:
+                control = make_socket(ctx, zmq.PULL, endpoints.control, bind=True, hwm=CONTROL_HWM)
+            except Exception as e:
+                raise PipelineError(str(e)) from e
+            self._supervise(summary, control, self._specs(endpoints, pools, tensor_pool))
+        finally:
+            self._shutdown()
+            if control is not None:
+                control.close(0)
+            ctx.term()
+            for name in [*pools, tensor_pool]:
+                unlink_pool(name)
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            for signum, handler in old_handlers.items():
+                signal.signal(signum, handler)
+        return summary
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals.append(signum)
+
+    def _start(self, specs: list[StageSpec], events: tuple[Any, Any, Any]) -> None:
+        mpctx = mp.get_context("spawn")
+        for spec in specs:
+            label = spec.stage_name.value
+            if isinstance(spec, DecodeSpec):
+                label = f"decode:{spec.source.source_id}"
+            proc = mpctx.Process(target=stage_main, args=(spec, *events, os.getpid()),
+                                 name=f"streamdet-{label}", daemon=True)
+            proc.start()
+            self._procs.append((spec.stage_name, label, proc))
+
+    def _supervise(self, summary: RunSummary, control: zmq.Socket[Any], specs: list[StageSpec]) -> None:
+        mpctx = mp.get_context("spawn")
+        go, stop_input, abort = mpctx.Event(), mpctx.Event(), mpctx.Event()
+        self._abort = abort
+        self._start(specs, (go, stop_input, abort))
+        reports = {r.source_id: r for r in summary.sources}
+        expected = self.expected_frames()
+        bar: Any = None
+        ready: set[str] = set()
+        done: set[str] = set()
+        started = time.monotonic()
+        wait_subs = self.settings.sinks.publish_wait_timeout_s if self.settings.sinks.publish else 0.0
+        ready_deadline = started + STARTUP_TIMEOUT_S + wait_subs
+        go_at: float | None = None
+        drain_deadline: float | None = None
+        handled_signals = 0
+        next_sample = 0.0
+        crashed: set[str] = set()
+        try:
+            while True:
+                # signals: the first closes the inputs (drain), a second one aborts
+                while handled_signals < len(self._signals):
+                    signum = self._signals[handled_signals]
+                    handled_signals += 1
+                    if summary.exit_code == EXIT_OK:
+                        summary.exit_code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+                    stop_input.set()  # decoders stop reading (or never start) and send EOS
+                    if handled_signals == 1:
+                        drain_deadline = time.monotonic() + DRAIN_TIMEOUT_S + (0 if go_at else STARTUP_TIMEOUT_S)
+                    else:
+                        abort.set()
+                if abort.is_set() and drain_deadline is None:
+                    drain_deadline = time.monotonic() + JOIN_TIMEOUT_S
+                msg = self._recv_status(control)
+                if msg is not None:
+                    if self._handle_status(msg, summary, reports, ready, done, bar, abort):
+                        break
+                for _, label, proc in self._procs:  # stage processes that died without a word
+                    if proc.exitcode not in (None, 0) and label not in done and label not in crashed:
+                        crashed.add(label)
+                        if not abort.is_set():
+                            self._fail(summary, f"the {label} stage exited unexpectedly (exit code "
+                                                f"{proc.exitcode})", abort)
+                if all(p.exitcode is not None for _, _, p in self._procs):
+                    break
+                if go_at is None and len(ready) == len(self._procs) and not abort.is_set():
+                    go.set()
+                    go_at = time.monotonic()
+                    if self.progress:
+                        from tqdm import tqdm
+
+                        bar = tqdm(total=expected, unit="frame", file=sys.stderr, dynamic_ncols=True, leave=True)
+                if go_at is None and time.monotonic() > ready_deadline and not abort.is_set():
+                    missing = sorted({label for _, label, _ in self._procs} - ready)
+                    self._fail(summary, f"stages {missing} not ready after {STARTUP_TIMEOUT_S:.0f} s", abort)
+                if drain_deadline is not None and time.monotonic() > drain_deadline:
+                    if abort.is_set():
+                        break
+                    summary.errors.append(f"the pipeline did not drain within {DRAIN_TIMEOUT_S:.0f} s "
+                                          "after the stop signal; aborted")
+                    abort.set()
+                    drain_deadline = time.monotonic() + JOIN_TIMEOUT_S
+                if time.monotonic() >= next_sample:
+                    next_sample = time.monotonic() + RSS_SAMPLE_S
+                    rss = sum(process_rss_kib(pid) for pid in self.child_pids())
+                    summary.peak_rss_kib = max(summary.peak_rss_kib, rss)
+                    if self.monitor is not None:
+                        self.monitor(self)
+            end = time.monotonic()
+            summary.seconds = end - go_at if go_at is not None else 0.0
+            # drain the remaining reports (OUTPUT lines come from the last stage's stop())
+            deadline = time.monotonic() + JOIN_TIMEOUT_S
+            while time.monotonic() < deadline and any(p.is_alive() for _, _, p in self._procs):
+                msg = self._recv_status(control)
+                if msg is not None:
+                    self._handle_status(msg, summary, reports, ready, done, bar, abort)
+            while (msg := self._recv_status(control, 0)) is not None:
+                self._handle_status(msg, summary, reports, ready, done, bar, abort)
+        finally:
+            if bar is not None:
+                bar.close()
+        for r in summary.sources:
+            if r.error:
+                summary.errors.append(r.error)
+        if summary.errors and summary.exit_code == EXIT_OK:
+            summary.exit_code = EXIT_FAILURE
+
+    @staticmethod
+    def _recv_status(control: zmq.Socket[Any], timeout_ms: int = POLL_MS) -> StatusMsg | None:
+        if not control.poll(timeout_ms, zmq.POLLIN):
+            return None
+        from pipeline.messages import decode_message
+
+        msg = decode_message(control.recv())
+        return msg if isinstance(msg, StatusMsg) else None
+
+    def _fail(self, summary: RunSummary, message: str, abort: Any) -> None:
+        summary.errors.append(message)
+        if summary.exit_code == EXIT_OK:
+            summary.exit_code = EXIT_FAILURE
+        abort.set()
+
+    def _handle_status(self, msg: StatusMsg, summary: RunSummary, reports: dict[str, SourceReport],
+                       ready: set[str], done: set[str], bar: Any, abort: Any) -> bool:
+        """Apply one status report; True once the last stage is done."""
+        label = msg.stage.value if msg.stage is not StageName.DECODE else f"decode:{msg.source_id}"
+        match msg.kind:
+            case StatusKind.READY:
+                ready.add(label)
+            case StatusKind.PROGRESS:
+                if msg.stage is StageName.POSTPROCESS:
+                    n = msg.counts.get("frames", 0)
+                    summary.frames += n
+                    self.frames_done = summary.frames
+                    summary.detections += msg.counts.get("detections", 0)
+                    if bar is not None and n:
+                        bar.update(n)
+            case StatusKind.SOURCE_END:
+                r = reports.get(msg.source_id)
+                if r is not None:
+                    r.reason = msg.message
+                    r.frames = msg.counts.get("frames", r.frames)
+            case StatusKind.SOURCE_ERROR:
+                r = reports.get(msg.source_id)
+                if r is not None:
+                    r.error = msg.message
+            case StatusKind.STAGE_ERROR:
+                if not abort.is_set():  # the first error is the cause; later ones are consequences
+                    summary.errors.append(msg.message)
+                if summary.exit_code == EXIT_OK:
+                    summary.exit_code = EXIT_FAILURE
+                abort.set()
+            case StatusKind.OUTPUT:
+                summary.outputs.append(msg.message)
+            case StatusKind.DONE:
+                done.add(label)
+                if msg.stage is StageName.POSTPROCESS:
+                    return True
+        return False
+
+    def _shutdown(self) -> None:
+        """Join every stage process; kill those that do not exit in time."""
+        abort = getattr(self, "_abort", None)
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        for _, _, proc in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        if any(p.is_alive() for _, _, p in self._procs):
+            if abort is not None:
+                abort.set()
+            deadline = time.monotonic() + 2.0
+            for _, _, proc in self._procs:
+                proc.join(max(0.0, deadline - time.monotonic()))
+        for _, _, proc in self._procs:
+            if proc.is_alive():
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                proc.join(2.0)
+        for _, _, proc in self._procs:
+            with contextlib.suppress(ValueError):
+                proc.close()
+        self._procs = []
+
+
+def format_summary(summary: RunSummary) -> list[str]:
+    """The run's report, one line each: totals, each source, each output."""
+    lines = [f"frames={summary.frames} fps={summary.fps:.1f} detections={summary.detections} "
+             f"seconds={summary.seconds:.2f} model={summary.model}"]
+    for r in summary.sources:
+        how = r.reason or "not finished"
+        lines.append(f"source {r.source_id}: {r.display}: {r.frames} frames ({how})")
+    for out in summary.outputs:
+        lines.append(f"output {out}")
+    if not summary.outputs:
+        lines.append("output: none (no sink configured or none opened)")
+    return lines

@@ -1,0 +1,339 @@
+"""All pipeline settings: ONE pydantic-settings tree.
+
+Sources of values, highest precedence first:
+
+1. command-line flags (``run_pipeline.py --model ...``, ``--set engine.intra_op_threads=1``);
+2. environment variables: prefix ``STREAMDET_``, nested fields joined by ``__``, e.g.
+   ``STREAMDET_ENGINE__INTRA_OP_THREADS=1``, ``STREAMDET_SOURCES='["a.mp4", "b.mp4"]'``;
+3. a YAML preset (``--config configs/X.yaml`` or ``STREAMDET_CONFIG=configs/X.yaml``);
+4. the defaults below (``configs/default.yaml`` spells them out).
+
+Invalid values raise :class:`SettingsError` with one line naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from engines.base import Backend
+from pipeline.postprocess import NmsMethod, PostprocessConfig
+from pipeline.stages.decode import DecodeThreads
+from pipeline.transport import TransportMode
+
+ENV_PREFIX = "STREAMDET_"
+ENV_NESTED_DELIMITER = "__"
+CONFIG_ENV = "STREAMDET_CONFIG"
+"""Environment variable naming a YAML preset (the ``--config`` flag wins over it)."""
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = PACKAGE_ROOT / "engines" / "models" / "detector.onnx"
+"""The bundled detector."""
+DEFAULT_SOURCE = Path(__file__).resolve().parent / "samples" / "demo.mp4"
+"""The bundled demo video."""
+DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
+"""Default endpoint of the detections PUB socket (localhost only)."""
+
+DEFAULT_LIGHT_STAGE_NICE = 5
+"""Default niceness of the decode, preprocess and postprocess processes."""
+
+_ENDPOINT = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+)$")
+
+
+class SettingsError(ValueError):
+    """Invalid settings (bad value, unknown key, unreadable preset); the message is one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TransportSettings(_Section):
+    """How stages talk.
+
+    Attributes:
+        mode: ``ipc`` (unix sockets in a private temp dir, frames in shared memory) or ``tcp``
+            (frames and tensors inline in the messages).
+        tcp_host: interface the stage sockets bind in ``tcp`` mode.
+        tcp_base_port: first of the consecutive ports used in ``tcp`` mode (5 + number of sources).
+    """
+
+    mode: TransportMode = TransportMode.IPC
+    tcp_host: str = "127.0.0.1"
+    tcp_base_port: int = Field(default=5570, ge=1, le=65000)
+
+
+class DecodeSettings(_Section):
+    """Decoder.
+
+    Attributes:
+        slots: frames in each source's shared-memory slot pool (bounds memory; >= 2).
+        threads: FFmpeg decoder threading.
+        loop: read each file source this many times in a row (soak tests, memory checks).
+        nice: niceness of the stage's process (0..19; higher yields the CPU to the engine).
+    """
+
+    slots: int = Field(default=12, ge=2, le=1024)
+    threads: DecodeThreads = DecodeThreads.AUTO
+    loop: int = Field(default=1, ge=1)
+    nice: int = Field(default=DEFAULT_LIGHT_STAGE_NICE, ge=0, le=19)
+
+
+class PreprocessSettings(_Section):
+    """Letterbox and batching.
+
+    Attributes:
+        max_batch: frames per engine batch (a model with a static batch size overrides it).
+        max_wait_ms: send a partial batch this long after its first frame.
+        tensor_slots: input tensors in flight between preprocess and engine (>= 2).
+        nice: niceness of the stage's process (0..19; higher yields the CPU to the engine).
+    """
+
+    max_batch: int = Field(default=4, ge=1, le=256)
+    max_wait_ms: float = Field(default=5.0, ge=0.0, le=60_000.0)
+    tensor_slots: int = Field(default=3, ge=2, le=64)
+    nice: int = Field(default=DEFAULT_LIGHT_STAGE_NICE, ge=0, le=19)
+
+
+class EngineSettings(_Section):
+    """Inference engine.
+
+    Attributes:
+        backend: ``onnxruntime`` (CPU, always available), ``tensorrt`` or ``cuda`` (NVIDIA GPUs).
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        intra_op_threads: CPU threads per operator (ONNX Runtime; 0 = one per core).
+        allow_fallback: if the backend cannot run here, use the next available one (TensorRT, then
+            CUDA, then ONNX Runtime) with a warning, instead of failing.
+    """
+
+    backend: Backend = Backend.ONNXRUNTIME
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda|cuda:\d+)$")
+    intra_op_threads: int = Field(default=0, ge=0, le=1024)
+    allow_fallback: bool = False
+
+
+class PostprocessSettings(_Section):
+    """Decode, NMS and thresholds (see ``pipeline.postprocess.PostprocessConfig``).
+
+    Attributes:
+        score_threshold: keep detections scoring above this.
+        iou_threshold: NMS IoU threshold.
+        max_detections: most detections per frame.
+        pre_nms_topk: most candidates per frame entering NMS.
+        class_agnostic: NMS across classes (default: class-aware).
+        nms: ``hard``, ``soft_gaussian`` (Soft-NMS, Gaussian) or ``soft_linear``.
+        soft_sigma: Gaussian Soft-NMS width.
+        mask_threshold: instance-mask probability threshold.
+        nice: niceness of the stage's process (0..19; higher yields the CPU to the engine).
+    """
+
+    score_threshold: float = Field(default=0.25, ge=0.0, le=1.0)
+    iou_threshold: float = Field(default=0.45, ge=0.0, le=1.0)
+    max_detections: int = Field(default=300, ge=1)
+    pre_nms_topk: int = Field(default=3000, ge=1)
+    class_agnostic: bool = False
+    nms: NmsMethod = NmsMethod.HARD
+    soft_sigma: float = Field(default=0.5, gt=0.0)
+    mask_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    nice: int = Field(default=DEFAULT_LIGHT_STAGE_NICE, ge=0, le=19)
+
+    def to_config(self) -> PostprocessConfig:
+        """The equivalent ``PostprocessConfig``."""
+        return PostprocessConfig(
+            score_threshold=self.score_threshold, iou_threshold=self.iou_threshold,
+            max_detections=self.max_detections, pre_nms_topk=self.pre_nms_topk,
+            class_agnostic=self.class_agnostic, nms_method=self.nms, soft_sigma=self.soft_sigma,
+            mask_threshold=self.mask_threshold,
+        )
+
+
+class SinkSettings(_Section):
+    """Outputs.
+
+    Attributes:
+        publish: ZeroMQ PUB endpoint (``tcp://host:port`` or ``ipc://path``), or null for none.
+        publish_wait_subscribers: before decoding starts, wait until this many subscribers have
+            subscribed (so they miss nothing; PUB drops what is sent before a subscriber joins).
+        publish_wait_timeout_s: longest wait for them; the run then starts anyway.
+        jsonl: write every published message to this JSON Lines file.
+        video_out: write the annotated video here (H.264).
+    """
+
+    publish: str | None = DEFAULT_PUBLISH
+    publish_wait_subscribers: int = Field(default=0, ge=0)
+    publish_wait_timeout_s: float = Field(default=10.0, ge=0.0)
+    jsonl: Path | None = None
+    video_out: Path | None = None
+
+    @field_validator("publish", mode="before")
+    @classmethod
+    def _publish(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null", "off")):
+            return None
+        if not isinstance(v, str) or not _ENDPOINT.match(v):
+            raise ValueError(f"expected tcp://HOST:PORT or ipc://PATH (or none), got {v!r}")
+        if v.startswith("tcp://") and not 1 <= int(v.rsplit(":", 1)[1]) <= 65535:
+            raise ValueError(f"expected a port in 1..65535, got {v!r}")
+        return v
+
+
+class Settings(BaseSettings):
+    """The whole configuration of a pipeline run.
+
+    Attributes:
+        sources: video files or URLs (anything FFmpeg opens); one decode process each.
+        model: the ONNX model.
+        card: its model card (default: ``MODEL.json`` beside it, else the ultralytics metadata).
+        max_frames: stop each source after this many frames.
+        quiet: no progress bar.
+        transport: :class:`TransportSettings`.
+        decode: :class:`DecodeSettings`.
+        preprocess: :class:`PreprocessSettings`.
+        engine: :class:`EngineSettings`.
+        postprocess: :class:`PostprocessSettings`.
+        sinks: :class:`SinkSettings`.
+    """
+
+    sources: list[str] = Field(default_factory=lambda: [str(DEFAULT_SOURCE)], min_length=1)
+    model: Path = DEFAULT_MODEL
+    card: Path | None = None
+    max_frames: int | None = Field(default=None, ge=1)
+    quiet: bool = False
+    transport: TransportSettings = TransportSettings()
+    decode: DecodeSettings = DecodeSettings()
+    preprocess: PreprocessSettings = PreprocessSettings()
+    engine: EngineSettings = EngineSettings()
+    postprocess: PostprocessSettings = PostprocessSettings()
+    sinks: SinkSettings = SinkSettings()
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER,
+                                      extra="forbid", frozen=True, nested_model_default_partial_update=True)
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not s or not s.strip():
+                raise ValueError("expected non-empty source paths or URLs, got an empty one")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """CLI (init kwargs) > environment > YAML preset > defaults."""
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+def _format_error(e: ValidationError) -> str:
+    first = e.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "settings"
+    msg = first["msg"]
+    if first.get("type") == "extra_forbidden":
+        return f"unknown setting {loc!r}"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    if first.get("type") == "value_error":
+        msg, shown = msg.removeprefix("Value error, "), ""
+    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"invalid setting {loc}: {msg}{shown}{more}"
+
+
+def load_settings(
+    *, overrides: Mapping[str, Any] | None = None, config_file: str | os.PathLike[str] | None = None
+) -> Settings:
+    """Build the settings from flags, environment, a YAML preset and the defaults.
+
+    Args:
+        overrides: values from the command line, nested dicts (highest precedence).
+        config_file: a YAML preset; default: ``$STREAMDET_CONFIG`` if set, else none.
+
+    Returns:
+        The validated, frozen :class:`Settings`.
+
+    Raises:
+        SettingsError: one line naming the bad setting, or the unreadable preset.
+    """
+    import yaml
+
+    path = config_file if config_file is not None else os.environ.get(CONFIG_ENV) or None
+    cls: type[Settings] = Settings
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SettingsError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            problem = " ".join(str(e).split())
+            raise SettingsError(f"{p}: not a readable YAML config ({problem[:200]})") from e
+        if data is not None and not isinstance(data, dict):
+            raise SettingsError(f"{p}: expected a YAML mapping of settings, got {type(data).__name__}")
+
+        class _WithYaml(Settings):
+            model_config = SettingsConfigDict(yaml_file=str(p))
+
+        cls = _WithYaml
+    try:
+        return cls(**dict(overrides or {}))
+    except ValidationError as e:
+        where = f" (config {path})" if path is not None else ""
+        raise SettingsError(_format_error(e) + where) from e
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree["a"]["b"] = value`` for ``key = "a.b"`` (creating nested dicts).
+
+    Raises:
+        SettingsError: if ``key`` is empty or has an empty part.
+    """
+    parts = key.split(".")
+    if not all(parts):
+        raise SettingsError(f"invalid setting name {key!r}")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SettingsError(f"setting {key!r} conflicts with a value given for {part!r}")
+        node = child
+    node[parts[-1]] = value
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """Every setting as ``(dotted name, default, environment variable)`` for ``--help``."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            ann = info.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, Path) and default.is_relative_to(PACKAGE_ROOT):
+                default = default.relative_to(PACKAGE_ROOT)
+            shown = getattr(default, "value", default)
+            if isinstance(shown, list):
+                shown = [str(Path(s).relative_to(PACKAGE_ROOT)) if Path(s).is_relative_to(PACKAGE_ROOT) else s
+                         for s in shown]
+            dotted = f"{prefix}{name}"
+            rows.append((dotted, str(shown), ENV_PREFIX + dotted.upper().replace(".", ENV_NESTED_DELIMITER)))
+
+    walk(Settings, "")
+    return rows

@@ -1,0 +1,274 @@
+"""Shared-memory slot pools: a fixed number of fixed-size slots, handed around by credits.
+
+The decoder of each source preallocates one pool (``multiprocessing.shared_memory``) and writes
+every frame straight into a free slot; only the slot id travels over ZeroMQ. The last stage that
+needs the pixels hands the slot back (a :class:`~pipeline.messages.CreditMsg` to the owner's
+credit socket), and the owner reuses it. A producer with no free slot waits: memory stays
+bounded and a slow consumer slows the producer (backpressure). The preprocess stage owns a second
+pool of input tensors for the engine the same way.
+
+Layout of a pool: a 64-byte header (magic, slot count, slot size), then ``num_slots`` slots of
+``slot_bytes`` bytes each, every slot aligned to :data:`SLOT_ALIGN` bytes. The header makes a
+pool self-describing, so a consumer attaches by name alone.
+
+Cleanup: the owner unlinks the pool when its stream ends; all processes of a pipeline share the
+runner's ``multiprocessing`` resource tracker (spawn start method), which unlinks any pool left
+behind by a crashed owner, and the runner unlinks leftovers by name as well.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+MAGIC = b"SDPOOL01"
+HEADER_BYTES = 64
+SLOT_ALIGN = 64
+_HEADER = struct.Struct("<8sQQ")
+
+
+class SlotPoolError(RuntimeError):
+    """A slot pool cannot be created or attached, or a slot is misused."""
+
+
+def _align(n: int, a: int = SLOT_ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+class SlotPool:
+    """A fixed number of fixed-size byte slots in one shared-memory block.
+
+    Build it with :meth:`create` (owner) or :meth:`attach` (consumer).
+
+    Attributes:
+        name: the shared-memory name.
+        num_slots: number of slots.
+        slot_bytes: usable bytes per slot.
+        owner: whether this handle created the block (and unlinks it).
+    """
+
+    def __init__(self, *, shm: shared_memory.SharedMemory, num_slots: int, slot_bytes: int, owner: bool) -> None:
+        self._shm: shared_memory.SharedMemory | None = shm
+        self.name = shm.name
+        self.num_slots = num_slots
+        self.slot_bytes = slot_bytes
+        self.owner = owner
+        self._stride = _align(slot_bytes)
+
+    @classmethod
+    def create(cls, *, name: str, num_slots: int, slot_bytes: int) -> SlotPool:
+        """Allocate a new pool.
+
+        Args:
+            name: shared-memory name (unique on the host).
+            num_slots: number of slots (>= 1).
+            slot_bytes: bytes per slot (>= 1).
+
+        Returns:
+            The owning :class:`SlotPool`.
+
+        Raises:
+            ValueError: on non-positive sizes.
+            SlotPoolError: if the block cannot be created (name taken, out of memory).
+        """
+        if num_slots < 1 or slot_bytes < 1:
+            raise ValueError(f"expected num_slots >= 1 and slot_bytes >= 1, got {num_slots} and {slot_bytes}")
+        size = HEADER_BYTES + num_slots * _align(slot_bytes)
+        free = shm_free_bytes()
+        if free is not None and free < size:
+            raise SlotPoolError(
+                f"shared memory {name!r}: needs {size / 2**20:.1f} MiB but {SHM_DIR} has {free / 2**20:.1f} MiB "
+                "free (use fewer slots, e.g. decode.slots, or a larger /dev/shm, e.g. docker --shm-size)")
+        try:
+            shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        except (OSError, ValueError) as e:
+            raise SlotPoolError(f"shared memory {name!r}: cannot create {size} bytes ({e})") from e
+        assert shm.buf is not None
+        _HEADER.pack_into(shm.buf, 0, MAGIC, num_slots, slot_bytes)
+        return cls(shm=shm, num_slots=num_slots, slot_bytes=slot_bytes, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> SlotPool:
+        """Attach to an existing pool by name (sizes come from its header).
+
+        Raises:
+            SlotPoolError: if no such pool exists or the block is not a slot pool.
+        """
+        try:
+            shm = shared_memory.SharedMemory(name=name, create=False)
+        except (OSError, ValueError) as e:
+            raise SlotPoolError(f"shared memory {name!r}: cannot attach ({e})") from e
+        assert shm.buf is not None
+        if shm.size < HEADER_BYTES:
+            shm.close()
+            raise SlotPoolError(f"shared memory {name!r}: too small for a slot pool ({shm.size} bytes)")
+        magic, num_slots, slot_bytes = _HEADER.unpack_from(shm.buf, 0)
+        if magic != MAGIC or shm.size < HEADER_BYTES + num_slots * _align(slot_bytes):
+            shm.close()
+            raise SlotPoolError(f"shared memory {name!r}: not a streamdet slot pool")
+        return cls(shm=shm, num_slots=int(num_slots), slot_bytes=int(slot_bytes), owner=False)
+
+    def _check(self, slot: int, nbytes: int) -> int:
+        if self._shm is None:
+            raise SlotPoolError(f"slot pool {self.name!r} is closed")
+        if not 0 <= slot < self.num_slots:
+            raise SlotPoolError(f"slot pool {self.name!r}: expected slot in [0, {self.num_slots}), got {slot}")
+        if not 0 <= nbytes <= self.slot_bytes:
+            raise SlotPoolError(f"slot pool {self.name!r}: expected at most {self.slot_bytes} bytes, got {nbytes}")
+        return HEADER_BYTES + slot * self._stride
+
+    def buffer(self, slot: int, nbytes: int | None = None) -> memoryview:
+        """The first ``nbytes`` bytes of a slot (all of it by default), as a writable memoryview.
+
+        Raises:
+            SlotPoolError: on a bad slot, a size over ``slot_bytes``, or a closed pool.
+        """
+        n = self.slot_bytes if nbytes is None else nbytes
+        off = self._check(slot, n)
+        assert self._shm is not None and self._shm.buf is not None
+        return self._shm.buf[off : off + n]
+
+    def view(self, slot: int, shape: tuple[int, ...], dtype: Any = np.uint8) -> npt.NDArray[Any]:
+        """A numpy view of a slot (no copy), C order.
+
+        Args:
+            slot: the slot index.
+            shape: array shape; its size in bytes must fit in a slot.
+            dtype: array dtype.
+
+        Returns:
+            A writable array aliasing the slot.
+
+        Raises:
+            SlotPoolError: on a bad slot, an array larger than a slot, or a closed pool.
+        """
+        dt = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        return np.frombuffer(self.buffer(slot, nbytes), dtype=dt).reshape(shape)
+
+    def close(self) -> None:
+        """Unmap the block (views must be dropped first); the owner also unlinks it."""
+        shm, self._shm = self._shm, None
+        if shm is None:
+            return
+        try:
+            shm.close()
+        except BufferError:  # a view is still alive; the mapping goes when the process exits
+            pass
+        if self.owner:
+            try:
+                shm.unlink()  # also unregisters it from the resource tracker
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> SlotPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+SHM_DIR = "/dev/shm"
+"""Where POSIX shared memory lives on Linux (a tmpfs; writing past its size kills with SIGBUS)."""
+
+
+def shm_free_bytes() -> int | None:
+    """Free bytes in :data:`SHM_DIR`, or None where it does not exist (other systems)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def unlink_pool(name: str) -> bool:
+    """Remove a pool's shared-memory name if it still exists (cleanup after a crash).
+
+    Returns:
+        Whether a block was removed.
+    """
+    try:
+        shm = shared_memory.SharedMemory(name=name, create=False)
+    except (OSError, ValueError):
+        return False
+    shm.close()
+    try:
+        shm.unlink()  # also unregisters it from the resource tracker
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class SlotCredits:
+    """The owner's bookkeeping: which slots are free.
+
+    Slots are handed out oldest-freed first. Releasing a slot that is not in use is an error (it
+    would let two frames share a slot).
+    """
+
+    def __init__(self, num_slots: int) -> None:
+        if num_slots < 1:
+            raise ValueError(f"expected num_slots >= 1, got {num_slots}")
+        self.num_slots = num_slots
+        self._free: deque[int] = deque(range(num_slots))
+        self._in_use: set[int] = set()
+
+    def acquire(self) -> int | None:
+        """Take a free slot, or ``None`` when all are in use."""
+        if not self._free:
+            return None
+        slot = self._free.popleft()
+        self._in_use.add(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Give a slot back.
+
+        Raises:
+            SlotPoolError: if the slot is not in use.
+        """
+        if slot not in self._in_use:
+            raise SlotPoolError(f"expected a slot in use, got {slot} (in use: {sorted(self._in_use)})")
+        self._in_use.remove(slot)
+        self._free.append(slot)
+
+    @property
+    def in_use(self) -> int:
+        """Number of slots handed out and not yet given back."""
+        return len(self._in_use)
+
+    @property
+    def all_free(self) -> bool:
+        """Whether every slot is back."""
+        return not self._in_use
+
+
+class PoolCache:
+    """A consumer's attached pools, by name (each attached once, on first use)."""
+
+    def __init__(self) -> None:
+        self._pools: dict[str, SlotPool] = {}
+
+    def get(self, name: str) -> SlotPool:
+        """The pool called ``name``, attaching it the first time.
+
+        Raises:
+            SlotPoolError: if it cannot be attached.
+        """
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = SlotPool.attach(name)
+            self._pools[name] = pool
+        return pool
+
+    def close(self) -> None:
+        """Detach every pool."""
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()

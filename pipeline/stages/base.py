@@ -1,0 +1,198 @@
+"""What every stage shares: the :class:`Stage` lifecycle, status reports, and the process entry point.
+
+A stage is a class with keyword-only typed dependencies (sockets, pools, engine, sinks) and a
+``start`` -> ``run`` -> ``stop`` lifecycle. Sockets cannot cross a process boundary, so the runner
+hands each child process a picklable :class:`StageSpec`; :meth:`StageSpec.build` wires the stage in
+plain Python inside the child. :func:`stage_main` is the child's entry point: it makes the child
+ignore SIGINT (the runner alone decides how to stop), makes it die with its parent, runs the
+lifecycle and reports ``ready``, errors and ``done`` to the runner's control socket.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from pipeline.messages import StageName, StatusKind, StatusMsg
+from pipeline.transport import CONTROL_HWM, StageFlags, Stopped, make_socket, set_parent_death_signal
+
+STATUS_LINGER_MS = 1_000
+"""How long a stage's last status reports may wait for the runner when the stage exits."""
+
+DEBUG_ENV = "STREAMDET_DEBUG"
+"""Set this environment variable to print full tracebacks of stage failures to stderr."""
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on; the message names the input (file, model, endpoint) and the problem."""
+
+
+class StatusReporter:
+    """Sends :class:`StatusMsg` reports from a stage to the runner.
+
+    Args:
+        socket: a PUSH socket connected to the runner's control endpoint.
+        stage: the reporting stage.
+        source_id: the source of a per-source stage (decode), sent with every report; else empty.
+    """
+
+    def __init__(self, *, socket: zmq.Socket[Any], stage: StageName, source_id: str = "") -> None:
+        self._socket = socket
+        self.stage = stage
+        self.source_id = source_id
+
+    def send(self, kind: StatusKind, *, source_id: str = "", message: str = "", **counts: int) -> None:
+        """Send one report (never blocks for long: the control socket has a large high-water mark)."""
+        msg = StatusMsg(self.stage, kind, source_id or self.source_id, message, dict(counts))
+        try:
+            self._socket.send(msg.encode(), flags=zmq.NOBLOCK)
+        except zmq.Again:  # the runner is gone or far behind; a report is not worth blocking a stage
+            pass
+
+    def close(self) -> None:
+        """Close the socket (lingering up to a second so the last reports reach the runner)."""
+        self._socket.close(linger=STATUS_LINGER_MS)
+
+
+class Stage(ABC):
+    """A pipeline stage: ``start()`` (acquire resources), ``run()`` (until its inputs end), ``stop()``."""
+
+    name: StageName
+
+    @abstractmethod
+    def start(self) -> None:
+        """Acquire resources that can fail (open a source, load a model, bind a port).
+
+        Raises:
+            StageError: with a message naming the input and the problem.
+        """
+
+    @abstractmethod
+    def run(self) -> None:
+        """Process messages until every source has ended.
+
+        Raises:
+            Stopped: when told to stop at once.
+        """
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Release everything (idempotent; called after ``run`` returns or fails)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSpec(ABC):
+    """Picklable description of a stage, built into the stage inside its own process.
+
+    Attributes:
+        control: the runner's control endpoint.
+        nice: niceness added to the stage's process (0..19): a light stage with a higher value yields
+            the CPU to the engine (the bottleneck) whenever both want it.
+    """
+
+    control: str
+    nice: int = 0
+
+    @property
+    @abstractmethod
+    def stage_name(self) -> StageName:
+        """Which stage this builds."""
+
+    @property
+    def source_id(self) -> str:
+        """The source of a per-source stage (decode), else empty."""
+        return ""
+
+    @abstractmethod
+    def build(self, *, ctx: zmq.Context[Any], flags: StageFlags, status: StatusReporter) -> Stage:
+        """Create the stage's dependencies (sockets, pools, engine, sinks) and the stage.
+
+        Raises:
+            StageError: if a dependency cannot be created (e.g. an endpoint cannot be bound).
+        """
+
+
+def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid: int) -> None:
+    """Entry point of a stage process (``multiprocessing`` target, spawn start method).
+
+    Args:
+        spec: what to build.
+        go: event set by the runner when every stage is ready.
+        stop_input: event set by the runner on SIGINT/SIGTERM (graceful stop).
+        abort: event set by the runner to stop at once.
+        parent_pid: the runner's pid.
+    """
+    flags = StageFlags(go=go, stop_input=stop_input, abort=abort, parent_pid=parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the runner decides
+
+    def _on_term(signum: int, frame: FrameType | None) -> None:
+        flags.terminated = True
+
+    signal.signal(signal.SIGTERM, _on_term)
+    set_parent_death_signal(signal.SIGKILL)
+    if not flags.parent_alive():  # the runner died before we got here
+        return
+    ctx: zmq.Context[Any] = zmq.Context()
+    if spec.nice > 0:
+        try:
+            os.nice(spec.nice)
+        except OSError:  # not allowed here: run at the normal priority
+            pass
+    status = StatusReporter(socket=make_socket(ctx, zmq.PUSH, spec.control, bind=False, hwm=CONTROL_HWM),
+                            stage=spec.stage_name, source_id=spec.source_id)
+    stage: Stage | None = None
+    code = 0
+    try:
+        stage = spec.build(ctx=ctx, flags=flags, status=status)
+        stage.start()
+        status.send(StatusKind.READY)
+        stage.run()
+    except Stopped:
+        pass
+    except Exception as e:  # report every failure to the runner as one line
+        code = 1
+        status.send(StatusKind.STAGE_ERROR, message=describe_error(e, spec.stage_name))
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc(file=sys.stderr)
+    finally:
+        if stage is not None:
+            try:
+                stage.stop()
+            except Exception as e:
+                code = 1
+                status.send(StatusKind.STAGE_ERROR, message=describe_error(e, spec.stage_name))
+        status.send(StatusKind.DONE)
+        status.close()
+        ctx.term()
+    if code:
+        raise SystemExit(code)
+
+
+def describe_error(e: BaseException, stage: StageName) -> str:
+    """One line for an exception: expected errors carry their own message, others get a prefix.
+
+    Args:
+        e: the exception.
+        stage: the stage it happened in.
+
+    Returns:
+        A single line (newlines collapsed).
+    """
+    from engines.base import EngineError
+    from pipeline.modelcard import ModelCardError
+    from pipeline.slotpool import SlotPoolError
+    from pipeline.transport import TransportError
+
+    if isinstance(e, (StageError, EngineError, ModelCardError, TransportError, SlotPoolError)):
+        text = str(e)
+    else:
+        text = f"internal error in the {stage.value} stage: {type(e).__name__}: {e}"
+    return " ".join(text.split())

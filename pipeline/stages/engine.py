@@ -1,0 +1,372 @@
+"""Engine stage: runs the model on each batch through the :class:`engines.base.Engine` interface.
+
+The backend is picked by the :class:`engines.base.Backend` enum in :func:`make_engine` (plain
+Python, no registry), so TensorRT or CUDA engines slot in without touching the stage. The stage
+reads the input tensor from the preprocess stage's shared-memory pool (or inline), hands the
+tensor slot back as soon as the engine returns, and sends the raw outputs (real rows only) as
+extra message parts of a :class:`~pipeline.messages.ResultMsg`.
+
+Also here: reading a model's interface from its ONNX file (:func:`inspect_onnx`), finding its
+model card (:func:`resolve_card`) and checking that the two agree (:func:`check_card_against_model`);
+the runner calls these at start-up, before any decoding.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from engines.base import Backend, Engine, EngineError
+from pipeline.messages import (
+    INLINE_SLOT,
+    BatchMsg,
+    CreditMsg,
+    EndOfStream,
+    ResultMsg,
+    StageName,
+    TensorSpec,
+    decode_message,
+)
+from pipeline.modelcard import ModelCard, ModelCardError, card_from_ultralytics_metadata, card_path_for, load_card
+from pipeline.slotpool import PoolCache
+from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter
+from pipeline.transport import (
+    POLL_MS,
+    StageEndpoints,
+    StageFlags,
+    Stopped,
+    close_socket,
+    make_socket,
+    recv_parts,
+    send_parts,
+)
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model's interface as its ONNX file declares it.
+
+    Attributes:
+        path: the ``.onnx`` file.
+        input_name: the single input's name.
+        input_shape: its shape (``int`` for static dims, ``str``/``None`` for dynamic ones).
+        output_names: output names, in graph order.
+        output_shapes: their shapes.
+        metadata: ``metadata_props`` (ultralytics exports keep ``names``, ``imgsz``... here).
+    """
+
+    path: Path
+    input_name: str
+    input_shape: tuple[Dim, ...]
+    output_names: tuple[str, ...]
+    output_shapes: tuple[tuple[Dim, ...], ...]
+    metadata: dict[str, str]
+
+    @property
+    def static_batch(self) -> int | None:
+        """The input's batch size if fixed in the graph, else None."""
+        b = self.input_shape[0] if self.input_shape else None
+        return b if isinstance(b, int) and b > 0 else None
+
+
+def _dims(value_info: Any) -> tuple[Dim, ...]:
+    tt = value_info.type.tensor_type
+    if not tt.HasField("shape"):
+        return ()
+    out: list[Dim] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            out.append(str(d.dim_param))
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def inspect_onnx(path: str | os.PathLike[str]) -> ModelInfo:
+    """Read a model's inputs, outputs and metadata without running it.
+
+    Args:
+        path: the ``.onnx`` file.
+
+    Returns:
+        The :class:`ModelInfo`.
+
+    Raises:
+        EngineError: if the file is missing, unreadable, not ONNX, or has not exactly one image input.
+    """
+    import onnx
+
+    p = Path(path)
+    if not p.exists():
+        raise EngineError(f"{p}: model file not found")
+    if not p.is_file():
+        raise EngineError(f"{p}: model path is not a file")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError, RuntimeWarning-ish errors, OSError
+        raise EngineError(f"{p}: not a readable ONNX model ({type(e).__name__}: {str(e)[:120]})") from e
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if not graph.node or not graph.output:
+        raise EngineError(f"{p}: not a readable ONNX model (no graph)")
+    if len(inputs) != 1:
+        raise EngineError(f"{p}: expected 1 image input, got {len(inputs)} ({[i.name for i in inputs]})")
+    return ModelInfo(
+        path=p,
+        input_name=inputs[0].name,
+        input_shape=_dims(inputs[0]),
+        output_names=tuple(o.name for o in graph.output),
+        output_shapes=tuple(_dims(o) for o in graph.output),
+        metadata={m.key: m.value for m in model.metadata_props},
+    )
+
+
+def resolve_card(info: ModelInfo, card_path: str | os.PathLike[str] | None = None) -> ModelCard:
+    """Find the model card: the given file, else ``MODEL.json`` beside the model, else ONNX metadata.
+
+    The last resort is the ultralytics metadata inside the ONNX file (class names, image size).
+
+    Args:
+        info: the inspected model.
+        card_path: an explicit card file, or None.
+
+    Returns:
+        The :class:`ModelCard`.
+
+    Raises:
+        ModelCardError: if the card is missing/invalid or the model has neither a card nor metadata
+            (the message names the file).
+    """
+    if card_path is not None:
+        return load_card(card_path)
+    beside = card_path_for(info.path)
+    if beside.is_file():
+        return load_card(beside)
+    try:
+        return card_from_ultralytics_metadata(
+            info.metadata, info.input_name, list(info.input_shape), list(info.output_names),
+            [list(s) for s in info.output_shapes], name=info.path.stem,
+        )
+    except ModelCardError as e:
+        raise ModelCardError(f"{info.path}: no model card {beside.name} beside it and {e}") from e
+
+
+def check_card_against_model(card: ModelCard, info: ModelInfo, card_name: str = "model card") -> None:
+    """Check that a card describes the model: input name, layout and size, output names.
+
+    Also runs ``pipeline.postprocess.check_outputs_against_card`` on the declared output shapes.
+
+    Args:
+        card: the card.
+        info: the inspected model.
+        card_name: how to name the card in errors (its path).
+
+    Raises:
+        ModelCardError: naming the card, the model and the first contradiction.
+    """
+    where = f"{card_name} contradicts {info.path}"
+    if card.input.name != info.input_name:
+        raise ModelCardError(f"{where}: input name {card.input.name!r} vs {info.input_name!r} in the model")
+    shape = info.input_shape
+    if len(shape) != 4:
+        raise ModelCardError(f"{where}: expected a 4-D NCHW input, the model has shape {list(shape)}")
+    expect = {1: 3, 2: card.input.height, 3: card.input.width}
+    for axis, want in expect.items():
+        got = shape[axis]
+        if isinstance(got, int) and got != want:
+            what = {1: "channels", 2: "input height", 3: "input width"}[axis]
+            raise ModelCardError(f"{where}: {what} {want} in the card, {got} in the model "
+                                 f"(input shape {list(shape)})")
+    missing = [n for n in card.head.outputs if n not in info.output_names]
+    if missing:
+        raise ModelCardError(f"{where}: outputs {missing} not in the model (it has {list(info.output_names)})")
+    order = [info.output_names.index(n) for n in card.head.outputs]
+    shapes = [list(info.output_shapes[i]) for i in order]
+    try:
+        from pipeline.postprocess import check_outputs_against_card
+    except ImportError:  # pragma: no cover - the postprocess module ships with the package
+        return
+    try:
+        check_outputs_against_card(card, shapes)
+    except (ValueError, ModelCardError) as e:
+        raise ModelCardError(f"{where}: {e}") from e
+
+
+def make_engine(*, backend: Backend, model_path: str | os.PathLike[str], device: str = "cpu",
+                intra_op_threads: int = 0, allow_fallback: bool = False) -> Engine:
+    """Create the engine for a backend and device (not started), via :func:`engines.select.select_engine`.
+
+    Args:
+        backend: which backend.
+        model_path: the model file (``.onnx``; TensorRT and CUDA backends find their files beside it).
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        intra_op_threads: CPU threads per operator (ONNX Runtime; 0 = one per core).
+        allow_fallback: fall back to the next available backend instead of failing.
+
+    Returns:
+        An :class:`Engine`.
+
+    Raises:
+        EngineError: if the backend cannot run here (the message says why).
+    """
+    from engines.select import select_engine
+
+    return select_engine(backend, device, model_path, allow_fallback=allow_fallback,
+                         intra_op_threads=intra_op_threads)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSpec(StageSpec):
+    """Builds an :class:`EngineStage` in its process.
+
+    Attributes:
+        card: the model card.
+        model_path: the model file.
+        backend: which engine.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        intra_op_threads: CPU threads per operator.
+        allow_fallback: fall back to another backend when this one cannot run.
+        endpoints: the pipeline's endpoints.
+        num_sources: the stage ends after that many EOS.
+        warmup_batch: batch size of one warm-up inference before reporting ready (0: none).
+    """
+
+    card: ModelCard
+    model_path: str
+    backend: Backend
+    device: str
+    intra_op_threads: int
+    allow_fallback: bool
+    endpoints: StageEndpoints
+    num_sources: int
+    warmup_batch: int = 0
+
+    @property
+    def stage_name(self) -> StageName:
+        """:attr:`StageName.ENGINE`."""
+        return StageName.ENGINE
+
+    def build(self, *, ctx: zmq.Context[Any], flags: StageFlags, status: StatusReporter) -> EngineStage:
+        """Bind the batch socket, connect the result and credit sockets, create the engine."""
+        ep = self.endpoints
+        batches_in = make_socket(ctx, zmq.PULL, ep.batches, bind=True)
+        results_out = make_socket(ctx, zmq.PUSH, ep.results, bind=False)
+        credits_out = make_socket(ctx, zmq.PUSH, ep.tensor_credits, bind=False)
+        engine = make_engine(backend=self.backend, model_path=self.model_path, device=self.device,
+                             intra_op_threads=self.intra_op_threads, allow_fallback=self.allow_fallback)
+        return EngineStage(engine=engine, card=self.card, batches_in=batches_in, results_out=results_out,
+                           tensor_credits_out=credits_out, status=status, flags=flags,
+                           num_sources=self.num_sources, warmup_batch=self.warmup_batch)
+
+
+class EngineStage(Stage):
+    """Runs the engine on every batch.
+
+    Args:
+        engine: the (not yet started) engine.
+        card: the model card (output names and order).
+        batches_in: PULL socket (bound) of :class:`BatchMsg` / :class:`EndOfStream`.
+        results_out: PUSH socket to the postprocess stage.
+        tensor_credits_out: PUSH socket handing tensor slots back to the preprocess stage.
+        status: reports to the runner.
+        flags: lifecycle flags.
+        num_sources: the stage ends after this many EOS.
+        warmup_batch: batch size of one warm-up inference in :meth:`start` (0: none), so the first
+            real batch does not pay for lazy allocations.
+    """
+
+    name = StageName.ENGINE
+
+    def __init__(self, *, engine: Engine, card: ModelCard, batches_in: zmq.Socket[Any],
+                 results_out: zmq.Socket[Any], tensor_credits_out: zmq.Socket[Any], status: StatusReporter,
+                 flags: StageFlags, num_sources: int, warmup_batch: int = 0) -> None:
+        self.engine = engine
+        self.warmup_batch = warmup_batch
+        self.card = card
+        self.batches_in = batches_in
+        self.results_out = results_out
+        self.tensor_credits_out = tensor_credits_out
+        self.status = status
+        self.flags = flags
+        self.num_sources = num_sources
+        self._pools = PoolCache()
+        self._order: list[int] = []
+        self._started = False
+
+    def start(self) -> None:
+        """Load the model, map the card's output names onto its outputs, run the warm-up batch.
+
+        Raises:
+            EngineError: if the model cannot be loaded.
+            ModelCardError: if the card names outputs the model lacks.
+        """
+        self.engine.start()
+        self._started = True
+        names = list(self.engine.output_names)
+        missing = [n for n in self.card.head.outputs if n not in names]
+        if missing:
+            raise ModelCardError(f"model card names outputs {missing} that the model lacks (it has {names})")
+        self._order = [names.index(n) for n in self.card.head.outputs]
+        if self.warmup_batch > 0:
+            iw, ih = self.card.input_wh
+            self.engine.infer(np.zeros((self.warmup_batch, 3, ih, iw), dtype=np.dtype(self.card.input.dtype)))
+
+    def run(self) -> None:
+        """Infer every batch until every source has sent EOS."""
+        ended = 0
+        while ended < self.num_sources:
+            parts = recv_parts(self.batches_in, POLL_MS)
+            if parts is None:
+                if not self.flags.alive():
+                    raise Stopped()
+                continue
+            msg = decode_message(parts[0].buffer)
+            if isinstance(msg, BatchMsg):
+                self._infer(msg, parts)
+            elif isinstance(msg, EndOfStream):
+                send_parts(self.results_out, [msg.encode()], self.flags.alive)
+                ended += 1
+            else:
+                raise StageError(f"engine: expected BatchMsg or EndOfStream, got {type(msg).__name__}")
+
+    def _infer(self, msg: BatchMsg, parts: list[Any]) -> None:
+        dtype = np.dtype(msg.tensor_dtype)
+        if msg.tensor_slot == INLINE_SLOT:
+            tensor = np.frombuffer(parts[1].buffer, dtype=dtype).reshape(msg.tensor_shape)
+            pixel_parts = parts[2:]
+        else:
+            tensor = self._pools.get(msg.tensor_pool).view(msg.tensor_slot, msg.tensor_shape, dtype)
+            pixel_parts = parts[1:]
+        t0 = time.perf_counter()
+        raw = self.engine.infer(tensor)
+        engine_ms = (time.perf_counter() - t0) * 1000.0
+        del tensor
+        if msg.tensor_slot != INLINE_SLOT:
+            credit = CreditMsg(msg.tensor_pool, msg.tensor_slot)
+            send_parts(self.tensor_credits_out, [credit.encode()], self.flags.alive)
+        n = len(msg.frames)
+        outputs = [np.ascontiguousarray(raw[i][:n]) for i in self._order]
+        specs = tuple(TensorSpec.of(name, arr) for name, arr in zip(self.card.head.outputs, outputs, strict=True))
+        result = ResultMsg(msg.frames, engine_ms, specs)
+        send_parts(self.results_out, [result.encode(), *outputs, *pixel_parts], self.flags.alive)
+
+    def stop(self) -> None:
+        """Stop the engine, detach the tensor pool, close the sockets."""
+        if self._started:
+            self.engine.stop()
+            self._started = False
+        self._pools.close()
+        for sock in (self.results_out, self.tensor_credits_out):
+            close_socket(sock, self.flags)
+        self.batches_in.close(linger=0)

@@ -1,0 +1,253 @@
+"""Postprocess stage: raw outputs -> detections in frame pixels -> sinks.
+
+Calls :func:`pipeline.postprocess.postprocess` (ultralytics head decode, class-aware NMS or
+Soft-NMS, score threshold, max detections, boxes mapped back through the letterbox and clipped;
+end2end models only get the letterbox undone), builds the published JSON, hands each frame to
+the sinks (which run in this process), then gives the frame slot back to its decoder. The stage
+ends after every source's EOS has been passed to the sinks, flushes and closes them and reports
+its counts to the runner.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from pipeline.messages import (
+    INLINE_SLOT,
+    CreditMsg,
+    EndOfStream,
+    ResultMsg,
+    StageName,
+    StatusKind,
+    decode_message,
+)
+from pipeline.modelcard import ModelCard
+from pipeline.slotpool import PoolCache
+from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter
+from pipeline.stages.sinks import FrameResult, JsonlSink, PubSink, Sink, VideoSink, detections_payload
+from pipeline.transport import (
+    POLL_MS,
+    StageEndpoints,
+    StageFlags,
+    Stopped,
+    close_socket,
+    make_socket,
+    recv_parts,
+    send_parts,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkConfig:
+    """Which sinks to open (picklable; built in the postprocess process).
+
+    Attributes:
+        publish: ZeroMQ PUB endpoint, or None for no publishing.
+        publish_wait_subscribers: wait for this many subscriptions before the run starts.
+        publish_wait_timeout_s: longest wait for them.
+        jsonl: JSONL output file, or None.
+        video_out: annotated video file, or None.
+        fps_by_source: frame rate per source id (for the video sink).
+    """
+
+    publish: str | None
+    publish_wait_subscribers: int = 0
+    publish_wait_timeout_s: float = 10.0
+    jsonl: str | None = None
+    video_out: str | None = None
+    fps_by_source: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether a sink needs the frame pixels (the annotated video)."""
+        return self.video_out is not None
+
+    def build(self, *, ctx: zmq.Context[Any], class_names: Sequence[str]) -> list[Sink]:
+        """Create the sinks (not opened)."""
+        sinks: list[Sink] = []
+        if self.publish:
+            sinks.append(PubSink(ctx=ctx, endpoint=self.publish, wait_subscribers=self.publish_wait_subscribers,
+                                 wait_timeout_s=self.publish_wait_timeout_s))
+        if self.jsonl:
+            sinks.append(JsonlSink(path=self.jsonl))
+        if self.video_out:
+            sinks.append(VideoSink(path=self.video_out, fps_by_source=dict(self.fps_by_source),
+                                   class_names=class_names))
+        return sinks
+
+
+@dataclass(frozen=True, kw_only=True)
+class PostprocessSpec(StageSpec):
+    """Builds a :class:`PostprocessStage` in its process.
+
+    Attributes:
+        card: the model card.
+        model_name: the model's name in published messages.
+        config: a ``pipeline.postprocess.PostprocessConfig``.
+        sinks: which sinks to open.
+        endpoints: the pipeline's endpoints.
+        num_sources: the stage ends after that many EOS.
+    """
+
+    card: ModelCard
+    model_name: str
+    config: Any
+    sinks: SinkConfig
+    endpoints: StageEndpoints
+    num_sources: int
+
+    @property
+    def stage_name(self) -> StageName:
+        """:attr:`StageName.POSTPROCESS`."""
+        return StageName.POSTPROCESS
+
+    def build(self, *, ctx: zmq.Context[Any], flags: StageFlags, status: StatusReporter) -> PostprocessStage:
+        """Bind the result socket, connect the frame-credit sockets, create the sinks."""
+        ep = self.endpoints
+        results_in = make_socket(ctx, zmq.PULL, ep.results, bind=True)
+        credits_out = {} if ep.inline else {
+            pool: make_socket(ctx, zmq.PUSH, endpoint, bind=False) for pool, endpoint in ep.frame_credits
+        }
+        return PostprocessStage(card=self.card, model_name=self.model_name, config=self.config,
+                                results_in=results_in, frame_credits_out=credits_out,
+                                sinks=self.sinks.build(ctx=ctx, class_names=self.card.class_names),
+                                status=status, flags=flags, num_sources=self.num_sources)
+
+
+class PostprocessStage(Stage):
+    """Turns raw outputs into detections and feeds the sinks.
+
+    Args:
+        card: the model card.
+        model_name: the model's name in published messages.
+        config: a ``pipeline.postprocess.PostprocessConfig``.
+        results_in: PULL socket (bound) of :class:`ResultMsg` / :class:`EndOfStream`.
+        frame_credits_out: PUSH socket per frame pool, to hand frame slots back.
+        sinks: the sinks (opened by :meth:`start`).
+        status: reports to the runner.
+        flags: lifecycle flags.
+        num_sources: the stage ends after this many EOS.
+    """
+
+    name = StageName.POSTPROCESS
+
+    def __init__(self, *, card: ModelCard, model_name: str, config: Any, results_in: zmq.Socket[Any],
+                 frame_credits_out: dict[str, zmq.Socket[Any]], sinks: Sequence[Sink], status: StatusReporter,
+                 flags: StageFlags, num_sources: int) -> None:
+        from pipeline.postprocess import postprocess
+
+        self._postprocess = postprocess
+        self.card = card
+        self.model_name = model_name
+        self.config = config
+        self.results_in = results_in
+        self.frame_credits_out = frame_credits_out
+        self.sinks = list(sinks)
+        self.status = status
+        self.flags = flags
+        self.num_sources = num_sources
+        self.needs_pixels = any(s.needs_pixels for s in self.sinks)
+        self.frames = 0
+        self.detections = 0
+        self._pools = PoolCache()
+        self._opened: list[Sink] = []
+
+    def start(self) -> None:
+        """Open every sink (binds the PUB socket, waits for subscribers if configured).
+
+        Raises:
+            TransportError: if the publish endpoint cannot be bound.
+            OSError: if an output file cannot be created.
+        """
+        for sink in self.sinks:
+            try:
+                sink.open()
+            except OSError as e:
+                raise StageError(f"{getattr(e, 'filename', None) or sink.describe()}: cannot create output "
+                                 f"({e.strerror or e})") from e
+            self._opened.append(sink)
+
+    def run(self) -> None:
+        """Process results until every source has sent EOS."""
+        ended = 0
+        while ended < self.num_sources:
+            parts = recv_parts(self.results_in, POLL_MS)
+            if parts is None:
+                if not self.flags.alive():
+                    raise Stopped()
+                continue
+            msg = decode_message(parts[0].buffer)
+            if isinstance(msg, ResultMsg):
+                self._handle(msg, parts)
+            elif isinstance(msg, EndOfStream):
+                for sink in self._opened:
+                    sink.end_of_stream(msg)
+                ended += 1
+                self.status.send(StatusKind.SOURCE_END, source_id=msg.source_id, message=msg.reason.value,
+                                 frames=msg.frames)
+            else:
+                raise StageError(f"postprocess: expected ResultMsg or EndOfStream, got {type(msg).__name__}")
+
+    def _handle(self, msg: ResultMsg, parts: list[Any]) -> None:
+        n_out = len(msg.outputs)
+        arrays = [spec.array_from(parts[1 + i].buffer) for i, spec in enumerate(msg.outputs)]
+        inline_pixels = iter(parts[1 + n_out :])
+        t0 = time.perf_counter()
+        dets = self._postprocess(arrays, [r.letterbox for r in msg.frames], self.card, self.config)
+        post_ms = (time.perf_counter() - t0) * 1000.0
+        total = 0
+        for record, d in zip(msg.frames, dets, strict=True):
+            f = record.frame
+            pixels = None
+            if self.needs_pixels:
+                h, w = f.frame_hw
+                if f.slot >= 0:
+                    pixels = self._pools.get(f.pool).view(f.slot, (h, w, 3))
+                elif f.slot == INLINE_SLOT:
+                    pixels = np.frombuffer(next(inline_pixels).buffer, dtype=np.uint8).reshape(h, w, 3)
+            payload = detections_payload(record, d, model=self.model_name, class_names=self.card.class_names,
+                                         engine_ms=msg.engine_ms, postprocess_ms=post_ms)
+            result = FrameResult(record, d, payload, pixels)
+            for sink in self._opened:
+                sink.write(result)
+            del result, pixels
+            if f.slot >= 0:
+                send_parts(self.frame_credits_out[f.pool], [CreditMsg(f.pool, f.slot).encode()], self.flags.alive)
+            total += len(d)
+        self.frames += len(msg.frames)
+        self.detections += total
+        self.status.send(StatusKind.PROGRESS, frames=len(msg.frames), detections=total)
+
+    def outputs_summary(self) -> list[str]:
+        """One line per sink saying where its output went."""
+        return [s.describe() for s in self._opened]
+
+    def stop(self) -> None:
+        """Flush and close the sinks, report where outputs went, close the sockets."""
+        errors: list[str] = []
+        for sink in self._opened:
+            try:
+                sink.close()
+            except Exception as e:  # a sink failing to flush must not keep the others from flushing
+                errors.append(f"{sink.describe()}: cannot finish ({e})")
+        for line in self.outputs_summary():
+            self.status.send(StatusKind.OUTPUT, message=line)
+        self._opened = []
+        self._pools.close()
+        self.results_in.close(linger=0)
+        for sock in self.frame_credits_out.values():
+            close_socket(sock, self.flags)
+        if errors:
+            raise StageError("; ".join(errors))
+
+
+def output_paths(sinks: SinkConfig) -> list[Path]:
+    """Files the sinks will write (for the runner's summary and cleanup)."""
+    return [Path(p) for p in (sinks.jsonl, sinks.video_out) if p]

@@ -1,0 +1,312 @@
+"""Preprocess stage: letterbox, normalise and batch frames into the engine's input tensor.
+
+Each frame is letterboxed to the model card's input size (:func:`pipeline.letterbox.letterbox`
+writing into a preallocated buffer), then converted to the card's channel order and
+normalisation, ``x = (pixel - mean) / std``, straight into one row of a ``(B, 3, H, W)`` tensor in
+a shared-memory tensor pool this stage owns. A batch is sent when it holds ``max_batch`` frames,
+when ``max_wait_ms`` passed since its first frame, or when a source ends. Frame slots go back to
+the decoder as soon as the frame is in the tensor, unless a later stage (the annotated-video
+sink) still needs the pixels.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zmq
+
+from pipeline.letterbox import letterbox
+from pipeline.messages import (
+    INLINE_SLOT,
+    NO_SLOT,
+    BatchMsg,
+    CreditMsg,
+    EndOfStream,
+    FrameMsg,
+    FrameRecord,
+    StageName,
+    decode_message,
+)
+from pipeline.modelcard import ModelCard
+from pipeline.slotpool import PoolCache, SlotCredits, SlotPool
+from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter
+from pipeline.transport import (
+    POLL_MS,
+    StageEndpoints,
+    StageFlags,
+    Stopped,
+    close_socket,
+    make_socket,
+    recv_parts,
+    send_parts,
+)
+
+
+class Normalizer:
+    """Writes a letterboxed HWC uint8 image into one CHW row of the input tensor.
+
+    ``out[c] = (image[..., src(c)] - mean[c]) / std[c]`` where ``src`` maps the card's channel order
+    onto the RGB frame (``BGR`` reverses it); mean and std are in the card's channel order.
+
+    Args:
+        card: the model card (input size, channel order, normalisation).
+    """
+
+    def __init__(self, card: ModelCard) -> None:
+        iw, ih = card.input_wh
+        self._f32 = np.empty((ih, iw, 3), dtype=np.float32)
+        self._order = [2, 1, 0] if card.input.channel_order == "BGR" else [0, 1, 2]
+        mean = np.asarray(card.normalization.mean, dtype=np.float32)
+        std = np.asarray(card.normalization.std, dtype=np.float32)
+        if np.any(std == 0):
+            raise ValueError(f"expected non-zero normalization std, got {card.normalization.std}")
+        self._mean = mean.reshape(3, 1, 1) if np.any(mean != 0) else None
+        self._inv_std = (1.0 / std).reshape(3, 1, 1)
+        self._uniform = bool(np.all(std == std[0])) and self._mean is None
+        self._identity_order = self._order == [0, 1, 2]
+
+    def __call__(self, image_hwc: npt.NDArray[np.uint8], out_chw: npt.NDArray[Any]) -> None:
+        """Normalise ``image_hwc`` ``(H, W, 3)`` uint8 RGB into ``out_chw`` ``(3, H, W)`` float32/16.
+
+        Raises:
+            ValueError: on mismatched shapes.
+        """
+        if image_hwc.shape != self._f32.shape or out_chw.shape != (3, *image_hwc.shape[:2]):
+            raise ValueError(f"expected image {self._f32.shape} and out {(3, *self._f32.shape[:2])}, "
+                             f"got {image_hwc.shape} and {out_chw.shape}")
+        np.copyto(self._f32, image_hwc, casting="unsafe")
+        chw = self._f32.transpose(2, 0, 1)
+        if not self._identity_order:
+            chw = chw[self._order]
+        if self._uniform:
+            np.multiply(chw, self._inv_std[0, 0, 0], out=out_chw, casting="unsafe")
+            return
+        if self._mean is not None:
+            np.subtract(chw, self._mean, out=out_chw, casting="unsafe")
+            np.multiply(out_chw, self._inv_std, out=out_chw, casting="unsafe")
+        else:
+            np.multiply(chw, self._inv_std, out=out_chw, casting="unsafe")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessSpec(StageSpec):
+    """Builds a :class:`PreprocessStage` in its process.
+
+    Attributes:
+        card: the model card.
+        endpoints: the pipeline's endpoints.
+        tensor_pool: name of the tensor pool to create.
+        tensor_slots: tensors in the pool.
+        max_batch: frames per batch (the model's static batch size if it has one).
+        pad_batches: pad every batch to ``max_batch`` rows (models with a static batch size).
+        max_wait_ms: send a partial batch this long after its first frame.
+        keep_pixels: a later stage needs the frame pixels (keep the slot / forward the bytes).
+        num_sources: sources feeding the pipeline (the stage ends after that many EOS).
+    """
+
+    card: ModelCard
+    endpoints: StageEndpoints
+    tensor_pool: str
+    tensor_slots: int
+    max_batch: int
+    pad_batches: bool
+    max_wait_ms: float
+    keep_pixels: bool
+    num_sources: int
+
+    @property
+    def stage_name(self) -> StageName:
+        """:attr:`StageName.PREPROCESS`."""
+        return StageName.PREPROCESS
+
+    def build(self, *, ctx: zmq.Context[Any], flags: StageFlags, status: StatusReporter) -> PreprocessStage:
+        """Bind the frame and tensor-credit sockets, connect the others, create the tensor pool."""
+        ep = self.endpoints
+        frames_in = make_socket(ctx, zmq.PULL, ep.frames, bind=True)
+        credits_in = make_socket(ctx, zmq.PULL, ep.tensor_credits, bind=True)
+        batches_out = make_socket(ctx, zmq.PUSH, ep.batches, bind=False)
+        frame_credits_out = {} if ep.inline else {
+            pool: make_socket(ctx, zmq.PUSH, endpoint, bind=False) for pool, endpoint in ep.frame_credits
+        }
+        iw, ih = self.card.input_wh
+        dtype = np.dtype(self.card.input.dtype)
+        tensor_pool = None
+        if not ep.inline:
+            tensor_pool = SlotPool.create(name=self.tensor_pool, num_slots=self.tensor_slots,
+                                          slot_bytes=self.max_batch * 3 * ih * iw * dtype.itemsize)
+        return PreprocessStage(card=self.card, frames_in=frames_in, batches_out=batches_out,
+                               tensor_credits_in=credits_in, frame_credits_out=frame_credits_out,
+                               tensor_pool=tensor_pool, status=status, flags=flags, max_batch=self.max_batch,
+                               pad_batches=self.pad_batches, max_wait_ms=self.max_wait_ms,
+                               keep_pixels=self.keep_pixels, num_sources=self.num_sources)
+
+
+class PreprocessStage(Stage):
+    """Letterboxes, normalises and batches frames.
+
+    Args:
+        card: the model card.
+        frames_in: PULL socket (bound) of :class:`FrameMsg` / :class:`EndOfStream`.
+        batches_out: PUSH socket to the engine.
+        tensor_credits_in: PULL socket (bound) of :class:`CreditMsg` for the tensor pool.
+        frame_credits_out: PUSH socket per frame pool, to hand frame slots back.
+        tensor_pool: the tensor pool this stage owns, or None to send tensors inline.
+        status: reports to the runner.
+        flags: lifecycle flags.
+        max_batch: frames per batch.
+        pad_batches: pad every batch to ``max_batch`` rows.
+        max_wait_ms: longest wait for a batch to fill, from its first frame.
+        keep_pixels: keep frame slots (or forward inline pixels) for a later stage.
+        num_sources: the stage ends after this many EOS.
+    """
+
+    name = StageName.PREPROCESS
+
+    def __init__(self, *, card: ModelCard, frames_in: zmq.Socket[Any], batches_out: zmq.Socket[Any],
+                 tensor_credits_in: zmq.Socket[Any], frame_credits_out: dict[str, zmq.Socket[Any]],
+                 tensor_pool: SlotPool | None, status: StatusReporter, flags: StageFlags, max_batch: int,
+                 pad_batches: bool, max_wait_ms: float, keep_pixels: bool, num_sources: int) -> None:
+        if max_batch < 1:
+            raise ValueError(f"expected max_batch >= 1, got {max_batch}")
+        self.card = card
+        self.frames_in = frames_in
+        self.batches_out = batches_out
+        self.tensor_credits_in = tensor_credits_in
+        self.frame_credits_out = frame_credits_out
+        self.tensor_pool = tensor_pool
+        self.status = status
+        self.flags = flags
+        self.max_batch = max_batch
+        self.pad_batches = pad_batches
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.keep_pixels = keep_pixels
+        self.num_sources = num_sources
+        iw, ih = card.input_wh
+        self._input_wh = (iw, ih)
+        self._dtype = np.dtype(card.input.dtype)
+        self._lb = np.empty((ih, iw, 3), dtype=np.uint8)
+        self._normalize = Normalizer(card)
+        self._pools = PoolCache()
+        self._tensor_credits = SlotCredits(tensor_pool.num_slots) if tensor_pool is not None else None
+        # the batch being filled
+        self._tensor: npt.NDArray[Any] | None = None
+        self._tensor_slot = INLINE_SLOT
+        self._records: list[FrameRecord] = []
+        self._pixels: list[Any] = []
+        self._first_at = 0.0
+
+    def start(self) -> None:
+        """Nothing to acquire beyond what :meth:`PreprocessSpec.build` made."""
+
+    def run(self) -> None:
+        """Batch frames until every source has sent EOS."""
+        ended = 0
+        while ended < self.num_sources:
+            timeout = POLL_MS
+            if self._records:
+                left = self._first_at + self.max_wait_s - time.monotonic()
+                if left <= 0:
+                    self._flush()
+                    continue
+                timeout = max(0, min(POLL_MS, int(left * 1000) + 1))
+            parts = recv_parts(self.frames_in, timeout)
+            if parts is None:
+                if not self.flags.alive():
+                    raise Stopped()
+                continue
+            msg = decode_message(parts[0].buffer)
+            if isinstance(msg, FrameMsg):
+                self._add(msg, parts[1].buffer if msg.slot == INLINE_SLOT else None)
+                if len(self._records) >= self.max_batch:
+                    self._flush()
+            elif isinstance(msg, EndOfStream):
+                self._flush()
+                send_parts(self.batches_out, [msg.encode()], self.flags.alive)
+                ended += 1
+            else:
+                raise StageError(f"preprocess: expected FrameMsg or EndOfStream, got {type(msg).__name__}")
+
+    def _begin_batch(self) -> None:
+        iw, ih = self._input_wh
+        if self.tensor_pool is None:
+            self._tensor = np.empty((self.max_batch, 3, ih, iw), dtype=self._dtype)
+            self._tensor_slot = INLINE_SLOT
+        else:
+            assert self._tensor_credits is not None
+            slot = self._tensor_credits.acquire()
+            while slot is None:
+                if not self.flags.alive():
+                    raise Stopped()
+                self._drain_tensor_credits(POLL_MS)
+                slot = self._tensor_credits.acquire()
+            self._tensor_slot = slot
+            self._tensor = self.tensor_pool.view(slot, (self.max_batch, 3, ih, iw), self._dtype)
+        self._first_at = time.monotonic()
+
+    def _drain_tensor_credits(self, timeout_ms: int) -> None:
+        assert self._tensor_credits is not None
+        while self.tensor_credits_in.poll(timeout_ms, zmq.POLLIN):
+            self._tensor_credits.release(CreditMsg.decode(self.tensor_credits_in.recv()).slot)
+            timeout_ms = 0
+
+    def _add(self, frame: FrameMsg, inline: memoryview | None) -> None:
+        if not self._records:
+            if self._tensor_credits is not None:
+                self._drain_tensor_credits(0)
+            self._begin_batch()
+        assert self._tensor is not None
+        t0 = time.perf_counter()
+        h, w = frame.frame_hw
+        if inline is not None:
+            image = np.frombuffer(inline, dtype=np.uint8).reshape(h, w, 3)
+        else:
+            image = self._pools.get(frame.pool).view(frame.slot, (h, w, 3))
+        _, params = letterbox(image, self._input_wh, pad_value=self.card.pad_value, out=self._lb)
+        self._normalize(self._lb, self._tensor[len(self._records)])
+        del image
+        if not self.keep_pixels:
+            if frame.slot >= 0:
+                credit = CreditMsg(frame.pool, frame.slot)
+                send_parts(self.frame_credits_out[frame.pool], [credit.encode()], self.flags.alive)
+            frame = replace(frame, slot=NO_SLOT, pool="")
+        elif inline is not None:
+            self._pixels.append(inline)
+        ms = (time.perf_counter() - t0) * 1000.0
+        self._records.append(FrameRecord(frame, params, ms))
+
+    def _flush(self) -> None:
+        if not self._records:
+            return
+        assert self._tensor is not None
+        n = len(self._records)
+        rows = self.max_batch if self.pad_batches else n
+        iw, ih = self._input_wh
+        pool_name = self.tensor_pool.name if self.tensor_pool is not None else ""
+        msg = BatchMsg(tuple(self._records), self._tensor_slot, pool_name, (rows, 3, ih, iw), self._dtype.name)
+        parts: list[Any] = [msg.encode()]
+        if self._tensor_slot == INLINE_SLOT:
+            parts.append(np.ascontiguousarray(self._tensor[:rows]))
+        parts.extend(self._pixels)
+        send_parts(self.batches_out, parts, self.flags.alive)
+        self._records = []
+        self._pixels = []
+        self._tensor = None
+
+    def stop(self) -> None:
+        """Wait for the engine to hand back the tensors, close the sockets, unlink the tensor pool."""
+        self._tensor = None
+        if self._tensor_credits is not None:  # the engine may still be reading the last tensor
+            while self._tensor_credits.in_use and self.flags.alive():
+                self._drain_tensor_credits(POLL_MS)
+        self._pools.close()
+        for sock in (self.batches_out, *self.frame_credits_out.values()):
+            close_socket(sock, self.flags)
+        self.frames_in.close(linger=0)
+        self.tensor_credits_in.close(linger=0)
+        if self.tensor_pool is not None:
+            self.tensor_pool.close()
+            self.tensor_pool = None

@@ -1,0 +1,190 @@
+"""Watch a pipeline's detections: ``python -m pipeline.subscribe tcp://127.0.0.1:5556``.
+
+Prints one line per message (``--json``: the message itself, one JSON object per line with its
+``topic`` added). ``--count N`` stops after N messages, ``--until-eos`` after the end of stream of
+every source seen (``--sources N``: of N sources), ``--timeout S`` after S seconds without a
+message (exit status 1). Subscribing to a PUB socket is asynchronous: start the subscriber first
+and run the pipeline with ``--wait-subscribers 1`` to receive every message (see docs/schema.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import zmq
+
+from pipeline.stages.sinks import DETECTIONS_SCHEMA, EOS_SCHEMA, EOS_TOPIC
+
+
+class SubscribeTimeout(TimeoutError):
+    """No message arrived within the timeout."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """One message received from the pipeline.
+
+    Attributes:
+        topic: ``detections.<source_id>`` or ``eos.<source_id>``.
+        payload: the decoded JSON object (see docs/schema.md).
+    """
+
+    topic: str
+    payload: dict[str, Any]
+
+    @property
+    def is_eos(self) -> bool:
+        """Whether this is an end-of-stream message."""
+        return self.topic.startswith(EOS_TOPIC + ".")
+
+    @property
+    def source_id(self) -> str:
+        """The source the message is about."""
+        return self.topic.split(".", 1)[1] if "." in self.topic else ""
+
+
+class Subscriber:
+    """A SUB socket connected to a pipeline's PUB endpoint.
+
+    Args:
+        endpoint: e.g. ``tcp://127.0.0.1:5556``.
+        topics: topic prefixes to subscribe to (default: everything).
+        ctx: a ZeroMQ context (default: the process's shared one).
+    """
+
+    def __init__(self, endpoint: str, *, topics: Sequence[str] = ("",), ctx: zmq.Context[Any] | None = None) -> None:
+        self.endpoint = endpoint
+        self._ctx = ctx or zmq.Context.instance()
+        self._sock: zmq.Socket[Any] = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)  # never drop on our side
+        for t in topics:
+            self._sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as e:
+            self._sock.close()
+            raise ValueError(f"{endpoint}: cannot connect ({zmq.strerror(e.errno or 0)})") from e
+
+    def recv(self, timeout_s: float | None = None) -> Published:
+        """The next message.
+
+        Args:
+            timeout_s: longest wait (None: forever).
+
+        Raises:
+            SubscribeTimeout: if nothing arrives in time.
+            ValueError: if a message is not ``[topic, JSON object]``.
+        """
+        timeout_ms = -1 if timeout_s is None else max(0, int(timeout_s * 1000))
+        if not self._sock.poll(timeout_ms, zmq.POLLIN):
+            raise SubscribeTimeout(f"{self.endpoint}: no message within {timeout_s} s")
+        parts = self._sock.recv_multipart()
+        if len(parts) != 2:
+            raise ValueError(f"{self.endpoint}: expected [topic, payload], got {len(parts)} parts")
+        payload = json.loads(parts[1])
+        if not isinstance(payload, dict):
+            raise ValueError(f"{self.endpoint}: expected a JSON object, got {type(payload).__name__}")
+        return Published(parts[0].decode(), payload)
+
+    def messages(self, *, count: int | None = None, until_eos: bool = False, sources: int | None = None,
+                 timeout_s: float | None = None) -> Iterator[Published]:
+        """Iterate over messages.
+
+        Args:
+            count: stop after this many messages.
+            until_eos: stop after the EOS of every source seen (or of ``sources`` sources).
+            sources: with ``until_eos``, the number of EOS messages to wait for.
+            timeout_s: longest wait for each message.
+
+        Raises:
+            SubscribeTimeout: if a message does not arrive in time.
+        """
+        seen: set[str] = set()
+        ended: set[str] = set()
+        n = 0
+        while count is None or n < count:
+            msg = self.recv(timeout_s)
+            n += 1
+            seen.add(msg.source_id)
+            if msg.is_eos:
+                ended.add(msg.source_id)
+            yield msg
+            if until_eos and msg.is_eos and (len(ended) >= sources if sources else ended >= seen):
+                return
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def format_line(msg: Published) -> str:
+    """One human-readable line for a message."""
+    p = msg.payload
+    if p.get("schema") == EOS_SCHEMA:
+        err = f" error={p['error']}" if p.get("error") else ""
+        return f"{msg.topic} frames={p.get('frames')} reason={p.get('reason')}{err}"
+    if p.get("schema") == DETECTIONS_SCHEMA:
+        dets = p.get("detections", [])
+        top = ", ".join(f"{d['label']} {d['score']:.2f}" for d in dets[:5])
+        more = f", +{len(dets) - 5}" if len(dets) > 5 else ""
+        e2e = p.get("timing_ms", {}).get("end_to_end")
+        return (f"{msg.topic} frame={p.get('frame_index')} pts={p.get('pts_s', 0):.3f}s dets={len(dets)}"
+                f"{' [' + top + more + ']' if dets else ''} e2e={e2e}ms")
+    return f"{msg.topic} {json.dumps(p)}"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: print the messages of a pipeline's PUB endpoint.
+
+    Returns:
+        0 when done, 1 on timeout or a bad message, 130 on Ctrl-C.
+    """
+    p = _Parser(prog="python -m pipeline.subscribe", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556", help="PUB endpoint (default %(default)s)")
+    p.add_argument("--topic", action="append", help="topic prefix, e.g. detections.bikes (repeatable; default all)")
+    p.add_argument("--count", type=int, help="stop after N messages")
+    p.add_argument("--until-eos", action="store_true", help="stop after the EOS of every source seen")
+    p.add_argument("--sources", type=int, help="with --until-eos: wait for the EOS of N sources")
+    p.add_argument("--timeout", type=float, help="give up after S seconds without a message (exit 1)")
+    p.add_argument("--json", action="store_true", help="print each message as JSON (with its topic)")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with Subscriber(args.endpoint, topics=args.topic or ("",)) as sub:
+            for msg in sub.messages(count=args.count, until_eos=args.until_eos, sources=args.sources,
+                                    timeout_s=args.timeout):
+                if args.json:
+                    print(json.dumps({"topic": msg.topic, **msg.payload}, separators=(",", ":")), flush=True)
+                else:
+                    print(format_line(msg), flush=True)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (SubscribeTimeout, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,303 @@
+"""ZeroMQ plumbing between stages: endpoints, socket options, blocking send/receive, stop flags.
+
+Stages talk over PUSH/PULL sockets: reliable and in order for one producer and one consumer, and
+a sender blocks once the high-water mark is reached, so a slow stage slows the one before it
+(backpressure; nothing is dropped). Only the external detections sink uses PUB (see
+:mod:`pipeline.stages.sinks`). Endpoints are ``ipc://`` files in a private temporary directory by
+default (this host only); ``tcp://`` by configuration, with frames and tensors travelling inline
+as extra message parts instead of through shared memory.
+
+The socket options are named constants (Savant's choices: high-water mark 50, receive timeout
+1 s, linger 100 ms). A blocked send or receive wakes every :data:`POLL_MS` to check the stage's
+stop flags and that its parent (the runner) is still alive, so no stage outlives the runner.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+STAGE_HWM = 50
+"""High-water mark (messages) of the sockets between stages; a sender blocks beyond it."""
+
+CONTROL_HWM = 10_000
+"""High-water mark of the stages' status sockets to the runner (progress must never block a stage long)."""
+
+RECV_TIMEOUT_MS = 1_000
+"""Receive timeout of a blocking ``recv`` (stages poll first, so it only guards against surprises)."""
+
+SEND_TIMEOUT_MS = 5_000
+"""One attempt of a blocking send; it is retried while the stage runs (a file source never drops)."""
+
+POLL_MS = 50
+"""How often a blocked stage wakes up to check its stop flags and its parent."""
+
+LINGER_MS = 100
+"""How long closing a socket between stages waits for unsent messages."""
+
+FINAL_LINGER_MS = 30_000
+"""Linger when a stage that finished normally closes its data sockets: the last messages (EOS)
+must reach a slow peer. A stage that aborts closes with linger 0 instead."""
+
+PUB_HWM = 10_000
+"""Per-subscriber queue of the PUB sink; a subscriber this far behind loses messages (PUB semantics)."""
+
+PUB_LINGER_MS = 2_000
+"""How long closing the PUB sink waits to deliver the last messages (EOS) to subscribers."""
+
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*@")
+
+
+class TransportMode(str, Enum):
+    """How stages reach each other."""
+
+    IPC = "ipc"  # unix sockets in a private temp dir; pixels and tensors in shared memory
+    TCP = "tcp"  # tcp sockets; pixels and tensors inline as extra message parts
+
+
+class TransportError(RuntimeError):
+    """A socket cannot be bound or connected; the message names the endpoint."""
+
+
+class Stopped(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """Raised out of a blocking transport call when the stage has been told to stop."""
+
+
+def redact_url(url: str) -> str:
+    """Hide credentials in a URL: ``rtsp://user:pass@host/x`` -> ``rtsp://***@host/x``.
+
+    Args:
+        url: any string (paths are returned unchanged).
+
+    Returns:
+        The string with every ``scheme://userinfo@`` part replaced by ``scheme://***@``.
+    """
+    return _CREDENTIALS.sub("***@", url)
+
+
+@dataclass(frozen=True)
+class StageEndpoints:
+    """Where each stage's sockets live (the binding side in brackets).
+
+    Attributes:
+        frames: decode -> preprocess (preprocess binds PULL).
+        batches: preprocess -> engine (engine binds PULL).
+        results: engine -> postprocess (postprocess binds PULL).
+        tensor_credits: engine -> preprocess tensor-slot credits (preprocess binds PULL).
+        control: stages -> runner status (runner binds PULL).
+        frame_credits: ``(pool name, endpoint)`` pairs: frame-slot credits back to each decoder
+            (the decoder binds PULL).
+        inline: whether frames and tensors travel inline (tcp://) instead of in shared memory.
+    """
+
+    frames: str
+    batches: str
+    results: str
+    tensor_credits: str
+    control: str
+    frame_credits: tuple[tuple[str, str], ...]
+    inline: bool
+
+    def credit_endpoint(self, pool: str) -> str:
+        """The credit endpoint of a frame pool.
+
+        Raises:
+            KeyError: for an unknown pool.
+        """
+        for name, ep in self.frame_credits:
+            if name == pool:
+                return ep
+        raise KeyError(f"no credit endpoint for pool {pool!r}")
+
+
+def ipc_endpoints(directory: str | os.PathLike[str], pools: Sequence[str]) -> StageEndpoints:
+    """Endpoints as unix sockets in ``directory`` (which should be private, mode 0700).
+
+    Args:
+        directory: an existing directory.
+        pools: the frame pools, one per source.
+
+    Returns:
+        :class:`StageEndpoints` with ``inline=False``.
+    """
+    d = Path(directory)
+    return StageEndpoints(
+        frames=f"ipc://{d / 'frames'}",
+        batches=f"ipc://{d / 'batches'}",
+        results=f"ipc://{d / 'results'}",
+        tensor_credits=f"ipc://{d / 'tensor-credits'}",
+        control=f"ipc://{d / 'control'}",
+        frame_credits=tuple((p, f"ipc://{d / f'credits-{i}'}") for i, p in enumerate(pools)),
+        inline=False,
+    )
+
+
+def tcp_endpoints(host: str, base_port: int, pools: Sequence[str]) -> StageEndpoints:
+    """Endpoints as tcp ports ``base_port``, ``base_port + 1``, ... on ``host``.
+
+    Args:
+        host: interface to bind (``127.0.0.1`` keeps everything on this host).
+        base_port: first port; ``5 + len(pools)`` consecutive ports are used.
+        pools: the frame pools, one per source.
+
+    Returns:
+        :class:`StageEndpoints` with ``inline=True``.
+
+    Raises:
+        ValueError: if the port range leaves 1..65535.
+    """
+    last = base_port + 4 + len(pools)
+    if base_port < 1 or last > 65535:
+        raise ValueError(f"expected ports {base_port}..{last} inside 1..65535, got base_port {base_port}")
+
+    def ep(k: int) -> str:
+        return f"tcp://{host}:{base_port + k}"
+
+    return StageEndpoints(
+        frames=ep(0), batches=ep(1), results=ep(2), tensor_credits=ep(3), control=ep(4),
+        frame_credits=tuple((p, ep(5 + i)) for i, p in enumerate(pools)), inline=True,
+    )
+
+
+def make_socket(ctx: zmq.Context[Any], kind: int, endpoint: str, *, bind: bool,
+                hwm: int = STAGE_HWM, linger_ms: int = LINGER_MS) -> zmq.Socket[Any]:
+    """Create, configure and bind or connect a socket.
+
+    Args:
+        ctx: the process's ZeroMQ context.
+        kind: ``zmq.PUSH``, ``zmq.PULL``, ...
+        endpoint: ``ipc://...`` or ``tcp://host:port``.
+        bind: bind (the stable side) or connect.
+        hwm: send and receive high-water marks.
+        linger_ms: linger on close.
+
+    Returns:
+        The socket.
+
+    Raises:
+        TransportError: if the endpoint cannot be bound or connected (e.g. address in use).
+    """
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+    sock.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
+    try:
+        if bind:
+            sock.bind(endpoint)
+        else:
+            sock.connect(endpoint)
+    except zmq.ZMQError as e:
+        sock.close(0)
+        how = "bind" if bind else "connect"
+        raise TransportError(f"{endpoint}: cannot {how} ({zmq.strerror(e.errno or 0)})") from e
+    return sock
+
+
+def close_socket(sock: zmq.Socket[Any], flags: StageFlags) -> None:
+    """Close a data socket, keeping its unsent messages only if the stage finished normally.
+
+    A stage that finished waits up to :data:`FINAL_LINGER_MS` for its last messages to leave; one
+    that is aborting drops them.
+
+    Args:
+        sock: the socket.
+        flags: the stage's flags.
+    """
+    sock.close(linger=FINAL_LINGER_MS if flags.alive() else 0)
+
+
+def send_parts(sock: zmq.Socket[Any], parts: Sequence[Any], alive: Callable[[], bool]) -> None:
+    """Send a multipart message, blocking while the peer is at its high-water mark.
+
+    Args:
+        sock: a PUSH (or DEALER) socket.
+        parts: bytes-like parts (sent without copying).
+        alive: returns False once the stage must stop.
+
+    Raises:
+        Stopped: if ``alive()`` turns False while blocked.
+    """
+    while True:
+        try:
+            sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        if sock.poll(POLL_MS, zmq.POLLOUT):
+            continue
+        if not alive():
+            raise Stopped()
+
+
+def recv_parts(sock: zmq.Socket[Any], timeout_ms: int = POLL_MS) -> list[zmq.Frame] | None:
+    """Receive one multipart message, or ``None`` after ``timeout_ms``.
+
+    Args:
+        sock: a PULL socket.
+        timeout_ms: how long to wait.
+
+    Returns:
+        The parts as ``zmq.Frame`` objects (their ``buffer`` is zero-copy), or ``None``.
+    """
+    if sock.poll(timeout_ms, zmq.POLLIN):
+        return sock.recv_multipart(copy=False)  # type: ignore[no-any-return]
+    return None
+
+
+class StageFlags:
+    """Process-shared flags that drive a stage's lifecycle, plus a parent-liveness check.
+
+    Args:
+        go: set by the runner once every stage is ready: decoders start reading.
+        stop_input: set on SIGINT/SIGTERM: decoders stop reading and send EOS; the rest drains.
+        abort: set when the run must end now (an error, a second signal, a drain timeout).
+        parent_pid: the runner's pid (a stage exits when its parent is gone).
+    """
+
+    def __init__(self, *, go: Any, stop_input: Any, abort: Any, parent_pid: int) -> None:
+        self.go = go
+        self.stop_input = stop_input
+        self.abort = abort
+        self.parent_pid = parent_pid
+        self.terminated = False
+
+    def parent_alive(self) -> bool:
+        """Whether the runner still exists (a dead parent re-parents us to init or a subreaper)."""
+        return os.getppid() == self.parent_pid
+
+    def alive(self) -> bool:
+        """False once the stage must stop at once (abort, SIGTERM to this process, parent gone)."""
+        return not (self.terminated or self.abort.is_set()) and self.parent_alive()
+
+    def input_open(self) -> bool:
+        """False once decoders must stop reading (graceful stop) or the stage must stop at once."""
+        return self.alive() and not self.stop_input.is_set()
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux ``prctl``).
+
+    Returns:
+        Whether it was set (False on other systems; the parent-liveness polls still apply).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        return bool(libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False

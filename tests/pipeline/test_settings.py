@@ -1,0 +1,145 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engines.base import Backend
+from pipeline.postprocess import NmsMethod, PostprocessConfig
+from pipeline.settings import (
+    CONFIG_ENV,
+    DEFAULT_MODEL,
+    DEFAULT_PUBLISH,
+    DEFAULT_SOURCE,
+    Settings,
+    SettingsError,
+    describe_settings,
+    load_settings,
+    set_dotted,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    import os
+
+    for k in list(os.environ):
+        if k.startswith("STREAMDET_"):
+            monkeypatch.delenv(k)
+
+
+def test_defaults():
+    s = load_settings()
+    assert s.sources == [str(DEFAULT_SOURCE)]
+    assert s.model == DEFAULT_MODEL
+    assert s.sinks.publish == DEFAULT_PUBLISH
+    assert s.engine.backend is Backend.ONNXRUNTIME
+    assert s.postprocess.to_config() == PostprocessConfig()
+
+
+def test_default_yaml_spells_out_the_defaults():
+    from_yaml = load_settings(config_file=CONFIGS / "default.yaml")
+    assert from_yaml.model_dump() == Settings().model_dump()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads(path):
+    load_settings(config_file=path)
+
+
+def test_precedence_cli_over_env_over_yaml_over_default(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"engine": {"intra_op_threads": 3}, "preprocess": {"max_batch": 2, "max_wait_ms": 7},
+                                   "postprocess": {"score_threshold": 0.5}}))
+    monkeypatch.setenv("STREAMDET_PREPROCESS__MAX_BATCH", "6")
+    monkeypatch.setenv("STREAMDET_POSTPROCESS__SCORE_THRESHOLD", "0.6")
+    s = load_settings(config_file=cfg, overrides={"postprocess": {"score_threshold": 0.7}})
+    assert s.postprocess.score_threshold == 0.7  # CLI > env > YAML
+    assert s.preprocess.max_batch == 6  # env > YAML
+    assert s.preprocess.max_wait_ms == 7  # YAML > default
+    assert s.engine.intra_op_threads == 3
+    assert s.preprocess.tensor_slots == Settings().preprocess.tensor_slots  # default kept beside YAML values
+    assert s.postprocess.iou_threshold == 0.45
+
+
+def test_config_from_env(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("postprocess:\n  nms: soft_gaussian\n")
+    monkeypatch.setenv(CONFIG_ENV, str(cfg))
+    assert load_settings().postprocess.nms is NmsMethod.SOFT_GAUSSIAN
+
+
+def test_env_list_and_nested(monkeypatch):
+    monkeypatch.setenv("STREAMDET_SOURCES", '["a.mp4", "rtsp://cam/x"]')
+    monkeypatch.setenv("STREAMDET_SINKS__PUBLISH", "none")
+    s = load_settings()
+    assert s.sources == ["a.mp4", "rtsp://cam/x"]
+    assert s.sinks.publish is None
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"engine": {"intra_op_threads": -1}}, r"engine\.intra_op_threads"),
+        ({"engine": {"backend": "openvino"}}, r"engine\.backend"),
+        ({"postprocess": {"iou_threshold": 1.5}}, r"postprocess\.iou_threshold"),
+        ({"postprocess": {"nms": "fast"}}, r"postprocess\.nms"),
+        ({"max_frames": 0}, "max_frames"),
+        ({"decode": {"slots": 1}}, r"decode\.slots"),
+        ({"sinks": {"publish": "http://x:1"}}, r"sinks\.publish"),
+        ({"sinks": {"publish": "tcp://127.0.0.1:70000"}}, r"sinks\.publish"),
+        ({"sources": []}, "sources"),
+        ({"sources": [""]}, "sources"),
+        ({"nope": 1}, "unknown setting 'nope'"),
+        ({"engine": {"nope": 1}}, r"unknown setting 'engine\.nope'"),
+    ],
+)
+def test_invalid_settings_one_line(overrides, match):
+    with pytest.raises(SettingsError, match=match) as e:
+        load_settings(overrides=overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_invalid_env_value(monkeypatch):
+    monkeypatch.setenv("STREAMDET_ENGINE__INTRA_OP_THREADS", "many")
+    with pytest.raises(SettingsError, match=r"engine\.intra_op_threads"):
+        load_settings()
+
+
+@pytest.mark.parametrize("text,match", [("engine: [1, 2", "not a readable YAML"), ("- 1\n- 2\n", "mapping"),
+                                        ("engine:\n  bogus: 1\n", "unknown setting")])
+def test_bad_yaml(tmp_path, text, match):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    with pytest.raises(SettingsError, match=match):
+        load_settings(config_file=cfg)
+
+
+def test_missing_yaml(tmp_path):
+    with pytest.raises(SettingsError, match="config file not found"):
+        load_settings(config_file=tmp_path / "none.yaml")
+
+
+def test_settings_are_frozen():
+    s = load_settings()
+    with pytest.raises(Exception):  # noqa: B017 (pydantic's ValidationError)
+        s.engine.intra_op_threads = 2  # type: ignore[misc]
+
+
+def test_set_dotted():
+    tree: dict = {}
+    set_dotted(tree, "a.b.c", 1)
+    set_dotted(tree, "a.d", 2)
+    assert tree == {"a": {"b": {"c": 1}, "d": 2}}
+    with pytest.raises(SettingsError):
+        set_dotted(tree, "a..b", 1)
+    with pytest.raises(SettingsError, match="conflicts"):
+        set_dotted(tree, "a.d.e", 1)
+
+
+def test_describe_settings_covers_every_leaf():
+    names = {n for n, _, _ in describe_settings()}
+    assert {"sources", "engine.intra_op_threads", "sinks.publish_wait_subscribers", "postprocess.nms"} <= names
+    env = dict((n, e) for n, _, e in describe_settings())
+    assert env["engine.intra_op_threads"] == "STREAMDET_ENGINE__INTRA_OP_THREADS"

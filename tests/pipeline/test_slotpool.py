@@ -1,0 +1,119 @@
+import multiprocessing as mp
+import uuid
+
+import numpy as np
+import pytest
+
+from pipeline.slotpool import PoolCache, SlotCredits, SlotPool, SlotPoolError, unlink_pool
+
+
+def _name() -> str:
+    return f"sd-test-{uuid.uuid4().hex[:8]}"
+
+
+def _child_fill(name: str, slot: int, value: int) -> None:
+    pool = SlotPool.attach(name)
+    pool.view(slot, (4, 5, 3))[...] = value
+    pool.close()
+
+
+def test_create_attach_share_bytes():
+    with SlotPool.create(name=_name(), num_slots=3, slot_bytes=60) as pool:
+        other = SlotPool.attach(pool.name)
+        assert (other.num_slots, other.slot_bytes, other.owner) == (3, 60, False)
+        a = pool.view(1, (4, 5, 3))
+        a[...] = np.arange(60, dtype=np.uint8).reshape(4, 5, 3)
+        np.testing.assert_array_equal(other.view(1, (4, 5, 3)), a)
+        # slots do not overlap
+        pool.view(0, (60,))[...] = 7
+        pool.view(2, (60,))[...] = 9
+        np.testing.assert_array_equal(other.view(1, (60,)), np.arange(60, dtype=np.uint8))
+        del a
+        other.close()
+
+
+def test_float_view_and_alignment():
+    with SlotPool.create(name=_name(), num_slots=2, slot_bytes=2 * 3 * 4 * 4 * 4 + 1) as pool:
+        t = pool.view(1, (2, 3, 4, 4), np.float32)
+        assert t.ctypes.data % 64 == 0
+        t[...] = 1.5
+        assert float(t.sum()) == 1.5 * t.size
+        del t  # views must go before the pool closes
+
+
+def test_cross_process_spawn():
+    with SlotPool.create(name=_name(), num_slots=2, slot_bytes=60) as pool:
+        p = mp.get_context("spawn").Process(target=_child_fill, args=(pool.name, 1, 42))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0
+        assert (pool.view(1, (60,)) == 42).all()
+        assert (pool.view(0, (60,)) == 0).all()
+
+
+@pytest.mark.parametrize("slot,shape", [(-1, (1,)), (3, (1,)), (0, (61,))])
+def test_bad_slot_or_size(slot, shape):
+    with SlotPool.create(name=_name(), num_slots=3, slot_bytes=60) as pool, pytest.raises(SlotPoolError):
+        pool.view(slot, shape)
+
+
+def test_errors_and_cleanup():
+    name = _name()
+    with pytest.raises(SlotPoolError, match="cannot attach"):
+        SlotPool.attach(name)
+    with pytest.raises(ValueError, match="num_slots"):
+        SlotPool.create(name=name, num_slots=0, slot_bytes=1)
+    pool = SlotPool.create(name=name, num_slots=1, slot_bytes=8)
+    with pytest.raises(SlotPoolError, match="cannot create"):
+        SlotPool.create(name=name, num_slots=1, slot_bytes=8)
+    pool.close()
+    with pytest.raises(SlotPoolError, match="closed"):
+        pool.view(0, (1,))
+    assert not unlink_pool(name)  # the owner unlinked it
+    leftover = SlotPool.create(name=name, num_slots=1, slot_bytes=8)
+    leftover._shm.close()  # type: ignore[union-attr]  # simulate a crashed owner
+    assert unlink_pool(name)
+
+
+def test_not_a_pool():
+    from multiprocessing import shared_memory
+
+    shm = shared_memory.SharedMemory(name=_name(), create=True, size=128)
+    try:
+        with pytest.raises(SlotPoolError, match="not a streamdet slot pool"):
+            SlotPool.attach(shm.name)
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def test_credits():
+    c = SlotCredits(3)
+    got = [c.acquire() for _ in range(4)]
+    assert got == [0, 1, 2, None]
+    assert c.in_use == 3 and not c.all_free
+    c.release(1)
+    assert c.acquire() == 1
+    with pytest.raises(SlotPoolError, match="in use"):
+        c.release(7)
+    for s in (0, 1, 2):
+        c.release(s)
+    assert c.all_free
+    with pytest.raises(SlotPoolError):
+        c.release(0)
+
+
+def test_pool_cache_attaches_once():
+    with SlotPool.create(name=_name(), num_slots=1, slot_bytes=4) as pool:
+        cache = PoolCache()
+        a = cache.get(pool.name)
+        assert cache.get(pool.name) is a
+        cache.close()
+
+
+def test_refuses_more_than_dev_shm_holds(monkeypatch):
+    import pipeline.slotpool as sp
+
+    monkeypatch.setattr(sp, "shm_free_bytes", lambda: 1000)
+    with pytest.raises(SlotPoolError, match="free"):
+        SlotPool.create(name=_name(), num_slots=2, slot_bytes=1000)

@@ -1,0 +1,289 @@
+import json
+import os
+import threading
+import uuid
+
+import av
+import numpy as np
+import pytest
+import zmq
+from _standin import CLASS_NAMES, bikes_path, build_standin, standin_card
+
+from engines.base import Backend, EngineError
+from pipeline.annotate import class_color, draw_detections
+from pipeline.letterbox import letterbox_params
+from pipeline.messages import CreditMsg, EndOfStream, EosReason, FrameMsg, FrameRecord, decode_message
+from pipeline.modelcard import ModelCardError, Normalization
+from pipeline.postprocess import Detections
+from pipeline.preprocess_ops import preprocess_batch
+from pipeline.stages.decode import DecodeStage, SourceError, probe_source
+from pipeline.stages.engine import check_card_against_model, inspect_onnx, make_engine, resolve_card
+from pipeline.stages.preprocess import Normalizer
+from pipeline.stages.sinks import (
+    DETECTIONS_SCHEMA,
+    EOS_SCHEMA,
+    FrameResult,
+    JsonlSink,
+    VideoSink,
+    detections_payload,
+    eos_payload,
+)
+from pipeline.transport import StageFlags, ipc_endpoints, make_socket, recv_parts
+
+
+# ---------------------------------------------------------------- preprocess: normalisation
+@pytest.mark.parametrize(
+    "order,mean,std,dtype",
+    [
+        ("RGB", (0, 0, 0), (255, 255, 255), "float32"),
+        ("BGR", (0, 0, 0), (255, 255, 255), "float32"),
+        ("RGB", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), "float32"),
+        ("BGR", (10, 20, 30), (1, 2, 4), "float32"),
+        ("RGB", (0, 0, 0), (255, 255, 255), "float16"),
+    ],
+)
+def test_normalizer_matches_preprocess_batch(order, mean, std, dtype):
+    card = standin_card()
+    card = card.model_copy(update={
+        "input": card.input.model_copy(update={"channel_order": order, "dtype": dtype}),
+        "normalization": Normalization(mean=mean, std=std),
+    })
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (272, 640, 3), dtype=np.uint8)
+    ref, _ = preprocess_batch([frame], card)
+    lb = np.empty((384, 640, 3), np.uint8)
+    from pipeline.letterbox import letterbox
+
+    letterbox(frame, (640, 384), card.pad_value, out=lb)
+    out = np.empty((3, 384, 640), dtype)
+    Normalizer(card)(lb, out)
+    np.testing.assert_allclose(out.astype(np.float32), ref[0].astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_normalizer_rejects_bad_shapes():
+    n = Normalizer(standin_card())
+    with pytest.raises(ValueError, match="expected image"):
+        n(np.zeros((10, 10, 3), np.uint8), np.zeros((3, 10, 10), np.float32))
+
+
+# ---------------------------------------------------------------- model, card
+def test_inspect_and_card_beside(tmp_path):
+    path = build_standin(tmp_path / "m.onnx")
+    info = inspect_onnx(path)
+    assert info.input_name == "images" and info.input_shape[1:] == (3, 384, 640)
+    assert info.output_names == ("output0",) and info.output_shapes[0][1:] == (7, 5040)
+    assert info.static_batch is None
+    card = resolve_card(info)
+    assert card.class_names == CLASS_NAMES
+    check_card_against_model(card, info)
+
+
+def test_ultralytics_metadata_without_card(tmp_path):
+    meta = {"names": "{0: 'red', 1: 'green', 2: 'blue'}", "imgsz": "[384, 640]", "stride": "32", "task": "detect"}
+    path = build_standin(tmp_path / "u.onnx", write_card=False, metadata=meta)
+    info = inspect_onnx(path)
+    card = resolve_card(info)
+    assert card.class_names == ("red", "green", "blue") and card.input_wh == (640, 384)
+    check_card_against_model(card, info)
+
+
+def test_no_card_no_metadata(tmp_path):
+    path = build_standin(tmp_path / "n.onnx", write_card=False)
+    with pytest.raises(ModelCardError, match="no model card n.json"):
+        resolve_card(inspect_onnx(path))
+
+
+def test_card_contradicting_model(tmp_path):
+    path = build_standin(tmp_path / "m.onnx")
+    info = inspect_onnx(path)
+    wrong_size = standin_card((320, 320))
+    with pytest.raises(ModelCardError, match="input height 320 in the card, 384 in the model"):
+        check_card_against_model(wrong_size, info, "card.json")
+    card = standin_card()
+    wrong_out = card.model_copy(update={"head": card.head.model_copy(update={"outputs": ("boxes",)})})
+    with pytest.raises(ModelCardError, match=r"outputs \['boxes'\] not in the model"):
+        check_card_against_model(wrong_out, info)
+    wrong_nc = card.model_copy(update={"head": card.head.model_copy(update={"num_classes": 80}),
+                                       "class_names": tuple(str(i) for i in range(80))})
+    with pytest.raises(ModelCardError, match="rows"):
+        check_card_against_model(wrong_nc, info)
+
+
+@pytest.mark.parametrize("content,match", [(b"", "not a readable ONNX model"), (b"\x08\x01garbage" * 10, "ONNX"),
+                                           (None, "model file not found")])
+def test_bad_model_files(tmp_path, content, match):
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(EngineError, match=match):
+        inspect_onnx(path)
+
+
+def test_static_batch_is_seen(tmp_path):
+    info = inspect_onnx(build_standin(tmp_path / "s.onnx", static_batch=2))
+    assert info.static_batch == 2
+
+
+def test_unavailable_backend_is_a_clear_error(tmp_path):
+    with pytest.raises(EngineError, match="tensorrt"):
+        make_engine(backend=Backend.TENSORRT, model_path=tmp_path / "m.onnx", device="cpu")
+    assert type(make_engine(backend=Backend.ONNXRUNTIME, model_path="x.onnx")).__name__ == "OnnxRuntimeEngine"
+
+
+# ---------------------------------------------------------------- sources
+def test_probe_bikes():
+    info = probe_source(str(bikes_path()), "bikes")
+    assert (info.frame_hw, info.frames, info.is_file) == ((272, 640), 250, True)
+    assert info.fps == pytest.approx(25.0)
+
+
+@pytest.mark.parametrize("kind,match", [("missing", "no such file"), ("dir", "not a file"),
+                                        ("text", "not a readable video"), ("empty", "not a readable video")])
+def test_probe_bad_sources(tmp_path, kind, match):
+    p = tmp_path / "x.mp4"
+    if kind == "dir":
+        p.mkdir()
+    elif kind == "text":
+        p.write_text("hello, not a video\n" * 100)
+    elif kind == "empty":
+        p.write_bytes(b"")
+    with pytest.raises(SourceError, match=match) as e:
+        probe_source(str(p), "x")
+    assert str(p) in str(e.value)
+
+
+def test_probe_redacts_credentials():
+    with pytest.raises(SourceError) as e:
+        probe_source("rtsp://user:secret@127.0.0.1:1/stream", "cam")
+    assert "secret" not in str(e.value) and "***@" in str(e.value)
+
+
+# ---------------------------------------------------------------- decode stage (in-process)
+def test_decoder_backpressure_and_pixels(tmp_path):
+    """With 2 slots and no credits returned, the decoder stops after 2 frames; credits let it go on."""
+    from pipeline.slotpool import PoolCache, SlotPool
+
+    src = probe_source(str(bikes_path()), "bikes")
+    pool_name = f"sd-test-{uuid.uuid4().hex[:8]}"
+    ep = ipc_endpoints(tmp_path, [pool_name])
+    ctx = zmq.Context()
+    frames_in = make_socket(ctx, zmq.PULL, ep.frames, bind=True)
+    credits_out = make_socket(ctx, zmq.PUSH, ep.credit_endpoint(pool_name), bind=False)
+    status_in = make_socket(ctx, zmq.PULL, ep.control, bind=True)
+    go, stop, abort = threading.Event(), threading.Event(), threading.Event()
+    flags = StageFlags(go=go, stop_input=stop, abort=abort, parent_pid=os.getppid())
+    from pipeline.messages import StageName
+    from pipeline.stages.base import StatusReporter
+
+    status = StatusReporter(socket=make_socket(ctx, zmq.PUSH, ep.control, bind=False), stage=StageName.DECODE)
+    stage = DecodeStage(source=src, pool=SlotPool.create(name=pool_name, num_slots=2, slot_bytes=272 * 640 * 3),
+                        credits_in=make_socket(ctx, zmq.PULL, ep.credit_endpoint(pool_name), bind=True),
+                        frames_out=make_socket(ctx, zmq.PUSH, ep.frames, bind=False), status=status, flags=flags,
+                        max_frames=6)
+    t = threading.Thread(target=stage.run)
+    t.start()
+    go.set()
+    reference = [f.to_ndarray(format="rgb24") for _, f in zip(range(6), av.open(str(bikes_path())).decode(video=0))]
+    got: list[FrameMsg] = []
+    pools = PoolCache()
+    for _ in range(2):
+        got.append(decode_message(recv_parts(frames_in, 10_000)[0].buffer))  # type: ignore[index,arg-type]
+    assert recv_parts(frames_in, 300) is None  # blocked: no free slot
+    outstanding = list(got)
+    while len(got) < 6:
+        oldest = outstanding.pop(0)
+        np.testing.assert_array_equal(pools.get(oldest.pool).view(oldest.slot, (272, 640, 3)),
+                                      reference[oldest.frame_index])
+        credits_out.send(CreditMsg(oldest.pool, oldest.slot).encode())
+        parts = recv_parts(frames_in, 10_000)
+        assert parts is not None
+        got.append(decode_message(parts[0].buffer))  # type: ignore[arg-type]
+        outstanding.append(got[-1])
+    assert [f.frame_index for f in got] == list(range(6))
+    assert [round(f.pts_s, 3) for f in got] == [0.0, 0.04, 0.08, 0.12, 0.16, 0.2]
+    eos = decode_message(recv_parts(frames_in, 10_000)[0].buffer)  # type: ignore[index,arg-type]
+    assert eos == EndOfStream("bikes", 6, EosReason.MAX_FRAMES)
+    for f in outstanding:
+        credits_out.send(CreditMsg(f.pool, f.slot).encode())
+    t.join(10)
+    assert not t.is_alive()
+    pools.close()
+    stage.stop()
+    status.close()
+    for s in (frames_in, credits_out, status_in):
+        s.close(0)
+    ctx.term()
+
+
+# ---------------------------------------------------------------- sinks
+def _record(i: int = 0) -> FrameRecord:
+    f = FrameMsg("cam", i, i * 0.04, (272, 640), -2, "", 1.0, 2.0)
+    return FrameRecord(f, letterbox_params((272, 640), (640, 384)), 0.5)
+
+
+def _dets() -> Detections:
+    return Detections(np.array([[10.123, 20.456, 100.0, 200.0], [0, 0, 640, 272]], np.float32),
+                      np.array([0.91234, 0.3], np.float32), np.array([2, 7], np.int64))
+
+
+def test_detections_payload():
+    p = detections_payload(_record(3), _dets(), model="standin", class_names=CLASS_NAMES, engine_ms=10.0,
+                           postprocess_ms=1.0, now=1.5)
+    assert p["schema"] == DETECTIONS_SCHEMA and p["source_id"] == "cam" and p["frame_index"] == 3
+    assert p["frame_wh"] == [640, 272] and p["pts_s"] == pytest.approx(0.12)
+    assert p["detections"][0] == {"box_xyxy": [10.12, 20.46, 100.0, 200.0], "score": 0.9123, "class_id": 2,
+                                  "label": "blue"}
+    assert p["detections"][1]["label"] == "7"  # id past the names: shown as a number
+    assert p["timing_ms"] == {"decode": 2.0, "preprocess": 0.5, "engine": 10.0, "postprocess": 1.0,
+                              "end_to_end": 500.0}
+    json.dumps(p, allow_nan=False)
+    e = eos_payload(EndOfStream("cam", 5, EosReason.ERROR, "bad"))
+    assert e == {"schema": EOS_SCHEMA, "source_id": "cam", "frames": 5, "reason": "error", "error": "bad"}
+
+
+def test_jsonl_sink_is_atomic(tmp_path):
+    out = tmp_path / "sub" / "o.jsonl"
+    sink = JsonlSink(path=out)
+    sink.open()
+    p = detections_payload(_record(), _dets(), model="m", class_names=CLASS_NAMES, engine_ms=1, postprocess_ms=1)
+    sink.write(FrameResult(_record(), _dets(), p))
+    assert not out.exists()  # still under its temporary name
+    sink.end_of_stream(EndOfStream("cam", 1, EosReason.FINISHED))
+    sink.close()
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["schema"] for x in lines] == [DETECTIONS_SCHEMA, EOS_SCHEMA]
+    assert list(out.parent.iterdir()) == [out]
+
+
+def test_video_sink_writes_h264(tmp_path):
+    out = tmp_path / "a.mp4"
+    sink = VideoSink(path=out, fps_by_source={"cam": 25.0}, class_names=CLASS_NAMES)
+    sink.open()
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        pixels = rng.integers(0, 255, (271, 641, 3), dtype=np.uint8)  # odd sizes are made even
+        f = FrameMsg("cam", i, i * 0.04, (271, 641), -2, "", 1.0, 2.0)
+        rec = FrameRecord(f, letterbox_params((271, 641), (640, 384)), 0.5)
+        sink.write(FrameResult(rec, _dets(), {}, pixels))
+    sink.end_of_stream(EndOfStream("cam", 5, EosReason.FINISHED))
+    sink.close()
+    with av.open(str(out)) as c:
+        s = c.streams.video[0]
+        assert s.codec_context.name == "h264"
+        assert (s.codec_context.width, s.codec_context.height) == (640, 270)
+        assert sum(1 for _ in c.decode(s)) == 5
+    assert "5 frames" in sink.describe()
+
+
+def test_draw_detections():
+    img = np.zeros((100, 200, 3), np.uint8)
+    d = Detections(np.array([[20, 30, 120, 90]], np.float32), np.array([0.5], np.float32), np.array([1], np.int64))
+    draw_detections(img, d.boxes_xyxy, d.scores, d.class_ids, CLASS_NAMES, thickness=1)
+    import cv2
+
+    ref = np.zeros_like(img)
+    cv2.rectangle(ref, (20, 30), (120, 90), class_color(1), 1, cv2.LINE_AA)
+    np.testing.assert_array_equal(img[32:], ref[32:])  # below the label: exactly the box
+    assert img[:30].any()  # the label sits above the box
+    with pytest.raises(ValueError, match="expected"):
+        draw_detections(img[..., 0], d.boxes_xyxy, d.scores, d.class_ids, CLASS_NAMES)

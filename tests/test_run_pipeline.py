@@ -1,0 +1,231 @@
+"""The command line: exit codes, one error line per failure, signals, no orphan processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
+from _standin import bikes_path, build_standin  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "run_pipeline.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids whose environment holds ``marker`` (the run's processes and their children), via /proc."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (d / "environ").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+def assert_no_orphans(marker: str) -> None:
+    deadline = time.monotonic() + 10
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_with(marker) == []
+
+
+def start(args, **kw):
+    marker = f"STREAMDET_TEST_MARKER={uuid.uuid4().hex}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    env.pop("STREAMDET_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+    return proc, marker.split("=")[1]
+
+
+def run(args, timeout=120):
+    proc, marker = start(args)
+    out, err = proc.communicate(timeout=timeout)
+    assert_no_orphans(marker)
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_standin(tmp_path_factory.mktemp("m") / "standin.onnx")
+
+
+@pytest.fixture(scope="module")
+def truncated(tmp_path_factory):
+    """bikes.mp4 remuxed with the index first (faststart), then cut in half: about 114 frames decode."""
+    import av
+
+    d = tmp_path_factory.mktemp("v")
+    full = d / "faststart.mp4"
+    with av.open(str(bikes_path())) as inp, av.open(str(full), "w", options={"movflags": "faststart"}) as out:
+        s = inp.streams.video[0]
+        o = out.add_stream_from_template(s)
+        for pk in inp.demux(s):
+            if pk.dts is not None:
+                pk.stream = o
+                out.mux(pk)
+    data = full.read_bytes()
+    cut = d / "truncated.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    return cut
+
+
+def base(model, *extra):
+    return ["--model", str(model), "--quiet", "--publish", "none", *extra]
+
+
+def test_help_documents_every_setting():
+    code, out, _ = run(["--help"])
+    assert code == 0
+    for text in ("--source", "--video-out", "--max-frames", "STREAMDET_ENGINE__INTRA_OP_THREADS",
+                 "sinks.publish_wait_subscribers", "exit status"):
+        assert text in out
+
+
+def test_runs_and_reports_outputs(model, tmp_path):
+    port = free_port()
+    code, out, err = run(base(model, "--source", str(bikes_path()), "--max-frames", "8", "--publish",
+                              f"tcp://127.0.0.1:{port}", "--jsonl", str(tmp_path / "o.jsonl"),
+                              "--video-out", str(tmp_path / "o.mp4")))
+    assert code == 0, err
+    assert err == ""
+    first = out.splitlines()[0]
+    assert first.startswith("frames=8 fps=") and "detections=" in first
+    assert f"tcp://127.0.0.1:{port}" in out and str(tmp_path / "o.jsonl") in out and str(tmp_path / "o.mp4") in out
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 9
+
+
+@pytest.mark.parametrize(
+    "case,code,needle",
+    [
+        ("missing", 1, "no such file"),
+        ("not_video", 1, "not a readable video"),
+        ("bad_model", 1, "not a readable ONNX model"),
+        ("missing_model", 1, "model file not found"),
+        ("card_contradicts", 1, "contradicts"),
+        ("bad_setting", 2, "engine.intra_op_threads"),
+        ("bad_flag", 2, "--frobnicate"),
+        ("bad_yaml", 2, "not a readable YAML"),
+        ("port_in_use", 1, "Address already in use"),
+    ],
+)
+def test_bad_input_one_error_line(model, tmp_path, case, code, needle):
+    src = str(bikes_path())
+    args = base(model, "--source", src, "--max-frames", "3")
+    named = src
+    if case == "missing":
+        named = str(tmp_path / "nope.mp4")
+        args = base(model, "--source", named)
+    elif case == "not_video":
+        named = str(tmp_path / "text.mp4")
+        Path(named).write_text("not a video\n" * 50)
+        args = base(model, "--source", named)
+    elif case == "bad_model":
+        named = str(tmp_path / "bad.onnx")
+        Path(named).write_bytes(b"\x00garbage" * 100)
+        args = base(named, "--source", src)
+    elif case == "missing_model":
+        named = str(tmp_path / "none.onnx")
+        args = base(named, "--source", src)
+    elif case == "card_contradicts":
+        card = json.loads(Path(model).with_suffix(".json").read_text())
+        card["input"]["height"] = 640
+        named = str(tmp_path / "card.json")
+        Path(named).write_text(json.dumps(card))
+        args = [*args, "--card", named]
+    elif case == "bad_setting":
+        named = "engine.intra_op_threads"
+        args = [*args, "--set", "engine.intra_op_threads=-2"]
+    elif case == "bad_flag":
+        named = "--frobnicate"
+        args = [*args, "--frobnicate"]
+    elif case == "bad_yaml":
+        named = str(tmp_path / "c.yaml")
+        Path(named).write_text("engine: [1,\n")
+        args = [*args, "--config", named]
+    s = None
+    if case == "port_in_use":
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        named = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        args = [*args, "--publish", named]
+    try:
+        rc, out, err = run(args)
+    finally:
+        if s is not None:
+            s.close()
+    lines = err.strip().splitlines()
+    assert rc == code, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle in lines[0] and named in lines[0]
+    assert "Traceback" not in out + err
+
+
+def test_truncated_file_keeps_every_decoded_frame(model, tmp_path, truncated):
+    rc, out, err = run(base(model, "--source", str(truncated), "--jsonl", str(tmp_path / "o.jsonl")))
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {truncated}: truncated or corrupt")
+    records = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    n = len(records) - 1
+    assert n >= 100  # half the file's frames
+    assert [r["frame_index"] for r in records[:-1]] == list(range(n))
+    assert records[-1]["reason"] == "error" and records[-1]["frames"] == n and "truncated" in records[-1]["error"]
+    assert f"kept {n} frames" in lines[0]
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_cleanly(model, tmp_path, sig, code):
+    out_path = tmp_path / "o.jsonl"
+    proc, marker = start(base(model, "--source", str(bikes_path()), "--loop", "100", "--jsonl", str(out_path)))
+    deadline = time.monotonic() + 60
+    partial = out_path.with_name(".o.partial.jsonl")
+    while time.monotonic() < deadline:  # wait until frames flow
+        if partial.exists() and partial.stat().st_size > 0:
+            break
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert_no_orphans(marker)
+    assert "Traceback" not in err
+    records = [json.loads(x) for x in out_path.read_text().splitlines()]
+    assert records[-1]["schema"] == "streamdet.eos/1" and records[-1]["reason"] == "interrupted"
+    assert records[-1]["frames"] == len(records) - 1 > 0
+    assert "(interrupted)" in out
+
+
+def test_killed_runner_takes_its_stages_along(model):
+    """SIGKILL leaves no chance to clean up: the stages notice their parent is gone and exit."""
+    proc, marker = start(base(model, "--source", str(bikes_path()), "--loop", "100"))
+    deadline = time.monotonic() + 60
+    while len(processes_with(marker)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert_no_orphans(marker)
+
+
+@pytest.mark.skipif(not (ROOT / "engines" / "models" / "detector.onnx").exists(), reason="bundled detector not built")
+def test_default_model_and_demo_video(tmp_path):
+    rc, out, err = run(["--quiet", "--max-frames", "4", "--publish", f"tcp://127.0.0.1:{free_port()}"], timeout=300)
+    assert rc == 0, err
+    assert out.startswith("frames=4 ") and "demo.mp4" in out
