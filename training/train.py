@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decoupled weight decay (conv weights)")
     p.add_argument("--warmup-epochs", type=float, default=2.0)
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt with its saved settings")
+    p.add_argument("--init", default=None,
+                   help="initialise from this checkpoint's weights where names and shapes match "
+                        "(e.g. a trained detector for its segment variant)")
     p.add_argument("--max-iters", type=int, default=0, help="stop after this many iterations in all (0: no limit)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--input", type=_parse_wh, default=(640, 384), help="model input WIDTHxHEIGHT (multiples of 32)")
@@ -381,6 +384,23 @@ def _load_resume(out: Path, argv: list[str]) -> tuple[argparse.Namespace, dict[s
     return args, ckpt
 
 
+def _init_from(model: torch.nn.Module, path: Path) -> None:
+    """Copy the weights of checkpoint ``path`` into ``model`` where names and shapes match.
+
+    Raises:
+        TrainError: if the file is not a training checkpoint.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoints (as --resume)
+        src = ckpt["model"]
+    except Exception as e:  # torch.load raises many unpickling error types
+        raise TrainError(f"{path}: not a training checkpoint ({e})") from e
+    own = model.state_dict()
+    matched = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
+    print(f"init: {len(matched)}/{len(own)} tensors from {path}", flush=True)
+
+
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out)
     ckpt: dict[str, Any] | None = None
@@ -400,6 +420,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     config = DetectorConfig(num_classes=len(CLASS_NAMES), segment=segment, width_mult=args.width_mult,
                             depth_mult=args.depth_mult, input_wh=tuple(args.input))
     model = Detector(config)
+    if args.init and ckpt is None:
+        _init_from(model, Path(args.init))
     summary = model_summary(model)
     use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and bf16_supported())
     # channels-last activations: oneDNN's fast layout on CPU (measured ~1.2x on this model)

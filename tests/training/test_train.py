@@ -265,3 +265,22 @@ def test_cli_train_resume_export(tmp_path: Path) -> None:
     out = tmp_path / "seg.onnx"
     assert export_main([str(run / "best.pt"), "--out", str(out)]) == 0
     assert out.is_file() and out.with_suffix(".json").is_file()
+
+
+def test_init_copies_matching_weights_into_segment_variant(tmp_path):
+    import torch
+
+    from training.model import Detector, DetectorConfig
+    from training.train import TrainError, _init_from
+
+    det = Detector(DetectorConfig(num_classes=10))
+    torch.save({"model": det.state_dict()}, tmp_path / "det.pt")
+    seg = Detector(DetectorConfig(num_classes=10, segment=True))
+    _init_from(seg, tmp_path / "det.pt")
+    seg_state, det_state = seg.state_dict(), det.state_dict()
+    shared = [k for k in det_state if k in seg_state and seg_state[k].shape == det_state[k].shape]
+    assert len(shared) > len(det_state) // 2
+    assert all(torch.equal(seg_state[k], det_state[k]) for k in shared)
+    (tmp_path / "bad.pt").write_text("not a checkpoint")
+    with pytest.raises(TrainError, match="bad.pt"):
+        _init_from(seg, tmp_path / "bad.pt")
