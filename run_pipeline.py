@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", metavar="NAME", help="onnxruntime, tensorrt or cuda [engine.backend]")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N [engine.device]")
     p.add_argument("--loop", type=int, metavar="N", help="read each file N times (soak test) [decode.loop]")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on this port (off by default) [sinks.metrics_port]")
     p.add_argument("--config", metavar="X.yaml", help="YAML preset (default $STREAMDET_CONFIG)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="any setting by its dotted name, e.g. --set postprocess.nms=soft_gaussian (value "
@@ -99,7 +101,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "sinks.publish_wait_subscribers": args.wait_subscribers, "sinks.jsonl": args.jsonl,
         "sinks.video_out": args.video_out, "max_frames": args.max_frames, "preprocess.max_batch": args.batch,
         "engine.intra_op_threads": args.threads, "engine.backend": args.backend,
-        "engine.device": args.device, "decode.loop": args.loop,
+        "engine.device": args.device, "decode.loop": args.loop, "sinks.metrics_port": args.metrics_port,
         "quiet": args.quiet,
     }
     for key, value in flags.items():
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     for line in format_summary(summary):
         print(line)
+    for warn in summary.warnings:
+        print(f"warning: {warn}", file=sys.stderr)
     for err in summary.errors:
         print(f"error: {err}", file=sys.stderr)
     sys.stdout.flush()

@@ -7,7 +7,8 @@ Every boundary between two stages carries ONE frozen message class, validated wh
 * engine -> postprocess: :class:`ResultMsg` (the raw model outputs of one batch);
 * any data stage -> the next: :class:`EndOfStream` (the last message of one source);
 * consumer -> producer: :class:`CreditMsg` (a shared-memory slot handed back);
-* stage -> runner: :class:`StatusMsg` (ready, progress, errors, done).
+* stage -> runner: :class:`StatusMsg` (ready, progress, errors, done);
+* decode -> postprocess (events socket): :class:`SourceStatusMsg` (a live source's state, drops).
 
 Wire format: the first ZeroMQ message part is the msgpack encoding of a message (an array
 ``[WIRE_VERSION, MsgKind, field, ...]``; never pickle). Bulk data follows as extra raw parts: the
@@ -55,6 +56,7 @@ class MsgKind(IntEnum):
     EOS = 4
     CREDIT = 5
     STATUS = 6
+    SOURCE_STATUS = 7
 
 
 class EosReason(str, Enum):
@@ -73,6 +75,17 @@ class StageName(str, Enum):
     PREPROCESS = "preprocess"
     ENGINE = "engine"
     POSTPROCESS = "postprocess"
+
+
+class SourceState(str, Enum):
+    """State of a source as published on ``status.<source_id>``."""
+
+    CONNECTING = "connecting"  # opening (first attempt)
+    CONNECTED = "connected"  # frames arrive
+    STALLED = "stalled"  # no frame for ``stall_timeout_s``: counted as lost, reconnecting next
+    RECONNECTING = "reconnecting"  # waiting ``next_delay_s`` before attempt ``attempt``
+    EOS = "eos"  # the source ended (file end, stop signal, attempts exhausted)
+    ERROR = "error"  # a problem (message says which); followed by ``reconnecting`` or ``eos``
 
 
 class StatusKind(str, Enum):
@@ -518,7 +531,67 @@ class StatusMsg:
         return _expect(decode_message(data), cls)
 
 
-Message = FrameMsg | BatchMsg | ResultMsg | EndOfStream | CreditMsg | StatusMsg
+@dataclass(frozen=True, slots=True)
+class SourceStatusMsg:
+    """A decoder's report on its source (decode -> postprocess events socket).
+
+    Attributes:
+        source_id: the source.
+        state: its state.
+        attempt: reconnection attempt number (0 while connected or before the first retry).
+        next_delay_s: seconds until the next attempt (``reconnecting`` only, else 0).
+        message: detail (errors: the problem; URLs with credentials redacted).
+        time: wall-clock time of the event, Unix seconds.
+        dropped: frames dropped so far because downstream was busy (live sources; cumulative).
+        skipped: frames skipped so far to respect ``max_fps`` (cumulative).
+        received: frames received from the source so far (cumulative).
+        publish: whether the event is a state change to publish (False: a periodic counters update).
+    """
+
+    source_id: str
+    state: SourceState
+    attempt: int = 0
+    next_delay_s: float = 0.0
+    message: str = ""
+    time: float = 0.0
+    dropped: int = 0
+    skipped: int = 0
+    received: int = 0
+    publish: bool = True
+
+    def __post_init__(self) -> None:
+        check_source_id(self.source_id)
+        object.__setattr__(self, "state", SourceState(self.state))
+        for name in ("attempt", "dropped", "skipped", "received"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"expected {name} >= 0, got {v!r}")
+        _check_nonneg(self.next_delay_s, "next_delay_s")
+        _check_nonneg(self.time, "time")
+
+    def encode(self) -> bytes:
+        """Encode as msgpack ``[WIRE_VERSION, MsgKind.SOURCE_STATUS, ...fields]``."""
+        return _pack(MsgKind.SOURCE_STATUS, [self.source_id, self.state.value, self.attempt,
+                                             float(self.next_delay_s), self.message, float(self.time),
+                                             self.dropped, self.skipped, self.received, bool(self.publish)])
+
+    @classmethod
+    def _from_fields(cls, f: list[Any]) -> SourceStatusMsg:
+        if len(f) != 10:
+            raise ValueError(f"expected 10 SourceStatusMsg fields, got {len(f)}")
+        return cls(f[0], SourceState(f[1]), f[2], f[3], f[4], f[5], f[6], f[7], f[8], bool(f[9]))
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> SourceStatusMsg:
+        """Inverse of :meth:`encode`.
+
+        Raises:
+            ValueError: on a wrong version, kind or field.
+        """
+        return _expect(decode_message(data), cls)
+
+
+Message = FrameMsg | BatchMsg | ResultMsg | EndOfStream | CreditMsg | StatusMsg | SourceStatusMsg
 """Any message that crosses a stage boundary."""
 
 
@@ -568,6 +641,8 @@ def decode_message(data: bytes | memoryview) -> Message:
                 return CreditMsg._from_fields(fields)
             case MsgKind.STATUS:
                 return StatusMsg._from_fields(fields)
+            case MsgKind.SOURCE_STATUS:
+                return SourceStatusMsg._from_fields(fields)
     except (TypeError, IndexError, KeyError) as e:
         raise ValueError(f"expected valid {k.name} fields, got {fields!r:.200} ({e})") from e
     raise AssertionError(f"unhandled kind {k}")  # pragma: no cover

@@ -48,6 +48,7 @@ from pipeline.stages.decode import DecodeSpec, SourceError, SourceInfo, probe_so
 from pipeline.stages.engine import EngineSpec, ModelInfo, check_card_against_model, inspect_onnx, resolve_card
 from pipeline.stages.postprocess import PostprocessSpec, SinkConfig
 from pipeline.stages.preprocess import PreprocessSpec
+from pipeline.stages.stats import StatsConfig
 from pipeline.transport import (
     CONTROL_HWM,
     POLL_MS,
@@ -90,21 +91,26 @@ class PipelineError(Exception):
         self.exit_code = exit_code
 
 
-def source_ids_for(urls: list[str]) -> list[str]:
+def source_ids_for(urls: list[str], given: list[str | None] | None = None) -> list[str]:
     """Topic-safe, unique source ids from paths/URLs: the file stem, ``-2``, ``-3``... on repeats.
 
     Args:
         urls: sources as given.
+        given: ids chosen by the user (None entries: derive from the URL); kept as they are.
 
     Returns:
         One id per source, matching ``[A-Za-z0-9_-]{1,64}``.
     """
+    chosen = list(given) if given is not None else [None] * len(urls)
     ids: list[str] = []
-    for url in urls:
+    for url, want in zip(urls, chosen, strict=True):
+        if want:
+            ids.append(check_source_id(want))
+            continue
         stem = Path(redact_url(url).split("?", 1)[0].rstrip("/")).stem or "source"
         base = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:56] or "source"
         sid, k = base, 2
-        while sid in ids:
+        while sid in ids or sid in chosen:
             sid, k = f"{base}-{k}", k + 1
         ids.append(check_source_id(sid))
     return ids
@@ -141,6 +147,7 @@ class RunSummary:
         sources: per-source reports.
         outputs: one line per sink saying where its output went.
         errors: one line per problem.
+        warnings: one line per problem that did not fail the run (a live source lost while others ran).
         exit_code: the process exit status.
         peak_rss_kib: peak resident memory (sum over the stage processes) seen while running.
     """
@@ -152,6 +159,7 @@ class RunSummary:
     sources: list[SourceReport] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     exit_code: int = EXIT_OK
     peak_rss_kib: int = 0
 
@@ -211,11 +219,12 @@ class Pipeline:
             PipelineError: naming the first bad input (exit code 1).
         """
         s = self.settings
-        ids = source_ids_for(s.sources)
+        entries = s.source_entries()
+        ids = source_ids_for([e.url for e in entries], given=[e.id for e in entries])
         infos = []
-        for url, sid in zip(s.sources, ids, strict=True):
+        for entry, sid in zip(entries, ids, strict=True):
             try:
-                infos.append(probe_source(url, sid))
+                infos.append(probe_source(entry.url, sid, max_fps=entry.max_fps))
             except SourceError as e:
                 raise PipelineError(str(e)) from e
         try:
@@ -281,7 +290,11 @@ class Pipeline:
         ctl = endpoints.control
         specs: list[StageSpec] = [
             PostprocessSpec(control=ctl, nice=s.postprocess.nice, card=p.card, model_name=p.card.name,
-                            config=s.postprocess.to_config(), sinks=sinks, endpoints=endpoints, num_sources=n),
+                            config=s.postprocess.to_config(), sinks=sinks, endpoints=endpoints, num_sources=n,
+                            stats=StatsConfig(
+                                sources=tuple((src.source_id, src.is_live) for src in p.sources),
+                                interval_s=s.sinks.stats_interval_s if not s.quiet else 0.0,
+                                metrics_port=s.sinks.metrics_port, metrics_host=s.sinks.metrics_host)),
             EngineSpec(control=ctl, card=p.card, model_path=str(p.model.path), backend=s.engine.backend,
                        device=s.engine.device, intra_op_threads=s.engine.intra_op_threads,
                        allow_fallback=s.engine.allow_fallback, endpoints=endpoints, num_sources=n,
@@ -293,8 +306,9 @@ class Pipeline:
         ]
         for src, pool in zip(p.sources, pools, strict=True):
             specs.append(DecodeSpec(control=ctl, nice=s.decode.nice, source=src, pool=pool,
-                                    num_slots=s.decode.slots, endpoints=endpoints, max_frames=s.max_frames,
-                                    loop=s.decode.loop, threads=s.decode.threads))
+                                    num_slots=s.decode.slots if src.is_file else s.decode.live_slots,
+                                    endpoints=endpoints, max_frames=s.max_frames, loop=s.decode.loop,
+                                    threads=s.decode.threads, live=s.decode.live_options()))
         return specs
 
     # ---------------------------------------------------------------------------------- run
@@ -441,9 +455,15 @@ class Pipeline:
         finally:
             if bar is not None:
                 bar.close()
+        # a live source that failed does not fail the run while another source still worked
+        live = {src.source_id for src in self.sources if src.is_live}
+        all_failed = all(r.error for r in summary.sources)
         for r in summary.sources:
             if r.error:
-                summary.errors.append(r.error)
+                if r.source_id in live and not all_failed:
+                    summary.warnings.append(r.error)
+                else:
+                    summary.errors.append(r.error)
         if summary.errors and summary.exit_code == EXIT_OK:
             summary.exit_code = EXIT_FAILURE
 

@@ -29,7 +29,7 @@ from pydantic_settings import (
 
 from engines.base import Backend
 from pipeline.postprocess import NmsMethod, PostprocessConfig
-from pipeline.stages.decode import DecodeThreads
+from pipeline.stages.decode import DecodeThreads, LiveOptions, RtspTransport
 from pipeline.transport import TransportMode
 
 ENV_PREFIX = "STREAMDET_"
@@ -66,7 +66,7 @@ class TransportSettings(_Section):
         mode: ``ipc`` (unix sockets in a private temp dir, frames in shared memory) or ``tcp``
             (frames and tensors inline in the messages).
         tcp_host: interface the stage sockets bind in ``tcp`` mode.
-        tcp_base_port: first of the consecutive ports used in ``tcp`` mode (5 + number of sources).
+        tcp_base_port: first of the consecutive ports used in ``tcp`` mode (6 + number of sources).
     """
 
     mode: TransportMode = TransportMode.IPC
@@ -74,20 +74,59 @@ class TransportSettings(_Section):
     tcp_base_port: int = Field(default=5570, ge=1, le=65000)
 
 
+class SourceEntry(_Section):
+    """A source with an id and options (YAML ``sources: [{id: cam1, url: rtsp://..., max_fps: 10}]``).
+
+    Attributes:
+        url: file path or URL.
+        id: source id (topic-safe ``[A-Za-z0-9_-]{1,64}``); default: derived from the URL.
+        max_fps: live sources: pass at most this many frames per second (the rest are skipped).
+    """
+
+    url: str = Field(min_length=1)
+    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    max_fps: float | None = Field(default=None, gt=0.0)
+
+
 class DecodeSettings(_Section):
     """Decoder.
 
     Attributes:
-        slots: frames in each source's shared-memory slot pool (bounds memory; >= 2).
+        slots: frames in each file source's shared-memory slot pool (bounds memory; >= 2).
+        live_slots: frames in flight per live (URL) source: few, so that latency stays bounded
+            (the decoder keeps only the newest frame while they are all in use).
         threads: FFmpeg decoder threading.
         loop: read each file source this many times in a row (soak tests, memory checks).
         nice: niceness of the stage's process (0..19; higher yields the CPU to the engine).
+        rtsp_transport: ``tcp`` (default) or ``udp`` for ``rtsp://`` sources.
+        open_timeout_s: live sources: longest wait to connect.
+        read_timeout_s: live sources: longest wait for data once connected (FFmpeg read timeout).
+        stall_timeout_s: live sources: no frame for this long counts as a lost stream (reconnect).
+        reconnect_initial_s: first reconnection delay (doubles each attempt, with +-25 % jitter).
+        reconnect_max_s: longest reconnection delay.
+        reconnect_max_attempts: give a live source up after this many failed attempts in a row
+            (null: retry forever).
     """
 
     slots: int = Field(default=12, ge=2, le=1024)
+    live_slots: int = Field(default=4, ge=2, le=1024)
     threads: DecodeThreads = DecodeThreads.AUTO
     loop: int = Field(default=1, ge=1)
     nice: int = Field(default=DEFAULT_LIGHT_STAGE_NICE, ge=0, le=19)
+    rtsp_transport: RtspTransport = RtspTransport.TCP
+    open_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    read_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    stall_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    reconnect_initial_s: float = Field(default=0.5, gt=0.0, le=600.0)
+    reconnect_max_s: float = Field(default=30.0, gt=0.0, le=3600.0)
+    reconnect_max_attempts: int | None = Field(default=None, ge=1)
+
+    def live_options(self) -> LiveOptions:
+        """The live-source options of the decode stage."""
+        return LiveOptions(rtsp_transport=self.rtsp_transport, open_timeout_s=self.open_timeout_s,
+                           read_timeout_s=self.read_timeout_s, stall_timeout_s=self.stall_timeout_s,
+                           reconnect_initial_s=self.reconnect_initial_s, reconnect_max_s=self.reconnect_max_s,
+                           reconnect_max_attempts=self.reconnect_max_attempts)
 
 
 class PreprocessSettings(_Section):
@@ -168,6 +207,10 @@ class SinkSettings(_Section):
         publish_wait_timeout_s: longest wait for them; the run then starts anyway.
         jsonl: write every published message to this JSON Lines file.
         video_out: write the annotated video here (H.264).
+        stats_interval_s: print a stats line (per source: fps, drops, p50/p99 latency, state) and
+            publish it on topic ``stats`` this often, seconds (0: never; printed only with live sources).
+        metrics_port: serve Prometheus metrics on ``http://metrics_host:PORT/metrics`` (null: off).
+        metrics_host: interface of the metrics endpoint.
     """
 
     publish: str | None = DEFAULT_PUBLISH
@@ -175,6 +218,9 @@ class SinkSettings(_Section):
     publish_wait_timeout_s: float = Field(default=10.0, ge=0.0)
     jsonl: Path | None = None
     video_out: Path | None = None
+    stats_interval_s: float = Field(default=5.0, ge=0.0)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("publish", mode="before")
     @classmethod
@@ -188,11 +234,16 @@ class SinkSettings(_Section):
         return v
 
 
+def _default_sources() -> list[str | SourceEntry]:
+    return [str(DEFAULT_SOURCE)]
+
+
 class Settings(BaseSettings):
     """The whole configuration of a pipeline run.
 
     Attributes:
-        sources: video files or URLs (anything FFmpeg opens); one decode process each.
+        sources: video files or URLs (anything FFmpeg opens), or :class:`SourceEntry` objects
+            (``{id, url, max_fps}``); one decode process each.
         model: the ONNX model.
         card: its model card (default: ``MODEL.json`` beside it, else the ultralytics metadata).
         max_frames: stop each source after this many frames.
@@ -205,7 +256,7 @@ class Settings(BaseSettings):
         sinks: :class:`SinkSettings`.
     """
 
-    sources: list[str] = Field(default_factory=lambda: [str(DEFAULT_SOURCE)], min_length=1)
+    sources: list[str | SourceEntry] = Field(default_factory=_default_sources, min_length=1)
     model: Path = DEFAULT_MODEL
     card: Path | None = None
     max_frames: int | None = Field(default=None, ge=1)
@@ -222,11 +273,18 @@ class Settings(BaseSettings):
 
     @field_validator("sources")
     @classmethod
-    def _sources(cls, v: list[str]) -> list[str]:
+    def _sources(cls, v: list[str | SourceEntry]) -> list[str | SourceEntry]:
         for s in v:
-            if not s or not s.strip():
+            if isinstance(s, str) and (not s or not s.strip()):
                 raise ValueError("expected non-empty source paths or URLs, got an empty one")
+        ids = [s.id for s in v if isinstance(s, SourceEntry) and s.id]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"expected unique source ids, got {ids}")
         return v
+
+    def source_entries(self) -> list[SourceEntry]:
+        """Every source as a :class:`SourceEntry` (plain strings become ``{url}``)."""
+        return [SourceEntry(url=s) if isinstance(s, str) else s for s in self.sources]
 
     @classmethod
     def settings_customise_sources(

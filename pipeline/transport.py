@@ -99,6 +99,7 @@ class StageEndpoints:
         frame_credits: ``(pool name, endpoint)`` pairs: frame-slot credits back to each decoder
             (the decoder binds PULL).
         inline: whether frames and tensors travel inline (tcp://) instead of in shared memory.
+        events: decoders -> postprocess source status events (postprocess binds PULL).
     """
 
     frames: str
@@ -108,6 +109,7 @@ class StageEndpoints:
     control: str
     frame_credits: tuple[tuple[str, str], ...]
     inline: bool
+    events: str = ""
 
     def credit_endpoint(self, pool: str) -> str:
         """The credit endpoint of a frame pool.
@@ -140,6 +142,7 @@ def ipc_endpoints(directory: str | os.PathLike[str], pools: Sequence[str]) -> St
         control=f"ipc://{d / 'control'}",
         frame_credits=tuple((p, f"ipc://{d / f'credits-{i}'}") for i, p in enumerate(pools)),
         inline=False,
+        events=f"ipc://{d / 'events'}",
     )
 
 
@@ -148,7 +151,7 @@ def tcp_endpoints(host: str, base_port: int, pools: Sequence[str]) -> StageEndpo
 
     Args:
         host: interface to bind (``127.0.0.1`` keeps everything on this host).
-        base_port: first port; ``5 + len(pools)`` consecutive ports are used.
+        base_port: first port; ``6 + len(pools)`` consecutive ports are used.
         pools: the frame pools, one per source.
 
     Returns:
@@ -157,7 +160,7 @@ def tcp_endpoints(host: str, base_port: int, pools: Sequence[str]) -> StageEndpo
     Raises:
         ValueError: if the port range leaves 1..65535.
     """
-    last = base_port + 4 + len(pools)
+    last = base_port + 5 + len(pools)
     if base_port < 1 or last > 65535:
         raise ValueError(f"expected ports {base_port}..{last} inside 1..65535, got base_port {base_port}")
 
@@ -167,6 +170,7 @@ def tcp_endpoints(host: str, base_port: int, pools: Sequence[str]) -> StageEndpo
     return StageEndpoints(
         frames=ep(0), batches=ep(1), results=ep(2), tensor_credits=ep(3), control=ep(4),
         frame_credits=tuple((p, ep(5 + i)) for i, p in enumerate(pools)), inline=True,
+        events=ep(5 + len(pools)),
     )
 
 

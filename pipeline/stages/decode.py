@@ -9,11 +9,31 @@ transport the pixels travel inline instead.
 A truncated or corrupt file keeps every frame that decodes; the problem is reported to the
 runner (``source_error``) and the EOS carries it. Sources can be local files or anything FFmpeg
 opens (URLs); URLs are only ever shown with credentials redacted.
+
+Live sources (any URL: ``rtsp://`` cameras, ...) run differently:
+
+* a reader thread opens the stream (RTSP over TCP by default, FFmpeg open/read timeouts) and
+  puts each decoded frame into a one-frame mailbox that keeps only the newest frame; the stage
+  thread takes a frame only once it holds a free slot, so while downstream is busy older frames
+  are dropped (counted) instead of queueing: latency stays bounded (``live_slots`` frames in
+  flight at most);
+* the stage thread is a watchdog: no frame for ``stall_timeout_s`` (or no connection within
+  ``open_timeout_s``) counts as a lost stream; the reader is abandoned and a new one connects
+  after an exponential backoff with jitter, forever unless ``reconnect_max_attempts`` is set.
+  A stop signal is seen within :data:`~pipeline.transport.POLL_MS` whatever the reader is doing;
+* state changes (:class:`~pipeline.messages.SourceState`) and counters go to the postprocess
+  stage as :class:`~pipeline.messages.SourceStatusMsg` on the events socket, which publishes them
+  as ``status.<source_id>``;
+* the frame pool is created at the first frame (the size is unknown before the camera answers);
+  a later stream of a different size is accepted if it fits the slots, else the source fails with
+  an ``error`` status.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +45,21 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from pipeline.messages import INLINE_SLOT, CreditMsg, EndOfStream, EosReason, FrameMsg, StageName, StatusKind
+from pipeline.messages import (
+    INLINE_SLOT,
+    CreditMsg,
+    EndOfStream,
+    EosReason,
+    FrameMsg,
+    SourceState,
+    SourceStatusMsg,
+    StageName,
+    StatusKind,
+)
 from pipeline.slotpool import SlotCredits, SlotPool
 from pipeline.stages.base import Stage, StageSpec, StatusReporter
 from pipeline.transport import (
+    CONTROL_HWM,
     POLL_MS,
     StageEndpoints,
     StageFlags,
@@ -41,6 +72,106 @@ from pipeline.transport import (
 
 MAX_CONSECUTIVE_DECODE_ERRORS = 25
 """A source whose packets fail to decode this many times in a row is given up."""
+
+COUNTERS_EVERY_S = 1.0
+"""How often a live decoder sends its counters (drops, frames received) to the postprocess stage."""
+
+LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "rtp", "srt", "udp", "tcp", "http", "https", "hls")
+"""URL schemes accepted as live sources."""
+
+
+class RtspTransport(str, Enum):
+    """Lower transport of RTSP (FFmpeg ``rtsp_transport``)."""
+
+    TCP = "tcp"  # interleaved in the RTSP connection: no loss, passes NAT and firewalls
+    UDP = "udp"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LiveOptions:
+    """How live sources connect and reconnect.
+
+    Attributes:
+        rtsp_transport: RTSP lower transport.
+        open_timeout_s: longest wait to connect, seconds.
+        read_timeout_s: longest wait for data once connected (FFmpeg I/O timeout), seconds.
+        stall_timeout_s: no frame for this long counts as a lost stream, seconds.
+        reconnect_initial_s: first reconnection delay, seconds (doubled each failed attempt).
+        reconnect_max_s: longest reconnection delay, seconds.
+        reconnect_max_attempts: give up after this many failed attempts in a row (None: never).
+    """
+
+    rtsp_transport: RtspTransport = RtspTransport.TCP
+    open_timeout_s: float = 5.0
+    read_timeout_s: float = 5.0
+    stall_timeout_s: float = 5.0
+    reconnect_initial_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    reconnect_max_attempts: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("open_timeout_s", "read_timeout_s", "stall_timeout_s", "reconnect_initial_s", "reconnect_max_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"expected {name} > 0, got {getattr(self, name)!r}")
+        if self.reconnect_max_attempts is not None and self.reconnect_max_attempts < 1:
+            raise ValueError(f"expected reconnect_max_attempts >= 1 or None, got {self.reconnect_max_attempts!r}")
+
+    def av_options(self, url: str) -> dict[str, str]:
+        """FFmpeg options for opening ``url`` (RTSP transport and socket timeout in microseconds)."""
+        if url.lower().startswith(("rtsp://", "rtsps://")):
+            return {"rtsp_transport": self.rtsp_transport.value, "timeout": str(int(self.read_timeout_s * 1e6))}
+        return {}
+
+
+def reconnect_delay(attempt: int, *, initial_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """Delay before reconnection attempt ``attempt``: exponential backoff with jitter.
+
+    ``min(max_s, initial_s * 2 ** (attempt - 1))`` times a uniform factor in ``[0.75, 1.25]``
+    (so consecutive delays still grow by at least 1.2x until the cap), as in the "exponential
+    backoff and jitter" scheme (AWS Architecture Blog, 2015).
+
+    Args:
+        attempt: 1 for the first reconnection.
+        initial_s: first delay, seconds.
+        max_s: cap, seconds.
+        rng: random source (default: the module's).
+
+    Returns:
+        Seconds to wait.
+
+    Raises:
+        ValueError: if ``attempt < 1``.
+    """
+    if attempt < 1:
+        raise ValueError(f"expected attempt >= 1, got {attempt}")
+    base = min(max_s, initial_s * 2.0 ** min(attempt - 1, 60))
+    return base * (rng or random).uniform(0.75, 1.25)
+
+
+def check_live_url(url: str) -> None:
+    """Check that a live source URL is well formed (scheme, host, port); nothing is opened.
+
+    Args:
+        url: the URL.
+
+    Raises:
+        SourceError: naming the URL (credentials redacted) and the problem.
+    """
+    from urllib.parse import urlsplit
+
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise SourceError(f"{shown}: malformed URL ({e})") from e
+    scheme = parts.scheme.lower()
+    if scheme not in LIVE_SCHEMES:
+        raise SourceError(f"{shown}: malformed URL (expected a scheme in {', '.join(LIVE_SCHEMES)}, got {scheme!r})")
+    if not parts.hostname or any(c.isspace() for c in url):
+        raise SourceError(f"{shown}: malformed URL (expected {scheme}://HOST[:PORT]/PATH)")
+    if port is not None and not 1 <= port <= 65535:
+        raise SourceError(f"{shown}: malformed URL (port {port} outside 1..65535)")
 
 
 class DecodeThreads(str, Enum):
@@ -63,6 +194,10 @@ class SourceInfo:
         frame_hw: ``(height, width)`` of the video stream, pixels.
         fps: average frame rate (frames per second), 0 if unknown.
         frames: frame count the container declares, 0 if unknown.
+        max_fps: live sources: pass at most this many frames per second (None: all).
+
+    A live (URL) source is not opened at start-up: its ``frame_hw`` is ``(0, 0)`` and ``fps`` 0
+    until the decoder connects.
     """
 
     source_id: str
@@ -71,6 +206,12 @@ class SourceInfo:
     frame_hw: tuple[int, int]
     fps: float
     frames: int
+    max_fps: float | None = None
+
+    @property
+    def is_live(self) -> bool:
+        """Whether it is a live source (a URL: reconnects, drops frames rather than queueing)."""
+        return not self.is_file
 
     @property
     def display(self) -> str:
@@ -82,23 +223,32 @@ class SourceError(Exception):
     """A source cannot be opened or is not a video; the message names it (redacted)."""
 
 
-def probe_source(url: str, source_id: str) -> SourceInfo:
-    """Open a source once to check it is a video and learn its size, rate and length.
+def probe_source(url: str, source_id: str, *, max_fps: float | None = None) -> SourceInfo:
+    """Open a file source once to check it is a video and learn its size, rate and length.
+
+    A live source (a URL) is only checked for a well-formed URL: an unreachable camera must not
+    fail the run (the decoder keeps reconnecting).
 
     Args:
         url: path or URL.
         source_id: the id to give it.
+        max_fps: live sources: frame-rate cap.
 
     Returns:
         The :class:`SourceInfo`.
 
     Raises:
-        SourceError: if it does not exist, cannot be opened, or has no video stream.
+        SourceError: if it does not exist, cannot be opened, or has no video stream (files), or a
+            malformed URL.
     """
     import av
 
     shown = redact_url(url)
     is_file = "://" not in url
+    if not is_file:
+        check_live_url(url)
+        return SourceInfo(source_id=source_id, url=url, is_file=False, frame_hw=(0, 0), fps=0.0, frames=0,
+                          max_fps=max_fps)
     if is_file:
         p = Path(url)
         if not p.exists():
@@ -140,6 +290,7 @@ class DecodeSpec(StageSpec):
         max_frames: stop after this many frames (None: all).
         loop: read a file source this many times in a row (soak tests).
         threads: decoder threading.
+        live: live-source options.
     """
 
     source: SourceInfo
@@ -149,6 +300,7 @@ class DecodeSpec(StageSpec):
     max_frames: int | None = None
     loop: int = 1
     threads: DecodeThreads = DecodeThreads.AUTO
+    live: LiveOptions = LiveOptions()
 
     @property
     def stage_name(self) -> StageName:
@@ -166,12 +318,16 @@ class DecodeSpec(StageSpec):
         credits_in = make_socket(ctx, zmq.PULL, ep.credit_endpoint(self.pool), bind=True)
         frames_out = make_socket(ctx, zmq.PUSH, ep.frames, bind=False)
         pool = None
-        if not ep.inline:
+        if not ep.inline and self.source.is_file:  # a live source's pool is made at its first frame
             h, w = self.source.frame_hw
             pool = SlotPool.create(name=self.pool, num_slots=self.num_slots, slot_bytes=h * w * 3)
+        events_out = None
+        if self.source.is_live and ep.events:
+            events_out = make_socket(ctx, zmq.PUSH, ep.events, bind=False, hwm=CONTROL_HWM)
         return DecodeStage(source=self.source, pool=pool, credits_in=credits_in, frames_out=frames_out,
                            status=status, flags=flags, max_frames=self.max_frames, loop=self.loop,
-                           threads=self.threads)
+                           threads=self.threads, live=self.live, events_out=events_out,
+                           pool_name="" if ep.inline else self.pool, num_slots=self.num_slots)
 
 
 class DecodeStage(Stage):
@@ -187,15 +343,34 @@ class DecodeStage(Stage):
         max_frames: stop after this many frames (None: all).
         loop: passes over a file source.
         threads: decoder threading.
+        live: live-source options.
+        events_out: PUSH socket for :class:`SourceStatusMsg` (live sources; None: not sent).
+        pool_name: name of the pool to create at the first frame of a live source ("" : inline).
+        num_slots: slots of that pool.
     """
 
     name = StageName.DECODE
 
     def __init__(self, *, source: SourceInfo, pool: SlotPool | None, credits_in: zmq.Socket[Any],
                  frames_out: zmq.Socket[Any], status: StatusReporter, flags: StageFlags,
-                 max_frames: int | None = None, loop: int = 1, threads: DecodeThreads = DecodeThreads.AUTO) -> None:
+                 max_frames: int | None = None, loop: int = 1, threads: DecodeThreads = DecodeThreads.AUTO,
+                 live: LiveOptions | None = None, events_out: zmq.Socket[Any] | None = None,
+                 pool_name: str = "", num_slots: int = 0) -> None:
         self.source = source
         self.pool = pool
+        self.live = live or LiveOptions()
+        self.events_out = events_out
+        self.pool_name = pool_name
+        self.num_slots = num_slots
+        self.dropped = 0
+        self.skipped = 0
+        self.received = 0
+        self.state = SourceState.CONNECTING
+        self.attempt = 0
+        self._next_counters = 0.0
+        self._received_before = 0
+        self._reader: _LiveReader | None = None
+        self._first_hw = source.frame_hw
         self.credits_in = credits_in
         self.frames_out = frames_out
         self.status = status
@@ -215,10 +390,12 @@ class DecodeStage(Stage):
         while not self.flags.go.wait(POLL_MS / 1000):  # every stage must be ready before anything is sent
             if not self.flags.alive():
                 raise Stopped()
-        reason = self._decode_all()
+        reason = self._decode_live() if self.source.is_live else self._decode_all()
         if self._error:
             self.status.send(StatusKind.SOURCE_ERROR, source_id=self.source.source_id,
                              message=f"{self.source.display}: {self._error} (kept {self.frames_sent} frames)")
+        if self.source.is_live:
+            self._event(SourceState.EOS, message=reason.value if not self._error else self._error)
         self._send_eos(reason)
         self._await_credits()
 
@@ -353,10 +530,307 @@ class DecodeStage(Stage):
                 raise Stopped()
             self._drain_credits(POLL_MS)
 
+    # ------------------------------------------------------------------------- live sources
+    def _event(self, state: SourceState, *, message: str = "", next_delay_s: float = 0.0,
+               publish: bool = True) -> None:
+        """Send the source's state (and counters) to the postprocess stage; never blocks."""
+        if publish:
+            self.state = state
+        self._next_counters = time.monotonic() + COUNTERS_EVERY_S
+        if self.events_out is None:
+            return
+        dropped = self.dropped + (self._reader.mailbox.dropped if self._reader is not None else 0)
+        msg = SourceStatusMsg(self.source.source_id, state, self.attempt, next_delay_s, redact_url(message),
+                              time.time(), dropped, self.skipped, self.received, publish)
+        try:
+            self.events_out.send(msg.encode(), flags=zmq.NOBLOCK)
+        except zmq.Again:  # the postprocess stage is far behind: counters catch up on the next one
+            pass
+
+    def _counters_due(self) -> None:
+        if time.monotonic() >= self._next_counters:
+            self._event(self.state, publish=False)
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep ``seconds`` while watching the stop flags; False if the input was closed."""
+        end = time.monotonic() + seconds
+        while True:
+            if not self.flags.alive():
+                raise Stopped()
+            if not self.flags.input_open():
+                return False
+            left = end - time.monotonic()
+            if left <= 0:
+                return True
+            if self.credits is not None:
+                self._drain_credits(int(min(left * 1000, POLL_MS)))
+            else:
+                time.sleep(min(left, POLL_MS / 1000))
+            self._counters_due()
+
+    def _decode_live(self) -> EosReason:
+        """Connect, follow and reconnect a live source until stopped, ``max_frames`` or given up."""
+        self.attempt = 0
+        self._event(SourceState.CONNECTING, message=self.source.display)
+        while True:
+            reader = _LiveReader(url=self.source.url, live=self.live, threads=self.threads)
+            reader.start()
+            self._reader = reader
+            try:
+                outcome, problem = self._follow(reader)
+            finally:
+                reader.cancel.set()
+                self.dropped += reader.mailbox.dropped
+                self._reader = None
+            if outcome is _Outcome.STOPPED:
+                return EosReason.INTERRUPTED
+            if outcome is _Outcome.MAX_FRAMES:
+                return EosReason.MAX_FRAMES
+            if outcome is _Outcome.FATAL:
+                self._error = problem
+                self._event(SourceState.ERROR, message=f"{self.source.display}: {problem}")
+                return EosReason.ERROR
+            if outcome is _Outcome.REFUSED:  # the server answered but refused: say so, then retry
+                self._event(SourceState.ERROR, message=f"{self.source.display}: {problem}")
+            if reader.frames:
+                self.attempt = 0
+            self.attempt += 1
+            cap = self.live.reconnect_max_attempts
+            if cap is not None and self.attempt > cap:
+                self._error = f"gave up after {cap} failed reconnection attempts ({problem})"
+                self._event(SourceState.ERROR, message=f"{self.source.display}: {self._error}")
+                return EosReason.ERROR
+            delay = reconnect_delay(self.attempt, initial_s=self.live.reconnect_initial_s,
+                                    max_s=self.live.reconnect_max_s)
+            self._event(SourceState.RECONNECTING, message=f"{self.source.display}: {problem}", next_delay_s=delay)
+            if not self._wait(delay):
+                return EosReason.INTERRUPTED
+
+    def _follow(self, reader: _LiveReader) -> tuple[_Outcome, str]:
+        """Pass the reader's newest frames downstream until the stream is lost or the input closes."""
+        started = time.monotonic()
+        connected = False
+        min_dt = 1.0 / self.source.max_fps if self.source.max_fps else 0.0
+        last_sent = -1e18
+        held: int | None = None  # a free slot reserved for the next frame
+        try:
+            while True:
+                if not self.flags.alive():
+                    raise Stopped()
+                if not self.flags.input_open():
+                    return _Outcome.STOPPED, "stopped"
+                self._counters_due()
+                now = time.monotonic()
+                if not connected and reader.connected.is_set():
+                    connected = True
+                    self._event(SourceState.CONNECTED, message=f"{self.source.display}: {reader.describe()}")
+                if reader.done.is_set() and reader.mailbox.empty:
+                    return reader.outcome, reader.problem
+                if connected and now - max(reader.last_frame, started) > self.live.stall_timeout_s:
+                    self._event(SourceState.STALLED,
+                                message=f"no frame for {now - max(reader.last_frame, started):.1f} s")
+                    return _Outcome.LOST, f"stalled (no frame for {self.live.stall_timeout_s:g} s)"
+                if not connected and now - started > self.live.open_timeout_s + 1.0:
+                    return _Outcome.LOST, f"no answer within {self.live.open_timeout_s:g} s"
+                if self.credits is not None and held is None:
+                    self._drain_credits(0)
+                    held = self.credits.acquire()
+                    if held is None:  # downstream busy: the mailbox keeps only the newest frame meanwhile
+                        self._drain_credits(POLL_MS)
+                        continue
+                item = reader.mailbox.take(POLL_MS / 1000)
+                if item is None:
+                    continue
+                self.received = reader.frames + self._received_before
+                if min_dt and item.capture_mono - last_sent < min_dt * 0.95:
+                    self.skipped += 1
+                    continue
+                problem = self._send_live(item, held)
+                if problem:
+                    return _Outcome.FATAL, problem
+                held = None
+                last_sent = item.capture_mono
+                if self.max_frames is not None and self.frames_sent >= self.max_frames:
+                    return _Outcome.MAX_FRAMES, ""
+        finally:
+            if held is not None and self.credits is not None:
+                self.credits.release(held)
+            self._received_before += reader.frames
+            self.received = self._received_before
+
+    def _send_live(self, item: _LiveFrame, held: int | None) -> str:
+        """Convert a live frame into a slot (creating the pool at the first one) and send it.
+
+        Returns:
+            "" or the problem that ends the source (a frame larger than the slots).
+        """
+        t0 = time.perf_counter()
+        rgb: npt.NDArray[np.uint8] = item.frame.to_ndarray(format="rgb24")  # type: ignore[assignment]
+        h, w = rgb.shape[:2]
+        if self.pool is None and self.pool_name:
+            self.pool = SlotPool.create(name=self.pool_name, num_slots=self.num_slots, slot_bytes=h * w * 3)
+            self.credits = SlotCredits(self.pool.num_slots)
+            self._first_hw = (h, w)
+            held = self.credits.acquire()
+        decode_ms = item.decode_ms + (time.perf_counter() - t0) * 1000.0
+        if self.pool is None:  # tcp transport: no slots; drop rather than queue at the high-water mark
+            msg = FrameMsg(self.source.source_id, self.frames_sent, item.pts_s, (h, w), INLINE_SLOT, "",
+                           item.capture_mono, decode_ms)
+            parts: list[Any] = [msg.encode(), np.ascontiguousarray(rgb)]
+            try:
+                self.frames_out.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.dropped += 1
+                return ""
+        else:
+            assert held is not None and self.credits is not None
+            if h * w * 3 > self.pool.slot_bytes:  # the caller gives the held slot back
+                fh, fw = self._first_hw
+                return (f"resolution changed from {fw}x{fh} to {w}x{h}, larger than the frame slots "
+                        "(restart the pipeline to accept it)")
+            np.copyto(self.pool.view(held, (h, w, 3)), rgb)
+            msg = FrameMsg(self.source.source_id, self.frames_sent, item.pts_s, (h, w), held, self.pool.name,
+                           item.capture_mono, decode_ms + 0.0)
+            send_parts(self.frames_out, [msg.encode()], self.flags.alive)
+        self.frames_sent += 1
+        return ""
+
     def stop(self) -> None:
         """Close the sockets and unlink the pool."""
         close_socket(self.frames_out, self.flags)
+        if self.events_out is not None:
+            close_socket(self.events_out, self.flags)
         self.credits_in.close(linger=0)
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+
+
+class _Outcome(Enum):
+    STOPPED = "stopped"  # input closed (stop signal)
+    MAX_FRAMES = "max_frames"
+    LOST = "lost"  # connection failed, dropped, ended or stalled: reconnect
+    REFUSED = "refused"  # the server answered with a refusal (auth, not found): error status, reconnect
+    FATAL = "fatal"  # no video stream, frames larger than the pool: give the source up
+
+
+@dataclass(frozen=True)
+class _LiveFrame:
+    frame: Any  # av.VideoFrame
+    pts_s: float
+    capture_mono: float  # time.monotonic() at receipt
+    decode_ms: float
+
+
+class _Mailbox:
+    """Holds only the newest frame: putting over an untaken one drops it (counted)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: _LiveFrame | None = None
+        self.dropped = 0
+
+    @property
+    def empty(self) -> bool:
+        return self._item is None
+
+    def put(self, item: _LiveFrame) -> None:
+        with self._cond:
+            if self._item is not None:
+                self.dropped += 1
+            self._item = item
+            self._cond.notify()
+
+    def take(self, timeout_s: float) -> _LiveFrame | None:
+        with self._cond:
+            if self._item is None:
+                self._cond.wait(timeout_s)
+            item, self._item = self._item, None
+            return item
+
+
+_REFUSALS = ("HTTPClientError", "HTTPBadRequestError", "HTTPUnauthorizedError", "HTTPForbiddenError",
+             "HTTPNotFoundError", "HTTPOtherClientError", "HTTPServerError", "InvalidDataError")
+
+
+class _LiveReader(threading.Thread):
+    """Opens a live stream and decodes it into a :class:`_Mailbox` (daemon thread; abandoned on cancel).
+
+    PyAV calls can block for up to the open/read timeouts; the stage thread never waits on them:
+    it watches :attr:`last_frame` and :attr:`done` and simply sets :attr:`cancel` and moves on.
+    """
+
+    def __init__(self, *, url: str, live: LiveOptions, threads: DecodeThreads) -> None:
+        super().__init__(name="streamdet-live-reader", daemon=True)
+        self.url = url
+        self.live = live
+        self.threads = threads
+        self.mailbox = _Mailbox()
+        self.cancel = threading.Event()
+        self.connected = threading.Event()
+        self.done = threading.Event()
+        self.last_frame = 0.0
+        self.frames = 0
+        self.frame_hw = (0, 0)
+        self.codec = ""
+        self.outcome = _Outcome.LOST
+        self.problem = ""
+
+    def describe(self) -> str:
+        """``codec WxH`` of the connected stream."""
+        return f"{self.codec} {self.frame_hw[1]}x{self.frame_hw[0]}".strip()
+
+    def run(self) -> None:
+        """Open, demux and decode until cancelled, the stream ends or an error."""
+        import av
+
+        try:
+            self._read(av)
+        except av.FFmpegError as e:
+            refused = type(e).__name__ in _REFUSALS
+            what = "refused" if refused else ("cannot connect" if not self.connected.is_set() else "read error")
+            self.outcome = _Outcome.REFUSED if refused else _Outcome.LOST
+            self.problem = f"{what} ({_ffmpeg_problem(e)})"
+        except Exception as e:  # anything else: reconnect, saying what happened
+            self.outcome, self.problem = _Outcome.LOST, f"reader failed ({type(e).__name__}: {_ffmpeg_problem(e)})"
+        finally:
+            self.done.set()
+
+    def _read(self, av: Any) -> None:
+        container = av.open(self.url, mode="r", options=self.live.av_options(self.url),
+                            timeout=(self.live.open_timeout_s, self.live.read_timeout_s))
+        try:
+            if not container.streams.video:
+                self.outcome, self.problem = _Outcome.FATAL, "no video stream"
+                return
+            stream = container.streams.video[0]
+            stream.codec_context.thread_type = self.threads.value
+            self.codec = stream.codec_context.name or ""
+            self.frame_hw = (stream.codec_context.height, stream.codec_context.width)
+            self.last_frame = time.monotonic()
+            self.connected.set()
+            consecutive = 0
+            for packet in container.demux(stream):
+                if self.cancel.is_set():
+                    self.outcome, self.problem = _Outcome.LOST, "cancelled"
+                    return
+                t0 = time.perf_counter()
+                try:
+                    frames = stream.codec_context.decode(packet)
+                except av.FFmpegError:
+                    consecutive += 1
+                    if consecutive >= MAX_CONSECUTIVE_DECODE_ERRORS:
+                        self.outcome, self.problem = _Outcome.LOST, f"{consecutive} packets failed to decode"
+                        return
+                    continue
+                consecutive = 0
+                for frame in frames:
+                    now = time.monotonic()
+                    self.last_frame = now
+                    self.frames += 1
+                    pts_s = float(frame.time) if frame.time is not None else 0.0
+                    self.mailbox.put(_LiveFrame(frame, pts_s, now, (time.perf_counter() - t0) * 1000.0))
+                    t0 = time.perf_counter()
+            self.outcome, self.problem = _Outcome.LOST, "stream ended"
+        finally:
+            container.close()

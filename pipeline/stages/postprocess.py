@@ -10,6 +10,7 @@ its counts to the runner.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pipeline.messages import (
     CreditMsg,
     EndOfStream,
     ResultMsg,
+    SourceStatusMsg,
     StageName,
     StatusKind,
     decode_message,
@@ -31,8 +33,10 @@ from pipeline.messages import (
 from pipeline.modelcard import ModelCard
 from pipeline.slotpool import PoolCache
 from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter
-from pipeline.stages.sinks import FrameResult, JsonlSink, PubSink, Sink, VideoSink, detections_payload
+from pipeline.stages.sinks import FrameResult, JsonlSink, PubSink, Sink, VideoSink, detections_payload, status_payload
+from pipeline.stages.stats import LiveStats, StatsConfig
 from pipeline.transport import (
+    CONTROL_HWM,
     POLL_MS,
     StageEndpoints,
     StageFlags,
@@ -94,6 +98,7 @@ class PostprocessSpec(StageSpec):
         sinks: which sinks to open.
         endpoints: the pipeline's endpoints.
         num_sources: the stage ends after that many EOS.
+        stats: per-source statistics (stats line, ``stats`` topic, Prometheus endpoint).
     """
 
     card: ModelCard
@@ -102,6 +107,7 @@ class PostprocessSpec(StageSpec):
     sinks: SinkConfig
     endpoints: StageEndpoints
     num_sources: int
+    stats: StatsConfig = StatsConfig()
 
     @property
     def stage_name(self) -> StageName:
@@ -112,13 +118,15 @@ class PostprocessSpec(StageSpec):
         """Bind the result socket, connect the frame-credit sockets, create the sinks."""
         ep = self.endpoints
         results_in = make_socket(ctx, zmq.PULL, ep.results, bind=True)
+        events_in = make_socket(ctx, zmq.PULL, ep.events, bind=True, hwm=CONTROL_HWM) if ep.events else None
         credits_out = {} if ep.inline else {
             pool: make_socket(ctx, zmq.PUSH, endpoint, bind=False) for pool, endpoint in ep.frame_credits
         }
         return PostprocessStage(card=self.card, model_name=self.model_name, config=self.config,
                                 results_in=results_in, frame_credits_out=credits_out,
                                 sinks=self.sinks.build(ctx=ctx, class_names=self.card.class_names),
-                                status=status, flags=flags, num_sources=self.num_sources)
+                                status=status, flags=flags, num_sources=self.num_sources, events_in=events_in,
+                                stats=LiveStats(config=self.stats))
 
 
 class PostprocessStage(Stage):
@@ -134,13 +142,16 @@ class PostprocessStage(Stage):
         status: reports to the runner.
         flags: lifecycle flags.
         num_sources: the stage ends after this many EOS.
+        events_in: PULL socket (bound) of the decoders' :class:`SourceStatusMsg` (None: none).
+        stats: the statistics (default: none printed).
     """
 
     name = StageName.POSTPROCESS
 
     def __init__(self, *, card: ModelCard, model_name: str, config: Any, results_in: zmq.Socket[Any],
                  frame_credits_out: dict[str, zmq.Socket[Any]], sinks: Sequence[Sink], status: StatusReporter,
-                 flags: StageFlags, num_sources: int) -> None:
+                 flags: StageFlags, num_sources: int, events_in: zmq.Socket[Any] | None = None,
+                 stats: LiveStats | None = None) -> None:
         from pipeline.postprocess import postprocess
 
         self._postprocess = postprocess
@@ -158,6 +169,8 @@ class PostprocessStage(Stage):
         self.detections = 0
         self._pools = PoolCache()
         self._opened: list[Sink] = []
+        self.events_in = events_in
+        self.live_stats = stats or LiveStats(config=StatsConfig(interval_s=0.0))
 
     def start(self) -> None:
         """Open every sink (binds the PUB socket, waits for subscribers if configured).
@@ -173,12 +186,40 @@ class PostprocessStage(Stage):
                 raise StageError(f"{getattr(e, 'filename', None) or sink.describe()}: cannot create output "
                                  f"({e.strerror or e})") from e
             self._opened.append(sink)
+        try:
+            self.live_stats.open()
+        except OSError as e:
+            port = self.live_stats.config.metrics_port
+            raise StageError(f"metrics port {port}: cannot serve Prometheus metrics ({e.strerror or e})") from e
+
+    def _poll_events(self) -> None:
+        """Publish pending source status events and, when due, the stats line."""
+        while self.events_in is not None and self.events_in.poll(0, zmq.POLLIN):
+            ev = decode_message(self.events_in.recv())
+            if not isinstance(ev, SourceStatusMsg):
+                raise StageError(f"postprocess: expected SourceStatusMsg on the events socket, got {type(ev).__name__}")
+            self.live_stats.on_status(ev)
+            if ev.publish:
+                payload = status_payload(ev)
+                for sink in self._opened:
+                    sink.status(payload)
+        if self.live_stats.due():
+            line, payload = self.live_stats.report()
+            print(line, file=sys.stderr, flush=True)
+            for sink in self._opened:
+                sink.stats(payload)
 
     def run(self) -> None:
         """Process results until every source has sent EOS."""
         ended = 0
+        poller = zmq.Poller()
+        poller.register(self.results_in, zmq.POLLIN)
+        if self.events_in is not None:
+            poller.register(self.events_in, zmq.POLLIN)
         while ended < self.num_sources:
-            parts = recv_parts(self.results_in, POLL_MS)
+            ready = dict(poller.poll(POLL_MS))
+            self._poll_events()
+            parts = recv_parts(self.results_in, 0) if self.results_in in ready else None
             if parts is None:
                 if not self.flags.alive():
                     raise Stopped()
@@ -187,6 +228,7 @@ class PostprocessStage(Stage):
             if isinstance(msg, ResultMsg):
                 self._handle(msg, parts)
             elif isinstance(msg, EndOfStream):
+                self._poll_events()  # the source's last status (eos, error) goes out before its EOS
                 for sink in self._opened:
                     sink.end_of_stream(msg)
                 ended += 1
@@ -214,6 +256,7 @@ class PostprocessStage(Stage):
                     pixels = np.frombuffer(next(inline_pixels).buffer, dtype=np.uint8).reshape(h, w, 3)
             payload = detections_payload(record, d, model=self.model_name, class_names=self.card.class_names,
                                          engine_ms=msg.engine_ms, postprocess_ms=post_ms)
+            self.live_stats.on_frame(f.source_id, payload["latency_ms"])
             result = FrameResult(record, d, payload, pixels)
             for sink in self._opened:
                 sink.write(result)
@@ -241,7 +284,10 @@ class PostprocessStage(Stage):
             self.status.send(StatusKind.OUTPUT, message=line)
         self._opened = []
         self._pools.close()
+        self.live_stats.close()
         self.results_in.close(linger=0)
+        if self.events_in is not None:
+            self.events_in.close(linger=0)
         for sock in self.frame_credits_out.values():
             close_socket(sock, self.flags)
         if errors:

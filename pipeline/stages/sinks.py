@@ -6,7 +6,11 @@ versioned schema documented in ``docs/schema.md``:
 
 * topic ``detections.<source_id>``: :func:`detections_payload` (schema :data:`DETECTIONS_SCHEMA`);
 * topic ``eos.<source_id>``: :func:`eos_payload` (schema :data:`EOS_SCHEMA`), once, after the
-  source's last frame.
+  source's last frame;
+* topic ``status.<source_id>``: :func:`status_payload` (schema :data:`STATUS_SCHEMA`), a live
+  source's state changes (connected, stalled, reconnecting, eos, error);
+* topic ``stats``: the periodic per-source statistics (schema ``streamdet.stats/1``, see
+  :mod:`pipeline.stages.stats`), with live sources only.
 
 PUB semantics: a subscriber receives only what is published after its subscription reached the
 socket. The PUB sink is an XPUB socket, so it can wait at start-up until
@@ -30,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from pipeline.messages import EndOfStream, FrameRecord
+from pipeline.messages import EndOfStream, FrameRecord, SourceStatusMsg
 from pipeline.transport import PUB_HWM, PUB_LINGER_MS, TransportError, redact_url
 
 DETECTIONS_SCHEMA = "streamdet.detections/1"
@@ -39,9 +43,13 @@ DETECTIONS_SCHEMA = "streamdet.detections/1"
 EOS_SCHEMA = "streamdet.eos/1"
 """Schema id of the published end-of-stream messages."""
 
+STATUS_SCHEMA = "streamdet.status/1"
+"""Schema id of the published source status events."""
+
 DETECTIONS_TOPIC = "detections"
 EOS_TOPIC = "eos"
-STATUS_TOPIC = "status"  # reserved for status events (later)
+STATUS_TOPIC = "status"
+STATS_TOPIC = b"stats"
 
 VIDEO_CODEC = "libx264"
 VIDEO_OPTIONS = {"preset": "veryfast", "crf": "23"}
@@ -92,13 +100,16 @@ def detections_payload(
         now: ``time.monotonic()`` at publication (default: now).
 
     Returns:
-        A JSON-ready dict: ``schema, source_id, frame_index, pts_s, frame_wh, model, detections[],
-        timing_ms{decode, preprocess, engine, postprocess, end_to_end}``; each detection has
+        A JSON-ready dict: ``schema, source_id, frame_index, pts_s, capture_time (wall clock at the
+        frame's receipt, Unix seconds), latency_ms (capture -> publish), frame_wh, model,
+        detections[], timing_ms{decode, preprocess, engine, postprocess, end_to_end}``; each detection has
         ``box_xyxy`` (frame pixels, 2 decimals), ``score`` (4 decimals), ``class_id``, ``label`` and,
         for instance-segmentation models, ``mask`` (COCO RLE ``{size: [h, w], counts: str}``).
     """
     f = record.frame
     t = time.monotonic() if now is None else now
+    latency_ms = max(0.0, (t - f.capture_time) * 1000.0)
+    capture_wall = time.time() - (time.monotonic() - f.capture_time)  # CLOCK_MONOTONIC is system-wide
     boxes = np.round(detections.boxes_xyxy.astype(np.float64), 2).tolist()
     scores = np.round(detections.scores.astype(np.float64), 4).tolist()
     ids = detections.class_ids.tolist()
@@ -117,6 +128,8 @@ def detections_payload(
         "source_id": f.source_id,
         "frame_index": f.frame_index,
         "pts_s": round(f.pts_s, 6),
+        "capture_time": round(capture_wall, 6),
+        "latency_ms": round(latency_ms, 3),
         "frame_wh": [f.frame_hw[1], f.frame_hw[0]],
         "model": model,
         "detections": dets,
@@ -125,7 +138,7 @@ def detections_payload(
             "preprocess": round(record.preprocess_ms, 3),
             "engine": round(engine_ms, 3),
             "postprocess": round(postprocess_ms, 3),
-            "end_to_end": round(max(0.0, (t - f.capture_time) * 1000.0), 3),
+            "end_to_end": round(latency_ms, 3),
         },
     }
 
@@ -138,6 +151,18 @@ def eos_payload(eos: EndOfStream) -> dict[str, Any]:
     """
     return {"schema": EOS_SCHEMA, "source_id": eos.source_id, "frames": eos.frames, "reason": eos.reason.value,
             "error": eos.error or None}
+
+
+def status_payload(msg: SourceStatusMsg) -> dict[str, Any]:
+    """The published JSON object of a source status event (schema :data:`STATUS_SCHEMA`).
+
+    Returns:
+        ``{schema, source_id, state, attempt, next_delay_s, message, time, dropped}`` (``message``
+        has URL credentials redacted; ``time`` is Unix seconds).
+    """
+    return {"schema": STATUS_SCHEMA, "source_id": msg.source_id, "state": msg.state.value, "attempt": msg.attempt,
+            "next_delay_s": round(msg.next_delay_s, 3), "message": redact_url(msg.message),
+            "time": round(msg.time, 6), "dropped": msg.dropped}
 
 
 def dumps(payload: Mapping[str, Any]) -> bytes:
@@ -176,6 +201,12 @@ class Sink(ABC):
     def close(self) -> None:
         """Flush and release everything (idempotent)."""
 
+    def status(self, payload: Mapping[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """A live source's status event (:func:`status_payload`); ignored unless the sink publishes it."""
+
+    def stats(self, payload: Mapping[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """The periodic statistics; ignored unless the sink publishes them."""
+
 
 class PubSink(Sink):
     """Publishes results on a ZeroMQ XPUB socket as ``[topic, JSON]`` multipart messages.
@@ -200,7 +231,7 @@ class PubSink(Sink):
     def describe(self) -> str:
         """``zmq PUB <endpoint> (...)``."""
         return (f"zmq PUB {redact_url(self.endpoint)}: {self.messages} messages "
-                "(topics detections.<source_id>, eos.<source_id>)")
+                "(topics detections.<source_id>, eos.<source_id>, status.<source_id>, stats)")
 
     def open(self) -> None:
         """Bind the socket and wait for the configured number of subscriptions.
@@ -253,6 +284,17 @@ class PubSink(Sink):
         """Publish ``eos.<source_id>``."""
         if self._sock is not None:
             self._send(topic(EOS_TOPIC, eos.source_id), eos_payload(eos))
+
+    def status(self, payload: Mapping[str, Any]) -> None:
+        """Publish ``status.<source_id>``."""
+        if self._sock is not None:
+            self._read_subscriptions()
+            self._send(topic(STATUS_TOPIC, str(payload["source_id"])), payload)
+
+    def stats(self, payload: Mapping[str, Any]) -> None:
+        """Publish ``stats``."""
+        if self._sock is not None:
+            self._send(STATS_TOPIC, payload)
 
     def close(self) -> None:
         """Close the socket (lingering up to :data:`PUB_LINGER_MS` to deliver the last messages)."""

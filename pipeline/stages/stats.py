@@ -1,0 +1,186 @@
+"""Per-source run statistics in the postprocess stage: fps, drops, latency percentiles, state.
+
+The postprocess stage feeds :class:`LiveStats` with every published frame (its capture→publish
+latency) and with the decoders' :class:`~pipeline.messages.SourceStatusMsg` (state, drop and
+receive counters). Every ``interval_s`` it yields one console line and one ``stats`` payload
+(schema :data:`STATS_SCHEMA`), both over the frames of that interval, so a latency that grows
+shows up as a growing p99. Optionally it serves the same figures as Prometheus metrics
+(``prometheus-client``, own registry, ``http://host:port/metrics``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.messages import SourceState, SourceStatusMsg
+
+STATS_SCHEMA = "streamdet.stats/1"
+"""Schema of the ``stats`` payload."""
+
+LATENCY_WINDOW = 4096
+"""Most latencies kept per source and interval (the newest win)."""
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+"""Histogram buckets of the Prometheus latency metric, seconds."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsConfig:
+    """What the stats keep and where they go (picklable; built in the postprocess process).
+
+    Attributes:
+        sources: ``(source_id, is_live)`` of every source.
+        interval_s: seconds between stats lines / payloads (0: never).
+        metrics_port: Prometheus endpoint port (None: off).
+        metrics_host: interface of the Prometheus endpoint.
+    """
+
+    sources: tuple[tuple[str, bool], ...] = ()
+    interval_s: float = 5.0
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
+    @property
+    def any_live(self) -> bool:
+        """Whether a source is live (stats lines are printed only then)."""
+        return any(live for _, live in self.sources)
+
+
+@dataclass
+class _SourceStats:
+    live: bool
+    state: str = ""
+    frames: int = 0
+    dropped: int = 0
+    skipped: int = 0
+    received: int = 0
+    reconnects: int = 0
+    interval_frames: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+def percentiles_ms(latencies_ms: list[float]) -> tuple[float, float]:
+    """``(p50, p99)`` of latencies in milliseconds (linear interpolation, ``numpy.percentile``); NaN if empty."""
+    if not latencies_ms:
+        return float("nan"), float("nan")
+    p50, p99 = np.percentile(np.asarray(latencies_ms, dtype=np.float64), [50.0, 99.0])
+    return float(p50), float(p99)
+
+
+class LiveStats:
+    """Per-source counters and latency windows; console line, ``stats`` payload and Prometheus metrics.
+
+    Args:
+        config: what to keep and where to serve it.
+    """
+
+    def __init__(self, *, config: StatsConfig) -> None:
+        self.config = config
+        self.sources = {sid: _SourceStats(live=live, state="" if live else "file") for sid, live in config.sources}
+        self._last = time.monotonic()
+        self._metrics: dict[str, Any] = {}
+        self._server: Any = None
+
+    def open(self) -> None:
+        """Start the Prometheus endpoint if configured.
+
+        Raises:
+            OSError: if the port cannot be bound.
+        """
+        if self.config.metrics_port is None:
+            return
+        import prometheus_client as pc
+
+        reg = pc.CollectorRegistry()
+        self._metrics = {
+            "frames": pc.Counter("streamdet_frames", "Frames published", ["source"], registry=reg),
+            "dropped": pc.Counter("streamdet_dropped_frames", "Live frames dropped (downstream busy)",
+                                  ["source"], registry=reg),
+            "skipped": pc.Counter("streamdet_skipped_frames", "Live frames skipped for max_fps", ["source"],
+                                  registry=reg),
+            "reconnects": pc.Counter("streamdet_reconnects", "Reconnection attempts", ["source"], registry=reg),
+            "latency": pc.Histogram("streamdet_latency_seconds", "Capture to publish latency", ["source"],
+                                    buckets=LATENCY_BUCKETS_S, registry=reg),
+            "state": pc.Enum("streamdet_source_state", "Source state", ["source"],
+                             states=["", "file"] + [s.value for s in SourceState], registry=reg),
+        }
+        self._server = pc.start_http_server(self.config.metrics_port, addr=self.config.metrics_host, registry=reg)
+
+    def close(self) -> None:
+        """Stop the Prometheus endpoint."""
+        if self._server is not None:
+            server = self._server[0] if isinstance(self._server, tuple) else None
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+            self._server = None
+
+    def on_frame(self, source_id: str, latency_ms: float) -> None:
+        """Count one published frame of ``source_id`` with its capture→publish latency (ms)."""
+        st = self.sources.get(source_id)
+        if st is None:
+            return
+        st.frames += 1
+        st.interval_frames += 1
+        if len(st.latencies_ms) < LATENCY_WINDOW:
+            st.latencies_ms.append(latency_ms)
+        else:
+            st.latencies_ms[st.frames % LATENCY_WINDOW] = latency_ms
+        if self._metrics:
+            self._metrics["frames"].labels(source_id).inc()
+            self._metrics["latency"].labels(source_id).observe(latency_ms / 1000.0)
+
+    def on_status(self, msg: SourceStatusMsg) -> None:
+        """Apply a decoder's state and counters."""
+        st = self.sources.get(msg.source_id)
+        if st is None:
+            return
+        if self._metrics:
+            sid = msg.source_id
+            self._metrics["dropped"].labels(sid).inc(max(0, msg.dropped - st.dropped))
+            self._metrics["skipped"].labels(sid).inc(max(0, msg.skipped - st.skipped))
+        st.dropped, st.skipped, st.received = max(st.dropped, msg.dropped), max(st.skipped, msg.skipped), msg.received
+        if msg.publish:
+            st.state = msg.state.value
+            if msg.state is SourceState.RECONNECTING:
+                st.reconnects += 1
+                if self._metrics:
+                    self._metrics["reconnects"].labels(msg.source_id).inc()
+            if self._metrics:
+                self._metrics["state"].labels(msg.source_id).state(st.state)
+
+    def due(self, now: float | None = None) -> bool:
+        """Whether a stats line is due (only with live sources and a non-zero interval)."""
+        t = time.monotonic() if now is None else now
+        return self.config.interval_s > 0 and self.config.any_live and t - self._last >= self.config.interval_s
+
+    def report(self, now: float | None = None) -> tuple[str, dict[str, Any]]:
+        """The interval's console line and ``stats`` payload; starts a new interval.
+
+        Returns:
+            ``(line, payload)``; the payload is ``{schema, time, interval_s, sources: {id: {state, fps,
+            frames, dropped, skipped, received, reconnects, latency_p50_ms, latency_p99_ms}}}``
+            (latencies null when no frame was published in the interval).
+        """
+        t = time.monotonic() if now is None else now
+        dt = max(1e-9, t - self._last)
+        self._last = t
+        parts: list[str] = []
+        out: dict[str, Any] = {}
+        for sid, st in self.sources.items():
+            p50, p99 = percentiles_ms(st.latencies_ms)
+            fps = st.interval_frames / dt
+            lat = f"p50={p50:.0f}ms p99={p99:.0f}ms" if st.latencies_ms else "p50=- p99=-"
+            parts.append(f"{sid}: {st.state or '?'} {fps:.1f} fps drops={st.dropped} {lat}")
+            out[sid] = {"state": st.state or None, "fps": round(fps, 2), "frames": st.frames, "dropped": st.dropped,
+                        "skipped": st.skipped, "received": st.received, "reconnects": st.reconnects,
+                        "latency_p50_ms": round(p50, 3) if st.latencies_ms else None,
+                        "latency_p99_ms": round(p99, 3) if st.latencies_ms else None}
+            st.interval_frames = 0
+            st.latencies_ms = []
+        payload = {"schema": STATS_SCHEMA, "time": round(time.time(), 3), "interval_s": round(dt, 3), "sources": out}
+        return "stats " + " | ".join(parts), payload

@@ -1,0 +1,232 @@
+"""Live-source building blocks without a server: URLs, backoff, mailbox, status messages, stats, settings."""
+
+import random
+
+import pytest
+
+from pipeline.messages import SourceState, SourceStatusMsg, decode_message
+from pipeline.settings import SettingsError, SourceEntry, load_settings
+from pipeline.stages.decode import (
+    LiveOptions,
+    SourceError,
+    _LiveFrame,
+    _Mailbox,
+    check_live_url,
+    probe_source,
+    reconnect_delay,
+)
+from pipeline.stages.sinks import status_payload
+from pipeline.stages.stats import LiveStats, StatsConfig, percentiles_ms
+
+
+@pytest.mark.parametrize("url,ok", [
+    ("rtsp://127.0.0.1:8554/cam", True),
+    ("rtsp://user:pw@cam.local/stream1", True),
+    ("rtsps://cam:322/x", True),
+    ("rtsp://", False),
+    ("rtsp://:554/x", False),
+    ("rtsp://host:99999/x", False),
+    ("rtsp://host:port/x", False),
+    ("foo://host/x", False),
+    ("rtsp://ho st/x", False),
+])
+def test_check_live_url(url, ok):
+    if ok:
+        check_live_url(url)
+    else:
+        with pytest.raises(SourceError, match="malformed URL"):
+            check_live_url(url)
+
+
+def test_malformed_url_error_redacts_credentials():
+    with pytest.raises(SourceError) as e:
+        probe_source("rtsp://bob:s3cret@host:99999/x", "cam")
+    assert "s3cret" not in str(e.value) and "rtsp://***@host" in str(e.value)
+
+
+def test_live_probe_does_not_connect():
+    info = probe_source("rtsp://127.0.0.1:1/unreachable", "cam", max_fps=5.0)
+    assert info.is_live and info.frame_hw == (0, 0) and info.max_fps == 5.0
+
+
+def test_reconnect_delay_grows_and_caps():
+    rng = random.Random(0)
+    for _ in range(200):
+        d = [reconnect_delay(a, initial_s=0.5, max_s=8.0, rng=rng) for a in range(1, 9)]
+        assert all(b > a for a, b in zip(d[:4], d[1:5], strict=True))  # doubling beats +-25 % jitter
+        assert all(0.375 <= x <= 10.0 for x in d)
+        assert 6.0 <= d[-1] <= 10.0
+    with pytest.raises(ValueError, match="attempt"):
+        reconnect_delay(0, initial_s=1, max_s=2)
+
+
+def test_live_options():
+    o = LiveOptions(read_timeout_s=2.5)
+    assert o.av_options("rtsp://h/x") == {"rtsp_transport": "tcp", "timeout": "2500000"}
+    assert o.av_options("http://h/x") == {}
+    with pytest.raises(ValueError, match="stall_timeout_s"):
+        LiveOptions(stall_timeout_s=0)
+
+
+def test_mailbox_keeps_newest_and_counts_drops():
+    box = _Mailbox()
+    assert box.take(0.0) is None
+    for i in range(5):
+        box.put(_LiveFrame(frame=i, pts_s=i / 25, capture_mono=float(i), decode_ms=0.0))
+    item = box.take(0.0)
+    assert item is not None and item.frame == 4 and box.dropped == 4 and box.empty
+
+
+def test_source_status_roundtrip_and_payload():
+    m = SourceStatusMsg("cam1", SourceState.RECONNECTING, 3, 1.25, "rtsp://u:p@h/x: cannot connect", 1.7e9, 7)
+    back = decode_message(m.encode())
+    assert back == m
+    p = status_payload(back)
+    assert p == {"schema": "streamdet.status/1", "source_id": "cam1", "state": "reconnecting", "attempt": 3,
+                 "next_delay_s": 1.25, "message": "rtsp://***@h/x: cannot connect", "time": 1.7e9, "dropped": 7}
+    with pytest.raises(ValueError, match="attempt"):
+        SourceStatusMsg("cam1", SourceState.CONNECTED, -1)
+    with pytest.raises(ValueError):
+        SourceStatusMsg("cam.1", SourceState.CONNECTED)
+
+
+def test_stats_percentiles_and_report():
+    assert percentiles_ms([]) != percentiles_ms([])  # NaN
+    st = LiveStats(config=StatsConfig(sources=(("cam", True), ("file", False)), interval_s=1.0))
+    lat = list(range(1, 101))
+    for x in lat:
+        st.on_frame("cam", float(x))
+    st.on_status(SourceStatusMsg("cam", SourceState.CONNECTED, dropped=3, received=110))
+    line, payload = st.report(now=st._last + 2.0)
+    cam = payload["sources"]["cam"]
+    import numpy as np
+
+    assert cam["latency_p50_ms"] == pytest.approx(np.percentile(lat, 50))
+    assert cam["latency_p99_ms"] == pytest.approx(np.percentile(lat, 99))
+    assert cam["fps"] == pytest.approx(50.0) and cam["dropped"] == 3 and cam["state"] == "connected"
+    assert payload["sources"]["file"]["latency_p50_ms"] is None
+    assert "cam: connected 50.0 fps drops=3 p50=50ms p99=99ms" in line
+    _, again = st.report(now=st._last + 1.0)
+    assert again["sources"]["cam"]["fps"] == 0.0  # a new interval
+
+
+def test_settings_source_entries(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sources:\n  - {id: cam1, url: 'rtsp://h/x', max_fps: 10}\n  - b.mp4\n"
+                   "decode: {rtsp_transport: udp, reconnect_max_attempts: 3}\n")
+    s = load_settings(config_file=cfg)
+    assert s.source_entries() == [SourceEntry(url="rtsp://h/x", id="cam1", max_fps=10.0), SourceEntry(url="b.mp4")]
+    assert s.decode.live_options().rtsp_transport.value == "udp"
+    bad = tmp_path / "d.yaml"
+    bad.write_text("sources:\n  - {id: a, url: x}\n  - {id: a, url: y}\n")
+    with pytest.raises(SettingsError, match="unique source ids"):
+        load_settings(config_file=bad)
+    with pytest.raises(SettingsError, match="id"):
+        load_settings(overrides={"sources": [{"id": "a.b", "url": "x"}]})
+
+
+def test_source_ids_keep_given_ids():
+    from pipeline.runner import source_ids_for
+
+    assert source_ids_for(["rtsp://h/cam", "rtsp://h/cam", "rtsp://h/x"], given=[None, "cam", None]) == [
+        "cam-2", "cam", "x"]
+
+
+class _FakeReader:
+    """Stands in for ``_LiveReader``: connected at once; the test pushes frames into its mailbox."""
+
+    instances: list["_FakeReader"] = []
+
+    def __init__(self, **kw):
+        import threading
+
+        self.mailbox = _Mailbox()
+        self.cancel, self.connected, self.done = threading.Event(), threading.Event(), threading.Event()
+        self.frames, self.last_frame, self.outcome, self.problem = 0, 0.0, None, ""
+        _FakeReader.instances.append(self)
+
+    def describe(self):
+        return "fake 16x16"
+
+    def start(self):
+        self.connected.set()
+        self.push(range(30))
+
+    def push(self, values):
+        import time
+
+        import av
+        import numpy as np
+
+        for v in values:
+            f = av.VideoFrame.from_ndarray(np.full((16, 16, 3), v, np.uint8), format="rgb24")
+            self.frames += 1
+            self.last_frame = time.monotonic()
+            self.mailbox.put(_LiveFrame(frame=f, pts_s=v / 25, capture_mono=time.monotonic(), decode_ms=0.1))
+
+
+def test_live_decoder_keeps_the_newest_frame_and_counts_drops(tmp_path, monkeypatch):
+    """One slot, never handed back: the decoder sends the newest frame only; the others are dropped."""
+    import os
+    import threading
+    import uuid
+
+    import zmq
+
+    import pipeline.stages.decode as decode
+    from pipeline.messages import CreditMsg, EndOfStream, EosReason, FrameMsg, StageName
+    from pipeline.slotpool import PoolCache
+    from pipeline.stages.base import StatusReporter
+    from pipeline.transport import StageFlags, ipc_endpoints, make_socket, recv_parts
+
+    monkeypatch.setattr(decode, "_LiveReader", _FakeReader)
+    _FakeReader.instances.clear()
+    pool_name = f"sd-test-{uuid.uuid4().hex[:8]}"
+    ep = ipc_endpoints(tmp_path, [pool_name])
+    ctx = zmq.Context()
+    frames_in = make_socket(ctx, zmq.PULL, ep.frames, bind=True)
+    events_in = make_socket(ctx, zmq.PULL, ep.events, bind=True)
+    credits_out = make_socket(ctx, zmq.PUSH, ep.credit_endpoint(pool_name), bind=False)
+    make_socket(ctx, zmq.PULL, ep.control, bind=True)
+    go, stop, abort = threading.Event(), threading.Event(), threading.Event()
+    flags = StageFlags(go=go, stop_input=stop, abort=abort, parent_pid=os.getppid())
+    status = StatusReporter(socket=make_socket(ctx, zmq.PUSH, ep.control, bind=False), stage=StageName.DECODE)
+    src = probe_source("rtsp://127.0.0.1:1/cam", "cam")
+    stage = decode.DecodeStage(source=src, pool=None, pool_name=pool_name, num_slots=1,
+                               credits_in=make_socket(ctx, zmq.PULL, ep.credit_endpoint(pool_name), bind=True),
+                               frames_out=make_socket(ctx, zmq.PUSH, ep.frames, bind=False), status=status,
+                               flags=flags, live=LiveOptions(stall_timeout_s=60),
+                               events_out=make_socket(ctx, zmq.PUSH, ep.events, bind=False))
+    t = threading.Thread(target=stage.run)
+    t.start()
+    go.set()
+    pools = PoolCache()
+    try:
+        first = decode_message(recv_parts(frames_in, 10_000)[0].buffer)
+        assert isinstance(first, FrameMsg) and first.frame_index == 0
+        assert pools.get(first.pool).view(first.slot, (16, 16, 3))[0, 0, 0] == 29  # the newest of 30
+        _FakeReader.instances[0].push(range(30, 40))
+        assert recv_parts(frames_in, 300) is None  # no free slot: nothing queues
+        credits_out.send(CreditMsg(first.pool, first.slot).encode())
+        second = decode_message(recv_parts(frames_in, 10_000)[0].buffer)
+        assert isinstance(second, FrameMsg) and second.frame_index == 1
+        assert pools.get(second.pool).view(second.slot, (16, 16, 3))[0, 0, 0] == 39
+        stop.set()
+        eos = decode_message(recv_parts(frames_in, 10_000)[0].buffer)
+        assert eos == EndOfStream("cam", 2, EosReason.INTERRUPTED)
+        credits_out.send(CreditMsg(second.pool, second.slot).encode())
+        t.join(10)
+        assert not t.is_alive()
+        assert stage.dropped == 38
+        events = []
+        while events_in.poll(100):
+            events.append(decode_message(events_in.recv()))
+        assert [e.state.value for e in events if e.publish] == ["connecting", "connected", "eos"]
+        assert events[-1].dropped == 38
+    finally:
+        abort.set()
+        t.join(5)
+        pools.close()
+        stage.stop()
+        status.close()
+        ctx.destroy(linger=0)
