@@ -11,6 +11,12 @@ Measured in one run, on the first ``N`` frames of the video:
 (c) the engine alone (``engines.onnxruntime_backend.OnnxRuntimeEngine``, same batch size as the
     pipeline) on frames decoded and letterboxed beforehand.
 
+``--masks on|off|compare`` (segment and semantic models): the pipeline runs with
+``postprocess.masks`` on, off, or both (``compare``: fps with masks on and off), and the mask
+postprocess cost per frame is measured in-process on the engine's outputs for those frames:
+``mask_ms_per_frame`` = (postprocess with masks + COCO RLE encoding of the published masks) -
+(postprocess boxes only).
+
 ``--soak LOOPS`` also runs the pipeline over the video LOOPS times and prints the resident memory
 of the stage processes over time (it must stay flat). The last line is
 ``pipeline_vs_engine_only=X.XX pipeline_vs_naive=Y.YY``.
@@ -25,7 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the pipeline's light stages (runner.LIGHT_STAGE_ENV)
+os.environ.setdefault("MKL_NUM_THREADS", "1")  # before numpy is imported: the in-process mask cost measurement
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -87,6 +96,47 @@ def bench_naive(model: Path, card: Any, video: str, n: int, score_threshold: flo
     return done / (time.perf_counter() - t0)
 
 
+def bench_mask_cost(model: Path, card: Any, frames: list[np.ndarray], batch: int, cfg: Any) -> dict[str, float]:
+    """Per-frame milliseconds of postprocess boxes only, with masks, and RLE encoding (engine outputs computed once).
+
+    Instance masks are computed as the pipeline does (``masks_as_rle``: the RLE encoding is part of
+    the postprocess); ``rle_ms`` is the per-class RLE of semantic class maps (done when publishing).
+    """
+    import dataclasses
+
+    from engines.onnxruntime_backend import OnnxRuntimeEngine
+    from pipeline.masks import class_map_to_rles, masks_to_rle
+    from pipeline.postprocess import postprocess
+    from pipeline.preprocess_ops import preprocess_batch
+
+    runs = []
+    with OnnxRuntimeEngine(model_path=model, intra_op_threads=0) as engine:
+        for i in range(0, len(frames), batch):
+            x, lbs = preprocess_batch(frames[i:i + batch], card)
+            runs.append(([np.asarray(o) for o in engine.infer(x)], lbs))
+    n = len(frames)
+    # as the pipeline's postprocess stage: masks computed straight as COCO RLEs on the box windows
+    off_cfg, on_cfg = dataclasses.replace(cfg, masks=False), dataclasses.replace(cfg, masks=True, masks_as_rle=True)
+    t0 = time.perf_counter()
+    for outs, lbs in runs:
+        postprocess(outs, lbs, card, off_cfg)
+    t_off = time.perf_counter() - t0
+    dets = []
+    t0 = time.perf_counter()
+    for outs, lbs in runs:
+        dets += postprocess(outs, lbs, card, on_cfg)
+    t_on = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for d in dets:
+        if d.masks is not None and len(d.masks):
+            masks_to_rle(d.masks)
+        if d.semantic is not None:
+            class_map_to_rles(d.semantic)
+    t_rle = time.perf_counter() - t0
+    return {"boxes_only_ms": 1000 * t_off / n, "with_masks_ms": 1000 * t_on / n, "rle_ms": 1000 * t_rle / n,
+            "mask_ms": 1000 * (t_on + t_rle - t_off) / n, "dets_per_frame": sum(len(d) for d in dets) / n}
+
+
 def bench_pipeline(settings: Any, monitor: Any = None) -> tuple[float, Any]:
     from pipeline.runner import Pipeline
 
@@ -106,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ONNX Runtime intra-op threads for the pipeline's engine (default: the setting)")
     p.add_argument("--soak", type=int, default=0, metavar="LOOPS",
                    help="also loop the video LOOPS times through the pipeline and report resident memory")
+    p.add_argument("--masks", choices=("on", "off", "compare"), default=None,
+                   help="segment / semantic models: pipeline with masks on, off or both, plus the mask cost per frame")
     args = p.parse_args(argv)
 
     from pipeline.runner import Pipeline, PipelineError, process_rss_kib
@@ -134,12 +186,35 @@ def main(argv: list[str] | None = None) -> int:
 
     engine_fps = bench_engine_only(Path(args.model), card, frames, batch, threads=0)
     print(f"(c) engine only (batch {batch}, pre-decoded, pre-letterboxed): {engine_fps:.1f} fps")
-    naive_fps = bench_naive(Path(args.model), card, args.video, n, settings.postprocess.score_threshold,
-                            settings.postprocess.iou_threshold)
-    print(f"(b) naive loop (cv2 decode + resize, ORT, cv2.dnn.NMSBoxes): {naive_fps:.1f} fps")
-    pipe_fps, summary = bench_pipeline(settings)
-    print(f"(a) pipeline: {pipe_fps:.1f} fps ({summary.frames} frames in {summary.seconds:.2f} s, "
-          f"{summary.detections} detections)")
+    from pipeline.modelcard import HeadLayout
+
+    if card.head.layout is HeadLayout.SEMANTIC_LOGITS:
+        naive_fps = float("nan")
+        print("(b) naive loop: skipped (semantic model)")
+    else:
+        naive_fps = bench_naive(Path(args.model), card, args.video, n, settings.postprocess.score_threshold,
+                                settings.postprocess.iou_threshold)
+        print(f"(b) naive loop (cv2 decode + resize, ORT, cv2.dnn.NMSBoxes): {naive_fps:.1f} fps")
+    mask_modes = {"on": [True], "off": [False], "compare": [True, False]}[args.masks] if args.masks else [None]
+    fps_by_mode: dict[bool | None, float] = {}
+    for masks in mask_modes:
+        run_settings = settings if masks is None else settings.model_copy(
+            update={"postprocess": settings.postprocess.model_copy(update={"masks": masks})})
+        pipe_fps, summary = bench_pipeline(run_settings)
+        fps_by_mode[masks] = pipe_fps
+        how = "" if masks is None else f" masks {'on' if masks else 'off'}"
+        print(f"(a) pipeline{how}: {pipe_fps:.1f} fps ({summary.frames} frames in {summary.seconds:.2f} s, "
+              f"{summary.detections} detections)")
+    pipe_fps = fps_by_mode[mask_modes[0]]
+    if args.masks:
+        cost = bench_mask_cost(Path(args.model), card, frames, batch, settings.postprocess.to_config())
+        print(f"mask postprocess per frame: boxes only {cost['boxes_only_ms']:.2f} ms, with masks "
+              f"{cost['with_masks_ms']:.2f} ms, RLE encoding {cost['rle_ms']:.2f} ms "
+              f"({cost['dets_per_frame']:.1f} detections/frame)")
+        line = f"mask_ms_per_frame={cost['mask_ms']:.2f}"
+        if args.masks == "compare":
+            line += f" fps_masks_on={fps_by_mode[True]:.1f} fps_masks_off={fps_by_mode[False]:.1f}"
+        print(line)
 
     if args.soak:
         samples: list[tuple[float, int]] = []

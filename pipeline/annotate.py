@@ -1,4 +1,4 @@
-"""Draw detections on a frame (boxes, labels, optional instance masks) with OpenCV."""
+"""Draw detections on a frame with OpenCV: boxes, labels, instance masks, semantic class maps."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def draw_detections(
         scores: ``(N,)`` float32 scores.
         class_ids: ``(N,)`` int class ids.
         class_names: names by class id (ids past the end are shown as numbers).
-        masks: optional ``(N, H, W)`` bool/uint8 instance masks.
+        masks: optional ``(N, H, W)`` bool/uint8 instance masks, drawn as a translucent fill in the
+            class colour with an outline (``cv2.findContours``, external contours).
         mask_alpha: mask blend weight.
         thickness: box line width in pixels.
 
@@ -61,8 +62,11 @@ def draw_detections(
     if masks is not None and len(masks) == n and n and masks.shape[1:] == (h, w):
         for i in range(n):
             m = masks[i].astype(bool, copy=False)
-            tint = np.array(class_color(int(class_ids[i])), dtype=np.float32)
+            color = class_color(int(class_ids[i]))
+            tint = np.array(color, dtype=np.float32)
             image_rgb[m] = (image_rgb[m] * (1.0 - mask_alpha) + tint * mask_alpha).astype(np.uint8)
+            contours, _ = cv2.findContours(m.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(image_rgb, contours, -1, color, max(1, thickness // 2), cv2.LINE_AA)
     font = cv2.FONT_HERSHEY_SIMPLEX
     scale = max(0.4, min(h, w) / 1000.0)
     for (x1, y1, x2, y2), score, cid in zip(boxes_xyxy.tolist(), scores.tolist(), class_ids.tolist(), strict=True):
@@ -76,4 +80,37 @@ def draw_detections(
         ty = p1[1] - 2 if p1[1] - th - base - 2 >= 0 else p1[1] + th + 2
         cv2.rectangle(image_rgb, (p1[0], ty - th - 2), (p1[0] + tw + 2, ty + base - 1), color, -1)
         cv2.putText(image_rgb, text, (p1[0] + 1, ty - 1), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return image_rgb
+
+
+def draw_semantic(
+    image_rgb: npt.NDArray[np.uint8],
+    class_map: npt.NDArray[np.uint8],
+    *,
+    alpha: float = 0.45,
+    background_id: int | None = 0,
+) -> npt.NDArray[np.uint8]:
+    """Blend a semantic class map onto an image as a translucent class-colour overlay, in place.
+
+    Args:
+        image_rgb: ``(H, W, 3)`` uint8 RGB image, modified in place.
+        class_map: ``(H, W)`` uint8 class ids (same size as the image).
+        alpha: overlay weight in ``[0, 1]``.
+        background_id: class left untinted (None: tint every class).
+
+    Returns:
+        ``image_rgb``.
+
+    Raises:
+        ValueError: if the image is not ``(H, W, 3)`` uint8 or the map is not ``(H, W)`` uint8.
+    """
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+        raise ValueError(f"expected (H, W, 3) uint8 image, got {image_rgb.shape} {image_rgb.dtype}")
+    if class_map.shape != image_rgb.shape[:2] or class_map.dtype != np.uint8:
+        raise ValueError(f"expected a {image_rgb.shape[:2]} uint8 class map, got {class_map.shape} {class_map.dtype}")
+    lut = np.array([class_color(k) for k in range(256)], dtype=np.float32)  # (256, 3) colour per class
+    tinted = lut[class_map]
+    keep = class_map != background_id if background_id is not None else np.ones(class_map.shape, bool)
+    blended = image_rgb[keep] * (1.0 - alpha) + tinted[keep] * alpha
+    image_rgb[keep] = blended.astype(np.uint8)
     return image_rgb

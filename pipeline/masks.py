@@ -50,6 +50,8 @@ def mask_logits(coeffs: npt.ArrayLike, protos: npt.ArrayLike) -> FloatArray:
     if c.ndim != 2 or c.shape[1] != p.shape[0]:
         raise ValueError(f"expected coeffs of shape (K, {p.shape[0]}), got {c.shape}")
     nm, mh, mw = p.shape
+    # einsum (numpy's own loop, one thread): a BLAS call would wake its thread pool for a small
+    # product, which costs more than the product on a CPU shared with the engine
     return (c @ p.reshape(nm, mh * mw)).reshape(c.shape[0], mh, mw)
 
 
@@ -230,7 +232,7 @@ def prototype_masks_to_rle(
 
 
 def masks_to_rle(masks: npt.ArrayLike) -> list[dict[str, Any]]:
-    """COCO run-length encode binary masks, JSON-ready.
+    """COCO run-length encode binary masks, JSON-ready (identical to ``pycocotools.mask.encode``).
 
     Args:
         masks: ``(N, H, W)`` bool or uint8 masks (non-zero = inside).
@@ -246,11 +248,17 @@ def masks_to_rle(masks: npt.ArrayLike) -> list[dict[str, Any]]:
         raise ValueError(f"expected masks of shape (N, H, W), got {m.shape}")
     if m.shape[0] == 0:
         return []
-    # pycocotools wants (H, W, N) Fortran-ordered uint8; transposing (N, H, W) C-order gives exactly that.
-    fortran = np.asfortranarray((m != 0).astype(np.uint8).transpose(1, 2, 0))
-    rles = mask_utils.encode(fortran)
-    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
-            for r in rles]
+    # Only the columns between a mask's first and last non-zero column are run-length encoded
+    # (window_to_rle: the rest are two runs of zeros), so the cost follows the objects' widths,
+    # not N full frames; the result is pycocotools.mask.encode's, byte for byte.
+    _, fh, fw = m.shape
+    cols = np.asarray(m.any(axis=1))  # (N, W)
+    out = []
+    for i in range(m.shape[0]):
+        nz = np.flatnonzero(cols[i])
+        x0, x1 = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
+        out.append(window_to_rle(m[i, :, x0:x1], x0, 0, (fh, fw)))
+    return out
 
 
 def rle_to_masks(rles: Sequence[dict[str, Any]]) -> npt.NDArray[np.uint8]:
@@ -283,3 +291,53 @@ def rle_to_masks(rles: Sequence[dict[str, Any]]) -> npt.NDArray[np.uint8]:
         warnings.simplefilter("ignore", DeprecationWarning)
         dec = mask_utils.decode(objs)  # (H, W, N)
     return np.ascontiguousarray(dec.transpose(2, 0, 1))
+
+
+def class_map_to_rles(class_map: npt.ArrayLike) -> list[tuple[int, dict[str, Any]]]:
+    """COCO RLE of each class present in a semantic class map (the map's lossless, standard form).
+
+    Every pixel belongs to exactly one of the returned masks, so :func:`rles_to_class_map` gives the
+    map back exactly.
+
+    Args:
+        class_map: ``(H, W)`` uint8 map of class ids.
+
+    Returns:
+        ``(class_id, {"size": [H, W], "counts": str})`` for every class present, by class id.
+
+    Raises:
+        ValueError: if ``class_map`` is not a 2-D uint8 array.
+    """
+    m = np.asarray(class_map)
+    if m.ndim != 2 or m.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W) uint8 class map, got {m.shape} {m.dtype}")
+    if m.size == 0:
+        return []
+    present = np.flatnonzero(np.bincount(m.ravel(), minlength=256))
+    stack = m[None, :, :] == present.astype(np.uint8)[:, None, None]
+    return [(int(k), rle) for k, rle in zip(present.tolist(), masks_to_rle(stack), strict=True)]
+
+
+def rles_to_class_map(rles: Sequence[tuple[int, dict[str, Any]]], background: int = 0) -> npt.NDArray[np.uint8]:
+    """Rebuild a class map from per-class COCO RLEs (the inverse of :func:`class_map_to_rles`).
+
+    Args:
+        rles: ``(class_id, rle)`` pairs, class ids in ``0..255``, all RLEs of one size.
+        background: class of pixels no mask covers.
+
+    Returns:
+        ``(H, W)`` uint8 class map (``(0, 0)`` for an empty list); where masks overlap the later one wins.
+
+    Raises:
+        ValueError: on malformed RLEs, sizes that differ, or a class id outside ``0..255``.
+    """
+    if not rles:
+        return np.zeros((0, 0), dtype=np.uint8)
+    ids = [int(k) for k, _ in rles]
+    if any(not 0 <= k <= 255 for k in ids):
+        raise ValueError(f"expected class ids in 0..255, got {ids}")
+    masks = rle_to_masks([r for _, r in rles])
+    out = np.full(masks.shape[1:], background, dtype=np.uint8)
+    for k, m in zip(ids, masks, strict=True):
+        out[m != 0] = k
+    return out

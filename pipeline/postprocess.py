@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from pipeline.boxes import FloatArray, cxcywh_to_xyxy
 from pipeline.letterbox import LetterboxParams, boxes_input_to_frame
-from pipeline.masks import mask_logits, prototype_masks_to_frame
+from pipeline.masks import mask_logits, prototype_masks_to_frame, prototype_masks_to_rle
 from pipeline.modelcard import HeadLayout, ModelCard, ModelCardError
 from pipeline.nms import IndexArray, SoftNmsMethod, batched_nms, batched_soft_nms, soft_nms
 
@@ -52,7 +52,10 @@ class Detections:
         scores: ``(N,)`` float32 confidences in ``[0, 1]``.
         class_ids: ``(N,)`` int64 class ids (index into the model card's ``class_names``).
         masks: optional ``(N, H, W)`` bool or uint8 instance masks in frame pixels.
-        semantic: optional ``(H, W)`` uint8 class map in frame pixels (0 background, k + 1 class k).
+        semantic: optional ``(H, W)`` uint8 class map in frame pixels (pixel value = class id, the
+            logits' channel index).
+        mask_rles: optional instance masks as ``N`` COCO RLEs ``{"size": [H, W], "counts": str}``
+            (what :attr:`PostprocessConfig.masks_as_rle` gives instead of ``masks``: no frame-sized arrays).
 
     Raises:
         ValueError: if a field has the wrong shape or dtype (``expected …, got …``).
@@ -63,6 +66,7 @@ class Detections:
     class_ids: npt.NDArray[np.int64]
     masks: npt.NDArray[Any] | None = None
     semantic: npt.NDArray[np.uint8] | None = None
+    mask_rles: tuple[dict[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
         b, s, c = self.boxes_xyxy, self.scores, self.class_ids
@@ -83,6 +87,11 @@ class Detections:
             ):
                 got = f"{m.shape} {m.dtype}" if isinstance(m, np.ndarray) else type(m).__name__
                 raise ValueError(f"expected masks ({n}, H, W) bool or uint8, got {got}")
+        if self.mask_rles is not None:
+            r = self.mask_rles
+            if not isinstance(r, tuple) or len(r) != n or not all(
+                    isinstance(x, dict) and "size" in x and "counts" in x for x in r):
+                raise ValueError(f"expected mask_rles as a tuple of {n} RLE dicts, got {str(r)[:80]}")
         if self.semantic is not None:
             sm = self.semantic
             if not isinstance(sm, np.ndarray) or sm.ndim != 2 or sm.dtype != np.uint8:
@@ -120,6 +129,11 @@ class PostprocessConfig:
         nms_method: :class:`NmsMethod`.
         soft_sigma: Gaussian Soft-NMS width.
         mask_threshold: instance-mask probability threshold in ``(0, 1)``.
+        masks: compute instance masks / semantic class maps; False: segment models give boxes
+            only (no prototype work), semantic models give empty detections.
+        masks_as_rle: instance masks as COCO RLEs (``Detections.mask_rles``) computed on each box's
+            pixel window, instead of ``(N, H, W)`` frame-sized arrays (the pipeline's form: memory
+            and time follow the boxes, not ``N * H * W``).
 
     Raises:
         ValueError: on out-of-range values.
@@ -134,6 +148,8 @@ class PostprocessConfig:
     nms_method: NmsMethod = NmsMethod.HARD
     soft_sigma: float = 0.5
     mask_threshold: float = 0.5
+    masks: bool = True
+    masks_as_rle: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score_threshold <= 1.0:
@@ -421,7 +437,8 @@ def postprocess_segment(
         cfg: :class:`PostprocessConfig`.
 
     Returns:
-        One :class:`Detections` per image with ``masks`` ``(K, fh, fw)`` bool.
+        One :class:`Detections` per image with ``masks`` ``(K, fh, fw)`` bool (or, with
+        ``cfg.masks_as_rle``, ``mask_rles``: the same masks as COCO RLEs).
 
     Raises:
         ValueError: if the outputs do not fit the layout or the batch size.
@@ -439,6 +456,11 @@ def postprocess_segment(
     dets = []
     for b, (cand, lb) in enumerate(zip(cands, letterboxes, strict=True)):
         d = candidates_to_detections(cand, lb)
+        if cfg.masks_as_rle:
+            logits = segment_mask_logits(out0[b], protos[b], cand, num_classes=nc, num_mask_coeffs=nm)
+            rles = prototype_masks_to_rle(logits, d.boxes_xyxy, lb, cfg.mask_threshold)
+            dets.append(Detections(d.boxes_xyxy, d.scores, d.class_ids, mask_rles=tuple(rles)))
+            continue
         masks = segment_masks(out0[b], protos[b], cand, d.boxes_xyxy, lb, num_classes=nc, num_mask_coeffs=nm,
                               mask_threshold=cfg.mask_threshold)
         dets.append(Detections(d.boxes_xyxy, d.scores, d.class_ids, masks=masks))
@@ -513,7 +535,9 @@ def postprocess(
     card: ModelCard,
     cfg: PostprocessConfig,
 ) -> list[Detections]:
-    """Postprocess a batch according to the card's head layout.
+    """Postprocess a batch according to the card's head layout (which the card's ``task`` fixes).
+
+    ``ultralytics_segment`` with ``cfg.masks`` off is decoded as a detector (boxes only).
 
     Args:
         outputs: the raw outputs in the card's ``head.outputs`` order.
@@ -529,8 +553,13 @@ def postprocess(
     """
     layout = card.head.layout
     if layout is HeadLayout.ULTRALYTICS_SEGMENT:
+        if not cfg.masks:  # boxes only: the mask-coefficient rows are ignored, prototypes never touched
+            return postprocess_detect(outputs[:1], letterboxes, card, cfg)
         return postprocess_segment(outputs, letterboxes, card, cfg)
     if layout is HeadLayout.SEMANTIC_LOGITS:
+        if not cfg.masks:
+            _check_batch(outputs, letterboxes)
+            return [Detections.empty() for _ in letterboxes]
         return postprocess_semantic(outputs, letterboxes, card, cfg)
     return postprocess_detect(outputs, letterboxes, card, cfg)
 

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,11 @@ DRAIN_TIMEOUT_S = 30.0
 
 JOIN_TIMEOUT_S = 5.0
 """Longest wait for a stage process to exit once the run is over, before it is killed."""
+
+LIGHT_STAGE_ENV = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""Environment of the stages other than the engine (unless the user set these): one BLAS thread.
+Their matrix products are small (instance-mask coefficients times prototypes); a BLAS thread pool
+woken for each one, on CPUs the engine keeps busy, made the mask postprocess 2-3x slower."""
 
 RSS_SAMPLE_S = 0.5
 """How often the runner samples the stages' resident memory (and calls the monitor)."""
@@ -182,12 +188,36 @@ def process_rss_kib(pid: int) -> int:
 
 
 @dataclass(frozen=True)
-class _Prepared:
-    sources: list[SourceInfo]
+class ModelChain:
+    """One model and the sources it serves (one preprocess and one engine process each).
+
+    Attributes:
+        model: the inspected ONNX model.
+        card: its card (checked against it).
+        max_batch: frames per engine batch.
+        pad_batches: whether batches are padded to ``max_batch`` (static batch size).
+        source_ids: the sources this model serves, in source order.
+    """
+
     model: ModelInfo
     card: ModelCard
     max_batch: int
     pad_batches: bool
+    source_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    sources: list[SourceInfo]
+    chains: list[ModelChain]
+
+    @property
+    def first_card(self) -> ModelCard:
+        return self.chains[0].card
+
+    @property
+    def model_names(self) -> str:
+        return "+".join(dict.fromkeys(c.card.name for c in self.chains))
 
 
 class Pipeline:
@@ -227,10 +257,20 @@ class Pipeline:
                 infos.append(probe_source(entry.url, sid, max_fps=entry.max_fps))
             except SourceError as e:
                 raise PipelineError(str(e)) from e
+        chains: dict[tuple[Path, Path | None], list[str]] = {}
+        for entry, sid in zip(entries, ids, strict=True):
+            key = (entry.model, entry.card) if entry.model is not None else (s.model, s.card)
+            chains.setdefault(key, []).append(sid)
+        self._prepared = _Prepared(infos, [self._prepare_model(path, card_path, tuple(sids))
+                                           for (path, card_path), sids in chains.items()])
+
+    def _prepare_model(self, model_path: Path, card_path: Path | None, source_ids: tuple[str, ...]) -> ModelChain:
+        """Inspect one model, find and check its card (outputs included) and its backend."""
+        s = self.settings
         try:
-            info = inspect_onnx(s.model)
-            card = resolve_card(info, s.card)
-            card_name = str(s.card) if s.card is not None else (
+            info = inspect_onnx(model_path)
+            card = resolve_card(info, card_path)
+            card_name = str(card_path) if card_path is not None else (
                 str(info.path.with_suffix(".json")) if info.path.with_suffix(".json").is_file()
                 else "ONNX metadata")
             check_card_against_model(card, info, card_name)
@@ -243,13 +283,19 @@ class Pipeline:
         max_batch, pad = s.preprocess.max_batch, False
         if info.static_batch is not None or not card.input.dynamic_batch:
             max_batch, pad = info.static_batch or 1, True
-        self._prepared = _Prepared(infos, info, card, max_batch, pad)
+        return ModelChain(info, card, max_batch, pad, source_ids)
+
+    @property
+    def chains(self) -> list[ModelChain]:
+        """The model chains, one per distinct model (after :meth:`prepare`)."""
+        assert self._prepared is not None
+        return self._prepared.chains
 
     @property
     def card(self) -> ModelCard:
-        """The model card (after :meth:`prepare`)."""
+        """The (first) model's card (after :meth:`prepare`)."""
         assert self._prepared is not None
-        return self._prepared.card
+        return self._prepared.first_card
 
     @property
     def sources(self) -> list[SourceInfo]:
@@ -276,7 +322,7 @@ class Pipeline:
         self._signals.append(signum)
 
     # ------------------------------------------------------------------------------- wiring
-    def _specs(self, endpoints: StageEndpoints, pools: list[str], tensor_pool: str) -> list[StageSpec]:
+    def _specs(self, endpoints: StageEndpoints, pools: list[str], tensor_pools: list[str]) -> list[StageSpec]:
         assert self._prepared is not None
         s, p = self.settings, self._prepared
         sinks = SinkConfig(
@@ -288,26 +334,36 @@ class Pipeline:
         )
         n = len(p.sources)
         ctl = endpoints.control
+        first = p.chains[0]
         specs: list[StageSpec] = [
-            PostprocessSpec(control=ctl, nice=s.postprocess.nice, card=p.card, model_name=p.card.name,
+            PostprocessSpec(control=ctl, nice=s.postprocess.nice, card=first.card, model_name=first.card.name,
                             config=s.postprocess.to_config(), sinks=sinks, endpoints=endpoints, num_sources=n,
                             stats=StatsConfig(
                                 sources=tuple((src.source_id, src.is_live) for src in p.sources),
                                 interval_s=s.sinks.stats_interval_s if not s.quiet else 0.0,
-                                metrics_port=s.sinks.metrics_port, metrics_host=s.sinks.metrics_host)),
-            EngineSpec(control=ctl, card=p.card, model_path=str(p.model.path), backend=s.engine.backend,
-                       device=s.engine.device, intra_op_threads=s.engine.intra_op_threads,
-                       allow_fallback=s.engine.allow_fallback, endpoints=endpoints, num_sources=n,
-                       warmup_batch=p.max_batch),
-            PreprocessSpec(control=ctl, nice=s.preprocess.nice, card=p.card, endpoints=endpoints,
-                           tensor_pool=tensor_pool, tensor_slots=s.preprocess.tensor_slots, max_batch=p.max_batch,
-                           pad_batches=p.pad_batches, max_wait_ms=s.preprocess.max_wait_ms,
-                           keep_pixels=sinks.needs_pixels, num_sources=n),
+                                metrics_port=s.sinks.metrics_port, metrics_host=s.sinks.metrics_host),
+                            cards_by_source=tuple((sid, c.card) for c in p.chains[1:] for sid in c.source_ids)),
         ]
+        pool_of = {src.source_id: pool for src, pool in zip(p.sources, pools, strict=True)}
+        chain_of: dict[str, StageEndpoints] = {}
+        for k, (chain, tensor_pool) in enumerate(zip(p.chains, tensor_pools, strict=True)):
+            ep = endpoints if len(p.chains) == 1 else endpoints.for_chain(k, [pool_of[i] for i in chain.source_ids])
+            chain_of.update((sid, ep) for sid in chain.source_ids)
+            m = len(chain.source_ids)
+            specs += [
+                EngineSpec(control=ctl, card=chain.card, model_path=str(chain.model.path), backend=s.engine.backend,
+                           device=s.engine.device, intra_op_threads=s.engine.intra_op_threads,
+                           allow_fallback=s.engine.allow_fallback, endpoints=ep, num_sources=m,
+                           warmup_batch=chain.max_batch),
+                PreprocessSpec(control=ctl, nice=s.preprocess.nice, card=chain.card, endpoints=ep,
+                               tensor_pool=tensor_pool, tensor_slots=s.preprocess.tensor_slots,
+                               max_batch=chain.max_batch, pad_batches=chain.pad_batches,
+                               max_wait_ms=s.preprocess.max_wait_ms, keep_pixels=sinks.needs_pixels, num_sources=m),
+            ]
         for src, pool in zip(p.sources, pools, strict=True):
             specs.append(DecodeSpec(control=ctl, nice=s.decode.nice, source=src, pool=pool,
                                     num_slots=s.decode.slots if src.is_file else s.decode.live_slots,
-                                    endpoints=endpoints, max_frames=s.max_frames, loop=s.decode.loop,
+                                    endpoints=chain_of[src.source_id], max_frames=s.max_frames, loop=s.decode.loop,
                                     threads=s.decode.threads, live=s.decode.live_options()))
         return specs
 
@@ -327,7 +383,7 @@ class Pipeline:
         if self._prepared is None:
             self.prepare()
         assert self._prepared is not None
-        summary = RunSummary(model=self._prepared.card.name,
+        summary = RunSummary(model=self._prepared.model_names,
                              sources=[SourceReport(src.source_id, src.display) for src in self._prepared.sources])
         old_handlers: dict[int, Any] = {}
         if handle_signals:
@@ -336,24 +392,25 @@ class Pipeline:
         tmpdir = tempfile.mkdtemp(prefix="streamdet-")  # mode 0700: the ipc sockets are private
         token = uuid.uuid4().hex[:8]
         pools = [f"sd-{token}-f{i}" for i in range(len(self._prepared.sources))]
-        tensor_pool = f"sd-{token}-t"
+        n_chains = len(self._prepared.chains)
+        tensor_pools = [f"sd-{token}-t"] + [f"sd-{token}-t{k}" for k in range(1, n_chains)]
         ctx: zmq.Context[Any] = zmq.Context()
         control = None
         try:
             t = self.settings.transport
-            endpoints = (tcp_endpoints(t.tcp_host, t.tcp_base_port, pools) if t.mode is TransportMode.TCP
-                         else ipc_endpoints(tmpdir, pools))
+            endpoints = (tcp_endpoints(t.tcp_host, t.tcp_base_port, pools, n_chains) if t.mode is TransportMode.TCP
+                         else ipc_endpoints(tmpdir, pools, n_chains))
             try:
                 control = make_socket(ctx, zmq.PULL, endpoints.control, bind=True, hwm=CONTROL_HWM)
             except Exception as e:
                 raise PipelineError(str(e)) from e
-            self._supervise(summary, control, self._specs(endpoints, pools, tensor_pool))
+            self._supervise(summary, control, self._specs(endpoints, pools, tensor_pools))
         finally:
             self._shutdown()
             if control is not None:
                 control.close(0)
             ctx.term()
-            for name in [*pools, tensor_pool]:
+            for name in [*pools, *tensor_pools]:
                 unlink_pool(name)
             shutil.rmtree(tmpdir, ignore_errors=True)
             for signum, handler in old_handlers.items():
@@ -371,7 +428,14 @@ class Pipeline:
                 label = f"decode:{spec.source.source_id}"
             proc = mpctx.Process(target=stage_main, args=(spec, *events, os.getpid()),
                                  name=f"streamdet-{label}", daemon=True)
-            proc.start()
+            env = {} if spec.stage_name is StageName.ENGINE else \
+                {k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ}
+            os.environ.update(env)  # a spawned child starts with the parent's environment
+            try:
+                proc.start()
+            finally:
+                for k in env:
+                    os.environ.pop(k, None)
             self._procs.append((spec.stage_name, label, proc))
 
     def _supervise(self, summary: RunSummary, control: zmq.Socket[Any], specs: list[StageSpec]) -> None:
@@ -382,8 +446,9 @@ class Pipeline:
         reports = {r.source_id: r for r in summary.sources}
         expected = self.expected_frames()
         bar: Any = None
-        ready: set[str] = set()
-        done: set[str] = set()
+        ready: Counter[str] = Counter()
+        done: Counter[str] = Counter()
+        per_label = Counter(label for _, label, _ in self._procs)
         started = time.monotonic()
         wait_subs = self.settings.sinks.publish_wait_timeout_s if self.settings.sinks.publish else 0.0
         ready_deadline = started + STARTUP_TIMEOUT_S + wait_subs
@@ -391,7 +456,7 @@ class Pipeline:
         drain_deadline: float | None = None
         handled_signals = 0
         next_sample = 0.0
-        crashed: set[str] = set()
+        crashed: set[int] = set()
         try:
             while True:
                 # signals: the first closes the inputs (drain), a second one aborts
@@ -412,14 +477,15 @@ class Pipeline:
                     if self._handle_status(msg, summary, reports, ready, done, bar, abort):
                         break
                 for _, label, proc in self._procs:  # stage processes that died without a word
-                    if proc.exitcode not in (None, 0) and label not in done and label not in crashed:
-                        crashed.add(label)
+                    if proc.exitcode not in (None, 0) and done[label] < per_label[label] \
+                            and proc.pid not in crashed:
+                        crashed.add(proc.pid)
                         if not abort.is_set():
                             self._fail(summary, f"the {label} stage exited unexpectedly (exit code "
                                                 f"{proc.exitcode})", abort)
                 if all(p.exitcode is not None for _, _, p in self._procs):
                     break
-                if go_at is None and len(ready) == len(self._procs) and not abort.is_set():
+                if go_at is None and ready.total() == len(self._procs) and not abort.is_set():
                     go.set()
                     go_at = time.monotonic()
                     if self.progress:
@@ -427,7 +493,7 @@ class Pipeline:
 
                         bar = tqdm(total=expected, unit="frame", file=sys.stderr, dynamic_ncols=True, leave=True)
                 if go_at is None and time.monotonic() > ready_deadline and not abort.is_set():
-                    missing = sorted({label for _, label, _ in self._procs} - ready)
+                    missing = sorted(per_label - ready)
                     self._fail(summary, f"stages {missing} not ready after {STARTUP_TIMEOUT_S:.0f} s", abort)
                 if drain_deadline is not None and time.monotonic() > drain_deadline:
                     if abort.is_set():
@@ -483,12 +549,12 @@ class Pipeline:
         abort.set()
 
     def _handle_status(self, msg: StatusMsg, summary: RunSummary, reports: dict[str, SourceReport],
-                       ready: set[str], done: set[str], bar: Any, abort: Any) -> bool:
+                       ready: Counter[str], done: Counter[str], bar: Any, abort: Any) -> bool:
         """Apply one status report; True once the last stage is done."""
         label = msg.stage.value if msg.stage is not StageName.DECODE else f"decode:{msg.source_id}"
         match msg.kind:
             case StatusKind.READY:
-                ready.add(label)
+                ready[label] += 1
             case StatusKind.PROGRESS:
                 if msg.stage is StageName.POSTPROCESS:
                     n = msg.counts.get("frames", 0)
@@ -515,7 +581,7 @@ class Pipeline:
             case StatusKind.OUTPUT:
                 summary.outputs.append(msg.message)
             case StatusKind.DONE:
-                done.add(label)
+                done[label] += 1
                 if msg.stage is StageName.POSTPROCESS:
                     return True
         return False

@@ -81,11 +81,17 @@ class SourceEntry(_Section):
         url: file path or URL.
         id: source id (topic-safe ``[A-Za-z0-9_-]{1,64}``); default: derived from the URL.
         max_fps: live sources: pass at most this many frames per second (the rest are skipped).
+        model: ONNX model for this source (default: the global ``model``); sources sharing a model
+            share its preprocess / engine chain.
+        card: that model's card (default: ``MODEL.json`` beside it, else its ONNX metadata; the
+            global ``card`` applies only to sources using the global model).
     """
 
     url: str = Field(min_length=1)
     id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     max_fps: float | None = Field(default=None, gt=0.0)
+    model: Path | None = None
+    card: Path | None = None
 
 
 class DecodeSettings(_Section):
@@ -174,6 +180,8 @@ class PostprocessSettings(_Section):
         nms: ``hard``, ``soft_gaussian`` (Soft-NMS, Gaussian) or ``soft_linear``.
         soft_sigma: Gaussian Soft-NMS width.
         mask_threshold: instance-mask probability threshold.
+        masks: publish instance masks (segment models) and class maps (semantic models); off:
+            boxes only, and no mask work at all.
         nice: niceness of the stage's process (0..19; higher yields the CPU to the engine).
     """
 
@@ -185,6 +193,7 @@ class PostprocessSettings(_Section):
     nms: NmsMethod = NmsMethod.HARD
     soft_sigma: float = Field(default=0.5, gt=0.0)
     mask_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    masks: bool = True
     nice: int = Field(default=DEFAULT_LIGHT_STAGE_NICE, ge=0, le=19)
 
     def to_config(self) -> PostprocessConfig:
@@ -193,7 +202,7 @@ class PostprocessSettings(_Section):
             score_threshold=self.score_threshold, iou_threshold=self.iou_threshold,
             max_detections=self.max_detections, pre_nms_topk=self.pre_nms_topk,
             class_agnostic=self.class_agnostic, nms_method=self.nms, soft_sigma=self.soft_sigma,
-            mask_threshold=self.mask_threshold,
+            mask_threshold=self.mask_threshold, masks=self.masks,
         )
 
 

@@ -21,7 +21,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,9 @@ class StageEndpoints:
             (the decoder binds PULL).
         inline: whether frames and tensors travel inline (tcp://) instead of in shared memory.
         events: decoders -> postprocess source status events (postprocess binds PULL).
+        chains: ``(frames, batches, tensor_credits)`` of each further model chain (a pipeline
+            serving several models runs one preprocess and one engine per model; chain 0 uses
+            the fields above). Every engine pushes to the one ``results`` endpoint.
     """
 
     frames: str
@@ -110,6 +113,31 @@ class StageEndpoints:
     frame_credits: tuple[tuple[str, str], ...]
     inline: bool
     events: str = ""
+    chains: tuple[tuple[str, str, str], ...] = ()
+
+    def for_chain(self, index: int, pools: Sequence[str] | None = None) -> StageEndpoints:
+        """The endpoints seen by model chain ``index`` (its preprocess, engine and decoders).
+
+        Args:
+            index: 0 for the first model, ``k`` for ``chains[k - 1]``.
+            pools: keep only these frame pools' credit endpoints (None: all).
+
+        Returns:
+            A copy with ``frames``, ``batches`` and ``tensor_credits`` of that chain.
+
+        Raises:
+            IndexError: for a chain that does not exist.
+        """
+        out = self
+        if index:
+            if not 0 < index <= len(self.chains):
+                raise IndexError(f"expected a chain index in 0..{len(self.chains)}, got {index}")
+            frames, batches, tensor_credits = self.chains[index - 1]
+            out = replace(self, frames=frames, batches=batches, tensor_credits=tensor_credits)
+        if pools is not None:
+            keep = set(pools)
+            out = replace(out, frame_credits=tuple((p, e) for p, e in out.frame_credits if p in keep))
+        return out
 
     def credit_endpoint(self, pool: str) -> str:
         """The credit endpoint of a frame pool.
@@ -123,12 +151,13 @@ class StageEndpoints:
         raise KeyError(f"no credit endpoint for pool {pool!r}")
 
 
-def ipc_endpoints(directory: str | os.PathLike[str], pools: Sequence[str]) -> StageEndpoints:
+def ipc_endpoints(directory: str | os.PathLike[str], pools: Sequence[str], chains: int = 1) -> StageEndpoints:
     """Endpoints as unix sockets in ``directory`` (which should be private, mode 0700).
 
     Args:
         directory: an existing directory.
         pools: the frame pools, one per source.
+        chains: model chains (one per distinct model).
 
     Returns:
         :class:`StageEndpoints` with ``inline=False``.
@@ -143,16 +172,19 @@ def ipc_endpoints(directory: str | os.PathLike[str], pools: Sequence[str]) -> St
         frame_credits=tuple((p, f"ipc://{d / f'credits-{i}'}") for i, p in enumerate(pools)),
         inline=False,
         events=f"ipc://{d / 'events'}",
+        chains=tuple((f"ipc://{d / f'frames-m{k}'}", f"ipc://{d / f'batches-m{k}'}",
+                      f"ipc://{d / f'tensor-credits-m{k}'}") for k in range(1, chains)),
     )
 
 
-def tcp_endpoints(host: str, base_port: int, pools: Sequence[str]) -> StageEndpoints:
+def tcp_endpoints(host: str, base_port: int, pools: Sequence[str], chains: int = 1) -> StageEndpoints:
     """Endpoints as tcp ports ``base_port``, ``base_port + 1``, ... on ``host``.
 
     Args:
         host: interface to bind (``127.0.0.1`` keeps everything on this host).
-        base_port: first port; ``6 + len(pools)`` consecutive ports are used.
+        base_port: first port; ``6 + len(pools) + 3 * (chains - 1)`` consecutive ports are used.
         pools: the frame pools, one per source.
+        chains: model chains (one per distinct model).
 
     Returns:
         :class:`StageEndpoints` with ``inline=True``.
@@ -160,7 +192,7 @@ def tcp_endpoints(host: str, base_port: int, pools: Sequence[str]) -> StageEndpo
     Raises:
         ValueError: if the port range leaves 1..65535.
     """
-    last = base_port + 5 + len(pools)
+    last = base_port + 5 + len(pools) + 3 * (max(chains, 1) - 1)
     if base_port < 1 or last > 65535:
         raise ValueError(f"expected ports {base_port}..{last} inside 1..65535, got base_port {base_port}")
 
@@ -171,6 +203,8 @@ def tcp_endpoints(host: str, base_port: int, pools: Sequence[str]) -> StageEndpo
         frames=ep(0), batches=ep(1), results=ep(2), tensor_credits=ep(3), control=ep(4),
         frame_credits=tuple((p, ep(5 + i)) for i, p in enumerate(pools)), inline=True,
         events=ep(5 + len(pools)),
+        chains=tuple((ep(3 + len(pools) + 3 * k), ep(4 + len(pools) + 3 * k), ep(5 + len(pools) + 3 * k))
+                     for k in range(1, chains)),
     )
 
 

@@ -229,3 +229,36 @@ def test_default_model_and_demo_video(tmp_path):
     rc, out, err = run(["--quiet", "--max-frames", "4", "--publish", f"tcp://127.0.0.1:{free_port()}"], timeout=300)
     assert rc == 0, err
     assert out.startswith("frames=4 ") and "demo.mp4" in out
+
+
+# ----------------------------------------------------------------- segmentation models at start-up
+from _standin_seg import build_segment_standin, build_semantic_standin, segment_card  # noqa: E402
+
+
+@pytest.mark.parametrize(("case", "problem"), [
+    ("proto_size", "expected output1 prototype size 48x80 (HxW), got 96x160"),
+    ("class_count", "expected output0 with 4+5+4=13 rows, got 11"),
+    ("mask_coeffs", "expected output0 with 4+3+6=13 rows, got 11"),
+    ("semantic_3d", "expected output0 of rank 4 (B, C, H, W), got shape"),
+])
+@pytest.mark.parametrize("per_source", [False, True])
+def test_segmentation_model_contradicting_its_card_fails_at_startup(model, tmp_path, case, problem, per_source):
+    """One error line naming the model and the mismatch, exit 1, before any frame is read."""
+    if case == "semantic_3d":
+        bad = build_semantic_standin(tmp_path / "bad.onnx", flat_output=True)
+    else:
+        card = {"proto_size": segment_card(mask_hw=(48, 80)), "class_count": segment_card(num_classes=5),
+                "mask_coeffs": segment_card(num_mask_coeffs=6)}[case]
+        bad = build_segment_standin(tmp_path / "bad.onnx", card=card)
+    if per_source:  # the global model is fine; the second source's own model is not
+        cfg = tmp_path / "two.yaml"
+        cfg.write_text(json.dumps({"sources": [str(bikes_path()), {"url": str(bikes_path()), "model": str(bad)}]}))
+        args = ["--config", str(cfg), "--model", str(model)]
+    else:
+        args = ["--source", str(bikes_path()), "--model", str(bad)]
+    code, out, err = run([*args, "--publish", "none", "--quiet", "--jsonl", str(tmp_path / "o.jsonl")])
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and str(bad) in lines[0] and problem in lines[0], lines[0]
+    assert out == "" and not (tmp_path / "o.jsonl").exists()

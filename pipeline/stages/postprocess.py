@@ -1,6 +1,7 @@
 """Postprocess stage: raw outputs -> detections in frame pixels -> sinks.
 
-Calls :func:`pipeline.postprocess.postprocess` (ultralytics head decode, class-aware NMS or
+Calls :func:`pipeline.postprocess.postprocess` with the card of the batch's model (the card's task
+picks the head: detect, instance segment, semantic; ultralytics head decode, class-aware NMS or
 Soft-NMS, score threshold, max detections, boxes mapped back through the letterbox and clipped;
 end2end models only get the letterbox undone), builds the published JSON, hands each frame to
 the sinks (which run in this process), then gives the frame slot back to its decoder. The stage
@@ -10,6 +11,7 @@ its counts to the runner.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -73,8 +75,9 @@ class SinkConfig:
         """Whether a sink needs the frame pixels (the annotated video)."""
         return self.video_out is not None
 
-    def build(self, *, ctx: zmq.Context[Any], class_names: Sequence[str]) -> list[Sink]:
-        """Create the sinks (not opened)."""
+    def build(self, *, ctx: zmq.Context[Any], class_names: Sequence[str],
+              class_names_by_source: dict[str, Sequence[str]] | None = None) -> list[Sink]:
+        """Create the sinks (not opened); ``class_names_by_source`` overrides the names per source."""
         sinks: list[Sink] = []
         if self.publish:
             sinks.append(PubSink(ctx=ctx, endpoint=self.publish, wait_subscribers=self.publish_wait_subscribers,
@@ -83,7 +86,7 @@ class SinkConfig:
             sinks.append(JsonlSink(path=self.jsonl))
         if self.video_out:
             sinks.append(VideoSink(path=self.video_out, fps_by_source=dict(self.fps_by_source),
-                                   class_names=class_names))
+                                   class_names=class_names, class_names_by_source=class_names_by_source))
         return sinks
 
 
@@ -99,6 +102,8 @@ class PostprocessSpec(StageSpec):
         endpoints: the pipeline's endpoints.
         num_sources: the stage ends after that many EOS.
         stats: per-source statistics (stats line, ``stats`` topic, Prometheus endpoint).
+        cards_by_source: ``(source_id, card)`` for sources served by another model than ``card``
+            (their messages carry that card's name, and its task picks their postprocess).
     """
 
     card: ModelCard
@@ -108,6 +113,7 @@ class PostprocessSpec(StageSpec):
     endpoints: StageEndpoints
     num_sources: int
     stats: StatsConfig = StatsConfig()
+    cards_by_source: tuple[tuple[str, ModelCard], ...] = ()
 
     @property
     def stage_name(self) -> StageName:
@@ -122,11 +128,13 @@ class PostprocessSpec(StageSpec):
         credits_out = {} if ep.inline else {
             pool: make_socket(ctx, zmq.PUSH, endpoint, bind=False) for pool, endpoint in ep.frame_credits
         }
+        by_source = dict(self.cards_by_source)
+        sinks = self.sinks.build(ctx=ctx, class_names=self.card.class_names,
+                                 class_names_by_source={k: c.class_names for k, c in by_source.items()})
         return PostprocessStage(card=self.card, model_name=self.model_name, config=self.config,
-                                results_in=results_in, frame_credits_out=credits_out,
-                                sinks=self.sinks.build(ctx=ctx, class_names=self.card.class_names),
+                                results_in=results_in, frame_credits_out=credits_out, sinks=sinks,
                                 status=status, flags=flags, num_sources=self.num_sources, events_in=events_in,
-                                stats=LiveStats(config=self.stats))
+                                stats=LiveStats(config=self.stats), cards_by_source=by_source)
 
 
 class PostprocessStage(Stage):
@@ -144,6 +152,7 @@ class PostprocessStage(Stage):
         num_sources: the stage ends after this many EOS.
         events_in: PULL socket (bound) of the decoders' :class:`SourceStatusMsg` (None: none).
         stats: the statistics (default: none printed).
+        cards_by_source: card per source for sources served by another model (default: none).
     """
 
     name = StageName.POSTPROCESS
@@ -151,13 +160,14 @@ class PostprocessStage(Stage):
     def __init__(self, *, card: ModelCard, model_name: str, config: Any, results_in: zmq.Socket[Any],
                  frame_credits_out: dict[str, zmq.Socket[Any]], sinks: Sequence[Sink], status: StatusReporter,
                  flags: StageFlags, num_sources: int, events_in: zmq.Socket[Any] | None = None,
-                 stats: LiveStats | None = None) -> None:
+                 stats: LiveStats | None = None, cards_by_source: dict[str, ModelCard] | None = None) -> None:
         from pipeline.postprocess import postprocess
 
         self._postprocess = postprocess
         self.card = card
         self.model_name = model_name
-        self.config = config
+        # instance masks go out as COCO RLEs, so compute them straight in that form (box windows only)
+        self.config = dataclasses.replace(config, masks_as_rle=True) if hasattr(config, "masks_as_rle") else config
         self.results_in = results_in
         self.frame_credits_out = frame_credits_out
         self.sinks = list(sinks)
@@ -171,6 +181,7 @@ class PostprocessStage(Stage):
         self._opened: list[Sink] = []
         self.events_in = events_in
         self.live_stats = stats or LiveStats(config=StatsConfig(interval_s=0.0))
+        self.cards_by_source = dict(cards_by_source or {})
 
     def start(self) -> None:
         """Open every sink (binds the PUB socket, waits for subscribers if configured).
@@ -241,8 +252,12 @@ class PostprocessStage(Stage):
         n_out = len(msg.outputs)
         arrays = [spec.array_from(parts[1 + i].buffer) for i, spec in enumerate(msg.outputs)]
         inline_pixels = iter(parts[1 + n_out :])
+        # a batch comes from one model chain, so its first frame's source names the model
+        card = self.cards_by_source.get(msg.frames[0].frame.source_id, self.card) if self.cards_by_source \
+            else self.card
+        model_name = card.name if card is not self.card else self.model_name
         t0 = time.perf_counter()
-        dets = self._postprocess(arrays, [r.letterbox for r in msg.frames], self.card, self.config)
+        dets = self._postprocess(arrays, [r.letterbox for r in msg.frames], card, self.config)
         post_ms = (time.perf_counter() - t0) * 1000.0
         total = 0
         for record, d in zip(msg.frames, dets, strict=True):
@@ -254,7 +269,7 @@ class PostprocessStage(Stage):
                     pixels = self._pools.get(f.pool).view(f.slot, (h, w, 3))
                 elif f.slot == INLINE_SLOT:
                     pixels = np.frombuffer(next(inline_pixels).buffer, dtype=np.uint8).reshape(h, w, 3)
-            payload = detections_payload(record, d, model=self.model_name, class_names=self.card.class_names,
+            payload = detections_payload(record, d, model=model_name, class_names=card.class_names,
                                          engine_ms=msg.engine_ms, postprocess_ms=post_ms)
             self.live_stats.on_frame(f.source_id, payload["latency_ms"])
             result = FrameResult(record, d, payload, pixels)

@@ -104,7 +104,9 @@ def detections_payload(
         frame's receipt, Unix seconds), latency_ms (capture -> publish), frame_wh, model,
         detections[], timing_ms{decode, preprocess, engine, postprocess, end_to_end}``; each detection has
         ``box_xyxy`` (frame pixels, 2 decimals), ``score`` (4 decimals), ``class_id``, ``label`` and,
-        for instance-segmentation models, ``mask`` (COCO RLE ``{size: [h, w], counts: str}``).
+        for instance-segmentation models, ``mask`` (COCO RLE ``{size: [h, w], counts: str}``);
+        semantic models add ``semantic: {size: [h, w], classes: [{class_id, label, mask}]}``, one
+        COCO RLE per class present in the class map (together they cover every pixel once).
     """
     f = record.frame
     t = time.monotonic() if now is None else now
@@ -117,12 +119,26 @@ def detections_payload(
     for box, score, cid in zip(boxes, scores, ids, strict=True):
         label = class_names[cid] if 0 <= cid < len(class_names) else str(cid)
         dets.append({"box_xyxy": box, "score": score, "class_id": cid, "label": label})
+    rles = getattr(detections, "mask_rles", None)
     masks = getattr(detections, "masks", None)
-    if masks is not None and len(masks):
+    if rles is not None:
+        for d, rle in zip(dets, rles, strict=True):
+            d["mask"] = rle
+    elif masks is not None and len(masks):
         from pipeline.masks import masks_to_rle
 
         for d, rle in zip(dets, masks_to_rle(masks), strict=True):
             d["mask"] = rle
+    extra: dict[str, Any] = {}
+    semantic = getattr(detections, "semantic", None)
+    if semantic is not None:
+        from pipeline.masks import class_map_to_rles
+
+        extra["semantic"] = {
+            "size": [int(semantic.shape[0]), int(semantic.shape[1])],
+            "classes": [{"class_id": k, "label": class_names[k] if k < len(class_names) else str(k), "mask": rle}
+                        for k, rle in class_map_to_rles(semantic)],
+        }
     return {
         "schema": DETECTIONS_SCHEMA,
         "source_id": f.source_id,
@@ -133,6 +149,7 @@ def detections_payload(
         "frame_wh": [f.frame_hw[1], f.frame_hw[0]],
         "model": model,
         "detections": dets,
+        **extra,
         "timing_ms": {
             "decode": round(f.decode_ms, 3),
             "preprocess": round(record.preprocess_ms, 3),
@@ -402,7 +419,7 @@ def _container_format(path: Path) -> str | None:
 
 
 class VideoSink(Sink):
-    """Writes annotated frames (boxes and labels drawn with OpenCV) as H.264 video through PyAV.
+    """Writes annotated frames (boxes, labels, masks, class maps drawn with OpenCV) as H.264 video through PyAV.
 
     One file per source: ``path`` for the first source, ``<stem>-<source_id><suffix>`` for the
     others. Files are written under a temporary name and renamed into place when closed.
@@ -411,15 +428,19 @@ class VideoSink(Sink):
         path: the output video file (container from its suffix: ``.mp4``, ``.mkv``, ``.mov``...).
         fps_by_source: each source's frame rate (0: unknown, 25 is used).
         class_names: names by class id for the labels.
+        class_names_by_source: per-source names (sources served by another model), overriding
+            ``class_names``.
     """
 
     needs_pixels = True
 
     def __init__(self, *, path: str | os.PathLike[str], fps_by_source: Mapping[str, float],
-                 class_names: Sequence[str]) -> None:
+                 class_names: Sequence[str],
+                 class_names_by_source: Mapping[str, Sequence[str]] | None = None) -> None:
         self.path = Path(path)
         self.fps_by_source = dict(fps_by_source)
         self.class_names = tuple(class_names)
+        self.class_names_by_source = {k: tuple(v) for k, v in (class_names_by_source or {}).items()}
         self._outs: dict[str, _VideoOut] = {}
         self._done: list[tuple[Path, int]] = []
 
@@ -454,8 +475,20 @@ class VideoSink(Sink):
             self._outs[sid] = out
         image = result.pixels if result.pixels.flags.writeable else result.pixels.copy()
         d = result.detections
-        draw_detections(image, d.boxes_xyxy, d.scores, d.class_ids, self.class_names,
-                        masks=getattr(d, "masks", None))
+        names = self.class_names_by_source.get(sid, self.class_names)
+        semantic = getattr(d, "semantic", None)
+        if semantic is not None and semantic.shape == image.shape[:2]:
+            from pipeline.annotate import draw_semantic
+
+            bg = 0 if names and names[0].lower() in ("background", "bg", "__background__") else None
+            draw_semantic(image, semantic, background_id=bg)
+        masks = getattr(d, "masks", None)
+        rles = getattr(d, "mask_rles", None)
+        if masks is None and rles:
+            from pipeline.masks import rle_to_masks
+
+            masks = rle_to_masks(rles)
+        draw_detections(image, d.boxes_xyxy, d.scores, d.class_ids, names, masks=masks)
         out.write(image)
 
     def end_of_stream(self, eos: EndOfStream) -> None:
