@@ -45,7 +45,7 @@ DEFAULT_SOURCE = Path(__file__).resolve().parent / "samples" / "demo.mp4"
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 """Default endpoint of the detections PUB socket (localhost only)."""
 
-DEFAULT_LIGHT_STAGE_NICE = 5
+DEFAULT_LIGHT_STAGE_NICE = 10
 """Default niceness of the decode, preprocess and postprocess processes."""
 
 _ENDPOINT = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+)$")
