@@ -83,6 +83,48 @@ def box_area(boxes_xyxy: FloatArray) -> FloatArray:
     return (wh[:, 0] * wh[:, 1]).astype(np.float32)
 
 
+def box_planes(boxes_xyxy: FloatArray) -> FloatArray:
+    """Coordinate planes of boxes for :func:`box_iou_planes`.
+
+    Args:
+        boxes_xyxy: ``(N, 4)`` float32 xyxy boxes.
+
+    Returns:
+        ``(5, N)`` float32 rows ``x1, y1, x2, y2, area`` (area as :func:`box_area`).
+    """
+    planes = np.empty((5, boxes_xyxy.shape[0]), dtype=np.float32)
+    planes[0:4] = boxes_xyxy.T
+    planes[4] = box_area(boxes_xyxy)
+    return planes
+
+
+def box_iou_planes(rows: FloatArray, cols: FloatArray) -> FloatArray:
+    """Pairwise IoU of boxes given as :func:`box_planes`.
+
+    Works on separate coordinate planes with in-place operations (a third of the temporaries of
+    the ``(N, M, 2)`` broadcast form); NMS calls it on blocks of rows of one plane array.
+
+    Args:
+        rows: ``(5, N)`` planes.
+        cols: ``(5, M)`` planes.
+
+    Returns:
+        ``(N, M)`` float32 IoU; pairs whose union is zero have IoU 0.
+    """
+    w = np.minimum(rows[2][:, None], cols[2][None, :])
+    w -= np.maximum(rows[0][:, None], cols[0][None, :])
+    np.maximum(w, 0.0, out=w)
+    h = np.minimum(rows[3][:, None], cols[3][None, :])
+    h -= np.maximum(rows[1][:, None], cols[1][None, :])
+    np.maximum(h, 0.0, out=h)
+    w *= h  # intersection
+    np.add(rows[4][:, None], cols[4][None, :], out=h)
+    h -= w  # union
+    iou = np.zeros_like(w)
+    np.divide(w, h, out=iou, where=h > 0)
+    return iou
+
+
 def box_iou(boxes1_xyxy: FloatArray, boxes2_xyxy: FloatArray) -> FloatArray:
     """Pairwise intersection over union.
 
@@ -93,16 +135,7 @@ def box_iou(boxes1_xyxy: FloatArray, boxes2_xyxy: FloatArray) -> FloatArray:
     Returns:
         ``(N, M)`` float32 IoU matrix; pairs whose union is zero have IoU 0.
     """
-    a1 = box_area(boxes1_xyxy)
-    a2 = box_area(boxes2_xyxy)
-    lt = np.maximum(boxes1_xyxy[:, None, 0:2], boxes2_xyxy[None, :, 0:2])
-    rb = np.minimum(boxes1_xyxy[:, None, 2:4], boxes2_xyxy[None, :, 2:4])
-    wh = np.clip(rb - lt, 0.0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    union = a1[:, None] + a2[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / union, 0.0)
-    return iou.astype(np.float32)
+    return box_iou_planes(box_planes(boxes1_xyxy), box_planes(boxes2_xyxy))
 
 
 def clip_boxes(boxes_xyxy: FloatArray, frame_hw: tuple[int, int]) -> FloatArray:

@@ -30,7 +30,7 @@ from enum import Enum
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.boxes import FloatArray, box_area
+from pipeline.boxes import FloatArray, box_iou_planes, box_planes
 
 IndexArray = npt.NDArray[np.int64]
 
@@ -74,35 +74,6 @@ def _sorted_order(scores: FloatArray, pre_nms_topk: int | None) -> IndexArray:
     return order
 
 
-def _box_columns(boxes_xyxy: FloatArray) -> FloatArray:
-    """``(5, N)`` float32 rows ``x1, y1, x2, y2, area`` (area as :func:`pipeline.boxes.box_area`)."""
-    cols = np.empty((5, boxes_xyxy.shape[0]), dtype=np.float32)
-    cols[0:4] = boxes_xyxy.T
-    cols[4] = box_area(boxes_xyxy)
-    return cols
-
-
-def _iou_block(rows: FloatArray, cols: FloatArray) -> FloatArray:
-    """IoU of ``(5, R)`` boxes against ``(5, M)`` boxes (see :func:`_box_columns`) as ``(R, M)`` float32.
-
-    Same float32 arithmetic, in the same order, as :func:`pipeline.boxes.box_iou` (so bit-identical
-    results), but on separate coordinate planes with in-place operations: about 3x faster and a
-    third of the temporary memory.
-    """
-    w = np.minimum(rows[2][:, None], cols[2][None, :])
-    w -= np.maximum(rows[0][:, None], cols[0][None, :])
-    np.maximum(w, 0.0, out=w)
-    h = np.minimum(rows[3][:, None], cols[3][None, :])
-    h -= np.maximum(rows[1][:, None], cols[1][None, :])
-    np.maximum(h, 0.0, out=h)
-    w *= h  # intersection
-    np.add(rows[4][:, None], cols[4][None, :], out=h)
-    h -= w  # union
-    iou = np.zeros_like(w)
-    np.divide(w, h, out=iou, where=h > 0)
-    return iou
-
-
 def _greedy_sorted(boxes_sorted: FloatArray, iou_threshold: float, max_output: int) -> IndexArray:
     """Greedy hard NMS on boxes already sorted by descending score.
 
@@ -111,7 +82,7 @@ def _greedy_sorted(boxes_sorted: FloatArray, iou_threshold: float, max_output: i
     k = boxes_sorted.shape[0]
     if k == 0 or max_output <= 0:
         return np.zeros(0, dtype=np.int64)
-    cols = _box_columns(boxes_sorted)
+    cols = box_planes(boxes_sorted)
     removed = np.zeros(k, dtype=bool)
     keep: list[int] = []
     block = max(1, _BLOCK_PAIRS // k)
@@ -121,7 +92,7 @@ def _greedy_sorted(boxes_sorted: FloatArray, iou_threshold: float, max_output: i
         rows = np.flatnonzero(~removed[start:stop]) + start
         if rows.size:
             # (R, k - start): does row r overlap candidate j (j >= start) more than the threshold?
-            over = _iou_block(cols[:, rows], cols[:, start:]) > iou_threshold
+            over = box_iou_planes(cols[:, rows], cols[:, start:]) > iou_threshold
             tail = removed[start:]  # a view: updates land in ``removed``
             for r, i in enumerate(rows.tolist()):
                 if removed[i]:
@@ -263,7 +234,7 @@ def soft_nms(
     thr = np.float32(score_threshold)
     alive = np.flatnonzero(s >= thr).astype(np.int64)  # ascending: argmax picks the lowest index on ties
     cur = s[alive]
-    cols = _box_columns(b[alive])
+    cols = box_planes(b[alive])
     keep: list[int] = []
     kept_scores: list[float] = []
     neg_inv_sigma = np.float32(-1.0 / sigma)
@@ -272,7 +243,7 @@ def soft_nms(
         j = int(np.argmax(cur))
         keep.append(int(alive[j]))
         kept_scores.append(float(cur[j]))
-        iou = _iou_block(cols[:, j : j + 1], cols)[0]
+        iou = box_iou_planes(cols[:, j : j + 1], cols)[0]
         if method is SoftNmsMethod.GAUSSIAN:
             iou *= iou
             iou *= neg_inv_sigma
