@@ -77,7 +77,8 @@ def ref_soft_nms(
                 cur[i] *= math.exp(-(o * o) / sigma)
             elif o > nt:
                 cur[i] *= 1.0 - o
-            gap = min(gap, abs(cur[i] - thr)) if cur[i] != thr else gap
+            # a decayed score at (or within rounding of) the threshold: float32 may land either side
+            gap = min(gap, abs(cur[i] - thr)) if (cur[i] != thr or cur[i] != scores[i]) else gap
         alive = [i for i in alive if cur[i] >= thr]
     return keep, kept_scores, gap
 
