@@ -28,7 +28,7 @@ import torch
 
 from pipeline.letterbox import letterbox
 from pipeline.modelcard import HeadLayout, HeadSpec, InputSpec, ModelCard, Normalization, Task, card_path_for, save_card
-from training.semantic_model import SemanticNet, SemanticNetConfig, count_parameters, gflops
+from training.semantic_model import build_semantic_model, count_parameters, gflops, semantic_config_from_dict
 from training.train_semantic import PAD_VALUE, TrainError, load_checkpoint
 
 OPSET = 17
@@ -39,7 +39,7 @@ class ExportError(Exception):
     """A checkpoint cannot be exported (unreadable, not semantic, or ONNX disagrees with PyTorch)."""
 
 
-def load_model(ckpt_path: str | os.PathLike[str]) -> tuple[SemanticNet, dict[str, Any]]:
+def load_model(ckpt_path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the eval-mode model from a semantic checkpoint.
 
     Args:
@@ -57,8 +57,8 @@ def load_model(ckpt_path: str | os.PathLike[str]) -> tuple[SemanticNet, dict[str
     except TrainError as e:
         raise ExportError(str(e)) from e
     try:
-        config = SemanticNetConfig.from_dict(dict(ckpt["model_config"]))
-        model = SemanticNet(config)
+        config = semantic_config_from_dict(dict(ckpt["model_config"]))
+        model = build_semantic_model(config)
         model.load_state_dict(ckpt["model"])
     except (ValueError, TypeError, RuntimeError) as e:
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
@@ -85,7 +85,7 @@ def real_frame_input(input_wh: tuple[int, int]) -> npt.NDArray[np.float32] | Non
     return (img.transpose(2, 0, 1)[None].astype(np.float32) / 255.0).copy()
 
 
-def parity_max_abs_diff(model: SemanticNet, onnx_path: str | os.PathLike[str], x: npt.NDArray[np.float32]) -> float:
+def parity_max_abs_diff(model: torch.nn.Module, onnx_path: str | os.PathLike[str], x: npt.NDArray[np.float32]) -> float:
     """Largest absolute difference between PyTorch and ONNX Runtime (CPU, FP32) outputs on ``x``.
 
     Args:
@@ -126,7 +126,7 @@ def export_semantic(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLi
         OSError: if the destination cannot be written.
     """
     model, ckpt = load_model(ckpt_path)
-    config = model.config
+    config = semantic_config_from_dict(dict(ckpt["model_config"]))
     out = Path(out_path)
     if not out.parent.is_dir():
         why = "not a directory" if out.parent.exists() else "output directory does not exist"

@@ -18,6 +18,7 @@ Looking Wider to See Better" (2015).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import Enum
 from typing import Any
 
 import cv2
@@ -182,6 +183,155 @@ class SemanticNet(nn.Module):
         y = self.head(y)
         return F.interpolate(y, scale_factor=float(self.config.decoder_stride), mode="bilinear",
                              align_corners=False)
+
+
+class SemanticArch(str, Enum):
+    """Architecture of a semantic checkpoint (``model_config["arch"]``; absent means ``UNET``)."""
+
+    UNET = "unet"
+    """:class:`SemanticNet`: the plain U-Net above, trained from random weights."""
+    PAN_FCN = "pan_fcn"
+    """:class:`PanFcnNet`: the detector's backbone and top-down FPN with an FCN head."""
+
+
+@dataclass(frozen=True)
+class PanFcnConfig:
+    """Architecture of a :class:`PanFcnNet`.
+
+    Attributes:
+        num_classes: output channels ``C`` (background + object classes).
+        input_wh: model input size ``(width, height)``, multiples of 32.
+        width: the detector's backbone widths at strides 2/4/8/16/32 (see
+            :class:`training.model.DetectorConfig`), before ``width_mult``.
+        width_mult: channel multiplier, as the detector's.
+        depth: Bottlenecks per C2f, as the detector's.
+        depth_mult: depth multiplier, as the detector's.
+        head_channels: channels of the FCN head (stride 8 and stride 4 convolutions).
+    """
+
+    num_classes: int = 11
+    input_wh: tuple[int, int] = DEFAULT_INPUT_WH
+    width: tuple[int, ...] = (16, 32, 64, 96, 128)
+    width_mult: float = 1.0
+    depth: tuple[int, ...] = (1, 1, 1, 1)
+    depth_mult: float = 1.0
+    head_channels: int = 48
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise ValueError(f"expected num_classes >= 2, got {self.num_classes}")
+        if len(self.width) != 5 or len(self.depth) != 4:
+            raise ValueError(f"expected 5 widths and 4 depths, got {self.width} and {self.depth}")
+        w, h = self.input_wh
+        if w <= 0 or h <= 0 or w % 32 or h % 32:
+            raise ValueError(f"expected input_wh multiples of 32, got {self.input_wh}")
+        if self.head_channels < 1:
+            raise ValueError(f"expected head_channels >= 1, got {self.head_channels}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type form for checkpoints (lists instead of tuples), with ``arch``."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {"arch": SemanticArch.PAN_FCN.value, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PanFcnConfig:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: on unknown keys or invalid values.
+        """
+        d = {k: v for k, v in d.items() if k != "arch"}
+        known = set(cls.__dataclass_fields__)
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"expected model config keys {sorted(known)}, got unknown {sorted(extra)}")
+        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in d.items()}
+        return cls(**kw)
+
+    def detector_config(self) -> Any:
+        """The :class:`training.model.DetectorConfig` whose backbone and neck this model shares."""
+        from training.model import DetectorConfig
+
+        return DetectorConfig(num_classes=1, width=self.width, width_mult=self.width_mult, depth=self.depth,
+                              depth_mult=self.depth_mult, input_wh=self.input_wh)
+
+
+class PanFcnNet(nn.Module):
+    """Semantic segmenter on the detector's backbone: C2f backbone + SPPF, top-down FPN, FCN head.
+
+    The backbone and the top-down path of the neck are the modules of
+    :class:`training.model.Detector` under the same names (prefixed ``body.``), so a trained
+    detector's weights initialise them (``python -m training.train --task semantic --arch pan_fcn
+    --init DETECTOR.pt``); the detector's bottom-up path and heads are not built. The head, FCN-style
+    with one U-Net skip: a 3x3 Conv on the stride-8 FPN output, 2x bilinear upsample, plus a 1x1
+    projection of the stride-4 backbone feature, a 3x3 Conv, a 1x1 classifier, and a 4x bilinear
+    upsample of the logits to the input resolution.
+
+    Input: ``(B, 3, H, W)`` float32 RGB ``pixel / 255``, ``H`` and ``W`` multiples of 32.
+    Output: ``(B, num_classes, H, W)`` float32 logits (class 0 = background).
+
+    References: Long et al., "Fully Convolutional Networks for Semantic Segmentation" (CVPR 2015);
+    Kirillov et al., "Panoptic Feature Pyramid Networks" (CVPR 2019), a semantic head on a
+    detector's FPN.
+
+    Args:
+        config: the architecture.
+    """
+
+    def __init__(self, config: PanFcnConfig) -> None:
+        super().__init__()
+        from training.model import Conv, Detector
+
+        self.config = config
+        body = Detector(config.detector_config())
+        for name in ("bu3", "bu4", "bu4d", "bu5", "box_branch", "cls_branch", "mask_branch", "proto", "dfl"):
+            if hasattr(body, name):
+                delattr(body, name)
+        self.body = body
+        w = body.channels
+        c = config.head_channels
+        self.head8 = Conv(w[2], c, 3)
+        self.lateral4 = Conv(w[1], c, 1)
+        self.head4 = Conv(c, c, 3)
+        self.classifier = nn.Conv2d(c, config.num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, 3, H, W)`` float32 in ``[0, 1]`` to ``(B, num_classes, H, W)`` logits."""
+        b = self.body
+        s4 = b.c2f1(b.down1(b.stem(x)))
+        p3 = b.c2f2(b.down2(s4))
+        p4 = b.c2f3(b.down3(p3))
+        p5 = b.sppf(b.c2f4(b.down4(p4)))
+        t4 = b.td4(torch.cat((b.up(p5), p4), 1))
+        n3 = b.td3(torch.cat((b.up(t4), p3), 1))
+        y = F.interpolate(self.head8(n3), scale_factor=2.0, mode="bilinear", align_corners=False)
+        y = self.head4(y + self.lateral4(s4))
+        return F.interpolate(self.classifier(y), scale_factor=4.0, mode="bilinear", align_corners=False)
+
+
+SemanticConfig = SemanticNetConfig | PanFcnConfig
+
+
+def semantic_config_from_dict(d: dict[str, Any]) -> SemanticConfig:
+    """The config of a checkpoint's ``model_config`` (its ``arch``, a :class:`SemanticArch` value).
+
+    Raises:
+        ValueError: on an unknown ``arch``, unknown keys or invalid values.
+    """
+    try:
+        arch = SemanticArch(d.get("arch", SemanticArch.UNET.value))
+    except ValueError as e:
+        raise ValueError(f"expected arch in {[a.value for a in SemanticArch]}, got {d.get('arch')!r}") from e
+    if arch is SemanticArch.PAN_FCN:
+        return PanFcnConfig.from_dict(d)
+    return SemanticNetConfig.from_dict({k: v for k, v in d.items() if k != "arch"})
+
+
+def build_semantic_model(config: SemanticConfig) -> nn.Module:
+    """The model of a config: :class:`SemanticNet` or :class:`PanFcnNet`."""
+    if isinstance(config, PanFcnConfig):
+        return PanFcnNet(config)
+    return SemanticNet(config)
 
 
 def count_parameters(model: nn.Module) -> int:

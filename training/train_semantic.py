@@ -46,10 +46,14 @@ from pipeline.letterbox import LetterboxParams, letterbox
 from training.augment import h264_roundtrip
 from training.semantic_model import (
     DEFAULT_INPUT_WH,
-    SemanticNet,
+    PanFcnConfig,
+    SemanticArch,
+    SemanticConfig,
     SemanticNetConfig,
+    build_semantic_model,
     count_parameters,
     letterbox_labels,
+    semantic_config_from_dict,
 )
 
 TASK = "semantic"
@@ -302,7 +306,7 @@ def make_batch(
 
 @torch.no_grad()
 def evaluate_cache(
-    model: SemanticNet, cache: SemanticCache, num_classes: int, batch: int = 8
+    model: torch.nn.Module, cache: SemanticCache, num_classes: int, batch: int = 8
 ) -> npt.NDArray[np.int64]:
     """Confusion matrix of ``model`` on a cache (full letterboxed inputs, pad pixels excluded).
 
@@ -359,17 +363,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--crop", type=_parse_wh, default=(384, 256), help="training crop WIDTHxHEIGHT of the input")
     p.add_argument("--input", type=_parse_wh, default=DEFAULT_INPUT_WH, help="model input WIDTHxHEIGHT")
+    p.add_argument("--arch", choices=[a.value for a in SemanticArch], default=SemanticArch.UNET.value,
+                   help="unet: the plain U-Net from random weights; pan_fcn: the detector's backbone and FPN "
+                        "with an FCN head (initialise it with --init DETECTOR_CHECKPOINT)")
+    p.add_argument("--init", default=None,
+                   help="pan_fcn: initialise the backbone and FPN from this detector checkpoint "
+                        "(training.train --task detect); its widths and depths are taken")
     p.add_argument("--widths", type=_parse_widths, default=SemanticNetConfig().widths,
-                   help="encoder stage widths (strides 2, 4, ...)")
+                   help="unet: encoder stage widths (strides 2, 4, ...)")
     p.add_argument("--dice", type=float, default=0.5, help="weight of the soft Dice loss (0: cross-entropy only)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--h264-fraction", type=float, default=0.5, help="fraction of images with H.264 artifacts")
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                   help="bfloat16 autocast for the forward pass (auto: where the CPU has native bf16)")
     return p
 
 
 # settings that a resumed run takes from its checkpoint, not from the command line
 _RESUMED_KEYS = ("images", "val_images", "seed", "batch", "lr", "crop", "input", "widths", "dice",
-                 "weight_decay", "h264_fraction")
+                 "weight_decay", "h264_fraction", "arch", "init")
 
 
 def _check_args(a: argparse.Namespace) -> None:
@@ -381,6 +393,39 @@ def _check_args(a: argparse.Namespace) -> None:
         raise TrainError(f"expected --crop inside --input {a.input}, got {a.crop}")
     if not 0.0 <= a.h264_fraction <= 1.0:
         raise TrainError(f"expected --h264-fraction in [0, 1], got {a.h264_fraction}")
+    if a.init and a.arch != SemanticArch.PAN_FCN.value:
+        raise TrainError(f"--init: expected --arch {SemanticArch.PAN_FCN.value} (the U-Net has no detector backbone)")
+
+
+def detector_init(path: str | os.PathLike[str], num_classes: int, input_wh: tuple[int, int]) -> tuple[
+        PanFcnConfig, dict[str, torch.Tensor]]:
+    """The :class:`PanFcnConfig` and ``body.``-prefixed weights taken from a detector checkpoint.
+
+    Args:
+        path: a ``training.train --task detect|segment`` checkpoint (``best.pt`` / ``last.pt``).
+        num_classes: semantic classes ``C``.
+        input_wh: model input size ``(width, height)``.
+
+    Returns:
+        ``(config, state)``: the detector's widths and depths in a config, and its backbone and
+        top-down FPN weights keyed as :class:`training.semantic_model.PanFcnNet` names them.
+
+    Raises:
+        TrainError: if the file is not a detector checkpoint (the message names it).
+    """
+    p = Path(path)
+    if not p.is_file() or not zipfile.is_zipfile(p):
+        raise TrainError(f"{p}: not a torch checkpoint")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)  # our own training checkpoints
+        det = dict(ckpt["model_config"])
+        state = ckpt["model"]
+        config = PanFcnConfig(num_classes=num_classes, input_wh=input_wh, width=tuple(det["width"]),
+                              width_mult=float(det["width_mult"]), depth=tuple(det["depth"]),
+                              depth_mult=float(det["depth_mult"]))
+    except Exception as e:  # torch.load raises many unpickling error types; KeyError/TypeError on other files
+        raise TrainError(f"{p}: not a detector checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+    return config, {f"body.{k}": v for k, v in state.items()}
 
 
 def _save(obj: dict[str, Any], path: Path) -> None:
@@ -462,15 +507,30 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     cv2.setNumThreads(1)
     torch.manual_seed(args.seed)
     class_names = semantic_class_names()
+    config: SemanticConfig
+    init_state: dict[str, torch.Tensor] = {}
     if ckpt is not None:
         try:
-            config = SemanticNetConfig.from_dict(dict(ckpt["model_config"]))
+            config = semantic_config_from_dict(dict(ckpt["model_config"]))
         except (TypeError, ValueError) as e:
             raise TrainError(f"{out / 'last.pt'}: bad model config ({e})") from e
+    elif args.arch == SemanticArch.PAN_FCN.value:
+        if args.init:
+            config, init_state = detector_init(args.init, len(class_names), args.input)
+        else:
+            config = PanFcnConfig(num_classes=len(class_names), input_wh=args.input)
     else:
         config = SemanticNetConfig(num_classes=len(class_names), input_wh=args.input, widths=args.widths,
                                    depths=(1,) + (2,) * (len(args.widths) - 1))
-    model = SemanticNet(config)
+    model = build_semantic_model(config)
+    if init_state:
+        own = model.state_dict()
+        matched = {k: v for k, v in init_state.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(matched, strict=False)
+        print(f"init: {len(matched)}/{len(own)} tensors from {args.init}", file=sys.stderr)
+    from training.train import bf16_supported
+
+    use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and bf16_supported())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start_epoch, iteration, best = 0, 0, -1.0
     if ckpt is not None:
@@ -487,7 +547,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     seeds = {"train_dataset": args.seed, "val_dataset": val_seed, "torch": args.seed, "epoch_plan": args.seed}
     command = "python -m training.train_semantic " + shlex.join(argv)
     commands = [*ckpt.get("commands", [ckpt.get("command")]), command] if ckpt is not None else [command]
-    print(f"semantic: {count_parameters(model)} params, input {config.input_wh}, crop {args.crop}, "
+    print(f"semantic: {type(model).__name__} {count_parameters(model)} params, input {config.input_wh}, "
+          f"crop {args.crop}, bf16={use_bf16}, "
           f"{args.images} train / {args.val_images} val images, {ipe} iters/epoch, {total} iters in all"
           + (f", resuming at epoch {start_epoch} iteration {iteration}" if ckpt else ""), file=sys.stderr)
     if iteration >= total:
@@ -534,7 +595,9 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
             for group in opt.param_groups:
                 group["lr"] = lr
             x, y = make_batch(train, plan, it, args.crop)
-            logits = model(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(x)
+            logits = logits.float()
             loss = F.cross_entropy(logits, y)
             if args.dice > 0:
                 loss = loss + args.dice * soft_dice_loss(logits, y)

@@ -284,3 +284,69 @@ def test_export_bad_input(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert not out.exists() and not list(tmp_path.glob("*.onnx*"))
+
+
+# ---------------------------------------------------------------- PAN-FCN (detector backbone)
+
+
+def test_pan_fcn_output_shape_and_config_round_trip() -> None:
+    from training.semantic_model import PanFcnConfig, PanFcnNet, semantic_config_from_dict
+
+    cfg = PanFcnConfig(width=(8, 8, 16, 16, 16), input_wh=(128, 96), head_channels=8)
+    model = PanFcnNet(cfg).eval()
+    with torch.no_grad():
+        y = model(torch.rand(2, 3, 96, 128))
+    assert y.shape == (2, 11, 96, 128) and y.dtype == torch.float32
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["arch"] == "pan_fcn" and semantic_config_from_dict(d) == cfg
+    unet = SemanticNetConfig(widths=(8, 8, 8, 8), depths=(1, 1, 1, 1), input_wh=(128, 64))
+    assert semantic_config_from_dict(unet.to_dict()) == unet  # no arch key: a U-Net checkpoint
+    with pytest.raises(ValueError, match="expected arch"):
+        semantic_config_from_dict({**d, "arch": "bogus"})
+    with pytest.raises(ValueError, match="expected input_wh"):
+        PanFcnConfig(input_wh=(100, 96))
+
+
+@pytest.fixture(scope="module")
+def tiny_detector_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.model import Detector, DetectorConfig
+
+    torch.manual_seed(0)
+    cfg = DetectorConfig(width=(8, 8, 16, 16, 16))
+    path = tmp_path_factory.mktemp("det") / "det.pt"
+    torch.save({"model": Detector(cfg).state_dict(), "model_config": cfg.to_dict(), "task": "detect"}, path)
+    return path
+
+
+def test_pan_fcn_init_from_detector_and_export(tiny_detector_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--arch", "pan_fcn", "--init", str(tiny_detector_ckpt), "--crop", "128x64",
+            "--images", "4", "--val-images", "2", "--batch", "2", "--epochs", "1", "--threads", "2", "--bf16", "off"]
+    assert ts.main(args) == 0
+    ckpt = ts.load_checkpoint(out / "last.pt")
+    assert ckpt["model_config"]["arch"] == "pan_fcn" and ckpt["model_config"]["width"] == [8, 8, 16, 16, 16]
+    # the backbone started from the detector's weights (one step of AdamW moves them only a little)
+    det = torch.load(tiny_detector_ckpt, weights_only=False)["model"]
+    w0, w1 = det["stem.conv.weight"], ckpt["model"]["body.stem.conv.weight"]
+    assert torch.allclose(w0, w1, atol=0.05) and not torch.equal(w0, w1)
+    onnx_path = tmp_path / "semantic.onnx"
+    card = ex.export_semantic(out / "best.pt", onnx_path)
+    assert card.task == Task.SEMANTIC and card.head.num_classes == 11
+    model, _ = ex.load_model(out / "best.pt")
+    x = np.random.default_rng(0).random((2, 3, 384, 640), dtype=np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.abs(_ort_run(onnx_path, x) - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--init", "nope.pt"], "--init: expected --arch pan_fcn"),
+        (["--arch", "pan_fcn", "--init", "nope.pt"], "nope.pt: not a torch checkpoint"),
+    ],
+)
+def test_pan_fcn_bad_init(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    assert ts.main(["--out", str(tmp_path / "r"), *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
