@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", metavar="NAME", help="onnxruntime, tensorrt or cuda [engine.backend]")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N [engine.device]")
     p.add_argument("--loop", type=int, metavar="N", help="read each file N times (soak test) [decode.loop]")
+    p.add_argument("--hwaccel", metavar="NAME", help="video decoder: none (CPU) or cuda (NVDEC) [decode.hwaccel]")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on this port (off by default) [sinks.metrics_port]")
     p.add_argument("--config", metavar="X.yaml", help="YAML preset (default $STREAMDET_CONFIG)")
@@ -101,7 +102,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "sinks.publish_wait_subscribers": args.wait_subscribers, "sinks.jsonl": args.jsonl,
         "sinks.video_out": args.video_out, "max_frames": args.max_frames, "preprocess.max_batch": args.batch,
         "engine.intra_op_threads": args.threads, "engine.backend": args.backend,
-        "engine.device": args.device, "decode.loop": args.loop, "sinks.metrics_port": args.metrics_port,
+        "engine.device": args.device, "decode.loop": args.loop, "decode.hwaccel": args.hwaccel,
+        "sinks.metrics_port": args.metrics_port,
         "quiet": args.quiet,
     }
     for key, value in flags.items():

@@ -58,6 +58,15 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def _why_no_cuda() -> str:
+    """Why torch sees no CUDA GPU, for the error message."""
+    try:
+        import torch
+    except ImportError:
+        return "PyTorch is not installed: pip install -e '.[train]' or a CUDA build of torch"
+    return f"torch.cuda.is_available() is False; torch {torch.__version__}"
+
+
 def tensorrt_available() -> bool:
     """Whether the real TensorRT runtime imports (not just ``tensorrt-stubs``)."""
     from engines.tensorrt_backend import import_tensorrt
@@ -80,7 +89,7 @@ def _problem(backend: Backend, device: str, model_path: Path) -> str:
     """Why ``backend`` on ``device`` cannot run here ("" if it can)."""
     is_cuda = device != "cpu"
     if is_cuda and not cuda_available():
-        return f"--device {device} needs a CUDA GPU (torch.cuda.is_available() is False)"
+        return f"--device {device} needs a CUDA GPU ({_why_no_cuda()})"
     if backend is Backend.TENSORRT:
         if not is_cuda:
             return "--backend tensorrt runs on --device cuda only"
@@ -137,7 +146,8 @@ def choose_backend(
         raise EngineError(problem)
     onnx = path if path.suffix == ".onnx" else path.with_suffix(".onnx")
     start = FALLBACK_ORDER.index(backend) + 1 if backend in FALLBACK_ORDER else 0
-    for candidate in FALLBACK_ORDER[start:]:
+    # after the last backend (onnxruntime on a GPU) comes the same backend on the CPU
+    for candidate in FALLBACK_ORDER[start:] or FALLBACK_ORDER[-1:]:
         for dev in ((device, "cpu") if device != "cpu" else ("cpu",)):
             if candidate is Backend.TENSORRT and dev == "cpu":
                 continue

@@ -69,8 +69,12 @@ def import_tensorrt() -> Any:
     return trt
 
 
-def torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+def torch_dtype(trt: Any, dtype: tensorrt.DataType) -> torch.dtype:
     """The torch dtype of a TensorRT ``DataType``.
+
+    Args:
+        trt: the ``tensorrt`` module (or a stand-in with the same ``DataType``).
+        dtype: a tensor's ``DataType``.
 
     Raises:
         EngineError: for TensorRT types torch has no match for (FP8, INT4, FP4, ...).
@@ -155,10 +159,10 @@ class TensorRTEngine(Engine):
         self.max_batch = 0
         self.min_batch = 1
         self.rebuilt = False
-        self._trt: Any = None
-        self._runtime: Any = None
-        self._engine: Any = None
-        self._context: Any = None
+        self._trt: Any = None  # the tensorrt module, or the tests' stand-in for it
+        self._runtime: tensorrt.Runtime | None = None
+        self._engine: tensorrt.ICudaEngine | None = None
+        self._context: tensorrt.IExecutionContext | None = None
         self._device: Any = None
         self._input_dtype: Any = None
         self._input_buf: Any = None

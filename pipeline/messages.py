@@ -7,6 +7,8 @@ Every boundary between two stages carries ONE frozen message class, validated wh
 * engine -> postprocess: :class:`ResultMsg` (the raw model outputs of one batch);
 * any data stage -> the next: :class:`EndOfStream` (the last message of one source);
 * consumer -> producer: :class:`CreditMsg` (a shared-memory slot handed back);
+* preprocess -> engine, once before the first batch of a device tensor pool: :class:`PoolHandleMsg`
+  (how to open the pool's ring on the GPU, ``--device cuda``);
 * stage -> runner: :class:`StatusMsg` (ready, progress, errors, done);
 * decode -> postprocess (events socket): :class:`SourceStatusMsg` (a live source's state, drops).
 
@@ -57,6 +59,7 @@ class MsgKind(IntEnum):
     CREDIT = 5
     STATUS = 6
     SOURCE_STATUS = 7
+    POOL_HANDLE = 8
 
 
 class EosReason(str, Enum):
@@ -591,7 +594,48 @@ class SourceStatusMsg:
         return _expect(decode_message(data), cls)
 
 
-Message = FrameMsg | BatchMsg | ResultMsg | EndOfStream | CreditMsg | StatusMsg | SourceStatusMsg
+@dataclass(frozen=True, slots=True)
+class PoolHandleMsg:
+    """How to open a device tensor pool (preprocess -> engine, once, before the pool's first batch).
+
+    A :class:`BatchMsg` whose ``tensor_pool`` was announced this way has its input tensor in that
+    device ring (``--device cuda`` with ``preprocess.on_device``), not in host shared memory.
+
+    Attributes:
+        pool: the pool's name (the ``tensor_pool`` of the batches and credits that follow).
+        handle: the msgpack-encoded :class:`pipeline.gpu.tensor_pool.DeviceTensorPoolHandle`.
+    """
+
+    pool: str
+    handle: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pool, str) or not self.pool:
+            raise ValueError(f"expected a pool name, got {self.pool!r:.80}")
+        if not isinstance(self.handle, bytes) or not self.handle:
+            raise ValueError(f"expected the handle as non-empty bytes, got {type(self.handle).__name__}")
+
+    def encode(self) -> bytes:
+        """Encode as msgpack ``[WIRE_VERSION, MsgKind.POOL_HANDLE, pool, handle]``."""
+        return _pack(MsgKind.POOL_HANDLE, [self.pool, self.handle])
+
+    @classmethod
+    def _from_fields(cls, f: list[Any]) -> PoolHandleMsg:
+        if len(f) != 2:
+            raise ValueError(f"expected 2 PoolHandleMsg fields, got {len(f)}")
+        return cls(f[0], f[1])
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> PoolHandleMsg:
+        """Inverse of :meth:`encode`.
+
+        Raises:
+            ValueError: on a wrong version, kind or field.
+        """
+        return _expect(decode_message(data), cls)
+
+
+Message = FrameMsg | BatchMsg | ResultMsg | EndOfStream | CreditMsg | StatusMsg | SourceStatusMsg | PoolHandleMsg
 """Any message that crosses a stage boundary."""
 
 
@@ -643,6 +687,8 @@ def decode_message(data: bytes | memoryview) -> Message:
                 return StatusMsg._from_fields(fields)
             case MsgKind.SOURCE_STATUS:
                 return SourceStatusMsg._from_fields(fields)
+            case MsgKind.POOL_HANDLE:
+                return PoolHandleMsg._from_fields(fields)
     except (TypeError, IndexError, KeyError) as e:
         raise ValueError(f"expected valid {k.name} fields, got {fields!r:.200} ({e})") from e
     raise AssertionError(f"unhandled kind {k}")  # pragma: no cover

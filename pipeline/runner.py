@@ -39,9 +39,10 @@ from typing import Any
 
 import zmq
 
-from engines.base import EngineError
+from engines.base import Backend, EngineError
 from pipeline.messages import StageName, StatusKind, StatusMsg, check_source_id
 from pipeline.modelcard import ModelCard, ModelCardError
+from pipeline.postprocess import device_nms_supported
 from pipeline.settings import Settings
 from pipeline.slotpool import unlink_pool
 from pipeline.stages.base import StageSpec, stage_main
@@ -197,6 +198,8 @@ class ModelChain:
         max_batch: frames per engine batch.
         pad_batches: whether batches are padded to ``max_batch`` (static batch size).
         source_ids: the sources this model serves, in source order.
+        tensor_device: the torch device its preprocess writes input tensors on (the engine's CUDA
+            device with ``preprocess.on_device``), or None for host shared memory.
     """
 
     model: ModelInfo
@@ -204,6 +207,7 @@ class ModelChain:
     max_batch: int
     pad_batches: bool
     source_ids: tuple[str, ...]
+    tensor_device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -228,11 +232,16 @@ class Pipeline:
         progress: show a tqdm progress bar on stderr (default: unless ``settings.quiet`` or stderr
             is not a TTY).
         monitor: called about every 50 ms while running with the pipeline (e.g. to sample memory).
+        tensor_device: tests only: run the device-tensor path (device preprocess, ``infer_device``,
+            device NMS) with torch tensors on this device, whatever ``engine.device`` is (``"cpu"``
+            exercises the GPU wiring without a GPU; needs ``--backend cuda``). None: the path runs
+            when the engine is on a CUDA device and ``preprocess.on_device`` is on.
     """
 
     def __init__(self, *, settings: Settings, progress: bool | None = None,
-                 monitor: Callable[[Pipeline], None] | None = None) -> None:
+                 monitor: Callable[[Pipeline], None] | None = None, tensor_device: str | None = None) -> None:
         self.settings = settings
+        self.tensor_device = tensor_device
         self.progress = (not settings.quiet and sys.stderr.isatty()) if progress is None else progress
         self.monitor = monitor
         self._prepared: _Prepared | None = None
@@ -254,9 +263,12 @@ class Pipeline:
         infos = []
         for entry, sid in zip(entries, ids, strict=True):
             try:
-                infos.append(probe_source(entry.url, sid, max_fps=entry.max_fps))
+                info = probe_source(entry.url, sid, max_fps=entry.max_fps, hwaccel=s.decode.hwaccel_options())
             except SourceError as e:
                 raise PipelineError(str(e)) from e
+            if info.warning:  # decode.hwaccel_fallback: said once, at start-up, like the engine's fallback
+                print(f"warning: {info.warning}", file=sys.stderr)
+            infos.append(info)
         chains: dict[tuple[Path, Path | None], list[str]] = {}
         for entry, sid in zip(entries, ids, strict=True):
             key = (entry.model, entry.card) if entry.model is not None else (s.model, s.card)
@@ -277,13 +289,17 @@ class Pipeline:
             from engines.select import choose_backend
 
             eng = s.engine
-            choose_backend(eng.backend, eng.device, info.path, allow_fallback=eng.allow_fallback)
+            choice = choose_backend(eng.backend, eng.device, info.path, allow_fallback=eng.allow_fallback)
         except (EngineError, ModelCardError) as e:
             raise PipelineError(str(e)) from e
         max_batch, pad = s.preprocess.max_batch, False
         if info.static_batch is not None or not card.input.dynamic_batch:
             max_batch, pad = info.static_batch or 1, True
-        return ModelChain(info, card, max_batch, pad, source_ids)
+        tensor_device = self.tensor_device
+        if tensor_device is None and s.preprocess.on_device and choice.device != "cpu" \
+                and choice.backend in (Backend.CUDA, Backend.TENSORRT):  # engines with infer_device
+            tensor_device = choice.device
+        return ModelChain(info, card, max_batch, pad, source_ids, tensor_device)
 
     @property
     def chains(self) -> list[ModelChain]:
@@ -350,15 +366,20 @@ class Pipeline:
             ep = endpoints if len(p.chains) == 1 else endpoints.for_chain(k, [pool_of[i] for i in chain.source_ids])
             chain_of.update((sid, ep) for sid in chain.source_ids)
             m = len(chain.source_ids)
+            post_cfg = s.postprocess.to_config()
+            device_nms = post_cfg if chain.tensor_device is not None and device_nms_supported(chain.card, post_cfg) \
+                else None
             specs += [
                 EngineSpec(control=ctl, card=chain.card, model_path=str(chain.model.path), backend=s.engine.backend,
                            device=s.engine.device, intra_op_threads=s.engine.intra_op_threads,
                            allow_fallback=s.engine.allow_fallback, endpoints=ep, num_sources=m,
-                           warmup_batch=chain.max_batch),
+                           warmup_batch=chain.max_batch, device_batches=chain.tensor_device is not None,
+                           device_nms=device_nms),
                 PreprocessSpec(control=ctl, nice=s.preprocess.nice, card=chain.card, endpoints=ep,
                                tensor_pool=tensor_pool, tensor_slots=s.preprocess.tensor_slots,
                                max_batch=chain.max_batch, pad_batches=chain.pad_batches,
-                               max_wait_ms=s.preprocess.max_wait_ms, keep_pixels=sinks.needs_pixels, num_sources=m),
+                               max_wait_ms=s.preprocess.max_wait_ms, keep_pixels=sinks.needs_pixels, num_sources=m,
+                               tensor_device=chain.tensor_device),
             ]
         for src, pool in zip(p.sources, pools, strict=True):
             specs.append(DecodeSpec(control=ctl, nice=s.decode.nice, source=src, pool=pool,

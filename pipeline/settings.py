@@ -29,7 +29,7 @@ from pydantic_settings import (
 
 from engines.base import Backend
 from pipeline.postprocess import NmsMethod, PostprocessConfig
-from pipeline.stages.decode import DecodeThreads, LiveOptions, RtspTransport
+from pipeline.stages.decode import DecodeThreads, HWAccelMode, HWAccelOptions, LiveOptions, RtspTransport
 from pipeline.transport import TransportMode
 
 ENV_PREFIX = "STREAMDET_"
@@ -102,6 +102,13 @@ class DecodeSettings(_Section):
         live_slots: frames in flight per live (URL) source: few, so that latency stays bounded
             (the decoder keeps only the newest frame while they are all in use).
         threads: FFmpeg decoder threading.
+        hwaccel: ``none`` (software decode on the CPU) or ``cuda`` (NVDEC on an NVIDIA GPU, through
+            FFmpeg's hwaccel in PyAV; each decoded frame is downloaded to host memory once and the
+            rest of the pipeline is unchanged, see docs/gpu.md). Checked at start-up for every
+            source: if it cannot be used the run fails with one line naming the source.
+        hwaccel_device: GPU index of the hardware decoder.
+        hwaccel_fallback: if the hardware decoder cannot be used for a source, decode that source in
+            software with a warning, instead of failing.
         loop: read each file source this many times in a row (soak tests, memory checks).
         nice: niceness of the stage's process (0..19; higher yields the CPU to the engine).
         rtsp_transport: ``tcp`` (default) or ``udp`` for ``rtsp://`` sources.
@@ -117,6 +124,9 @@ class DecodeSettings(_Section):
     slots: int = Field(default=12, ge=2, le=1024)
     live_slots: int = Field(default=4, ge=2, le=1024)
     threads: DecodeThreads = DecodeThreads.AUTO
+    hwaccel: HWAccelMode = HWAccelMode.NONE
+    hwaccel_device: int = Field(default=0, ge=0, le=63)
+    hwaccel_fallback: bool = False
     loop: int = Field(default=1, ge=1)
     nice: int = Field(default=DEFAULT_LIGHT_STAGE_NICE, ge=0, le=19)
     rtsp_transport: RtspTransport = RtspTransport.TCP
@@ -134,6 +144,10 @@ class DecodeSettings(_Section):
                            reconnect_initial_s=self.reconnect_initial_s, reconnect_max_s=self.reconnect_max_s,
                            reconnect_max_attempts=self.reconnect_max_attempts)
 
+    def hwaccel_options(self) -> HWAccelOptions:
+        """The hardware-decoding options of the decode stage."""
+        return HWAccelOptions(mode=self.hwaccel, device=self.hwaccel_device, fallback=self.hwaccel_fallback)
+
 
 class PreprocessSettings(_Section):
     """Letterbox and batching.
@@ -142,12 +156,17 @@ class PreprocessSettings(_Section):
         max_batch: frames per engine batch (a model with a static batch size overrides it).
         max_wait_ms: send a partial batch this long after its first frame.
         tensor_slots: input tensors in flight between preprocess and engine (>= 2).
+        on_device: with the engine on a CUDA device (``--backend cuda`` or ``tensorrt``), copy each
+            frame to the GPU once and letterbox, normalise and batch it there, in GPU tensors the
+            engine reads without a host copy (detect models also get their NMS on the GPU); off:
+            preprocess on the CPU as with ``--device cpu``. No effect on the CPU.
         nice: niceness of the stage's process (0..19; higher yields the CPU to the engine).
     """
 
     max_batch: int = Field(default=4, ge=1, le=256)
     max_wait_ms: float = Field(default=5.0, ge=0.0, le=60_000.0)
     tensor_slots: int = Field(default=3, ge=2, le=64)
+    on_device: bool = True
     nice: int = Field(default=DEFAULT_LIGHT_STAGE_NICE, ge=0, le=19)
 
 

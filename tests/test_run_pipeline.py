@@ -46,17 +46,17 @@ def assert_no_orphans(marker: str) -> None:
     assert processes_with(marker) == []
 
 
-def start(args, **kw):
+def start(args, extra_env=None, **kw):
     marker = f"STREAMDET_TEST_MARKER={uuid.uuid4().hex}"
-    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1], **(extra_env or {})}
     env.pop("STREAMDET_CONFIG", None)
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
     return proc, marker.split("=")[1]
 
 
-def run(args, timeout=120):
-    proc, marker = start(args)
+def run(args, timeout=120, extra_env=None):
+    proc, marker = start(args, extra_env)
     out, err = proc.communicate(timeout=timeout)
     assert_no_orphans(marker)
     return proc.returncode, out, err
@@ -177,6 +177,55 @@ def test_bad_input_one_error_line(model, tmp_path, case, code, needle):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert needle in lines[0] and named in lines[0]
     assert "Traceback" not in out + err
+
+
+def _cuda_here() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _tensorrt_here() -> bool:
+    from engines.select import tensorrt_available
+
+    return tensorrt_available()
+
+
+@pytest.mark.parametrize("flags, env, needle, applies", [
+    (["--device", "cuda"], {}, "--device cuda needs a CUDA GPU", lambda: not _cuda_here()),
+    ([], {"STREAMDET_ENGINE__DEVICE": "cuda"}, "--device cuda needs a CUDA GPU", lambda: not _cuda_here()),
+    (["--backend", "tensorrt", "--device", "cuda:1"], {}, "--device cuda:1 needs a CUDA GPU",
+     lambda: not _cuda_here()),
+    (["--backend", "tensorrt"], {}, "--backend tensorrt runs on --device cuda only", lambda: True),
+    (["--backend", "tensorrt", "--device", "cuda"], {}, "--backend tensorrt needs TensorRT",
+     lambda: _cuda_here() and not _tensorrt_here()),
+], ids=["device-cuda", "device-cuda-env", "tensorrt-cuda1", "tensorrt-cpu", "tensorrt-missing"])
+def test_gpu_request_that_cannot_run_fails_without_fallback(model, tmp_path, flags, env, needle, applies):
+    """One error line, exit 1, nothing decoded or written: never a silent run on a slower path."""
+    if not applies():
+        pytest.skip("this machine can run the request")
+    out_path = tmp_path / "o.jsonl"
+    rc, out, err = run(base(model, "--source", str(bikes_path()), "--max-frames", "3", "--jsonl", str(out_path),
+                            *flags), extra_env=env)
+    lines = err.strip().splitlines()
+    assert rc == 1, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert out == "" and not out_path.exists()
+    assert "Traceback" not in err
+
+
+def test_gpu_fallback_only_when_a_setting_asks(model, tmp_path):
+    if _cuda_here():
+        pytest.skip("this machine has a CUDA GPU: nothing to fall back from")
+    rc, out, err = run(base(model, "--source", str(bikes_path()), "--max-frames", "3", "--device", "cuda",
+                            "--set", "engine.allow_fallback=true"))
+    assert rc == 0, err
+    assert out.startswith("frames=3 ")
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: --device cuda needs a CUDA GPU"), err
+    assert lines[0].endswith("falling back to --backend onnxruntime --device cpu")
 
 
 def test_truncated_file_keeps_every_decoded_frame(model, tmp_path, truncated):

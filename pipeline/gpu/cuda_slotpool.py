@@ -9,14 +9,22 @@ ids travel, in the pipeline's ordinary frame messages, and slots come back as
 :class:`~pipeline.slotpool.SlotCredits`). A producer with no free slot waits for a credit: GPU
 memory stays fixed and a slow consumer slows the producer (backpressure).
 
+The handle is plain data, never a pickle: :class:`CudaIpcStorage` holds the fields of
+``torch.UntypedStorage._share_cuda_()`` (device index, IPC memory handle, storage size and offset
+within its allocation, the producer's reference-counter file and slot, IPC event handle), and
+:class:`CudaPoolHandle` adds the ring's shape, stride, storage offset and dtype; it travels as
+msgpack and is validated field by field when built. The consumer rebuilds the ring with
+``torch.multiprocessing.reductions.rebuild_cuda_tensor``, the function PyTorch's own reducer
+names, from those fields.
+
 Why this shape (PyTorch CUDA IPC traps):
 
 * Only the ``spawn`` / ``forkserver`` start methods work with CUDA (a forked child cannot use CUDA).
-* An IPC handle names a whole caching-allocator block, not a tensor: the handle is serialized
-  with PyTorch's own reduction (``torch.multiprocessing.reductions``), which carries the storage
-  offset and size, so the consumer's view starts at the right byte.
+* An IPC handle names a whole caching-allocator block, not a tensor: the handle carries the
+  storage's offset and size within the block, so the consumer's view starts at the right byte.
 * Opening a handle is expensive and every open maps memory again (consumer memory growth, pytorch
-  #27975): each handle is opened once per consumer and cached.
+  #27975): each ring is opened once per consumer and cached; a repeated handle for an open ring
+  only releases its producer-side reference count.
 * The producer must keep the block alive while any consumer holds it; the ring lives as long as
   the producer. A consumer that crashes while holding the ring leaks the mapping until the
   producer exits, never a growing amount.
@@ -27,19 +35,17 @@ Why this shape (PyTorch CUDA IPC traps):
   finish reading a slot (synchronize the stream of the kernels that read it) before sending the
   credit (:meth:`CudaPoolCache.done_reading`).
 
-The same code runs on CPU tensors (``device="cpu"``: the ring goes to shared memory) so the tests
-exercise it without a GPU; there the handle carries a file descriptor that only a process started
-by the same runner (same ``multiprocessing`` authkey) can open.
+The same code runs on CPU tensors (``device="cpu"``: the ring goes to PyTorch's ``file_system``
+shared memory, described by :class:`SharedMemStorage`) so the tests exercise it without a GPU.
 
 Reference: PyTorch docs, "Multiprocessing best practices" (CUDA tensors, ``spawn``, keeping the
-producer's tensor alive) and ``torch/multiprocessing/reductions.py``.
+producer's tensor alive) and ``torch/multiprocessing/reductions.py`` (``reduce_tensor``,
+``rebuild_cuda_tensor``, ``rebuild_storage_filename``).
 """
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +58,11 @@ from pipeline.slotpool import SlotCredits, SlotPoolError
 if TYPE_CHECKING:
     import torch
 
-HANDLE_FORMAT = "streamdet.cuda-pool/1"
+HANDLE_FORMAT = "streamdet.cuda-pool/2"
+"""Tag of an encoded :class:`CudaPoolHandle` (``/1`` carried pickled bytes and is refused)."""
+
+RING_DTYPE = "uint8"
+"""The ring's element type (RGB pixels)."""
 
 
 def check_allocator_for_ipc() -> None:
@@ -68,68 +78,281 @@ def check_allocator_for_ipc() -> None:
                             "(pytorch #179220); unset it for --device cuda")
 
 
+def _check_int(value: object, what: str, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"expected {what} as an int >= {minimum}, got {value!r}")
+
+
+def _check_bytes(value: object, what: str) -> None:
+    if not isinstance(value, bytes) or not value:
+        raise ValueError(f"expected {what} as non-empty bytes, got {_short(value)}")
+
+
+def _check_ints(value: object, what: str, n: int, minimum: int) -> None:
+    if not isinstance(value, tuple) or len(value) != n:
+        raise ValueError(f"expected {what} as a tuple of {n} ints, got {_short(value)}")
+    for v in value:
+        _check_int(v, f"every {what} entry", minimum)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class CudaIpcStorage:
+    """A CUDA storage as another process opens it: the fields of ``UntypedStorage._share_cuda_()``.
+
+    Attributes:
+        device_index: CUDA device ordinal of the storage.
+        handle: PyTorch's shareable handle of the caching-allocator block holding the storage
+            (a type byte and the ``cudaIpcMemHandle_t``).
+        size_bytes: size of the storage, bytes.
+        offset_bytes: start of the storage within the block, bytes.
+        ref_counter_handle: name of the producer's shared reference-counter file.
+        ref_counter_offset: this handle's counter within that file.
+        event_handle: ``cudaIpcEventHandle_t`` of the producer's last write to the block
+            (meaningful only when ``event_sync_required``).
+        event_sync_required: whether the consumer waits for that event before first use.
+    """
+
+    device_index: int
+    handle: bytes
+    size_bytes: int
+    offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+
+    def __post_init__(self) -> None:
+        _check_int(self.device_index, "device_index")
+        _check_bytes(self.handle, "an IPC memory handle")
+        _check_int(self.size_bytes, "size_bytes", 1)
+        _check_int(self.offset_bytes, "offset_bytes")
+        _check_bytes(self.ref_counter_handle, "a ref-counter handle")
+        _check_int(self.ref_counter_offset, "ref_counter_offset")
+        _check_bytes(self.event_handle, "an IPC event handle")
+        if not isinstance(self.event_sync_required, bool):
+            raise ValueError(f"expected event_sync_required as a bool, got {self.event_sync_required!r}")
+
+    @property
+    def key(self) -> tuple[bytes, int]:
+        """What identifies the storage (PyTorch's ``shared_cache`` key): the block handle and offset."""
+        return (self.handle, self.offset_bytes)
+
+    def _fields(self) -> list[Any]:
+        return [self.device_index, self.handle, self.size_bytes, self.offset_bytes, self.ref_counter_handle,
+                self.ref_counter_offset, self.event_handle, self.event_sync_required]
+
+
+@dataclass(frozen=True, slots=True)
+class SharedMemStorage:
+    """A CPU storage in PyTorch's ``file_system`` shared memory: ``UntypedStorage._share_filename_cpu_()``.
+
+    Used for ``device="cpu"`` rings (tests, CPU smoke runs).
+
+    Attributes:
+        manager_handle: socket path of the ``torch_shm_manager`` that tracks the segment.
+        handle: the shared-memory segment's name.
+        size_bytes: size of the storage, bytes.
+    """
+
+    manager_handle: bytes
+    handle: bytes
+    size_bytes: int
+
+    def __post_init__(self) -> None:
+        _check_bytes(self.manager_handle, "a shm manager handle")
+        _check_bytes(self.handle, "a shared-memory name")
+        _check_int(self.size_bytes, "size_bytes", 1)
+
+    @property
+    def key(self) -> tuple[bytes, int]:
+        """What identifies the storage: the segment name."""
+        return (self.handle, 0)
+
+    def _fields(self) -> list[Any]:
+        return [self.manager_handle, self.handle, self.size_bytes]
+
+
+_STORAGE_KINDS: dict[str, type[CudaIpcStorage] | type[SharedMemStorage]] = {
+    "cuda": CudaIpcStorage, "shm": SharedMemStorage,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class CudaPoolHandle:
-    """What a consumer needs to open a ring, sent to it once.
+    """What a consumer needs to open a ring, sent to it once (msgpack, see :meth:`encode`).
 
     Attributes:
         pool: the pool's name (the ``pool`` of frame messages and credits).
-        num_slots: number of slots.
-        frame_hw: ``(height, width)`` of every slot, pixels.
-        device: the device the ring lives on (``"cuda:N"``, or ``"cpu"`` in tests).
-        handle: the ring tensor serialized with ``torch.multiprocessing``'s reducer (IPC handle,
-            storage offset and size).
+        shape: the ring's ``(num_slots, H, W, 3)``.
+        stride: the ring's strides, elements.
+        storage_offset: where the ring starts in its storage, elements.
+        dtype: :data:`RING_DTYPE`.
+        storage: where the storage is (:class:`CudaIpcStorage`, or :class:`SharedMemStorage` on the CPU).
         format: :data:`HANDLE_FORMAT`.
     """
 
     pool: str
-    num_slots: int
-    frame_hw: tuple[int, int]
-    device: str
-    handle: bytes
+    shape: tuple[int, int, int, int]
+    stride: tuple[int, int, int, int]
+    storage_offset: int
+    dtype: str
+    storage: CudaIpcStorage | SharedMemStorage
     format: str = HANDLE_FORMAT
 
     def __post_init__(self) -> None:
-        if not self.pool:
-            raise ValueError("expected a pool name, got an empty one")
-        if self.num_slots < 1 or min(self.frame_hw) < 1:
-            raise ValueError(f"expected num_slots >= 1 and positive frame_hw, got {self.num_slots}, {self.frame_hw}")
-        if not self.handle:
-            raise ValueError("expected a serialized handle, got empty bytes")
         if self.format != HANDLE_FORMAT:
-            raise ValueError(f"expected format {HANDLE_FORMAT}, got {self.format}")
+            raise ValueError(f"expected format {HANDLE_FORMAT}, got {_short(self.format)}")
+        if not isinstance(self.pool, str) or not self.pool:
+            raise ValueError(f"expected a pool name, got {_short(self.pool)}")
+        _check_ints(self.shape, "shape", 4, 1)
+        if self.shape[3] != 3:
+            raise ValueError(f"expected shape (num_slots, H, W, 3), got {self.shape}")
+        _check_ints(self.stride, "stride", 4, 0)
+        _check_int(self.storage_offset, "storage_offset")
+        if self.dtype != RING_DTYPE:
+            raise ValueError(f"expected dtype {RING_DTYPE}, got {_short(self.dtype)}")
+        if not isinstance(self.storage, CudaIpcStorage | SharedMemStorage):
+            raise ValueError(f"expected storage as CudaIpcStorage or SharedMemStorage, got "
+                             f"{type(self.storage).__name__}")
+        end = self.storage_offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True)) + 1
+        if end > self.storage.size_bytes:  # uint8: one byte per element
+            raise ValueError(f"expected a storage of at least {end} bytes for shape {self.shape} stride "
+                             f"{self.stride} offset {self.storage_offset}, got {self.storage.size_bytes}")
+
+    @property
+    def num_slots(self) -> int:
+        """Number of slots."""
+        return self.shape[0]
+
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        """``(height, width)`` of every slot, pixels."""
+        return (self.shape[1], self.shape[2])
+
+    @property
+    def device(self) -> str:
+        """The device the ring lives on: ``"cuda:N"``, or ``"cpu"``."""
+        s = self.storage
+        return f"cuda:{s.device_index}" if isinstance(s, CudaIpcStorage) else "cpu"
 
     def encode(self) -> bytes:
-        """Encode as msgpack ``[format, pool, num_slots, [h, w], device, handle]``."""
-        return bytes(msgpack.packb([self.format, self.pool, self.num_slots, list(self.frame_hw), self.device,
-                                    self.handle], use_bin_type=True))
+        """Encode as msgpack ``[format, pool, shape, stride, storage_offset, dtype, kind, [storage fields]]``.
+
+        ``kind`` is ``"cuda"`` (:class:`CudaIpcStorage` fields in declaration order) or ``"shm"``
+        (:class:`SharedMemStorage`); handles travel as msgpack bin, everything else as ints,
+        strings and booleans.
+        """
+        kind = "cuda" if isinstance(self.storage, CudaIpcStorage) else "shm"
+        return bytes(msgpack.packb([self.format, self.pool, list(self.shape), list(self.stride),
+                                    self.storage_offset, self.dtype, kind, self.storage._fields()],
+                                   use_bin_type=True))
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> CudaPoolHandle:
         """Inverse of :meth:`encode`.
 
         Raises:
-            ValueError: on anything else.
+            ValueError: on undecodable bytes, another format, or a field of the wrong type or value.
         """
         try:
             f = msgpack.unpackb(bytes(data), raw=False)
         except (ValueError, msgpack.exceptions.ExtraData) as e:
             raise ValueError(f"expected a msgpack pool handle, got undecodable bytes ({e})") from e
-        if not isinstance(f, list) or len(f) != 6:
-            raise ValueError("expected a 6-field pool handle")
-        fmt, pool, n, hw, device, handle = f
-        return cls(str(pool), int(n), (int(hw[0]), int(hw[1])), str(device), bytes(handle), str(fmt))
+        if not isinstance(f, list) or len(f) != 8:
+            raise ValueError(f"expected an 8-field pool handle, got {_short(f)}")
+        fmt, pool, shape, stride, offset, dtype, kind, fields = f
+        if fmt != HANDLE_FORMAT:
+            raise ValueError(f"expected format {HANDLE_FORMAT}, got {_short(fmt)}")
+        storage_cls = _STORAGE_KINDS.get(kind) if isinstance(kind, str) else None
+        if storage_cls is None:
+            raise ValueError(f"expected storage kind in {sorted(_STORAGE_KINDS)}, got {_short(kind)}")
+        n_fields = len(storage_cls.__dataclass_fields__)
+        if not isinstance(fields, list) or len(fields) != n_fields:
+            raise ValueError(f"expected {n_fields} {kind} storage fields, got {_short(fields)}")
+        return cls(pool, _four(shape, "shape"), _four(stride, "stride"), offset, dtype, storage_cls(*fields), fmt)
 
 
-def _dump_tensor(t: torch.Tensor) -> bytes:
-    """Serialize a shared tensor with torch.multiprocessing's reducers (IPC handle + offset)."""
-    from multiprocessing.reduction import ForkingPickler
+def _four(value: object, what: str) -> tuple[int, int, int, int]:
+    """A decoded 4-list as a tuple (its entries are checked by :class:`CudaPoolHandle`)."""
+    if not isinstance(value, list) or len(value) != 4:
+        raise ValueError(f"expected {what} as a list of 4 ints, got {_short(value)}")
+    return (value[0], value[1], value[2], value[3])
 
-    import torch.multiprocessing  # noqa: F401  (registers the tensor reducers with ForkingPickler)
 
-    buf = io.BytesIO()
-    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(t)
-    return buf.getvalue()
+def share_storage(tensor: torch.Tensor) -> CudaIpcStorage | SharedMemStorage:
+    """Describe a tensor's storage so that another process can open it (each call counts one CUDA reference).
+
+    Args:
+        tensor: a CUDA tensor, or a CPU tensor whose storage is in ``file_system`` shared memory
+            (``untyped_storage()._share_filename_cpu_()`` called once by its owner).
+
+    Returns:
+        A :class:`CudaIpcStorage` (CUDA) or :class:`SharedMemStorage` (CPU).
+    """
+    st = tensor.untyped_storage()
+    if tensor.device.type == "cuda":
+        dev, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync = st._share_cuda_()
+        return CudaIpcStorage(int(dev), bytes(handle), int(size), int(offset), bytes(rc_handle), int(rc_offset),
+                              bytes(ev_handle), bool(ev_sync))
+    manager, name, size = st._share_filename_cpu_()
+    return SharedMemStorage(bytes(manager), bytes(name), int(size))
+
+
+def open_shared_tensor(storage: CudaIpcStorage | SharedMemStorage, shape: tuple[int, ...], stride: tuple[int, ...],
+                       storage_offset: int, dtype: torch.dtype) -> torch.Tensor:
+    """Map a tensor another process shared (:func:`share_storage`) into this process (no caching).
+
+    Args:
+        storage: where its storage is.
+        shape: the tensor's shape.
+        stride: its strides, elements.
+        storage_offset: where it starts in its storage, elements.
+        dtype: its element type.
+
+    Returns:
+        The tensor, on the producer's device (``cuda:N``) or in CPU shared memory.
+    """
+    import torch
+
+    if isinstance(storage, CudaIpcStorage):
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        s = storage
+        mapped: torch.Tensor = rebuild_cuda_tensor(
+            torch.Tensor, shape, stride, storage_offset, torch.storage.TypedStorage, dtype, s.device_index,
+            s.handle, s.size_bytes, s.offset_bytes, False, s.ref_counter_handle, s.ref_counter_offset,
+            s.event_handle, s.event_sync_required)
+        return mapped
+    st = torch.UntypedStorage._new_shared_filename_cpu(storage.manager_handle, storage.handle, storage.size_bytes)
+    return torch.empty((0,), dtype=dtype).set_(st, storage_offset, shape, stride)
+
+
+def release_unopened(storage: CudaIpcStorage | SharedMemStorage) -> None:
+    """Release the producer-side reference count a CUDA handle for an already open storage carries.
+
+    ``_share_cuda_`` counts one reference per handle, which the consumer's mapping gives back when
+    it is dropped. A handle that is not mapped (the storage is cached) gives it back here, as
+    ``rebuild_cuda_tensor`` does when it finds a storage cached; otherwise the producer would
+    keep the block referenced after every mapping is gone (and PyTorch warns about it at exit).
+    A no-op for shared-memory storages.
+    """
+    if isinstance(storage, CudaIpcStorage):
+        import torch
+
+        torch.storage.TypedStorage._release_ipc_counter(storage.ref_counter_handle, storage.ref_counter_offset,
+                                                        device=storage.device_index)
+
+
+def _open_ring(handle: CudaPoolHandle) -> torch.Tensor:
+    """Map the ring a handle describes into this process (no caching: see :class:`CudaPoolCache`)."""
+    import torch
+
+    return open_shared_tensor(handle.storage, handle.shape, handle.stride, handle.storage_offset, torch.uint8)
 
 
 class CudaFramePool:
@@ -184,17 +407,21 @@ class CudaFramePool:
         except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
             raise SlotPoolError(f"pool {name}: cannot allocate {num_slots} frames of {frame_hw} on {dev} ({e})") from e
         if dev.type == "cpu":
-            ring.share_memory_()
+            ring.untyped_storage()._share_filename_cpu_()  # file_system shared memory, named in the handle
         return cls(name=name, ring=ring)
 
     def handle(self) -> CudaPoolHandle:
-        """A :class:`CudaPoolHandle` for one consumer (make one per consumer).
+        """A :class:`CudaPoolHandle` for one consumer (make one per consumer: each counts one reference).
 
         Raises:
             SlotPoolError: if the pool is closed.
         """
         ring = self._ring()
-        return CudaPoolHandle(self.name, self.num_slots, self.frame_hw, str(self.device), _dump_tensor(ring))
+        storage = share_storage(ring)
+        n, h, w, c = (int(v) for v in ring.shape)
+        s0, s1, s2, s3 = (int(v) for v in ring.stride())
+        return CudaPoolHandle(self.name, (n, h, w, c), (s0, s1, s2, s3), int(ring.storage_offset()), RING_DTYPE,
+                              storage)
 
     def _ring(self) -> torch.Tensor:
         if self.ring is None:
@@ -264,32 +491,41 @@ class CudaFramePool:
 
 
 class CudaPoolCache:
-    """A consumer's opened rings, by pool name (each handle opened once)."""
+    """A consumer's opened rings, by pool name (each ring opened once)."""
 
     def __init__(self) -> None:
-        self._rings: dict[str, torch.Tensor] = {}
+        self._rings: dict[str, tuple[torch.Tensor, tuple[bytes, int]]] = {}
         self.opens = 0
 
     def open(self, handle: CudaPoolHandle) -> torch.Tensor:
         """Open a pool's ring, or return the one already open under that name.
 
+        Args:
+            handle: the producer's handle (:meth:`CudaPoolHandle.decode` of what it sent).
+
+        Returns:
+            The ``(num_slots, H, W, 3)`` uint8 ring on the producer's device.
+
         Raises:
-            SlotPoolError: if the handle cannot be opened (another machine's GPU, a dead producer).
+            SlotPoolError: if the handle cannot be opened (another machine's GPU, a dead producer),
+                or names an open pool with a different ring.
         """
-        ring = self._rings.get(handle.pool)
-        if ring is not None:
+        cached = self._rings.get(handle.pool)
+        if cached is not None:
+            ring, key = cached
+            if key != handle.storage.key:
+                raise SlotPoolError(f"pool {handle.pool}: the handle names another ring than the one already open "
+                                    "under that name")
+            release_unopened(handle.storage)
             return ring
         try:
-            obj = pickle.loads(handle.handle)
-        except Exception as e:  # CUDA and fd-passing errors surface as assorted types
-            raise SlotPoolError(f"pool {handle.pool}: cannot open the shared ring ({type(e).__name__}: {e})") from e
-        shape = (handle.num_slots, handle.frame_hw[0], handle.frame_hw[1], 3)
-        if tuple(obj.shape) != shape or str(obj.dtype) != "torch.uint8":
-            raise SlotPoolError(f"pool {handle.pool}: expected a ring {shape} uint8, got {tuple(obj.shape)} "
-                                f"{obj.dtype}")
-        self._rings[handle.pool] = obj
+            ring = _open_ring(handle)
+        except Exception as e:  # CUDA and shared-memory errors surface as assorted types
+            raise SlotPoolError(f"pool {handle.pool}: cannot open the shared ring on {handle.device} "
+                                f"({type(e).__name__}: {e})") from e
+        self._rings[handle.pool] = (ring, handle.storage.key)
         self.opens += 1
-        return obj
+        return ring
 
     def frame(self, pool: str, slot: int) -> torch.Tensor:
         """The ``(H, W, 3)`` uint8 view of a slot of an opened pool.
@@ -297,9 +533,10 @@ class CudaPoolCache:
         Raises:
             SlotPoolError: if the pool was not opened or the slot is out of range.
         """
-        ring = self._rings.get(pool)
-        if ring is None:
+        cached = self._rings.get(pool)
+        if cached is None:
             raise SlotPoolError(f"pool {pool}: not opened (no handle received)")
+        ring = cached[0]
         if not 0 <= slot < ring.shape[0]:
             raise SlotPoolError(f"pool {pool}: slot {slot} out of range 0..{ring.shape[0] - 1}")
         return ring[slot]

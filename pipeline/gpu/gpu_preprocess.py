@@ -59,30 +59,39 @@ class GpuLetterbox:
         self._pad = ((float(card.pad_value) - mean) * self._inv_std).to(dtype)  # (1, 3, 1, 1)
         self._bgr = card.input.channel_order == "BGR"
 
-    def __call__(self, frames_rgb: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[LetterboxParams]]:
+    def __call__(self, frames_rgb: torch.Tensor | Sequence[torch.Tensor],
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[LetterboxParams]]:
         """Letterbox a batch.
 
         Args:
             frames_rgb: a ``(B, H, W, 3)`` uint8 tensor, or ``B`` tensors ``(H_i, W_i, 3)`` uint8, RGB,
                 on :attr:`device`.
+            out: where to write instead of :attr:`buffer`: ``(B, 3, ih, iw)`` of the buffer's dtype on
+                :attr:`device` (e.g. rows of a shared device tensor slot).
 
         Returns:
-            ``(batch, letterboxes)``: ``buffer[:B]`` (a view, overwritten by the next call) and each
-            frame's :class:`~pipeline.letterbox.LetterboxParams`.
+            ``(batch, letterboxes)``: ``buffer[:B]`` (a view, overwritten by the next call) or ``out``,
+            and each frame's :class:`~pipeline.letterbox.LetterboxParams`.
 
         Raises:
-            ValueError: no frames, more than ``max_batch``, or a frame that is not ``(H, W, 3)``
-                uint8 on :attr:`device`.
+            ValueError: no frames, more than ``max_batch`` (without ``out``), a frame that is not
+                ``(H, W, 3)`` uint8 on :attr:`device`, or an ``out`` of the wrong shape, dtype or device.
         """
         frames = list(frames_rgb.unbind(0)) if not isinstance(frames_rgb, Sequence) else list(frames_rgb)
         n = len(frames)
-        if n == 0 or n > self.max_batch:
+        if n == 0 or (n > self.max_batch and out is None):
             raise ValueError(f"expected 1..{self.max_batch} frames, got {n}")
+        iw, ih = self.input_wh
+        if out is not None and (tuple(out.shape) != (n, 3, ih, iw) or out.dtype != self.buffer.dtype
+                                or out.device != self.device):
+            raise ValueError(f"expected out as ({n}, 3, {ih}, {iw}) {self.buffer.dtype} on {self.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
         for i, f in enumerate(frames):
             if f.ndim != 3 or f.shape[2] != 3 or str(f.dtype) != "torch.uint8" or f.device != self.device:
                 raise ValueError(f"expected frame {i} as (H, W, 3) uint8 on {self.device}, got "
                                  f"{tuple(f.shape)} {f.dtype} on {f.device}")
-        out = self.buffer[:n]
+        if out is None:
+            out = self.buffer[:n]
         params = [letterbox_params((int(f.shape[0]), int(f.shape[1])), self.input_wh) for f in frames]
         same = all(f.shape == frames[0].shape for f in frames)
         if same:

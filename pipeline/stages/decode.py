@@ -27,6 +27,13 @@ Live sources (any URL: ``rtsp://`` cameras, ...) run differently:
 * the frame pool is created at the first frame (the size is unknown before the camera answers);
   a later stream of a different size is accepted if it fits the slots, else the source fails with
   an ``error`` status.
+
+Hardware decoding (``decode.hwaccel: cuda``, :class:`HWAccelOptions`) hands the bitstream to NVDEC
+through FFmpeg's hwaccel in PyAV. PyAV downloads each decoded surface to host memory (NV12) as it
+leaves the decoder, and the RGB24 conversion and the slot copy run on the CPU as in software
+decode, so nothing downstream changes. The start-up probe proves NVDEC works for each source (file:
+its first frame decodes on the device; URL: a CUDA device opens) or fails naming the source;
+software decode is used instead only when ``decode.hwaccel_fallback`` asks for it, with a warning.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -183,6 +190,166 @@ class DecodeThreads(str, Enum):
     NONE = "NONE"
 
 
+class HWAccelMode(str, Enum):
+    """Hardware video decoding through FFmpeg's hwaccel (PyAV ``HWAccel``)."""
+
+    NONE = "none"  # software decode on the CPU (FFmpeg's native decoders)
+    CUDA = "cuda"  # NVDEC on an NVIDIA GPU; frames are downloaded to host memory as they leave the decoder
+
+
+HWACCEL_FALLBACK_SETTING = "decode.hwaccel_fallback"
+"""The setting that allows software decode when the hardware decoder cannot be used."""
+
+HWACCEL_PROBE_PACKETS = 64
+"""The start-up probe gives up finding a first frame on the hardware decoder after this many packets."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class HWAccelOptions:
+    """Hardware decoding of a source.
+
+    Attributes:
+        mode: :attr:`HWAccelMode.NONE` (software) or a hardware decoder.
+        device: GPU index for the hardware decoder (CUDA ordinal).
+        fallback: decode in software, with a warning, when the hardware decoder cannot be used for a
+            source (default: fail naming the source).
+    """
+
+    mode: HWAccelMode = HWAccelMode.NONE
+    device: int = 0
+    fallback: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device < 0:
+            raise ValueError(f"expected device >= 0, got {self.device!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a hardware decoder is asked for."""
+        return self.mode is not HWAccelMode.NONE
+
+    @property
+    def setting(self) -> str:
+        """The settings as a user writes them: ``decode.hwaccel=cuda`` (and the device if not 0)."""
+        return f"decode.hwaccel={self.mode.value}" + (f", decode.hwaccel_device={self.device}" if self.device else "")
+
+    def software(self) -> HWAccelOptions:
+        """The same options with hardware decoding off."""
+        return HWAccelOptions(device=self.device, fallback=self.fallback)
+
+    def av_hwaccel(self) -> Any:
+        """The ``av.codec.hwaccel.HWAccel`` for ``av.open(..., hwaccel=...)``, or None for software decode.
+
+        PyAV's own software fallback is always off: a stream the hardware decoder cannot take must
+        fail (or be reopened in software by the caller, which says so), never switch silently.
+        """
+        if not self.enabled:
+            return None
+        from av.codec.hwaccel import HWAccel
+
+        return HWAccel(device_type=self.mode.value, device=str(self.device), allow_software_fallback=False)
+
+
+def open_input(url: str, *, hwaccel: HWAccelOptions, **kwargs: Any) -> Any:
+    """``av.open(url, mode="r", ...)`` with the source's hardware decoder attached.
+
+    Args:
+        url: path or URL.
+        hwaccel: hardware decoding options (software: a plain ``av.open``).
+        **kwargs: more ``av.open`` arguments (``timeout``, ``options``).
+
+    Returns:
+        The open ``av.container.InputContainer``.
+
+    Raises:
+        av.FFmpegError: if FFmpeg cannot open the input, or cannot create the hardware device.
+        RuntimeError: (PyAV) hardware decoding asked for but no stream of the input supports it.
+    """
+    import av
+
+    accel = hwaccel.av_hwaccel()
+    if accel is None:
+        return av.open(url, mode="r", **kwargs)
+    return av.open(url, mode="r", hwaccel=accel, **kwargs)
+
+
+def _ffmpeg_log_detail(logs: list[tuple[int, str, str]]) -> str:
+    """FFmpeg's error lines captured while opening (e.g. ``Cannot load libcuda.so.1``), joined on one line."""
+    seen: dict[str, None] = {}
+    for _level, _name, message in logs:
+        text = " ".join(message.split())
+        if text:
+            seen[text] = None
+    return "; ".join(seen)
+
+
+def hwaccel_problem(url: str | None, hwaccel: HWAccelOptions) -> str:
+    """Check that the hardware decoder works here (and for ``url``, if given); nothing is kept open.
+
+    Without ``url`` only the device is checked (a CUDA context for NVDEC, as H.264 decode would
+    make it): used for live sources, which are not opened at start-up. With ``url`` the file is
+    opened with the hardware decoder, its video stream must be one the decoder supports, and its
+    first frame must decode on the device.
+
+    Args:
+        url: a file to try, or None.
+        hwaccel: the options (:attr:`HWAccelOptions.enabled`).
+
+    Returns:
+        "" if it works, else the problem (one line; credentials redacted), naming the setting.
+    """
+    import av
+    import av.logging
+    from av.codec.hwaccel import hwdevices_available
+
+    what = f"hardware decode ({hwaccel.setting}) unavailable"
+    if hwaccel.mode.value not in hwdevices_available():
+        return f"{what}: this PyAV's FFmpeg has no {hwaccel.mode.value} support"
+    previous = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)  # keeps FFmpeg's reason (e.g. "Cannot load libcuda.so.1") for the message
+    error = ""
+    try:
+        with av.logging.Capture() as logs:
+            try:
+                problem = _try_hwaccel(av, url, hwaccel)
+            except (av.FFmpegError, RuntimeError, NotImplementedError) as e:
+                problem, error = f"cannot create a {hwaccel.mode.value.upper()} device", _ffmpeg_problem(e)
+    finally:
+        av.logging.set_level(previous)
+    if not problem:
+        return ""
+    detail = redact_url(_ffmpeg_log_detail(logs))
+    if detail and detail not in problem:
+        problem = f"{problem}: {detail}"
+    if error:
+        problem = f"{problem} ({error})"
+    return f"{what}: {problem}"
+
+
+def _try_hwaccel(av: Any, url: str | None, hwaccel: HWAccelOptions) -> str:
+    """The problem of :func:`hwaccel_problem` ("" if none); FFmpeg errors propagate."""
+    if url is None:
+        accel = hwaccel.av_hwaccel()
+        try:
+            accel.create(av.Codec("h264", "r"))  # makes (and frees) the device context NVDEC would use
+        except NotImplementedError:
+            return f"this PyAV's FFmpeg has no {hwaccel.mode.value} H.264 decoder"
+        return ""
+    with open_input(url, hwaccel=hwaccel, timeout=10.0) as container:
+        stream = container.streams.video[0]
+        if not stream.codec_context.is_hwaccel:
+            return f"no {hwaccel.mode.value} hardware decoder for codec {stream.codec_context.name!r}"
+        for k, packet in enumerate(container.demux(stream)):
+            try:
+                if stream.codec_context.decode(packet):
+                    return ""
+            except av.FFmpegError as e:
+                return f"the first frame does not decode on the device ({_ffmpeg_problem(e)})"
+            if k >= HWACCEL_PROBE_PACKETS:
+                break
+        return f"no frame decoded on the device from the first {HWACCEL_PROBE_PACKETS} packets"
+
+
 @dataclass(frozen=True)
 class SourceInfo:
     """A source as the runner probed it.
@@ -195,6 +362,10 @@ class SourceInfo:
         fps: average frame rate (frames per second), 0 if unknown.
         frames: frame count the container declares, 0 if unknown.
         max_fps: live sources: pass at most this many frames per second (None: all).
+        hwaccel: how it is decoded (after the probe: software if the hardware decoder failed and
+            ``fallback`` allowed it).
+        warning: one line the runner prints at start-up ("" if none): the hardware decoder
+            could not be used and the source falls back to software decode.
 
     A live (URL) source is not opened at start-up: its ``frame_hw`` is ``(0, 0)`` and ``fps`` 0
     until the decoder connects.
@@ -207,6 +378,8 @@ class SourceInfo:
     fps: float
     frames: int
     max_fps: float | None = None
+    hwaccel: HWAccelOptions = HWAccelOptions()
+    warning: str = ""
 
     @property
     def is_live(self) -> bool:
@@ -223,24 +396,44 @@ class SourceError(Exception):
     """A source cannot be opened or is not a video; the message names it (redacted)."""
 
 
-def probe_source(url: str, source_id: str, *, max_fps: float | None = None) -> SourceInfo:
+def probe_source(url: str, source_id: str, *, max_fps: float | None = None,
+                 hwaccel: HWAccelOptions | None = None) -> SourceInfo:
     """Open a file source once to check it is a video and learn its size, rate and length.
 
     A live source (a URL) is only checked for a well-formed URL: an unreachable camera must not
-    fail the run (the decoder keeps reconnecting).
+    fail the run (the decoder keeps reconnecting). With a hardware decoder asked for, it is tried
+    too (:func:`hwaccel_problem`: the file's first frame, or for a URL the device alone).
 
     Args:
         url: path or URL.
         source_id: the id to give it.
         max_fps: live sources: frame-rate cap.
+        hwaccel: hardware decoding (default: software).
 
     Returns:
-        The :class:`SourceInfo`.
+        The :class:`SourceInfo`; its ``hwaccel`` is software and its ``warning`` says why if the
+        hardware decoder failed and ``hwaccel.fallback`` is set.
 
     Raises:
         SourceError: if it does not exist, cannot be opened, or has no video stream (files), or a
-            malformed URL.
+            malformed URL, or the hardware decoder cannot be used for it (without ``fallback``).
     """
+    info = _probe(url, source_id, max_fps=max_fps)
+    hw = hwaccel or HWAccelOptions()
+    if not hw.enabled:
+        return info
+    problem = hwaccel_problem(url if info.is_file else None, hw)
+    if not problem:
+        return replace(info, hwaccel=hw)
+    if not hw.fallback:
+        raise SourceError(f"{info.display}: {problem}; set decode.hwaccel=none, or {HWACCEL_FALLBACK_SETTING}=true "
+                          "to decode in software")
+    return replace(info, hwaccel=hw.software(),
+                   warning=f"{info.display}: {problem}; decoding in software ({HWACCEL_FALLBACK_SETTING}=true)")
+
+
+def _probe(url: str, source_id: str, *, max_fps: float | None) -> SourceInfo:
+    """:func:`probe_source` without the hardware decoder."""
     import av
 
     shown = redact_url(url)
@@ -425,13 +618,18 @@ class DecodeStage(Stage):
         import av
 
         t0 = time.perf_counter()
+        hw = self.source.hwaccel
         try:
-            container = av.open(self.source.url, mode="r", timeout=10.0)
-        except av.FFmpegError as e:
-            self._error = f"cannot open ({_ffmpeg_problem(e)})"
+            container = open_input(self.source.url, hwaccel=hw, timeout=10.0)
+        except (av.FFmpegError, RuntimeError) as e:
+            on = f" with {hw.setting}" if hw.enabled else ""
+            self._error = f"cannot open{on} ({_ffmpeg_problem(e)})"
             return
         try:
             stream = container.streams.video[0]
+            if hw.enabled and not stream.codec_context.is_hwaccel:  # the probe passed: never decode in software
+                self._error = f"{hw.setting}: no hardware decoder for codec {stream.codec_context.name!r}"
+                return
             stream.codec_context.thread_type = self.threads.value
             h0, w0 = self.source.frame_hw
             fallback_dt = 1.0 / self.source.fps if self.source.fps > 0 else 0.0
@@ -573,7 +771,8 @@ class DecodeStage(Stage):
         self.attempt = 0
         self._event(SourceState.CONNECTING, message=self.source.display)
         while True:
-            reader = _LiveReader(url=self.source.url, live=self.live, threads=self.threads)
+            reader = _LiveReader(url=self.source.url, live=self.live, threads=self.threads,
+                                 hwaccel=self.source.hwaccel)
             reader.start()
             self._reader = reader
             try:
@@ -760,11 +959,14 @@ class _LiveReader(threading.Thread):
     it watches :attr:`last_frame` and :attr:`done` and simply sets :attr:`cancel` and moves on.
     """
 
-    def __init__(self, *, url: str, live: LiveOptions, threads: DecodeThreads) -> None:
+    def __init__(self, *, url: str, live: LiveOptions, threads: DecodeThreads,
+                 hwaccel: HWAccelOptions | None = None) -> None:
         super().__init__(name="streamdet-live-reader", daemon=True)
         self.url = url
         self.live = live
         self.threads = threads
+        self.hwaccel = hwaccel or HWAccelOptions()
+        self.decoding = ""  # how the connected stream is decoded, for the ``connected`` status
         self.mailbox = _Mailbox()
         self.cancel = threading.Event()
         self.connected = threading.Event()
@@ -777,8 +979,9 @@ class _LiveReader(threading.Thread):
         self.problem = ""
 
     def describe(self) -> str:
-        """``codec WxH`` of the connected stream."""
-        return f"{self.codec} {self.frame_hw[1]}x{self.frame_hw[0]}".strip()
+        """``codec WxH`` of the connected stream (and how it is decoded, with a hardware decoder asked for)."""
+        shape = f"{self.codec} {self.frame_hw[1]}x{self.frame_hw[0]}".strip()
+        return f"{shape}, {self.decoding}" if self.decoding else shape
 
     def run(self) -> None:
         """Open, demux and decode until cancelled, the stream ends or an error."""
@@ -796,9 +999,40 @@ class _LiveReader(threading.Thread):
         finally:
             self.done.set()
 
+    def _open(self) -> Any:
+        """Open the stream with the hardware decoder asked for; None (outcome set) if it cannot take it.
+
+        The device was proved at start-up; a stream whose codec the hardware decoder does not take
+        gives the source up (FATAL), or is reopened in software with ``fallback`` (said in
+        :meth:`describe`). Network errors propagate (reconnect).
+        """
+        hw = self.hwaccel
+        kwargs: dict[str, Any] = {"options": self.live.av_options(self.url),
+                                  "timeout": (self.live.open_timeout_s, self.live.read_timeout_s)}
+        problem = ""
+        try:
+            container = open_input(self.url, hwaccel=hw, **kwargs)
+        except RuntimeError as e:  # PyAV: no stream of the input supports the hardware decoder
+            container, problem = None, f"{hw.setting}: {e}"
+        if container is not None and hw.enabled and container.streams.video \
+                and not container.streams.video[0].codec_context.is_hwaccel:
+            problem = f"{hw.setting}: no hardware decoder for codec {container.streams.video[0].codec_context.name!r}"
+            container.close()
+            container = None
+        if not problem:
+            self.decoding = f"{hw.mode.value} hardware decode" if hw.enabled else ""
+            return container
+        if not hw.fallback:
+            self.outcome, self.problem = _Outcome.FATAL, f"{problem}; set decode.hwaccel=none, or " \
+                                                         f"{HWACCEL_FALLBACK_SETTING}=true to decode in software"
+            return None
+        self.decoding = f"software decode ({problem}; {HWACCEL_FALLBACK_SETTING}=true)"
+        return open_input(self.url, hwaccel=hw.software(), **kwargs)
+
     def _read(self, av: Any) -> None:
-        container = av.open(self.url, mode="r", options=self.live.av_options(self.url),
-                            timeout=(self.live.open_timeout_s, self.live.read_timeout_s))
+        container = self._open()
+        if container is None:
+            return
         try:
             if not container.streams.video:
                 self.outcome, self.problem = _Outcome.FATAL, "no video stream"

@@ -6,6 +6,15 @@ reads the input tensor from the preprocess stage's shared-memory pool (or inline
 tensor slot back as soon as the engine returns, and sends the raw outputs (real rows only) as
 extra message parts of a :class:`~pipeline.messages.ResultMsg`.
 
+Device batches (``--device cuda`` with ``preprocess.on_device``): the preprocess stage announces
+its device tensor pool once (:class:`~pipeline.messages.PoolHandleMsg`); the stage opens the ring
+once and runs the engine's ``infer_device`` on the slot (no host copy of the input). For
+detect heads with hard NMS (:func:`pipeline.postprocess.device_nms_supported`) it also runs NMS on
+the device (:func:`pipeline.gpu.gpu_nms.postprocess_detect_torch`, letterbox undone there) and
+sends only the kept detections (:data:`pipeline.postprocess.KEPT_OUTPUTS`); other heads send
+their raw outputs, copied to the host, to the CPU postprocess as usual. ``engine_ms`` then
+includes the device NMS and the copy to the host. PyTorch is imported only on this path.
+
 Also here: reading a model's interface from its ONNX file (:func:`inspect_onnx`), finding its
 model card (:func:`resolve_card`) and checking that the two agree (:func:`check_card_against_model`);
 the runner calls these at start-up, before any decoding.
@@ -28,6 +37,7 @@ from pipeline.messages import (
     BatchMsg,
     CreditMsg,
     EndOfStream,
+    PoolHandleMsg,
     ResultMsg,
     StageName,
     TensorSpec,
@@ -240,6 +250,9 @@ class EngineSpec(StageSpec):
         endpoints: the pipeline's endpoints.
         num_sources: the stage ends after that many EOS.
         warmup_batch: batch size of one warm-up inference before reporting ready (0: none).
+        device_batches: batches come from a device tensor pool (the engine must have ``infer_device``).
+        device_nms: with device batches, run NMS on the device with these thresholds (a
+            ``pipeline.postprocess.PostprocessConfig``; None: send the raw outputs to the host).
     """
 
     card: ModelCard
@@ -251,6 +264,8 @@ class EngineSpec(StageSpec):
     endpoints: StageEndpoints
     num_sources: int
     warmup_batch: int = 0
+    device_batches: bool = False
+    device_nms: Any = None
 
     @property
     def stage_name(self) -> StageName:
@@ -267,7 +282,8 @@ class EngineSpec(StageSpec):
                              intra_op_threads=self.intra_op_threads, allow_fallback=self.allow_fallback)
         return EngineStage(engine=engine, card=self.card, batches_in=batches_in, results_out=results_out,
                            tensor_credits_out=credits_out, status=status, flags=flags,
-                           num_sources=self.num_sources, warmup_batch=self.warmup_batch)
+                           num_sources=self.num_sources, warmup_batch=self.warmup_batch,
+                           device_batches=self.device_batches, device_nms=self.device_nms)
 
 
 class EngineStage(Stage):
@@ -284,13 +300,18 @@ class EngineStage(Stage):
         num_sources: the stage ends after this many EOS.
         warmup_batch: batch size of one warm-up inference in :meth:`start` (0: none), so the first
             real batch does not pay for lazy allocations.
+        device_batches: expect batches in a device tensor pool (:class:`~pipeline.messages.PoolHandleMsg`
+            first); the engine must have ``infer_device(batch: torch.Tensor) -> list[torch.Tensor]``.
+        device_nms: with device batches, a ``pipeline.postprocess.PostprocessConfig`` to run NMS on
+            the device with (detect heads only); None: raw outputs go to the host.
     """
 
     name = StageName.ENGINE
 
     def __init__(self, *, engine: Engine, card: ModelCard, batches_in: zmq.Socket[Any],
                  results_out: zmq.Socket[Any], tensor_credits_out: zmq.Socket[Any], status: StatusReporter,
-                 flags: StageFlags, num_sources: int, warmup_batch: int = 0) -> None:
+                 flags: StageFlags, num_sources: int, warmup_batch: int = 0, device_batches: bool = False,
+                 device_nms: Any = None) -> None:
         self.engine = engine
         self.warmup_batch = warmup_batch
         self.card = card
@@ -303,6 +324,9 @@ class EngineStage(Stage):
         self._pools = PoolCache()
         self._order: list[int] = []
         self._started = False
+        self.device_batches = device_batches
+        self.device_nms = device_nms
+        self._device_pools: Any = None  # DeviceTensorPoolCache once a PoolHandleMsg arrived
 
     def start(self) -> None:
         """Load the model, map the card's output names onto its outputs, run the warm-up batch.
@@ -310,7 +334,11 @@ class EngineStage(Stage):
         Raises:
             EngineError: if the model cannot be loaded.
             ModelCardError: if the card names outputs the model lacks.
+            StageError: if device batches are expected and the engine has no ``infer_device``.
         """
+        if self.device_batches and not callable(getattr(self.engine, "infer_device", None)):
+            raise StageError(f"engine: {type(self.engine).__name__} cannot run device batches (no infer_device); "
+                             "use --backend cuda or tensorrt, or set preprocess.on_device false")
         self.engine.start()
         self._started = True
         names = list(self.engine.output_names)
@@ -333,12 +361,17 @@ class EngineStage(Stage):
                 continue
             msg = decode_message(parts[0].buffer)
             if isinstance(msg, BatchMsg):
-                self._infer(msg, parts)
+                if self.device_batches:
+                    self._infer_device(msg, parts)
+                else:
+                    self._infer(msg, parts)
+            elif isinstance(msg, PoolHandleMsg):
+                self._open_device_pool(msg)
             elif isinstance(msg, EndOfStream):
                 send_parts(self.results_out, [msg.encode()], self.flags.alive)
                 ended += 1
             else:
-                raise StageError(f"engine: expected BatchMsg or EndOfStream, got {type(msg).__name__}")
+                raise StageError(f"engine: expected BatchMsg, PoolHandleMsg or EndOfStream, got {type(msg).__name__}")
 
     def _infer(self, msg: BatchMsg, parts: list[Any]) -> None:
         dtype = np.dtype(msg.tensor_dtype)
@@ -361,12 +394,63 @@ class EngineStage(Stage):
         result = ResultMsg(msg.frames, engine_ms, specs)
         send_parts(self.results_out, [result.encode(), *outputs, *pixel_parts], self.flags.alive)
 
+    def _open_device_pool(self, msg: PoolHandleMsg) -> None:
+        if not self.device_batches:
+            raise StageError(f"engine: got a device tensor pool {msg.pool} but was not set up for device batches")
+        from pipeline.gpu.tensor_pool import DeviceTensorPoolCache, DeviceTensorPoolHandle
+
+        if self._device_pools is None:
+            self._device_pools = DeviceTensorPoolCache()
+        try:
+            handle = DeviceTensorPoolHandle.decode(msg.handle)
+        except ValueError as e:
+            raise StageError(f"engine: tensor pool {msg.pool}: bad handle ({e})") from e
+        self._device_pools.open(handle)
+
+    def _infer_device(self, msg: BatchMsg, parts: list[Any]) -> None:
+        """Run a batch held in a device tensor pool slot; device NMS when configured."""
+        from pipeline.gpu.tensor_pool import synchronize
+
+        if self._device_pools is None or msg.tensor_pool not in self._device_pools:
+            raise StageError(f"engine: batch in tensor pool {msg.tensor_pool!r} before its PoolHandleMsg")
+        tensor = self._device_pools.batch(msg.tensor_pool, msg.tensor_slot, msg.tensor_shape[0])
+        if tuple(tensor.shape) != msg.tensor_shape:
+            raise StageError(f"engine: batch shape {msg.tensor_shape} does not fit tensor pool {msg.tensor_pool} "
+                             f"(slot rows {tuple(tensor.shape)})")
+        n = len(msg.frames)
+        t0 = time.perf_counter()
+        raw = self.engine.infer_device(tensor)  # type: ignore[attr-defined]  # checked in start()
+        ordered = [raw[i][:n] for i in self._order]
+        if self.device_nms is not None:
+            from pipeline.gpu.gpu_nms import postprocess_detect_torch
+            from pipeline.postprocess import KEPT_OUTPUTS, pack_detections
+
+            dets = postprocess_detect_torch(ordered[0], [r.letterbox for r in msg.frames],
+                                            num_classes=self.card.head.num_classes, cfg=self.device_nms)
+            outputs = list(pack_detections(dets))
+            names: tuple[str, ...] = KEPT_OUTPUTS
+        else:
+            outputs = [o.detach().float().cpu().numpy() for o in ordered]
+            names = tuple(self.card.head.outputs)
+        synchronize(tensor.device)  # done reading the slot before handing it back
+        engine_ms = (time.perf_counter() - t0) * 1000.0
+        del tensor, raw, ordered
+        credit = CreditMsg(msg.tensor_pool, msg.tensor_slot)
+        send_parts(self.tensor_credits_out, [credit.encode()], self.flags.alive)
+        outputs = [np.ascontiguousarray(o) for o in outputs]
+        specs = tuple(TensorSpec.of(name, arr) for name, arr in zip(names, outputs, strict=True))
+        send_parts(self.results_out, [ResultMsg(msg.frames, engine_ms, specs).encode(), *outputs, *parts[1:]],
+                   self.flags.alive)
+
     def stop(self) -> None:
         """Stop the engine, detach the tensor pool, close the sockets."""
         if self._started:
             self.engine.stop()
             self._started = False
         self._pools.close()
+        if self._device_pools is not None:
+            self._device_pools.close()
+            self._device_pools = None
         for sock in (self.results_out, self.tensor_credits_out):
             close_socket(sock, self.flags)
         self.batches_in.close(linger=0)

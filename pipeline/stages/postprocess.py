@@ -7,6 +7,10 @@ end2end models only get the letterbox undone), builds the published JSON, hands 
 the sinks (which run in this process), then gives the frame slot back to its decoder. The stage
 ends after every source's EOS has been passed to the sinks, flushes and closes them and reports
 its counts to the runner.
+
+A result whose outputs are :data:`pipeline.postprocess.KEPT_OUTPUTS` already went through NMS on
+the device in the engine stage (``--device cuda``, detect heads), boxes in frame pixels: it is only
+unpacked (:func:`pipeline.postprocess.unpack_detections`) and fed to the sinks.
 """
 
 from __future__ import annotations
@@ -161,9 +165,11 @@ class PostprocessStage(Stage):
                  frame_credits_out: dict[str, zmq.Socket[Any]], sinks: Sequence[Sink], status: StatusReporter,
                  flags: StageFlags, num_sources: int, events_in: zmq.Socket[Any] | None = None,
                  stats: LiveStats | None = None, cards_by_source: dict[str, ModelCard] | None = None) -> None:
-        from pipeline.postprocess import postprocess
+        from pipeline.postprocess import KEPT_OUTPUTS, postprocess, unpack_detections
 
         self._postprocess = postprocess
+        self._kept_outputs = KEPT_OUTPUTS
+        self._unpack = unpack_detections
         self.card = card
         self.model_name = model_name
         # instance masks go out as COCO RLEs, so compute them straight in that form (box windows only)
@@ -257,7 +263,10 @@ class PostprocessStage(Stage):
             else self.card
         model_name = card.name if card is not self.card else self.model_name
         t0 = time.perf_counter()
-        dets = self._postprocess(arrays, [r.letterbox for r in msg.frames], card, self.config)
+        if tuple(o.name for o in msg.outputs) == self._kept_outputs:  # NMS done on the device
+            dets = self._unpack(arrays[0], arrays[1])
+        else:
+            dets = self._postprocess(arrays, [r.letterbox for r in msg.frames], card, self.config)
         post_ms = (time.perf_counter() - t0) * 1000.0
         total = 0
         for record, d in zip(msg.frames, dets, strict=True):

@@ -7,19 +7,26 @@ a shared-memory tensor pool this stage owns. A batch is sent when it holds ``max
 when ``max_wait_ms`` passed since its first frame, or when a source ends. Frame slots go back to
 the decoder as soon as the frame is in the tensor, unless a later stage (the annotated-video
 sink) still needs the pixels.
+
+With a CUDA engine (``--device cuda``, ``preprocess.on_device`` on) the tensor pool is on the GPU
+instead (:class:`pipeline.gpu.tensor_pool.DeviceTensorPool`): each frame is copied to the device
+once, letterboxed and normalised there (:class:`pipeline.gpu.gpu_preprocess.GpuLetterbox`) into a row
+of a device slot, and the ring's handle goes to the engine once, in a
+:class:`~pipeline.messages.PoolHandleMsg` before the first batch. PyTorch is imported only then.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import zmq
 
-from pipeline.letterbox import letterbox
+from pipeline.letterbox import LetterboxParams, letterbox
 from pipeline.messages import (
     INLINE_SLOT,
     NO_SLOT,
@@ -28,6 +35,7 @@ from pipeline.messages import (
     EndOfStream,
     FrameMsg,
     FrameRecord,
+    PoolHandleMsg,
     StageName,
     decode_message,
 )
@@ -44,6 +52,9 @@ from pipeline.transport import (
     recv_parts,
     send_parts,
 )
+
+if TYPE_CHECKING:
+    from pipeline.gpu.tensor_pool import DeviceTensorPool
 
 
 class Normalizer:
@@ -106,6 +117,8 @@ class PreprocessSpec(StageSpec):
         max_wait_ms: send a partial batch this long after its first frame.
         keep_pixels: a later stage needs the frame pixels (keep the slot / forward the bytes).
         num_sources: sources feeding the pipeline (the stage ends after that many EOS).
+        tensor_device: preprocess on this torch device into a device tensor pool (``cuda``,
+            ``cuda:N``; ``cpu`` only in tests, to run the same path without a GPU); None: on the host.
     """
 
     card: ModelCard
@@ -117,6 +130,7 @@ class PreprocessSpec(StageSpec):
     max_wait_ms: float
     keep_pixels: bool
     num_sources: int
+    tensor_device: str | None = None
 
     @property
     def stage_name(self) -> StageName:
@@ -135,14 +149,22 @@ class PreprocessSpec(StageSpec):
         iw, ih = self.card.input_wh
         dtype = np.dtype(self.card.input.dtype)
         tensor_pool = None
-        if not ep.inline:
+        device_pool = None
+        if self.tensor_device is not None:
+            from pipeline.gpu.tensor_pool import DeviceTensorPool
+
+            device_pool = DeviceTensorPool.create(name=self.tensor_pool, num_slots=self.tensor_slots,
+                                                  batch_shape=(self.max_batch, 3, ih, iw), dtype=dtype.name,
+                                                  device=self.tensor_device)
+        elif not ep.inline:
             tensor_pool = SlotPool.create(name=self.tensor_pool, num_slots=self.tensor_slots,
                                           slot_bytes=self.max_batch * 3 * ih * iw * dtype.itemsize)
         return PreprocessStage(card=self.card, frames_in=frames_in, batches_out=batches_out,
                                tensor_credits_in=credits_in, frame_credits_out=frame_credits_out,
                                tensor_pool=tensor_pool, status=status, flags=flags, max_batch=self.max_batch,
                                pad_batches=self.pad_batches, max_wait_ms=self.max_wait_ms,
-                               keep_pixels=self.keep_pixels, num_sources=self.num_sources)
+                               keep_pixels=self.keep_pixels, num_sources=self.num_sources,
+                               device_pool=device_pool)
 
 
 class PreprocessStage(Stage):
@@ -162,6 +184,8 @@ class PreprocessStage(Stage):
         max_wait_ms: longest wait for a batch to fill, from its first frame.
         keep_pixels: keep frame slots (or forward inline pixels) for a later stage.
         num_sources: the stage ends after this many EOS.
+        device_pool: a device tensor pool to preprocess into on its device instead (then
+            ``tensor_pool`` is ignored); None: on the host.
     """
 
     name = StageName.PREPROCESS
@@ -169,7 +193,8 @@ class PreprocessStage(Stage):
     def __init__(self, *, card: ModelCard, frames_in: zmq.Socket[Any], batches_out: zmq.Socket[Any],
                  tensor_credits_in: zmq.Socket[Any], frame_credits_out: dict[str, zmq.Socket[Any]],
                  tensor_pool: SlotPool | None, status: StatusReporter, flags: StageFlags, max_batch: int,
-                 pad_batches: bool, max_wait_ms: float, keep_pixels: bool, num_sources: int) -> None:
+                 pad_batches: bool, max_wait_ms: float, keep_pixels: bool, num_sources: int,
+                 device_pool: DeviceTensorPool | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"expected max_batch >= 1, got {max_batch}")
         self.card = card
@@ -177,7 +202,8 @@ class PreprocessStage(Stage):
         self.batches_out = batches_out
         self.tensor_credits_in = tensor_credits_in
         self.frame_credits_out = frame_credits_out
-        self.tensor_pool = tensor_pool
+        self.tensor_pool = tensor_pool if device_pool is None else None
+        self.device_pool = device_pool
         self.status = status
         self.flags = flags
         self.max_batch = max_batch
@@ -191,9 +217,18 @@ class PreprocessStage(Stage):
         self._lb = np.empty((ih, iw, 3), dtype=np.uint8)
         self._normalize = Normalizer(card)
         self._pools = PoolCache()
-        self._tensor_credits = SlotCredits(tensor_pool.num_slots) if tensor_pool is not None else None
-        # the batch being filled
-        self._tensor: npt.NDArray[Any] | None = None
+        pool = device_pool if device_pool is not None else tensor_pool
+        self._tensor_credits = SlotCredits(pool.num_slots) if pool is not None else None
+        self._device: Any = None  # torch.device of the device pool
+        self._gpu_letterbox: Any = None  # GpuLetterbox writing into its slots
+        self._handle_sent = False
+        if device_pool is not None:
+            from pipeline.gpu.gpu_preprocess import GpuLetterbox
+
+            self._device = device_pool.slot(0).device
+            self._gpu_letterbox = GpuLetterbox(card=card, max_batch=1, device=self._device)
+        # the batch being filled: a host array, or a device tensor (a device pool slot)
+        self._tensor: Any = None
         self._tensor_slot = INLINE_SLOT
         self._records: list[FrameRecord] = []
         self._pixels: list[Any] = []
@@ -232,7 +267,7 @@ class PreprocessStage(Stage):
 
     def _begin_batch(self) -> None:
         iw, ih = self._input_wh
-        if self.tensor_pool is None:
+        if self.tensor_pool is None and self.device_pool is None:
             self._tensor = np.empty((self.max_batch, 3, ih, iw), dtype=self._dtype)
             self._tensor_slot = INLINE_SLOT
         else:
@@ -244,7 +279,11 @@ class PreprocessStage(Stage):
                 self._drain_tensor_credits(POLL_MS)
                 slot = self._tensor_credits.acquire()
             self._tensor_slot = slot
-            self._tensor = self.tensor_pool.view(slot, (self.max_batch, 3, ih, iw), self._dtype)
+            if self.device_pool is not None:
+                self._tensor = self.device_pool.slot(slot)
+            else:
+                assert self.tensor_pool is not None
+                self._tensor = self.tensor_pool.view(slot, (self.max_batch, 3, ih, iw), self._dtype)
         self._first_at = time.monotonic()
 
     def _drain_tensor_credits(self, timeout_ms: int) -> None:
@@ -265,8 +304,12 @@ class PreprocessStage(Stage):
             image = np.frombuffer(inline, dtype=np.uint8).reshape(h, w, 3)
         else:
             image = self._pools.get(frame.pool).view(frame.slot, (h, w, 3))
-        _, params = letterbox(image, self._input_wh, pad_value=self.card.pad_value, out=self._lb)
-        self._normalize(self._lb, self._tensor[len(self._records)])
+        row = len(self._records)
+        if self._gpu_letterbox is not None:
+            params = self._letterbox_on_device(image, row)
+        else:
+            _, params = letterbox(image, self._input_wh, pad_value=self.card.pad_value, out=self._lb)
+            self._normalize(self._lb, self._tensor[row])
         del image
         if not self.keep_pixels:
             if frame.slot >= 0:
@@ -278,6 +321,17 @@ class PreprocessStage(Stage):
         ms = (time.perf_counter() - t0) * 1000.0
         self._records.append(FrameRecord(frame, params, ms))
 
+    def _letterbox_on_device(self, image: npt.NDArray[np.uint8], row: int) -> LetterboxParams:
+        """Copy a host frame to the device once, letterbox + normalise it into row ``row`` of the slot."""
+        import torch
+
+        with warnings.catch_warnings():  # inline frames are read-only buffers; they are only read
+            warnings.simplefilter("ignore", UserWarning)
+            host = torch.from_numpy(image)
+        frame = host.to(self._device)  # the one host-to-device copy (synchronous from pageable memory)
+        _, params = self._gpu_letterbox([frame], out=self._tensor[row : row + 1])
+        return params[0]
+
     def _flush(self) -> None:
         if not self._records:
             return
@@ -286,6 +340,15 @@ class PreprocessStage(Stage):
         rows = self.max_batch if self.pad_batches else n
         iw, ih = self._input_wh
         pool_name = self.tensor_pool.name if self.tensor_pool is not None else ""
+        if self.device_pool is not None:
+            from pipeline.gpu.tensor_pool import synchronize
+
+            pool_name = self.device_pool.name
+            synchronize(self._device)  # the engine reads the slot in another process
+            if not self._handle_sent:
+                announce = PoolHandleMsg(pool_name, self.device_pool.handle().encode())
+                send_parts(self.batches_out, [announce.encode()], self.flags.alive)
+                self._handle_sent = True
         msg = BatchMsg(tuple(self._records), self._tensor_slot, pool_name, (rows, 3, ih, iw), self._dtype.name)
         parts: list[Any] = [msg.encode()]
         if self._tensor_slot == INLINE_SLOT:
@@ -310,3 +373,7 @@ class PreprocessStage(Stage):
         if self.tensor_pool is not None:
             self.tensor_pool.close()
             self.tensor_pool = None
+        if self.device_pool is not None:
+            self.device_pool.close()
+            self.device_pool = None
+        self._gpu_letterbox = None

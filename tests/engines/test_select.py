@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,12 @@ def test_errors_without_gpu(no_gpu: None, model: Path, backend: Backend, device:
         sel.select_engine(backend, device, model)
 
 
+def test_device_cuda_without_torch_says_so(monkeypatch: pytest.MonkeyPatch, model: Path) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # the runtime install has no torch
+    with pytest.raises(EngineError, match=r"--device cuda needs a CUDA GPU \(PyTorch is not installed"):
+        sel.choose_backend(Backend.ONNXRUNTIME, "cuda", model)
+
+
 def test_tensorrt_missing_with_gpu(monkeypatch: pytest.MonkeyPatch, model: Path) -> None:
     monkeypatch.setattr(sel, "cuda_available", lambda: True)
     monkeypatch.setattr(sel, "tensorrt_available", lambda: False)
@@ -51,6 +58,14 @@ def test_fallback_only_when_allowed(no_gpu: None, model: Path, capsys: pytest.Ca
     engine = sel.select_engine(Backend.TENSORRT, "cuda", model, allow_fallback=True)
     assert isinstance(engine, OnnxRuntimeEngine) and engine.providers == ("CPUExecutionProvider",)
     assert "warning: --device cuda needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_onnxruntime_on_gpu_falls_back_to_the_cpu_only_when_allowed(no_gpu: None, model: Path) -> None:
+    with pytest.raises(EngineError, match="--device cuda needs a CUDA GPU"):
+        sel.choose_backend(Backend.ONNXRUNTIME, "cuda", model)
+    choice = sel.choose_backend(Backend.ONNXRUNTIME, "cuda", model, allow_fallback=True)
+    assert (choice.backend, choice.device) == (Backend.ONNXRUNTIME, "cpu")
+    assert "falling back to --backend onnxruntime --device cpu" in choice.fallback_reason
 
 
 def test_fallback_prefers_cuda_backend_with_a_program(monkeypatch: pytest.MonkeyPatch, model: Path) -> None:

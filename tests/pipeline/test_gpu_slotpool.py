@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -14,8 +15,10 @@ torch = pytest.importorskip("torch")
 
 from pipeline.gpu.cuda_slotpool import (  # noqa: E402
     CudaFramePool,
+    CudaIpcStorage,
     CudaPoolCache,
     CudaPoolHandle,
+    SharedMemStorage,
     check_allocator_for_ipc,
 )
 from pipeline.messages import CreditMsg  # noqa: E402
@@ -56,8 +59,6 @@ def consumer(frames_ep: str, credits_ep: str) -> None:
         ctx.destroy(linger=100)
 
 
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_frames_cross_a_spawned_process_with_credits(tmp_path: Path, device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
@@ -75,7 +76,8 @@ def test_frames_cross_a_spawned_process_with_credits(tmp_path: Path, device: str
     pool = CudaFramePool.create(name="src0", num_slots=3, frame_hw=HW, device=device)
     try:
         push.send_multipart([b"handle", pool.handle().encode()])
-        sent, digests = 0, {}
+        sent = 0
+        digests: dict[int, str] = {}
         total = 10  # more frames than slots: slots must come back as credits
         while len(digests) < total:
             slot = pool.acquire() if sent < total else None
@@ -104,17 +106,6 @@ def test_frames_cross_a_spawned_process_with_credits(tmp_path: Path, device: str
     assert proc.exitcode == 0
 
 
-def test_handle_roundtrip_and_validation() -> None:
-    h = CudaPoolHandle("p", 4, (720, 1280), "cuda:0", b"\x80abc")
-    assert CudaPoolHandle.decode(h.encode()) == h
-    with pytest.raises(ValueError, match="6-field"):
-        CudaPoolHandle.decode(msgpack.packb([1, 2]))
-    with pytest.raises(ValueError, match="pool name"):
-        CudaPoolHandle("", 4, (1, 1), "cpu", b"x")
-    with pytest.raises(ValueError, match="format"):
-        CudaPoolHandle("p", 4, (1, 1), "cpu", b"x", format="other/9")
-
-
 def test_write_checks_and_credit_misuse() -> None:
     pool = CudaFramePool.create(name="p", num_slots=2, frame_hw=HW, device="cpu")
     s = pool.acquire()
@@ -141,6 +132,50 @@ def test_in_process_open_is_cached() -> None:
     ring = cache.open(pool.handle())
     assert cache.open(pool.handle()) is ring and cache.opens == 1
     np.testing.assert_array_equal(cache.frame("p", 1).numpy(), frame_for(7))
+    pool.write(0, frame_for(8))  # the consumer's mapping is the producer's memory, not a copy
+    np.testing.assert_array_equal(cache.frame("p", 0).numpy(), frame_for(8))
+
+
+def test_cpu_handle_is_plain_data_and_survives_the_wire() -> None:
+    pool = CudaFramePool.create(name="p", num_slots=2, frame_hw=HW, device="cpu")
+    h = pool.handle()
+    assert isinstance(h.storage, SharedMemStorage) and h.device == "cpu"
+    assert (h.num_slots, h.frame_hw, h.shape, h.dtype) == (2, HW, (2, *HW, 3), "uint8")
+    assert h.stride == (HW[0] * HW[1] * 3, HW[1] * 3, 3, 1) and h.storage_offset == 0
+    assert CudaPoolHandle.decode(h.encode()) == h
+    assert pool.handle().storage.key == h.storage.key  # the same segment for every consumer
+
+
+def test_open_refuses_another_ring_under_an_open_name() -> None:
+    a = CudaFramePool.create(name="p", num_slots=2, frame_hw=HW, device="cpu")
+    b = CudaFramePool.create(name="p", num_slots=2, frame_hw=HW, device="cpu")
+    cache = CudaPoolCache()
+    cache.open(a.handle())
+    with pytest.raises(SlotPoolError, match="another ring"):
+        cache.open(b.handle())
+
+
+def test_unopenable_handle_is_a_slot_pool_error() -> None:
+    pool = CudaFramePool.create(name="p", num_slots=2, frame_hw=HW, device="cpu")
+    h = pool.handle()
+    assert isinstance(h.storage, SharedMemStorage)
+    gone = replace(h, storage=replace(h.storage, handle=b"/streamdet_no_such_segment"))
+    with pytest.raises(SlotPoolError, match="pool p: cannot open the shared ring on cpu"):
+        CudaPoolCache().open(gone)
+
+
+@pytest.mark.gpu
+def test_cuda_handle_fields_come_from_share_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pool = CudaFramePool.create(name="g", num_slots=2, frame_hw=HW, device="cuda")
+    try:
+        h = pool.handle()
+        assert isinstance(h.storage, CudaIpcStorage) and h.device.startswith("cuda:")
+        assert h.storage.size_bytes >= 2 * HW[0] * HW[1] * 3
+        assert CudaPoolHandle.decode(h.encode()) == h
+    finally:
+        pool.close()
 
 
 @pytest.mark.parametrize("conf, bad", [
