@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "pipeline" / "samples" / "demo.mp4"
 MODELS = ROOT / "engines" / "models"
 MODEL = Path(os.environ.get("STREAMDET_TEST_MODEL", MODELS / "detector.onnx"))
-SEG_MODEL = Path(os.environ.get("STREAMDET_TEST_SEG_MODEL", MODELS / "segment.onnx"))
+SEG_MODEL = Path(os.environ.get("STREAMDET_TEST_SEG_MODEL", MODELS / "segmenter.onnx"))
 SEMANTIC_MODEL = Path(os.environ.get("STREAMDET_TEST_SEMANTIC_MODEL", MODELS / "semantic.onnx"))
 BATCH = 8
 

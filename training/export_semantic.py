@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 import warnings
@@ -109,7 +110,8 @@ def parity_max_abs_diff(model: torch.nn.Module, onnx_path: str | os.PathLike[str
     return float(np.abs(got - want).max())
 
 
-def export_semantic(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> ModelCard:
+def export_semantic(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
+                    held_out_metrics: dict[str, Any] | None = None) -> ModelCard:
     """Export a semantic checkpoint to ``out_path`` (ONNX) and its card beside it.
 
     Both files are written under temporary names and renamed only after the parity check passes.
@@ -117,6 +119,8 @@ def export_semantic(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLi
     Args:
         ckpt_path: checkpoint from :mod:`training.train_semantic`.
         out_path: destination ``MODEL.onnx``; the card goes to ``MODEL.json``.
+        held_out_metrics: ``training.evaluate --json-out`` results to store in the card under
+            ``metrics["held_out"]`` (the training-time validation metrics stay beside them).
 
     Returns:
         The written :class:`~pipeline.modelcard.ModelCard`.
@@ -154,6 +158,8 @@ def export_semantic(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLi
             raise ExportError(f"{ckpt_path}: ONNX Runtime and PyTorch outputs differ by more than "
                               f"{PARITY_ATOL}: {bad}")
         metrics = dict(ckpt.get("metrics", {}))
+        if held_out_metrics is not None:
+            metrics["held_out"] = held_out_metrics
         provenance = {
             "command": ckpt.get("command"),
             "seeds": ckpt.get("seeds"),
@@ -198,9 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.export_semantic", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="semantic checkpoint (best.pt)")
     p.add_argument("--out", required=True, help="destination MODEL.onnx (the card goes to MODEL.json)")
+    p.add_argument("--metrics-json", default=None,
+                   help="held-out metrics (training.evaluate --json-out) to copy into the card")
     args = p.parse_args(argv)
     try:
-        card = export_semantic(args.checkpoint, args.out)
+        held_out = None
+        if args.metrics_json:
+            try:
+                held_out = json.loads(Path(args.metrics_json).read_text())
+            except json.JSONDecodeError as e:
+                raise ExportError(f"{args.metrics_json}: not JSON ({e})") from e
+            if not isinstance(held_out, dict):
+                raise ExportError(f"{args.metrics_json}: expected a JSON object, got {type(held_out).__name__}")
+        card = export_semantic(args.checkpoint, args.out, held_out)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

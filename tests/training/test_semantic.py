@@ -350,3 +350,15 @@ def test_pan_fcn_bad_init(tmp_path: Path, capsys: pytest.CaptureFixture[str], ar
     assert ts.main(["--out", str(tmp_path / "r"), *args]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_export_copies_held_out_metrics(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    metrics = tmp_path / "m.json"
+    metrics.write_text(json.dumps({"task": "semantic", "mIoU": 0.5, "summary": "mIoU=0.500"}))
+    out = tmp_path / "s.onnx"
+    assert ex.main([str(run_dir / "best.pt"), "--out", str(out), "--metrics-json", str(metrics)]) == 0
+    assert load_card(tmp_path / "s.json").metrics["held_out"]["mIoU"] == 0.5
+    metrics.write_text("[1, 2]")
+    assert ex.main([str(run_dir / "best.pt"), "--out", str(tmp_path / "t.onnx"), "--metrics-json", str(metrics)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "m.json" in err[-1] and not (tmp_path / "t.onnx").exists()
