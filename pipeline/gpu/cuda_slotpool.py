@@ -241,16 +241,9 @@ class CudaPoolHandle:
         return f"cuda:{s.device_index}" if isinstance(s, CudaIpcStorage) else "cpu"
 
     def encode(self) -> bytes:
-        """Encode as msgpack ``[format, pool, shape, stride, storage_offset, dtype, kind, [storage fields]]``.
-
-        ``kind`` is ``"cuda"`` (:class:`CudaIpcStorage` fields in declaration order) or ``"shm"``
-        (:class:`SharedMemStorage`); handles travel as msgpack bin, everything else as ints,
-        strings and booleans.
-        """
-        kind = "cuda" if isinstance(self.storage, CudaIpcStorage) else "shm"
-        return bytes(msgpack.packb([self.format, self.pool, list(self.shape), list(self.stride),
-                                    self.storage_offset, self.dtype, kind, self.storage._fields()],
-                                   use_bin_type=True))
+        """Encode as msgpack (see :func:`encode_ring_handle`)."""
+        return encode_ring_handle(self.format, self.pool, self.shape, self.stride, self.storage_offset, self.dtype,
+                                  self.storage)
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> CudaPoolHandle:
@@ -259,22 +252,55 @@ class CudaPoolHandle:
         Raises:
             ValueError: on undecodable bytes, another format, or a field of the wrong type or value.
         """
-        try:
-            f = msgpack.unpackb(bytes(data), raw=False)
-        except (ValueError, msgpack.exceptions.ExtraData) as e:
-            raise ValueError(f"expected a msgpack pool handle, got undecodable bytes ({e})") from e
-        if not isinstance(f, list) or len(f) != 8:
-            raise ValueError(f"expected an 8-field pool handle, got {_short(f)}")
-        fmt, pool, shape, stride, offset, dtype, kind, fields = f
-        if fmt != HANDLE_FORMAT:
-            raise ValueError(f"expected format {HANDLE_FORMAT}, got {_short(fmt)}")
-        storage_cls = _STORAGE_KINDS.get(kind) if isinstance(kind, str) else None
-        if storage_cls is None:
-            raise ValueError(f"expected storage kind in {sorted(_STORAGE_KINDS)}, got {_short(kind)}")
-        n_fields = len(storage_cls.__dataclass_fields__)
-        if not isinstance(fields, list) or len(fields) != n_fields:
-            raise ValueError(f"expected {n_fields} {kind} storage fields, got {_short(fields)}")
-        return cls(pool, _four(shape, "shape"), _four(stride, "stride"), offset, dtype, storage_cls(*fields), fmt)
+        pool, shape, stride, offset, dtype, storage, fmt = decode_ring_handle(data, HANDLE_FORMAT, "pool handle")
+        return cls(pool, _four(shape, "shape"), _four(stride, "stride"), offset, dtype, storage, fmt)
+
+
+def encode_ring_handle(fmt: str, pool: str, shape: tuple[int, ...], stride: tuple[int, ...], storage_offset: int,
+                       dtype: str, storage: CudaIpcStorage | SharedMemStorage) -> bytes:
+    """Msgpack ``[format, pool, shape, stride, storage_offset, dtype, kind, [storage fields]]`` of a shared ring.
+
+    ``kind`` is ``"cuda"`` (:class:`CudaIpcStorage` fields in declaration order) or ``"shm"``
+    (:class:`SharedMemStorage`); handles travel as msgpack bin, everything else as ints, strings and
+    booleans. Shared by the frame rings here and :mod:`pipeline.gpu.tensor_pool`'s tensor rings.
+    """
+    kind = "cuda" if isinstance(storage, CudaIpcStorage) else "shm"
+    return bytes(msgpack.packb([fmt, pool, list(shape), list(stride), storage_offset, dtype, kind, storage._fields()],
+                               use_bin_type=True))
+
+
+def decode_ring_handle(data: bytes | memoryview, expected_format: str, what: str) -> tuple[
+        Any, Any, Any, Any, Any, CudaIpcStorage | SharedMemStorage, str]:
+    """Inverse of :func:`encode_ring_handle`, up to the fields' own checks.
+
+    Args:
+        data: the encoded handle.
+        expected_format: the format tag the caller accepts.
+        what: the handle's name in error messages.
+
+    Returns:
+        ``(pool, shape, stride, storage_offset, dtype, storage, format)``; ``shape`` and ``stride``
+        as decoded (lists), the rest unchecked: the handle classes validate them when built.
+
+    Raises:
+        ValueError: on undecodable bytes, another format, an unknown storage kind or a wrong field count.
+    """
+    try:
+        f = msgpack.unpackb(bytes(data), raw=False)
+    except (ValueError, msgpack.exceptions.ExtraData) as e:
+        raise ValueError(f"expected a msgpack {what}, got undecodable bytes ({e})") from e
+    if not isinstance(f, list) or len(f) != 8:
+        raise ValueError(f"expected an 8-field {what}, got {_short(f)}")
+    fmt, pool, shape, stride, offset, dtype, kind, fields = f
+    if fmt != expected_format:
+        raise ValueError(f"expected format {expected_format}, got {_short(fmt)}")
+    storage_cls = _STORAGE_KINDS.get(kind) if isinstance(kind, str) else None
+    if storage_cls is None:
+        raise ValueError(f"expected storage kind in {sorted(_STORAGE_KINDS)}, got {_short(kind)}")
+    n_fields = len(storage_cls.__dataclass_fields__)
+    if not isinstance(fields, list) or len(fields) != n_fields:
+        raise ValueError(f"expected {n_fields} {kind} storage fields, got {_short(fields)}")
+    return pool, shape, stride, offset, dtype, storage_cls(*fields), fmt
 
 
 def _four(value: object, what: str) -> tuple[int, int, int, int]:

@@ -22,12 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
 from pipeline.gpu.cuda_slotpool import (
     CudaIpcStorage,
     SharedMemStorage,
     check_allocator_for_ipc,
+    decode_ring_handle,
+    encode_ring_handle,
     open_shared_tensor,
     release_unopened,
     share_storage,
@@ -42,11 +42,6 @@ TENSOR_HANDLE_FORMAT = "streamdet.device-tensor-pool/1"
 
 TENSOR_DTYPES = ("float32", "float16")
 """Element types of a ring (the model card's input dtype)."""
-
-_STORAGE_KINDS: dict[str, type[CudaIpcStorage] | type[SharedMemStorage]] = {
-    "cuda": CudaIpcStorage, "shm": SharedMemStorage,
-}
-
 
 def _five(value: object, what: str, minimum: int) -> tuple[int, int, int, int, int]:
     if not isinstance(value, list | tuple) or len(value) != 5:
@@ -118,10 +113,9 @@ class DeviceTensorPoolHandle:
         return f"cuda:{s.device_index}" if isinstance(s, CudaIpcStorage) else "cpu"
 
     def encode(self) -> bytes:
-        """Encode as msgpack ``[format, pool, shape, stride, storage_offset, dtype, kind, [storage fields]]``."""
-        kind = "cuda" if isinstance(self.storage, CudaIpcStorage) else "shm"
-        return bytes(msgpack.packb([self.format, self.pool, list(self.shape), list(self.stride), self.storage_offset,
-                                    self.dtype, kind, self.storage._fields()], use_bin_type=True))
+        """Encode as msgpack (see :func:`pipeline.gpu.cuda_slotpool.encode_ring_handle`)."""
+        return encode_ring_handle(self.format, self.pool, self.shape, self.stride, self.storage_offset, self.dtype,
+                                  self.storage)
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> DeviceTensorPoolHandle:
@@ -130,23 +124,9 @@ class DeviceTensorPoolHandle:
         Raises:
             ValueError: on undecodable bytes, another format, or a field of the wrong type or value.
         """
-        try:
-            f = msgpack.unpackb(bytes(data), raw=False)
-        except (ValueError, msgpack.exceptions.ExtraData) as e:
-            raise ValueError(f"expected a msgpack tensor-pool handle, got undecodable bytes ({e})") from e
-        if not isinstance(f, list) or len(f) != 8:
-            raise ValueError(f"expected an 8-field tensor-pool handle, got {str(f)[:80]}")
-        fmt, pool, shape, stride, offset, dtype, kind, fields = f
-        if fmt != TENSOR_HANDLE_FORMAT:
-            raise ValueError(f"expected format {TENSOR_HANDLE_FORMAT}, got {str(fmt)[:80]}")
-        storage_cls = _STORAGE_KINDS.get(kind) if isinstance(kind, str) else None
-        if storage_cls is None:
-            raise ValueError(f"expected storage kind in {sorted(_STORAGE_KINDS)}, got {str(kind)[:80]}")
-        n_fields = len(storage_cls.__dataclass_fields__)
-        if not isinstance(fields, list) or len(fields) != n_fields:
-            raise ValueError(f"expected {n_fields} {kind} storage fields, got {str(fields)[:80]}")
-        return cls(pool, _five(shape, "shape", 1), _five(stride, "stride", 0), offset, dtype, storage_cls(*fields),
-                   fmt)
+        pool, shape, stride, offset, dtype, storage, fmt = decode_ring_handle(data, TENSOR_HANDLE_FORMAT,
+                                                                              "tensor-pool handle")
+        return cls(pool, _five(shape, "shape", 1), _five(stride, "stride", 0), offset, dtype, storage, fmt)
 
 
 class DeviceTensorPool:
