@@ -419,3 +419,26 @@ def test_preprocess_batch_matches_manual() -> None:
         preprocess_batch([], DET_CARD)
     with pytest.raises(ValueError, match="uint8"):
         preprocess_batch([imgs[0].astype(np.float32)], DET_CARD)  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "rounded"),
+    [
+        ((1, 3, 3), np.float32, False),  # one class: all zeros
+        ((2, 5, 7), np.float32, False),
+        ((11, 48, 80), np.float32, True),  # many exact ties: the lower class id wins, as np.argmax
+        ((11, 48, 80), np.float16, False),
+        ((11, 48, 80), np.float64, False),
+        ((256, 4, 4), np.float32, False),  # the largest uint8 class id
+    ],
+)
+def test_channel_argmax_equals_numpy(shape, dtype, rounded):
+    from pipeline.postprocess import channel_argmax
+
+    lg = np.random.default_rng(0).standard_normal(shape)
+    lg = (np.round(lg) if rounded else lg).astype(dtype)
+    got = channel_argmax(lg)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.argmax(lg, axis=0))
+    view = lg[:, 1:-1, 2:]  # a letterbox crop: rows with strides
+    np.testing.assert_array_equal(channel_argmax(view), np.argmax(view, axis=0))
