@@ -1,65 +1,17 @@
 """The command line: exit codes, one error line per failure, signals, no orphan processes."""
 
 import json
-import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
+from _cli import ROOT, assert_no_orphans, free_port, processes_with, run, start  # noqa: E402
 from _standin import bikes_path, build_standin  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "run_pipeline.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def processes_with(marker: str) -> list[int]:
-    """Pids whose environment holds ``marker`` (the run's processes and their children), via /proc."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (d / "environ").read_bytes():
-                pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
-
-
-def assert_no_orphans(marker: str) -> None:
-    deadline = time.monotonic() + 10
-    while processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert processes_with(marker) == []
-
-
-def start(args, extra_env=None, **kw):
-    marker = f"STREAMDET_TEST_MARKER={uuid.uuid4().hex}"
-    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1], **(extra_env or {})}
-    env.pop("STREAMDET_CONFIG", None)
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
-    return proc, marker.split("=")[1]
-
-
-def run(args, timeout=120, extra_env=None):
-    proc, marker = start(args, extra_env)
-    out, err = proc.communicate(timeout=timeout)
-    assert_no_orphans(marker)
-    return proc.returncode, out, err
 
 
 @pytest.fixture(scope="module")

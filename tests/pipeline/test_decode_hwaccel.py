@@ -6,15 +6,10 @@ start-up probe with one error line naming the source, never decode in software u
 decode on a GPU machine.
 """
 
-import os
-import subprocess
-import sys
-import time
-import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli import run
 from _standin import bikes_path, build_standin
 
 from pipeline.settings import SettingsError, load_settings
@@ -27,8 +22,6 @@ from pipeline.stages.decode import (
     probe_source,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "run_pipeline.py"
 CUDA = HWAccelOptions(mode=HWAccelMode.CUDA)
 
 
@@ -37,34 +30,6 @@ def _nvdec_problem() -> str:
 
 
 needs_no_nvdec = pytest.mark.skipif(not _nvdec_problem(), reason="NVDEC works here: nothing fails")
-
-
-# ---------------------------------------------------------------- helpers (as tests/test_run_pipeline.py)
-def _processes_with(marker: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (d / "environ").read_bytes():
-                pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
-
-
-def _run(args: list[str], extra_env: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, str, str]:
-    """Run ``run_pipeline.py`` and check that none of its processes outlive it."""
-    marker = uuid.uuid4().hex
-    env = {**os.environ, "STREAMDET_TEST_MARKER": marker, **(extra_env or {})}
-    env.pop("STREAMDET_CONFIG", None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    deadline = time.monotonic() + 10
-    while _processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _processes_with(marker) == []
-    return proc.returncode, proc.stdout, proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +110,7 @@ def test_software_probe_unchanged():
 def test_cli_fails_with_one_line_before_any_frame(model, tmp_path, flags, env):
     src = str(bikes_path())
     out_path = tmp_path / "o.jsonl"
-    rc, out, err = _run(_base(model, "--source", src, "--max-frames", "3", "--jsonl", str(out_path), *flags),
+    rc, out, err = run(_base(model, "--source", src, "--max-frames", "3", "--jsonl", str(out_path), *flags),
                         extra_env=env)
     lines = err.strip().splitlines()
     assert rc == 1, err
@@ -156,7 +121,7 @@ def test_cli_fails_with_one_line_before_any_frame(model, tmp_path, flags, env):
 
 @needs_no_nvdec
 def test_cli_live_source_fails_redacted(model):
-    rc, out, err = _run(_base(model, "--source", "rtsp://user:secret@127.0.0.1:1/stream", "--hwaccel", "cuda"))
+    rc, out, err = run(_base(model, "--source", "rtsp://user:secret@127.0.0.1:1/stream", "--hwaccel", "cuda"))
     lines = err.strip().splitlines()
     assert rc == 1, err
     assert len(lines) == 1 and lines[0].startswith("error: rtsp://***@127.0.0.1:1/stream: hardware decode"), err
@@ -166,7 +131,7 @@ def test_cli_live_source_fails_redacted(model):
 @needs_no_nvdec
 def test_cli_fallback_decodes_in_software_with_one_warning(model, tmp_path):
     out_path = tmp_path / "o.jsonl"
-    rc, out, err = _run(_base(model, "--source", str(bikes_path()), "--max-frames", "3", "--hwaccel", "cuda",
+    rc, out, err = run(_base(model, "--source", str(bikes_path()), "--max-frames", "3", "--hwaccel", "cuda",
                               "--set", "decode.hwaccel_fallback=true", "--jsonl", str(out_path)))
     assert rc == 0, err
     assert out.startswith("frames=3 ")
@@ -199,6 +164,6 @@ def test_nvdec_matches_software_decode(model):
     for a, b in zip(hw, sw, strict=True):
         assert a.shape == b.shape == (272, 640, 3) and a.dtype == np.uint8
         assert np.abs(a.astype(np.int16) - b.astype(np.int16)).mean() < 1.0  # H.264 decode is exact; NV12 vs I420
-    rc, out, err = _run(_base(model, "--source", str(bikes_path()), "--max-frames", "8", "--hwaccel", "cuda"))
+    rc, out, err = run(_base(model, "--source", str(bikes_path()), "--max-frames", "8", "--hwaccel", "cuda"))
     assert rc == 0 and err == "", err
     assert out.startswith("frames=8 ")

@@ -7,7 +7,6 @@ GStreamer plugins; CI installs them); without them these tests are skipped.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,10 +18,9 @@ import pytest
 import zmq
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _cli import ROOT, SCRIPT, free_port, processes_with  # noqa: E402
 from _standin import bikes_path, build_standin  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "run_pipeline.py"
 SERVER = Path(__file__).parent / "rtsp_server.py"
 SYSTEM_PYTHON = "/usr/bin/python3"
 
@@ -47,25 +45,6 @@ def _server_missing() -> str:
 _MISSING = _server_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(_MISSING), reason=_MISSING)]
 
-
-def processes_with(marker: str) -> list[int]:
-    """Pids whose environment holds ``marker`` (the run's processes), via /proc."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (d / "environ").read_bytes():
-                pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RtspServer:
