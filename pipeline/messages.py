@@ -26,7 +26,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import Any
+from typing import Any, Self
 
 import msgpack
 import numpy as np
@@ -138,8 +138,26 @@ def _check_nonneg(value: float, what: str) -> None:
         raise ValueError(f"expected finite {what} >= 0, got {value!r}")
 
 
+class _Decodable:
+    """``decode`` for every message class (its ``encode`` writes the kind that picks the class)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> Self:
+        """Inverse of ``encode``: decode one message and check it is of this class.
+
+        Raises:
+            ValueError: on a wrong version, kind or field, or a message of another class.
+        """
+        msg = decode_message(data)
+        if not isinstance(msg, cls):
+            raise ValueError(f"expected a {cls.__name__}, got {type(msg).__name__}")
+        return msg
+
+
 @dataclass(frozen=True, slots=True)
-class FrameMsg:
+class FrameMsg(_Decodable):
     """One decoded frame (decode -> preprocess).
 
     Attributes:
@@ -193,15 +211,6 @@ class FrameMsg:
         """Encode as msgpack ``[WIRE_VERSION, MsgKind.FRAME, ...fields]``."""
         return _pack(MsgKind.FRAME, self._fields())
 
-    @classmethod
-    def decode(cls, data: bytes | memoryview) -> FrameMsg:
-        """Inverse of :meth:`encode`.
-
-        Raises:
-            ValueError: on a wrong version, kind or field.
-        """
-        return _expect(decode_message(data), cls)
-
 
 @dataclass(frozen=True, slots=True)
 class FrameRecord:
@@ -247,7 +256,7 @@ def _check_records(frames: tuple[FrameRecord, ...]) -> tuple[FrameRecord, ...]:
 
 
 @dataclass(frozen=True, slots=True)
-class BatchMsg:
+class BatchMsg(_Decodable):
     """A batch of preprocessed frames (preprocess -> engine).
 
     Attributes:
@@ -295,15 +304,6 @@ class BatchMsg:
         if len(f) != 5:
             raise ValueError(f"expected 5 BatchMsg fields, got {len(f)}")
         return cls(tuple(FrameRecord._from_fields(r) for r in f[0]), f[1], f[2], tuple(f[3]), f[4])
-
-    @classmethod
-    def decode(cls, data: bytes | memoryview) -> BatchMsg:
-        """Inverse of :meth:`encode`.
-
-        Raises:
-            ValueError: on a wrong version, kind or field.
-        """
-        return _expect(decode_message(data), cls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,7 +353,7 @@ class TensorSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class ResultMsg:
+class ResultMsg(_Decodable):
     """Raw model outputs of one batch (engine -> postprocess).
 
     Attributes:
@@ -392,18 +392,9 @@ class ResultMsg:
         return cls(tuple(FrameRecord._from_fields(r) for r in f[0]), f[1],
                    tuple(TensorSpec(o[0], o[1], tuple(o[2])) for o in f[2]))
 
-    @classmethod
-    def decode(cls, data: bytes | memoryview) -> ResultMsg:
-        """Inverse of :meth:`encode`.
-
-        Raises:
-            ValueError: on a wrong version, kind or field.
-        """
-        return _expect(decode_message(data), cls)
-
 
 @dataclass(frozen=True, slots=True)
-class EndOfStream:
+class EndOfStream(_Decodable):
     """The last message of one source on a stage boundary.
 
     Attributes:
@@ -436,18 +427,9 @@ class EndOfStream:
             raise ValueError(f"expected 4 EndOfStream fields, got {len(f)}")
         return cls(f[0], f[1], EosReason(f[2]), f[3])
 
-    @classmethod
-    def decode(cls, data: bytes | memoryview) -> EndOfStream:
-        """Inverse of :meth:`encode`.
-
-        Raises:
-            ValueError: on a wrong version, kind or field.
-        """
-        return _expect(decode_message(data), cls)
-
 
 @dataclass(frozen=True, slots=True)
-class CreditMsg:
+class CreditMsg(_Decodable):
     """A shared-memory slot handed back to the pool's owner (consumer -> producer).
 
     Attributes:
@@ -474,18 +456,9 @@ class CreditMsg:
             raise ValueError(f"expected 2 CreditMsg fields, got {len(f)}")
         return cls(f[0], f[1])
 
-    @classmethod
-    def decode(cls, data: bytes | memoryview) -> CreditMsg:
-        """Inverse of :meth:`encode`.
-
-        Raises:
-            ValueError: on a wrong version, kind or field.
-        """
-        return _expect(decode_message(data), cls)
-
 
 @dataclass(frozen=True, slots=True)
-class StatusMsg:
+class StatusMsg(_Decodable):
     """A stage's report to the runner (stage -> runner control socket).
 
     Attributes:
@@ -524,18 +497,9 @@ class StatusMsg:
             raise ValueError(f"expected 5 StatusMsg fields, got {len(f)}")
         return cls(StageName(f[0]), StatusKind(f[1]), f[2], f[3], dict(f[4]))
 
-    @classmethod
-    def decode(cls, data: bytes | memoryview) -> StatusMsg:
-        """Inverse of :meth:`encode`.
-
-        Raises:
-            ValueError: on a wrong version, kind or field.
-        """
-        return _expect(decode_message(data), cls)
-
 
 @dataclass(frozen=True, slots=True)
-class SourceStatusMsg:
+class SourceStatusMsg(_Decodable):
     """A decoder's report on its source (decode -> postprocess events socket).
 
     Attributes:
@@ -584,18 +548,9 @@ class SourceStatusMsg:
             raise ValueError(f"expected 10 SourceStatusMsg fields, got {len(f)}")
         return cls(f[0], SourceState(f[1]), f[2], f[3], f[4], f[5], f[6], f[7], f[8], bool(f[9]))
 
-    @classmethod
-    def decode(cls, data: bytes | memoryview) -> SourceStatusMsg:
-        """Inverse of :meth:`encode`.
-
-        Raises:
-            ValueError: on a wrong version, kind or field.
-        """
-        return _expect(decode_message(data), cls)
-
 
 @dataclass(frozen=True, slots=True)
-class PoolHandleMsg:
+class PoolHandleMsg(_Decodable):
     """How to open a device tensor pool (preprocess -> engine, once, before the pool's first batch).
 
     A :class:`BatchMsg` whose ``tensor_pool`` was announced this way has its input tensor in that
@@ -624,15 +579,6 @@ class PoolHandleMsg:
         if len(f) != 2:
             raise ValueError(f"expected 2 PoolHandleMsg fields, got {len(f)}")
         return cls(f[0], f[1])
-
-    @classmethod
-    def decode(cls, data: bytes | memoryview) -> PoolHandleMsg:
-        """Inverse of :meth:`encode`.
-
-        Raises:
-            ValueError: on a wrong version, kind or field.
-        """
-        return _expect(decode_message(data), cls)
 
 
 Message = FrameMsg | BatchMsg | ResultMsg | EndOfStream | CreditMsg | StatusMsg | SourceStatusMsg | PoolHandleMsg
@@ -694,7 +640,3 @@ def decode_message(data: bytes | memoryview) -> Message:
     raise AssertionError(f"unhandled kind {k}")  # pragma: no cover
 
 
-def _expect(msg: Message, cls: type[Any]) -> Any:
-    if not isinstance(msg, cls):
-        raise ValueError(f"expected a {cls.__name__}, got {type(msg).__name__}")
-    return msg
