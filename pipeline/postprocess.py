@@ -485,9 +485,8 @@ def channel_argmax(logits: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     best = np.array(lg[0], dtype=lg.dtype, order="C")
     ids = np.zeros(best.shape, np.uint8)
     for c in range(1, lg.shape[0]):
-        plane = np.ascontiguousarray(lg[c])
-        better = cv2.compare(plane, best, cv2.CMP_GT)
-        cv2.max(plane, best, dst=best)
+        better = cv2.compare(lg[c], best, cv2.CMP_GT)  # OpenCV takes the row-strided views as they are
+        cv2.max(lg[c], best, dst=best)
         cv2.max(ids, cv2.bitwise_and(better, c), dst=ids)
     return ids
 
