@@ -9,6 +9,7 @@ regions light up classes 0 / 1 / 2. Cheap enough that pipeline tests measure the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -33,14 +34,12 @@ def anchors_cxcywh(input_wh: tuple[int, int]) -> np.ndarray:
     return np.concatenate(cols, axis=1).astype(np.float32)
 
 
-def build_standin(path: str | Path, *, input_wh: tuple[int, int] = (640, 384), gain: float = 12.0,
-                  bias: float = 12.0, static_batch: int | None = None, write_card: bool = True,
-                  metadata: dict[str, str] | None = None) -> Path:
-    """Write the stand-in ONNX (and its card ``.json`` beside it unless ``write_card`` is False)."""
-    path = Path(path)
-    w, h = input_wh
-    c = len(CLASS_NAMES)
-    batch: int | str = static_batch if static_batch is not None else "batch"
+def pooled_feature_nodes() -> tuple[list[Any], list[Any]]:
+    """The stand-ins' features: ``images`` average-pooled at each stride and concatenated into ``feat`` ``(B, 3, N)``.
+
+    Returns:
+        ``(nodes, initializers)`` to extend with a head.
+    """
     nodes = []
     inits = [numpy_helper.from_array(np.array([0, 3, -1], np.int64), "shape3")]
     pooled = []
@@ -49,6 +48,18 @@ def build_standin(path: str | Path, *, input_wh: tuple[int, int] = (640, 384), g
         nodes.append(helper.make_node("Reshape", [f"p{s}", "shape3"], [f"r{s}"]))
         pooled.append(f"r{s}")
     nodes.append(helper.make_node("Concat", pooled, ["feat"], axis=2))
+    return nodes, inits
+
+
+def build_standin(path: str | Path, *, input_wh: tuple[int, int] = (640, 384), gain: float = 12.0,
+                  bias: float = 12.0, static_batch: int | None = None, write_card: bool = True,
+                  metadata: dict[str, str] | None = None) -> Path:
+    """Write the stand-in ONNX (and its card ``.json`` beside it unless ``write_card`` is False)."""
+    path = Path(path)
+    w, h = input_wh
+    c = len(CLASS_NAMES)
+    batch: int | str = static_batch if static_batch is not None else "batch"
+    nodes, inits = pooled_feature_nodes()
     inits.append(numpy_helper.from_array((np.eye(c, 3, dtype=np.float32) * gain).reshape(c, 3, 1), "wcls"))
     inits.append(numpy_helper.from_array(np.full(c, -bias, np.float32), "bcls"))
     nodes.append(helper.make_node("Conv", ["feat", "wcls", "bcls"], ["logits"], kernel_shape=[1]))

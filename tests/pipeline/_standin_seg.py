@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from _standin import CLASS_NAMES, STRIDES, anchors_cxcywh
+from _standin import CLASS_NAMES, STRIDES, anchors_cxcywh, pooled_feature_nodes
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.modelcard import HeadLayout, HeadSpec, InputSpec, ModelCard, Task, save_card
@@ -57,14 +57,7 @@ def build_segment_standin(path: str | Path, *, input_wh: tuple[int, int] = (640,
     path = Path(path)
     w, h = input_wh
     c = len(CLASS_NAMES)
-    nodes = []
-    inits = [numpy_helper.from_array(np.array([0, 3, -1], np.int64), "shape3")]
-    pooled = []
-    for s in STRIDES:
-        nodes.append(helper.make_node("AveragePool", ["images"], [f"p{s}"], kernel_shape=[s, s], strides=[s, s]))
-        nodes.append(helper.make_node("Reshape", [f"p{s}", "shape3"], [f"r{s}"]))
-        pooled.append(f"r{s}")
-    nodes.append(helper.make_node("Concat", pooled, ["feat"], axis=2))
+    nodes, inits = pooled_feature_nodes()
     inits += [numpy_helper.from_array((np.eye(c, 3, dtype=np.float32) * gain).reshape(c, 3, 1), "wcls"),
               numpy_helper.from_array(np.full(c, -bias, np.float32), "bcls"),
               numpy_helper.from_array(_W_COEF.reshape(NM, 3, 1), "wcoef"),
