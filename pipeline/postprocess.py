@@ -168,8 +168,11 @@ class PostprocessConfig:
             raise ValueError(f"expected nms_method as NmsMethod, got {self.nms_method!r}")
 
 
-EVAL_CONFIG = PostprocessConfig(score_threshold=0.001, iou_threshold=0.7, max_detections=300, pre_nms_topk=30000)
-"""Settings for mAP measurement (ultralytics validator: conf 0.001, IoU 0.7, max_det 300)."""
+EVAL_CONFIG = PostprocessConfig(score_threshold=0.001, iou_threshold=0.7, max_detections=300, pre_nms_topk=30000,
+                                multi_label=True)
+"""Settings for mAP measurement, as ultralytics' ``DetectionValidator``: conf 0.001, IoU 0.7,
+max_det 300, ``multi_label=True`` (an anchor yields one candidate per class above the threshold;
+mmyolo's test config does the same). The pipeline's defaults stay single-label."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -196,6 +196,8 @@ class PostprocessSettings(_Section):
         max_detections: most detections per frame.
         pre_nms_topk: most candidates per frame entering NMS.
         class_agnostic: NMS across classes (default: class-aware).
+        multi_label: an anchor may yield one detection per class above the threshold (as mAP is
+            measured; default: its best class only). Keeps the postprocess on the CPU.
         nms: ``hard``, ``soft_gaussian`` (Soft-NMS, Gaussian) or ``soft_linear``.
         soft_sigma: Gaussian Soft-NMS width.
         mask_threshold: instance-mask probability threshold.
@@ -209,6 +211,7 @@ class PostprocessSettings(_Section):
     max_detections: int = Field(default=300, ge=1)
     pre_nms_topk: int = Field(default=3000, ge=1)
     class_agnostic: bool = False
+    multi_label: bool = False
     nms: NmsMethod = NmsMethod.HARD
     soft_sigma: float = Field(default=0.5, gt=0.0)
     mask_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
@@ -220,7 +223,8 @@ class PostprocessSettings(_Section):
         return PostprocessConfig(
             score_threshold=self.score_threshold, iou_threshold=self.iou_threshold,
             max_detections=self.max_detections, pre_nms_topk=self.pre_nms_topk,
-            class_agnostic=self.class_agnostic, nms_method=self.nms, soft_sigma=self.soft_sigma,
+            class_agnostic=self.class_agnostic, multi_label=self.multi_label, nms_method=self.nms,
+            soft_sigma=self.soft_sigma,
             mask_threshold=self.mask_threshold, masks=self.masks,
         )
 

@@ -53,7 +53,7 @@ BATCH = 8
 # the postprocess settings mAP is measured with, in the pipeline's settings tree
 EVAL_POSTPROCESS = {"score_threshold": EVAL_CONFIG.score_threshold, "iou_threshold": EVAL_CONFIG.iou_threshold,
                     "max_detections": EVAL_CONFIG.max_detections, "pre_nms_topk": EVAL_CONFIG.pre_nms_topk,
-                    "mask_threshold": EVAL_CONFIG.mask_threshold}
+                    "mask_threshold": EVAL_CONFIG.mask_threshold, "multi_label": EVAL_CONFIG.multi_label}
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]  # pycocotools

@@ -4,13 +4,14 @@ Every image goes through the same preprocess (:func:`pipeline.preprocess_ops.pre
 engine (:class:`engines.onnxruntime_backend.OnnxRuntimeEngine`) and postprocess
 (:mod:`pipeline.postprocess`) as in the pipeline, with the mAP settings of
 :data:`pipeline.postprocess.EVAL_CONFIG` (score threshold 0.001, NMS IoU 0.7, 300 detections per
-image, as ultralytics' validator), then pycocotools ``COCOeval`` scores the boxes (and, for
-instance-segmentation models, the masks as RLE). Semantic models are scored by mean IoU.
+image, multi-label: one candidate per class above the threshold, as ultralytics' validator), then
+pycocotools ``COCOeval`` scores the boxes (and, for instance-segmentation models, the masks as RLE).
+Semantic models are scored by mean IoU.
 
 CLI::
 
     python -m training.evaluate --model MODEL.onnx --data DIR [--card MODEL.json] [--batch 8]
-        [--plot PR.png] [--max-images N] [--json-out FILE]
+        [--plot PR.png] [--max-images N] [--json-out FILE] [--single-label]
 
 The last line printed is ``mAP50-95=0.xxx mAP50=0.xxx`` (detect), with
 ``mask_mAP50-95=0.xxx mask_mAP50=0.xxx`` appended for instance segmentation, or ``mIoU=0.xxx``
@@ -568,6 +569,8 @@ def _evaluate_loop(
         result["per_class_IoU"] = {n: (None if math.isnan(v) else float(v)) for n, v in zip(names, ious, strict=True)}
         result["summary"] = f"mIoU={_fmt(result['mIoU'])}"
         return result
+    result["postprocess"] = {"score_threshold": cfg.score_threshold, "iou_threshold": cfg.iou_threshold,
+                             "max_detections": cfg.max_detections, "multi_label": cfg.multi_label}
     ids_sel = {int(im["id"]) for im in images}
     gt = {**ds.coco, "images": images, "annotations": [a for a in ds.coco["annotations"] if a["image_id"] in ids_sel]}
     try:
@@ -624,12 +627,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json-out", type=Path, default=None, help="also write the metrics as JSON")
     ap.add_argument("--conf", type=float, default=EVAL_CONFIG.score_threshold, help="score threshold")
     ap.add_argument("--iou", type=float, default=EVAL_CONFIG.iou_threshold, help="NMS IoU threshold")
+    ap.add_argument("--single-label", action="store_true",
+                    help="one candidate per anchor (its best class) instead of one per class above --conf")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(list(argv) if argv is not None else None)
     try:
         cfg = PostprocessConfig(score_threshold=args.conf, iou_threshold=args.iou,
-                                max_detections=EVAL_CONFIG.max_detections, pre_nms_topk=EVAL_CONFIG.pre_nms_topk)
+                                max_detections=EVAL_CONFIG.max_detections, pre_nms_topk=EVAL_CONFIG.pre_nms_topk,
+                                multi_label=not args.single_label)
     except ValueError as e:
         print(f"error: --conf/--iou: {e}", file=sys.stderr)
         return 1

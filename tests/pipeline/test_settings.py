@@ -127,6 +127,11 @@ def test_settings_are_frozen():
         s.engine.intra_op_threads = 2  # type: ignore[misc]
 
 
+def test_multi_label_reaches_the_postprocess_config(monkeypatch):
+    monkeypatch.setenv("STREAMDET_POSTPROCESS__MULTI_LABEL", "true")
+    assert load_settings().postprocess.to_config().multi_label is True
+
+
 def test_set_dotted():
     tree: dict = {}
     set_dotted(tree, "a.b.c", 1)

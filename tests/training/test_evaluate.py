@@ -253,6 +253,24 @@ def test_cli_detect_partial_with_max_images(tmp_path: Path, capsys: pytest.Captu
     assert any(line.split()[0] == "c0" and line.split()[1] == f"{51 / 101:.3f}" for line in out)
 
 
+def test_cli_multi_label_by_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An anchor whose true class (0.4) is not its best class (0.6) counts only as ultralytics counts it."""
+    data = write_dataset(tmp_path / "data")
+    out0 = np.zeros((1, 4 + 2, N_ANCHORS), np.float32)
+    for j, box in enumerate(GT_BOXES):
+        out0[0, 0:4, j] = to_input_cxcywh(box)
+    out0[0, 4:6, 0] = (0.4, 0.6)  # GT A is class 0; class 1 scores higher on it
+    out0[0, 5, 1] = 0.8  # GT B, class 1
+    model = const_onnx(tmp_path / "ml.onnx", {"output0": out0})
+    save_card(card_for(Task.DETECT, HeadLayout.ULTRALYTICS_DETECT, 2), model.with_suffix(".json"))
+    rc, out, err = run_main(["--model", str(model), "--data", str(data)], capsys)
+    assert rc == 0, err
+    assert out[-1] == "mAP50-95=1.000 mAP50=1.000"  # class 0 found at 0.4; class 1's FP ranks below its TP
+    rc, out, err = run_main(["--model", str(model), "--data", str(data), "--single-label"], capsys)
+    assert rc == 0, err
+    assert out[-1] == "mAP50-95=0.500 mAP50=0.500"  # the anchor is class 1 only: class 0 never found
+
+
 def test_cli_segment_perfect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = write_dataset(tmp_path / "data")
     model = detect_model(tmp_path, nm=1, name="seg")
