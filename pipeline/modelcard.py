@@ -134,6 +134,7 @@ class ModelCard(_Frozen):
         provenance: the command, seed and time that produced the model.
         params: parameter count.
         gflops: GFLOPs per image at the input size.
+        speed: measured speed (e.g. ``engine_only_fps``), with the machine and command.
     """
 
     schema_version: str = Field(default=CARD_SCHEMA, alias="schema")
@@ -148,6 +149,7 @@ class ModelCard(_Frozen):
     provenance: dict[str, Any] = Field(default_factory=dict)
     params: int | None = None
     gflops: float | None = None
+    speed: dict[str, Any] = Field(default_factory=dict)
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
