@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
 import numpy as np
@@ -182,57 +182,58 @@ _STORAGE_KINDS: dict[str, type[CudaIpcStorage] | type[SharedMemStorage]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class CudaPoolHandle:
-    """What a consumer needs to open a ring, sent to it once (msgpack, see :meth:`encode`).
+class RingHandle:
+    """What the shared-ring handles have in common: field checks, ``device`` and msgpack encoding.
 
-    Attributes:
-        pool: the pool's name (the ``pool`` of frame messages and credits).
-        shape: the ring's ``(num_slots, H, W, 3)``.
-        stride: the ring's strides, elements.
-        storage_offset: where the ring starts in its storage, elements.
-        dtype: :data:`RING_DTYPE`.
-        storage: where the storage is (:class:`CudaIpcStorage`, or :class:`SharedMemStorage` on the CPU).
-        format: :data:`HANDLE_FORMAT`.
+    A ring is one tensor of rank :attr:`RANK` in one storage; its handle carries ``pool``,
+    ``shape``, ``stride``, ``storage_offset`` (elements), ``dtype``, ``storage`` and ``format``.
+    Subclasses (frozen dataclasses) set the class constants and call :meth:`_check_ring` from
+    ``__post_init__``.
     """
 
+    __slots__ = ()
+    FORMAT: ClassVar[str]
+    """The format tag the handle is encoded with."""
+    RANK: ClassVar[int]
+    """Number of ring dimensions."""
+    LAYOUT: ClassVar[str]
+    """The shape's layout in error messages, e.g. ``(num_slots, H, W, 3)``."""
+    CHANNEL_AXIS: ClassVar[int]
+    """The axis whose size must be 3."""
+    ITEMSIZE: ClassVar[dict[str, int]]
+    """Bytes per element of each allowed dtype."""
+    WHAT: ClassVar[str]
+    """The handle's name in decode errors."""
+
     pool: str
-    shape: tuple[int, int, int, int]
-    stride: tuple[int, int, int, int]
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
     storage_offset: int
     dtype: str
     storage: CudaIpcStorage | SharedMemStorage
-    format: str = HANDLE_FORMAT
+    format: str
 
-    def __post_init__(self) -> None:
-        if self.format != HANDLE_FORMAT:
-            raise ValueError(f"expected format {HANDLE_FORMAT}, got {_short(self.format)}")
+    def _check_ring(self) -> None:
+        if self.format != self.FORMAT:
+            raise ValueError(f"expected format {self.FORMAT}, got {_short(self.format)}")
         if not isinstance(self.pool, str) or not self.pool:
             raise ValueError(f"expected a pool name, got {_short(self.pool)}")
-        _check_ints(self.shape, "shape", 4, 1)
-        if self.shape[3] != 3:
-            raise ValueError(f"expected shape (num_slots, H, W, 3), got {self.shape}")
-        _check_ints(self.stride, "stride", 4, 0)
+        _check_ints(self.shape, "shape", self.RANK, 1)
+        if self.shape[self.CHANNEL_AXIS] != 3:
+            raise ValueError(f"expected shape {self.LAYOUT}, got {self.shape}")
+        _check_ints(self.stride, "stride", self.RANK, 0)
         _check_int(self.storage_offset, "storage_offset")
-        if self.dtype != RING_DTYPE:
-            raise ValueError(f"expected dtype {RING_DTYPE}, got {_short(self.dtype)}")
+        if self.dtype not in self.ITEMSIZE:
+            allowed = next(iter(self.ITEMSIZE)) if len(self.ITEMSIZE) == 1 else f"in {tuple(self.ITEMSIZE)}"
+            raise ValueError(f"expected dtype {allowed}, got {_short(self.dtype)}")
         if not isinstance(self.storage, CudaIpcStorage | SharedMemStorage):
             raise ValueError(f"expected storage as CudaIpcStorage or SharedMemStorage, got "
                              f"{type(self.storage).__name__}")
         end = self.storage_offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True)) + 1
-        if end > self.storage.size_bytes:  # uint8: one byte per element
-            raise ValueError(f"expected a storage of at least {end} bytes for shape {self.shape} stride "
+        need = end * self.ITEMSIZE[self.dtype]
+        if need > self.storage.size_bytes:
+            raise ValueError(f"expected a storage of at least {need} bytes for shape {self.shape} stride "
                              f"{self.stride} offset {self.storage_offset}, got {self.storage.size_bytes}")
-
-    @property
-    def num_slots(self) -> int:
-        """Number of slots."""
-        return self.shape[0]
-
-    @property
-    def frame_hw(self) -> tuple[int, int]:
-        """``(height, width)`` of every slot, pixels."""
-        return (self.shape[1], self.shape[2])
 
     @property
     def device(self) -> str:
@@ -246,14 +247,67 @@ class CudaPoolHandle:
                                   self.storage)
 
     @classmethod
+    def _decode_fields(cls, data: bytes | memoryview) -> tuple[
+            Any, tuple[int, ...], tuple[int, ...], Any, Any, CudaIpcStorage | SharedMemStorage, str]:
+        """:func:`decode_ring_handle` for this class, ``shape`` and ``stride`` as tuples of :attr:`RANK`."""
+        pool, shape, stride, offset, dtype, storage, fmt = decode_ring_handle(data, cls.FORMAT, cls.WHAT)
+        return (pool, _ints_from_list(shape, "shape", cls.RANK), _ints_from_list(stride, "stride", cls.RANK), offset,
+                dtype, storage, fmt)
+
+
+@dataclass(frozen=True, slots=True)
+class CudaPoolHandle(RingHandle):
+    """What a consumer needs to open a frame ring, sent to it once (msgpack, see :meth:`encode`).
+
+    Attributes:
+        pool: the pool's name (the ``pool`` of frame messages and credits).
+        shape: the ring's ``(num_slots, H, W, 3)``.
+        stride: the ring's strides, elements.
+        storage_offset: where the ring starts in its storage, elements.
+        dtype: :data:`RING_DTYPE`.
+        storage: where the storage is (:class:`CudaIpcStorage`, or :class:`SharedMemStorage` on the CPU).
+        format: :data:`HANDLE_FORMAT`.
+
+    Raises:
+        ValueError: on a field of the wrong type or value.
+    """
+
+    FORMAT: ClassVar[str] = HANDLE_FORMAT
+    RANK: ClassVar[int] = 4
+    LAYOUT: ClassVar[str] = "(num_slots, H, W, 3)"
+    CHANNEL_AXIS: ClassVar[int] = 3
+    ITEMSIZE: ClassVar[dict[str, int]] = {RING_DTYPE: 1}
+    WHAT: ClassVar[str] = "pool handle"
+
+    pool: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+    dtype: str
+    storage: CudaIpcStorage | SharedMemStorage
+    format: str = HANDLE_FORMAT
+
+    def __post_init__(self) -> None:
+        self._check_ring()
+
+    @property
+    def num_slots(self) -> int:
+        """Number of slots."""
+        return self.shape[0]
+
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        """``(height, width)`` of every slot, pixels."""
+        return (self.shape[1], self.shape[2])
+
+    @classmethod
     def decode(cls, data: bytes | memoryview) -> CudaPoolHandle:
         """Inverse of :meth:`encode`.
 
         Raises:
             ValueError: on undecodable bytes, another format, or a field of the wrong type or value.
         """
-        pool, shape, stride, offset, dtype, storage, fmt = decode_ring_handle(data, HANDLE_FORMAT, "pool handle")
-        return cls(pool, _four(shape, "shape"), _four(stride, "stride"), offset, dtype, storage, fmt)
+        return cls(*cls._decode_fields(data))
 
 
 def encode_ring_handle(fmt: str, pool: str, shape: tuple[int, ...], stride: tuple[int, ...], storage_offset: int,
@@ -303,11 +357,11 @@ def decode_ring_handle(data: bytes | memoryview, expected_format: str, what: str
     return pool, shape, stride, offset, dtype, storage_cls(*fields), fmt
 
 
-def _four(value: object, what: str) -> tuple[int, int, int, int]:
-    """A decoded 4-list as a tuple (its entries are checked by :class:`CudaPoolHandle`)."""
-    if not isinstance(value, list) or len(value) != 4:
-        raise ValueError(f"expected {what} as a list of 4 ints, got {_short(value)}")
-    return (value[0], value[1], value[2], value[3])
+def _ints_from_list(value: object, what: str, n: int) -> tuple[int, ...]:
+    """A decoded list of ``n`` entries as a tuple (its entries are checked by the handle)."""
+    if not isinstance(value, list) or len(value) != n:
+        raise ValueError(f"expected {what} as a list of {n} ints, got {_short(value)}")
+    return tuple(value)
 
 
 def share_storage(tensor: torch.Tensor) -> CudaIpcStorage | SharedMemStorage:

@@ -20,14 +20,13 @@ so the tests run the whole device path without a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.gpu.cuda_slotpool import (
     CudaIpcStorage,
+    RingHandle,
     SharedMemStorage,
     check_allocator_for_ipc,
-    decode_ring_handle,
-    encode_ring_handle,
     open_shared_tensor,
     release_unopened,
     share_storage,
@@ -40,17 +39,11 @@ if TYPE_CHECKING:
 TENSOR_HANDLE_FORMAT = "streamdet.device-tensor-pool/1"
 """Tag of an encoded :class:`DeviceTensorPoolHandle`."""
 
-TENSOR_DTYPES = ("float32", "float16")
-"""Element types of a ring (the model card's input dtype)."""
+TENSOR_ITEMSIZE = {"float32": 4, "float16": 2}
+"""Element types of a ring (the model card's input dtype) and their bytes per element."""
 
-def _five(value: object, what: str, minimum: int) -> tuple[int, int, int, int, int]:
-    if not isinstance(value, list | tuple) or len(value) != 5:
-        raise ValueError(f"expected {what} as 5 ints, got {str(value)[:80]}")
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise ValueError(f"expected every {what} entry as an int >= {minimum}, got {v!r}")
-    return (value[0], value[1], value[2], value[3], value[4])
-
+TENSOR_DTYPES = tuple(TENSOR_ITEMSIZE)
+"""Element types of a ring."""
 
 def _torch_dtype(name: str) -> torch.dtype:
     import torch
@@ -59,7 +52,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceTensorPoolHandle:
+class DeviceTensorPoolHandle(RingHandle):
     """What the engine needs to open a preprocess stage's device tensor ring (sent once, msgpack).
 
     Attributes:
@@ -75,47 +68,23 @@ class DeviceTensorPoolHandle:
         ValueError: on a field of the wrong type or value.
     """
 
+    FORMAT: ClassVar[str] = TENSOR_HANDLE_FORMAT
+    RANK: ClassVar[int] = 5
+    LAYOUT: ClassVar[str] = "(num_slots, max_batch, 3, H, W)"
+    CHANNEL_AXIS: ClassVar[int] = 2
+    ITEMSIZE: ClassVar[dict[str, int]] = TENSOR_ITEMSIZE
+    WHAT: ClassVar[str] = "tensor-pool handle"
+
     pool: str
-    shape: tuple[int, int, int, int, int]
-    stride: tuple[int, int, int, int, int]
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
     storage_offset: int
     dtype: str
     storage: CudaIpcStorage | SharedMemStorage
     format: str = TENSOR_HANDLE_FORMAT
 
     def __post_init__(self) -> None:
-        if self.format != TENSOR_HANDLE_FORMAT:
-            raise ValueError(f"expected format {TENSOR_HANDLE_FORMAT}, got {str(self.format)[:80]}")
-        if not isinstance(self.pool, str) or not self.pool:
-            raise ValueError(f"expected a pool name, got {self.pool!r:.80}")
-        _five(self.shape, "shape", 1)
-        if self.shape[2] != 3:
-            raise ValueError(f"expected shape (num_slots, max_batch, 3, H, W), got {self.shape}")
-        _five(self.stride, "stride", 0)
-        if isinstance(self.storage_offset, bool) or not isinstance(self.storage_offset, int) \
-                or self.storage_offset < 0:
-            raise ValueError(f"expected storage_offset as an int >= 0, got {self.storage_offset!r}")
-        if self.dtype not in TENSOR_DTYPES:
-            raise ValueError(f"expected dtype in {TENSOR_DTYPES}, got {str(self.dtype)[:80]}")
-        if not isinstance(self.storage, CudaIpcStorage | SharedMemStorage):
-            raise ValueError(f"expected storage as CudaIpcStorage or SharedMemStorage, got "
-                             f"{type(self.storage).__name__}")
-        itemsize = 2 if self.dtype == "float16" else 4
-        end = self.storage_offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True)) + 1
-        if end * itemsize > self.storage.size_bytes:
-            raise ValueError(f"expected a storage of at least {end * itemsize} bytes for shape {self.shape}, got "
-                             f"{self.storage.size_bytes}")
-
-    @property
-    def device(self) -> str:
-        """The device the ring lives on: ``"cuda:N"``, or ``"cpu"``."""
-        s = self.storage
-        return f"cuda:{s.device_index}" if isinstance(s, CudaIpcStorage) else "cpu"
-
-    def encode(self) -> bytes:
-        """Encode as msgpack (see :func:`pipeline.gpu.cuda_slotpool.encode_ring_handle`)."""
-        return encode_ring_handle(self.format, self.pool, self.shape, self.stride, self.storage_offset, self.dtype,
-                                  self.storage)
+        self._check_ring()
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> DeviceTensorPoolHandle:
@@ -124,9 +93,7 @@ class DeviceTensorPoolHandle:
         Raises:
             ValueError: on undecodable bytes, another format, or a field of the wrong type or value.
         """
-        pool, shape, stride, offset, dtype, storage, fmt = decode_ring_handle(data, TENSOR_HANDLE_FORMAT,
-                                                                              "tensor-pool handle")
-        return cls(pool, _five(shape, "shape", 1), _five(stride, "stride", 0), offset, dtype, storage, fmt)
+        return cls(*cls._decode_fields(data))
 
 
 class DeviceTensorPool:
