@@ -224,8 +224,7 @@ class PostprocessSettings(_Section):
             score_threshold=self.score_threshold, iou_threshold=self.iou_threshold,
             max_detections=self.max_detections, pre_nms_topk=self.pre_nms_topk,
             class_agnostic=self.class_agnostic, multi_label=self.multi_label, nms_method=self.nms,
-            soft_sigma=self.soft_sigma,
-            mask_threshold=self.mask_threshold, masks=self.masks,
+            soft_sigma=self.soft_sigma, mask_threshold=self.mask_threshold, masks=self.masks,
         )
 
 

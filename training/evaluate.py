@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -633,9 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(list(argv) if argv is not None else None)
     try:
-        cfg = PostprocessConfig(score_threshold=args.conf, iou_threshold=args.iou,
-                                max_detections=EVAL_CONFIG.max_detections, pre_nms_topk=EVAL_CONFIG.pre_nms_topk,
-                                multi_label=not args.single_label)
+        cfg = dataclasses.replace(EVAL_CONFIG, score_threshold=args.conf, iou_threshold=args.iou,
+                                  multi_label=not args.single_label)
     except ValueError as e:
         print(f"error: --conf/--iou: {e}", file=sys.stderr)
         return 1
