@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import msgpack
 import numpy as np
@@ -182,16 +182,26 @@ _STORAGE_KINDS: dict[str, type[CudaIpcStorage] | type[SharedMemStorage]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
 class RingHandle:
-    """What the shared-ring handles have in common: field checks, ``device`` and msgpack encoding.
+    """What a consumer needs to open a shared ring (one tensor in one storage), sent to it once.
 
-    A ring is one tensor of rank :attr:`RANK` in one storage; its handle carries ``pool``,
-    ``shape``, ``stride``, ``storage_offset`` (elements), ``dtype``, ``storage`` and ``format``.
-    Subclasses (frozen dataclasses) set the class constants and call :meth:`_check_ring` from
-    ``__post_init__``.
+    The fields, their checks, ``device`` and the msgpack encoding are common to every ring; each
+    subclass sets the class constants (and ``format``'s default).
+
+    Attributes:
+        pool: the pool's name (the pool named by the messages and credits that use the ring).
+        shape: the ring's shape, :attr:`RANK` sizes laid out as :attr:`LAYOUT`.
+        stride: the ring's strides, elements.
+        storage_offset: where the ring starts in its storage, elements.
+        dtype: one of :attr:`ITEMSIZE`'s keys.
+        storage: where the storage is (:class:`CudaIpcStorage`, or :class:`SharedMemStorage` on the CPU).
+        format: :attr:`FORMAT`.
+
+    Raises:
+        ValueError: on a field of the wrong type or value.
     """
 
-    __slots__ = ()
     FORMAT: ClassVar[str]
     """The format tag the handle is encoded with."""
     RANK: ClassVar[int]
@@ -211,9 +221,9 @@ class RingHandle:
     storage_offset: int
     dtype: str
     storage: CudaIpcStorage | SharedMemStorage
-    format: str
+    format: str = ""
 
-    def _check_ring(self) -> None:
+    def __post_init__(self) -> None:
         if self.format != self.FORMAT:
             raise ValueError(f"expected format {self.FORMAT}, got {_short(self.format)}")
         if not isinstance(self.pool, str) or not self.pool:
@@ -247,12 +257,15 @@ class RingHandle:
                                   self.storage)
 
     @classmethod
-    def _decode_fields(cls, data: bytes | memoryview) -> tuple[
-            Any, tuple[int, ...], tuple[int, ...], Any, Any, CudaIpcStorage | SharedMemStorage, str]:
-        """:func:`decode_ring_handle` for this class, ``shape`` and ``stride`` as tuples of :attr:`RANK`."""
+    def decode(cls, data: bytes | memoryview) -> Self:
+        """Inverse of :meth:`encode`.
+
+        Raises:
+            ValueError: on undecodable bytes, another format, or a field of the wrong type or value.
+        """
         pool, shape, stride, offset, dtype, storage, fmt = decode_ring_handle(data, cls.FORMAT, cls.WHAT)
-        return (pool, _ints_from_list(shape, "shape", cls.RANK), _ints_from_list(stride, "stride", cls.RANK), offset,
-                dtype, storage, fmt)
+        return cls(pool, _ints_from_list(shape, "shape", cls.RANK), _ints_from_list(stride, "stride", cls.RANK),
+                   offset, dtype, storage, fmt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,16 +292,7 @@ class CudaPoolHandle(RingHandle):
     ITEMSIZE: ClassVar[dict[str, int]] = {RING_DTYPE: 1}
     WHAT: ClassVar[str] = "pool handle"
 
-    pool: str
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    storage_offset: int
-    dtype: str
-    storage: CudaIpcStorage | SharedMemStorage
     format: str = HANDLE_FORMAT
-
-    def __post_init__(self) -> None:
-        self._check_ring()
 
     @property
     def num_slots(self) -> int:
@@ -299,15 +303,6 @@ class CudaPoolHandle(RingHandle):
     def frame_hw(self) -> tuple[int, int]:
         """``(height, width)`` of every slot, pixels."""
         return (self.shape[1], self.shape[2])
-
-    @classmethod
-    def decode(cls, data: bytes | memoryview) -> CudaPoolHandle:
-        """Inverse of :meth:`encode`.
-
-        Raises:
-            ValueError: on undecodable bytes, another format, or a field of the wrong type or value.
-        """
-        return cls(*cls._decode_fields(data))
 
 
 def encode_ring_handle(fmt: str, pool: str, shape: tuple[int, ...], stride: tuple[int, ...], storage_offset: int,

@@ -23,9 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.gpu.cuda_slotpool import (
-    CudaIpcStorage,
     RingHandle,
-    SharedMemStorage,
     check_allocator_for_ipc,
     open_shared_tensor,
     release_unopened,
@@ -75,25 +73,7 @@ class DeviceTensorPoolHandle(RingHandle):
     ITEMSIZE: ClassVar[dict[str, int]] = TENSOR_ITEMSIZE
     WHAT: ClassVar[str] = "tensor-pool handle"
 
-    pool: str
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    storage_offset: int
-    dtype: str
-    storage: CudaIpcStorage | SharedMemStorage
     format: str = TENSOR_HANDLE_FORMAT
-
-    def __post_init__(self) -> None:
-        self._check_ring()
-
-    @classmethod
-    def decode(cls, data: bytes | memoryview) -> DeviceTensorPoolHandle:
-        """Inverse of :meth:`encode`.
-
-        Raises:
-            ValueError: on undecodable bytes, another format, or a field of the wrong type or value.
-        """
-        return cls(*cls._decode_fields(data))
 
 
 class DeviceTensorPool:
