@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engines.onnxruntime_backend import OnnxRuntimeEngine  # noqa: E402
-from pipeline.modelcard import card_path_for, load_card  # noqa: E402
-from pipeline.preprocess_ops import preprocess_batch  # noqa: E402
+from streamdet.card import card_path_for, load_card  # noqa: E402
+from streamdet.preprocess_ops import preprocess_batch  # noqa: E402
 
 
 def main() -> int:

@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.gpu.cuda_slotpool import CudaFramePool
     from pipeline.gpu.gpu_nms import postprocess_detect_torch
     from pipeline.gpu.gpu_preprocess import GpuLetterbox
-    from pipeline.modelcard import load_card
-    from pipeline.postprocess import PostprocessConfig
+    from streamdet.card import load_card
+    from streamdet.postprocess import PostprocessConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "engines" / "models" / "detector.onnx"))

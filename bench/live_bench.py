@@ -3,7 +3,7 @@
     python bench/live_bench.py [--model MODEL.onnx] [--streams 1,2,3,4,6,8] [--duration 60] [--fps 25]
     python bench/live_bench.py --smoke          # 10-second check that everything runs
 
-Starts the test RTSP server (``tests/pipeline/rtsp_server.py`` under /usr/bin/python3, GStreamer's
+Starts the test RTSP server (``tests/helpers/rtsp_server.py`` under /usr/bin/python3, GStreamer's
 gst-rtsp-server; it serves bikes.mp4 in a loop, H.264 at ``--fps``), then for each N of the ramp
 runs ``run_pipeline.py`` on N sources (N clients of the same mount: one encoder on the server,
 N decoders in the pipeline) for ``--duration`` seconds and reads every published message
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVER = ROOT / "tests" / "pipeline" / "rtsp_server.py"
+SERVER = ROOT / "tests" / "helpers" / "rtsp_server.py"
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 

@@ -55,7 +55,7 @@ def load_frames(video: str, n: int) -> list[np.ndarray]:
 
 def bench_engine_only(model: Path, card: Any, frames: list[np.ndarray], batch: int, threads: int) -> float:
     from engines.onnxruntime_backend import OnnxRuntimeEngine
-    from pipeline.preprocess_ops import preprocess_batch
+    from streamdet.preprocess_ops import preprocess_batch
 
     batches = [preprocess_batch(frames[i:i + batch], card)[0] for i in range(0, len(frames), batch)]
     with OnnxRuntimeEngine(model_path=model, intra_op_threads=threads) as engine:
@@ -105,9 +105,9 @@ def bench_mask_cost(model: Path, card: Any, frames: list[np.ndarray], batch: int
     import dataclasses
 
     from engines.onnxruntime_backend import OnnxRuntimeEngine
-    from pipeline.masks import class_map_to_rles, masks_to_rle
-    from pipeline.postprocess import postprocess
-    from pipeline.preprocess_ops import preprocess_batch
+    from streamdet.masks import class_map_to_rles, masks_to_rle
+    from streamdet.postprocess import postprocess
+    from streamdet.preprocess_ops import preprocess_batch
 
     runs = []
     with OnnxRuntimeEngine(model_path=model, intra_op_threads=0) as engine:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine_fps = bench_engine_only(Path(args.model), card, frames, batch, threads=0)
     print(f"(c) engine only (batch {batch}, pre-decoded, pre-letterboxed): {engine_fps:.1f} fps")
-    from pipeline.modelcard import HeadLayout
+    from streamdet.card import HeadLayout
 
     if card.head.layout is HeadLayout.SEMANTIC_LOGITS:
         naive_fps = float("nan")

@@ -148,7 +148,7 @@ class CudaEngine(Engine):
         import torch
         from torch.export.passes import move_to_device_pass
 
-        from pipeline.modelcard import ModelCardError, card_path_for, load_card
+        from streamdet.card import ModelCardError, card_path_for, load_card
 
         try:
             device = torch.device(self.device_name)

@@ -40,9 +40,6 @@ from typing import Any
 import zmq
 
 from engines.base import Backend, EngineError
-from pipeline.messages import StageName, StatusKind, StatusMsg, check_source_id
-from pipeline.modelcard import ModelCard, ModelCardError
-from pipeline.postprocess import device_nms_supported
 from pipeline.settings import Settings
 from pipeline.slotpool import unlink_pool
 from pipeline.stages.base import StageSpec, stage_main
@@ -61,6 +58,10 @@ from pipeline.transport import (
     redact_url,
     tcp_endpoints,
 )
+from streamdet.card import ModelCard, ModelCardError
+from streamdet.constants import EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
+from streamdet.messages import StageName, StatusKind, StatusMsg, check_source_id
+from streamdet.postprocess import device_nms_supported
 
 STARTUP_TIMEOUT_S = 120.0
 """Longest wait for every stage to report ready (plus the publish-subscriber wait)."""
@@ -79,11 +80,6 @@ woken for each one, on CPUs the engine keeps busy, made the mask postprocess 2-3
 RSS_SAMPLE_S = 0.5
 """How often the runner samples the stages' resident memory (and calls the monitor)."""
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_SIGINT = 128 + signal.SIGINT
-EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
 class PipelineError(Exception):
@@ -558,7 +554,7 @@ class Pipeline:
     def _recv_status(control: zmq.Socket[Any], timeout_ms: int = POLL_MS) -> StatusMsg | None:
         if not control.poll(timeout_ms, zmq.POLLIN):
             return None
-        from pipeline.messages import decode_message
+        from streamdet.messages import decode_message
 
         msg = decode_message(control.recv())
         return msg if isinstance(msg, StatusMsg) else None

@@ -28,9 +28,9 @@ from pydantic_settings import (
 )
 
 from engines.base import Backend
-from pipeline.postprocess import NmsMethod, PostprocessConfig
 from pipeline.stages.decode import DecodeThreads, HWAccelMode, HWAccelOptions, LiveOptions, RtspTransport
 from pipeline.transport import TransportMode
+from streamdet.postprocess import NmsMethod, PostprocessConfig
 
 ENV_PREFIX = "STREAMDET_"
 ENV_NESTED_DELIMITER = "__"
@@ -188,7 +188,7 @@ class EngineSettings(_Section):
 
 
 class PostprocessSettings(_Section):
-    """Decode, NMS and thresholds (see ``pipeline.postprocess.PostprocessConfig``).
+    """Decode, NMS and thresholds (see ``streamdet.postprocess.PostprocessConfig``).
 
     Attributes:
         score_threshold: keep detections scoring above this.

@@ -2,7 +2,7 @@
 
 The decoder of each source preallocates one pool (``multiprocessing.shared_memory``) and writes
 every frame straight into a free slot; only the slot id travels over ZeroMQ. The last stage that
-needs the pixels hands the slot back (a :class:`~pipeline.messages.CreditMsg` to the owner's
+needs the pixels hands the slot back (a :class:`~streamdet.messages.CreditMsg` to the owner's
 credit socket), and the owner reuses it. A producer with no free slot waits: memory stays
 bounded and a slow consumer slows the producer (backpressure). The preprocess stage owns a second
 pool of input tensors for the engine the same way.

@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 
 from engines.onnxruntime_backend import OnnxRuntimeEngine
-from pipeline.masks import rles_to_class_map
-from pipeline.modelcard import ModelCard, Task, card_path_for, load_card
-from pipeline.postprocess import EVAL_CONFIG, postprocess
-from pipeline.preprocess_ops import preprocess_batch
 from pipeline.runner import Pipeline
 from pipeline.settings import load_settings
+from streamdet.card import ModelCard, Task, card_path_for, load_card
+from streamdet.masks import rles_to_class_map
+from streamdet.postprocess import EVAL_CONFIG, postprocess
+from streamdet.preprocess_ops import preprocess_batch
 from training.evaluate import (
     IouType,
     _output_order,

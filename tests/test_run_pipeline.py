@@ -3,15 +3,13 @@
 import json
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
-from _cli import ROOT, assert_no_orphans, free_port, processes_with, run, start  # noqa: E402
-from _standin import bikes_path, build_standin  # noqa: E402
+from tests.helpers.cli import ROOT, assert_no_orphans, free_port, processes_with, run, start
+from tests.helpers.standin import bikes_path, build_standin
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +231,7 @@ def test_default_model_and_demo_video(tmp_path):
 
 
 # ----------------------------------------------------------------- segmentation models at start-up
-from _standin_seg import build_segment_standin, build_semantic_standin, segment_card  # noqa: E402
+from tests.helpers.standin_seg import build_segment_standin, build_semantic_standin, segment_card
 
 
 @pytest.mark.parametrize(("case", "problem"), [

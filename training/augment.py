@@ -19,6 +19,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from streamdet.constants import PAD_VALUE
+
 U8 = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
 
@@ -97,7 +99,7 @@ class AugmentConfig:
     translate: float = 0.1
     min_box_px: float = 2.0
     min_area_ratio: float = 0.2
-    pad_value: int = 114
+    pad_value: int = PAD_VALUE
 
     def __post_init__(self) -> None:
         for name in ("hsv_h", "hsv_s", "hsv_v", "fliplr", "translate", "min_area_ratio"):

@@ -1,9 +1,9 @@
 """COCO evaluation of an ONNX model on a dataset directory (pycocotools), and semantic mIoU.
 
-Every image goes through the same preprocess (:func:`pipeline.preprocess_ops.preprocess_batch`),
+Every image goes through the same preprocess (:func:`streamdet.preprocess_ops.preprocess_batch`),
 engine (:class:`engines.onnxruntime_backend.OnnxRuntimeEngine`) and postprocess
-(:mod:`pipeline.postprocess`) as in the pipeline, with the mAP settings of
-:data:`pipeline.postprocess.EVAL_CONFIG` (score threshold 0.001, NMS IoU 0.7, 300 detections per
+(:mod:`streamdet.postprocess`) as in the pipeline, with the mAP settings of
+:data:`streamdet.postprocess.EVAL_CONFIG` (score threshold 0.001, NMS IoU 0.7, 300 detections per
 image, multi-label: one candidate per class above the threshold, as ultralytics' validator), then
 pycocotools ``COCOeval`` scores the boxes (and, for instance-segmentation models, the masks as RLE).
 Semantic models are scored by mean IoU.
@@ -44,9 +44,9 @@ from tqdm import tqdm
 
 from engines.base import EngineError
 from engines.onnxruntime_backend import OnnxRuntimeEngine
-from pipeline.masks import prototype_masks_to_rle
-from pipeline.modelcard import ModelCard, ModelCardError, Task, card_from_ultralytics_metadata, card_path_for, load_card
-from pipeline.postprocess import (
+from streamdet.card import ModelCard, ModelCardError, Task, card_from_ultralytics_metadata, card_path_for, load_card
+from streamdet.masks import prototype_masks_to_rle
+from streamdet.postprocess import (
     EVAL_CONFIG,
     Detections,
     PostprocessConfig,
@@ -57,7 +57,7 @@ from pipeline.postprocess import (
     postprocess_semantic,
     segment_mask_logits,
 )
-from pipeline.preprocess_ops import preprocess_batch
+from streamdet.preprocess_ops import preprocess_batch
 from training.dataset import CocoDataset, DatasetError, load_coco_dataset
 
 
@@ -450,7 +450,7 @@ def evaluate_model(
             metadata inside the ONNX file).
         batch_size: images per inference batch (a model with a fixed batch size uses its own).
         max_images: evaluate only the first ``max_images`` images (in annotation-file order).
-        cfg: postprocess settings (default :data:`~pipeline.postprocess.EVAL_CONFIG`).
+        cfg: postprocess settings (default :data:`~streamdet.postprocess.EVAL_CONFIG`).
         plot_path: where to save a precision-recall plot (detect and segment models).
         intra_op_threads: ONNX Runtime threads (0: one per core).
         show_progress: show a progress bar on stderr.

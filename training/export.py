@@ -8,7 +8,7 @@ CLI::
 Writes ``MODEL.onnx`` (input ``images`` ``(batch, 3, H, W)``, outputs ``output0`` and, for
 instance segmentation, ``output1``, dynamic batch axis ``batch``; the ultralytics YOLOv8 detect /
 segment layouts, see ``docs/CONTRACTS.md``) and ``MODEL.json``, the
-:class:`pipeline.modelcard.ModelCard`. The ONNX file also carries ultralytics-style metadata
+:class:`streamdet.card.ModelCard`. The ONNX file also carries ultralytics-style metadata
 (``names``, ``imgsz``, ``stride``, ``task``, ``batch``) so other tools read it as an ultralytics export.
 
 Before the files are renamed into place, ONNX Runtime is run against PyTorch on random inputs
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.modelcard import (
+from streamdet.card import (
     HeadLayout,
     HeadSpec,
     InputSpec,
@@ -47,6 +47,7 @@ from pipeline.modelcard import (
     card_path_for,
     save_card,
 )
+from streamdet.constants import PAD_VALUE
 from training.model import CHECKPOINT_FORMAT, NUM_MASK_COEFFS, Detector, DetectorConfig, model_summary
 
 PARITY_TOLERANCE = 1e-4
@@ -208,7 +209,7 @@ def build_card(model: Detector, ckpt: dict[str, Any], *, name: str, export_comma
         metrics: validation metrics to record.
 
     Returns:
-        The :class:`pipeline.modelcard.ModelCard`.
+        The :class:`streamdet.card.ModelCard`.
     """
     cfg = model.config
     w, h = cfg.input_wh
@@ -246,7 +247,7 @@ def build_card(model: Detector, ckpt: dict[str, Any], *, name: str, export_comma
         head=head,
         input=InputSpec(name="images", width=w, height=h, dynamic_batch=True),
         normalization=Normalization(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0)),
-        pad_value=114,
+        pad_value=PAD_VALUE,
         class_names=tuple(ckpt["class_names"]),
         metrics=metrics or {},
         provenance=provenance,

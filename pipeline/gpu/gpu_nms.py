@@ -10,13 +10,13 @@ greedy result (the recursion has one solution), so the loop stops at the first i
 changes nothing: the number of iterations is the length of the longest suppression chain, not
 the number of boxes. Each iteration is one batched matrix-vector product for all images.
 
-Semantics match :mod:`pipeline.nms` exactly: IoU strictly greater than the threshold suppresses,
+Semantics match :mod:`streamdet.nms` exactly: IoU strictly greater than the threshold suppresses,
 score ties go to the lower index (stable sort), zero-area pairs have IoU 0, and boxes of different
 classes never suppress each other (compared by class id, not by torchvision's coordinate-offset
 trick, which can flip decisions at the threshold). IoU uses the same float32 operations in the
-same order as :func:`pipeline.boxes.box_iou`.
+same order as :func:`streamdet.boxes.box_iou`.
 
-:func:`postprocess_detect_torch` is the device twin of :func:`pipeline.postprocess.postprocess_detect`
+:func:`postprocess_detect_torch` is the device twin of :func:`streamdet.postprocess.postprocess_detect`
 for ``ultralytics_detect`` heads with hard NMS: score threshold, best class, ``pre_nms_topk``,
 NMS, ``max_detections``, the letterbox undone and clipped, all on the device; only the kept
 detections (``(B, max_detections, 6)`` at most) are copied to the host.
@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.letterbox import LetterboxParams
-from pipeline.postprocess import Detections, NmsMethod, PostprocessConfig
+from streamdet.letterbox import LetterboxParams
+from streamdet.postprocess import Detections, NmsMethod, PostprocessConfig
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +44,7 @@ IOU_BLOCK_ELEMENTS = 1 << 26
 
 
 def box_area_torch(boxes_xyxy: torch.Tensor) -> torch.Tensor:
-    """Area of ``(..., 4)`` float32 xyxy boxes; degenerate boxes count as zero (as :func:`pipeline.boxes.box_area`)."""
+    """Area of ``(..., 4)`` float32 xyxy boxes; degenerate boxes count as zero (as :func:`streamdet.boxes.box_area`)."""
     wh = (boxes_xyxy[..., 2:4] - boxes_xyxy[..., 0:2]).clamp(min=0.0)
     return wh[..., 0] * wh[..., 1]
 
@@ -52,7 +52,7 @@ def box_area_torch(boxes_xyxy: torch.Tensor) -> torch.Tensor:
 def box_iou_torch(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> torch.Tensor:
     """Pairwise IoU, batched: ``(..., N, 4)`` x ``(..., M, 4)`` -> ``(..., N, M)`` float32.
 
-    Same float32 arithmetic as :func:`pipeline.boxes.box_iou`; pairs with zero union have IoU 0.
+    Same float32 arithmetic as :func:`streamdet.boxes.box_iou`; pairs with zero union have IoU 0.
     """
     import torch
 
@@ -129,7 +129,7 @@ def batched_nms_torch(
     class_agnostic: bool = False,
     max_output: int | None = None,
 ) -> torch.Tensor:
-    """Class-aware greedy hard NMS of one image (same result as :func:`pipeline.nms.batched_nms`).
+    """Class-aware greedy hard NMS of one image (same result as :func:`streamdet.nms.batched_nms`).
 
     Args:
         boxes_xyxy: ``(N, 4)`` float32 xyxy boxes.
@@ -170,13 +170,13 @@ def postprocess_detect_torch(
 
     Args:
         output0: ``(B, 4 + C [+ extra], N)`` raw output (boxes cxcywh in input pixels, sigmoid scores).
-        letterboxes: one :class:`~pipeline.letterbox.LetterboxParams` per image.
+        letterboxes: one :class:`~streamdet.letterbox.LetterboxParams` per image.
         num_classes: ``C``.
-        cfg: :class:`~pipeline.postprocess.PostprocessConfig`; hard NMS, single label only.
+        cfg: :class:`~streamdet.postprocess.PostprocessConfig`; hard NMS, single label only.
 
     Returns:
-        One :class:`~pipeline.postprocess.Detections` per image (host numpy), boxes in frame pixels,
-        by descending score; equal to :func:`pipeline.postprocess.postprocess_detect`.
+        One :class:`~streamdet.postprocess.Detections` per image (host numpy), boxes in frame pixels,
+        by descending score; equal to :func:`streamdet.postprocess.postprocess_detect`.
 
     Raises:
         ValueError: on a bad output shape, a letterbox count that differs from ``B``, Soft-NMS or
@@ -191,7 +191,7 @@ def postprocess_detect_torch(
         raise ValueError(f"expected one letterbox per image ({bsz}), got {len(letterboxes)}")
     if cfg.nms_method is not NmsMethod.HARD or cfg.multi_label:
         raise ValueError(f"expected hard NMS without multi_label on the GPU, got {cfg.nms_method.value}"
-                         f"{' multi_label' if cfg.multi_label else ''} (use pipeline.postprocess)")
+                         f"{' multi_label' if cfg.multi_label else ''} (use streamdet.postprocess)")
     dev = output0.device
     out = output0.float()
     cls_scores = out[:, 4 : 4 + num_classes]  # (B, C, N)

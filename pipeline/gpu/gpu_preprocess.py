@@ -1,4 +1,4 @@
-"""Letterbox + normalize on the GPU (torch), the device twin of :func:`pipeline.preprocess_ops.preprocess_batch`.
+"""Letterbox + normalize on the GPU (torch), the device twin of :func:`streamdet.preprocess_ops.preprocess_batch`.
 
 Frames arrive as ``(H, W, 3)`` uint8 RGB tensors on the device (a CUDA-IPC frame slot, see
 :mod:`pipeline.gpu.cuda_slotpool`). Each batch is written into one preallocated ``(max_batch, 3,
@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pipeline.letterbox import LetterboxParams, letterbox_params
-from pipeline.modelcard import ModelCard
+from streamdet.card import ModelCard
+from streamdet.letterbox import LetterboxParams, letterbox_params
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +71,7 @@ class GpuLetterbox:
 
         Returns:
             ``(batch, letterboxes)``: ``buffer[:B]`` (a view, overwritten by the next call) or ``out``,
-            and each frame's :class:`~pipeline.letterbox.LetterboxParams`.
+            and each frame's :class:`~streamdet.letterbox.LetterboxParams`.
 
         Raises:
             ValueError: no frames, more than ``max_batch`` (without ``out``), a frame that is not

@@ -4,11 +4,11 @@ The device twin of the preprocess stage's shared-memory tensor pool. With ``--de
 ``preprocess.on_device``) the preprocess stage allocates ONE ``(num_slots, max_batch, 3, H, W)``
 float tensor on the GPU at start (:meth:`DeviceTensorPool.create`), letterboxes and normalises
 each frame straight into a row of a slot (:class:`~pipeline.gpu.gpu_preprocess.GpuLetterbox`),
-and sends the slot id in the ordinary :class:`~pipeline.messages.BatchMsg`. The engine stage
+and sends the slot id in the ordinary :class:`~streamdet.messages.BatchMsg`. The engine stage
 receives the ring's handle once (:class:`DeviceTensorPoolHandle`, msgpack bytes inside a
-:class:`~pipeline.messages.PoolHandleMsg`, never a pickle), opens it once
+:class:`~streamdet.messages.PoolHandleMsg`, never a pickle), opens it once
 (:class:`DeviceTensorPoolCache`), runs the model on the slot and hands the slot back as a
-:class:`~pipeline.messages.CreditMsg` once its kernels are done reading it.
+:class:`~streamdet.messages.CreditMsg` once its kernels are done reading it.
 
 CUDA IPC details (one block per ring, the producer keeps it alive, ``expandable_segments`` refused,
 open once per consumer) are those of :mod:`pipeline.gpu.cuda_slotpool`, whose storage description
@@ -30,6 +30,7 @@ from pipeline.gpu.cuda_slotpool import (
     share_storage,
 )
 from pipeline.slotpool import SlotPoolError
+from streamdet.constants import TENSOR_DTYPES, TENSOR_ITEMSIZE
 
 if TYPE_CHECKING:
     import torch
@@ -37,11 +38,6 @@ if TYPE_CHECKING:
 TENSOR_HANDLE_FORMAT = "streamdet.device-tensor-pool/1"
 """Tag of an encoded :class:`DeviceTensorPoolHandle`."""
 
-TENSOR_ITEMSIZE = {"float32": 4, "float16": 2}
-"""Element types of a ring (the model card's input dtype) and their bytes per element."""
-
-TENSOR_DTYPES = tuple(TENSOR_ITEMSIZE)
-"""Element types of a ring."""
 
 def _torch_dtype(name: str) -> torch.dtype:
     import torch

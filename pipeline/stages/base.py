@@ -21,8 +21,8 @@ from typing import Any
 
 import zmq
 
-from pipeline.messages import StageName, StatusKind, StatusMsg
 from pipeline.transport import CONTROL_HWM, StageFlags, Stopped, make_socket, set_parent_death_signal
+from streamdet.messages import StageName, StatusKind, StatusMsg
 
 STATUS_LINGER_MS = 1_000
 """How long a stage's last status reports may wait for the runner when the stage exits."""
@@ -187,9 +187,9 @@ def describe_error(e: BaseException, stage: StageName) -> str:
         A single line (newlines collapsed).
     """
     from engines.base import EngineError
-    from pipeline.modelcard import ModelCardError
     from pipeline.slotpool import SlotPoolError
     from pipeline.transport import TransportError
+    from streamdet.card import ModelCardError
 
     if isinstance(e, (StageError, EngineError, ModelCardError, TransportError, SlotPoolError)):
         text = str(e)

@@ -2,7 +2,7 @@
 
 The decoder preallocates its source's :class:`~pipeline.slotpool.SlotPool` (``slots`` frames of
 the stream's size), converts each frame to RGB24 straight into a free slot and sends a
-:class:`~pipeline.messages.FrameMsg` holding only the slot id. With no free slot it waits for a
+:class:`~streamdet.messages.FrameMsg` holding only the slot id. With no free slot it waits for a
 credit: a file source is never dropped, a slow consumer slows the decoder. With ``tcp://``
 transport the pixels travel inline instead.
 
@@ -21,8 +21,8 @@ Live sources (any URL: ``rtsp://`` cameras, ...) run differently:
   ``open_timeout_s``) counts as a lost stream; the reader is abandoned and a new one connects
   after an exponential backoff with jitter, forever unless ``reconnect_max_attempts`` is set.
   A stop signal is seen within :data:`~pipeline.transport.POLL_MS` whatever the reader is doing;
-* state changes (:class:`~pipeline.messages.SourceState`) and counters go to the postprocess
-  stage as :class:`~pipeline.messages.SourceStatusMsg` on the events socket, which publishes them
+* state changes (:class:`~streamdet.messages.SourceState`) and counters go to the postprocess
+  stage as :class:`~streamdet.messages.SourceStatusMsg` on the events socket, which publishes them
   as ``status.<source_id>``;
 * the frame pool is created at the first frame (the size is unknown before the camera answers);
   a later stream of a different size is accepted if it fits the slots, else the source fails with
@@ -52,17 +52,6 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from pipeline.messages import (
-    INLINE_SLOT,
-    CreditMsg,
-    EndOfStream,
-    EosReason,
-    FrameMsg,
-    SourceState,
-    SourceStatusMsg,
-    StageName,
-    StatusKind,
-)
 from pipeline.slotpool import SlotCredits, SlotPool
 from pipeline.stages.base import Stage, StageSpec, StatusReporter
 from pipeline.transport import (
@@ -75,6 +64,17 @@ from pipeline.transport import (
     make_socket,
     redact_url,
     send_parts,
+)
+from streamdet.messages import (
+    INLINE_SLOT,
+    CreditMsg,
+    EndOfStream,
+    EosReason,
+    FrameMsg,
+    SourceState,
+    SourceStatusMsg,
+    StageName,
+    StatusKind,
 )
 
 MAX_CONSECUTIVE_DECODE_ERRORS = 25

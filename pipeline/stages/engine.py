@@ -4,14 +4,14 @@ The backend is picked by the :class:`engines.base.Backend` enum in :func:`make_e
 Python, no registry), so TensorRT or CUDA engines slot in without touching the stage. The stage
 reads the input tensor from the preprocess stage's shared-memory pool (or inline), hands the
 tensor slot back as soon as the engine returns, and sends the raw outputs (real rows only) as
-extra message parts of a :class:`~pipeline.messages.ResultMsg`.
+extra message parts of a :class:`~streamdet.messages.ResultMsg`.
 
 Device batches (``--device cuda`` with ``preprocess.on_device``): the preprocess stage announces
-its device tensor pool once (:class:`~pipeline.messages.PoolHandleMsg`); the stage opens the ring
+its device tensor pool once (:class:`~streamdet.messages.PoolHandleMsg`); the stage opens the ring
 once and runs the engine's ``infer_device`` on the slot (no host copy of the input). For
-detect heads with hard NMS (:func:`pipeline.postprocess.device_nms_supported`) it also runs NMS on
+detect heads with hard NMS (:func:`streamdet.postprocess.device_nms_supported`) it also runs NMS on
 the device (:func:`pipeline.gpu.gpu_nms.postprocess_detect_torch`, letterbox undone there) and
-sends only the kept detections (:data:`pipeline.postprocess.KEPT_OUTPUTS`); other heads send
+sends only the kept detections (:data:`streamdet.postprocess.KEPT_OUTPUTS`); other heads send
 their raw outputs, copied to the host, to the CPU postprocess as usual. ``engine_ms`` then
 includes the device NMS and the copy to the host. PyTorch is imported only on this path.
 
@@ -32,18 +32,6 @@ import numpy as np
 import zmq
 
 from engines.base import Backend, Engine, EngineError
-from pipeline.messages import (
-    INLINE_SLOT,
-    BatchMsg,
-    CreditMsg,
-    EndOfStream,
-    PoolHandleMsg,
-    ResultMsg,
-    StageName,
-    TensorSpec,
-    decode_message,
-)
-from pipeline.modelcard import ModelCard, ModelCardError, card_from_ultralytics_metadata, card_path_for, load_card
 from pipeline.slotpool import PoolCache
 from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter
 from pipeline.transport import (
@@ -55,6 +43,18 @@ from pipeline.transport import (
     make_socket,
     recv_parts,
     send_parts,
+)
+from streamdet.card import ModelCard, ModelCardError, card_from_ultralytics_metadata, card_path_for, load_card
+from streamdet.messages import (
+    INLINE_SLOT,
+    BatchMsg,
+    CreditMsg,
+    EndOfStream,
+    PoolHandleMsg,
+    ResultMsg,
+    StageName,
+    TensorSpec,
+    decode_message,
 )
 
 Dim = int | str | None
@@ -175,7 +175,7 @@ def resolve_card(info: ModelInfo, card_path: str | os.PathLike[str] | None = Non
 def check_card_against_model(card: ModelCard, info: ModelInfo, card_name: str = "model card") -> None:
     """Check that a card describes the model: input name, layout and size, output names.
 
-    Also runs ``pipeline.postprocess.check_outputs_against_card`` on the declared output shapes.
+    Also runs ``streamdet.postprocess.check_outputs_against_card`` on the declared output shapes.
 
     Args:
         card: the card.
@@ -204,7 +204,7 @@ def check_card_against_model(card: ModelCard, info: ModelInfo, card_name: str = 
     order = [info.output_names.index(n) for n in card.head.outputs]
     shapes = [list(info.output_shapes[i]) for i in order]
     try:
-        from pipeline.postprocess import check_outputs_against_card
+        from streamdet.postprocess import check_outputs_against_card
     except ImportError:  # pragma: no cover - the postprocess module ships with the package
         return
     try:
@@ -252,7 +252,7 @@ class EngineSpec(StageSpec):
         warmup_batch: batch size of one warm-up inference before reporting ready (0: none).
         device_batches: batches come from a device tensor pool (the engine must have ``infer_device``).
         device_nms: with device batches, run NMS on the device with these thresholds (a
-            ``pipeline.postprocess.PostprocessConfig``; None: send the raw outputs to the host).
+            ``streamdet.postprocess.PostprocessConfig``; None: send the raw outputs to the host).
     """
 
     card: ModelCard
@@ -300,9 +300,9 @@ class EngineStage(Stage):
         num_sources: the stage ends after this many EOS.
         warmup_batch: batch size of one warm-up inference in :meth:`start` (0: none), so the first
             real batch does not pay for lazy allocations.
-        device_batches: expect batches in a device tensor pool (:class:`~pipeline.messages.PoolHandleMsg`
+        device_batches: expect batches in a device tensor pool (:class:`~streamdet.messages.PoolHandleMsg`
             first); the engine must have ``infer_device(batch: torch.Tensor) -> list[torch.Tensor]``.
-        device_nms: with device batches, a ``pipeline.postprocess.PostprocessConfig`` to run NMS on
+        device_nms: with device batches, a ``streamdet.postprocess.PostprocessConfig`` to run NMS on
             the device with (detect heads only); None: raw outputs go to the host.
     """
 
@@ -423,7 +423,7 @@ class EngineStage(Stage):
         ordered = [raw[i][:n] for i in self._order]
         if self.device_nms is not None:
             from pipeline.gpu.gpu_nms import postprocess_detect_torch
-            from pipeline.postprocess import KEPT_OUTPUTS, pack_detections
+            from streamdet.postprocess import KEPT_OUTPUTS, pack_detections
 
             dets = postprocess_detect_torch(ordered[0], [r.letterbox for r in msg.frames],
                                             num_classes=self.card.head.num_classes, cfg=self.device_nms)

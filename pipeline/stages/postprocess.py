@@ -1,6 +1,6 @@
 """Postprocess stage: raw outputs -> detections in frame pixels -> sinks.
 
-Calls :func:`pipeline.postprocess.postprocess` with the card of the batch's model (the card's task
+Calls :func:`streamdet.postprocess.postprocess` with the card of the batch's model (the card's task
 picks the head: detect, instance segment, semantic; ultralytics head decode, class-aware NMS or
 Soft-NMS, score threshold, max detections, boxes mapped back through the letterbox and clipped;
 end2end models only get the letterbox undone), builds the published JSON, hands each frame to
@@ -8,9 +8,9 @@ the sinks (which run in this process), then gives the frame slot back to its dec
 ends after every source's EOS has been passed to the sinks, flushes and closes them and reports
 its counts to the runner.
 
-A result whose outputs are :data:`pipeline.postprocess.KEPT_OUTPUTS` already went through NMS on
+A result whose outputs are :data:`streamdet.postprocess.KEPT_OUTPUTS` already went through NMS on
 the device in the engine stage (``--device cuda``, detect heads), boxes in frame pixels: it is only
-unpacked (:func:`pipeline.postprocess.unpack_detections`) and fed to the sinks.
+unpacked (:func:`streamdet.postprocess.unpack_detections`) and fed to the sinks.
 """
 
 from __future__ import annotations
@@ -26,17 +26,6 @@ from typing import Any
 import numpy as np
 import zmq
 
-from pipeline.messages import (
-    INLINE_SLOT,
-    CreditMsg,
-    EndOfStream,
-    ResultMsg,
-    SourceStatusMsg,
-    StageName,
-    StatusKind,
-    decode_message,
-)
-from pipeline.modelcard import ModelCard
 from pipeline.slotpool import PoolCache
 from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter
 from pipeline.stages.sinks import FrameResult, JsonlSink, PubSink, Sink, VideoSink, detections_payload, status_payload
@@ -51,6 +40,17 @@ from pipeline.transport import (
     make_socket,
     recv_parts,
     send_parts,
+)
+from streamdet.card import ModelCard
+from streamdet.messages import (
+    INLINE_SLOT,
+    CreditMsg,
+    EndOfStream,
+    ResultMsg,
+    SourceStatusMsg,
+    StageName,
+    StatusKind,
+    decode_message,
 )
 
 
@@ -101,7 +101,7 @@ class PostprocessSpec(StageSpec):
     Attributes:
         card: the model card.
         model_name: the model's name in published messages.
-        config: a ``pipeline.postprocess.PostprocessConfig``.
+        config: a ``streamdet.postprocess.PostprocessConfig``.
         sinks: which sinks to open.
         endpoints: the pipeline's endpoints.
         num_sources: the stage ends after that many EOS.
@@ -147,7 +147,7 @@ class PostprocessStage(Stage):
     Args:
         card: the model card.
         model_name: the model's name in published messages.
-        config: a ``pipeline.postprocess.PostprocessConfig``.
+        config: a ``streamdet.postprocess.PostprocessConfig``.
         results_in: PULL socket (bound) of :class:`ResultMsg` / :class:`EndOfStream`.
         frame_credits_out: PUSH socket per frame pool, to hand frame slots back.
         sinks: the sinks (opened by :meth:`start`).
@@ -165,7 +165,7 @@ class PostprocessStage(Stage):
                  frame_credits_out: dict[str, zmq.Socket[Any]], sinks: Sequence[Sink], status: StatusReporter,
                  flags: StageFlags, num_sources: int, events_in: zmq.Socket[Any] | None = None,
                  stats: LiveStats | None = None, cards_by_source: dict[str, ModelCard] | None = None) -> None:
-        from pipeline.postprocess import KEPT_OUTPUTS, postprocess, unpack_detections
+        from streamdet.postprocess import KEPT_OUTPUTS, postprocess, unpack_detections
 
         self._postprocess = postprocess
         self._kept_outputs = KEPT_OUTPUTS

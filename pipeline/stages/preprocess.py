@@ -1,6 +1,6 @@
 """Preprocess stage: letterbox, normalise and batch frames into the engine's input tensor.
 
-Each frame is letterboxed to the model card's input size (:func:`pipeline.letterbox.letterbox`
+Each frame is letterboxed to the model card's input size (:func:`streamdet.letterbox.letterbox`
 writing into a preallocated buffer), then converted to the card's channel order and
 normalisation, ``x = (pixel - mean) / std``, straight into one row of a ``(B, 3, H, W)`` tensor in
 a shared-memory tensor pool this stage owns. A batch is sent when it holds ``max_batch`` frames,
@@ -12,7 +12,7 @@ With a CUDA engine (``--device cuda``, ``preprocess.on_device`` on) the tensor p
 instead (:class:`pipeline.gpu.tensor_pool.DeviceTensorPool`): each frame is copied to the device
 once, letterboxed and normalised there (:class:`pipeline.gpu.gpu_preprocess.GpuLetterbox`) into a row
 of a device slot, and the ring's handle goes to the engine once, in a
-:class:`~pipeline.messages.PoolHandleMsg` before the first batch. PyTorch is imported only then.
+:class:`~streamdet.messages.PoolHandleMsg` before the first batch. PyTorch is imported only then.
 """
 
 from __future__ import annotations
@@ -26,20 +26,6 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from pipeline.letterbox import LetterboxParams, letterbox
-from pipeline.messages import (
-    INLINE_SLOT,
-    NO_SLOT,
-    BatchMsg,
-    CreditMsg,
-    EndOfStream,
-    FrameMsg,
-    FrameRecord,
-    PoolHandleMsg,
-    StageName,
-    decode_message,
-)
-from pipeline.modelcard import ModelCard
 from pipeline.slotpool import PoolCache, SlotCredits, SlotPool
 from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter
 from pipeline.transport import (
@@ -51,6 +37,20 @@ from pipeline.transport import (
     make_socket,
     recv_parts,
     send_parts,
+)
+from streamdet.card import ModelCard
+from streamdet.letterbox import LetterboxParams, letterbox
+from streamdet.messages import (
+    INLINE_SLOT,
+    NO_SLOT,
+    BatchMsg,
+    CreditMsg,
+    EndOfStream,
+    FrameMsg,
+    FrameRecord,
+    PoolHandleMsg,
+    StageName,
+    decode_message,
 )
 
 if TYPE_CHECKING:

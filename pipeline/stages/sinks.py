@@ -34,8 +34,8 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from pipeline.messages import EndOfStream, FrameRecord, SourceStatusMsg
 from pipeline.transport import PUB_HWM, PUB_LINGER_MS, TransportError, redact_url
+from streamdet.messages import EndOfStream, FrameRecord, SourceStatusMsg
 
 DETECTIONS_SCHEMA = "streamdet.detections/1"
 """Schema id of the published detection messages."""
@@ -67,7 +67,7 @@ class FrameResult:
 
     Attributes:
         record: the frame's record (ids, PTS, letterbox, stage timings).
-        detections: a ``pipeline.postprocess.Detections`` in frame pixels.
+        detections: a ``streamdet.postprocess.Detections`` in frame pixels.
         payload: the published JSON object (:func:`detections_payload`).
         pixels: ``(H, W, 3)`` uint8 RGB frame when a sink needs pixels, else None.
     """
@@ -125,14 +125,14 @@ def detections_payload(
         for d, rle in zip(dets, rles, strict=True):
             d["mask"] = rle
     elif masks is not None and len(masks):
-        from pipeline.masks import masks_to_rle
+        from streamdet.masks import masks_to_rle
 
         for d, rle in zip(dets, masks_to_rle(masks), strict=True):
             d["mask"] = rle
     extra: dict[str, Any] = {}
     semantic = getattr(detections, "semantic", None)
     if semantic is not None:
-        from pipeline.masks import class_map_to_rles
+        from streamdet.masks import class_map_to_rles
 
         extra["semantic"] = {
             "size": [int(semantic.shape[0]), int(semantic.shape[1])],
@@ -485,7 +485,7 @@ class VideoSink(Sink):
         masks = getattr(d, "masks", None)
         rles = getattr(d, "mask_rles", None)
         if masks is None and rles:
-            from pipeline.masks import rle_to_masks
+            from streamdet.masks import rle_to_masks
 
             masks = rle_to_masks(rles)
         draw_detections(image, d.boxes_xyxy, d.scores, d.class_ids, names, masks=masks)

@@ -1,7 +1,7 @@
 """Per-source run statistics in the postprocess stage: fps, drops, latency percentiles, state.
 
 The postprocess stage feeds :class:`LiveStats` with every published frame (its capture→publish
-latency) and with the decoders' :class:`~pipeline.messages.SourceStatusMsg` (state, drop and
+latency) and with the decoders' :class:`~streamdet.messages.SourceStatusMsg` (state, drop and
 receive counters). Every ``interval_s`` it yields one console line and one ``stats`` payload
 (schema :data:`STATS_SCHEMA`), both over the frames of that interval, so a latency that grows
 shows up as a growing p99. Optionally it serves the same figures as Prometheus metrics
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.messages import SourceState, SourceStatusMsg
+from streamdet.messages import SourceState, SourceStatusMsg
 
 STATS_SCHEMA = "streamdet.stats/1"
 """Schema of the ``stats`` payload."""

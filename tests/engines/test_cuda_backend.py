@@ -3,7 +3,6 @@ and FP16 autocast only in the gpu-marked test."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,7 @@ torch = pytest.importorskip("torch")
 from engines.base import EngineError  # noqa: E402
 from engines.cuda_backend import CudaEngine, resolve_program_path  # noqa: E402
 from engines.onnxruntime_backend import OnnxRuntimeEngine  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-from _tiny_detector import TINY_INPUT_WH, tiny_detector  # noqa: E402
+from tests.helpers.tiny_detector import TINY_INPUT_WH, tiny_detector  # noqa: E402
 
 torch.set_num_threads(1)
 

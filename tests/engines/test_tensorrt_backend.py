@@ -1,5 +1,5 @@
 """TensorRT backend. Here (no GPU, no TensorRT) the binding logic runs against a stand-in ``tensorrt`` module
-backed by ONNX Runtime (tests/engines/_fake_tensorrt.py) on CPU tensors; the gpu-marked tests run the
+backed by ONNX Runtime (tests/helpers/fake_tensorrt.py) on CPU tensors; the gpu-marked tests run the
 real thing and skip without it."""
 
 from __future__ import annotations
@@ -13,16 +13,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import _fake_tensorrt as fake  # noqa: E402
-
 from engines.base import EngineError  # noqa: E402
+from engines.build.build_engine import build_engine  # noqa: E402
 from engines.engine_file import BatchProfile, Precision, RuntimeInfo, read_engine_header  # noqa: E402
 from engines.onnxruntime_backend import OnnxRuntimeEngine  # noqa: E402
 from engines.tensorrt_backend import TensorRTEngine, import_tensorrt  # noqa: E402
-from training.build_engine import build_engine  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-from _tiny_detector import TINY_INPUT_WH, tiny_detector  # noqa: E402
+from tests.helpers import fake_tensorrt as fake  # noqa: E402
+from tests.helpers.tiny_detector import TINY_INPUT_WH, tiny_detector  # noqa: E402
 
 torch.set_num_threads(1)
 HERE = RuntimeInfo(fake.__version__, "Fake GPU", (9, 0))
@@ -183,7 +180,7 @@ def test_real_tensorrt_matches_onnxruntime(tmp_path: Path, precision: Precision)
     onnx_path, _ = tiny_detector(tmp_path)
     src = onnx_path
     if precision is Precision.FP16:
-        from training.calibrate import convert_fp16
+        from engines.build.calibrate import convert_fp16
 
         src = tmp_path / "tiny.fp16.onnx"
         convert_fp16(onnx_path, src)

@@ -9,8 +9,6 @@ decode on a GPU machine.
 
 import numpy as np
 import pytest
-from _cli import run
-from _standin import bikes_path, build_standin
 
 from pipeline.settings import SettingsError, load_settings
 from pipeline.stages.decode import (
@@ -21,6 +19,8 @@ from pipeline.stages.decode import (
     open_input,
     probe_source,
 )
+from tests.helpers.cli import run
+from tests.helpers.standin import bikes_path, build_standin
 
 CUDA = HWAccelOptions(mode=HWAccelMode.CUDA)
 

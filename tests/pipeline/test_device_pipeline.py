@@ -12,7 +12,6 @@ the same input tensors and must publish the same detections.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import numpy as np  # noqa: E402
-from _standin import bikes_path  # noqa: E402
 
 from pipeline.runner import EXIT_OK, Pipeline  # noqa: E402
 from pipeline.settings import Settings, load_settings  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-from _tiny_detector import tiny_detector  # noqa: E402
+from tests.helpers.standin import bikes_path  # noqa: E402
+from tests.helpers.tiny_detector import tiny_detector  # noqa: E402
 
 FRAMES = 8
 INPUT_WH = (320, 160)

@@ -15,9 +15,9 @@ from pipeline.gpu.tensor_pool import (  # noqa: E402
     DeviceTensorPoolCache,
     DeviceTensorPoolHandle,
 )
-from pipeline.messages import PoolHandleMsg, decode_message  # noqa: E402
-from pipeline.postprocess import Detections, pack_detections, unpack_detections  # noqa: E402
 from pipeline.slotpool import SlotPoolError  # noqa: E402
+from streamdet.messages import PoolHandleMsg, decode_message  # noqa: E402
+from streamdet.postprocess import Detections, pack_detections, unpack_detections  # noqa: E402
 
 torch.set_num_threads(1)
 

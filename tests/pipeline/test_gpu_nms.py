@@ -1,4 +1,4 @@
-"""GPU NMS (torch, run here on CPU tensors) against pipeline.nms and pipeline.postprocess."""
+"""GPU NMS (torch, run here on CPU tensors) against streamdet.nms and streamdet.postprocess."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pipeline.boxes import box_iou  # noqa: E402
 from pipeline.gpu.gpu_nms import (  # noqa: E402
     batched_nms_torch,
     box_iou_torch,
     postprocess_detect_torch,
 )
-from pipeline.letterbox import letterbox_params  # noqa: E402
-from pipeline.modelcard import HeadLayout, HeadSpec, InputSpec, ModelCard, Task  # noqa: E402
-from pipeline.nms import batched_nms, nms  # noqa: E402
-from pipeline.postprocess import NmsMethod, PostprocessConfig, postprocess_detect  # noqa: E402
+from streamdet.boxes import box_iou  # noqa: E402
+from streamdet.card import HeadLayout, HeadSpec, InputSpec, ModelCard, Task  # noqa: E402
+from streamdet.letterbox import letterbox_params  # noqa: E402
+from streamdet.nms import batched_nms, nms  # noqa: E402
+from streamdet.postprocess import NmsMethod, PostprocessConfig, postprocess_detect  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -8,8 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pipeline.gpu.gpu_preprocess import GpuLetterbox, frames_to_device  # noqa: E402
-from pipeline.modelcard import HeadLayout, HeadSpec, InputSpec, ModelCard, Normalization, Task  # noqa: E402
-from pipeline.preprocess_ops import preprocess_batch  # noqa: E402
+from streamdet.card import HeadLayout, HeadSpec, InputSpec, ModelCard, Normalization, Task  # noqa: E402
+from streamdet.preprocess_ops import preprocess_batch  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -21,8 +21,8 @@ from pipeline.gpu.cuda_slotpool import (  # noqa: E402
     SharedMemStorage,
     check_allocator_for_ipc,
 )
-from pipeline.messages import CreditMsg  # noqa: E402
 from pipeline.slotpool import SlotPoolError  # noqa: E402
+from streamdet.messages import CreditMsg  # noqa: E402
 
 HW = (48, 64)
 

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import zmq
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _cli import ROOT, SCRIPT, free_port, processes_with  # noqa: E402
-from _standin import bikes_path, build_standin  # noqa: E402
+from tests.helpers.cli import ROOT, SCRIPT, free_port, processes_with
+from tests.helpers.standin import bikes_path, build_standin
 
-SERVER = Path(__file__).parent / "rtsp_server.py"
+SERVER = ROOT / "tests" / "helpers" / "rtsp_server.py"
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 FAST_RECONNECT = ["--set", "decode.stall_timeout_s=1.5", "--set", "decode.open_timeout_s=2",

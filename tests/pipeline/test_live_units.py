@@ -4,7 +4,6 @@ import random
 
 import pytest
 
-from pipeline.messages import SourceState, SourceStatusMsg, decode_message
 from pipeline.settings import SettingsError, SourceEntry, load_settings
 from pipeline.stages.decode import (
     LiveOptions,
@@ -17,6 +16,7 @@ from pipeline.stages.decode import (
 )
 from pipeline.stages.sinks import status_payload
 from pipeline.stages.stats import LiveStats, StatsConfig, percentiles_ms
+from streamdet.messages import SourceState, SourceStatusMsg, decode_message
 
 
 @pytest.mark.parametrize("url,ok", [
@@ -174,10 +174,10 @@ def test_live_decoder_keeps_the_newest_frame_and_counts_drops(tmp_path, monkeypa
     import zmq
 
     import pipeline.stages.decode as decode
-    from pipeline.messages import CreditMsg, EndOfStream, EosReason, FrameMsg, StageName
     from pipeline.slotpool import PoolCache
     from pipeline.stages.base import StatusReporter
     from pipeline.transport import StageFlags, ipc_endpoints, make_socket, recv_parts
+    from streamdet.messages import CreditMsg, EndOfStream, EosReason, FrameMsg, StageName
 
     monkeypatch.setattr(decode, "_LiveReader", _FakeReader)
     _FakeReader.instances.clear()

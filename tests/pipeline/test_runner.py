@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from _standin import E2E_ROWS, bikes_path, build_end2end, build_standin, standin_card
 from onnx import TensorProto, helper
 
-from pipeline.postprocess import PostprocessConfig, postprocess
-from pipeline.preprocess_ops import preprocess_batch
 from pipeline.runner import EXIT_FAILURE, EXIT_SIGINT, Pipeline, PipelineError, source_ids_for
 from pipeline.settings import load_settings
 from pipeline.subscribe import Subscriber
+from streamdet.postprocess import PostprocessConfig, postprocess
+from streamdet.preprocess_ops import preprocess_batch
+from tests.helpers.standin import E2E_ROWS, bikes_path, build_end2end, build_standin, standin_card
 
 
 def free_port() -> int:
@@ -142,7 +142,7 @@ def test_two_sources_and_soft_nms(model, tmp_path):
 
 
 def test_end2end_model_passes_through_with_letterbox_undone(tmp_path):
-    from pipeline.letterbox import boxes_input_to_frame, letterbox_params
+    from streamdet.letterbox import boxes_input_to_frame, letterbox_params
 
     model = build_end2end(tmp_path / "e2e.onnx")
     s = settings(model, max_frames=3, sinks__jsonl=str(tmp_path / "o.jsonl"))
@@ -186,7 +186,7 @@ def test_model_that_onnxruntime_cannot_load_fails_before_decoding(tmp_path):
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("streamdet.test", 1)])
     path = tmp_path / "bad.onnx"
     onnx.save(m, str(path))
-    from pipeline.modelcard import save_card
+    from streamdet.card import save_card
 
     save_card(standin_card(), tmp_path / "bad.json")
     summary = Pipeline(settings=settings(path, sinks__jsonl=str(tmp_path / "o.jsonl"))).run(handle_signals=False)

@@ -10,24 +10,24 @@ import av
 import numpy as np
 import onnxruntime as ort
 import pytest
-from _standin import bikes_path, build_standin
-from _standin_seg import (
+from pycocotools import mask as mask_utils
+
+from pipeline.annotate import draw_detections, draw_semantic
+from pipeline.runner import Pipeline
+from pipeline.settings import load_settings
+from pipeline.transport import ipc_endpoints
+from streamdet.card import ModelCard
+from streamdet.masks import class_map_to_rles, rles_to_class_map
+from streamdet.postprocess import Detections, PostprocessConfig, postprocess
+from streamdet.preprocess_ops import preprocess_batch
+from tests.helpers.standin import bikes_path, build_standin
+from tests.helpers.standin_seg import (
     SEMANTIC_NAMES,
     build_segment_standin,
     build_semantic_standin,
     segment_card,
     semantic_card,
 )
-from pycocotools import mask as mask_utils
-
-from pipeline.annotate import draw_detections, draw_semantic
-from pipeline.masks import class_map_to_rles, rles_to_class_map
-from pipeline.modelcard import ModelCard
-from pipeline.postprocess import Detections, PostprocessConfig, postprocess
-from pipeline.preprocess_ops import preprocess_batch
-from pipeline.runner import Pipeline
-from pipeline.settings import load_settings
-from pipeline.transport import ipc_endpoints
 
 N_FRAMES = 6
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
@@ -221,7 +221,7 @@ def test_chain_endpoints_are_distinct(tmp_path):
 
 @pytest.mark.parametrize("case", ["random", "empty", "full", "edges", "one_pixel"])
 def test_masks_to_rle_equals_pycocotools_encode(case):
-    from pipeline.masks import masks_to_rle
+    from streamdet.masks import masks_to_rle
 
     rng = np.random.default_rng(1)
     m = np.zeros((3, 9, 11), bool)

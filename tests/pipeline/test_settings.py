@@ -4,7 +4,6 @@ import pytest
 import yaml
 
 from engines.base import Backend
-from pipeline.postprocess import NmsMethod, PostprocessConfig
 from pipeline.settings import (
     CONFIG_ENV,
     DEFAULT_MODEL,
@@ -16,6 +15,7 @@ from pipeline.settings import (
     load_settings,
     set_dotted,
 )
+from streamdet.postprocess import NmsMethod, PostprocessConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -7,15 +7,9 @@ import av
 import numpy as np
 import pytest
 import zmq
-from _standin import CLASS_NAMES, bikes_path, build_standin, standin_card
 
 from engines.base import Backend, EngineError
 from pipeline.annotate import class_color, draw_detections
-from pipeline.letterbox import letterbox_params
-from pipeline.messages import CreditMsg, EndOfStream, EosReason, FrameMsg, FrameRecord, decode_message
-from pipeline.modelcard import ModelCardError, Normalization
-from pipeline.postprocess import Detections
-from pipeline.preprocess_ops import preprocess_batch
 from pipeline.stages.decode import DecodeStage, SourceError, probe_source
 from pipeline.stages.engine import check_card_against_model, inspect_onnx, make_engine, resolve_card
 from pipeline.stages.preprocess import Normalizer
@@ -29,6 +23,12 @@ from pipeline.stages.sinks import (
     eos_payload,
 )
 from pipeline.transport import StageFlags, ipc_endpoints, make_socket, recv_parts
+from streamdet.card import ModelCardError, Normalization
+from streamdet.letterbox import letterbox_params
+from streamdet.messages import CreditMsg, EndOfStream, EosReason, FrameMsg, FrameRecord, decode_message
+from streamdet.postprocess import Detections
+from streamdet.preprocess_ops import preprocess_batch
+from tests.helpers.standin import CLASS_NAMES, bikes_path, build_standin, standin_card
 
 
 # ---------------------------------------------------------------- preprocess: normalisation
@@ -52,7 +52,7 @@ def test_normalizer_matches_preprocess_batch(order, mean, std, dtype):
     frame = rng.integers(0, 256, (272, 640, 3), dtype=np.uint8)
     ref, _ = preprocess_batch([frame], card)
     lb = np.empty((384, 640, 3), np.uint8)
-    from pipeline.letterbox import letterbox
+    from streamdet.letterbox import letterbox
 
     letterbox(frame, (640, 384), card.pad_value, out=lb)
     out = np.empty((3, 384, 640), dtype)
@@ -175,8 +175,8 @@ def test_decoder_backpressure_and_pixels(tmp_path):
     status_in = make_socket(ctx, zmq.PULL, ep.control, bind=True)
     go, stop, abort = threading.Event(), threading.Event(), threading.Event()
     flags = StageFlags(go=go, stop_input=stop, abort=abort, parent_pid=os.getppid())
-    from pipeline.messages import StageName
     from pipeline.stages.base import StatusReporter
+    from streamdet.messages import StageName
 
     status = StatusReporter(socket=make_socket(ctx, zmq.PUSH, ep.control, bind=False), stage=StageName.DECODE)
     stage = DecodeStage(source=src, pool=SlotPool.create(name=pool_name, num_slots=2, slot_bytes=272 * 640 * 3),

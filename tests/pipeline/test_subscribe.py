@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import zmq
 
-from pipeline.letterbox import letterbox_params
-from pipeline.messages import EndOfStream, EosReason, FrameMsg, FrameRecord
-from pipeline.postprocess import Detections
 from pipeline.stages.sinks import PubSink, detections_payload, eos_payload
 from pipeline.subscribe import Published, Subscriber, SubscribeTimeout, format_line, main
+from streamdet.letterbox import letterbox_params
+from streamdet.messages import EndOfStream, EosReason, FrameMsg, FrameRecord
+from streamdet.postprocess import Detections
 
 
 def free_endpoint() -> str:

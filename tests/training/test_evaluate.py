@@ -18,9 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.masks import masks_to_rle
-from pipeline.modelcard import HeadLayout, HeadSpec, InputSpec, ModelCard, Task, save_card
-from pipeline.postprocess import expected_num_anchors
+from streamdet.card import HeadLayout, HeadSpec, InputSpec, ModelCard, Task, save_card
+from streamdet.masks import masks_to_rle
+from streamdet.postprocess import expected_num_anchors
 from training.evaluate import IouType, evaluate_coco, main, miou, semantic_confusion
 
 # ---------------------------------------------------------------- evaluate_coco on hand-made cases

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from engines.onnxruntime_backend import OnnxRuntimeEngine
-from pipeline.letterbox import letterbox
-from pipeline.modelcard import HeadLayout, Task, card_from_ultralytics_metadata, load_card
-from pipeline.postprocess import check_outputs_against_card
+from streamdet.card import HeadLayout, Task, card_from_ultralytics_metadata, load_card
+from streamdet.letterbox import letterbox
+from streamdet.postprocess import check_outputs_against_card
 from training.export import PARITY_TOLERANCE, load_checkpoint, main, parity_report
 from training.model import Detector, DetectorConfig, num_anchors
 from training.train import make_checkpoint

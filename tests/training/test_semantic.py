@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pipeline.letterbox import letterbox
-from pipeline.modelcard import HeadLayout, Task, load_card
+from streamdet.card import HeadLayout, Task, load_card
+from streamdet.letterbox import letterbox
 from training import export_semantic as ex
 from training import train_semantic as ts
 from training.semantic_model import SemanticNet, SemanticNetConfig, count_parameters, gflops, letterbox_labels

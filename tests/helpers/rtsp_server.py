@@ -2,7 +2,7 @@
 
 Usage::
 
-    /usr/bin/python3 tests/pipeline/rtsp_server.py CLIP.mp4 PORT [--fps 25] [--auth USER:PASS]
+    /usr/bin/python3 tests/helpers/rtsp_server.py CLIP.mp4 PORT [--fps 25] [--auth USER:PASS]
 
 Decodes the clip once into memory, then serves it in an endless loop, re-encoded as H.264
 (x264enc, zerolatency) at ``--fps`` frames per second, on ``rtsp://127.0.0.1:PORT``:

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.letterbox import LetterboxParams, letterbox
-from pipeline.modelcard import ModelCard
+from streamdet.card import ModelCard
+from streamdet.letterbox import LetterboxParams, letterbox
 
 
 def preprocess_batch(
@@ -33,7 +33,7 @@ def preprocess_batch(
 
     Returns:
         ``(batch, letterboxes)``: ``(B, 3, ih, iw)`` array (float32 or float16 per the card), and
-        each frame's :class:`~pipeline.letterbox.LetterboxParams`.
+        each frame's :class:`~streamdet.letterbox.LetterboxParams`.
 
     Raises:
         ValueError: if there are no images, an image is not ``(H, W, 3)`` uint8, or ``out`` has the

@@ -1,7 +1,7 @@
 """Tiny stand-in segmentation models for pipeline tests (built with onnx.helper, no training).
 
 * :func:`build_segment_standin`: ultralytics segment layout. ``output0`` ``(B, 4 + 3 + NM, N)`` is the
-  detect stand-in's (:mod:`tests.pipeline._standin`: red / green / blue cells light up classes 0 / 1 /
+  detect stand-in's (:mod:`tests.helpers.standin`: red / green / blue cells light up classes 0 / 1 /
   2) plus ``NM`` mask coefficients per anchor (a 1x1 convolution of the cell's mean colour);
   ``output1`` ``(B, NM, H/4, W/4)`` prototypes are a 1x1 convolution of the 4x4-pooled image, so
   each mask follows the colours in and around its box.
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from _standin import CLASS_NAMES, STRIDES, anchors_cxcywh, pooled_feature_nodes
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.modelcard import HeadLayout, HeadSpec, InputSpec, ModelCard, Task, save_card
+from streamdet.card import HeadLayout, HeadSpec, InputSpec, ModelCard, Task, save_card
+from tests.helpers.standin import CLASS_NAMES, STRIDES, anchors_cxcywh, pooled_feature_nodes
 
 NM = 4
 SEMANTIC_NAMES = ("background", *CLASS_NAMES)

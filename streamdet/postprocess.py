@@ -1,13 +1,13 @@
 """Postprocess: raw model outputs to detections in frame pixels.
 
 Pure functions over numpy arrays plus the frozen :class:`Detections` result; the pipeline's
-postprocess stage wraps them. Supported heads (see :class:`pipeline.modelcard.HeadLayout`):
+postprocess stage wraps them. Supported heads (see :class:`streamdet.card.HeadLayout`):
 
 * ``ultralytics_detect``: ``(B, 4 + C, N)``; score threshold, cxcywh -> xyxy, NMS, top-k, undo the
   letterbox, clip.
 * ``end2end``: NMS inside the model; score threshold, top-k and the letterbox only.
 * ``ultralytics_segment``: as detect, then masks for the kept detections only (one matrix product
-  with the prototypes, see :mod:`pipeline.masks`).
+  with the prototypes, see :mod:`streamdet.masks`).
 * ``semantic_logits``: per-pixel argmax, letterbox undone, nearest-neighbour resize to the frame.
 
 References: ultralytics ``utils/ops.py`` (``non_max_suppression``, ``scale_boxes``,
@@ -26,11 +26,11 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.boxes import FloatArray, cxcywh_to_xyxy
-from pipeline.letterbox import LetterboxParams, boxes_input_to_frame
-from pipeline.masks import mask_logits, prototype_masks_to_frame, prototype_masks_to_rle
-from pipeline.modelcard import HeadLayout, ModelCard, ModelCardError
-from pipeline.nms import IndexArray, SoftNmsMethod, batched_nms, batched_soft_nms, soft_nms
+from streamdet.boxes import FloatArray, cxcywh_to_xyxy
+from streamdet.card import HeadLayout, ModelCard, ModelCardError
+from streamdet.letterbox import LetterboxParams, boxes_input_to_frame
+from streamdet.masks import mask_logits, prototype_masks_to_frame, prototype_masks_to_rle
+from streamdet.nms import IndexArray, SoftNmsMethod, batched_nms, batched_soft_nms, soft_nms
 
 Shape = Sequence[int | str | None]
 
@@ -38,7 +38,7 @@ Shape = Sequence[int | str | None]
 class NmsMethod(str, Enum):
     """Which suppression the postprocess runs."""
 
-    HARD = "hard"  # greedy hard NMS (pipeline.nms.batched_nms)
+    HARD = "hard"  # greedy hard NMS (streamdet.nms.batched_nms)
     SOFT_GAUSSIAN = "soft_gaussian"  # Soft-NMS, Gaussian decay (Bodla et al. 2017)
     SOFT_LINEAR = "soft_linear"  # Soft-NMS, linear decay
 
@@ -386,8 +386,8 @@ def segment_mask_logits(
         num_mask_coeffs: ``nm``.
 
     Returns:
-        ``(K, mh, mw)`` float32 logits (see :func:`pipeline.masks.prototype_masks_to_frame` and
-        :func:`pipeline.masks.prototype_masks_to_rle`).
+        ``(K, mh, mw)`` float32 logits (see :func:`streamdet.masks.prototype_masks_to_frame` and
+        :func:`streamdet.masks.prototype_masks_to_rle`).
     """
     coeffs = output0[4 + num_classes : 4 + num_classes + num_mask_coeffs, cand.anchor_ids].T
     return mask_logits(coeffs, protos)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.modelcard import HeadLayout, HeadSpec, InputSpec, ModelCard, Task, save_card
+from streamdet.card import HeadLayout, HeadSpec, InputSpec, ModelCard, Task, save_card
 
 STRIDES = (8, 16, 32)
 CLASS_NAMES = ("red", "green", "blue")

@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.boxes import FloatArray
+from streamdet.boxes import FloatArray
+from streamdet.constants import PAD_VALUE
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +98,7 @@ def letterbox_params(frame_hw: tuple[int, int], input_wh: tuple[int, int]) -> Le
 def letterbox(
     image: npt.NDArray[np.uint8],
     input_wh: tuple[int, int],
-    pad_value: int = 114,
+    pad_value: int = PAD_VALUE,
     out: npt.NDArray[np.uint8] | None = None,
 ) -> tuple[npt.NDArray[np.uint8], LetterboxParams]:
     """Letterbox one HWC uint8 image into ``input_wh``.

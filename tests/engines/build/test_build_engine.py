@@ -1,5 +1,5 @@
-"""training.build_engine: input checks and CLI errors here; the build itself against the ONNX Runtime-backed
-stand-in ``tensorrt`` (tests/engines/_fake_tensorrt.py). Nothing here runs TensorRT."""
+"""engines.build.build_engine: input checks and CLI errors here; the build itself against the ONNX Runtime-backed
+stand-in ``tensorrt`` (tests/helpers/fake_tensorrt.py). Nothing here runs TensorRT."""
 
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ import pytest
 
 pytest.importorskip("torch")
 
-from _tiny_detector import tiny_detector  # noqa: E402
-
+from engines.build.build_engine import BuildError, build_engine, main  # noqa: E402
 from engines.engine_file import BatchProfile, Precision, RuntimeInfo, read_engine_header  # noqa: E402
-from training.build_engine import BuildError, build_engine, main  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engines"))
-import _fake_tensorrt as fake  # noqa: E402
+from tests.helpers import fake_tensorrt as fake  # noqa: E402
+from tests.helpers.tiny_detector import tiny_detector  # noqa: E402
 
 HERE = RuntimeInfo(fake.__version__, "Fake GPU", (8, 9))
 
@@ -34,7 +31,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     fp32, _ = tiny_detector(d)
     import numpy as np
 
-    from training.calibrate import Int8Target, convert_fp16, load_model_card, quantize_int8
+    from engines.build.calibrate import Int8Target, convert_fp16, load_model_card, quantize_int8
 
     card = load_model_card(fp32)
     frames = iter([np.random.default_rng(i).integers(0, 256, (96, 128, 3), dtype=np.uint8) for i in range(4)])
@@ -64,7 +61,7 @@ def test_builds_each_precision_from_its_onnx(models: dict[str, Path], tmp_path: 
 
 
 @pytest.mark.parametrize("precision, model, match", [
-    ("int8", "fp32", "needs a int8 ONNX, this graph is fp32 .*training.calibrate"),
+    ("int8", "fp32", "needs a int8 ONNX, this graph is fp32 .*engines.build.calibrate"),
     ("fp16", "fp32", "needs a fp16 ONNX, this graph is fp32"),
     ("fp32", "int8", "needs a fp32 ONNX, this graph is int8"),
     ("int8", "int8cpu", "zero point .*--target tensorrt"),

@@ -11,7 +11,7 @@ zero-area boxes as IoU 1.
 
 The IoU work is vectorized: the score-sorted candidates are processed in blocks of rows; for each
 block the IoU rows of the candidates not yet suppressed are computed at once (upper triangle
-only; bit-identical to :func:`pipeline.boxes.box_iou`, with less memory traffic), then a cheap
+only; bit-identical to :func:`streamdet.boxes.box_iou`, with less memory traffic), then a cheap
 scan over those rows ORs the
 boolean "overlaps too much" row of every kept box into the suppression mask. Memory is bounded by
 one block (about ``2**20`` IoU values) plus ``O(N)``; the scan stops once ``max_output`` boxes are
@@ -30,7 +30,7 @@ from enum import Enum
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.boxes import FloatArray, box_iou_planes, box_planes
+from streamdet.boxes import FloatArray, box_iou_planes, box_planes
 
 IndexArray = npt.NDArray[np.int64]
 

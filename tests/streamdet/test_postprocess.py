@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline.letterbox import letterbox, letterbox_params
-from pipeline.masks import (
+from streamdet.card import HeadLayout, HeadSpec, InputSpec, ModelCard, ModelCardError, Normalization, Task
+from streamdet.letterbox import letterbox, letterbox_params
+from streamdet.masks import (
     box_pixel_window,
     mask_logits,
     masks_to_rle,
@@ -19,8 +20,7 @@ from pipeline.masks import (
     rle_to_masks,
     window_to_rle,
 )
-from pipeline.modelcard import HeadLayout, HeadSpec, InputSpec, ModelCard, ModelCardError, Normalization, Task
-from pipeline.postprocess import (
+from streamdet.postprocess import (
     Detections,
     NmsMethod,
     PostprocessConfig,
@@ -31,7 +31,7 @@ from pipeline.postprocess import (
     postprocess_detect,
     postprocess_semantic,
 )
-from pipeline.preprocess_ops import preprocess_batch
+from streamdet.preprocess_ops import preprocess_batch
 
 IN_WH = (64, 32)
 FRAME_HW = (48, 128)  # letterbox: scale 0.5, resized 64x24, pad (0, 4)
@@ -433,7 +433,7 @@ def test_preprocess_batch_matches_manual() -> None:
     ],
 )
 def test_channel_argmax_equals_numpy(shape, dtype, rounded):
-    from pipeline.postprocess import channel_argmax
+    from streamdet.postprocess import channel_argmax
 
     lg = np.random.default_rng(0).standard_normal(shape)
     lg = (np.round(lg) if rounded else lg).astype(dtype)

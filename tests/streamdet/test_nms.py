@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.boxes import box_area, box_iou, box_iou_planes, box_planes, xyxy_to_xywh
-from pipeline.nms import (
+from streamdet.boxes import box_area, box_iou, box_iou_planes, box_planes, xyxy_to_xywh
+from streamdet.nms import (
     SoftNmsMethod,
     batched_nms,
     batched_soft_nms,

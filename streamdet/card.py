@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from streamdet.constants import PAD_VALUE
+
 CARD_SCHEMA = "streamdet.modelcard/1"
 
 
@@ -143,7 +145,7 @@ class ModelCard(_Frozen):
     head: HeadSpec
     input: InputSpec
     normalization: Normalization = Normalization()
-    pad_value: int = Field(default=114, ge=0, le=255)
+    pad_value: int = Field(default=PAD_VALUE, ge=0, le=255)
     class_names: tuple[str, ...]
     metrics: dict[str, Any] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)
@@ -302,7 +304,7 @@ def card_from_ultralytics_metadata(
     return ModelCard(
         name=name, task=t, head=head,
         input=InputSpec(name=input_name, width=int(w), height=int(h), dynamic_batch=dyn),
-        normalization=Normalization(), pad_value=114, class_names=class_names,
+        normalization=Normalization(), pad_value=PAD_VALUE, class_names=class_names,
         provenance={"source": "ultralytics ONNX metadata", **{k: metadata[k] for k in ("version", "description")
                                                               if k in metadata}},
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.modelcard import card_path_for, save_card
+from streamdet.card import card_path_for, save_card
 from training.export import build_card, export_onnx, ultralytics_metadata
 from training.model import Detector, DetectorConfig
 

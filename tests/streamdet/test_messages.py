@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.letterbox import letterbox_params
-from pipeline.messages import (
+from streamdet.letterbox import letterbox_params
+from streamdet.messages import (
     INLINE_SLOT,
     NO_SLOT,
     WIRE_VERSION,
