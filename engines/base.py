@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Backend(str, Enum):
@@ -68,3 +71,26 @@ class Engine(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@runtime_checkable
+class DeviceEngine(Protocol):
+    """An engine that also runs batches that already live on its device (the GPU pipeline).
+
+    Backends whose engines keep inputs and outputs on the GPU (CUDA, TensorRT) implement it; the
+    runner checks it (``issubclass(engine_class, DeviceEngine)``) instead of a list of backends,
+    and the engine stage checks it (``isinstance``) before it accepts device batches.
+    """
+
+    def infer_device(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Run one batch on the device.
+
+        Args:
+            batch: ``(B, 3, H, W)`` CUDA (or, in tests, CPU) tensor in the card's dtype and
+                normalization.
+
+        Returns:
+            The raw outputs as tensors on the same device, one per output name, each with leading
+            batch dimension ``B``.
+        """
+        ...

@@ -1,9 +1,45 @@
-"""Test-wide settings: property-based tests are derandomized in CI, so a run is reproducible."""
+"""Test-wide settings and the model fixtures every test folder shares.
+
+Property-based tests are derandomized in CI, so a run is reproducible. The model fixtures are
+session-scoped: each stand-in is built once per test run (helpers in :mod:`tests.helpers`).
+"""
+
+from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import pytest
 from hypothesis import settings
+
+from tests.helpers.standin import build_standin
 
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(scope="session")
+def standin_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The detect stand-in ONNX (ultralytics detect layout, 640x384, 3 classes) with its card."""
+    return build_standin(tmp_path_factory.mktemp("standin") / "standin.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_detector_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trained-architecture detector exported to ONNX with its card (needs PyTorch)."""
+    pytest.importorskip("torch")
+    from tests.helpers.tiny_detector import tiny_detector
+
+    path, _ = tiny_detector(tmp_path_factory.mktemp("tiny"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_detector_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny detector exported to ONNX and a ``.pt2`` program beside it (needs PyTorch)."""
+    pytest.importorskip("torch")
+    from tests.helpers.tiny_detector import tiny_detector
+
+    path, _ = tiny_detector(tmp_path_factory.mktemp("tiny_pt2"), pt2=True)
+    return path

@@ -10,6 +10,7 @@ import pytest
 
 from tests.helpers.cli import ROOT, assert_no_orphans, free_port, processes_with, run, start
 from tests.helpers.standin import bikes_path, build_standin
+from tests.helpers.standin_seg import build_segment_standin, build_semantic_standin, segment_card
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +232,6 @@ def test_default_model_and_demo_video(tmp_path):
 
 
 # ----------------------------------------------------------------- segmentation models at start-up
-from tests.helpers.standin_seg import build_segment_standin, build_semantic_standin, segment_card
 
 
 @pytest.mark.parametrize(("case", "problem"), [
