@@ -8,112 +8,13 @@ decode error), 2 invalid settings or arguments, 130 stopped by SIGINT, 143 by SI
 
 from __future__ import annotations
 
-import argparse
-import sys
-from typing import Any, NoReturn
+from pipeline.cli import build_parser, overrides_from_args, run_main
 
-EXIT_USAGE = 2
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one ``error: ...`` line (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-
-
-def _settings_epilog() -> str:
-    from pipeline.settings import describe_settings
-
-    rows = describe_settings()
-    width = max(len(r[0]) for r in rows)
-    lines = [
-        "settings (precedence: flags > environment > --config YAML > defaults; any of them via",
-        "--set NAME=VALUE or its environment variable; presets in configs/*.yaml):",
-    ]
-    for name, default, env in rows:
-        lines.append(f"  {name:<{width}}  default {default}  (env {env})")
-    lines.append("")
-    lines.append("exit status: 0 finished, 1 failed, 2 invalid settings/arguments, 130 SIGINT, 143 SIGTERM")
-    return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser (every flag maps onto a setting of ``pipeline.settings.Settings``)."""
-    p = _ArgumentParser(
-        prog="run_pipeline.py",
-        description="Streaming video detection: decode, preprocess, engine, postprocess and sinks, each in "
-                    "its own process, connected by ZeroMQ. Without arguments: the bundled detector on the "
-                    "bundled demo video, detections published on tcp://127.0.0.1:5556.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_settings_epilog(),
-    )
-    p.add_argument("--source", action="append", metavar="PATH_OR_URL",
-                   help="video file or URL (repeat for several sources) [sources]")
-    p.add_argument("--model", metavar="MODEL.onnx", help="ONNX model (card MODEL.json beside it, or "
-                   "ultralytics metadata inside) [model]")
-    p.add_argument("--card", metavar="CARD.json", help="model card, if not beside the model [card]")
-    p.add_argument("--publish", metavar="ENDPOINT", help="ZeroMQ PUB endpoint, or 'none' [sinks.publish]")
-    p.add_argument("--wait-subscribers", type=int, metavar="N",
-                   help="wait for N subscribers before decoding [sinks.publish_wait_subscribers]")
-    p.add_argument("--jsonl", metavar="OUT.jsonl", help="also write every message to this file [sinks.jsonl]")
-    p.add_argument("--video-out", metavar="OUT.mp4", help="write the annotated video [sinks.video_out]")
-    p.add_argument("--max-frames", type=int, metavar="N", help="stop each source after N frames [max_frames]")
-    p.add_argument("--batch", type=int, metavar="N", help="frames per engine batch [preprocess.max_batch]")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="engine threads per operator, 0 = one per core [engine.intra_op_threads]")
-    p.add_argument("--backend", metavar="NAME", help="onnxruntime, tensorrt or cuda [engine.backend]")
-    p.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N [engine.device]")
-    p.add_argument("--loop", type=int, metavar="N", help="read each file N times (soak test) [decode.loop]")
-    p.add_argument("--hwaccel", metavar="NAME", help="video decoder: none (CPU) or cuda (NVDEC) [decode.hwaccel]")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve Prometheus metrics on this port (off by default) [sinks.metrics_port]")
-    p.add_argument("--config", metavar="X.yaml", help="YAML preset (default $STREAMDET_CONFIG)")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="any setting by its dotted name, e.g. --set postprocess.nms=soft_gaussian (value "
-                        "parsed as YAML)")
-    p.add_argument("--quiet", action="store_true", default=None, help="no progress bar [quiet]")
-    return p
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings tree given on the command line (nested dicts).
-
-    Raises:
-        pipeline.settings.SettingsError: on a malformed ``--set``.
-    """
-    import yaml
-
-    from pipeline.settings import SettingsError, set_dotted
-
-    tree: dict[str, Any] = {}
-    for item in args.set:
-        if "=" not in item:
-            raise SettingsError(f"expected --set NAME=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            value = raw
-        set_dotted(tree, key.strip(), value)
-    flags = {
-        "sources": args.source, "model": args.model, "card": args.card, "sinks.publish": args.publish,
-        "sinks.publish_wait_subscribers": args.wait_subscribers, "sinks.jsonl": args.jsonl,
-        "sinks.video_out": args.video_out, "max_frames": args.max_frames, "preprocess.max_batch": args.batch,
-        "engine.intra_op_threads": args.threads, "engine.backend": args.backend,
-        "engine.device": args.device, "decode.loop": args.loop, "decode.hwaccel": args.hwaccel,
-        "sinks.metrics_port": args.metrics_port,
-        "quiet": args.quiet,
-    }
-    for key, value in flags.items():
-        if value is not None:
-            set_dotted(tree, key, value)
-    return tree
+__all__ = ["build_parser", "main", "overrides_from_args"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the pipeline from the command line.
+    """Run the pipeline from the command line (``streamdet run`` runs the same code).
 
     Args:
         argv: arguments (default ``sys.argv[1:]``).
@@ -121,29 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit status.
     """
-    args = build_parser().parse_args(argv)
-    from pipeline.runner import Pipeline, PipelineError, format_summary
-    from pipeline.settings import SettingsError, load_settings
-
-    try:
-        settings = load_settings(overrides=overrides_from_args(args), config_file=args.config)
-    except SettingsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    pipeline = Pipeline(settings=settings)
-    try:
-        summary = pipeline.run()
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    for line in format_summary(summary):
-        print(line)
-    for warn in summary.warnings:
-        print(f"warning: {warn}", file=sys.stderr)
-    for err in summary.errors:
-        print(f"error: {err}", file=sys.stderr)
-    sys.stdout.flush()
-    return summary.exit_code
+    return run_main(argv)
 
 
 if __name__ == "__main__":

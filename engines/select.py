@@ -69,7 +69,7 @@ def _why_no_cuda() -> str:
 
 def tensorrt_available() -> bool:
     """Whether the real TensorRT runtime imports (not just ``tensorrt-stubs``)."""
-    from engines.tensorrt_backend import import_tensorrt
+    from engines.trt_runtime import import_tensorrt
 
     try:
         import_tensorrt()
@@ -94,7 +94,7 @@ def _problem(backend: Backend, device: str, model_path: Path) -> str:
         if not is_cuda:
             return "--backend tensorrt runs on --device cuda only"
         if not tensorrt_available():
-            from engines.tensorrt_backend import TENSORRT_HINT
+            from engines.trt_runtime import TENSORRT_HINT
 
             return f"--backend tensorrt needs TensorRT ({TENSORRT_HINT})"
     elif backend is Backend.CUDA:
@@ -156,6 +156,29 @@ def choose_backend(
                                     fallback_reason=f"{problem}; falling back to --backend {candidate.value} "
                                                     f"--device {dev}")
     raise EngineError(f"{problem}; and no fallback is available")  # pragma: no cover - ORT on CPU always is
+
+
+def engine_class(backend: Backend) -> type[Engine]:
+    """The :class:`~engines.base.Engine` class that runs ``backend`` (its module imported on demand).
+
+    Args:
+        backend: the backend.
+
+    Returns:
+        Its engine class (not instantiated); check ``issubclass(cls, DeviceEngine)`` to see whether it
+        runs device batches.
+    """
+    if backend is Backend.TENSORRT:
+        from engines.tensorrt_backend import TensorRTEngine
+
+        return TensorRTEngine
+    if backend is Backend.CUDA:
+        from engines.cuda_backend import CudaEngine
+
+        return CudaEngine
+    from engines.onnxruntime_backend import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine
 
 
 def select_engine(

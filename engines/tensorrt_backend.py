@@ -11,9 +11,9 @@ batch of the optimization profile. :meth:`TensorRTEngine.infer` takes and return
 arrays (the :class:`~engines.base.Engine` contract); :meth:`TensorRTEngine.infer_device` keeps
 everything on the GPU for the GPU pipeline (``pipeline.gpu``).
 
-TensorRT is imported lazily: without it, :func:`import_tensorrt` raises one clear error. Note
+TensorRT is imported lazily: without it, :func:`engines.trt_runtime.import_tensorrt` raises one clear error. Note
 that the ``tensorrt-stubs`` typing package installs a bare ``tensorrt`` directory, so a plain
-``import tensorrt`` can succeed without TensorRT; :func:`import_tensorrt` checks for the real API.
+``import tensorrt`` can succeed without TensorRT; ``import_tensorrt`` checks for the real API.
 
 Reference: NVIDIA TensorRT Python API docs (``ICudaEngine``, ``IExecutionContext``), TensorRT 10
 migration guide (named I/O tensors replace bindings; ``execute_async_v3``).
@@ -39,34 +39,13 @@ from engines.engine_file import (
     read_engine_header,
     runtime_mismatches,
 )
+from engines.trt_runtime import TENSORRT_HINT, cuda_runtime_info, import_tensorrt
+
+__all__ = ["TENSORRT_HINT", "TensorRTEngine", "cuda_runtime_info", "import_tensorrt", "torch_dtype"]
 
 if TYPE_CHECKING:
     import tensorrt
     import torch
-
-TENSORRT_HINT = ("install TensorRT 10 or newer for your CUDA version (pip install tensorrt) on a machine with "
-                 "an NVIDIA GPU, or use --backend onnxruntime")
-
-
-def import_tensorrt() -> Any:
-    """Import the TensorRT Python API.
-
-    Returns:
-        The ``tensorrt`` module.
-
-    Raises:
-        EngineError: ``--backend tensorrt needs TensorRT ...`` when it is missing, cannot load its
-            libraries, or is only the ``tensorrt-stubs`` typing package.
-    """
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer / CUDA is not
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise EngineError(f"--backend tensorrt needs TensorRT ({reason}); {TENSORRT_HINT}") from e
-    if not hasattr(trt, "Builder") or not hasattr(trt, "Runtime"):
-        raise EngineError("--backend tensorrt needs TensorRT (the installed 'tensorrt' has no Builder/Runtime: only "
-                          f"type stubs or a placeholder package); {TENSORRT_HINT}")
-    return trt
 
 
 def torch_dtype(trt: Any, dtype: tensorrt.DataType) -> torch.dtype:
@@ -89,24 +68,6 @@ def torch_dtype(trt: Any, dtype: tensorrt.DataType) -> torch.dtype:
         if hasattr(trt.DataType, name) and dtype == getattr(trt.DataType, name):
             return tdt
     raise EngineError(f"TensorRT tensor type {dtype} has no torch equivalent")
-
-
-def cuda_runtime_info(trt: Any, device: torch.device) -> RuntimeInfo:
-    """TensorRT version, GPU name and compute capability of ``device``.
-
-    Raises:
-        EngineError: if ``device`` is not an available CUDA device.
-    """
-    import torch
-
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise EngineError(f"--backend tensorrt needs a CUDA GPU (device {device}; torch.cuda.is_available() is "
-                          f"{torch.cuda.is_available()})")
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx >= torch.cuda.device_count():
-        raise EngineError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    major, minor = torch.cuda.get_device_capability(idx)
-    return RuntimeInfo(str(trt.__version__), torch.cuda.get_device_name(idx), (int(major), int(minor)))
 
 
 class TensorRTEngine(Engine):
@@ -266,7 +227,7 @@ class TensorRTEngine(Engine):
         try:
             import onnx
 
-            from engines.build.calibrate import onnx_precision
+            from engines.build.graph import onnx_precision
 
             precision = Precision(onnx_precision(onnx.load(str(self.rebuild_from), load_external_data=False)))
             build_engine(onnx_path=self.rebuild_from, out_path=self.model_path, precision=precision, batch=batch,

@@ -28,7 +28,7 @@ from pydantic_settings import (
 )
 
 from engines.base import Backend
-from pipeline.stages.decode import DecodeThreads, HWAccelMode, HWAccelOptions, LiveOptions, RtspTransport
+from pipeline.sources.options import DecodeThreads, HWAccelMode, HWAccelOptions, LiveOptions, RtspTransport
 from pipeline.transport import TransportMode
 from streamdet.postprocess import NmsMethod, PostprocessConfig
 

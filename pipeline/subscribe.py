@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import zmq
 
-from pipeline.stages.sinks import DETECTIONS_SCHEMA, EOS_SCHEMA, EOS_TOPIC
+from pipeline.stages.payloads import DETECTIONS_SCHEMA, EOS_SCHEMA, EOS_TOPIC
 
 
 class SubscribeTimeout(TimeoutError):

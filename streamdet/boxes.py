@@ -30,20 +30,6 @@ def cxcywh_to_xyxy(boxes_cxcywh: npt.ArrayLike) -> FloatArray:
     return np.concatenate([b[:, 0:2] - half, b[:, 0:2] + half], axis=1)
 
 
-def xyxy_to_cxcywh(boxes_xyxy: npt.ArrayLike) -> FloatArray:
-    """Convert corner-format boxes to centre format.
-
-    Args:
-        boxes_xyxy: ``(N, 4)`` boxes as ``(x1, y1, x2, y2)``.
-
-    Returns:
-        ``(N, 4)`` float32 boxes as ``(cx, cy, w, h)``.
-    """
-    b = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
-    wh = b[:, 2:4] - b[:, 0:2]
-    return np.concatenate([b[:, 0:2] + wh * 0.5, wh], axis=1)
-
-
 def xyxy_to_xywh(boxes_xyxy: npt.ArrayLike) -> FloatArray:
     """Convert corner-format boxes to COCO ``(x1, y1, w, h)`` format.
 
@@ -55,19 +41,6 @@ def xyxy_to_xywh(boxes_xyxy: npt.ArrayLike) -> FloatArray:
     """
     b = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
     return np.concatenate([b[:, 0:2], b[:, 2:4] - b[:, 0:2]], axis=1)
-
-
-def xywh_to_xyxy(boxes_xywh: npt.ArrayLike) -> FloatArray:
-    """Convert COCO ``(x1, y1, w, h)`` boxes to corner format.
-
-    Args:
-        boxes_xywh: ``(N, 4)`` boxes as ``(x1, y1, w, h)``.
-
-    Returns:
-        ``(N, 4)`` float32 boxes as ``(x1, y1, x2, y2)``.
-    """
-    b = np.asarray(boxes_xywh, dtype=np.float32).reshape(-1, 4)
-    return np.concatenate([b[:, 0:2], b[:, 0:2] + b[:, 2:4]], axis=1)
 
 
 def box_area(boxes_xyxy: FloatArray) -> FloatArray:
@@ -136,20 +109,3 @@ def box_iou(boxes1_xyxy: FloatArray, boxes2_xyxy: FloatArray) -> FloatArray:
         ``(N, M)`` float32 IoU matrix; pairs whose union is zero have IoU 0.
     """
     return box_iou_planes(box_planes(boxes1_xyxy), box_planes(boxes2_xyxy))
-
-
-def clip_boxes(boxes_xyxy: FloatArray, frame_hw: tuple[int, int]) -> FloatArray:
-    """Clip boxes to the frame ``[0, W] x [0, H]``.
-
-    Args:
-        boxes_xyxy: ``(N, 4)`` float32 xyxy boxes in frame pixels.
-        frame_hw: frame size as ``(height, width)``.
-
-    Returns:
-        ``(N, 4)`` float32 clipped boxes (a new array).
-    """
-    h, w = frame_hw
-    out = np.empty_like(boxes_xyxy, dtype=np.float32)
-    np.clip(boxes_xyxy[:, 0::2], 0.0, float(w), out=out[:, 0::2])
-    np.clip(boxes_xyxy[:, 1::2], 0.0, float(h), out=out[:, 1::2])
-    return out

@@ -14,7 +14,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from streamdet.constants import PAD_VALUE
 
@@ -50,6 +58,14 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+_INPUT_CHOICES: dict[str, tuple[str, ...]] = {
+    "layout": ("NCHW",),
+    "channel_order": ("RGB", "BGR"),
+    "dtype": ("float32", "float16"),
+}
+"""The values each :class:`InputSpec` text field accepts."""
+
+
 class InputSpec(_Frozen):
     """The model's image input.
 
@@ -71,25 +87,12 @@ class InputSpec(_Frozen):
     height: int = Field(gt=0)
     dynamic_batch: bool = True
 
-    @field_validator("layout")
+    @field_validator("layout", "channel_order", "dtype")
     @classmethod
-    def _layout(cls, v: str) -> str:
-        if v != "NCHW":
-            raise ValueError(f"expected layout NCHW, got {v}")
-        return v
-
-    @field_validator("channel_order")
-    @classmethod
-    def _order(cls, v: str) -> str:
-        if v not in ("RGB", "BGR"):
-            raise ValueError(f"expected channel_order RGB or BGR, got {v}")
-        return v
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in ("float32", "float16"):
-            raise ValueError(f"expected dtype float32 or float16, got {v}")
+    def _one_of(cls, v: str, info: ValidationInfo) -> str:
+        allowed = _INPUT_CHOICES[info.field_name or ""]
+        if v not in allowed:
+            raise ValueError(f"expected {info.field_name} {' or '.join(allowed)}, got {v}")
         return v
 
 

@@ -4,7 +4,8 @@ Each tool (``python -m training.train``, ``python -m training.calibrate``, ...) 
 ``run(args)`` function; :func:`run_tool` does the rest the same way for all of them: parse, run,
 turn the tool's own errors into one ``error: ...`` line on stderr and exit status 1, and an
 ``OSError`` into ``error: FILE: reason``. :func:`enum_type` makes an Enum option print and accept
-its values (``--method percentile``), not ``CalibrationMethod.PERCENTILE``.
+its values (``--method percentile``), not ``CalibrationMethod.PERCENTILE``. :func:`dispatch`
+runs a command with subcommands (``streamdet run``, ``streamdet-train evaluate``).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from typing import TypeVar
 
-from streamdet.constants import EXIT_FAILURE, EXIT_OK
+from streamdet.constants import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 E = TypeVar("E", bound=Enum)
 
@@ -85,3 +87,55 @@ def run_tool(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
         print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One subcommand of a command with subcommands (``streamdet run``, ``streamdet calibrate``).
+
+    Attributes:
+        name: what users type after the command.
+        help: one line for the command's ``--help``.
+        main: the tool's entry point; it takes the remaining arguments and returns the exit code.
+    """
+
+    name: str
+    help: str
+    main: Callable[[list[str]], int]
+
+
+def dispatch(prog: str, description: str, commands: Sequence[Subcommand], argv: Sequence[str] | None = None,
+             *, epilog: str | None = None) -> int:
+    """Run ``PROG COMMAND [ARGS...]``: pick the subcommand and hand it the rest of the arguments.
+
+    Each subcommand parses its own arguments (``PROG COMMAND --help`` prints its options), so a
+    tool behaves the same as a subcommand and as ``python -m ...``.
+
+    Args:
+        prog: the command's name, for usage and error lines.
+        description: one paragraph for ``PROG --help``.
+        commands: the subcommands, in the order ``--help`` lists them.
+        argv: arguments without the program name (``sys.argv[1:]`` when None).
+        epilog: text after the list of subcommands in ``--help``.
+
+    Returns:
+        The subcommand's exit code; 0 for ``--help``; 2 (one ``error:`` line) for an unknown or
+        missing subcommand.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    by_name = {c.name: c for c in commands}
+    if not args or args[0] in ("-h", "--help"):
+        width = max(len(c.name) for c in commands)
+        lines = [f"usage: {prog} COMMAND [ARGS...]", "", description, "", "commands:"]
+        lines += [f"  {c.name:<{width}}  {c.help}" for c in commands]
+        lines += ["", f"'{prog} COMMAND --help' lists a command's options."]
+        if epilog:
+            lines += ["", epilog]
+        print("\n".join(lines), file=sys.stdout if args else sys.stderr)
+        return EXIT_OK if args else EXIT_USAGE
+    command = by_name.get(args[0])
+    if command is None:
+        print(f"error: {prog}: unknown command {args[0]!r} (choose from {', '.join(by_name)}; see --help)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return command.main(args[1:])

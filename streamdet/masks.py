@@ -261,6 +261,25 @@ def masks_to_rle(masks: npt.ArrayLike) -> list[dict[str, Any]]:
     return out
 
 
+def encode_rle(mask: npt.ArrayLike) -> dict[str, Any]:
+    """COCO run-length encode one binary mask, JSON-ready (identical to ``pycocotools.mask.encode``).
+
+    Args:
+        mask: ``(H, W)`` bool or uint8 mask (non-zero = inside; for {0, 1} masks the result is
+            ``pycocotools.mask.encode``'s, byte for byte, with ``counts`` decoded as ASCII).
+
+    Returns:
+        ``{"size": [H, W], "counts": str}`` (compressed COCO RLE).
+
+    Raises:
+        ValueError: if ``mask`` is not 2-D.
+    """
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"expected a mask of shape (H, W), got {m.shape}")
+    return masks_to_rle(m[None])[0]
+
+
 def rle_to_masks(rles: Sequence[dict[str, Any]]) -> npt.NDArray[np.uint8]:
     """Decode COCO RLEs (compressed, counts as str or bytes) to masks.
 

@@ -9,13 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.cli import ROOT, assert_no_orphans, free_port, processes_with, run, start
-from tests.helpers.standin import bikes_path, build_standin
+from tests.helpers.standin import bikes_path
 from tests.helpers.standin_seg import build_segment_standin, build_semantic_standin, segment_card
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return build_standin(tmp_path_factory.mktemp("m") / "standin.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +45,9 @@ def test_help_documents_every_setting():
         assert text in out
 
 
-def test_runs_and_reports_outputs(model, tmp_path):
+def test_runs_and_reports_outputs(standin_model, tmp_path):
     port = free_port()
-    code, out, err = run(base(model, "--source", str(bikes_path()), "--max-frames", "8", "--publish",
+    code, out, err = run(base(standin_model, "--source", str(bikes_path()), "--max-frames", "8", "--publish",
                               f"tcp://127.0.0.1:{port}", "--jsonl", str(tmp_path / "o.jsonl"),
                               "--video-out", str(tmp_path / "o.mp4")))
     assert code == 0, err
@@ -77,17 +72,17 @@ def test_runs_and_reports_outputs(model, tmp_path):
         ("port_in_use", 1, "Address already in use"),
     ],
 )
-def test_bad_input_one_error_line(model, tmp_path, case, code, needle):
+def test_bad_input_one_error_line(standin_model, tmp_path, case, code, needle):
     src = str(bikes_path())
-    args = base(model, "--source", src, "--max-frames", "3")
+    args = base(standin_model, "--source", src, "--max-frames", "3")
     named = src
     if case == "missing":
         named = str(tmp_path / "nope.mp4")
-        args = base(model, "--source", named)
+        args = base(standin_model, "--source", named)
     elif case == "not_video":
         named = str(tmp_path / "text.mp4")
         Path(named).write_text("not a video\n" * 50)
-        args = base(model, "--source", named)
+        args = base(standin_model, "--source", named)
     elif case == "bad_model":
         named = str(tmp_path / "bad.onnx")
         Path(named).write_bytes(b"\x00garbage" * 100)
@@ -96,7 +91,7 @@ def test_bad_input_one_error_line(model, tmp_path, case, code, needle):
         named = str(tmp_path / "none.onnx")
         args = base(named, "--source", src)
     elif case == "card_contradicts":
-        card = json.loads(Path(model).with_suffix(".json").read_text())
+        card = json.loads(Path(standin_model).with_suffix(".json").read_text())
         card["input"]["height"] = 640
         named = str(tmp_path / "card.json")
         Path(named).write_text(json.dumps(card))
@@ -153,12 +148,12 @@ def _tensorrt_here() -> bool:
     (["--backend", "tensorrt", "--device", "cuda"], {}, "--backend tensorrt needs TensorRT",
      lambda: _cuda_here() and not _tensorrt_here()),
 ], ids=["device-cuda", "device-cuda-env", "tensorrt-cuda1", "tensorrt-cpu", "tensorrt-missing"])
-def test_gpu_request_that_cannot_run_fails_without_fallback(model, tmp_path, flags, env, needle, applies):
+def test_gpu_request_that_cannot_run_fails_without_fallback(standin_model, tmp_path, flags, env, needle, applies):
     """One error line, exit 1, nothing decoded or written: never a silent run on a slower path."""
     if not applies():
         pytest.skip("this machine can run the request")
     out_path = tmp_path / "o.jsonl"
-    rc, out, err = run(base(model, "--source", str(bikes_path()), "--max-frames", "3", "--jsonl", str(out_path),
+    rc, out, err = run(base(standin_model, "--source", str(bikes_path()), "--max-frames", "3", "--jsonl", str(out_path),
                             *flags), extra_env=env)
     lines = err.strip().splitlines()
     assert rc == 1, err
@@ -167,10 +162,10 @@ def test_gpu_request_that_cannot_run_fails_without_fallback(model, tmp_path, fla
     assert "Traceback" not in err
 
 
-def test_gpu_fallback_only_when_a_setting_asks(model, tmp_path):
+def test_gpu_fallback_only_when_a_setting_asks(standin_model, tmp_path):
     if _cuda_here():
         pytest.skip("this machine has a CUDA GPU: nothing to fall back from")
-    rc, out, err = run(base(model, "--source", str(bikes_path()), "--max-frames", "3", "--device", "cuda",
+    rc, out, err = run(base(standin_model, "--source", str(bikes_path()), "--max-frames", "3", "--device", "cuda",
                             "--set", "engine.allow_fallback=true"))
     assert rc == 0, err
     assert out.startswith("frames=3 ")
@@ -179,8 +174,8 @@ def test_gpu_fallback_only_when_a_setting_asks(model, tmp_path):
     assert lines[0].endswith("falling back to --backend onnxruntime --device cpu")
 
 
-def test_truncated_file_keeps_every_decoded_frame(model, tmp_path, truncated):
-    rc, out, err = run(base(model, "--source", str(truncated), "--jsonl", str(tmp_path / "o.jsonl")))
+def test_truncated_file_keeps_every_decoded_frame(standin_model, tmp_path, truncated):
+    rc, out, err = run(base(standin_model, "--source", str(truncated), "--jsonl", str(tmp_path / "o.jsonl")))
     assert rc == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {truncated}: truncated or corrupt")
@@ -193,9 +188,9 @@ def test_truncated_file_keeps_every_decoded_frame(model, tmp_path, truncated):
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_stops_cleanly(model, tmp_path, sig, code):
+def test_signal_stops_cleanly(standin_model, tmp_path, sig, code):
     out_path = tmp_path / "o.jsonl"
-    proc, marker = start(base(model, "--source", str(bikes_path()), "--loop", "100", "--jsonl", str(out_path)))
+    proc, marker = start(base(standin_model, "--source", str(bikes_path()), "--loop", "100", "--jsonl", str(out_path)))
     deadline = time.monotonic() + 60
     partial = out_path.with_name(".o.partial.jsonl")
     while time.monotonic() < deadline:  # wait until frames flow
@@ -213,9 +208,9 @@ def test_signal_stops_cleanly(model, tmp_path, sig, code):
     assert "(interrupted)" in out
 
 
-def test_killed_runner_takes_its_stages_along(model):
+def test_killed_runner_takes_its_stages_along(standin_model):
     """SIGKILL leaves no chance to clean up: the stages notice their parent is gone and exit."""
-    proc, marker = start(base(model, "--source", str(bikes_path()), "--loop", "100"))
+    proc, marker = start(base(standin_model, "--source", str(bikes_path()), "--loop", "100"))
     deadline = time.monotonic() + 60
     while len(processes_with(marker)) < 5 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -241,7 +236,7 @@ def test_default_model_and_demo_video(tmp_path):
     ("semantic_3d", "expected output0 of rank 4 (B, C, H, W), got shape"),
 ])
 @pytest.mark.parametrize("per_source", [False, True])
-def test_segmentation_model_contradicting_its_card_fails_at_startup(model, tmp_path, case, problem, per_source):
+def test_segmentation_model_contradicting_its_card_fails_at_startup(standin_model, tmp_path, case, problem, per_source):
     """One error line naming the model and the mismatch, exit 1, before any frame is read."""
     if case == "semantic_3d":
         bad = build_semantic_standin(tmp_path / "bad.onnx", flat_output=True)
@@ -252,7 +247,7 @@ def test_segmentation_model_contradicting_its_card_fails_at_startup(model, tmp_p
     if per_source:  # the global model is fine; the second source's own model is not
         cfg = tmp_path / "two.yaml"
         cfg.write_text(json.dumps({"sources": [str(bikes_path()), {"url": str(bikes_path()), "model": str(bad)}]}))
-        args = ["--config", str(cfg), "--model", str(model)]
+        args = ["--config", str(cfg), "--model", str(standin_model)]
     else:
         args = ["--source", str(bikes_path()), "--model", str(bad)]
     code, out, err = run([*args, "--publish", "none", "--quiet", "--jsonl", str(tmp_path / "o.jsonl")])

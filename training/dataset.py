@@ -27,10 +27,16 @@ from typing import Any
 import cv2
 import numpy as np
 import numpy.typing as npt
-from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from streamdet.cli import run_tool
+from streamdet.constants import EXIT_USAGE
+from streamdet.masks import encode_rle
+from training.cli_common import cannot_write, command_line
 from training.synth import CLASS_NAMES, Sample, SyntheticDataset
+
+__all__ = ["CocoDataset", "DatasetError", "categories", "coco_document", "encode_rle", "load_coco_dataset", "main",
+           "sample_annotations", "write_dataset"]
 
 
 class DatasetError(ValueError):
@@ -40,19 +46,6 @@ class DatasetError(ValueError):
 def categories() -> list[dict[str, Any]]:
     """COCO categories for :data:`CLASS_NAMES` (id = class id + 1)."""
     return [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES)]
-
-
-def encode_rle(mask: npt.NDArray[np.uint8]) -> dict[str, Any]:
-    """COCO RLE of one binary mask, JSON-ready (``counts`` as str).
-
-    Args:
-        mask: ``(H, W)`` uint8 {0, 1} mask.
-
-    Returns:
-        ``{"size": [H, W], "counts": str}``.
-    """
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
 def sample_annotations(sample: Sample, image_id: int, first_ann_id: int) -> list[dict[str, Any]]:
@@ -247,20 +240,17 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--images", required=True, type=int, help="number of images")
     ap.add_argument("--seed", type=int, default=0, help="dataset seed")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = ap.parse_args(list(argv) if argv is not None else None)
-    if args.images < 1:
-        print(f"error: --images: expected a positive count, got {args.images}", file=sys.stderr)
-        return 2
-    cmd = "python -m training.dataset " + " ".join(sys.argv[1:] if argv is None else list(argv))
-    try:
-        write_dataset(args.out, num_images=args.images, seed=args.seed, show_progress=not args.quiet,
-                      command=cmd)
-    except (DatasetError, OSError) as e:
-        msg = str(e) if isinstance(e, DatasetError) else f"{args.out}: cannot write ({e.strerror or e})"
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.images} images to {args.out}")
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def run(args: argparse.Namespace) -> None:
+        if args.images < 1:
+            ap.exit(EXIT_USAGE, f"error: --images: expected a positive count, got {args.images}\n")
+        with cannot_write(args.out, DatasetError):
+            write_dataset(args.out, num_images=args.images, seed=args.seed, show_progress=not args.quiet,
+                          command=command_line("training.dataset", argv, quote=False))
+        print(f"wrote {args.images} images to {args.out}")
+
+    return run_tool(ap, run, argv, errors=(DatasetError,))
 
 
 if __name__ == "__main__":

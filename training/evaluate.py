@@ -24,31 +24,27 @@ References: T.-Y. Lin et al., "Microsoft COCO: Common Objects in Context", ECCV 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from engines.base import EngineError
 from engines.onnxruntime_backend import OnnxRuntimeEngine
 from streamdet.card import ModelCard, ModelCardError, Task, card_from_ultralytics_metadata, card_path_for, load_card
+from streamdet.cli import run_tool
 from streamdet.masks import prototype_masks_to_rle
 from streamdet.postprocess import (
     EVAL_CONFIG,
-    Detections,
     PostprocessConfig,
     candidates_to_detections,
     check_outputs_against_card,
@@ -58,170 +54,27 @@ from streamdet.postprocess import (
     segment_mask_logits,
 )
 from streamdet.preprocess_ops import preprocess_batch
+from training.cli_common import remove_leftovers
+from training.coco_eval import (
+    IouType,
+    _round,
+    detections_to_coco,
+    evaluate_coco,
+    plot_pr_curves,
+    run_cocoeval,
+    summarize_cocoeval,
+)
 from training.dataset import CocoDataset, DatasetError, load_coco_dataset
+from training.metrics import confusion_matrix, iou_per_class, mean_iou
 
-
-class IouType(str, Enum):
-    """What COCOeval compares."""
-
-    BBOX = "bbox"
-    SEGM = "segm"
+__all__ = [
+    "EvaluationError", "IouType", "detections_to_coco", "evaluate_coco", "evaluate_model", "iou_per_class", "main",
+    "miou", "plot_pr_curves", "run_cocoeval", "semantic_confusion", "summarize_cocoeval",
+]
 
 
 class EvaluationError(ValueError):
     """Bad input to the evaluator; the message is ``<path>: <problem>``."""
-
-
-def _round(v: float, nd: int) -> float:
-    return float(round(float(v), nd))
-
-
-def _normalized_gt(gt: Mapping[str, Any], iou_type: IouType) -> dict[str, Any]:
-    """A copy of a COCO ground-truth dict that pycocotools can evaluate.
-
-    Annotation ids are renumbered from 1 (COCOeval treats a matched ground-truth id of 0 as "no
-    match"), ``iscrowd`` defaults to 0 and ``area`` to the box area.
-    """
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(gt.get(key), list):
-            raise ValueError(f"expected a list under '{key}' in the ground truth")
-    anns = []
-    for i, a in enumerate(gt["annotations"]):
-        b = a.get("bbox")
-        if not (isinstance(b, (list, tuple)) and len(b) == 4):
-            raise ValueError(f"expected annotation bbox [x, y, w, h], got {str(b)[:80]}")
-        if iou_type is IouType.SEGM and "segmentation" not in a:
-            raise ValueError(f"expected a segmentation in every annotation for segm evaluation, annotation "
-                             f"{a.get('id', i)} has none")
-        anns.append({**a, "id": i + 1, "iscrowd": int(a.get("iscrowd", 0)),
-                     "area": float(a.get("area", float(b[2]) * float(b[3])))})
-    out = {k: v for k, v in gt.items() if k != "annotations"}
-    out["annotations"] = anns
-    return out
-
-
-def _clean_results(dets: Sequence[Mapping[str, Any]], iou_type: IouType, image_ids: set[int]) -> list[dict[str, Any]]:
-    """Validated copies of detection results with only the keys of ``iou_type``.
-
-    pycocotools' ``loadRes`` picks its branch (and the area it computes) from the first result's keys.
-    """
-    key = "bbox" if iou_type is IouType.BBOX else "segmentation"
-    out = []
-    for d in dets:
-        if not all(k in d for k in ("image_id", "category_id", "score", key)):
-            raise ValueError(f"expected detection with image_id, category_id, score and {key}, got "
-                             f"{sorted(d)}")
-        if d["image_id"] not in image_ids:
-            raise ValueError(f"expected detections on ground-truth images only, got image_id {d['image_id']}")
-        out.append({"image_id": d["image_id"], "category_id": d["category_id"], "score": float(d["score"]),
-                    key: list(d[key]) if key == "bbox" else dict(d[key])})
-    return out
-
-
-def run_cocoeval(
-    gt_coco: Mapping[str, Any], detections: Sequence[Mapping[str, Any]], iou_type: IouType | str
-) -> COCOeval | None:
-    """Run pycocotools' COCOeval (evaluate + accumulate), quietly.
-
-    Args:
-        gt_coco: COCO ground truth (``images``, ``annotations``, ``categories``).
-        detections: COCO results: dicts with ``image_id``, ``category_id``, ``score`` and ``bbox``
-            ``[x, y, w, h]`` (frame pixels) or ``segmentation`` (RLE).
-        iou_type: :class:`IouType`.
-
-    Returns:
-        The accumulated ``COCOeval``, or ``None`` when there are no detections.
-
-    Raises:
-        ValueError: on malformed ground truth or results, or results on unknown images.
-    """
-    it = IouType(iou_type)
-    gt = _normalized_gt(gt_coco, it)
-    image_ids = {im["id"] for im in gt["images"]}
-    res = _clean_results(detections, it, image_ids)
-    if not res:
-        return None
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(res)
-        ev = COCOeval(coco_gt, coco_dt, iouType=it.value)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev
-
-
-def _stat(v: float) -> float | None:
-    return None if v < 0 else float(v)
-
-
-def _mean_valid(p: npt.NDArray[Any]) -> float | None:
-    v = p[p > -1]
-    return float(v.mean()) if v.size else None
-
-
-def summarize_cocoeval(ev: COCOeval | None, gt_coco: Mapping[str, Any], iou_type: IouType | str) -> dict[str, Any]:
-    """Metrics of an accumulated COCOeval as a JSON-ready dict.
-
-    Args:
-        ev: from :func:`run_cocoeval` (``None``: no detections, every AP is 0 where ground truth exists).
-        gt_coco: the ground truth (for category names and whether any ground truth exists).
-        iou_type: :class:`IouType`.
-
-    Returns:
-        ``{"iou_type", "mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
-        "AR100", "per_class": {name: {"AP50-95", "AP50"}}}``; a value is ``None`` where it is
-        undefined (no ground truth), AP values are in ``[0, 1]``. Per-class AP is the mean of the
-        COCOeval precision array over IoU thresholds and recall points, area "all", 100 detections.
-    """
-    it = IouType(iou_type)
-    cats = sorted(gt_coco["categories"], key=lambda c: c["id"])
-    keys = ("mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large")
-    out: dict[str, Any] = {"iou_type": it.value}
-    if ev is None:
-        counted = {a["category_id"] for a in gt_coco["annotations"] if not a.get("iscrowd", 0)}
-        zero = 0.0 if counted else None
-        out.update({k: zero for k in keys})
-        out["AR100"] = zero
-        out["per_class"] = {c["name"]: {"AP50-95": 0.0 if c["id"] in counted else None,
-                                        "AP50": 0.0 if c["id"] in counted else None} for c in cats}
-        return out
-    stats = ev.stats
-    for k, v in zip(keys, stats[:6], strict=True):
-        out[k] = _stat(v)
-    out["AR100"] = _stat(stats[8])
-    prec = ev.eval["precision"]  # (T, R, K, A, M)
-    by_id = {c["id"]: c["name"] for c in cats}
-    per_class = {}
-    for j, cat_id in enumerate(ev.params.catIds):
-        per_class[by_id.get(cat_id, str(cat_id))] = {"AP50-95": _mean_valid(prec[:, :, j, 0, -1]),
-                                                     "AP50": _mean_valid(prec[0, :, j, 0, -1])}
-    out["per_class"] = per_class
-    return out
-
-
-def evaluate_coco(
-    gt_coco_dict: Mapping[str, Any], detections_json_list: Sequence[Mapping[str, Any]], iou_type: IouType | str
-) -> dict[str, Any]:
-    """Score COCO results against COCO ground truth with pycocotools.
-
-    Args:
-        gt_coco_dict: COCO ground truth (``images``, ``annotations``, ``categories``); boxes and masks
-            in frame pixels.
-        detections_json_list: COCO results (``image_id``, ``category_id``, ``score``, and ``bbox``
-            ``[x, y, w, h]`` or ``segmentation`` RLE).
-        iou_type: ``"bbox"`` or ``"segm"`` (:class:`IouType`).
-
-    Returns:
-        The metrics dict of :func:`summarize_cocoeval` (``mAP50-95``, ``mAP50``, ..., ``per_class``).
-
-    Raises:
-        ValueError: on malformed ground truth or results.
-    """
-    ev = run_cocoeval(gt_coco_dict, detections_json_list, iou_type)
-    return summarize_cocoeval(ev, gt_coco_dict, iou_type)
 
 
 def semantic_confusion(
@@ -244,26 +97,7 @@ def semantic_confusion(
     g = np.asarray(gt_map)
     if p.shape != g.shape or p.ndim != 2:
         raise ValueError(f"expected two (H, W) maps of one size, got {p.shape} and {g.shape}")
-    valid = g < num_classes
-    gv = g[valid].astype(np.int64)
-    pv = p[valid].astype(np.int64)
-    if pv.size and int(pv.max()) >= num_classes:
-        raise ValueError(f"expected predicted class ids < {num_classes}, got {int(pv.max())}")
-    return np.bincount(gv * num_classes + pv, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes).astype(np.int64)
-
-
-def iou_per_class(confusion: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.float64]:
-    """Per-class IoU ``TP / (TP + FP + FN)`` from a ``(C, C)`` confusion matrix.
-
-    Returns:
-        ``(C,)`` float64 IoU; NaN where a class is absent from both prediction and ground truth.
-    """
-    cm = np.asarray(confusion, dtype=np.float64)
-    tp = np.diag(cm)
-    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, tp / union, np.nan)
+    return confusion_matrix(p, g, num_classes, ignore_index=num_classes)
 
 
 def miou(
@@ -294,74 +128,7 @@ def miou(
         raise ValueError(f"expected as many predicted as ground-truth maps, got {len(preds)} and {len(gts)}")
     for p, g in zip(preds, gts, strict=True):
         cm += semantic_confusion(p, g, num_classes)
-    ious = iou_per_class(cm)
-    return float(np.nanmean(ious)) if np.isfinite(ious).any() else math.nan
-
-
-def detections_to_coco(dets: Detections, image_id: int, category_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """COCO bbox results of one image.
-
-    Args:
-        dets: the image's detections (frame pixels).
-        image_id: its COCO image id.
-        category_ids: COCO category id of each class id.
-
-    Returns:
-        Dicts with ``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]`` and ``score``.
-    """
-    b = dets.boxes_xyxy
-    out = []
-    for (x1, y1, x2, y2), s, c in zip(b.tolist(), dets.scores.tolist(), dets.class_ids.tolist(), strict=True):
-        out.append({"image_id": image_id, "category_id": int(category_ids[c]),
-                    "bbox": [_round(x1, 3), _round(y1, 3), _round(x2 - x1, 3), _round(y2 - y1, 3)],
-                    "score": _round(s, 5)})
-    return out
-
-
-def plot_pr_curves(evals: Mapping[str, COCOeval | None], path: str | os.PathLike[str]) -> None:
-    """Save precision-recall curves (class-averaged, IoU 0.50 and 0.75, area all, 100 detections).
-
-    Args:
-        evals: label (e.g. ``"box"``, ``"mask"``) -> accumulated COCOeval (``None`` entries are skipped).
-        path: output image (PNG); written to a temporary name, then renamed.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
-    styles = {0: "-", 5: "--"}
-    for label, ev in evals.items():
-        if ev is None:
-            continue
-        prec = ev.eval["precision"]
-        recall = ev.params.recThrs
-        for t, style in styles.items():
-            p = prec[t, :, :, 0, -1]  # (R, K)
-            valid = (p > -1).any(axis=0)
-            if not valid.any():
-                continue
-            curve = p[:, valid].clip(min=0).mean(axis=1)
-            iou = ev.params.iouThrs[t]
-            ax.plot(recall, curve, style, label=f"{label} IoU={iou:.2f} AP={curve.mean():.3f}")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left")
-    ax.set_title("precision-recall (mean over classes)")
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    fmt = p.suffix.lstrip(".").lower() or "png"
-    try:
-        fig.savefig(tmp, format=fmt, bbox_inches="tight")
-        os.replace(tmp, p)
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
+    return mean_iou(cm)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -370,8 +137,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        remove_leftovers(tmp)
 
 
 def _load_card_for(model_path: Path, card_path: Path | None, engine: OnnxRuntimeEngine) -> tuple[ModelCard, str]:
@@ -564,7 +330,7 @@ def _evaluate_loop(
     result: dict[str, Any] = {"task": task.value, "model": str(model), "data": str(ds.root), "images": len(images)}
     if task is Task.SEMANTIC:
         ious = iou_per_class(confusion)
-        m = float(np.nanmean(ious)) if np.isfinite(ious).any() else math.nan
+        m = mean_iou(confusion)
         names = ["background", *[str(c["name"]) for c in cats]]
         result["mIoU"] = None if math.isnan(m) else m
         result["per_class_IoU"] = {n: (None if math.isnan(v) else float(v)) for n, v in zip(names, ious, strict=True)}
@@ -616,7 +382,14 @@ def _print_report(result: Mapping[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit code."""
+    """CLI entry point.
+
+    Args:
+        argv: command-line arguments without the program name (``sys.argv[1:]`` when None).
+
+    Returns:
+        0 on success, 1 on bad input (one ``error: <path>: <problem>`` line on stderr).
+    """
     ap = argparse.ArgumentParser(prog="python -m training.evaluate",
                                  description="COCO mAP (pycocotools) or mIoU of an ONNX model on a dataset directory.")
     ap.add_argument("--model", required=True, type=Path, help="ONNX model")
@@ -632,27 +405,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="one candidate per anchor (its best class) instead of one per class above --conf")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = ap.parse_args(list(argv) if argv is not None else None)
+    return run_tool(ap, _run, argv, errors=(EvaluationError,))
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Evaluate as the CLI's arguments say, print the report, and write ``--json-out``."""
     try:
         cfg = dataclasses.replace(EVAL_CONFIG, score_threshold=args.conf, iou_threshold=args.iou,
                                   multi_label=not args.single_label)
     except ValueError as e:
-        print(f"error: --conf/--iou: {e}", file=sys.stderr)
-        return 1
+        raise EvaluationError(f"--conf/--iou: {e}") from e
     try:
         result = evaluate_model(model_path=args.model, data_dir=args.data, card_path=args.card,
                                 batch_size=args.batch, max_images=args.max_images, cfg=cfg, plot_path=args.plot,
                                 intra_op_threads=args.threads, show_progress=not args.quiet)
         if args.json_out is not None:
             _write_json_atomic(args.json_out, result)
-    except EvaluationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except OSError as e:
-        print(f"error: {e.filename or args.json_out}: cannot write ({e.strerror or e})", file=sys.stderr)
-        return 1
+        raise EvaluationError(f"{e.filename or args.json_out}: cannot write ({e.strerror or e})") from e
     _print_report(result)
-    return 0
 
 
 if __name__ == "__main__":

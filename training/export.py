@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -47,15 +46,14 @@ from streamdet.card import (
     card_path_for,
     save_card,
 )
+from streamdet.cli import run_tool
 from streamdet.constants import PAD_VALUE
+from training.cli_common import command_line, oserror_names, remove_leftovers
+from training.errors import ExportError
 from training.model import CHECKPOINT_FORMAT, NUM_MASK_COEFFS, Detector, DetectorConfig, model_summary
 
 PARITY_TOLERANCE = 1e-4
 """Largest allowed absolute difference between ONNX Runtime and PyTorch outputs."""
-
-
-class ExportError(RuntimeError):
-    """A bad checkpoint, path or export result; the message is ``<path>: <problem>``."""
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[Detector, dict[str, Any]]:
@@ -291,16 +289,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 on success, 1 on bad input (one ``error:`` line on stderr).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    try:
-        run_export(args, "python -m training.export " + shlex.join(argv))
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    return 0
+    command = command_line("training.export", argv)
+
+    def run(args: argparse.Namespace) -> None:
+        with oserror_names(args.out):
+            run_export(args, command)
+
+    return run_tool(build_parser(), run, argv, errors=(ExportError,))
 
 
 def run_export(args: argparse.Namespace, command: str) -> None:
@@ -355,9 +350,7 @@ def run_export(args: argparse.Namespace, command: str) -> None:
         os.replace(tmp_onnx, out)
         os.replace(tmp_card, card_path)
     finally:
-        for t in (tmp_onnx, tmp_card):
-            if t.exists():
-                t.unlink()
+        remove_leftovers(tmp_onnx, tmp_card)
     print(f"wrote {out} and {card_path} ({card.params} params, {card.gflops} GFLOPs)")
 
 

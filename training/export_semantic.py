@@ -18,8 +18,8 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +28,16 @@ import numpy.typing as npt
 import torch
 
 from streamdet.card import HeadLayout, HeadSpec, InputSpec, ModelCard, Normalization, Task, card_path_for, save_card
+from streamdet.cli import run_tool
+from streamdet.constants import PAD_VALUE
 from streamdet.letterbox import letterbox
+from training.cli_common import oserror_names, remove_leftovers
+from training.errors import ExportError, TrainError
+from training.semantic_checkpoint import load_checkpoint
 from training.semantic_model import build_semantic_model, count_parameters, gflops, semantic_config_from_dict
-from training.train_semantic import PAD_VALUE, TrainError, load_checkpoint
 
 OPSET = 17
 PARITY_ATOL = 1e-4
-
-
-class ExportError(Exception):
-    """A checkpoint cannot be exported (unreadable, not semantic, or ONNX disagrees with PyTorch)."""
 
 
 def load_model(ckpt_path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -189,13 +189,12 @@ def export_semantic(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLi
         )
         os.replace(tmp, out)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        remove_leftovers(tmp)
     save_card(card, card_path_for(out))
     return card
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python -m training.export_semantic CHECKPOINT --out MODEL.onnx``.
 
     Returns:
@@ -206,8 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="destination MODEL.onnx (the card goes to MODEL.json)")
     p.add_argument("--metrics-json", default=None,
                    help="held-out metrics (training.evaluate --json-out) to copy into the card")
-    args = p.parse_args(argv)
-    try:
+    return run_tool(p, _run, argv, errors=(ExportError,))
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Read ``--metrics-json``, export, and print what was written."""
+    with oserror_names(args.out):
         held_out = None
         if args.metrics_json:
             try:
@@ -217,16 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(held_out, dict):
                 raise ExportError(f"{args.metrics_json}: expected a JSON object, got {type(held_out).__name__}")
         card = export_semantic(args.checkpoint, args.out, held_out)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
     miou = card.metrics.get("val_mIoU")
     print(f"wrote {args.out} and {card_path_for(args.out)}: {card.params} params, {card.gflops} GFLOPs"
           + (f", val mIoU {miou:.4f}" if isinstance(miou, float) else ""))
-    return 0
 
 
 if __name__ == "__main__":

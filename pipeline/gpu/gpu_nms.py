@@ -31,10 +31,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from streamdet.letterbox import LetterboxParams
-from streamdet.postprocess import Detections, NmsMethod, PostprocessConfig
+from streamdet.postprocess import Detections, NmsMethod, PostprocessConfig, unpack_detections
 
 if TYPE_CHECKING:
     import torch
@@ -224,13 +222,4 @@ def postprocess_detect_torch(
     packed = torch.cat((torch.gather(frame_boxes, 1, rank[:, :, None].expand(bsz, m, 4)),
                         torch.gather(scores, 1, rank)[:, :, None],
                         torch.gather(classes, 1, rank)[:, :, None].to(torch.float32)), dim=2)
-    n_kept = keep.sum(dim=1)
-    host = packed.cpu().numpy()
-    n_host = n_kept.cpu().numpy()
-    results = []
-    for i in range(bsz):
-        r = host[i, : int(n_host[i])]
-        results.append(Detections(np.ascontiguousarray(r[:, 0:4], dtype=np.float32),
-                                  np.ascontiguousarray(r[:, 4], dtype=np.float32),
-                                  r[:, 5].astype(np.int64)))
-    return results
+    return unpack_detections(keep.sum(dim=1).cpu().numpy(), packed.cpu().numpy())

@@ -11,29 +11,31 @@ receives the ring's handle once (:class:`DeviceTensorPoolHandle`, msgpack bytes 
 :class:`~streamdet.messages.CreditMsg` once its kernels are done reading it.
 
 CUDA IPC details (one block per ring, the producer keeps it alive, ``expandable_segments`` refused,
-open once per consumer) are those of :mod:`pipeline.gpu.cuda_slotpool`, whose storage description
-(:class:`~pipeline.gpu.cuda_slotpool.CudaIpcStorage`, :class:`~pipeline.gpu.cuda_slotpool.SharedMemStorage`)
-this module reuses. On ``device="cpu"`` the ring lives in PyTorch's ``file_system`` shared memory,
-so the tests run the whole device path without a GPU.
+open once per consumer) are those of :mod:`pipeline.gpu.cuda_slotpool`; the ring itself (storage
+description, handle, allocation, the consumer's cache) is the generic :mod:`pipeline.gpu.ring`. On
+``device="cpu"`` the ring lives in PyTorch's ``file_system`` shared memory, so the tests run the
+whole device path without a GPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from pipeline.gpu.cuda_slotpool import (
-    RingHandle,
-    check_allocator_for_ipc,
-    open_shared_tensor,
-    release_unopened,
-    share_storage,
-)
+from pipeline.gpu.ring import RingCache, RingHandle, allocate_ring, open_shared_tensor, share_storage, synchronize
 from pipeline.slotpool import SlotPoolError
 from streamdet.constants import TENSOR_DTYPES, TENSOR_ITEMSIZE
 
 if TYPE_CHECKING:
     import torch
+
+__all__ = [
+    "TENSOR_HANDLE_FORMAT",
+    "DeviceTensorPool",
+    "DeviceTensorPoolCache",
+    "DeviceTensorPoolHandle",
+    "synchronize",
+]
 
 TENSOR_HANDLE_FORMAT = "streamdet.device-tensor-pool/1"
 """Tag of an encoded :class:`DeviceTensorPoolHandle`."""
@@ -105,25 +107,13 @@ class DeviceTensorPool:
             ValueError: on bad sizes or dtype.
             SlotPoolError: no such device, an IPC-breaking allocator setting, or out of memory.
         """
-        import torch
-
         if num_slots < 2 or len(batch_shape) != 4 or min(batch_shape) < 1 or batch_shape[1] != 3:
             raise ValueError(f"expected num_slots >= 2 and batch_shape (B, 3, H, W), got {num_slots} and "
                              f"{batch_shape}")
         if dtype not in TENSOR_DTYPES:
             raise ValueError(f"expected dtype in {TENSOR_DTYPES}, got {dtype!r}")
-        dev = torch.device(device)
-        if dev.type == "cuda":
-            check_allocator_for_ipc()
-            if not torch.cuda.is_available():
-                raise SlotPoolError(f"pool {name}: --device {device} needs a CUDA GPU")
-        try:
-            ring = torch.zeros((num_slots, *batch_shape), dtype=_torch_dtype(dtype), device=dev)
-        except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
-            raise SlotPoolError(f"pool {name}: cannot allocate {num_slots} batches of {batch_shape} on {dev} "
-                                f"({e})") from e
-        if dev.type == "cpu":
-            ring.untyped_storage()._share_filename_cpu_()  # file_system shared memory, named in the handle
+        ring = allocate_ring(name, (num_slots, *batch_shape), _torch_dtype(dtype), device,
+                             what=f"{num_slots} batches of {batch_shape}", zeroed=True)
         return cls(name=name, ring=ring)
 
     def _ring(self) -> torch.Tensor:
@@ -160,39 +150,18 @@ class DeviceTensorPool:
         self.ring = None
 
 
-class DeviceTensorPoolCache:
-    """The engine's opened tensor rings, by pool name (each opened once)."""
+class DeviceTensorPoolCache(RingCache[DeviceTensorPoolHandle]):
+    """The engine's opened tensor rings, by pool name (each opened once).
 
-    def __init__(self) -> None:
-        self._rings: dict[str, tuple[torch.Tensor, Any]] = {}
+    :meth:`open` gives a pool's ``(num_slots, max_batch, 3, H, W)`` ring on the producer's device
+    (:class:`~pipeline.gpu.ring.RingCache`).
+    """
 
-    def open(self, handle: DeviceTensorPoolHandle) -> torch.Tensor:
-        """Open a ring, or return the one already open under that name.
+    KIND: ClassVar[str] = "shared tensor ring"
 
-        Args:
-            handle: the producer's handle.
-
-        Returns:
-            The ``(num_slots, max_batch, 3, H, W)`` ring on the producer's device.
-
-        Raises:
-            SlotPoolError: if the handle cannot be opened, or names an open pool with another ring.
-        """
-        cached = self._rings.get(handle.pool)
-        if cached is not None:
-            if cached[1] != handle.storage.key:
-                raise SlotPoolError(f"pool {handle.pool}: the handle names another ring than the one already open "
-                                    "under that name")
-            release_unopened(handle.storage)
-            return cached[0]
-        try:
-            ring = open_shared_tensor(handle.storage, handle.shape, handle.stride, handle.storage_offset,
-                                      _torch_dtype(handle.dtype))
-        except Exception as e:  # CUDA and shared-memory errors surface as assorted types
-            raise SlotPoolError(f"pool {handle.pool}: cannot open the shared tensor ring on {handle.device} "
-                                f"({type(e).__name__}: {e})") from e
-        self._rings[handle.pool] = (ring, handle.storage.key)
-        return ring
+    def _map(self, handle: DeviceTensorPoolHandle) -> torch.Tensor:
+        return open_shared_tensor(handle.storage, handle.shape, handle.stride, handle.storage_offset,
+                                  _torch_dtype(handle.dtype))
 
     def batch(self, pool: str, slot: int, rows: int) -> torch.Tensor:
         """The first ``rows`` rows ``(rows, 3, H, W)`` of a slot of an opened ring.
@@ -200,29 +169,7 @@ class DeviceTensorPoolCache:
         Raises:
             SlotPoolError: if the pool was not opened, or the slot or row count is out of range.
         """
-        cached = self._rings.get(pool)
-        if cached is None:
-            raise SlotPoolError(f"pool {pool}: not opened (no handle received)")
-        ring = cached[0]
+        ring = self.ring(pool)
         if not 0 <= slot < ring.shape[0] or not 1 <= rows <= ring.shape[1]:
             raise SlotPoolError(f"pool {pool}: slot {slot} rows {rows} out of range (ring {tuple(ring.shape)})")
         return ring[slot, :rows]
-
-    def __contains__(self, pool: object) -> bool:
-        return pool in self._rings
-
-    def close(self) -> None:
-        """Forget every ring (the producer frees the memory)."""
-        self._rings.clear()
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait until the work queued on ``device``'s current stream is done (a no-op on the CPU).
-
-    The producer calls it before sending a slot id (the consumer, another process, must see the
-    written batch); the consumer before sending the slot's credit (its kernels must be done reading).
-    """
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()

@@ -15,14 +15,25 @@ import signal
 import sys
 import traceback
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import zmq
 
-from pipeline.transport import CONTROL_HWM, StageFlags, Stopped, make_socket, set_parent_death_signal
-from streamdet.messages import StageName, StatusKind, StatusMsg
+from pipeline.transport import (
+    CONTROL_HWM,
+    POLL_MS,
+    StageEndpoints,
+    StageFlags,
+    Stopped,
+    close_socket,
+    make_socket,
+    recv_parts,
+    set_parent_death_signal,
+)
+from streamdet.messages import Message, StageName, StatusKind, StatusMsg, decode_message
 
 STATUS_LINGER_MS = 1_000
 """How long a stage's last status reports may wait for the runner when the stage exits."""
@@ -104,7 +115,7 @@ class StageSpec(ABC):
     @property
     @abstractmethod
     def stage_name(self) -> StageName:
-        """Which stage this builds."""
+        """Which stage this builds (a subclass may set it as a ``ClassVar[StageName]``)."""
 
     @property
     def source_id(self) -> str:
@@ -118,6 +129,74 @@ class StageSpec(ABC):
         Raises:
             StageError: if a dependency cannot be created (e.g. an endpoint cannot be bound).
         """
+
+
+def check_alive(flags: StageFlags) -> None:
+    """Return while the stage may go on; raise :class:`~pipeline.transport.Stopped` once it must stop at once.
+
+    Args:
+        flags: the stage's lifecycle flags (abort, SIGTERM to this process, parent gone).
+
+    Raises:
+        Stopped: when ``flags.alive()`` is False.
+    """
+    if not flags.alive():
+        raise Stopped()
+
+
+def receive(sock: zmq.Socket[Any], flags: StageFlags, timeout_ms: int = POLL_MS) -> tuple[Message, list[Any]] | None:
+    """Receive and decode one multipart message; on a timeout, check that the stage may go on.
+
+    Args:
+        sock: a PULL socket.
+        flags: the stage's lifecycle flags.
+        timeout_ms: how long to wait.
+
+    Returns:
+        ``(message, parts)``: the decoded first part and every part as a ``zmq.Frame`` (zero-copy
+        ``buffer``); None if nothing came within ``timeout_ms``.
+
+    Raises:
+        Stopped: if nothing came and the stage must stop at once.
+        ValueError: if the first part is not a message.
+    """
+    parts = recv_parts(sock, timeout_ms)
+    if parts is None:
+        check_alive(flags)
+        return None
+    return decode_message(parts[0].buffer), parts
+
+
+def frame_credit_sockets(ctx: zmq.Context[Any], endpoints: StageEndpoints) -> dict[str, zmq.Socket[Any]]:
+    """Connect one PUSH socket per frame pool, to hand frame slots back to their decoders.
+
+    Args:
+        ctx: the process's ZeroMQ context.
+        endpoints: the pipeline's endpoints.
+
+    Returns:
+        ``{pool name: socket}``; empty with inline frames (no pools).
+    """
+    if endpoints.inline:
+        return {}
+    return {pool: make_socket(ctx, zmq.PUSH, endpoint, bind=False) for pool, endpoint in endpoints.frame_credits}
+
+
+def close_sockets(flags: StageFlags, *, outputs: Iterable[zmq.Socket[Any] | None],
+                  inputs: Iterable[zmq.Socket[Any] | None] = ()) -> None:
+    """Close a stage's sockets: outputs lingering while the stage is alive, inputs at once.
+
+    Args:
+        flags: the stage's lifecycle flags.
+        outputs: PUSH sockets, closed by :func:`~pipeline.transport.close_socket` (None entries skipped).
+        inputs: PULL sockets, closed without lingering (None entries skipped).
+    """
+    for out in outputs:
+        if out is not None:
+            close_socket(out, flags)
+    for inp in inputs:
+        if inp is not None:
+            inp.close(linger=0)
 
 
 def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid: int) -> None:

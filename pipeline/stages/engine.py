@@ -26,22 +26,18 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import zmq
 
-from engines.base import Backend, Engine, EngineError
+from engines.base import Backend, DeviceEngine, Engine, EngineError
 from pipeline.slotpool import PoolCache
-from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter
+from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter, close_sockets, receive
 from pipeline.transport import (
-    POLL_MS,
     StageEndpoints,
     StageFlags,
-    Stopped,
-    close_socket,
     make_socket,
-    recv_parts,
     send_parts,
 )
 from streamdet.card import ModelCard, ModelCardError, card_from_ultralytics_metadata, card_path_for, load_card
@@ -54,7 +50,6 @@ from streamdet.messages import (
     ResultMsg,
     StageName,
     TensorSpec,
-    decode_message,
 )
 
 Dim = int | str | None
@@ -267,10 +262,7 @@ class EngineSpec(StageSpec):
     device_batches: bool = False
     device_nms: Any = None
 
-    @property
-    def stage_name(self) -> StageName:
-        """:attr:`StageName.ENGINE`."""
-        return StageName.ENGINE
+    stage_name: ClassVar[StageName] = StageName.ENGINE
 
     def build(self, *, ctx: zmq.Context[Any], flags: StageFlags, status: StatusReporter) -> EngineStage:
         """Bind the batch socket, connect the result and credit sockets, create the engine."""
@@ -327,6 +319,7 @@ class EngineStage(Stage):
         self.device_batches = device_batches
         self.device_nms = device_nms
         self._device_pools: Any = None  # DeviceTensorPoolCache once a PoolHandleMsg arrived
+        self._device_engine: DeviceEngine | None = None  # the engine, once start() checked it runs device batches
 
     def start(self) -> None:
         """Load the model, map the card's output names onto its outputs, run the warm-up batch.
@@ -336,9 +329,11 @@ class EngineStage(Stage):
             ModelCardError: if the card names outputs the model lacks.
             StageError: if device batches are expected and the engine has no ``infer_device``.
         """
-        if self.device_batches and not callable(getattr(self.engine, "infer_device", None)):
-            raise StageError(f"engine: {type(self.engine).__name__} cannot run device batches (no infer_device); "
-                             "use --backend cuda or tensorrt, or set preprocess.on_device false")
+        if self.device_batches:
+            if not isinstance(self.engine, DeviceEngine):
+                raise StageError(f"engine: {type(self.engine).__name__} cannot run device batches (no infer_device); "
+                                 "use --backend cuda or tensorrt, or set preprocess.on_device false")
+            self._device_engine = self.engine
         self.engine.start()
         self._started = True
         names = list(self.engine.output_names)
@@ -354,12 +349,10 @@ class EngineStage(Stage):
         """Infer every batch until every source has sent EOS."""
         ended = 0
         while ended < self.num_sources:
-            parts = recv_parts(self.batches_in, POLL_MS)
-            if parts is None:
-                if not self.flags.alive():
-                    raise Stopped()
+            got = receive(self.batches_in, self.flags)
+            if got is None:
                 continue
-            msg = decode_message(parts[0].buffer)
+            msg, parts = got
             if isinstance(msg, BatchMsg):
                 if self.device_batches:
                     self._infer_device(msg, parts)
@@ -419,7 +412,8 @@ class EngineStage(Stage):
                              f"(slot rows {tuple(tensor.shape)})")
         n = len(msg.frames)
         t0 = time.perf_counter()
-        raw = self.engine.infer_device(tensor)  # type: ignore[attr-defined]  # checked in start()
+        assert self._device_engine is not None  # set in start()
+        raw = self._device_engine.infer_device(tensor)
         ordered = [raw[i][:n] for i in self._order]
         if self.device_nms is not None:
             from pipeline.gpu.gpu_nms import postprocess_detect_torch
@@ -451,6 +445,4 @@ class EngineStage(Stage):
         if self._device_pools is not None:
             self._device_pools.close()
             self._device_pools = None
-        for sock in (self.results_out, self.tensor_credits_out):
-            close_socket(sock, self.flags)
-        self.batches_in.close(linger=0)
+        close_sockets(self.flags, outputs=(self.results_out, self.tensor_credits_out), inputs=(self.batches_in,))

@@ -20,14 +20,21 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import zmq
 
 from pipeline.slotpool import PoolCache
-from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter
+from pipeline.stages.base import (
+    Stage,
+    StageError,
+    StageSpec,
+    StatusReporter,
+    close_sockets,
+    frame_credit_sockets,
+    receive,
+)
 from pipeline.stages.sinks import FrameResult, JsonlSink, PubSink, Sink, VideoSink, detections_payload, status_payload
 from pipeline.stages.stats import LiveStats, StatsConfig
 from pipeline.transport import (
@@ -35,10 +42,7 @@ from pipeline.transport import (
     POLL_MS,
     StageEndpoints,
     StageFlags,
-    Stopped,
-    close_socket,
     make_socket,
-    recv_parts,
     send_parts,
 )
 from streamdet.card import ModelCard
@@ -52,6 +56,7 @@ from streamdet.messages import (
     StatusKind,
     decode_message,
 )
+from streamdet.postprocess import KEPT_OUTPUTS, PostprocessConfig, postprocess, unpack_detections
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,7 +106,7 @@ class PostprocessSpec(StageSpec):
     Attributes:
         card: the model card.
         model_name: the model's name in published messages.
-        config: a ``streamdet.postprocess.PostprocessConfig``.
+        config: the postprocess thresholds and options.
         sinks: which sinks to open.
         endpoints: the pipeline's endpoints.
         num_sources: the stage ends after that many EOS.
@@ -112,26 +117,21 @@ class PostprocessSpec(StageSpec):
 
     card: ModelCard
     model_name: str
-    config: Any
+    config: PostprocessConfig
     sinks: SinkConfig
     endpoints: StageEndpoints
     num_sources: int
     stats: StatsConfig = StatsConfig()
     cards_by_source: tuple[tuple[str, ModelCard], ...] = ()
 
-    @property
-    def stage_name(self) -> StageName:
-        """:attr:`StageName.POSTPROCESS`."""
-        return StageName.POSTPROCESS
+    stage_name: ClassVar[StageName] = StageName.POSTPROCESS
 
     def build(self, *, ctx: zmq.Context[Any], flags: StageFlags, status: StatusReporter) -> PostprocessStage:
         """Bind the result socket, connect the frame-credit sockets, create the sinks."""
         ep = self.endpoints
         results_in = make_socket(ctx, zmq.PULL, ep.results, bind=True)
         events_in = make_socket(ctx, zmq.PULL, ep.events, bind=True, hwm=CONTROL_HWM) if ep.events else None
-        credits_out = {} if ep.inline else {
-            pool: make_socket(ctx, zmq.PUSH, endpoint, bind=False) for pool, endpoint in ep.frame_credits
-        }
+        credits_out = frame_credit_sockets(ctx, ep)
         by_source = dict(self.cards_by_source)
         sinks = self.sinks.build(ctx=ctx, class_names=self.card.class_names,
                                  class_names_by_source={k: c.class_names for k, c in by_source.items()})
@@ -147,7 +147,7 @@ class PostprocessStage(Stage):
     Args:
         card: the model card.
         model_name: the model's name in published messages.
-        config: a ``streamdet.postprocess.PostprocessConfig``.
+        config: the postprocess thresholds and options (instance masks are always computed as RLEs).
         results_in: PULL socket (bound) of :class:`ResultMsg` / :class:`EndOfStream`.
         frame_credits_out: PUSH socket per frame pool, to hand frame slots back.
         sinks: the sinks (opened by :meth:`start`).
@@ -161,19 +161,14 @@ class PostprocessStage(Stage):
 
     name = StageName.POSTPROCESS
 
-    def __init__(self, *, card: ModelCard, model_name: str, config: Any, results_in: zmq.Socket[Any],
+    def __init__(self, *, card: ModelCard, model_name: str, config: PostprocessConfig, results_in: zmq.Socket[Any],
                  frame_credits_out: dict[str, zmq.Socket[Any]], sinks: Sequence[Sink], status: StatusReporter,
                  flags: StageFlags, num_sources: int, events_in: zmq.Socket[Any] | None = None,
                  stats: LiveStats | None = None, cards_by_source: dict[str, ModelCard] | None = None) -> None:
-        from streamdet.postprocess import KEPT_OUTPUTS, postprocess, unpack_detections
-
-        self._postprocess = postprocess
-        self._kept_outputs = KEPT_OUTPUTS
-        self._unpack = unpack_detections
         self.card = card
         self.model_name = model_name
         # instance masks go out as COCO RLEs, so compute them straight in that form (box windows only)
-        self.config = dataclasses.replace(config, masks_as_rle=True) if hasattr(config, "masks_as_rle") else config
+        self.config = dataclasses.replace(config, masks_as_rle=True)
         self.results_in = results_in
         self.frame_credits_out = frame_credits_out
         self.sinks = list(sinks)
@@ -234,14 +229,12 @@ class PostprocessStage(Stage):
         if self.events_in is not None:
             poller.register(self.events_in, zmq.POLLIN)
         while ended < self.num_sources:
-            ready = dict(poller.poll(POLL_MS))
+            poller.poll(POLL_MS)
             self._poll_events()
-            parts = recv_parts(self.results_in, 0) if self.results_in in ready else None
-            if parts is None:
-                if not self.flags.alive():
-                    raise Stopped()
+            got = receive(self.results_in, self.flags, 0)
+            if got is None:
                 continue
-            msg = decode_message(parts[0].buffer)
+            msg, parts = got
             if isinstance(msg, ResultMsg):
                 self._handle(msg, parts)
             elif isinstance(msg, EndOfStream):
@@ -263,10 +256,10 @@ class PostprocessStage(Stage):
             else self.card
         model_name = card.name if card is not self.card else self.model_name
         t0 = time.perf_counter()
-        if tuple(o.name for o in msg.outputs) == self._kept_outputs:  # NMS done on the device
-            dets = self._unpack(arrays[0], arrays[1])
+        if tuple(o.name for o in msg.outputs) == KEPT_OUTPUTS:  # NMS done on the device
+            dets = unpack_detections(arrays[0], arrays[1])
         else:
-            dets = self._postprocess(arrays, [r.letterbox for r in msg.frames], card, self.config)
+            dets = postprocess(arrays, [r.letterbox for r in msg.frames], card, self.config)
         post_ms = (time.perf_counter() - t0) * 1000.0
         total = 0
         for record, d in zip(msg.frames, dets, strict=True):
@@ -309,15 +302,6 @@ class PostprocessStage(Stage):
         self._opened = []
         self._pools.close()
         self.live_stats.close()
-        self.results_in.close(linger=0)
-        if self.events_in is not None:
-            self.events_in.close(linger=0)
-        for sock in self.frame_credits_out.values():
-            close_socket(sock, self.flags)
+        close_sockets(self.flags, outputs=self.frame_credits_out.values(), inputs=(self.results_in, self.events_in))
         if errors:
             raise StageError("; ".join(errors))
-
-
-def output_paths(sinks: SinkConfig) -> list[Path]:
-    """Files the sinks will write (for the runner's summary and cleanup)."""
-    return [Path(p) for p in (sinks.jsonl, sinks.video_out) if p]

@@ -20,22 +20,28 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 import zmq
 
 from pipeline.slotpool import PoolCache, SlotCredits, SlotPool
-from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter
+from pipeline.stages.base import (
+    Stage,
+    StageError,
+    StageSpec,
+    StatusReporter,
+    check_alive,
+    close_sockets,
+    frame_credit_sockets,
+    receive,
+)
 from pipeline.transport import (
     POLL_MS,
     StageEndpoints,
     StageFlags,
-    Stopped,
-    close_socket,
     make_socket,
-    recv_parts,
     send_parts,
 )
 from streamdet.card import ModelCard
@@ -50,7 +56,6 @@ from streamdet.messages import (
     FrameRecord,
     PoolHandleMsg,
     StageName,
-    decode_message,
 )
 
 if TYPE_CHECKING:
@@ -132,10 +137,7 @@ class PreprocessSpec(StageSpec):
     num_sources: int
     tensor_device: str | None = None
 
-    @property
-    def stage_name(self) -> StageName:
-        """:attr:`StageName.PREPROCESS`."""
-        return StageName.PREPROCESS
+    stage_name: ClassVar[StageName] = StageName.PREPROCESS
 
     def build(self, *, ctx: zmq.Context[Any], flags: StageFlags, status: StatusReporter) -> PreprocessStage:
         """Bind the frame and tensor-credit sockets, connect the others, create the tensor pool."""
@@ -143,9 +145,7 @@ class PreprocessSpec(StageSpec):
         frames_in = make_socket(ctx, zmq.PULL, ep.frames, bind=True)
         credits_in = make_socket(ctx, zmq.PULL, ep.tensor_credits, bind=True)
         batches_out = make_socket(ctx, zmq.PUSH, ep.batches, bind=False)
-        frame_credits_out = {} if ep.inline else {
-            pool: make_socket(ctx, zmq.PUSH, endpoint, bind=False) for pool, endpoint in ep.frame_credits
-        }
+        frame_credits_out = frame_credit_sockets(ctx, ep)
         iw, ih = self.card.input_wh
         dtype = np.dtype(self.card.input.dtype)
         tensor_pool = None
@@ -248,12 +248,10 @@ class PreprocessStage(Stage):
                     self._flush()
                     continue
                 timeout = max(0, min(POLL_MS, int(left * 1000) + 1))
-            parts = recv_parts(self.frames_in, timeout)
-            if parts is None:
-                if not self.flags.alive():
-                    raise Stopped()
+            got = receive(self.frames_in, self.flags, timeout)
+            if got is None:
                 continue
-            msg = decode_message(parts[0].buffer)
+            msg, parts = got
             if isinstance(msg, FrameMsg):
                 self._add(msg, parts[1].buffer if msg.slot == INLINE_SLOT else None)
                 if len(self._records) >= self.max_batch:
@@ -274,8 +272,7 @@ class PreprocessStage(Stage):
             assert self._tensor_credits is not None
             slot = self._tensor_credits.acquire()
             while slot is None:
-                if not self.flags.alive():
-                    raise Stopped()
+                check_alive(self.flags)
                 self._drain_tensor_credits(POLL_MS)
                 slot = self._tensor_credits.acquire()
             self._tensor_slot = slot
@@ -366,10 +363,8 @@ class PreprocessStage(Stage):
             while self._tensor_credits.in_use and self.flags.alive():
                 self._drain_tensor_credits(POLL_MS)
         self._pools.close()
-        for sock in (self.batches_out, *self.frame_credits_out.values()):
-            close_socket(sock, self.flags)
-        self.frames_in.close(linger=0)
-        self.tensor_credits_in.close(linger=0)
+        close_sockets(self.flags, outputs=(self.batches_out, *self.frame_credits_out.values()),
+                      inputs=(self.frames_in, self.tensor_credits_in))
         if self.tensor_pool is not None:
             self.tensor_pool.close()
             self.tensor_pool = None

@@ -13,15 +13,9 @@ torch = pytest.importorskip("torch")
 from engines.base import EngineError  # noqa: E402
 from engines.cuda_backend import CudaEngine, resolve_program_path  # noqa: E402
 from engines.onnxruntime_backend import OnnxRuntimeEngine  # noqa: E402
-from tests.helpers.tiny_detector import TINY_INPUT_WH, tiny_detector  # noqa: E402
+from tests.helpers.tiny_detector import TINY_INPUT_WH  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path, _ = tiny_detector(tmp_path_factory.mktemp("m"), pt2=True)
-    return path
 
 
 def batch(n: int, seed: int = 0) -> np.ndarray:
@@ -30,11 +24,11 @@ def batch(n: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("n", [1, 3, 8])
-def test_cpu_matches_onnxruntime(model: Path, n: int) -> None:
+def test_cpu_matches_onnxruntime(tiny_detector_pt2: Path, n: int) -> None:
     x = batch(n, n)
-    with OnnxRuntimeEngine(model_path=model, intra_op_threads=1) as ort_engine:
+    with OnnxRuntimeEngine(model_path=tiny_detector_pt2, intra_op_threads=1) as ort_engine:
         want = ort_engine.infer(x)  # type: ignore[attr-defined]
-    with CudaEngine(model_path=model, device="cpu") as e:  # given the .onnx, it loads the .pt2 beside it
+    with CudaEngine(model_path=tiny_detector_pt2, device="cpu") as e:  # given the .onnx, it loads the .pt2 beside it
         assert e.output_names == ("output0",)
         got = e.infer(x)
     assert got[0].shape == want[0].shape and got[0].dtype == np.float32
@@ -46,12 +40,12 @@ def test_cpu_matches_onnxruntime(model: Path, n: int) -> None:
     assert np.abs(got[0][:, 4:] - want[0][:, 4:]).max() <= 1e-4
 
 
-def test_program_has_no_device_baked_in(model: Path) -> None:
+def test_program_has_no_device_baked_in(tiny_detector_pt2: Path) -> None:
     """The anchor grids are created in forward(); after the device pass nothing stays on the CPU (meta stands in
     for CUDA here)."""
     from torch.export.passes import move_to_device_pass
 
-    program = move_to_device_pass(torch.export.load(str(model.with_suffix(".pt2"))), torch.device("meta"))
+    program = move_to_device_pass(torch.export.load(str(tiny_detector_pt2.with_suffix(".pt2"))), torch.device("meta"))
     module = program.module()
     assert "'cpu'" not in module.code and "type='cpu'" not in module.code
     w, h = TINY_INPUT_WH
@@ -59,14 +53,14 @@ def test_program_has_no_device_baked_in(model: Path) -> None:
     assert out.device.type == "meta" and out.shape[0] == 2
 
 
-def test_errors(model: Path, tmp_path: Path) -> None:
+def test_errors(tiny_detector_pt2: Path, tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="no torch.export program .*--torch-export"):
         resolve_program_path(tmp_path / "other.onnx")
     bad = tmp_path / "bad.pt2"
     bad.write_bytes(b"not a zip")
     with pytest.raises(EngineError, match="not a loadable torch.export program"):
         CudaEngine(model_path=bad, device="cpu").start()
-    e = CudaEngine(model_path=model, device="cpu")
+    e = CudaEngine(model_path=tiny_detector_pt2, device="cpu")
     with pytest.raises(EngineError, match="not started"):
         e.infer(batch(1))
     e.start()
@@ -75,15 +69,15 @@ def test_errors(model: Path, tmp_path: Path) -> None:
     e.stop()
     if not torch.cuda.is_available():
         with pytest.raises(EngineError, match="needs a CUDA GPU"):
-            CudaEngine(model_path=model, device="cuda").start()
+            CudaEngine(model_path=tiny_detector_pt2, device="cuda").start()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graphs_fp16_match_onnxruntime(model: Path) -> None:
-    with OnnxRuntimeEngine(model_path=model, intra_op_threads=1) as ort_engine:
+def test_cuda_graphs_fp16_match_onnxruntime(tiny_detector_pt2: Path) -> None:
+    with OnnxRuntimeEngine(model_path=tiny_detector_pt2, intra_op_threads=1) as ort_engine:
         want = ort_engine.infer(batch(3))  # type: ignore[attr-defined]
-    with CudaEngine(model_path=model, device="cuda", graph_batches=(1, 4)) as e:
+    with CudaEngine(model_path=tiny_detector_pt2, device="cuda", graph_batches=(1, 4)) as e:
         assert isinstance(e, CudaEngine) and e.graphs == (1, 4)
         got = e.infer(batch(3))  # replays the batch-4 graph
         again = e.infer(batch(3))

@@ -13,7 +13,8 @@ from engines.onnxruntime_backend import OnnxRuntimeEngine
 
 
 @pytest.fixture
-def model(tmp_path: Path) -> Path:
+def empty_onnx_file(tmp_path: Path) -> Path:
+    """An empty ``m.onnx``: backend choice looks at paths only, never at the model."""
     p = tmp_path / "m.onnx"
     p.write_bytes(b"")
     return p
@@ -33,46 +34,46 @@ def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     (Backend.TENSORRT, "cpu", "--backend tensorrt runs on --device cuda only"),
     (Backend.CUDA, "cpu", "--backend cuda needs .*m.pt2"),
 ])
-def test_errors_without_gpu(no_gpu: None, model: Path, backend: Backend, device: str, match: str) -> None:
+def test_errors_without_gpu(no_gpu: None, empty_onnx_file: Path, backend: Backend, device: str, match: str) -> None:
     with pytest.raises(EngineError, match=match):
-        sel.select_engine(backend, device, model)
+        sel.select_engine(backend, device, empty_onnx_file)
 
 
-def test_device_cuda_without_torch_says_so(monkeypatch: pytest.MonkeyPatch, model: Path) -> None:
+def test_device_cuda_without_torch_says_so(monkeypatch: pytest.MonkeyPatch, empty_onnx_file: Path) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # the runtime install has no torch
     with pytest.raises(EngineError, match=r"--device cuda needs a CUDA GPU \(PyTorch is not installed"):
-        sel.choose_backend(Backend.ONNXRUNTIME, "cuda", model)
+        sel.choose_backend(Backend.ONNXRUNTIME, "cuda", empty_onnx_file)
 
 
-def test_tensorrt_missing_with_gpu(monkeypatch: pytest.MonkeyPatch, model: Path) -> None:
+def test_tensorrt_missing_with_gpu(monkeypatch: pytest.MonkeyPatch, empty_onnx_file: Path) -> None:
     monkeypatch.setattr(sel, "cuda_available", lambda: True)
     monkeypatch.setattr(sel, "tensorrt_available", lambda: False)
     with pytest.raises(EngineError, match="--backend tensorrt needs TensorRT"):
-        sel.select_engine(Backend.TENSORRT, "cuda", model)
+        sel.select_engine(Backend.TENSORRT, "cuda", empty_onnx_file)
 
 
-def test_fallback_only_when_allowed(no_gpu: None, model: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    choice = sel.choose_backend(Backend.TENSORRT, "cuda", model, allow_fallback=True)
+def test_fallback_only_when_allowed(no_gpu: None, empty_onnx_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    choice = sel.choose_backend(Backend.TENSORRT, "cuda", empty_onnx_file, allow_fallback=True)
     assert (choice.backend, choice.device) == (Backend.ONNXRUNTIME, "cpu")
     assert "falling back to --backend onnxruntime --device cpu" in choice.fallback_reason
-    engine = sel.select_engine(Backend.TENSORRT, "cuda", model, allow_fallback=True)
+    engine = sel.select_engine(Backend.TENSORRT, "cuda", empty_onnx_file, allow_fallback=True)
     assert isinstance(engine, OnnxRuntimeEngine) and engine.providers == ("CPUExecutionProvider",)
     assert "warning: --device cuda needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_onnxruntime_on_gpu_falls_back_to_the_cpu_only_when_allowed(no_gpu: None, model: Path) -> None:
+def test_onnxruntime_on_gpu_falls_back_to_the_cpu_only_when_allowed(no_gpu: None, empty_onnx_file: Path) -> None:
     with pytest.raises(EngineError, match="--device cuda needs a CUDA GPU"):
-        sel.choose_backend(Backend.ONNXRUNTIME, "cuda", model)
-    choice = sel.choose_backend(Backend.ONNXRUNTIME, "cuda", model, allow_fallback=True)
+        sel.choose_backend(Backend.ONNXRUNTIME, "cuda", empty_onnx_file)
+    choice = sel.choose_backend(Backend.ONNXRUNTIME, "cuda", empty_onnx_file, allow_fallback=True)
     assert (choice.backend, choice.device) == (Backend.ONNXRUNTIME, "cpu")
     assert "falling back to --backend onnxruntime --device cpu" in choice.fallback_reason
 
 
-def test_fallback_prefers_cuda_backend_with_a_program(monkeypatch: pytest.MonkeyPatch, model: Path) -> None:
+def test_fallback_prefers_cuda_backend_with_a_program(monkeypatch: pytest.MonkeyPatch, empty_onnx_file: Path) -> None:
     monkeypatch.setattr(sel, "cuda_available", lambda: True)
     monkeypatch.setattr(sel, "tensorrt_available", lambda: False)
-    model.with_suffix(".pt2").write_bytes(b"")
-    choice = sel.choose_backend(Backend.TENSORRT, "cuda:0", model, allow_fallback=True)
+    empty_onnx_file.with_suffix(".pt2").write_bytes(b"")
+    choice = sel.choose_backend(Backend.TENSORRT, "cuda:0", empty_onnx_file, allow_fallback=True)
     assert (choice.backend, choice.device, choice.model_path.suffix) == (Backend.CUDA, "cuda:0", ".pt2")
 
 
@@ -90,10 +91,10 @@ def test_model_file_per_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:x", "CUDA", ""])
-def test_bad_device(device: str, model: Path) -> None:
+def test_bad_device(device: str, empty_onnx_file: Path) -> None:
     with pytest.raises(EngineError, match="--device: expected cpu, cuda or cuda:N"):
-        sel.choose_backend(Backend.ONNXRUNTIME, device, model)
+        sel.choose_backend(Backend.ONNXRUNTIME, device, empty_onnx_file)
 
 
-def test_onnxruntime_cpu_always_works(model: Path) -> None:
-    assert sel.choose_backend(Backend.ONNXRUNTIME, "cpu", model).backend is Backend.ONNXRUNTIME
+def test_onnxruntime_cpu_always_works(empty_onnx_file: Path) -> None:
+    assert sel.choose_backend(Backend.ONNXRUNTIME, "cpu", empty_onnx_file).backend is Backend.ONNXRUNTIME

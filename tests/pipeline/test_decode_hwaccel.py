@@ -20,7 +20,7 @@ from pipeline.stages.decode import (
     probe_source,
 )
 from tests.helpers.cli import run
-from tests.helpers.standin import bikes_path, build_standin
+from tests.helpers.standin import bikes_path
 
 CUDA = HWAccelOptions(mode=HWAccelMode.CUDA)
 
@@ -30,11 +30,6 @@ def _nvdec_problem() -> str:
 
 
 needs_no_nvdec = pytest.mark.skipif(not _nvdec_problem(), reason="NVDEC works here: nothing fails")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return build_standin(tmp_path_factory.mktemp("m") / "standin.onnx")
 
 
 def _base(model, *extra):
@@ -107,10 +102,10 @@ def test_software_probe_unchanged():
 @needs_no_nvdec
 @pytest.mark.parametrize("flags, env", [(["--hwaccel", "cuda"], {}), ([], {"STREAMDET_DECODE__HWACCEL": "cuda"})],
                          ids=["flag", "env"])
-def test_cli_fails_with_one_line_before_any_frame(model, tmp_path, flags, env):
+def test_cli_fails_with_one_line_before_any_frame(standin_model, tmp_path, flags, env):
     src = str(bikes_path())
     out_path = tmp_path / "o.jsonl"
-    rc, out, err = run(_base(model, "--source", src, "--max-frames", "3", "--jsonl", str(out_path), *flags),
+    rc, out, err = run(_base(standin_model, "--source", src, "--max-frames", "3", "--jsonl", str(out_path), *flags),
                         extra_env=env)
     lines = err.strip().splitlines()
     assert rc == 1, err
@@ -120,8 +115,8 @@ def test_cli_fails_with_one_line_before_any_frame(model, tmp_path, flags, env):
 
 
 @needs_no_nvdec
-def test_cli_live_source_fails_redacted(model):
-    rc, out, err = run(_base(model, "--source", "rtsp://user:secret@127.0.0.1:1/stream", "--hwaccel", "cuda"))
+def test_cli_live_source_fails_redacted(standin_model):
+    rc, out, err = run(_base(standin_model, "--source", "rtsp://user:secret@127.0.0.1:1/stream", "--hwaccel", "cuda"))
     lines = err.strip().splitlines()
     assert rc == 1, err
     assert len(lines) == 1 and lines[0].startswith("error: rtsp://***@127.0.0.1:1/stream: hardware decode"), err
@@ -129,9 +124,9 @@ def test_cli_live_source_fails_redacted(model):
 
 
 @needs_no_nvdec
-def test_cli_fallback_decodes_in_software_with_one_warning(model, tmp_path):
+def test_cli_fallback_decodes_in_software_with_one_warning(standin_model, tmp_path):
     out_path = tmp_path / "o.jsonl"
-    rc, out, err = run(_base(model, "--source", str(bikes_path()), "--max-frames", "3", "--hwaccel", "cuda",
+    rc, out, err = run(_base(standin_model, "--source", str(bikes_path()), "--max-frames", "3", "--hwaccel", "cuda",
                               "--set", "decode.hwaccel_fallback=true", "--jsonl", str(out_path)))
     assert rc == 0, err
     assert out.startswith("frames=3 ")
@@ -156,7 +151,7 @@ def _frames(hwaccel: HWAccelOptions, n: int) -> list[np.ndarray]:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(_nvdec_problem()), reason="no NVDEC here (no NVIDIA driver / GPU)")
-def test_nvdec_matches_software_decode(model):
+def test_nvdec_matches_software_decode(standin_model):
     info = probe_source(str(bikes_path()), "bikes", hwaccel=CUDA)
     assert info.hwaccel == CUDA and info.warning == ""
     hw, sw = _frames(CUDA, 8), _frames(HWAccelOptions(), 8)
@@ -164,6 +159,6 @@ def test_nvdec_matches_software_decode(model):
     for a, b in zip(hw, sw, strict=True):
         assert a.shape == b.shape == (272, 640, 3) and a.dtype == np.uint8
         assert np.abs(a.astype(np.int16) - b.astype(np.int16)).mean() < 1.0  # H.264 decode is exact; NV12 vs I420
-    rc, out, err = run(_base(model, "--source", str(bikes_path()), "--max-frames", "8", "--hwaccel", "cuda"))
+    rc, out, err = run(_base(standin_model, "--source", str(bikes_path()), "--max-frames", "8", "--hwaccel", "cuda"))
     assert rc == 0 and err == "", err
     assert out.startswith("frames=8 ")

@@ -31,7 +31,8 @@ INPUT_WH = (320, 160)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_detector_320x160(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny detector (``.onnx`` + ``.pt2``) with a 320x160 input: bikes.mp4 halved exactly."""
     torch.set_num_threads(1)
     path, _ = tiny_detector(tmp_path_factory.mktemp("m"), pt2=True, input_wh=INPUT_WH)
     return path
@@ -70,27 +71,28 @@ def assert_same(got: list[dict[str, Any]], want: list[dict[str, Any]], *, box_px
 
 
 @pytest.fixture(scope="module")
-def host_run(model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+def host_run(tiny_detector_320x160: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """The default host path with the same engine (CUDA backend on the CPU): CPU letterbox, CPU NMS."""
-    return run(settings(model, tmp_path_factory.mktemp("host") / "o.jsonl"))
+    return run(settings(tiny_detector_320x160, tmp_path_factory.mktemp("host") / "o.jsonl"))
 
 
-def test_device_path_on_cpu_tensors_equals_host_path(model: Path, host_run: list[dict[str, Any]],
+def test_device_path_on_cpu_tensors_equals_host_path(tiny_detector_320x160: Path, host_run: list[dict[str, Any]],
                                                      tmp_path: Path) -> None:
-    got = run(settings(model, tmp_path / "o.jsonl"), tensor_device="cpu")
+    got = run(settings(tiny_detector_320x160, tmp_path / "o.jsonl"), tensor_device="cpu")
     # JSON rounds boxes to 0.01 px and scores to 1e-4: equal within that rounding, i.e. within 1e-3 px of it
     assert_same(got, host_run, box_px=1e-3, score=1e-6)
 
 
-def test_host_path_with_cuda_backend_on_cpu_matches_onnxruntime(model: Path, host_run: list[dict[str, Any]],
+def test_host_path_with_cuda_backend_on_cpu_matches_onnxruntime(tiny_detector_320x160: Path,
+                                                                host_run: list[dict[str, Any]],
                                                                 tmp_path: Path) -> None:
     """The reference above is the default CPU path up to the two runtimes' float rounding."""
-    got = run(settings(model, tmp_path / "o.jsonl", backend="onnxruntime"))
+    got = run(settings(tiny_detector_320x160, tmp_path / "o.jsonl", backend="onnxruntime"))
     assert_same(got, host_run, box_px=0.011, score=2e-4)
 
 
-def test_device_path_needs_an_engine_with_infer_device(model: Path, tmp_path: Path) -> None:
-    s = settings(model, tmp_path / "o.jsonl", backend="onnxruntime")
+def test_device_path_needs_an_engine_with_infer_device(tiny_detector_320x160: Path, tmp_path: Path) -> None:
+    s = settings(tiny_detector_320x160, tmp_path / "o.jsonl", backend="onnxruntime")
     summary = Pipeline(settings=s, progress=False, tensor_device="cpu").run(handle_signals=False)
     assert summary.exit_code != EXIT_OK
     assert any("no infer_device" in e for e in summary.errors), summary.errors
@@ -98,13 +100,13 @@ def test_device_path_needs_an_engine_with_infer_device(model: Path, tmp_path: Pa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_device_path_on_cuda_equals_host_path(model: Path, tmp_path: Path) -> None:
+def test_device_path_on_cuda_equals_host_path(tiny_detector_320x160: Path, tmp_path: Path) -> None:
     """``--device cuda`` (device path by default) against ``--device cuda`` with ``preprocess.on_device`` off.
 
     FP16 autocast on the GPU makes both differ from the CPU; both run the same engine, so only the preprocess
     (exact for this 2x downscale) and the NMS (the same semantics) differ between them.
     """
-    on = settings(model, tmp_path / "on.jsonl", device="cuda")
+    on = settings(tiny_detector_320x160, tmp_path / "on.jsonl", device="cuda")
     off = on.model_copy(update={"preprocess": on.preprocess.model_copy(update={"on_device": False}),
                                 "sinks": on.sinks.model_copy(update={"jsonl": tmp_path / "off.jsonl"})})
     assert_same(run(on), run(off), box_px=1e-3, score=1e-6)

@@ -6,10 +6,10 @@ import pytest
 
 from pipeline.settings import SettingsError, SourceEntry, load_settings
 from pipeline.stages.decode import (
+    LiveFrame,
     LiveOptions,
+    Mailbox,
     SourceError,
-    _LiveFrame,
-    _Mailbox,
     check_live_url,
     probe_source,
     reconnect_delay,
@@ -69,10 +69,10 @@ def test_live_options():
 
 
 def test_mailbox_keeps_newest_and_counts_drops():
-    box = _Mailbox()
+    box = Mailbox()
     assert box.take(0.0) is None
     for i in range(5):
-        box.put(_LiveFrame(frame=i, pts_s=i / 25, capture_mono=float(i), decode_ms=0.0))
+        box.put(LiveFrame(frame=i, pts_s=i / 25, capture_mono=float(i), decode_ms=0.0))
     item = box.take(0.0)
     assert item is not None and item.frame == 4 and box.dropped == 4 and box.empty
 
@@ -133,14 +133,14 @@ def test_source_ids_keep_given_ids():
 
 
 class _FakeReader:
-    """Stands in for ``_LiveReader``: connected at once; the test pushes frames into its mailbox."""
+    """Stands in for ``LiveReader``: connected at once; the test pushes frames into its mailbox."""
 
     instances: list["_FakeReader"] = []
 
     def __init__(self, **kw):
         import threading
 
-        self.mailbox = _Mailbox()
+        self.mailbox = Mailbox()
         self.cancel, self.connected, self.done = threading.Event(), threading.Event(), threading.Event()
         self.frames, self.last_frame, self.outcome, self.problem = 0, 0.0, None, ""
         _FakeReader.instances.append(self)
@@ -162,7 +162,7 @@ class _FakeReader:
             f = av.VideoFrame.from_ndarray(np.full((16, 16, 3), v, np.uint8), format="rgb24")
             self.frames += 1
             self.last_frame = time.monotonic()
-            self.mailbox.put(_LiveFrame(frame=f, pts_s=v / 25, capture_mono=time.monotonic(), decode_ms=0.1))
+            self.mailbox.put(LiveFrame(frame=f, pts_s=v / 25, capture_mono=time.monotonic(), decode_ms=0.1))
 
 
 def test_live_decoder_keeps_the_newest_frame_and_counts_drops(tmp_path, monkeypatch):
@@ -179,7 +179,7 @@ def test_live_decoder_keeps_the_newest_frame_and_counts_drops(tmp_path, monkeypa
     from pipeline.transport import StageFlags, ipc_endpoints, make_socket, recv_parts
     from streamdet.messages import CreditMsg, EndOfStream, EosReason, FrameMsg, StageName
 
-    monkeypatch.setattr(decode, "_LiveReader", _FakeReader)
+    monkeypatch.setattr(decode, "LiveReader", _FakeReader)
     _FakeReader.instances.clear()
     pool_name = f"sd-test-{uuid.uuid4().hex[:8]}"
     ep = ipc_endpoints(tmp_path, [pool_name])

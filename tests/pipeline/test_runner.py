@@ -25,10 +25,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return build_standin(tmp_path_factory.mktemp("model") / "standin.onnx")
-
 
 def settings(model, **over):
     tree = {"sources": [str(bikes_path())], "model": str(model), "quiet": True, "sinks": {"publish": None}}
@@ -66,14 +62,14 @@ def assert_same_detections(messages, reference):
         np.testing.assert_allclose([x["score"] for x in m["detections"]], d.scores, atol=1e-4)
 
 
-def test_bikes_subscriber_gets_every_frame_in_order_then_eos(model, tmp_path):
+def test_bikes_subscriber_gets_every_frame_in_order_then_eos(standin_model, tmp_path):
     """The one full-length run: 250 frames of bikes.mp4, a subscriber that joined first gets them all."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     received = []
     sub = Subscriber(endpoint)
     t = threading.Thread(target=lambda: received.extend(sub.messages(until_eos=True, timeout_s=60)))
     t.start()
-    s = settings(model, sinks__publish=endpoint, sinks__publish_wait_subscribers=1,
+    s = settings(standin_model, sinks__publish=endpoint, sinks__publish_wait_subscribers=1,
                  sinks__jsonl=str(tmp_path / "o.jsonl"))
     summary = Pipeline(settings=s).run(handle_signals=False)
     t.join(60)
@@ -100,31 +96,32 @@ def test_bikes_subscriber_gets_every_frame_in_order_then_eos(model, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["ipc", "tcp"])
-def test_detections_match_single_process_reference(model, tmp_path, mode):
+def test_detections_match_single_process_reference(standin_model, tmp_path, mode):
     """Same frames, same model: the pipeline (shared memory or tcp inline, with the video sink) gives the
     detections of a plain preprocess -> ONNX Runtime -> postprocess loop."""
-    s = settings(model, max_frames=10, sinks__jsonl=str(tmp_path / "o.jsonl"), sinks__video_out=str(tmp_path / "v.mp4"),
-                 transport__mode=mode, transport__tcp_base_port=free_port(), preprocess__max_batch=3)
+    s = settings(standin_model, max_frames=10, sinks__jsonl=str(tmp_path / "o.jsonl"),
+                 sinks__video_out=str(tmp_path / "v.mp4"), transport__mode=mode,
+                 transport__tcp_base_port=free_port(), preprocess__max_batch=3)
     summary = Pipeline(settings=s).run(handle_signals=False)
     assert summary.exit_code == 0, summary.errors
     lines = read_jsonl(tmp_path / "o.jsonl")
     assert lines[-1]["reason"] == "max_frames" and lines[-1]["frames"] == 10
-    assert_same_detections(lines[:-1], reference_detections(model, 10))
+    assert_same_detections(lines[:-1], reference_detections(standin_model, 10))
     with av.open(str(tmp_path / "v.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 10
 
 
-def test_static_batch_model_pads_batches(model, tmp_path):
+def test_static_batch_model_pads_batches(standin_model, tmp_path):
     static = build_standin(tmp_path / "static.onnx", static_batch=2)
     s = settings(static, max_frames=5, sinks__jsonl=str(tmp_path / "o.jsonl"))
     summary = Pipeline(settings=s).run(handle_signals=False)
     assert summary.exit_code == 0, summary.errors
     # 5 frames in batches of 2: the last batch is padded; same weights as the dynamic-batch model
-    assert_same_detections(read_jsonl(tmp_path / "o.jsonl")[:-1], reference_detections(model, 5))
+    assert_same_detections(read_jsonl(tmp_path / "o.jsonl")[:-1], reference_detections(standin_model, 5))
 
 
-def test_two_sources_and_soft_nms(model, tmp_path):
-    s = settings(model, max_frames=6, sinks__jsonl=str(tmp_path / "o.jsonl"), postprocess__nms="soft_gaussian")
+def test_two_sources_and_soft_nms(standin_model, tmp_path):
+    s = settings(standin_model, max_frames=6, sinks__jsonl=str(tmp_path / "o.jsonl"), postprocess__nms="soft_gaussian")
     s = s.model_copy(update={"sources": [str(bikes_path())] * 2})
     summary = Pipeline(settings=s).run(handle_signals=False)
     assert summary.exit_code == 0, summary.errors
@@ -137,7 +134,7 @@ def test_two_sources_and_soft_nms(model, tmp_path):
     card = standin_card()
     frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(6), av.open(str(bikes_path())).decode(video=0))]
     x, lbs = preprocess_batch(frames, card)
-    ref = postprocess(ort.InferenceSession(str(model)).run(None, {"images": x}), lbs, card, cfg)
+    ref = postprocess(ort.InferenceSession(str(standin_model)).run(None, {"images": x}), lbs, card, cfg)
     assert_same_detections([x for x in lines if x["source_id"] == "bikes"][:-1], ref)
 
 
@@ -165,12 +162,12 @@ def test_ultralytics_export_without_card(tmp_path):
     assert_same_detections(lines[:-1], reference_detections(build_standin(tmp_path / "ref.onnx"), 4))
 
 
-def test_stop_request_drains_and_flushes(model, tmp_path):
+def test_stop_request_drains_and_flushes(standin_model, tmp_path):
     def monitor(p):
         if p.frames_done >= 20:
             p.request_stop()
 
-    s = settings(model, decode__loop=50, sinks__jsonl=str(tmp_path / "o.jsonl"))
+    s = settings(standin_model, decode__loop=50, sinks__jsonl=str(tmp_path / "o.jsonl"))
     summary = Pipeline(settings=s, monitor=monitor).run(handle_signals=False)
     assert summary.exit_code == EXIT_SIGINT and 20 <= summary.frames < 12_500
     lines = read_jsonl(tmp_path / "o.jsonl")
@@ -195,9 +192,9 @@ def test_model_that_onnxruntime_cannot_load_fails_before_decoding(tmp_path):
     assert summary.frames == 0 and summary.seconds == 0.0
 
 
-def test_validation_errors_name_the_input(model, tmp_path):
+def test_validation_errors_name_the_input(standin_model, tmp_path):
     with pytest.raises(PipelineError, match="no such file"):
-        Pipeline(settings=settings(model).model_copy(update={"sources": [str(tmp_path / "x.mp4")]})).prepare()
+        Pipeline(settings=settings(standin_model).model_copy(update={"sources": [str(tmp_path / "x.mp4")]})).prepare()
     with pytest.raises(PipelineError, match="model file not found"):
         Pipeline(settings=settings(tmp_path / "none.onnx")).prepare()
 
@@ -208,7 +205,7 @@ def test_source_ids():
 
 
 @pytest.mark.slow
-def test_memory_stays_flat_over_a_long_run(model):
+def test_memory_stays_flat_over_a_long_run(standin_model):
     """Loop bikes.mp4 8 times (2000 frames): resident memory of the stage processes must not grow."""
     samples = []
 
@@ -217,7 +214,7 @@ def test_memory_stays_flat_over_a_long_run(model):
 
         samples.append(sum(process_rss_kib(pid) for pid in p.child_pids()))
 
-    summary = Pipeline(settings=settings(model, decode__loop=8), monitor=monitor).run(handle_signals=False)
+    summary = Pipeline(settings=settings(standin_model, decode__loop=8), monitor=monitor).run(handle_signals=False)
     assert summary.exit_code == 0 and summary.frames == 2000
     running = [x for x in samples if x > 0]
     assert len(running) >= 8
@@ -228,10 +225,28 @@ def test_memory_stays_flat_over_a_long_run(model):
     assert late - early < 16 * 1024, (early, late)
 
 
-def test_stop_before_start_still_ends_every_source(model, tmp_path):
-    p = Pipeline(settings=settings(model, sinks__jsonl=str(tmp_path / "o.jsonl")))
+def test_stop_before_start_still_ends_every_source(standin_model, tmp_path):
+    p = Pipeline(settings=settings(standin_model, sinks__jsonl=str(tmp_path / "o.jsonl")))
     p.request_stop()
     summary = p.run(handle_signals=False)
     assert summary.exit_code == EXIT_SIGINT and summary.frames == 0
     assert read_jsonl(tmp_path / "o.jsonl") == [{"schema": "streamdet.eos/1", "source_id": "bikes", "frames": 0,
                                                  "reason": "interrupted", "error": None}]
+
+
+@pytest.mark.parametrize(("backend", "device_path"),
+                         [("cuda", True), ("tensorrt", True), ("onnxruntime", False)])
+def test_device_path_is_chosen_by_the_engine_class(standin_model, monkeypatch, backend, device_path):
+    """With the engine on a CUDA device, the device-tensor path runs only for engines that are DeviceEngines."""
+    from pathlib import Path
+
+    import engines.select as select
+    from engines.base import Backend
+
+    def choose(b, device, model_path, *, allow_fallback=False):
+        return select.EngineChoice(Backend(backend), "cuda:0", Path(model_path))
+
+    monkeypatch.setattr(select, "choose_backend", choose)
+    p = Pipeline(settings=settings(standin_model))
+    p.prepare()
+    assert p.chains[0].tensor_device == ("cuda:0" if device_path else None)

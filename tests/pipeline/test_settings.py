@@ -43,9 +43,39 @@ def test_default_yaml_spells_out_the_defaults():
     assert from_yaml.model_dump() == Settings().model_dump()
 
 
+def _leaves(tree, prefix=""):
+    """``{dotted.path: value}`` of a nested mapping (lists are leaves)."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def _matches(given, loaded):
+    """Whether every key the preset spells out came through with its value (list items by position)."""
+    if isinstance(given, dict):
+        return isinstance(loaded, dict) and all(k in loaded and _matches(v, loaded[k]) for k, v in given.items())
+    if isinstance(given, list):
+        return isinstance(loaded, list) and len(given) == len(loaded) and all(map(_matches, given, loaded))
+    return given == loaded
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_loads(path):
-    load_settings(config_file=path)
+    """Each key a preset sets is loaded with the preset's value; every other setting keeps its default."""
+    given = yaml.safe_load(path.read_text())
+    assert isinstance(given, dict) and given
+    loaded = load_settings(config_file=path).model_dump(mode="json")
+    for key, value in _leaves(given).items():
+        got = _leaves(loaded)[key]
+        assert _matches(value, got), f"{path.name}: {key} = {value!r} loaded as {got!r}"
+    defaults = _leaves(Settings().model_dump(mode="json"))
+    unset = {k: v for k, v in _leaves(loaded).items() if k not in _leaves(given)}
+    assert unset == {k: defaults[k] for k in unset}
 
 
 def test_precedence_cli_over_env_over_yaml_over_default(tmp_path, monkeypatch):

@@ -290,3 +290,52 @@ def test_draw_detections():
     assert img[:30].any()  # the label sits above the box
     with pytest.raises(ValueError, match="expected"):
         draw_detections(img[..., 0], d.boxes_xyxy, d.scores, d.class_ids, CLASS_NAMES)
+
+
+class _HostOnlyEngine:
+    """An engine stand-in without ``infer_device`` (like ONNX Runtime's)."""
+
+    output_names = ("output0",)
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+class _DeviceCapableEngine(_HostOnlyEngine):
+    def infer_device(self, batch):
+        return [batch]
+
+
+@pytest.mark.parametrize(("engine_cls", "accepted"), [(_HostOnlyEngine, False), (_DeviceCapableEngine, True)])
+def test_engine_stage_takes_device_batches_only_from_a_device_engine(engine_cls, accepted):
+    from engines.base import DeviceEngine
+    from pipeline.stages.base import StageError
+    from pipeline.stages.engine import EngineStage
+
+    ctx = zmq.Context()
+    socks = [ctx.socket(zmq.PUSH) for _ in range(3)]
+    try:
+        stage = EngineStage(engine=engine_cls(), card=standin_card(), batches_in=socks[0], results_out=socks[1],
+                            tensor_credits_out=socks[2], status=None, flags=None, num_sources=1,
+                            device_batches=True)
+        assert isinstance(stage.engine, DeviceEngine) is accepted
+        if accepted:
+            stage.start()
+            assert stage._device_engine is stage.engine
+        else:
+            with pytest.raises(StageError, match="cannot run device batches"):
+                stage.start()
+    finally:
+        for s in socks:
+            s.close(0)
+        ctx.term()
+
+
+def test_engine_classes_of_the_device_backends_are_device_engines():
+    from engines.base import DeviceEngine
+    from engines.select import engine_class
+
+    assert {b for b in Backend if issubclass(engine_class(b), DeviceEngine)} == {Backend.CUDA, Backend.TENSORRT}

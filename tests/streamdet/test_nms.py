@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from streamdet.boxes import box_area, box_iou, box_iou_planes, box_planes, xyxy_to_xywh
+from streamdet.boxes import xyxy_to_xywh
 from streamdet.nms import (
     SoftNmsMethod,
     batched_nms,
@@ -225,28 +225,6 @@ def test_batched_soft_nms_is_per_class(data: tuple[list, list], classes: list[in
     assert sorted(idx.tolist()) == sorted(want)
     assert np.all(np.diff(sc) <= 0)
     np.testing.assert_array_equal(sc, np.asarray([want[i] for i in idx.tolist()], np.float32))
-
-
-def _broadcast_iou(b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
-    """The plain (N, M, 2) broadcast IoU, same float32 operations in the same order."""
-    a1, a2 = box_area(b1), box_area(b2)
-    lt = np.maximum(b1[:, None, 0:2], b2[None, :, 0:2])
-    rb = np.minimum(b1[:, None, 2:4], b2[None, :, 2:4])
-    wh = np.clip(rb - lt, 0.0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    union = a1[:, None] + a2[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0).astype(np.float32)
-
-
-def test_plane_iou_bit_identical_to_broadcast_iou() -> None:
-    rng = np.random.default_rng(0)
-    xy = rng.uniform(-50, 1300, (300, 2))
-    wh = rng.uniform(0, 300, (300, 2)) * rng.choice([0.0, 1.0], (300, 2), p=[0.05, 0.95])
-    b = np.concatenate([xy, xy + wh], 1).astype(np.float32)
-    want = _broadcast_iou(b[:100], b)
-    np.testing.assert_array_equal(box_iou_planes(box_planes(b[:100]), box_planes(b)), want)
-    np.testing.assert_array_equal(box_iou(b[:100], b), want)
 
 
 def test_large_input_matches_cv2_across_blocks() -> None:

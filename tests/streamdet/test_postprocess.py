@@ -1,37 +1,29 @@
-"""Postprocess: hand-built head outputs through known letterboxes, masks, semantic maps, RLE, card checks."""
+"""Postprocess: hand-built head outputs through known letterboxes, masks, semantic maps, card checks."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
 
 from streamdet.card import HeadLayout, HeadSpec, InputSpec, ModelCard, ModelCardError, Normalization, Task
 from streamdet.letterbox import letterbox, letterbox_params
-from streamdet.masks import (
-    box_pixel_window,
-    mask_logits,
-    masks_to_rle,
-    prototype_masks_to_frame,
-    prototype_masks_to_rle,
-    rle_to_masks,
-    window_to_rle,
-)
+from streamdet.masks import mask_logits, masks_to_rle
 from streamdet.postprocess import (
     Detections,
     NmsMethod,
     PostprocessConfig,
     check_outputs_against_card,
     decode_ultralytics_detect,
+    device_nms_supported,
     expected_num_anchors,
     postprocess,
     postprocess_detect,
     postprocess_semantic,
 )
 from streamdet.preprocess_ops import preprocess_batch
+from tests.streamdet.mask_reference import MH, MW, NM, make_protos, reference_frame_mask
 
 IN_WH = (64, 32)
 FRAME_HW = (48, 128)  # letterbox: scale 0.5, resized 64x24, pad (0, 4)
@@ -67,10 +59,6 @@ def detect_output(cols: list, nc: int = 3, n: int = 8, extra_rows: int = 0) -> n
 
 
 BOX_A = (10.0, 8.0, 50.0, 40.0)
-
-
-def test_letterbox_assumption() -> None:
-    assert LB.resized_wh == (64, 24) and LB.pad_xy == (0, 4)
 
 
 def test_decode_known_boxes_through_letterbox() -> None:
@@ -167,66 +155,6 @@ def test_end2end_passthrough(three: bool) -> None:
 
 # ---------------------------------------------------------------- instance masks
 
-NM, MH, MW = 2, 8, 16
-
-
-def reference_frame_mask(logit_map: np.ndarray, box: tuple[float, ...], thr_logit: float = 0.0) -> np.ndarray:
-    """Brute force: bilinear sample of the proto logits at each frame pixel centre, cut to the box."""
-    fh, fw = FRAME_HW
-    sx, sy = LB.scale_xy
-    px, py = LB.pad_xy
-    iw, ih = IN_WH
-    ys, xs = np.mgrid[0:fh, 0:fw].astype(np.float64)
-    u = ((xs + 0.5) * sx + px) * (MW / iw) - 0.5
-    v = ((ys + 0.5) * sy + py) * (MH / ih) - 0.5
-    u = np.clip(u, 0, MW - 1)
-    v = np.clip(v, 0, MH - 1)
-    u0 = np.minimum(np.floor(u).astype(int), MW - 2)
-    v0 = np.minimum(np.floor(v).astype(int), MH - 2)
-    fu, fv = u - u0, v - v0
-    m = logit_map.astype(np.float64)
-    val = (m[v0, u0] * (1 - fu) * (1 - fv) + m[v0, u0 + 1] * fu * (1 - fv) + m[v0 + 1, u0] * (1 - fu) * fv
-           + m[v0 + 1, u0 + 1] * fu * fv)
-    inside = np.zeros((fh, fw), bool)
-    x0, y0, x1, y1 = box_pixel_window(box, FRAME_HW)
-    inside[y0:y1, x0:x1] = True
-    return (val > thr_logit) & inside
-
-
-def make_protos() -> np.ndarray:
-    protos = np.full((NM, MH, MW), -10.0, np.float32)
-    protos[0, 2:6, 4:12] = 10.0  # a block in proto pixels
-    protos[1] = np.linspace(-5, 5, MW, dtype=np.float32)[None, :]  # a horizontal ramp
-    return protos
-
-
-@pytest.mark.parametrize("coeffs, box", [
-    ((1.0, 0.0), (0.0, 0.0, 128.0, 48.0)),
-    ((1.0, 0.0), (0.0, 0.0, 40.0, 48.0)),  # cuts the block: nothing right of x = 40
-    ((0.0, 1.0), (3.3, 5.7, 111.2, 40.4)),  # ramp: zero crossing mid-map, fractional box
-    ((0.5, 0.5), (10.0, 8.0, 50.0, 40.0)),
-])
-def test_prototype_masks_match_bruteforce(coeffs: tuple[float, float], box: tuple[float, ...]) -> None:
-    protos = make_protos()
-    logits = mask_logits(np.asarray([coeffs], np.float32), protos)
-    got = prototype_masks_to_frame(logits, np.asarray([box], np.float32), LB, 0.5)[0]
-    want = reference_frame_mask(logits[0], box)
-    assert got.shape == FRAME_HW and got.dtype == bool
-    # cv2 quantises sample positions to 1/32 px; allow a handful of pixels right at the zero crossing
-    assert int((got != want).sum()) <= 0.002 * want.size
-    if coeffs == (1.0, 0.0):
-        assert (got == want).all()  # crossings fall between pixel centres here: exact
-
-
-def test_segment_block_lands_where_expected() -> None:
-    # proto rows 2..5, cols 4..11 -> input rows 8..23, cols 16..47 -> frame rows 8..39, cols 32..95
-    protos = make_protos()
-    logits = mask_logits(np.asarray([[1.0, 0.0]], np.float32), protos)
-    m = prototype_masks_to_frame(logits, np.asarray([[0, 0, 128, 48]], np.float32), LB)[0]
-    ys, xs = np.nonzero(m)
-    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (8, 39, 32, 95)
-
-
 def test_postprocess_segment_masks_for_kept_only() -> None:
     nc = 3
     card = make_card(Task.SEGMENT, HeadLayout.ULTRALYTICS_SEGMENT, nc, nm=NM, outputs=("output0", "output1"),
@@ -241,8 +169,15 @@ def test_postprocess_segment_masks_for_kept_only() -> None:
     assert det.class_ids.tolist() == [0, 1]
     assert det.masks is not None and det.masks.shape == (2, *FRAME_HW)
     logits = mask_logits(np.asarray([[1.0, 0.0], [0.0, 1.0]], np.float32), protos[0])
-    assert (det.masks[0] == reference_frame_mask(logits[0], (0, 0, 128, 48))).all()
+    assert (det.masks[0] == reference_frame_mask(logits[0], (0, 0, 128, 48), LB)).all()
     assert not det.masks[1][:, 50:].any() and not det.masks[1][40:].any()  # cut to BOX_A
+
+    (rle,) = postprocess([out0, protos], [LB], card, PostprocessConfig(masks_as_rle=True))
+    assert rle.masks is None and rle.mask_rles == tuple(masks_to_rle(det.masks))  # same masks, as COCO RLEs
+    np.testing.assert_array_equal(rle.boxes_xyxy, det.boxes_xyxy)
+    (boxes_only,) = postprocess([out0, protos], [LB], card, PostprocessConfig(masks=False))
+    assert boxes_only.masks is None and boxes_only.mask_rles is None
+    np.testing.assert_array_equal(boxes_only.boxes_xyxy, det.boxes_xyxy)
 
 
 # ---------------------------------------------------------------- semantic
@@ -261,51 +196,6 @@ def test_semantic_undoes_letterbox() -> None:
     want[0:24, 0:64] = 1
     np.testing.assert_array_equal(det.semantic, want)
     assert len(det) == 0
-
-
-# ---------------------------------------------------------------- RLE
-
-
-def test_rle_round_trip_and_matches_pycocotools() -> None:
-    rng = np.random.default_rng(0)
-    masks = rng.random((4, 37, 53)) > 0.6
-    masks[2] = False
-    rles = masks_to_rle(masks)
-    json.dumps(rles)  # JSON-ready
-    for m, r in zip(masks, rles, strict=True):
-        direct = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-        assert r["counts"] == direct["counts"].decode("ascii") and r["size"] == [37, 53]
-        assert mask_utils.area(direct) == m.sum()
-    back = rle_to_masks(rles)
-    assert back.dtype == np.uint8 and back.shape == masks.shape
-    np.testing.assert_array_equal(back, masks.astype(np.uint8))
-    assert masks_to_rle(np.zeros((0, 5, 5), bool)) == []
-    bytes_rles = [{"size": r["size"], "counts": r["counts"].encode()} for r in rles]
-    np.testing.assert_array_equal(rle_to_masks(bytes_rles), back)
-    with pytest.raises(ValueError, match="one size"):
-        rle_to_masks([rles[0], masks_to_rle(np.ones((1, 3, 3), bool))[0]])
-
-
-def test_window_to_rle_equals_full_frame_rle() -> None:
-    rng = np.random.default_rng(1)
-    for _ in range(200):
-        fh, fw = (int(v) for v in rng.integers(1, 30, 2))
-        bh, bw = int(rng.integers(0, fh + 1)), int(rng.integers(0, fw + 1))
-        y0, x0 = int(rng.integers(0, fh - bh + 1)), int(rng.integers(0, fw - bw + 1))
-        win = rng.random((bh, bw)) > rng.choice([0.0, 0.5, 1.0])
-        full = np.zeros((1, fh, fw), bool)
-        full[0, y0 : y0 + bh, x0 : x0 + bw] = win
-        assert window_to_rle(win, x0, y0, (fh, fw)) == masks_to_rle(full)[0]
-    with pytest.raises(ValueError, match="inside"):
-        window_to_rle(np.ones((2, 2), bool), 3, 0, (4, 4))
-
-
-def test_prototype_masks_to_rle_equals_frame_masks() -> None:
-    protos = make_protos()
-    coeffs = np.asarray([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [1.0, 1.0]], np.float32)
-    boxes = np.asarray([(0, 0, 128, 48), (3.3, 5.7, 111.2, 40.4), (200, 0, 300, 10), (10, 8, 50, 40)], np.float32)
-    logits = mask_logits(coeffs, protos)
-    assert prototype_masks_to_rle(logits, boxes, LB) == masks_to_rle(prototype_masks_to_frame(logits, boxes, LB))
 
 
 # ---------------------------------------------------------------- Detections / config validation
@@ -442,3 +332,24 @@ def test_channel_argmax_equals_numpy(shape, dtype, rounded):
     np.testing.assert_array_equal(got, np.argmax(lg, axis=0))
     view = lg[:, 1:-1, 2:]  # a letterbox crop: rows with strides
     np.testing.assert_array_equal(channel_argmax(view), np.argmax(view, axis=0))
+
+
+# ---------------------------------------------------------------- device NMS
+
+
+@pytest.mark.parametrize("layout, cfg, want", [
+    (HeadLayout.ULTRALYTICS_DETECT, PostprocessConfig(), True),
+    (HeadLayout.ULTRALYTICS_DETECT, PostprocessConfig(class_agnostic=True), True),
+    (HeadLayout.ULTRALYTICS_DETECT, PostprocessConfig(multi_label=True), False),
+    (HeadLayout.ULTRALYTICS_DETECT, PostprocessConfig(nms_method=NmsMethod.SOFT_GAUSSIAN), False),
+    (HeadLayout.ULTRALYTICS_DETECT, PostprocessConfig(nms_method=NmsMethod.SOFT_LINEAR), False),
+    (HeadLayout.ULTRALYTICS_SEGMENT, PostprocessConfig(), False),  # masks need the CPU postprocess
+    (HeadLayout.ULTRALYTICS_SEGMENT, PostprocessConfig(masks=False), True),  # decoded as a detector
+    (HeadLayout.END2END, PostprocessConfig(), False),
+    (HeadLayout.SEMANTIC_LOGITS, PostprocessConfig(masks=False), False),
+])
+def test_device_nms_supported(layout: HeadLayout, cfg: PostprocessConfig, want: bool) -> None:
+    tasks = {HeadLayout.ULTRALYTICS_SEGMENT: Task.SEGMENT, HeadLayout.SEMANTIC_LOGITS: Task.SEMANTIC}
+    task = tasks.get(layout, Task.DETECT)
+    card = make_card(task, layout, 3, nm=NM if layout is HeadLayout.ULTRALYTICS_SEGMENT else 0)
+    assert device_nms_supported(card, cfg) is want

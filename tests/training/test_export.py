@@ -137,12 +137,18 @@ def test_export_rejects_missing_checkpoint(tmp_path: Path, capsys: pytest.Captur
     assert "not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("where", ["under_file", "missing_dir", "suffix"])
-def test_export_rejects_unwritable_out(tmp_path: Path, where: str, capsys: pytest.CaptureFixture[str]) -> None:
+def _small_checkpoint(tmp_path: Path) -> Path:
+    """``tmp_path/c.pt``: a detect checkpoint of a 64x64, quarter-width detector."""
     torch.manual_seed(0)
     model = Detector(DetectorConfig(width_mult=0.25, input_wh=(64, 64)))
     ckpt = tmp_path / "c.pt"
     torch.save(make_checkpoint(model, class_names=NAMES, task="detect"), ckpt)
+    return ckpt
+
+
+@pytest.mark.parametrize("where", ["under_file", "missing_dir", "suffix"])
+def test_export_rejects_unwritable_out(tmp_path: Path, where: str, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = _small_checkpoint(tmp_path)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     out = {"under_file": blocker / "m.onnx", "missing_dir": tmp_path / "no" / "m.onnx",
@@ -154,10 +160,7 @@ def test_export_rejects_unwritable_out(tmp_path: Path, where: str, capsys: pytes
 
 
 def test_export_copies_metrics_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    torch.manual_seed(0)
-    model = Detector(DetectorConfig(width_mult=0.25, input_wh=(64, 64)))
-    ckpt = tmp_path / "c.pt"
-    torch.save(make_checkpoint(model, class_names=NAMES, task="detect"), ckpt)
+    ckpt = _small_checkpoint(tmp_path)
     metrics = tmp_path / "metrics.json"
     metrics.write_text('{"bbox": {"mAP50-95": 0.5}}')
     out = tmp_path / "m.onnx"

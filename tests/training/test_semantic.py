@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -140,7 +141,17 @@ def test_soft_dice_loss() -> None:
 
 
 def test_lr_schedule() -> None:
-    lrs = [ts.lr_at(i, 1000, 1.0, warmup=100) for i in range(1000)]
+    from training.schedule import current_lr, warmup_cosine
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    assert ts.warmup_iters(1000) == 100 and ts.warmup_iters(5000) == ts.WARMUP_ITERS
+    sched = warmup_cosine(opt, lr=1.0, total=1000, warmup=ts.warmup_iters(1000), final_ratio=ts.FINAL_LR_RATIO)
+    lrs = []
+    for _ in range(1000):
+        lrs.append(current_lr(opt))
+        opt.step()
+        sched.step()
     assert lrs[0] == pytest.approx(0.01) and lrs[99] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[99:], lrs[100:]))
     assert lrs[-1] == pytest.approx(0.02, abs=1e-4)
@@ -186,9 +197,10 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_training_writes_checkpoints(run_dir: Path) -> None:
-    lines = [json.loads(s) for s in (run_dir / "results.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in lines] == [2, 3]
-    assert all(0.0 <= r["val_mIoU"] <= 1.0 for r in lines)
+    rows = list(csv.DictReader((run_dir / "log.csv").open()))
+    assert [r["iterations"] for r in rows] == ["2", "3"] and [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0]) == ["epoch", "iterations", "lr", *ts.LOG_COLUMNS, "images_per_s", "epoch_s"]
+    assert all(0.0 <= float(r["val_mIoU"]) <= 1.0 for r in rows)
     ckpt = ts.load_checkpoint(run_dir / "last.pt")
     assert ckpt["task"] == "semantic"
     assert ckpt["class_names"] == ["background", *CLASS_NAMES]

@@ -16,7 +16,8 @@ import torch
 from training.augment import NO_AUGMENT, AugmentConfig, augment_sample, h264_roundtrip, hsv_jitter
 from training.loss import DetectionLoss, TargetBatch
 from training.model import Detector, DetectorConfig
-from training.train import ModelEMA, lr_at, main, param_groups
+from training.schedule import current_lr, warmup_cosine
+from training.train import ModelEMA, main, param_groups
 from training.traindata import (
     BatchLoader,
     CacheSpec,
@@ -68,13 +69,38 @@ def test_loss_falls_on_a_tiny_batch(segment: bool) -> None:
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
 
 
+def _reference_lr(iteration: int, total: int, warmup: int, lr: float, final_ratio: float = 0.01) -> float:
+    """The detector trainer's schedule as it was written by hand: linear warmup, then cosine."""
+    if iteration < warmup:
+        return lr * (iteration + 1) / warmup
+    t = min(1.0, (iteration - warmup) / max(1, total - warmup))
+    return lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _scheduled_lrs(total: int, warm: int, lr: float, start: int = 0, steps: int | None = None) -> list[float]:
+    """Per-iteration learning rates of :func:`warmup_cosine` (two parameter groups, as the trainer's AdamW)."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [p]}, {"params": [], "weight_decay": 0.0}], lr=123.0)
+    sched = warmup_cosine(opt, lr=lr, total=total, warmup=warm, final_ratio=0.01, iteration=start)
+    out = []
+    for _ in range(total - start if steps is None else steps):
+        assert all(g["lr"] == opt.param_groups[0]["lr"] for g in opt.param_groups)
+        out.append(current_lr(opt))
+        opt.step()
+        sched.step()
+    return out
+
+
 def test_lr_schedule() -> None:
     total, warm, lr = 100, 10, 1e-3
-    vals = [lr_at(i, total, warm, lr) for i in range(total)]
+    vals = _scheduled_lrs(total, warm, lr, steps=total + 1)
+    assert vals == pytest.approx([_reference_lr(i, total, warm, lr) for i in range(total + 1)], rel=1e-12)
     assert vals[0] == pytest.approx(lr / warm) and vals[warm - 1] == pytest.approx(lr)
     assert vals[warm] == pytest.approx(lr)
     assert all(a >= b for a, b in zip(vals[warm:], vals[warm + 1 :], strict=False))
-    assert lr_at(total, total, warm, lr) == pytest.approx(lr * 0.01)
+    assert vals[total] == pytest.approx(lr * 0.01)
+    # a resumed run picks the schedule up at its iteration
+    assert _scheduled_lrs(total, warm, lr, start=37) == pytest.approx(vals[37:total], rel=1e-12)
 
 
 def test_model_ema_matches_formula() -> None:

@@ -15,7 +15,6 @@ pytest.importorskip("torch")
 from engines.build.build_engine import BuildError, build_engine, main  # noqa: E402
 from engines.engine_file import BatchProfile, Precision, RuntimeInfo, read_engine_header  # noqa: E402
 from tests.helpers import fake_tensorrt as fake  # noqa: E402
-from tests.helpers.tiny_detector import tiny_detector  # noqa: E402
 
 HERE = RuntimeInfo(fake.__version__, "Fake GPU", (8, 9))
 
@@ -26,9 +25,10 @@ def _reset_fake() -> None:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def models(tmp_path_factory: pytest.TempPathFactory, tiny_detector_onnx: Path) -> dict[str, Path]:
+    """The tiny detector in each precision: fp32, fp16 (with onnxconverter-common), int8 and int8 for the CPU."""
     d = tmp_path_factory.mktemp("models")
-    fp32, _ = tiny_detector(d)
+    fp32 = tiny_detector_onnx
     import numpy as np
 
     from engines.build.calibrate import Int8Target, convert_fp16, load_model_card, quantize_int8
@@ -36,7 +36,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     card = load_model_card(fp32)
     frames = iter([np.random.default_rng(i).integers(0, 256, (96, 128, 3), dtype=np.uint8) for i in range(4)])
     out = {"fp32": fp32, "fp16": d / "tiny.fp16.onnx", "int8": d / "tiny.int8.onnx", "int8cpu": d / "tiny.cpu.onnx"}
-    if importlib.util.find_spec("onnxconverter_common") is not None:  # the quant extra
+    if importlib.util.find_spec("onnxconverter_common") is not None:  # in the train and gpu extras
         convert_fp16(fp32, out["fp16"])
     quantize_int8(fp32, out["int8"], frames=frames, card=card)
     frames = iter([np.random.default_rng(i).integers(0, 256, (96, 128, 3), dtype=np.uint8) for i in range(4)])
@@ -52,7 +52,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_builds_each_precision_from_its_onnx(models: dict[str, Path], tmp_path: Path, precision: str) -> None:
     if not models[precision].is_file():
-        pytest.skip("FP16 conversion needs onnxconverter-common (the quant extra)")
+        pytest.skip("FP16 conversion needs onnxconverter-common (pip install onnxconverter-common)")
     out = tmp_path / f"m.{precision}.engine"
     header = build_engine(onnx_path=models[precision], out_path=out, precision=Precision(precision),
                           batch=BatchProfile(1, 2, 4), trt_module=fake, runtime_info=HERE)
@@ -61,7 +61,7 @@ def test_builds_each_precision_from_its_onnx(models: dict[str, Path], tmp_path: 
 
 
 @pytest.mark.parametrize("precision, model, match", [
-    ("int8", "fp32", "needs a int8 ONNX, this graph is fp32 .*engines.build.calibrate"),
+    ("int8", "fp32", r"needs a int8 ONNX, this graph is fp32 .*python -m training\.calibrate"),
     ("fp16", "fp32", "needs a fp16 ONNX, this graph is fp32"),
     ("fp32", "int8", "needs a fp32 ONNX, this graph is int8"),
     ("int8", "int8cpu", "zero point .*--target tensorrt"),

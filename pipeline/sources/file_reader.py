@@ -1,0 +1,96 @@
+"""Decoding a file source into RGB24 frames, keeping every frame that decodes.
+
+A truncated or corrupt file keeps every frame that decodes; the problem is handed to the caller
+(the decode stage reports it to the runner as ``source_error`` and the EOS carries it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.sources.ffmpeg import MAX_CONSECUTIVE_DECODE_ERRORS, ffmpeg_problem, open_input
+from pipeline.sources.options import DecodeThreads
+from pipeline.sources.probe import SourceInfo
+
+
+def file_frames(source: SourceInfo, *, threads: DecodeThreads,
+                on_error: Callable[[str], None]) -> Iterator[tuple[npt.NDArray[np.uint8], float, float]]:
+    """Decode a probed file source once, from its first frame to its last.
+
+    Frames whose size differs from the probed ``frame_hw`` are rescaled to it (the frame slots
+    keep their size). A frame without a timestamp gets ``index / fps``.
+
+    Args:
+        source: the probed file source (its ``hwaccel`` says how to decode it).
+        threads: decoder threading.
+        on_error: called with the problem (one line, credentials redacted) when the file cannot be
+            opened, a read fails, too many packets in a row fail to decode (iteration ends), or, at
+            the end, when packets were corrupt or failed to decode.
+
+    Yields:
+        ``(rgb, pts_s, decode_ms)``: the frame, ``(H, W, 3)`` uint8 RGB; its presentation time,
+        seconds; the time spent reading, decoding and converting it, milliseconds.
+    """
+    import av
+
+    t0 = time.perf_counter()
+    hw = source.hwaccel
+    try:
+        container = open_input(source.url, hwaccel=hw, timeout=10.0)
+    except (av.FFmpegError, RuntimeError) as e:
+        on = f" with {hw.setting}" if hw.enabled else ""
+        on_error(f"cannot open{on} ({ffmpeg_problem(e)})")
+        return
+    try:
+        stream = container.streams.video[0]
+        if hw.enabled and not stream.codec_context.is_hwaccel:  # the probe passed: never decode in software
+            on_error(f"{hw.setting}: no hardware decoder for codec {stream.codec_context.name!r}")
+            return
+        stream.codec_context.thread_type = threads.value
+        h0, w0 = source.frame_hw
+        fallback_dt = 1.0 / source.fps if source.fps > 0 else 0.0
+        corrupt = failed = consecutive = 0
+        index = 0
+        read_error = ""
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except av.FFmpegError as e:
+                read_error = f"read error ({ffmpeg_problem(e)})"
+                on_error(read_error)
+                packet = None
+            if packet is not None and packet.is_corrupt:
+                corrupt += 1
+            try:
+                frames = stream.codec_context.decode(packet)
+            except av.FFmpegError as e:
+                failed += 1
+                consecutive += 1
+                if consecutive >= MAX_CONSECUTIVE_DECODE_ERRORS:
+                    on_error(f"{failed} packets failed to decode ({ffmpeg_problem(e)})")
+                    return
+                continue
+            consecutive = 0
+            for frame in frames:
+                if frame.height != h0 or frame.width != w0:  # size change mid-stream: keep the slot size
+                    frame = frame.reformat(width=w0, height=h0)
+                rgb: npt.NDArray[np.uint8] = frame.to_ndarray(format="rgb24")  # type: ignore[assignment]
+                pts_s = float(frame.time) if frame.time is not None else index * fallback_dt
+                index += 1
+                yield rgb, pts_s, (time.perf_counter() - t0) * 1000.0
+                t0 = time.perf_counter()
+            if packet is None:
+                break
+        if not read_error and (corrupt or failed):
+            what = [f"{corrupt} corrupt packets"] if corrupt else []
+            what += [f"{failed} packets failed to decode"] if failed else []
+            on_error("truncated or corrupt (" + ", ".join(what) + ")")
+    finally:
+        container.close()

@@ -1,0 +1,202 @@
+"""The outcome of a run: its summary, per-source reports, how stage status reports update them, the report lines.
+
+The runner feeds every :class:`~streamdet.messages.StatusMsg` from the stages to a
+:class:`StatusBook`, which keeps the :class:`RunSummary` (frames, detections, per-source ends and
+errors, outputs, errors) and the ready/done counts per stage; :func:`format_summary` prints it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamdet.constants import EXIT_FAILURE, EXIT_OK
+from streamdet.messages import StageName, StatusKind, StatusMsg
+
+
+class PipelineError(Exception):
+    """The run cannot start or failed; ``str(e)`` is one line naming the input and the problem.
+
+    Attributes:
+        exit_code: the process exit status to use.
+    """
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(" ".join(message.split()))
+        self.exit_code = exit_code
+
+
+@dataclass
+class SourceReport:
+    """What happened to one source.
+
+    Attributes:
+        source_id: its id.
+        display: path or URL (credentials redacted).
+        frames: frames that went through the whole pipeline.
+        reason: how it ended (``finished``, ``max_frames``, ``interrupted``, ``error``), empty if it did not.
+        error: the source's problem, if any.
+    """
+
+    source_id: str
+    display: str
+    frames: int = 0
+    reason: str = ""
+    error: str = ""
+
+
+@dataclass
+class RunSummary:
+    """The outcome of a run.
+
+    Attributes:
+        model: the model's name.
+        frames: frames that went through the whole pipeline (all sources).
+        seconds: wall time from the go signal to the end of the last stage.
+        detections: detections in the published messages.
+        sources: per-source reports.
+        outputs: one line per sink saying where its output went.
+        errors: one line per problem.
+        warnings: one line per problem that did not fail the run (a live source lost while others ran).
+        exit_code: the process exit status.
+        peak_rss_kib: peak resident memory (sum over the stage processes) seen while running.
+    """
+
+    model: str
+    frames: int = 0
+    seconds: float = 0.0
+    detections: int = 0
+    sources: list[SourceReport] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    exit_code: int = EXIT_OK
+    peak_rss_kib: int = 0
+
+    @property
+    def fps(self) -> float:
+        """Frames per second over the run."""
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def fail(self, message: str) -> None:
+        """Record a problem that fails the run (exit code 1 unless a signal already set one)."""
+        self.errors.append(message)
+        if self.exit_code == EXIT_OK:
+            self.exit_code = EXIT_FAILURE
+
+    def settle_sources(self, live: set[str]) -> None:
+        """Turn the sources' errors into errors or warnings and set the exit code.
+
+        A live source that failed does not fail the run while another source still worked.
+
+        Args:
+            live: ids of the live sources.
+        """
+        all_failed = all(r.error for r in self.sources)
+        for r in self.sources:
+            if r.error:
+                if r.source_id in live and not all_failed:
+                    self.warnings.append(r.error)
+                else:
+                    self.errors.append(r.error)
+        if self.errors and self.exit_code == EXIT_OK:
+            self.exit_code = EXIT_FAILURE
+
+
+class StatusBook:
+    """Applies the stages' status reports to a :class:`RunSummary`; counts ready and done stages.
+
+    Args:
+        summary: the summary to update.
+        abort: the run's abort event (set on a stage error).
+
+    Attributes:
+        ready: ``ready`` reports per stage label (``decode:<id>`` for decoders).
+        done: ``done`` reports per stage label.
+        bar: a tqdm progress bar to advance with the frames done, or None.
+        frames_done: frames through the whole pipeline so far.
+    """
+
+    def __init__(self, summary: RunSummary, abort: Any) -> None:
+        self.summary = summary
+        self.abort = abort
+        self.reports = {r.source_id: r for r in summary.sources}
+        self.ready: Counter[str] = Counter()
+        self.done: Counter[str] = Counter()
+        self.bar: Any = None
+
+    def fail(self, message: str) -> None:
+        """Record a problem that fails the run and abort it."""
+        self.summary.fail(message)
+        self.abort.set()
+
+    def apply(self, msg: StatusMsg) -> bool:
+        """Apply one status report.
+
+        Args:
+            msg: the report.
+
+        Returns:
+            True once the last stage (postprocess) is done.
+        """
+        summary = self.summary
+        label = msg.stage.value if msg.stage is not StageName.DECODE else f"decode:{msg.source_id}"
+        match msg.kind:
+            case StatusKind.READY:
+                self.ready[label] += 1
+            case StatusKind.PROGRESS:
+                if msg.stage is StageName.POSTPROCESS:
+                    n = msg.counts.get("frames", 0)
+                    summary.frames += n
+                    summary.detections += msg.counts.get("detections", 0)
+                    if self.bar is not None and n:
+                        self.bar.update(n)
+            case StatusKind.SOURCE_END:
+                r = self.reports.get(msg.source_id)
+                if r is not None:
+                    r.reason = msg.message
+                    r.frames = msg.counts.get("frames", r.frames)
+            case StatusKind.SOURCE_ERROR:
+                r = self.reports.get(msg.source_id)
+                if r is not None:
+                    r.error = msg.message
+            case StatusKind.STAGE_ERROR:
+                if not self.abort.is_set():  # the first error is the cause; later ones are consequences
+                    summary.errors.append(msg.message)
+                if summary.exit_code == EXIT_OK:
+                    summary.exit_code = EXIT_FAILURE
+                self.abort.set()
+            case StatusKind.OUTPUT:
+                summary.outputs.append(msg.message)
+            case StatusKind.DONE:
+                self.done[label] += 1
+                if msg.stage is StageName.POSTPROCESS:
+                    return True
+        return False
+
+
+def process_rss_kib(pid: int) -> int:
+    """Resident memory of a process in KiB (``VmRSS`` from ``/proc/<pid>/status``), 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def format_summary(summary: RunSummary) -> list[str]:
+    """The run's report, one line each: totals, each source, each output."""
+    lines = [f"frames={summary.frames} fps={summary.fps:.1f} detections={summary.detections} "
+             f"seconds={summary.seconds:.2f} model={summary.model}"]
+    for r in summary.sources:
+        how = r.reason or "not finished"
+        lines.append(f"source {r.source_id}: {r.display}: {r.frames} frames ({how})")
+    for out in summary.outputs:
+        lines.append(f"output {out}")
+    if not summary.outputs:
+        lines.append("output: none (no sink configured or none opened)")
+    return lines

@@ -1,0 +1,191 @@
+"""Model cards: validation messages, JSON round trip, load errors, cards from ultralytics ONNX metadata."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from streamdet.card import (
+    CARD_SCHEMA,
+    HeadLayout,
+    HeadSpec,
+    InputSpec,
+    ModelCard,
+    ModelCardError,
+    Normalization,
+    Task,
+    card_from_ultralytics_metadata,
+    card_path_for,
+    load_card,
+    save_card,
+)
+from streamdet.constants import PAD_VALUE
+
+
+def make_card(**kw: object) -> ModelCard:
+    base: dict = dict(name="m", task=Task.DETECT, head=HeadSpec(layout=HeadLayout.ULTRALYTICS_DETECT, num_classes=2),
+                      input=InputSpec(width=64, height=32), class_names=("a", "b"))
+    base.update(kw)
+    return ModelCard(**base)
+
+
+def first_error(exc: pytest.ExceptionInfo[ValidationError]) -> str:
+    return str(exc.value.errors()[0]["msg"])
+
+
+# ---------------------------------------------------------------- InputSpec
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("layout", "NHWC", "expected layout NCHW, got NHWC"),
+    ("channel_order", "GBR", "expected channel_order RGB or BGR, got GBR"),
+    ("channel_order", "rgb", "expected channel_order RGB or BGR, got rgb"),  # case matters
+    ("dtype", "int8", "expected dtype float32 or float16, got int8"),
+    ("dtype", "float64", "expected dtype float32 or float16, got float64"),
+])
+def test_input_spec_rejects_unsupported_values(field: str, value: str, message: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        InputSpec(width=8, height=8, **{field: value})
+    assert first_error(exc) == f"Value error, {message}"
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"channel_order": "BGR"}, {"dtype": "float16"}, {"layout": "NCHW", "channel_order": "RGB", "dtype": "float32"},
+])
+def test_input_spec_accepts_supported_values(kw: dict) -> None:
+    spec = InputSpec(width=8, height=4, **kw)
+    assert (spec.layout, spec.channel_order, spec.dtype) == (kw.get("layout", "NCHW"), kw.get("channel_order", "RGB"),
+                                                             kw.get("dtype", "float32"))
+
+
+@pytest.mark.parametrize("kw", [{"width": 0, "height": 8}, {"width": 8, "height": -1}])
+def test_input_spec_rejects_non_positive_size(kw: dict) -> None:
+    with pytest.raises(ValidationError):
+        InputSpec(**kw)
+
+
+# ---------------------------------------------------------------- ModelCard
+
+
+def test_card_defaults_and_input_wh() -> None:
+    card = make_card()
+    assert card.input_wh == (64, 32)
+    assert card.pad_value == PAD_VALUE and card.schema_version == CARD_SCHEMA
+    assert card.normalization == Normalization(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
+    with pytest.raises(ValidationError):
+        card.name = "other"  # type: ignore[misc]  # frozen
+
+
+@pytest.mark.parametrize("task, layout, ok", [
+    (Task.DETECT, HeadLayout.ULTRALYTICS_DETECT, True),
+    (Task.DETECT, HeadLayout.END2END, True),
+    (Task.DETECT, HeadLayout.ULTRALYTICS_SEGMENT, False),
+    (Task.SEGMENT, HeadLayout.ULTRALYTICS_SEGMENT, True),
+    (Task.SEGMENT, HeadLayout.ULTRALYTICS_DETECT, False),
+    (Task.SEMANTIC, HeadLayout.SEMANTIC_LOGITS, True),
+    (Task.SEMANTIC, HeadLayout.END2END, False),
+])
+def test_card_task_must_fit_head_layout(task: Task, layout: HeadLayout, ok: bool) -> None:
+    head = HeadSpec(layout=layout, num_classes=2)
+    if ok:
+        assert make_card(task=task, head=head).task is task
+        return
+    with pytest.raises(ValidationError) as exc:
+        make_card(task=task, head=head)
+    assert f"for task {task.value}, got {layout.value}" in first_error(exc)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"class_names": ("a",)}, "expected 2 class names (head.num_classes), got 1"),
+    ({"schema": "streamdet.modelcard/0"}, f"expected schema {CARD_SCHEMA}, got streamdet.modelcard/0"),
+])
+def test_card_consistency_messages(kw: dict, message: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        make_card(**kw)
+    assert first_error(exc) == f"Value error, {message}"
+
+
+@pytest.mark.parametrize("kw", [{"pad_value": 256}, {"pad_value": -1}, {"unknown_field": 1}])
+def test_card_rejects_bad_fields(kw: dict) -> None:
+    with pytest.raises(ValidationError):
+        make_card(**kw)
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_card_path_for() -> None:
+    assert card_path_for("models/yolo.onnx") == Path("models/yolo.json")
+    assert card_path_for(Path("/a/b.c.onnx")) == Path("/a/b.c.json")
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    card = make_card(metrics={"bbox": {"mAP50-95": 0.5}}, params=12, gflops=1.5,
+                     head=HeadSpec(layout=HeadLayout.ULTRALYTICS_DETECT, num_classes=2, strides=(8, 16)))
+    path = tmp_path / "m.json"
+    save_card(card, path)
+    assert not (tmp_path / "m.json.tmp").exists()
+    data = json.loads(path.read_text())
+    assert data["schema"] == CARD_SCHEMA and "schema_version" not in data  # the alias is what is written
+    assert load_card(path) == card
+
+
+def test_load_card_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "none.json"
+    with pytest.raises(ModelCardError, match=f"^{re.escape(str(missing))}: model card not found$"):
+        load_card(missing)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ModelCardError, match=f"^{re.escape(str(bad))}: not a readable JSON model card"):
+        load_card(bad)
+    invalid = tmp_path / "invalid.json"
+    data = json.loads(make_card().to_json())
+    data["input"]["dtype"] = "int8"
+    invalid.write_text(json.dumps(data))
+    with pytest.raises(ModelCardError) as exc:
+        load_card(invalid)
+    assert str(exc.value) == f"{invalid}: invalid model card: input.dtype: Value error, expected dtype float32 or " \
+                             "float16, got int8"
+
+
+# ---------------------------------------------------------------- ultralytics metadata
+
+META = {"names": "{0: 'person', 1: 'car', 2: 'dog'}", "imgsz": "[384, 640]", "stride": "32", "task": "detect",
+        "version": "8.3.0", "author": "x"}
+
+
+def test_card_from_ultralytics_detect() -> None:
+    card = card_from_ultralytics_metadata(META, "images", ["batch", 3, 384, 640], ["output0"],
+                                          [["batch", 7, 5040]], name="y")
+    assert card.task is Task.DETECT and card.head.layout is HeadLayout.ULTRALYTICS_DETECT
+    assert card.class_names == ("person", "car", "dog") and card.head.num_classes == 3
+    assert card.input_wh == (640, 384) and card.input.dynamic_batch and card.head.strides == (8, 16, 32)
+    assert card.pad_value == PAD_VALUE and card.name == "y"
+    assert card.provenance == {"source": "ultralytics ONNX metadata", "version": "8.3.0"}
+
+
+def test_card_from_ultralytics_end2end_segment_and_sizes() -> None:
+    e2e = card_from_ultralytics_metadata({**META, "imgsz": "320"}, "images", [1, 3, 320, 320], ["output0"],
+                                         [[1, 300, 6]])
+    assert e2e.head.layout is HeadLayout.END2END and e2e.input_wh == (320, 320) and not e2e.input.dynamic_batch
+    seg = card_from_ultralytics_metadata({**META, "task": "segment"}, "images", [1, 3, 384, 640],
+                                         ["output0", "output1"], [[1, 7 + 16, 5040], [1, 16, 96, 160]])
+    assert seg.task is Task.SEGMENT and seg.head.num_mask_coeffs == 16 and seg.head.mask_hw == (96, 160)
+    listed = card_from_ultralytics_metadata({"names": "['a', 'b']", "stride": "64"}, "x", [1, 3, 128, 256],
+                                            ["o"], [[1, 6, 99]])
+    assert listed.class_names == ("a", "b") and listed.input_wh == (256, 128) and listed.head.strides == (8, 16, 32, 64)
+
+
+@pytest.mark.parametrize("meta, input_shape, match", [
+    ({"imgsz": "640"}, [1, 3, 640, 640], "ONNX metadata has no 'names'"),
+    ({"names": "person, car"}, [1, 3, 640, 640], "ONNX metadata 'names' is not a dict literal"),
+    ({"names": "['a']"}, ["b", 3, "h", "w"], "cannot tell the input size"),
+    ({"names": "['a']", "imgsz": "64", "task": "pose"}, [1, 3, 64, 64], "ultralytics task 'pose' is not supported"),
+])
+def test_card_from_ultralytics_errors(meta: dict, input_shape: list, match: str) -> None:
+    with pytest.raises(ModelCardError, match=match):
+        card_from_ultralytics_metadata(meta, "images", input_shape, ["output0"], [[1, 5, 10]])
