@@ -14,18 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
-from streamdet.cli import Subcommand, dispatch
+from engines.build.commands import BUILD_ENGINE, CALIBRATE
+from pipeline import subscribe
+from streamdet.cli import Command, OneLineErrorParser, Subcommand
 from streamdet.constants import EXIT_USAGE
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one ``error: ...`` line (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
 
 
 def _settings_epilog() -> str:
@@ -50,7 +44,7 @@ def build_parser(prog: str = "run_pipeline.py") -> argparse.ArgumentParser:
     Args:
         prog: the program name in usage and help (``run_pipeline.py`` or ``streamdet run``).
     """
-    p = _ArgumentParser(
+    p = OneLineErrorParser(
         prog=prog,
         description="Streaming video detection: decode, preprocess, engine, postprocess and sinks, each in "
                     "its own process, connected by ZeroMQ. Without arguments: the bundled detector on the "
@@ -157,48 +151,19 @@ def run_main(argv: list[str] | None = None, *, prog: str = "run_pipeline.py") ->
     return summary.exit_code
 
 
-def _subscribe(argv: list[str]) -> int:
-    from pipeline.subscribe import main as subscribe_main
-
-    return subscribe_main(argv)
-
-
-def _calibrate(argv: list[str]) -> int:
-    from engines.build.calibrate import main as calibrate_main
-
-    return calibrate_main(argv)
-
-
-def _build_engine(argv: list[str]) -> int:
-    from engines.build.build_engine import main as build_engine_main
-
-    return build_engine_main(argv)
-
-
-COMMANDS = (
-    Subcommand("run", "run the pipeline (no flags: the bundled detector on the bundled demo video)",
-               lambda argv: run_main(argv, prog="streamdet run")),
-    Subcommand("subscribe", "print a running pipeline's messages (python -m pipeline.subscribe)", _subscribe),
-    Subcommand("calibrate", "INT8 / FP16 variants of an ONNX model (python -m training.calibrate)", _calibrate),
-    Subcommand("build-engine", "a TensorRT engine file from an ONNX model (python -m training.build_engine)",
-               _build_engine),
+main = Command(
+    "streamdet",
+    "Streaming video detection: video files and RTSP cameras in, detections out over ZeroMQ.",
+    (
+        Subcommand("run", "run the pipeline (no flags: the bundled detector on the bundled demo video)",
+                   lambda argv: run_main(argv, prog="streamdet run")),
+        Subcommand("subscribe", "print a running pipeline's messages (python -m pipeline.subscribe)", subscribe.main),
+        CALIBRATE,
+        BUILD_ENGINE,
+    ),
+    epilog="training tools (pip install 'streamdet[train]'): streamdet-train --help",
 )
-"""The ``streamdet`` subcommands, in the order ``streamdet --help`` lists them."""
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The ``streamdet`` command: ``streamdet COMMAND [ARGS...]`` (see the module docstring).
-
-    Args:
-        argv: arguments without the program name (``sys.argv[1:]`` when None).
-
-    Returns:
-        The subcommand's exit status (2 for an unknown or missing command).
-    """
-    return dispatch("streamdet", "Streaming video detection: video files and RTSP cameras in, detections out "
-                    "over ZeroMQ.", COMMANDS, argv,
-                    epilog="training tools (pip install 'streamdet[train]'): streamdet-train --help")
-
+"""The ``streamdet`` command (console script): ``streamdet COMMAND [ARGS...]``."""
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,17 +9,17 @@ and run the pipeline with ``--wait-subscribers 1`` to receive every message (see
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import zmq
 
 from pipeline.stages.payloads import DETECTIONS_SCHEMA, EOS_SCHEMA, EOS_TOPIC
+from streamdet.cli import OneLineErrorParser
 
 
 class SubscribeTimeout(TimeoutError):
@@ -146,19 +146,14 @@ def format_line(msg: Published) -> str:
     return f"{msg.topic} {json.dumps(p)}"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line: print the messages of a pipeline's PUB endpoint.
 
     Returns:
         0 when done, 1 on timeout or a bad message, 130 on Ctrl-C.
     """
-    p = _Parser(prog="python -m pipeline.subscribe", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = OneLineErrorParser(prog="python -m pipeline.subscribe",
+                           description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556", help="PUB endpoint (default %(default)s)")
     p.add_argument("--topic", action="append", help="topic prefix, e.g. detections.bikes (repeatable; default all)")
     p.add_argument("--count", type=int, help="stop after N messages")

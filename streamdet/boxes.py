@@ -30,19 +30,6 @@ def cxcywh_to_xyxy(boxes_cxcywh: npt.ArrayLike) -> FloatArray:
     return np.concatenate([b[:, 0:2] - half, b[:, 0:2] + half], axis=1)
 
 
-def xyxy_to_xywh(boxes_xyxy: npt.ArrayLike) -> FloatArray:
-    """Convert corner-format boxes to COCO ``(x1, y1, w, h)`` format.
-
-    Args:
-        boxes_xyxy: ``(N, 4)`` boxes as ``(x1, y1, x2, y2)``.
-
-    Returns:
-        ``(N, 4)`` float32 boxes as ``(x1, y1, w, h)``.
-    """
-    b = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
-    return np.concatenate([b[:, 0:2], b[:, 2:4] - b[:, 0:2]], axis=1)
-
-
 def box_area(boxes_xyxy: FloatArray) -> FloatArray:
     """Area of each box; degenerate boxes (``x2 < x1``) count as zero.
 

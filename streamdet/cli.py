@@ -15,11 +15,20 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from streamdet.constants import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 E = TypeVar("E", bound=Enum)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one ``error: ... (see --help)`` line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print one ``error:`` line on stderr and exit with status 2 (argparse's usage error)."""
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
 
 def enum_type(enum: type[E]) -> Callable[[str], E]:
@@ -139,3 +148,24 @@ def dispatch(prog: str, description: str, commands: Sequence[Subcommand], argv: 
               file=sys.stderr)
         return EXIT_USAGE
     return command.main(args[1:])
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command with subcommands; calling it runs :func:`dispatch` (a console-script entry point).
+
+    Attributes:
+        prog: the command's name.
+        description: one paragraph for ``PROG --help``.
+        commands: the subcommands, in the order ``--help`` lists them.
+        epilog: text after the list of subcommands in ``--help``.
+    """
+
+    prog: str
+    description: str
+    commands: tuple[Subcommand, ...]
+    epilog: str | None = None
+
+    def __call__(self, argv: Sequence[str] | None = None) -> int:
+        """Run ``PROG COMMAND [ARGS...]`` with ``argv`` (``sys.argv[1:]`` when None); returns the exit status."""
+        return dispatch(self.prog, self.description, self.commands, argv, epilog=self.epilog)

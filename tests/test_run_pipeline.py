@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from engines.select import cuda_available, tensorrt_available
 from tests.helpers.cli import ROOT, assert_no_orphans, free_port, processes_with, run, start
 from tests.helpers.standin import bikes_path
 from tests.helpers.standin_seg import build_segment_standin, build_semantic_standin, segment_card
@@ -125,28 +126,14 @@ def test_bad_input_one_error_line(standin_model, tmp_path, case, code, needle):
     assert "Traceback" not in out + err
 
 
-def _cuda_here() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-def _tensorrt_here() -> bool:
-    from engines.select import tensorrt_available
-
-    return tensorrt_available()
-
-
 @pytest.mark.parametrize("flags, env, needle, applies", [
-    (["--device", "cuda"], {}, "--device cuda needs a CUDA GPU", lambda: not _cuda_here()),
-    ([], {"STREAMDET_ENGINE__DEVICE": "cuda"}, "--device cuda needs a CUDA GPU", lambda: not _cuda_here()),
+    (["--device", "cuda"], {}, "--device cuda needs a CUDA GPU", lambda: not cuda_available()),
+    ([], {"STREAMDET_ENGINE__DEVICE": "cuda"}, "--device cuda needs a CUDA GPU", lambda: not cuda_available()),
     (["--backend", "tensorrt", "--device", "cuda:1"], {}, "--device cuda:1 needs a CUDA GPU",
-     lambda: not _cuda_here()),
+     lambda: not cuda_available()),
     (["--backend", "tensorrt"], {}, "--backend tensorrt runs on --device cuda only", lambda: True),
     (["--backend", "tensorrt", "--device", "cuda"], {}, "--backend tensorrt needs TensorRT",
-     lambda: _cuda_here() and not _tensorrt_here()),
+     lambda: cuda_available() and not tensorrt_available()),
 ], ids=["device-cuda", "device-cuda-env", "tensorrt-cuda1", "tensorrt-cpu", "tensorrt-missing"])
 def test_gpu_request_that_cannot_run_fails_without_fallback(standin_model, tmp_path, flags, env, needle, applies):
     """One error line, exit 1, nothing decoded or written: never a silent run on a slower path."""
@@ -163,7 +150,7 @@ def test_gpu_request_that_cannot_run_fails_without_fallback(standin_model, tmp_p
 
 
 def test_gpu_fallback_only_when_a_setting_asks(standin_model, tmp_path):
-    if _cuda_here():
+    if cuda_available():
         pytest.skip("this machine has a CUDA GPU: nothing to fall back from")
     rc, out, err = run(base(standin_model, "--source", str(bikes_path()), "--max-frames", "3", "--device", "cuda",
                             "--set", "engine.allow_fallback=true"))

@@ -7,7 +7,7 @@ CLI::
 
 Writes ``MODEL.onnx`` (input ``images`` ``(batch, 3, H, W)``, outputs ``output0`` and, for
 instance segmentation, ``output1``, dynamic batch axis ``batch``; the ultralytics YOLOv8 detect /
-segment layouts, see ``docs/CONTRACTS.md``) and ``MODEL.json``, the
+segment layouts, see ``streamdet.card.HeadLayout``) and ``MODEL.json``, the
 :class:`streamdet.card.ModelCard`. The ONNX file also carries ultralytics-style metadata
 (``names``, ``imgsz``, ``stride``, ``task``, ``batch``) so other tools read it as an ultralytics export.
 

@@ -11,7 +11,7 @@ postprocess stage wraps them. Supported heads (see :class:`streamdet.card.HeadLa
 * ``semantic_logits``: per-pixel argmax, letterbox undone, nearest-neighbour resize to the frame.
 
 Modules: :mod:`~streamdet.postprocess.results` (result and settings types),
-:mod:`~streamdet.postprocess.decode` (detector heads and NMS), :mod:`~streamdet.postprocess.segment`,
+:mod:`~streamdet.postprocess.detect` (detector heads and NMS), :mod:`~streamdet.postprocess.segment`,
 :mod:`~streamdet.postprocess.semantic`, :mod:`~streamdet.postprocess.dispatch` (:func:`postprocess`),
 :mod:`~streamdet.postprocess.device` (device-NMS results on the wire) and
 :mod:`~streamdet.postprocess.checks` (model outputs against the card).
@@ -27,7 +27,7 @@ from streamdet.postprocess.checks import (
     check_outputs_against_card,
     expected_num_anchors,
 )
-from streamdet.postprocess.decode import (
+from streamdet.postprocess.detect import (
     candidates_to_detections,
     decode_end2end,
     decode_ultralytics_detect,

@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 from streamdet.card import HeadLayout, ModelCard
 from streamdet.letterbox import LetterboxParams
-from streamdet.postprocess.decode import check_batch, postprocess_detect
+from streamdet.postprocess.detect import check_batch, postprocess_detect
 from streamdet.postprocess.results import Detections, PostprocessConfig
 from streamdet.postprocess.segment import postprocess_segment
 from streamdet.postprocess.semantic import postprocess_semantic

@@ -18,7 +18,7 @@ from streamdet.boxes import FloatArray
 from streamdet.card import ModelCard
 from streamdet.letterbox import LetterboxParams
 from streamdet.masks import mask_logits, prototype_masks_to_frame, prototype_masks_to_rle
-from streamdet.postprocess.decode import candidates_to_detections, check_batch, decode_ultralytics_detect
+from streamdet.postprocess.detect import candidates_to_detections, check_batch, decode_ultralytics_detect
 from streamdet.postprocess.results import Candidates, Detections, PostprocessConfig
 
 

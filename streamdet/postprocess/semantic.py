@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from streamdet.card import ModelCard
 from streamdet.letterbox import LetterboxParams
-from streamdet.postprocess.decode import check_batch
+from streamdet.postprocess.detect import check_batch
 from streamdet.postprocess.results import Detections, PostprocessConfig
 
 

@@ -27,7 +27,7 @@ def _lines(path: Path) -> list[dict]:
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in cli.COMMANDS:
+    for command in cli.main.commands:
         assert f"\n  {command.name}" in out
     assert "streamdet-train" in out
 

@@ -7,7 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from streamdet.boxes import box_area, box_iou, box_iou_planes, box_planes, cxcywh_to_xyxy, xyxy_to_xywh
+from streamdet.boxes import box_area, box_iou, box_iou_planes, box_planes, cxcywh_to_xyxy
 
 
 def ref_area(b: tuple[float, ...]) -> Fraction:
@@ -54,18 +54,7 @@ def test_cxcywh_to_xyxy_matches_reference_on_random_boxes() -> None:
         np.testing.assert_allclose(row, want, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("xyxy, want", [
-    ((8.0, 17.0, 12.0, 23.0), (8.0, 17.0, 4.0, 6.0)),
-    ((0.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0)),
-    ((-6.0, -6.0, -4.0, -4.0), (-6.0, -6.0, 2.0, 2.0)),
-    ((5.0, 5.0, 3.0, 4.0), (5.0, 5.0, -2.0, -1.0)),  # inverted boxes keep their (negative) size
-])
-def test_xyxy_to_xywh_table(xyxy: tuple[float, ...], want: tuple[float, ...]) -> None:
-    got = xyxy_to_xywh(np.asarray([xyxy], np.float32))
-    assert got.dtype == np.float32 and got[0].tolist() == list(want)
-
-
-@pytest.mark.parametrize("fn", [cxcywh_to_xyxy, xyxy_to_xywh])
+@pytest.mark.parametrize("fn", [cxcywh_to_xyxy])
 @pytest.mark.parametrize("arg, shape", [([], (0, 4)), ([1, 2, 3, 4], (1, 4)), ([[1, 2, 3, 4]] * 3, (3, 4))])
 def test_conversions_take_lists_and_flat_boxes(fn, arg: list, shape: tuple[int, int]) -> None:
     got = fn(arg)

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from streamdet.boxes import xyxy_to_xywh
 from streamdet.nms import (
     SoftNmsMethod,
     batched_nms,
@@ -21,6 +20,11 @@ from streamdet.nms import (
 )
 
 # ---------------------------------------------------------------- references
+
+
+def xyxy_to_xywh(b: np.ndarray) -> np.ndarray:
+    """Corner boxes to OpenCV's ``(x, y, w, h)`` (what ``cv2.dnn.NMSBoxes`` takes)."""
+    return np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1)
 
 
 def exact_iou(a: tuple[int, ...], b: tuple[int, ...]) -> Fraction:

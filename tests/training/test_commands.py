@@ -10,13 +10,13 @@ from training import commands
 def test_help_lists_every_tool(capsys: pytest.CaptureFixture[str]) -> None:
     assert commands.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert [c.name for c in commands.COMMANDS] == [
+    assert [c.name for c in commands.main.commands] == [
         "train", "evaluate", "export", "export-semantic", "dataset", "render-video", "calibrate", "build-engine"]
-    for c in commands.COMMANDS:
+    for c in commands.main.commands:
         assert f"\n  {c.name}" in out
 
 
-@pytest.mark.parametrize("name", [c.name for c in commands.COMMANDS])
+@pytest.mark.parametrize("name", [c.name for c in commands.main.commands])
 def test_each_tool_parses_its_own_arguments(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         commands.main([name, "--help"])
