@@ -1,39 +1,35 @@
-"""The ``streamdet-train`` command: every training tool as a subcommand.
+"""The ``streamdet-train`` command: every training tool as a subcommand (:data:`training.tools.TOOLS`).
 
-``streamdet-train train ...`` is ``python -m training.train ...``, and so on for each tool; each
-subcommand parses its own arguments (``streamdet-train evaluate --help``). The command needs the
-``train`` extra (``pip install 'streamdet[train]'``: PyTorch); ``calibrate`` and ``build-engine``
-are the deployment tools of :mod:`engines.build`, also ``streamdet calibrate`` / ``build-engine``
-without PyTorch.
+``streamdet-train train ...`` is ``python -m training.train ...``, and so on for each tool. The
+tools need the ``train`` extra (PyTorch); without it the command says so in one line.
 """
 
 from __future__ import annotations
 
-from engines.build.commands import BUILD_ENGINE, CALIBRATE
-from streamdet.cli import Command, Subcommand
-from training import dataset, evaluate, export, export_semantic, render_video, train
+import sys
+from collections.abc import Sequence
 
-main = Command(
-    "streamdet-train",
-    "Train, evaluate, export and calibrate streamdet models.",
-    (
-        Subcommand("train", "train a detector or semantic segmenter from scratch (python -m training.train)",
-                   train.main),
-        Subcommand("evaluate", "COCO mAP or mIoU of an ONNX model on a dataset (python -m training.evaluate)",
-                   evaluate.main),
-        Subcommand("export", "ONNX + model card from a detector checkpoint (python -m training.export)", export.main),
-        Subcommand("export-semantic",
-                   "ONNX + model card from a semantic checkpoint (python -m training.export_semantic)",
-                   export_semantic.main),
-        Subcommand("dataset", "write a synthetic COCO dataset over real video (python -m training.dataset)",
-                   dataset.main),
-        Subcommand("render-video", "render a demo video with ground truth (python -m training.render_video)",
-                   render_video.main),
-        CALIBRATE,
-        BUILD_ENGINE,
-    ),
-)
-"""The ``streamdet-train`` command (console script): ``streamdet-train COMMAND [ARGS...]``."""
+from streamdet.constants import EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``streamdet-train COMMAND [ARGS...]``.
+
+    Args:
+        argv: arguments without the program name (``sys.argv[1:]`` when None).
+
+    Returns:
+        The tool's exit status; 1 with one ``error:`` line when a training dependency is missing;
+        2 for an unknown or missing command.
+    """
+    try:
+        from training.tools import TOOLS
+    except ModuleNotFoundError as e:
+        print(f"error: streamdet-train needs {e.name}, from the train extra: pip install 'streamdet[train]'",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    return TOOLS(argv)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
