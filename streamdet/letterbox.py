@@ -130,12 +130,19 @@ def letterbox(
         out[py + rh :] = pad_value
         out[py : py + rh, :px] = pad_value
         out[py : py + rh, px + rw :] = pad_value
-    region = out[py : py + rh, px : px + rw]
-    if (rw, rh) == (image.shape[1], image.shape[0]):
-        region[...] = image
-    else:
-        cv2.resize(image, (rw, rh), dst=region, interpolation=cv2.INTER_LINEAR)
+    _paste_resized(image, out, p, cv2.INTER_LINEAR)
     return out, p
+
+
+def _paste_resized(src: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], p: LetterboxParams,
+                   interpolation: int) -> None:
+    """Resize ``src`` to ``p.resized_wh`` straight into its window of ``out`` (a copy if no resize)."""
+    (rw, rh), (px, py) = p.resized_wh, p.pad_xy
+    region = out[py : py + rh, px : px + rw]
+    if (rw, rh) == (src.shape[1], src.shape[0]):
+        region[...] = src
+    else:
+        cv2.resize(src, (rw, rh), dst=region, interpolation=interpolation)
 
 
 def boxes_input_to_frame(boxes_xyxy: FloatArray, params: LetterboxParams, clip: bool = True) -> FloatArray:
@@ -177,3 +184,33 @@ def boxes_frame_to_input(boxes_xyxy: FloatArray, params: LetterboxParams) -> Flo
     out[:, 0::2] = boxes_xyxy[:, 0::2] * sx + px
     out[:, 1::2] = boxes_xyxy[:, 1::2] * sy + py
     return out
+
+
+def letterbox_labels(
+    labels: npt.NDArray[np.uint8],
+    input_wh: tuple[int, int],
+    pad_label: int = 0,
+) -> tuple[npt.NDArray[np.uint8], LetterboxParams]:
+    """Letterbox a class map exactly like :func:`letterbox` does the image.
+
+    Same geometry (:func:`letterbox_params`), but nearest-neighbour interpolation
+    so no label is blended, and the border is filled with ``pad_label``.
+
+    Args:
+        labels: ``(H, W)`` uint8 class map.
+        input_wh: target size ``(width, height)``.
+        pad_label: class for the padded border (0 = background).
+
+    Returns:
+        The ``(ih, iw)`` uint8 letterboxed class map and its :class:`LetterboxParams`.
+
+    Raises:
+        ValueError: if ``labels`` is not a 2-D uint8 array.
+    """
+    if labels.ndim != 2 or labels.dtype != np.uint8:
+        raise ValueError(f"expected (H, W) uint8 class map, got shape {labels.shape} dtype {labels.dtype}")
+    p = letterbox_params((labels.shape[0], labels.shape[1]), input_wh)
+    iw, ih = p.input_wh
+    out = np.full((ih, iw), pad_label, dtype=np.uint8)
+    _paste_resized(labels, out, p, cv2.INTER_NEAREST)
+    return out, p

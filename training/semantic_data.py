@@ -17,9 +17,8 @@ import torch
 from tqdm import tqdm
 
 from streamdet.constants import DEFAULT_INPUT_WH, PAD_VALUE
-from streamdet.letterbox import LetterboxParams, letterbox
+from streamdet.letterbox import LetterboxParams, letterbox, letterbox_labels
 from training.augment import h264_roundtrip
-from training.semantic_model import letterbox_labels
 
 H264_CRF_RANGE = (20, 38)
 

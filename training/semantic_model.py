@@ -21,15 +21,12 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-import cv2
 import numpy as np
-import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from streamdet.constants import DEFAULT_INPUT_WH
-from streamdet.letterbox import LetterboxParams, letterbox_params
 from training.config_dict import PlainConfig, check_known_keys, plain_dict
 
 """Model input size ``(width, height)`` of the bundled semantic model (the detector's)."""
@@ -345,37 +342,3 @@ def gflops(model: nn.Module, input_wh: tuple[int, int]) -> float:
     from training.model import count_gflops
 
     return float(count_gflops(model, input_wh))
-
-
-def letterbox_labels(
-    labels: npt.NDArray[np.uint8],
-    input_wh: tuple[int, int],
-    pad_label: int = 0,
-) -> tuple[npt.NDArray[np.uint8], LetterboxParams]:
-    """Letterbox a class map exactly like :func:`streamdet.letterbox.letterbox` does the image.
-
-    Same geometry (:func:`streamdet.letterbox.letterbox_params`), but nearest-neighbour interpolation
-    so no label is blended, and the border is filled with ``pad_label``.
-
-    Args:
-        labels: ``(H, W)`` uint8 class map.
-        input_wh: target size ``(width, height)``.
-        pad_label: class for the padded border (0 = background).
-
-    Returns:
-        The ``(ih, iw)`` uint8 letterboxed class map and its :class:`~streamdet.letterbox.LetterboxParams`.
-
-    Raises:
-        ValueError: if ``labels`` is not a 2-D uint8 array.
-    """
-    if labels.ndim != 2 or labels.dtype != np.uint8:
-        raise ValueError(f"expected (H, W) uint8 class map, got shape {labels.shape} dtype {labels.dtype}")
-    p = letterbox_params((labels.shape[0], labels.shape[1]), input_wh)
-    (iw, ih), (rw, rh), (px, py) = p.input_wh, p.resized_wh, p.pad_xy
-    out = np.full((ih, iw), pad_label, dtype=np.uint8)
-    region = out[py : py + rh, px : px + rw]
-    if (rw, rh) == (labels.shape[1], labels.shape[0]):
-        region[...] = labels
-    else:
-        cv2.resize(labels, (rw, rh), dst=region, interpolation=cv2.INTER_NEAREST)
-    return out, p

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from streamdet.card import HeadLayout, Task, load_card
-from streamdet.letterbox import letterbox
+from streamdet.letterbox import letterbox, letterbox_labels
 from training import export_semantic as ex
 from training import train_semantic as ts
-from training.semantic_model import SemanticNet, SemanticNetConfig, count_parameters, gflops, letterbox_labels
+from training.semantic_model import SemanticNet, SemanticNetConfig, count_parameters, gflops
 from training.synth import CLASS_NAMES
 
 torch.set_num_threads(2)
