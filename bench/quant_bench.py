@@ -3,7 +3,7 @@
     python bench/quant_bench.py [--model engines/models/detector.onnx] [--data data/val]
         [--source pipeline/samples/demo.mp4] [--frames 64] [--images 300] [--threads 2] [--keep DIR]
 
-Calibrates the model with ``engines.build.calibrate`` (INT8 Q/DQ for TensorRT, INT8 U8S8 for the
+Calibrates the model with ``engines.deploy.calibrate`` (INT8 Q/DQ for TensorRT, INT8 U8S8 for the
 ONNX Runtime CPU, FP16), evaluates all of them with ``training.evaluate.evaluate_model`` (same
 preprocess, postprocess and COCO mAP as everywhere else) and times ONNX Runtime on one
 preprocessed batch of held-out images, the models interleaved in one loop so they share the
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
-    from engines.build.calibrate import main as calibrate_main
+    from engines.deploy.calibrate import main as calibrate_main
     from engines.onnxruntime_backend import OnnxRuntimeEngine
     from streamdet.card import load_card
     from streamdet.preprocess_ops import preprocess_batch

@@ -9,7 +9,7 @@ Model files per backend (``MODEL`` = the path without suffix):
 
 * ``onnxruntime``: ``MODEL.onnx`` (CPU execution provider; ``--device cuda`` needs ONNX Runtime's
   CUDA execution provider, i.e. the ``onnxruntime-gpu`` wheel).
-* ``tensorrt``: ``MODEL.engine`` (from ``engines.build.build_engine``); given ``MODEL.onnx`` it uses
+* ``tensorrt``: ``MODEL.engine`` (from ``engines.deploy.build_engine``); given ``MODEL.onnx`` it uses
   ``MODEL.engine`` beside it and (re)builds it from the ONNX when missing or stale.
 * ``cuda``: ``MODEL.pt2`` beside the ONNX (a ``torch.export`` program, see :mod:`engines.cuda_backend`).
 """

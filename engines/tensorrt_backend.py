@@ -74,7 +74,7 @@ class TensorRTEngine(Engine):
     """Runs a streamdet engine file with TensorRT.
 
     Args:
-        model_path: the engine file (``MODEL.engine``, from ``engines.build.build_engine``); given
+        model_path: the engine file (``MODEL.engine``, from ``engines.deploy.build_engine``); given
             ``MODEL.onnx``, the engine is ``MODEL.engine`` beside it with ``rebuild_from=MODEL.onnx``.
         rebuild_from: the ONNX model to (re)build the engine from when the file is missing, was built
             for another TensorRT/GPU, or was built from a different ONNX file; ``None``: such an
@@ -200,7 +200,7 @@ class TensorRTEngine(Engine):
         if not self.model_path.is_file():
             if self.rebuild_from is None:
                 raise EngineError(f"{self.model_path}: engine file not found (build it with python -m "
-                                  f"engines.build.build_engine MODEL.onnx --out {self.model_path})")
+                                  f"engines.deploy.build_engine MODEL.onnx --out {self.model_path})")
             reasons.append("no engine file")
         else:
             try:
@@ -220,14 +220,14 @@ class TensorRTEngine(Engine):
         if not reasons:
             return
         assert self.rebuild_from is not None
-        from engines.build.build_engine import BuildError, build_engine
+        from engines.deploy.build_engine import BuildError, build_engine
         from engines.engine_file import Precision
 
         batch = self.rebuild_batch or (old.batch if old is not None else BatchProfile(1, 8, 32))
         try:
             import onnx
 
-            from engines.build.graph import onnx_precision
+            from engines.deploy.graph import onnx_precision
 
             precision = Precision(onnx_precision(onnx.load(str(self.rebuild_from), load_external_data=False)))
             build_engine(onnx_path=self.rebuild_from, out_path=self.model_path, precision=precision, batch=batch,

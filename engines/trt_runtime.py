@@ -1,7 +1,7 @@
 """Finding TensorRT and describing the runtime a plan is built for (TensorRT version, GPU, compute capability).
 
 Both the TensorRT backend (:mod:`engines.tensorrt_backend`) and the engine builder
-(:mod:`engines.build.build_engine`) use it, so neither imports the other to get TensorRT.
+(:mod:`engines.deploy.build_engine`) use it, so neither imports the other to get TensorRT.
 """
 
 from __future__ import annotations

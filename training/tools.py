@@ -3,13 +3,13 @@
 ``streamdet-train train ...`` is ``python -m training.train ...``, and so on for each tool; each
 subcommand parses its own arguments (``streamdet-train evaluate --help``). The command needs the
 ``train`` extra (``pip install 'streamdet[train]'``: PyTorch); ``calibrate`` and ``build-engine``
-are the deployment tools of :mod:`engines.build`, also ``streamdet calibrate`` / ``build-engine``
+are the deployment tools of :mod:`engines.deploy`, also ``streamdet calibrate`` / ``build-engine``
 without PyTorch.
 """
 
 from __future__ import annotations
 
-from engines.build.commands import BUILD_ENGINE, CALIBRATE
+from engines.deploy.commands import BUILD_ENGINE, CALIBRATE
 from streamdet.cli import Command, Subcommand
 from training import dataset, evaluate, export, export_semantic, render_video, train
 

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from engines.base import EngineError  # noqa: E402
-from engines.build.build_engine import build_engine  # noqa: E402
+from engines.deploy.build_engine import build_engine  # noqa: E402
 from engines.engine_file import BatchProfile, Precision, RuntimeInfo, read_engine_header  # noqa: E402
 from engines.onnxruntime_backend import OnnxRuntimeEngine  # noqa: E402
 from engines.tensorrt_backend import TensorRTEngine, import_tensorrt  # noqa: E402
@@ -174,7 +174,7 @@ def test_real_tensorrt_matches_onnxruntime(tmp_path: Path, precision: Precision)
     onnx_path, _ = tiny_detector(tmp_path)
     src = onnx_path
     if precision is Precision.FP16:
-        from engines.build.calibrate import convert_fp16
+        from engines.deploy.calibrate import convert_fp16
 
         src = tmp_path / "tiny.fp16.onnx"
         convert_fp16(onnx_path, src)

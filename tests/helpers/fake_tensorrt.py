@@ -1,6 +1,6 @@
 """A stand-in for the ``tensorrt`` module, backed by ONNX Runtime on the CPU, for testing our TensorRT code here.
 
-It implements only the calls ``engines.build.build_engine`` and ``engines.tensorrt_backend`` make
+It implements only the calls ``engines.deploy.build_engine`` and ``engines.tensorrt_backend`` make
 (TensorRT 10 names and signatures), with the checks real TensorRT does on them (strongly typed
 network flag, a profile containing every input shape, named tensor addresses set before
 ``execute_async_v3``). The "plan" is a small JSON header plus the ONNX bytes; "executing" reads the

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engines.base import EngineError
-from engines.build.cli_errors import name_os_errors
+from engines.deploy.cli_errors import name_os_errors
 from engines.engine_file import BatchProfile, EngineHeader, Precision, RuntimeInfo, file_sha256, write_engine_file
 from streamdet.cli import enum_type, run_tool
 
@@ -65,7 +65,7 @@ def onnx_io(onnx_path: Path) -> tuple[str, tuple[int | str, int, int, int], tupl
     """
     import onnx
 
-    from engines.build.graph import onnx_precision
+    from engines.deploy.graph import onnx_precision
 
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
@@ -93,7 +93,7 @@ def check_int8_symmetric(onnx_path: Path) -> None:
 
     Raises:
         BuildError: if a ``QuantizeLinear``/``DequantizeLinear`` has a non-zero or uint8 zero point
-            (e.g. a ``engines.build.calibrate --target cpu`` model).
+            (e.g. a ``engines.deploy.calibrate --target cpu`` model).
     """
     import onnx
     from onnx import numpy_helper
@@ -246,7 +246,7 @@ PROG = "python -m training.build_engine"
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="ONNX model (FP32, or the FP16 / INT8 Q/DQ output of engines.build.calibrate)")
+    p.add_argument("model", help="ONNX model (FP32, or the FP16 / INT8 Q/DQ output of engines.deploy.calibrate)")
     precisions = [pr.value for pr in Precision]
     p.add_argument("--precision", type=enum_type(Precision), required=True, metavar="{" + ",".join(precisions) + "}",
                    help=f"the ONNX graph's precision (one of: {', '.join(precisions)})")

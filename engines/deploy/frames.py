@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from engines.build.options import CalibrationError
+from engines.deploy.options import CalibrationError
 from streamdet.card import ModelCard
 from streamdet.preprocess_ops import preprocess_batch
 

@@ -1,4 +1,4 @@
-"""engines.build.build_engine: input checks and CLI errors here; the build itself against the ONNX Runtime-backed
+"""engines.deploy.build_engine: input checks and CLI errors here; the build itself against the ONNX Runtime-backed
 stand-in ``tensorrt`` (tests/helpers/fake_tensorrt.py). Nothing here runs TensorRT."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from engines.build.build_engine import BuildError, build_engine, main  # noqa: E402
+from engines.deploy.build_engine import BuildError, build_engine, main  # noqa: E402
 from engines.engine_file import BatchProfile, Precision, RuntimeInfo, read_engine_header  # noqa: E402
 from tests.helpers import fake_tensorrt as fake  # noqa: E402
 
@@ -31,7 +31,7 @@ def models(tmp_path_factory: pytest.TempPathFactory, tiny_detector_onnx: Path) -
     fp32 = tiny_detector_onnx
     import numpy as np
 
-    from engines.build.calibrate import Int8Target, convert_fp16, load_model_card, quantize_int8
+    from engines.deploy.calibrate import Int8Target, convert_fp16, load_model_card, quantize_int8
 
     card = load_model_card(fp32)
     frames = iter([np.random.default_rng(i).integers(0, 256, (96, 128, 3), dtype=np.uint8) for i in range(4)])

@@ -10,17 +10,17 @@ Without ``--out-int8`` / ``--out-fp16`` both variants are written beside the mod
 whose ``provenance.precision`` names the precision; inputs and outputs stay float32.
 
 **INT8.** ``--frames`` frames, evenly spaced over all sources (videos decoded with PyAV, or image
-directories: :mod:`engines.build.frames`), calibrate an ONNX Runtime static quantization with the
-head's tail kept in FP32 (:mod:`engines.build.quantize`, graph analysis in :mod:`engines.build.graph`).
+directories: :mod:`engines.deploy.frames`), calibrate an ONNX Runtime static quantization with the
+head's tail kept in FP32 (:mod:`engines.deploy.quantize`, graph analysis in :mod:`engines.deploy.graph`).
 
 **FP16.** ``onnxconverter-common``'s float16 conversion with float32 inputs/outputs and the same
-head tail in FP32 (:func:`engines.build.quantize.convert_fp16`; ``pip install onnxconverter-common``).
+head tail in FP32 (:func:`engines.deploy.quantize.convert_fp16`; ``pip install onnxconverter-common``).
 
 Bad input (a source with no frames: an empty directory, a file that is not a video; a model
 without a card) prints one ``error: <path>: <problem>`` line and exits 1, leaving no output file.
 
 This module is the CLI; it also re-exports the public names of the modules above, so
-``from engines.build.calibrate import quantize_int8`` keeps working.
+``from engines.deploy.calibrate import quantize_int8`` keeps working.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from engines.build.cards import load_model_card, variant_card
-from engines.build.cli_errors import name_os_errors
-from engines.build.frames import (
+from engines.deploy.cards import load_model_card, variant_card
+from engines.deploy.cli_errors import name_os_errors
+from engines.deploy.frames import (
     DEFAULT_FRAMES,
     IMAGE_SUFFIXES,
     FrameCalibrationReader,
@@ -45,15 +45,15 @@ from engines.build.frames import (
     evenly_spaced,
     probe_source,
 )
-from engines.build.graph import (
+from engines.deploy.graph import (
     graph_input_name,
     head_fp32_nodes,
     name_unnamed_nodes,
     onnx_precision,
     restore_float32_outputs,
 )
-from engines.build.options import CalibrationError, CalibrationMethod, Int8Target, OutputPrecision
-from engines.build.quantize import FP16_INSTALL_HINT, INT8_OP_TYPES, convert_fp16, quantize_int8
+from engines.deploy.options import CalibrationError, CalibrationMethod, Int8Target, OutputPrecision
+from engines.deploy.quantize import FP16_INSTALL_HINT, INT8_OP_TYPES, convert_fp16, quantize_int8
 from streamdet.card import ModelCard, card_path_for
 from streamdet.cli import enum_option, run_tool
 

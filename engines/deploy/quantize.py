@@ -1,12 +1,12 @@
 """INT8 (Q/DQ, calibrated on frames) and FP16 conversion of an FP32 ONNX detector.
 
-**INT8.** Calibration frames (:mod:`engines.build.frames`) go through the runtime's own
+**INT8.** Calibration frames (:mod:`engines.deploy.frames`) go through the runtime's own
 preprocess into ONNX Runtime static quantization (``quant_pre_process``, then ``quantize_static``
 with ``QuantFormat.QDQ``, per-channel int8 weights, symmetric int8 activations, Q/DQ on the
 inputs of quantized ops only: the explicit-quantization form TensorRT builds as a strongly typed
 network). The head's tail stays FP32: everything between the last head convolutions and the
 outputs (the class sigmoid, the DFL softmax and its fixed 1x1 conv, the box decode arithmetic,
-the concatenations), found by :func:`engines.build.graph.head_fp32_nodes`. Quantizing the head's
+the concatenations), found by :func:`engines.deploy.graph.head_fp32_nodes`. Quantizing the head's
 sigmoid is a known INT8 failure (ultralytics/yolov5 #2509: mAP 0.362 -> 0.054); ultralytics keeps
 it in FP32 (ultralytics #24668). SiLU activations are not quantized either: only the op types of
 :data:`INT8_OP_TYPES` get Q/DQ (ONNX Runtime's default list would quantize every ``Sigmoid`` and
@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from engines.build.frames import FrameCalibrationReader, as_ort_reader
-from engines.build.graph import graph_input_name, head_fp32_nodes, name_unnamed_nodes, restore_float32_outputs
-from engines.build.options import CalibrationError, CalibrationMethod, Int8Target
+from engines.deploy.frames import FrameCalibrationReader, as_ort_reader
+from engines.deploy.graph import graph_input_name, head_fp32_nodes, name_unnamed_nodes, restore_float32_outputs
+from engines.deploy.options import CalibrationError, CalibrationMethod, Int8Target
 from streamdet.card import ModelCard
 
 __all__ = ["FP16_INSTALL_HINT", "INT8_OP_TYPES", "convert_fp16", "quantize_int8"]

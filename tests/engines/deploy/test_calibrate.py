@@ -1,4 +1,4 @@
-"""engines.build.calibrate: frame sampling, the FP32 head tail, INT8 (Q/DQ) and FP16 models run by ONNX Runtime."""
+"""engines.deploy.calibrate: frame sampling, the FP32 head tail, INT8 (Q/DQ) and FP16 models run by ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from engines.build.calibrate import (  # noqa: E402
+from engines.deploy.calibrate import (  # noqa: E402
     CalibrationError,
     calibration_frames,
     evenly_spaced,

@@ -1,4 +1,4 @@
-"""The build CLIs' options: Enum options print and accept their values; the FP16 install hint; engines.build
+"""The build CLIs' options: Enum options print and accept their values; the FP16 install hint; engines.deploy
 imports neither PyTorch nor the layers above it. Nothing here needs PyTorch or a model."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engines.build import build_engine, calibrate
-from engines.build.calibrate import CalibrationError, CalibrationMethod, Int8Target, convert_fp16
+from engines.deploy import build_engine, calibrate
+from engines.deploy.calibrate import CalibrationError, CalibrationMethod, Int8Target, convert_fp16
 from engines.engine_file import Precision
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -66,8 +66,8 @@ def test_fp16_without_the_converter_names_a_working_install(tmp_path: Path, monk
     assert not (tmp_path / "m.fp16.onnx").exists()
 
 
-def test_engines_build_imports_no_torch() -> None:
-    code = ("import sys, engines.build.calibrate, engines.build.build_engine, engines.tensorrt_backend; "
+def test_engines_deploy_imports_no_torch() -> None:
+    code = ("import sys, engines.deploy.calibrate, engines.deploy.build_engine, engines.tensorrt_backend; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'pipeline')); "
             "print(bad); raise SystemExit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engines.build.options import CalibrationError, OutputPrecision
+from engines.deploy.options import CalibrationError, OutputPrecision
 from streamdet.card import ModelCard, ModelCardError, card_from_ultralytics_metadata, card_path_for, load_card
 
 __all__ = ["load_model_card", "variant_card"]

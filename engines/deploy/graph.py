@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engines.build.options import CalibrationError
+from engines.deploy.options import CalibrationError
 
 __all__ = ["graph_input_name", "head_fp32_nodes", "name_unnamed_nodes", "onnx_precision", "restore_float32_outputs"]
 
