@@ -33,8 +33,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from engines.base import EngineError
 from engines.deploy.cards import load_model_card, variant_card
 from engines.deploy.cli_errors import name_os_errors
+from engines.deploy.coverage import confident_detections, coverage_warning
 from engines.deploy.frames import (
     DEFAULT_FRAMES,
     IMAGE_SUFFIXES,
@@ -184,10 +186,17 @@ def run(args: argparse.Namespace, command: str) -> None:
     card = load_model_card(model)
     sources = [probe_source(s) for s in args.source]  # every source is checked before anything is written
     if out_int8 is not None:
-        frames = calibration_frames(sources, args.frames)
+        frames = list(calibration_frames(sources, args.frames))
+        try:
+            found = confident_detections(model, card, frames)
+        except EngineError as e:
+            raise CalibrationError(str(e)) from e
+        warning = coverage_warning(card, len(frames), found, args.source)
+        if warning is not None:
+            print(f"warning: {warning}", file=sys.stderr)
         details = _write_variant(
             out_int8, card,
-            lambda tmp: quantize_int8(model, tmp, frames=frames, card=card, method=args.method,
+            lambda tmp: quantize_int8(model, tmp, frames=iter(frames), card=card, method=args.method,
                                       per_channel=not args.per_tensor, target=args.target),
             precision=OutputPrecision.INT8, model=model, command=command)
         print(f"wrote {out_int8} (int8 Q/DQ for {args.target.value}, {details['frames']} calibration frames, "
