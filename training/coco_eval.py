@@ -30,7 +30,8 @@ class IouType(str, Enum):
 
 
 
-def _round(v: float, nd: int) -> float:
+def round_result(v: float, nd: int) -> float:
+    """``v`` as a Python float rounded to ``nd`` decimals (COCO result files; numpy scalars accepted)."""
     return float(round(float(v), nd))
 
 
@@ -197,8 +198,8 @@ def detections_to_coco(dets: Detections, image_id: int, category_ids: Sequence[i
     out = []
     for (x1, y1, x2, y2), s, c in zip(b.tolist(), dets.scores.tolist(), dets.class_ids.tolist(), strict=True):
         out.append({"image_id": image_id, "category_id": int(category_ids[c]),
-                    "bbox": [_round(x1, 3), _round(y1, 3), _round(x2 - x1, 3), _round(y2 - y1, 3)],
-                    "score": _round(s, 5)})
+                    "bbox": [round_result(v, 3) for v in (x1, y1, x2 - x1, y2 - y1)],
+                    "score": round_result(s, 5)})
     return out
 
 

@@ -57,10 +57,10 @@ from streamdet.preprocess_ops import preprocess_batch
 from training.cli_common import remove_leftovers
 from training.coco_eval import (
     IouType,
-    _round,
     detections_to_coco,
     evaluate_coco,
     plot_pr_curves,
+    round_result,
     run_cocoeval,
     summarize_cocoeval,
 )
@@ -190,7 +190,7 @@ def _segm_results(
         rles = prototype_masks_to_rle(logits, det.boxes_xyxy, lb, cfg.mask_threshold)
         for rle, sc, c in zip(rles, det.scores.tolist(), det.class_ids.tolist(), strict=True):
             masks_json.append({"image_id": image_id, "category_id": int(category_ids[c]), "segmentation": rle,
-                               "score": _round(sc, 5)})
+                               "score": round_result(sc, 5)})
     return boxes_json, masks_json
 
 
