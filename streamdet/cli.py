@@ -4,7 +4,7 @@ Each tool (``python -m training.train``, ``python -m training.calibrate``, ...) 
 ``run(args)`` function; :func:`run_tool` does the rest the same way for all of them: parse, run,
 turn the tool's own errors into one ``error: ...`` line on stderr and exit status 1, and an
 ``OSError`` into ``error: FILE: reason``. :func:`enum_type` makes an Enum option print and accept
-its values (``--method percentile``), not ``CalibrationMethod.PERCENTILE``. :func:`dispatch`
+its values (``--method percentile``), not ``CalibrationMethod.PERCENTILE``. :class:`Command`
 runs a command with subcommands (``streamdet run``, ``streamdet-train evaluate``).
 """
 
@@ -113,46 +113,9 @@ class Subcommand:
     main: Callable[[list[str]], int]
 
 
-def dispatch(prog: str, description: str, commands: Sequence[Subcommand], argv: Sequence[str] | None = None,
-             *, epilog: str | None = None) -> int:
-    """Run ``PROG COMMAND [ARGS...]``: pick the subcommand and hand it the rest of the arguments.
-
-    Each subcommand parses its own arguments (``PROG COMMAND --help`` prints its options), so a
-    tool behaves the same as a subcommand and as ``python -m ...``.
-
-    Args:
-        prog: the command's name, for usage and error lines.
-        description: one paragraph for ``PROG --help``.
-        commands: the subcommands, in the order ``--help`` lists them.
-        argv: arguments without the program name (``sys.argv[1:]`` when None).
-        epilog: text after the list of subcommands in ``--help``.
-
-    Returns:
-        The subcommand's exit code; 0 for ``--help``; 2 (one ``error:`` line) for an unknown or
-        missing subcommand.
-    """
-    args = list(sys.argv[1:] if argv is None else argv)
-    by_name = {c.name: c for c in commands}
-    if not args or args[0] in ("-h", "--help"):
-        width = max(len(c.name) for c in commands)
-        lines = [f"usage: {prog} COMMAND [ARGS...]", "", description, "", "commands:"]
-        lines += [f"  {c.name:<{width}}  {c.help}" for c in commands]
-        lines += ["", f"'{prog} COMMAND --help' lists a command's options."]
-        if epilog:
-            lines += ["", epilog]
-        print("\n".join(lines), file=sys.stdout if args else sys.stderr)
-        return EXIT_OK if args else EXIT_USAGE
-    command = by_name.get(args[0])
-    if command is None:
-        print(f"error: {prog}: unknown command {args[0]!r} (choose from {', '.join(by_name)}; see --help)",
-              file=sys.stderr)
-        return EXIT_USAGE
-    return command.main(args[1:])
-
-
 @dataclass(frozen=True)
 class Command:
-    """A command with subcommands; calling it runs :func:`dispatch` (a console-script entry point).
+    """A command with subcommands; calling it runs one (a console-script entry point).
 
     Attributes:
         prog: the command's name.
@@ -167,5 +130,36 @@ class Command:
     epilog: str | None = None
 
     def __call__(self, argv: Sequence[str] | None = None) -> int:
-        """Run ``PROG COMMAND [ARGS...]`` with ``argv`` (``sys.argv[1:]`` when None); returns the exit status."""
-        return dispatch(self.prog, self.description, self.commands, argv, epilog=self.epilog)
+        """Run ``PROG COMMAND [ARGS...]``: pick the subcommand and hand it the rest of the arguments.
+
+        Each subcommand parses its own arguments (``PROG COMMAND --help`` prints its options), so a
+        tool behaves the same as a subcommand and as ``python -m ...``.
+
+        Args:
+            argv: arguments without the program name (``sys.argv[1:]`` when None).
+
+        Returns:
+            The subcommand's exit code; 0 for ``--help``; 2 (one ``error:`` line) for an unknown or
+            missing subcommand.
+        """
+        args = list(sys.argv[1:] if argv is None else argv)
+        by_name = {c.name: c for c in self.commands}
+        if not args or args[0] in ("-h", "--help"):
+            print(self.usage(), file=sys.stdout if args else sys.stderr)
+            return EXIT_OK if args else EXIT_USAGE
+        command = by_name.get(args[0])
+        if command is None:
+            print(f"error: {self.prog}: unknown command {args[0]!r} (choose from {', '.join(by_name)}; see --help)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        return command.main(args[1:])
+
+    def usage(self) -> str:
+        """The ``--help`` text: usage line, description, the subcommands with their help, epilog."""
+        width = max(len(c.name) for c in self.commands)
+        lines = [f"usage: {self.prog} COMMAND [ARGS...]", "", self.description, "", "commands:"]
+        lines += [f"  {c.name:<{width}}  {c.help}" for c in self.commands]
+        lines += ["", f"'{self.prog} COMMAND --help' lists a command's options."]
+        if self.epilog:
+            lines += ["", self.epilog]
+        return "\n".join(lines)
