@@ -11,8 +11,10 @@ runs a command with subcommands (``streamdet run``, ``streamdet-train evaluate``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from typing import NoReturn, TypeVar
@@ -69,6 +71,27 @@ def enum_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag:
     values = [str(m.value) for m in enum]
     parser.add_argument(flag, type=enum_type(enum), default=default, metavar="{" + ",".join(values) + "}",
                         help=f"{help} (one of: {', '.join(values)}; default {default.value})")
+
+
+@contextmanager
+def name_os_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Give an ``OSError`` raised inside that names no file ``path``, so its ``error:`` line names one.
+
+    :func:`run_tool` prints ``error: FILE: reason`` for an ``OSError``; a failed ``write`` on a full
+    disk (and the like) carries no file name, so the tool names the path it was working on.
+
+    Args:
+        path: the tool's main file (its model, output or run directory).
+
+    Raises:
+        OSError: the one raised inside, with ``filename`` set to ``path`` where it was empty.
+    """
+    try:
+        yield
+    except OSError as e:
+        if not e.filename:
+            e.filename = os.fspath(path)
+        raise
 
 
 def run_tool(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], None],

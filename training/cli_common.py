@@ -47,24 +47,6 @@ def command_line(module: str, argv: Sequence[str], *, quote: bool = True) -> str
     return f"python -m {module} " + (shlex.join(argv) if quote else " ".join(argv))
 
 
-@contextmanager
-def oserror_names(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Give an ``OSError`` without a file name ``path``, so its ``error:`` line names a file.
-
-    Args:
-        path: the tool's main output (e.g. the run directory).
-
-    Raises:
-        OSError: the one raised inside, with ``filename`` set where it was None.
-    """
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            e.filename = os.fspath(path)
-        raise
-
-
 def remove_leftovers(*paths: Path) -> None:
     """Delete the temporary files of a failed (or finished) atomic write that still exist.
 

@@ -46,9 +46,9 @@ from streamdet.card import (
     card_path_for,
     save_card,
 )
-from streamdet.cli import run_tool
+from streamdet.cli import name_os_errors, run_tool
 from streamdet.constants import PAD_VALUE
-from training.cli_common import command_line, oserror_names, remove_leftovers
+from training.cli_common import command_line, remove_leftovers
 from training.errors import ExportError
 from training.model import CHECKPOINT_FORMAT, NUM_MASK_COEFFS, Detector, DetectorConfig, model_summary
 
@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = command_line("training.export", argv)
 
     def run(args: argparse.Namespace) -> None:
-        with oserror_names(args.out):
+        with name_os_errors(args.out):
             run_export(args, command)
 
     return run_tool(build_parser(), run, argv, errors=(ExportError,))

@@ -28,10 +28,10 @@ import numpy.typing as npt
 import torch
 
 from streamdet.card import HeadLayout, HeadSpec, InputSpec, ModelCard, Normalization, Task, card_path_for, save_card
-from streamdet.cli import run_tool
+from streamdet.cli import name_os_errors, run_tool
 from streamdet.constants import PAD_VALUE
 from streamdet.letterbox import letterbox
-from training.cli_common import oserror_names, remove_leftovers
+from training.cli_common import remove_leftovers
 from training.errors import ExportError, TrainError
 from training.semantic_checkpoint import load_checkpoint
 from training.semantic_model import build_semantic_model, count_parameters, gflops, semantic_config_from_dict
@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> None:
     """Read ``--metrics-json``, export, and print what was written."""
-    with oserror_names(args.out):
+    with name_os_errors(args.out):
         held_out = None
         if args.metrics_json:
             try:

@@ -37,11 +37,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from streamdet.cli import run_tool
+from streamdet.cli import name_os_errors, run_tool
 from streamdet.constants import DEFAULT_INPUT_WH
 from training.augment import NO_AUGMENT, AugmentConfig
 from training.checkpoint import load_matching, make_checkpoint, save_checkpoint
-from training.cli_common import command_line, oserror_names, wh_type
+from training.cli_common import command_line, wh_type
 from training.detect_val import ValResult, coco_ground_truth, validate
 from training.ema import ModelEMA
 from training.errors import TrainError
@@ -178,7 +178,7 @@ def _init_from(model: torch.nn.Module, path: Path) -> None:
 
 def _train(args: argparse.Namespace, argv: list[str]) -> None:
     out = Path(args.out)
-    with oserror_names(out):
+    with name_os_errors(out):
         ckpt: dict[str, Any] | None = None
         if args.resume:
             args, ckpt = _load_resume(out, argv)

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from streamdet.cli import enum_option, run_tool
+from streamdet.cli import enum_option, name_os_errors, run_tool
 from streamdet.constants import PAD_VALUE
 from training.checkpoint import load_matching, save_checkpoint
-from training.cli_common import command_line, oserror_names, wh_type
+from training.cli_common import command_line, wh_type
 from training.errors import TrainError
 from training.loop import autocast, optimizer_step, setup_run, use_bf16
 from training.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
@@ -267,7 +267,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
         ckpt = load_checkpoint(out / "last.pt")
         _resume_args(args, ckpt)
     _check_args(args)
-    with oserror_names(out):
+    with name_os_errors(out):
         _run(args, argv, out, ckpt)
 
 

@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engines.base import EngineError
-from engines.deploy.cli_errors import name_os_errors
 from engines.engine_file import BatchProfile, EngineHeader, Precision, RuntimeInfo, file_sha256, write_engine_file
-from streamdet.cli import enum_type, run_tool
+from streamdet.cli import enum_type, name_os_errors, run_tool
 
 if TYPE_CHECKING:
     import tensorrt
@@ -274,7 +273,7 @@ def run(args: argparse.Namespace) -> None:
         batch = BatchProfile.parse(args.batch)
     except ValueError as e:
         raise BuildError(f"--batch: {e}") from e
-    with name_os_errors(args.out, BuildError):
+    with name_os_errors(args.out):
         header = build_engine(onnx_path=args.model, out_path=args.out, precision=args.precision, batch=batch,
                               timing_cache=args.timing_cache, workspace_gib=args.workspace_gib,
                               optimization_level=args.opt_level, device=args.device)

@@ -35,7 +35,6 @@ from typing import Any
 
 from engines.base import EngineError
 from engines.deploy.cards import load_model_card, variant_card
-from engines.deploy.cli_errors import name_os_errors
 from engines.deploy.coverage import confident_detections, coverage_warning
 from engines.deploy.frames import (
     DEFAULT_FRAMES,
@@ -57,7 +56,7 @@ from engines.deploy.graph import (
 from engines.deploy.options import CalibrationError, CalibrationMethod, Int8Target, OutputPrecision
 from engines.deploy.quantize import FP16_INSTALL_HINT, INT8_OP_TYPES, convert_fp16, quantize_int8
 from streamdet.card import ModelCard, card_path_for
-from streamdet.cli import enum_option, run_tool
+from streamdet.cli import enum_option, name_os_errors, run_tool
 
 __all__ = [
     "DEFAULT_FRAMES",
@@ -145,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = f"{PROG} " + shlex.join(argv)
 
     def run_named(args: argparse.Namespace) -> None:
-        with name_os_errors(args.model, CalibrationError):
+        with name_os_errors(args.model):
             run(args, command)
 
     return run_tool(build_parser(), run_named, argv, errors=(CalibrationError,))
