@@ -16,13 +16,16 @@ from pathlib import Path
 
 from engines.base import DeviceEngine, EngineError
 from pipeline.settings import Settings
+from pipeline.slotpool import pool_name
+from pipeline.sources.probe import SourceError, SourceInfo, probe_source
 from pipeline.stages.base import StageSpec
-from pipeline.stages.decode import DecodeSpec, SourceError, SourceInfo, probe_source
+from pipeline.stages.decode import DecodeSpec
 from pipeline.stages.engine import EngineSpec, ModelInfo, check_card_against_model, inspect_onnx, resolve_card
 from pipeline.stages.postprocess import PostprocessSpec, SinkConfig
 from pipeline.stages.preprocess import PreprocessSpec
 from pipeline.stages.stats import StatsConfig
 from pipeline.summary import PipelineError
+from pipeline.supervise import LedgerRef
 from pipeline.transport import StageEndpoints, redact_url
 from streamdet.card import ModelCard, ModelCardError
 from streamdet.messages import check_source_id
@@ -176,15 +179,17 @@ def prepare_model(settings: Settings, model_path: Path, card_path: Path | None, 
 
 
 def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpoints, pools: list[str],
-                tensor_pools: list[str]) -> list[StageSpec]:
+                tensor_pools: list[str], ledger: str | None = None) -> list[StageSpec]:
     """Describe every stage process of the run.
 
     Args:
         settings: the run's settings.
         prepared: the sources and model chains.
         endpoints: the pipeline's endpoints (per chain via :meth:`StageEndpoints.for_chain`).
-        pools: one frame-pool name per source.
-        tensor_pools: one tensor-pool name per chain.
+        pools: one frame-pool base name per source (generation 0 is created first).
+        tensor_pools: one tensor-pool base name per chain.
+        ledger: the shared-memory name of the run's :class:`~pipeline.supervise.Ledger` (None: no
+            supervision).
 
     Returns:
         The postprocess spec, then an engine and a preprocess spec per chain, then a decode spec per source.
@@ -196,6 +201,7 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
         jsonl=str(s.sinks.jsonl) if s.sinks.jsonl else None,
         video_out=str(s.sinks.video_out) if s.sinks.video_out else None,
         fps_by_source=tuple((src.source_id, src.fps) for src in p.sources),
+        jsonl_flush_ms=s.sinks.jsonl_flush_ms, jsonl_rotate=s.sinks.jsonl_rotate,
     )
     n = len(p.sources)
     ctl = endpoints.control
@@ -207,8 +213,10 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
                             sources=tuple((src.source_id, src.is_live) for src in p.sources),
                             interval_s=s.sinks.stats_interval_s if not s.quiet else 0.0,
                             metrics_port=s.sinks.metrics_port, metrics_host=s.sinks.metrics_host),
-                        cards_by_source=tuple((sid, c.card) for c in p.chains[1:] for sid in c.source_ids)),
+                        cards_by_source=tuple((sid, c.card) for c in p.chains[1:] for sid in c.source_ids),
+                        ledger=LedgerRef(name=ledger) if ledger else None),
     ]
+    chain_index = {sid: k for k, c in enumerate(p.chains) for sid in c.source_ids}
     pool_of = {src.source_id: pool for src, pool in zip(p.sources, pools, strict=True)}
     chain_of: dict[str, StageEndpoints] = {}
     for k, (chain, tensor_pool) in enumerate(zip(p.chains, tensor_pools, strict=True)):
@@ -218,21 +226,26 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
         post_cfg = s.postprocess.to_config()
         device_nms = post_cfg if chain.tensor_device is not None and device_nms_supported(chain.card, post_cfg) \
             else None
+        ref = LedgerRef(name=ledger, chain=k) if ledger else None
         specs += [
             EngineSpec(control=ctl, card=chain.card, model_path=str(chain.model.path), backend=s.engine.backend,
                        device=s.engine.device, intra_op_threads=s.engine.intra_op_threads,
                        allow_fallback=s.engine.allow_fallback, endpoints=ep, num_sources=m,
                        warmup_batch=chain.max_batch, device_batches=chain.tensor_device is not None,
-                       device_nms=device_nms),
+                       device_nms=device_nms, ledger=ref),
             PreprocessSpec(control=ctl, nice=s.preprocess.nice, card=chain.card, endpoints=ep,
-                           tensor_pool=tensor_pool, tensor_slots=s.preprocess.tensor_slots,
+                           tensor_pool=pool_name(tensor_pool, 0), tensor_slots=s.preprocess.tensor_slots,
                            max_batch=chain.max_batch, pad_batches=chain.pad_batches,
                            max_wait_ms=s.preprocess.max_wait_ms, keep_pixels=sinks.needs_pixels, num_sources=m,
-                           tensor_device=chain.tensor_device),
+                           tensor_device=chain.tensor_device, ledger=ref),
         ]
-    for src, pool in zip(p.sources, pools, strict=True):
-        specs.append(DecodeSpec(control=ctl, nice=s.decode.nice, source=src, pool=pool,
-                                num_slots=s.decode.slots if src.is_file else s.decode.live_slots,
-                                endpoints=chain_of[src.source_id], max_frames=s.max_frames, loop=s.decode.loop,
-                                threads=s.decode.threads, live=s.decode.live_options()))
+    batch_of = {sid: c.max_batch for c in p.chains for sid in c.source_ids}
+    for i, (src, pool) in enumerate(zip(p.sources, pools, strict=True)):
+        sid = src.source_id
+        # a frame keeps its slot until it is published: room for two batches in flight and then some
+        slots = max(s.decode.slots, 2 * batch_of[sid] + 2) if src.is_file else s.decode.live_slots
+        specs.append(DecodeSpec(control=ctl, nice=s.decode.nice, source=src, pool=pool_name(pool, 0),
+                                num_slots=slots, endpoints=chain_of[sid], max_frames=s.max_frames, loop=s.decode.loop,
+                                threads=s.decode.threads, live=s.decode.live_options(),
+                                ledger=LedgerRef(name=ledger, chain=chain_index[sid], source=i) if ledger else None))
     return specs

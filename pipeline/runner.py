@@ -12,6 +12,13 @@ model ONNX Runtime cannot load fails here); only then does the runner let the de
 The runner then follows the stages' status reports (progress bar, counts, errors) until the
 postprocess stage has passed every source's EOS to the sinks.
 
+Self-healing: a stage process that dies once the run has started (a signal, an unhandled
+exception, a non-zero exit) is restarted alone, up to ``supervise.max_restarts`` times within
+``supervise.window_s`` with backoff, and re-wired without disturbing the others; file frames are
+published exactly once and in order across restarts (the protocol is described in
+:mod:`pipeline.supervise`). A restart is published as ``status.<source_id>`` (state
+``stage_restarted``) and counted in the summary, the stats line and the Prometheus metrics.
+
 Stopping: the first SIGINT/SIGTERM closes the inputs (decoders send EOS, the rest drains, sinks
 flush; exit 130/143); a second one, a stage error or a drain longer than
 :data:`DRAIN_TIMEOUT_S` aborts at once. Children ignore SIGINT, watch their parent and die with
@@ -34,17 +41,19 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
 import zmq
 
 from pipeline.chains import ModelChain, PreparedRun, prepare_run, source_ids_for, stage_specs
+from pipeline.restarts import Child, Restarter, exit_reason, proc_alive
 from pipeline.settings import Settings
-from pipeline.slotpool import unlink_pool
+from pipeline.slotpool import pool_name, unlink_pool
+from pipeline.sources.probe import SourceInfo
 from pipeline.stages.base import StageSpec, stage_main
-from pipeline.stages.decode import DecodeSpec, SourceInfo
+from pipeline.stages.decode import DecodeSpec
 from pipeline.summary import (
     PipelineError,
     RunSummary,
@@ -53,6 +62,7 @@ from pipeline.summary import (
     format_summary,
     process_rss_kib,
 )
+from pipeline.supervise import Ledger, RestartPolicy
 from pipeline.transport import CONTROL_HWM, POLL_MS, TransportMode, ipc_endpoints, make_socket, tcp_endpoints
 from streamdet.card import ModelCard
 from streamdet.constants import EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
@@ -95,6 +105,21 @@ woken for each one, on CPUs the engine keeps busy, made the mask postprocess 2-3
 RSS_SAMPLE_S = 0.5
 """How often the runner samples the stages' resident memory (and calls the monitor)."""
 
+FORK_SERVER_PRELOAD = ["numpy", "zmq", "av", "onnxruntime", "pipeline.stages.decode", "pipeline.stages.preprocess",
+                       "pipeline.stages.engine", "pipeline.stages.postprocess"]
+"""Modules the fork server imports once, so that a restarted stage does not (no GPU library: a
+process must not fork with CUDA initialised)."""
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration (for the processes started meanwhile)."""
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
 
 class Pipeline:
     """One pipeline run: :meth:`prepare` (validation) then :meth:`run`.
@@ -117,8 +142,13 @@ class Pipeline:
         self.progress = (not settings.quiet and sys.stderr.isatty()) if progress is None else progress
         self.monitor = monitor
         self._prepared: PreparedRun | None = None
-        self._procs: list[tuple[StageName, str, Any]] = []
+        self._procs: list[Child] = []
         self._signals: list[int] = []
+        self._pool_names: set[str] = set()
+        self._ledger: Ledger | None = None
+        self._events: Any = None  # PUSH socket to the postprocess stage's events endpoint
+        self._fork_server = False
+        self._restarter: Restarter | None = None
         self.frames_done = 0
         """Frames through the whole pipeline so far (for monitors)."""
 
@@ -161,7 +191,25 @@ class Pipeline:
 
     def child_pids(self) -> list[int]:
         """Pids of the stage processes still running."""
-        return [p.pid for _, _, p in self._procs if p.pid is not None and p.is_alive()]
+        return [c.proc.pid for c in self._procs if c.proc.pid is not None and c.proc.is_alive()]
+
+    @property
+    def restarting(self) -> bool:
+        """Whether a stage restart is in progress (for monitors)."""
+        return bool(self._restarter is not None and self._restarter.pending)
+
+    def stage_pids(self) -> dict[str, int]:
+        """Pid of every running stage process by label.
+
+        Labels: ``decode:<source_id>``, ``preprocess``, ``engine``, ``postprocess``; a pipeline with
+        several models adds ``:<k>`` to the labels of chain ``k >= 1``.
+        """
+        out: dict[str, int] = {}
+        for c in self._procs:
+            if c.proc.pid is not None and c.proc.is_alive():
+                key = c.label if c.label not in out else f"{c.label}:{c.chain}"
+                out[key] = c.proc.pid
+        return out
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Ask for a graceful stop (what SIGINT/SIGTERM do); a second request aborts."""
@@ -191,28 +239,41 @@ class Pipeline:
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
         tmpdir = tempfile.mkdtemp(prefix="streamdet-")  # mode 0700: the ipc sockets are private
         token = uuid.uuid4().hex[:8]
-        pools = [f"sd-{token}-f{i}" for i in range(len(self._prepared.sources))]
+        pools = [f"sd-{token}-f{i}" for i in range(len(self._prepared.sources))]  # base names (generation 0 first)
         n_chains = len(self._prepared.chains)
         tensor_pools = [f"sd-{token}-t"] + [f"sd-{token}-t{k}" for k in range(1, n_chains)]
+        self._pool_names = {pool_name(base, 0) for base in [*pools, *tensor_pools]}
         ctx: zmq.Context[Any] = zmq.Context()
         control = None
+        ledger_name = f"sd-{token}-ledger"
         try:
             t = self.settings.transport
             endpoints = (tcp_endpoints(t.tcp_host, t.tcp_base_port, pools, n_chains) if t.mode is TransportMode.TCP
                          else ipc_endpoints(tmpdir, pools, n_chains))
             try:
                 control = make_socket(ctx, zmq.PULL, endpoints.control, bind=True, hwm=CONTROL_HWM)
+                self._ledger = Ledger.create(name=ledger_name, num_sources=len(pools), num_chains=n_chains)
+                if endpoints.events:
+                    self._events = make_socket(ctx, zmq.PUSH, endpoints.events, bind=False, hwm=CONTROL_HWM)
             except Exception as e:
                 raise PipelineError(str(e)) from e
             self._supervise(summary, control,
-                            stage_specs(self.settings, self._prepared, endpoints, pools, tensor_pools))
+                            stage_specs(self.settings, self._prepared, endpoints, pools, tensor_pools,
+                                        ledger=ledger_name))
         finally:
             self._shutdown()
             if control is not None:
                 control.close(0)
+            if self._events is not None:
+                self._events.close(0)
+                self._events = None
             ctx.term()
-            for name in [*pools, *tensor_pools]:
+            for name in self._pool_names:
                 unlink_pool(name)
+            if self._ledger is not None:
+                self._ledger.close()
+                self._ledger = None
+            unlink_pool(ledger_name)
             shutil.rmtree(tmpdir, ignore_errors=True)
             for signum, handler in old_handlers.items():
                 signal.signal(signum, handler)
@@ -221,23 +282,56 @@ class Pipeline:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals.append(signum)
 
+    def _spawn(self, spec: StageSpec, label: str, *, restart: bool = False) -> Any:
+        """Start one stage process and return it.
+
+        The first processes start with the spawn method (a fresh interpreter each); a restart is
+        forked from the run's fork server (:meth:`_start_fork_server`), whose interpreter has the
+        stage modules imported already: a restarted stage is ready in a fraction of the time.
+        """
+        ctx: Any = mp.get_context("forkserver" if restart and self._fork_server else "spawn")
+        proc = ctx.Process(target=stage_main, args=(spec, *self._events_args, os.getpid()),
+                           name=f"streamdet-{label}", daemon=True)
+        env = {} if spec.stage_name is StageName.ENGINE else \
+            {k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ}
+        with _environment(env):  # a spawned child starts with the parent's environment
+            proc.start()
+        return proc
+
+    def _restart_spawn(self, spec: StageSpec, label: str) -> Any:
+        if not self._fork_server:  # a file-only run starts the fork server at its first restart
+            self._start_fork_server()
+            return self._spawn(spec, label)
+        return self._spawn(spec, label, restart=True)
+
+    def _start_fork_server(self) -> None:
+        """Start the fork server restarts are forked from, importing the stage modules in it (in the background).
+
+        Started when the run starts if a source is live (a long-running deployment), else at the
+        first restart (which itself still spawns): the imports cost about 1 s of CPU. Only on Linux
+        and when restarts are allowed; any failure leaves restarts on the spawn method.
+        """
+        sv = self.settings.supervise
+        if sv.max_restarts == 0 or not sv.fork_server or not sys.platform.startswith("linux"):
+            return
+        try:
+            from multiprocessing import forkserver
+
+            mp.get_context("forkserver").set_forkserver_preload(FORK_SERVER_PRELOAD)
+            with _environment({k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ}):
+                forkserver.ensure_running()
+            self._fork_server = True
+        except (OSError, ValueError, RuntimeError):
+            self._fork_server = False
+
     def _start(self, specs: list[StageSpec], events: tuple[Any, Any, Any]) -> None:
-        mpctx = mp.get_context("spawn")
+        self._events_args = events
         for spec in specs:
             label = spec.stage_name.value
             if isinstance(spec, DecodeSpec):
                 label = f"decode:{spec.source.source_id}"
-            proc = mpctx.Process(target=stage_main, args=(spec, *events, os.getpid()),
-                                 name=f"streamdet-{label}", daemon=True)
-            env = {} if spec.stage_name is StageName.ENGINE else \
-                {k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ}
-            os.environ.update(env)  # a spawned child starts with the parent's environment
-            try:
-                proc.start()
-            finally:
-                for k in env:
-                    os.environ.pop(k, None)
-            self._procs.append((spec.stage_name, label, proc))
+            chain = spec.ledger.chain if getattr(spec, "ledger", None) is not None else 0  # type: ignore[attr-defined]
+            self._procs.append(Child(spec.stage_name, label, spec, self._spawn(spec, label), chain))
 
     def _supervise(self, summary: RunSummary, control: zmq.Socket[Any], specs: list[StageSpec]) -> None:
         mpctx = mp.get_context("spawn")
@@ -245,8 +339,15 @@ class Pipeline:
         self._abort = abort
         self._start(specs, (go, stop_input, abort))
         book = StatusBook(summary, abort)
+        sv = self.settings.supervise
+        policy = RestartPolicy(max_restarts=sv.max_restarts, window_s=sv.window_s,
+                               backoff_initial_s=sv.backoff_initial_s, backoff_max_s=sv.backoff_max_s)
+        assert self._ledger is not None
+        restarter = Restarter(ledger=self._ledger, policy=policy, spawn=self._restart_spawn, events=self._events,
+                              pool_names=self._pool_names)
+        self._restarter = restarter
         expected = self.expected_frames()
-        per_label = Counter(label for _, label, _ in self._procs)
+        per_label = Counter(c.label for c in self._procs)
         started = time.monotonic()
         wait_subs = self.settings.sinks.publish_wait_timeout_s if self.settings.sinks.publish else 0.0
         ready_deadline = started + STARTUP_TIMEOUT_S + wait_subs
@@ -254,7 +355,6 @@ class Pipeline:
         drain_deadline: float | None = None
         handled_signals = 0
         next_sample = 0.0
-        crashed: set[int] = set()
         try:
             while True:
                 # signals: the first closes the inputs (drain), a second one aborts
@@ -273,17 +373,27 @@ class Pipeline:
                 msg = self._recv_status(control)
                 if msg is not None and self._apply(book, msg):
                     break
-                for _, label, proc in self._procs:  # stage processes that died without a word
-                    if proc.exitcode not in (None, 0) and book.done[label] < per_label[label] \
-                            and proc.pid not in crashed:
-                        crashed.add(proc.pid)
-                        if not abort.is_set():
-                            book.fail(f"the {label} stage exited unexpectedly (exit code {proc.exitcode})")
-                if all(p.exitcode is not None for _, _, p in self._procs):
+                book.restartable = go_at is not None and policy.max_restarts > 0 and not abort.is_set()
+                for child in self._procs:  # stage processes that died
+                    code = child.proc.exitcode
+                    if code in (None, 0) or child.handled:
+                        continue
+                    child.handled = True
+                    reason = book.last_error.pop(child.label, "") or exit_reason(code)
+                    if book.restartable and not stop_input.is_set():
+                        error = restarter.died(child, reason)
+                        if error:
+                            book.fail(error)
+                    elif not abort.is_set():
+                        book.fail(f"the {child.label} stage exited unexpectedly ({reason})")
+                restarter.step(book, summary, abort.is_set())
+                if all(c.proc.exitcode is not None for c in self._procs) and not restarter.pending:
                     break
                 if go_at is None and book.ready.total() == len(self._procs) and not abort.is_set():
                     go.set()
                     go_at = time.monotonic()
+                    if any(src.is_live for src in self.sources):
+                        self._start_fork_server()  # after the stages: its imports must not slow their start
                     if self.progress:
                         from tqdm import tqdm
 
@@ -304,11 +414,13 @@ class Pipeline:
                     summary.peak_rss_kib = max(summary.peak_rss_kib, rss)
                     if self.monitor is not None:
                         self.monitor(self)
+            if self._ledger is not None:
+                self._ledger.set_finished()  # the preprocess and engine stages may exit now
             end = time.monotonic()
             summary.seconds = end - go_at if go_at is not None else 0.0
             # drain the remaining reports (OUTPUT lines come from the last stage's stop())
             deadline = time.monotonic() + JOIN_TIMEOUT_S
-            while time.monotonic() < deadline and any(p.is_alive() for _, _, p in self._procs):
+            while time.monotonic() < deadline and any(c.proc.is_alive() for c in self._procs):
                 msg = self._recv_status(control)
                 if msg is not None:
                     self._apply(book, msg)
@@ -337,21 +449,26 @@ class Pipeline:
     def _shutdown(self) -> None:
         """Join every stage process; kill those that do not exit in time."""
         abort = getattr(self, "_abort", None)
+        if self._ledger is not None:
+            self._ledger.set_finished()
+        procs = [c.proc for c in self._procs]
         deadline = time.monotonic() + JOIN_TIMEOUT_S
-        for _, _, proc in self._procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        if any(p.is_alive() for _, _, p in self._procs):
+        for proc in procs:
+            with contextlib.suppress(ValueError):
+                proc.join(max(0.0, deadline - time.monotonic()))
+        if any(proc_alive(p) for p in procs):
             if abort is not None:
                 abort.set()
             deadline = time.monotonic() + 2.0
-            for _, _, proc in self._procs:
-                proc.join(max(0.0, deadline - time.monotonic()))
-        for _, _, proc in self._procs:
-            if proc.is_alive():
+            for proc in procs:
+                with contextlib.suppress(ValueError):
+                    proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in procs:
+            if proc_alive(proc):
                 with contextlib.suppress(OSError):
                     proc.kill()
                 proc.join(2.0)
-        for _, _, proc in self._procs:
+        for proc in procs:
             with contextlib.suppress(ValueError):
                 proc.close()
         self._procs = []

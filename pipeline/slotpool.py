@@ -37,6 +37,27 @@ class SlotPoolError(RuntimeError):
     """A slot pool cannot be created or attached, or a slot is misused."""
 
 
+class StalePoolError(SlotPoolError):
+    """A message points into an older generation of a pool than one already seen (its owner restarted)."""
+
+
+GENERATION_SEP = "."
+"""Separator between a pool's base name and its generation (``sd-1a2b-f0.3``)."""
+
+
+def pool_name(base: str, generation: int) -> str:
+    """The shared-memory name of generation ``generation`` of pool ``base``."""
+    return f"{base}{GENERATION_SEP}{generation}"
+
+
+def split_pool_name(name: str) -> tuple[str, int]:
+    """``(base, generation)`` of a pool name; a name without a generation is generation 0."""
+    base, sep, gen = name.rpartition(GENERATION_SEP)
+    if sep and gen.isdigit():
+        return base, int(gen)
+    return name, 0
+
+
 def _align(n: int, a: int = SLOT_ALIGN) -> int:
     return (n + a - 1) // a * a
 
@@ -254,17 +275,33 @@ class PoolCache:
 
     def __init__(self) -> None:
         self._pools: dict[str, SlotPool] = {}
+        self._newest: dict[str, tuple[int, str]] = {}
 
     def get(self, name: str) -> SlotPool:
         """The pool called ``name``, attaching it the first time.
 
+        Pool names may end with a generation (:func:`pool_name`): a restarted owner creates the
+        next one. Seeing a newer generation detaches the older one; asking for an older generation
+        than the newest seen raises :class:`StalePoolError` (the caller drops that message).
+
         Raises:
+            StalePoolError: for an older generation than one already attached.
             SlotPoolError: if it cannot be attached.
         """
         pool = self._pools.get(name)
-        if pool is None:
-            pool = SlotPool.attach(name)
-            self._pools[name] = pool
+        if pool is not None:
+            return pool
+        base, gen = split_pool_name(name)
+        newest = self._newest.get(base)
+        if newest is not None and newest[0] > gen:
+            raise StalePoolError(f"shared memory {name!r}: generation {gen} is stale (generation {newest[0]} exists)")
+        pool = SlotPool.attach(name)
+        if newest is not None:
+            old = self._pools.pop(newest[1], None)
+            if old is not None:
+                old.close()
+        self._pools[name] = pool
+        self._newest[base] = (gen, name)
         return pool
 
     def close(self) -> None:

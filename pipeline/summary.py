@@ -61,6 +61,9 @@ class RunSummary:
         warnings: one line per problem that did not fail the run (a live source lost while others ran).
         exit_code: the process exit status.
         peak_rss_kib: peak resident memory (sum over the stage processes) seen while running.
+        restarts: stage restarts by stage label (``engine``, ``decode:<source_id>``, ...).
+        restart_log: ``(label, attempt, reason, down_s)`` of every restart, in order.
+        lost_frames: live frames lost in stage restarts (never published), by source id.
     """
 
     model: str
@@ -73,6 +76,9 @@ class RunSummary:
     warnings: list[str] = field(default_factory=list)
     exit_code: int = EXIT_OK
     peak_rss_kib: int = 0
+    restarts: dict[str, int] = field(default_factory=dict)
+    restart_log: list[tuple[str, int, str, float]] = field(default_factory=list)
+    lost_frames: dict[str, int] = field(default_factory=dict)
 
     @property
     def fps(self) -> float:
@@ -116,6 +122,9 @@ class StatusBook:
         done: ``done`` reports per stage label.
         bar: a tqdm progress bar to advance with the frames done, or None.
         frames_done: frames through the whole pipeline so far.
+        restartable: set by the runner while a dead stage would be restarted: a stage error is
+            then kept in :attr:`last_error` (the reason of the restart) instead of failing the run.
+        last_error: the last error line per stage label.
     """
 
     def __init__(self, summary: RunSummary, abort: Any) -> None:
@@ -125,6 +134,8 @@ class StatusBook:
         self.ready: Counter[str] = Counter()
         self.done: Counter[str] = Counter()
         self.bar: Any = None
+        self.restartable = False
+        self.last_error: dict[str, str] = {}
 
     def fail(self, message: str) -> None:
         """Record a problem that fails the run and abort it."""
@@ -147,6 +158,9 @@ class StatusBook:
                 self.ready[label] += 1
             case StatusKind.PROGRESS:
                 if msg.stage is StageName.POSTPROCESS:
+                    lost = msg.counts.get("lost", 0)
+                    if lost:
+                        summary.lost_frames[msg.source_id] = summary.lost_frames.get(msg.source_id, 0) + lost
                     n = msg.counts.get("frames", 0)
                     summary.frames += n
                     summary.detections += msg.counts.get("detections", 0)
@@ -162,6 +176,9 @@ class StatusBook:
                 if r is not None:
                     r.error = msg.message
             case StatusKind.STAGE_ERROR:
+                if self.restartable:  # the stage exits and is restarted; this is the reason
+                    self.last_error[label] = msg.message
+                    return False
                 if not self.abort.is_set():  # the first error is the cause; later ones are consequences
                     summary.errors.append(msg.message)
                 if summary.exit_code == EXIT_OK:
@@ -171,7 +188,7 @@ class StatusBook:
                 summary.outputs.append(msg.message)
             case StatusKind.DONE:
                 self.done[label] += 1
-                if msg.stage is StageName.POSTPROCESS:
+                if msg.stage is StageName.POSTPROCESS and not (self.restartable and msg.counts.get("failed")):
                     return True
         return False
 
@@ -195,6 +212,10 @@ def format_summary(summary: RunSummary) -> list[str]:
     for r in summary.sources:
         how = r.reason or "not finished"
         lines.append(f"source {r.source_id}: {r.display}: {r.frames} frames ({how})")
+    if summary.restarts:
+        what = ", ".join(f"{label} {n}" for label, n in summary.restarts.items())
+        lost = sum(summary.lost_frames.values())
+        lines.append(f"restarts: {what}" + (f" (live frames lost: {lost})" if lost else ""))
     for out in summary.outputs:
         lines.append(f"output {out}")
     if not summary.outputs:

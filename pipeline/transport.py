@@ -140,13 +140,16 @@ class StageEndpoints:
         return out
 
     def credit_endpoint(self, pool: str) -> str:
-        """The credit endpoint of a frame pool.
+        """The credit endpoint of a frame pool (any generation of it, see :func:`pipeline.slotpool.pool_name`).
 
         Raises:
             KeyError: for an unknown pool.
         """
+        from pipeline.slotpool import split_pool_name
+
+        base = split_pool_name(pool)[0]
         for name, ep in self.frame_credits:
-            if name == pool:
+            if name in (pool, base):
                 return ep
         raise KeyError(f"no credit endpoint for pool {pool!r}")
 
@@ -337,5 +340,24 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
         return bool(libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def set_process_name(name: str) -> bool:
+    """Name this process for ``ps``/``top``/``pgrep`` (Linux ``prctl(PR_SET_NAME)``; at most 15 bytes kept).
+
+    The stage processes call it with ``sd-<stage>`` (``sd-engine``, ``sd-dec:<source_id>``), so
+    an operator (or a chaos test) can tell them apart.
+
+    Returns:
+        Whether it was set (False on other systems).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        pr_set_name = 15
+        return bool(libc.prctl(pr_set_name, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False

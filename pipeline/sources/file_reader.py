@@ -17,8 +17,8 @@ from pipeline.sources.options import DecodeThreads
 from pipeline.sources.probe import SourceInfo
 
 
-def file_frames(source: SourceInfo, *, threads: DecodeThreads,
-                on_error: Callable[[str], None]) -> Iterator[tuple[npt.NDArray[np.uint8], float, float]]:
+def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callable[[str], None],
+                skip: int = 0) -> Iterator[tuple[npt.NDArray[np.uint8] | None, float, float]]:
     """Decode a probed file source once, from its first frame to its last.
 
     Frames whose size differs from the probed ``frame_hw`` are rescaled to it (the frame slots
@@ -30,10 +30,13 @@ def file_frames(source: SourceInfo, *, threads: DecodeThreads,
         on_error: called with the problem (one line, credentials redacted) when the file cannot be
             opened, a read fails, too many packets in a row fail to decode (iteration ends), or, at
             the end, when packets were corrupt or failed to decode.
+        skip: the first ``skip`` frames are decoded but not converted; they are yielded with
+            ``rgb`` None (a restarted decoder resuming after the frames already published).
 
     Yields:
-        ``(rgb, pts_s, decode_ms)``: the frame, ``(H, W, 3)`` uint8 RGB; its presentation time,
-        seconds; the time spent reading, decoding and converting it, milliseconds.
+        ``(rgb, pts_s, decode_ms)``: the frame, ``(H, W, 3)`` uint8 RGB (None for a skipped
+        frame); its presentation time, seconds; the time spent reading, decoding and converting
+        it, milliseconds.
     """
     import av
 
@@ -79,6 +82,12 @@ def file_frames(source: SourceInfo, *, threads: DecodeThreads,
                 continue
             consecutive = 0
             for frame in frames:
+                if index < skip:
+                    pts_s = float(frame.time) if frame.time is not None else index * fallback_dt
+                    index += 1
+                    yield None, pts_s, 0.0
+                    t0 = time.perf_counter()
+                    continue
                 if frame.height != h0 or frame.width != w0:  # size change mid-stream: keep the slot size
                     frame = frame.reformat(width=w0, height=h0)
                 rgb: npt.NDArray[np.uint8] = frame.to_ndarray(format="rgb24")  # type: ignore[assignment]

@@ -32,6 +32,7 @@ from pipeline.transport import (
     make_socket,
     recv_parts,
     set_parent_death_signal,
+    set_process_name,
 )
 from streamdet.messages import Message, StageName, StatusKind, StatusMsg, decode_message
 
@@ -182,6 +183,20 @@ def frame_credit_sockets(ctx: zmq.Context[Any], endpoints: StageEndpoints) -> di
     return {pool: make_socket(ctx, zmq.PUSH, endpoint, bind=False) for pool, endpoint in endpoints.frame_credits}
 
 
+def credit_socket(sockets: dict[str, zmq.Socket[Any]], pool: str) -> zmq.Socket[Any]:
+    """The credit socket of a frame pool from :func:`frame_credit_sockets`, whatever its generation.
+
+    Raises:
+        KeyError: for an unknown pool.
+    """
+    sock = sockets.get(pool)
+    if sock is None:
+        from pipeline.slotpool import split_pool_name
+
+        sock = sockets[split_pool_name(pool)[0]]
+    return sock
+
+
 def close_sockets(flags: StageFlags, *, outputs: Iterable[zmq.Socket[Any] | None],
                   inputs: Iterable[zmq.Socket[Any] | None] = ()) -> None:
     """Close a stage's sockets: outputs lingering while the stage is alive, inputs at once.
@@ -207,8 +222,12 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
         go: event set by the runner when every stage is ready.
         stop_input: event set by the runner on SIGINT/SIGTERM (graceful stop).
         abort: event set by the runner to stop at once.
-        parent_pid: the runner's pid.
+        parent_pid: the runner's pid (a stage forked from the runner's fork server watches the
+            server instead, which exits with the runner).
     """
+    if os.getppid() != parent_pid and _pid_alive(parent_pid):
+        # forked from the runner's fork server (a restart): watch the server, which exits with the runner
+        parent_pid = os.getppid()
     flags = StageFlags(go=go, stop_input=stop_input, abort=abort, parent_pid=parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the runner decides
 
@@ -217,6 +236,7 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
 
     signal.signal(signal.SIGTERM, _on_term)
     set_parent_death_signal(signal.SIGKILL)
+    set_process_name(process_name(spec))
     if not flags.parent_alive():  # the runner died before we got here
         return
     ctx: zmq.Context[Any] = zmq.Context()
@@ -248,11 +268,31 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
             except Exception as e:
                 code = 1
                 status.send(StatusKind.STAGE_ERROR, message=describe_error(e, spec.stage_name))
-        status.send(StatusKind.DONE)
+        if code:
+            status.send(StatusKind.DONE, failed=1)
+        else:
+            status.send(StatusKind.DONE)
         status.close()
         ctx.term()
     if code:
         raise SystemExit(code)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def process_name(spec: StageSpec) -> str:
+    """The OS-level name of a stage's process: ``sd-<stage>``, ``sd-dec:<source_id>`` for a decoder (15 bytes kept)."""
+    if spec.stage_name is StageName.DECODE:
+        return f"sd-dec:{spec.source_id}"
+    return f"sd-{spec.stage_name.value}"
 
 
 def describe_error(e: BaseException, stage: StageName) -> str:

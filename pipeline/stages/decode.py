@@ -29,8 +29,8 @@ Live sources (any URL: ``rtsp://`` cameras, ...) run differently:
   an ``error`` status.
 
 Hardware decoding (``decode.hwaccel``) is described in :mod:`pipeline.sources.hwaccel`. Options,
-probing and the readers live in :mod:`pipeline.sources`; this module re-exports their public
-names so that ``pipeline.stages.decode`` stays the one import for the decode stage.
+probing and the readers live in :mod:`pipeline.sources` (import them from there: ``.probe``,
+``.options``, ``.live_reader``, ``.hwaccel``, ``.ffmpeg``).
 """
 
 from __future__ import annotations
@@ -44,21 +44,13 @@ import numpy.typing as npt
 import zmq
 
 from pipeline.slotpool import SlotCredits, SlotPool
-from pipeline.sources.ffmpeg import MAX_CONSECUTIVE_DECODE_ERRORS, open_input
 from pipeline.sources.file_reader import file_frames
-from pipeline.sources.hwaccel import HWACCEL_PROBE_PACKETS, hwaccel_problem
-from pipeline.sources.live_reader import LiveFrame, LiveOutcome, LiveReader, Mailbox
-from pipeline.sources.options import (
-    HWACCEL_FALLBACK_SETTING,
-    DecodeThreads,
-    HWAccelMode,
-    HWAccelOptions,
-    LiveOptions,
-    RtspTransport,
-    reconnect_delay,
-)
-from pipeline.sources.probe import LIVE_SCHEMES, SourceError, SourceInfo, check_live_url, probe_source
+from pipeline.sources.live_reader import LiveFrame, LiveOutcome, LiveReader
+from pipeline.sources.options import DecodeThreads, LiveOptions, reconnect_delay
+from pipeline.sources.probe import SourceInfo
 from pipeline.stages.base import Stage, StageSpec, StatusReporter, check_alive, close_sockets
+from pipeline.stages.replay import ReplayBook
+from pipeline.supervise import Ledger, LedgerRef
 from pipeline.transport import (
     CONTROL_HWM,
     POLL_MS,
@@ -80,32 +72,6 @@ from streamdet.messages import (
     StatusKind,
 )
 
-__all__ = [
-    "COUNTERS_EVERY_S",
-    "HWACCEL_FALLBACK_SETTING",
-    "HWACCEL_PROBE_PACKETS",
-    "LIVE_SCHEMES",
-    "MAX_CONSECUTIVE_DECODE_ERRORS",
-    "DecodeSpec",
-    "DecodeStage",
-    "DecodeThreads",
-    "HWAccelMode",
-    "HWAccelOptions",
-    "LiveFrame",
-    "LiveOptions",
-    "LiveOutcome",
-    "LiveReader",
-    "Mailbox",
-    "RtspTransport",
-    "SourceError",
-    "SourceInfo",
-    "check_live_url",
-    "hwaccel_problem",
-    "open_input",
-    "probe_source",
-    "reconnect_delay",
-]
-
 COUNTERS_EVERY_S = 1.0
 """How often a live decoder sends its counters (drops, frames received) to the postprocess stage."""
 
@@ -123,6 +89,8 @@ class DecodeSpec(StageSpec):
         loop: read a file source this many times in a row (soak tests).
         threads: decoder threading.
         live: live-source options.
+        ledger: the run's ledger (resume after a restart, replay after a downstream restart); None:
+            no supervision (the stage starts at frame 0 and never replays).
     """
 
     source: SourceInfo
@@ -133,6 +101,7 @@ class DecodeSpec(StageSpec):
     loop: int = 1
     threads: DecodeThreads = DecodeThreads.AUTO
     live: LiveOptions = LiveOptions()
+    ledger: LedgerRef | None = None
 
     stage_name: ClassVar[StageName] = StageName.DECODE
 
@@ -153,10 +122,13 @@ class DecodeSpec(StageSpec):
         events_out = None
         if self.source.is_live and ep.events:
             events_out = make_socket(ctx, zmq.PUSH, ep.events, bind=False, hwm=CONTROL_HWM)
+        ledger = Ledger.attach(self.ledger.name) if self.ledger is not None else None
         return DecodeStage(source=self.source, pool=pool, credits_in=credits_in, frames_out=frames_out,
                            status=status, flags=flags, max_frames=self.max_frames, loop=self.loop,
                            threads=self.threads, live=self.live, events_out=events_out,
-                           pool_name="" if ep.inline else self.pool, num_slots=self.num_slots)
+                           pool_name="" if ep.inline else self.pool, num_slots=self.num_slots,
+                           ledger=ledger, ledger_chain=self.ledger.chain if self.ledger else 0,
+                           ledger_source=self.ledger.source if self.ledger else 0)
 
 
 class DecodeStage(Stage):
@@ -176,6 +148,11 @@ class DecodeStage(Stage):
         events_out: PUSH socket for :class:`SourceStatusMsg` (live sources; None: not sent).
         pool_name: name of the pool to create at the first frame of a live source ("" : inline).
         num_slots: slots of that pool.
+        ledger: the run's ledger (None: no supervision). With it, the stage starts after the
+            frames already published (a file) or sent (a live source) by an earlier incarnation,
+            and sends its unpublished frames again whenever its chain's replay generation changes.
+        ledger_chain: the source's model chain in the ledger.
+        ledger_source: the source's index in the ledger.
     """
 
     name = StageName.DECODE
@@ -184,7 +161,8 @@ class DecodeStage(Stage):
                  frames_out: zmq.Socket[Any], status: StatusReporter, flags: StageFlags,
                  max_frames: int | None = None, loop: int = 1, threads: DecodeThreads = DecodeThreads.AUTO,
                  live: LiveOptions | None = None, events_out: zmq.Socket[Any] | None = None,
-                 pool_name: str = "", num_slots: int = 0) -> None:
+                 pool_name: str = "", num_slots: int = 0, ledger: Ledger | None = None, ledger_chain: int = 0,
+                 ledger_source: int = 0) -> None:
         self.source = source
         self.pool = pool
         self.live = live or LiveOptions()
@@ -208,7 +186,9 @@ class DecodeStage(Stage):
         self.loop = max(1, loop) if source.is_file else 1
         self.threads = threads
         self.credits = SlotCredits(pool.num_slots) if pool is not None else None
-        self.frames_sent = 0
+        self.book = ReplayBook(ledger=ledger, chain=ledger_chain, source=ledger_source)
+        self.first_index = self.book.first_index(is_file=source.is_file)
+        self.frames_sent = self.first_index
         self._error = ""
 
     def start(self) -> None:
@@ -229,12 +209,17 @@ class DecodeStage(Stage):
 
     def _decode_all(self) -> EosReason:
         pts_offset = 0.0
+        to_skip = self.first_index  # frames an earlier incarnation already had published
         for _ in range(self.loop):
             last_pts = None
             for frame_rgb, pts_s, decode_ms in file_frames(self.source, threads=self.threads,
-                                                           on_error=self._set_error):
+                                                           on_error=self._set_error, skip=to_skip):
                 if not self.flags.input_open():
                     return EosReason.INTERRUPTED
+                if frame_rgb is None:
+                    to_skip -= 1
+                    last_pts = pts_s
+                    continue
                 if not self._send_frame(frame_rgb, pts_s + pts_offset, decode_ms):
                     return EosReason.INTERRUPTED
                 last_pts = pts_s
@@ -256,6 +241,8 @@ class DecodeStage(Stage):
     def _send_frame(self, rgb: npt.NDArray[np.uint8], pts_s: float, decode_ms: float) -> bool:
         h, w = rgb.shape[:2]
         t0 = time.perf_counter()
+        self._maybe_replay()
+        self.book.reserve(self.frames_sent + 1)
         if self.pool is None:
             msg = FrameMsg(self.source.source_id, self.frames_sent, pts_s, (h, w), INLINE_SLOT, "",
                            time.monotonic(), decode_ms)
@@ -268,6 +255,7 @@ class DecodeStage(Stage):
             ms = decode_ms + (time.perf_counter() - t0) * 1000.0
             msg = FrameMsg(self.source.source_id, self.frames_sent, pts_s, (h, w), slot, self.pool.name,
                            time.monotonic(), ms)
+            self.book.lend(slot, msg)
             send_parts(self.frames_out, [msg.encode()], self.flags.alive)
         self.frames_sent += 1
         return True
@@ -276,8 +264,14 @@ class DecodeStage(Stage):
         assert self.credits is not None
         while self.credits_in.poll(timeout_ms, zmq.POLLIN):
             credit = CreditMsg.decode(self.credits_in.recv())
-            self.credits.release(credit.slot)
+            if self.book.credited(credit):  # else stale: an older pool generation, or another frame
+                self.credits.release(credit.slot)
             timeout_ms = 0
+
+    def _maybe_replay(self) -> None:
+        """Send the unpublished frames (and the EOS, if sent) again once the chain's replay generation changed."""
+        for msg in self.book.due():
+            send_parts(self.frames_out, [msg.encode()], self.flags.alive)
 
     def _acquire_slot(self) -> int | None:
         """A free slot, waiting for credits; None if the input was closed meanwhile."""
@@ -286,6 +280,7 @@ class DecodeStage(Stage):
         slot = self.credits.acquire()
         while slot is None:
             check_alive(self.flags)
+            self._maybe_replay()
             if not self.flags.input_open():
                 return None
             self._drain_credits(POLL_MS)
@@ -295,16 +290,25 @@ class DecodeStage(Stage):
     def _send_eos(self, reason: EosReason) -> None:
         error = self._error or ("stopped" if reason is EosReason.ERROR else "")
         eos = EndOfStream(self.source.source_id, self.frames_sent, reason, error if reason is EosReason.ERROR else "")
+        self._maybe_replay()
+        self.book.eos = eos
         send_parts(self.frames_out, [eos.encode()], self.flags.alive)
         self.status.send(StatusKind.PROGRESS, source_id=self.source.source_id, decoded=self.frames_sent)
 
     def _await_credits(self) -> None:
-        """Keep the pool alive until every slot is back (consumers may still be reading it)."""
-        if self.credits is None:
-            return
-        while not self.credits.all_free:
+        """Keep the pool alive until every slot is back and, supervised, the EOS is published.
+
+        Until then a restart downstream may ask for a replay of the unpublished frames.
+        """
+        while True:
             check_alive(self.flags)
-            self._drain_credits(POLL_MS)
+            self._maybe_replay()
+            if (self.credits is None or self.credits.all_free) and self.book.published():
+                return
+            if self.credits is not None:
+                self._drain_credits(POLL_MS)
+            else:
+                time.sleep(POLL_MS / 1000)
 
     # ------------------------------------------------------------------------- live sources
     def _event(self, state: SourceState, *, message: str = "", next_delay_s: float = 0.0,
@@ -339,6 +343,7 @@ class DecodeStage(Stage):
                 return True
             if self.credits is not None:
                 self._drain_credits(int(min(left * 1000, POLL_MS)))
+                self._maybe_replay()
             else:
                 time.sleep(min(left, POLL_MS / 1000))
             self._counters_due()
@@ -395,6 +400,7 @@ class DecodeStage(Stage):
                 if not self.flags.input_open():
                     return LiveOutcome.STOPPED, "stopped"
                 self._counters_due()
+                self._maybe_replay()
                 now = time.monotonic()
                 if not connected and reader.connected.is_set():
                     connected = True
@@ -448,6 +454,7 @@ class DecodeStage(Stage):
             self._first_hw = (h, w)
             held = self.credits.acquire()
         decode_ms = item.decode_ms + (time.perf_counter() - t0) * 1000.0
+        self.book.reserve(self.frames_sent + 1)
         if self.pool is None:  # tcp transport: no slots; drop rather than queue at the high-water mark
             msg = FrameMsg(self.source.source_id, self.frames_sent, item.pts_s, (h, w), INLINE_SLOT, "",
                            item.capture_mono, decode_ms)
@@ -466,6 +473,7 @@ class DecodeStage(Stage):
             np.copyto(self.pool.view(held, (h, w, 3)), rgb)
             msg = FrameMsg(self.source.source_id, self.frames_sent, item.pts_s, (h, w), held, self.pool.name,
                            item.capture_mono, decode_ms + 0.0)
+            self.book.lend(held, msg)
             send_parts(self.frames_out, [msg.encode()], self.flags.alive)
         self.frames_sent += 1
         return ""
@@ -473,6 +481,7 @@ class DecodeStage(Stage):
     def stop(self) -> None:
         """Close the sockets and unlink the pool."""
         close_sockets(self.flags, outputs=(self.frames_out, self.events_out), inputs=(self.credits_in,))
+        self.book.close()
         if self.pool is not None:
             self.pool.close()
             self.pool = None

@@ -32,8 +32,9 @@ import numpy as np
 import zmq
 
 from engines.base import Backend, DeviceEngine, Engine, EngineError
-from pipeline.slotpool import PoolCache
+from pipeline.slotpool import PoolCache, StalePoolError
 from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter, close_sockets, receive
+from pipeline.supervise import Ledger, LedgerRef
 from pipeline.transport import (
     StageEndpoints,
     StageFlags,
@@ -248,6 +249,8 @@ class EngineSpec(StageSpec):
         device_batches: batches come from a device tensor pool (the engine must have ``infer_device``).
         device_nms: with device batches, run NMS on the device with these thresholds (a
             ``streamdet.postprocess.PostprocessConfig``; None: send the raw outputs to the host).
+        ledger: the run's ledger (engine generation; the stage stays until the run finished);
+            None: no supervision.
     """
 
     card: ModelCard
@@ -261,6 +264,7 @@ class EngineSpec(StageSpec):
     warmup_batch: int = 0
     device_batches: bool = False
     device_nms: Any = None
+    ledger: LedgerRef | None = None
 
     stage_name: ClassVar[StageName] = StageName.ENGINE
 
@@ -275,7 +279,9 @@ class EngineSpec(StageSpec):
         return EngineStage(engine=engine, card=self.card, batches_in=batches_in, results_out=results_out,
                            tensor_credits_out=credits_out, status=status, flags=flags,
                            num_sources=self.num_sources, warmup_batch=self.warmup_batch,
-                           device_batches=self.device_batches, device_nms=self.device_nms)
+                           device_batches=self.device_batches, device_nms=self.device_nms,
+                           ledger=Ledger.attach(self.ledger.name) if self.ledger is not None else None,
+                           ledger_chain=self.ledger.chain if self.ledger is not None else 0)
 
 
 class EngineStage(Stage):
@@ -296,6 +302,10 @@ class EngineStage(Stage):
             first); the engine must have ``infer_device(batch: torch.Tensor) -> list[torch.Tensor]``.
         device_nms: with device batches, a ``streamdet.postprocess.PostprocessConfig`` to run NMS on
             the device with (detect heads only); None: raw outputs go to the host.
+        ledger: the run's ledger (None: no supervision). With it, the stage drops batches stamped
+            with an older engine generation than its own (made for a dead engine, their tensor
+            slots already reclaimed) and runs until the ledger says the run finished.
+        ledger_chain: the stage's model chain in the ledger.
     """
 
     name = StageName.ENGINE
@@ -303,7 +313,7 @@ class EngineStage(Stage):
     def __init__(self, *, engine: Engine, card: ModelCard, batches_in: zmq.Socket[Any],
                  results_out: zmq.Socket[Any], tensor_credits_out: zmq.Socket[Any], status: StatusReporter,
                  flags: StageFlags, num_sources: int, warmup_batch: int = 0, device_batches: bool = False,
-                 device_nms: Any = None) -> None:
+                 device_nms: Any = None, ledger: Ledger | None = None, ledger_chain: int = 0) -> None:
         self.engine = engine
         self.warmup_batch = warmup_batch
         self.card = card
@@ -320,6 +330,9 @@ class EngineStage(Stage):
         self.device_nms = device_nms
         self._device_pools: Any = None  # DeviceTensorPoolCache once a PoolHandleMsg arrived
         self._device_engine: DeviceEngine | None = None  # the engine, once start() checked it runs device batches
+        self.ledger = ledger
+        self.generation = ledger.engine_gen(ledger_chain) if ledger is not None else 0
+        self.stale_batches = 0
 
     def start(self) -> None:
         """Load the model, map the card's output names onto its outputs, run the warm-up batch.
@@ -346,23 +359,29 @@ class EngineStage(Stage):
             self.engine.infer(np.zeros((self.warmup_batch, 3, ih, iw), dtype=np.dtype(self.card.input.dtype)))
 
     def run(self) -> None:
-        """Infer every batch until every source has sent EOS."""
-        ended = 0
-        while ended < self.num_sources:
+        """Infer every batch until every source has sent EOS (supervised: until the run finished)."""
+        ended: set[str] = set()
+        while len(ended) < self.num_sources or (self.ledger is not None and not self.ledger.finished):
             got = receive(self.batches_in, self.flags)
             if got is None:
                 continue
             msg, parts = got
             if isinstance(msg, BatchMsg):
-                if self.device_batches:
-                    self._infer_device(msg, parts)
-                else:
-                    self._infer(msg, parts)
+                if msg.generation < self.generation:  # made for a dead engine: its frames are replayed
+                    self.stale_batches += 1
+                    continue
+                try:
+                    if self.device_batches:
+                        self._infer_device(msg, parts)
+                    else:
+                        self._infer(msg, parts)
+                except StalePoolError:  # from a preprocess stage that has restarted since
+                    self.stale_batches += 1
             elif isinstance(msg, PoolHandleMsg):
                 self._open_device_pool(msg)
             elif isinstance(msg, EndOfStream):
                 send_parts(self.results_out, [msg.encode()], self.flags.alive)
-                ended += 1
+                ended.add(msg.source_id)
             else:
                 raise StageError(f"engine: expected BatchMsg, PoolHandleMsg or EndOfStream, got {type(msg).__name__}")
 
@@ -379,7 +398,7 @@ class EngineStage(Stage):
         engine_ms = (time.perf_counter() - t0) * 1000.0
         del tensor
         if msg.tensor_slot != INLINE_SLOT:
-            credit = CreditMsg(msg.tensor_pool, msg.tensor_slot)
+            credit = CreditMsg(msg.tensor_pool, msg.tensor_slot, msg.tag)
             send_parts(self.tensor_credits_out, [credit.encode()], self.flags.alive)
         n = len(msg.frames)
         outputs = [np.ascontiguousarray(raw[i][:n]) for i in self._order]
@@ -429,7 +448,7 @@ class EngineStage(Stage):
         synchronize(tensor.device)  # done reading the slot before handing it back
         engine_ms = (time.perf_counter() - t0) * 1000.0
         del tensor, raw, ordered
-        credit = CreditMsg(msg.tensor_pool, msg.tensor_slot)
+        credit = CreditMsg(msg.tensor_pool, msg.tensor_slot, msg.tag)
         send_parts(self.tensor_credits_out, [credit.encode()], self.flags.alive)
         outputs = [np.ascontiguousarray(o) for o in outputs]
         specs = tuple(TensorSpec.of(name, arr) for name, arr in zip(names, outputs, strict=True))
@@ -446,3 +465,6 @@ class EngineStage(Stage):
             self._device_pools.close()
             self._device_pools = None
         close_sockets(self.flags, outputs=(self.results_out, self.tensor_credits_out), inputs=(self.batches_in,))
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None

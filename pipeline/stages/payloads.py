@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.transport import redact_url
-from streamdet.messages import EndOfStream, FrameRecord, SourceStatusMsg
+from streamdet.messages import EndOfStream, FrameRecord, SourceStatusMsg, StageRestartMsg
 
 DETECTIONS_SCHEMA = "streamdet.detections/1"
 """Schema id of the published detection messages."""
@@ -24,6 +24,9 @@ EOS_SCHEMA = "streamdet.eos/1"
 
 STATUS_SCHEMA = "streamdet.status/1"
 """Schema id of the published source status events."""
+
+STAGE_RESTARTED = "stage_restarted"
+"""``state`` of the status event published when a stage process was restarted after a crash."""
 
 DETECTIONS_TOPIC = "detections"
 EOS_TOPIC = "eos"
@@ -138,6 +141,19 @@ def status_payload(msg: SourceStatusMsg) -> dict[str, Any]:
     return {"schema": STATUS_SCHEMA, "source_id": msg.source_id, "state": msg.state.value, "attempt": msg.attempt,
             "next_delay_s": round(msg.next_delay_s, 3), "message": redact_url(msg.message),
             "time": round(msg.time, 6), "dropped": msg.dropped}
+
+
+def restart_payload(msg: StageRestartMsg, source_id: str) -> dict[str, Any]:
+    """The published status object of a stage restart that affected ``source_id`` (schema :data:`STATUS_SCHEMA`).
+
+    Returns:
+        ``{schema, source_id, state: "stage_restarted", attempt, next_delay_s: 0, message, time,
+        dropped: 0, stage, down_s, restarts}``: ``message`` is why the stage died, ``down_s`` how
+        long it was down, ``restarts`` the run's restarts so far.
+    """
+    return {"schema": STATUS_SCHEMA, "source_id": source_id, "state": STAGE_RESTARTED, "attempt": msg.attempt,
+            "next_delay_s": 0.0, "message": redact_url(msg.reason), "time": round(msg.time, 6), "dropped": 0,
+            "stage": msg.stage.value, "down_s": round(msg.down_s, 3), "restarts": msg.total}
 
 
 def dumps(payload: Mapping[str, Any]) -> bytes:

@@ -25,18 +25,22 @@ from typing import Any, ClassVar
 import numpy as np
 import zmq
 
-from pipeline.slotpool import PoolCache
+from pipeline.slotpool import PoolCache, StalePoolError
 from pipeline.stages.base import (
     Stage,
     StageError,
     StageSpec,
     StatusReporter,
     close_sockets,
+    credit_socket,
     frame_credit_sockets,
     receive,
 )
+from pipeline.stages.ordering import PublishOrder, Verdict
+from pipeline.stages.payloads import restart_payload
 from pipeline.stages.sinks import FrameResult, JsonlSink, PubSink, Sink, VideoSink, detections_payload, status_payload
 from pipeline.stages.stats import LiveStats, StatsConfig
+from pipeline.supervise import Ledger, LedgerRef
 from pipeline.transport import (
     CONTROL_HWM,
     POLL_MS,
@@ -50,13 +54,33 @@ from streamdet.messages import (
     INLINE_SLOT,
     CreditMsg,
     EndOfStream,
+    FrameRecord,
     ResultMsg,
     SourceStatusMsg,
     StageName,
+    StageRestartMsg,
     StatusKind,
     decode_message,
 )
 from streamdet.postprocess import KEPT_OUTPUTS, PostprocessConfig, postprocess, unpack_detections
+
+RESUME_SUBSCRIBERS_WAIT_S = 5.0
+"""Longest wait of a restarted postprocess stage for the subscribers of the dead one to reconnect
+(ZeroMQ subscribers reconnect by themselves, every 100 ms by default); what is published before a
+subscriber is back never reaches it (PUB semantics)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A frame ready for the sinks (kept while it waits behind a gap)."""
+
+    record: FrameRecord
+    detections: Any
+    model_name: str
+    class_names: Sequence[str]
+    engine_ms: float
+    postprocess_ms: float
+    inline: Any  # the zmq frame of inline pixels, or None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +94,10 @@ class SinkConfig:
         jsonl: JSONL output file, or None.
         video_out: annotated video file, or None.
         fps_by_source: frame rate per source id (for the video sink).
+        resume: the stage was restarted after a crash: files written by the dead one are continued
+            (JSONL appended to, video kept as a finished segment) instead of started afresh.
+        jsonl_flush_ms: flush the JSONL file after every line (0) or at most this often, ms.
+        jsonl_rotate: start a new JSONL file this often or at this size (``1h``, ``100MB``; None: one file).
     """
 
     publish: str | None
@@ -78,6 +106,9 @@ class SinkConfig:
     jsonl: str | None = None
     video_out: str | None = None
     fps_by_source: tuple[tuple[str, float], ...] = ()
+    resume: bool = False
+    jsonl_flush_ms: float = 0.0
+    jsonl_rotate: str | None = None
 
     @property
     def needs_pixels(self) -> bool:
@@ -85,17 +116,27 @@ class SinkConfig:
         return self.video_out is not None
 
     def build(self, *, ctx: zmq.Context[Any], class_names: Sequence[str],
-              class_names_by_source: dict[str, Sequence[str]] | None = None) -> list[Sink]:
-        """Create the sinks (not opened); ``class_names_by_source`` overrides the names per source."""
+              class_names_by_source: dict[str, Sequence[str]] | None = None,
+              ledger: Ledger | None = None) -> list[Sink]:
+        """Create the sinks (not opened); ``class_names_by_source`` overrides the names per source.
+
+        With a ledger the publish sink records its subscriptions there; resuming, it first waits
+        (up to :data:`RESUME_SUBSCRIBERS_WAIT_S`) until the dead sink's subscribers have reconnected.
+        """
         sinks: list[Sink] = []
         if self.publish:
-            sinks.append(PubSink(ctx=ctx, endpoint=self.publish, wait_subscribers=self.publish_wait_subscribers,
-                                 wait_timeout_s=self.publish_wait_timeout_s))
+            wait, timeout = self.publish_wait_subscribers, self.publish_wait_timeout_s
+            if self.resume and ledger is not None:
+                wait, timeout = ledger.subscribers, RESUME_SUBSCRIBERS_WAIT_S
+            sinks.append(PubSink(ctx=ctx, endpoint=self.publish, wait_subscribers=wait, wait_timeout_s=timeout,
+                                 on_subscribers=ledger.set_subscribers if ledger is not None else None))
         if self.jsonl:
-            sinks.append(JsonlSink(path=self.jsonl))
+            sinks.append(JsonlSink(path=self.jsonl, flush_ms=self.jsonl_flush_ms, rotate=self.jsonl_rotate,
+                                   resume=self.resume))
         if self.video_out:
             sinks.append(VideoSink(path=self.video_out, fps_by_source=dict(self.fps_by_source),
-                                   class_names=class_names, class_names_by_source=class_names_by_source))
+                                   class_names=class_names, class_names_by_source=class_names_by_source,
+                                   resume=self.resume))
         return sinks
 
 
@@ -113,6 +154,8 @@ class PostprocessSpec(StageSpec):
         stats: per-source statistics (stats line, ``stats`` topic, Prometheus endpoint).
         cards_by_source: ``(source_id, card)`` for sources served by another model than ``card``
             (their messages carry that card's name, and its task picks their postprocess).
+        ledger: the run's ledger (publication state that survives a restart of this stage); None:
+            no supervision.
     """
 
     card: ModelCard
@@ -123,6 +166,7 @@ class PostprocessSpec(StageSpec):
     num_sources: int
     stats: StatsConfig = StatsConfig()
     cards_by_source: tuple[tuple[str, ModelCard], ...] = ()
+    ledger: LedgerRef | None = None
 
     stage_name: ClassVar[StageName] = StageName.POSTPROCESS
 
@@ -133,12 +177,14 @@ class PostprocessSpec(StageSpec):
         events_in = make_socket(ctx, zmq.PULL, ep.events, bind=True, hwm=CONTROL_HWM) if ep.events else None
         credits_out = frame_credit_sockets(ctx, ep)
         by_source = dict(self.cards_by_source)
+        ledger = Ledger.attach(self.ledger.name) if self.ledger is not None else None
         sinks = self.sinks.build(ctx=ctx, class_names=self.card.class_names,
-                                 class_names_by_source={k: c.class_names for k, c in by_source.items()})
+                                 class_names_by_source={k: c.class_names for k, c in by_source.items()}, ledger=ledger)
         return PostprocessStage(card=self.card, model_name=self.model_name, config=self.config,
                                 results_in=results_in, frame_credits_out=credits_out, sinks=sinks,
                                 status=status, flags=flags, num_sources=self.num_sources, events_in=events_in,
-                                stats=LiveStats(config=self.stats), cards_by_source=by_source)
+                                stats=LiveStats(config=self.stats), cards_by_source=by_source,
+                                ledger=ledger)
 
 
 class PostprocessStage(Stage):
@@ -157,6 +203,8 @@ class PostprocessStage(Stage):
         events_in: PULL socket (bound) of the decoders' :class:`SourceStatusMsg` (None: none).
         stats: the statistics (default: none printed).
         cards_by_source: card per source for sources served by another model (default: none).
+        ledger: the run's ledger (None: no supervision): the publication order state
+            (:class:`~pipeline.stages.ordering.PublishOrder`) lives there.
     """
 
     name = StageName.POSTPROCESS
@@ -164,7 +212,8 @@ class PostprocessStage(Stage):
     def __init__(self, *, card: ModelCard, model_name: str, config: PostprocessConfig, results_in: zmq.Socket[Any],
                  frame_credits_out: dict[str, zmq.Socket[Any]], sinks: Sequence[Sink], status: StatusReporter,
                  flags: StageFlags, num_sources: int, events_in: zmq.Socket[Any] | None = None,
-                 stats: LiveStats | None = None, cards_by_source: dict[str, ModelCard] | None = None) -> None:
+                 stats: LiveStats | None = None, cards_by_source: dict[str, ModelCard] | None = None,
+                 ledger: Ledger | None = None) -> None:
         self.card = card
         self.model_name = model_name
         # instance masks go out as COCO RLEs, so compute them straight in that form (box windows only)
@@ -183,6 +232,12 @@ class PostprocessStage(Stage):
         self.events_in = events_in
         self.live_stats = stats or LiveStats(config=StatsConfig(interval_s=0.0))
         self.cards_by_source = dict(cards_by_source or {})
+        self.ledger = ledger
+        # inline frames (tcp:// transport) cannot be sent again after a crash: no strict order then
+        self.order = PublishOrder(sources=self.live_stats.config.sources, ledger=ledger,
+                                  strict=bool(frame_credits_out))
+        self._sources = [sid for sid, _ in self.live_stats.config.sources]
+        self.duplicates = 0
 
     def start(self) -> None:
         """Open every sink (binds the PUB socket, waits for subscribers if configured).
@@ -208,6 +263,9 @@ class PostprocessStage(Stage):
         """Publish pending source status events and, when due, the stats line."""
         while self.events_in is not None and self.events_in.poll(0, zmq.POLLIN):
             ev = decode_message(self.events_in.recv())
+            if isinstance(ev, StageRestartMsg):
+                self._on_restart(ev)
+                continue
             if not isinstance(ev, SourceStatusMsg):
                 raise StageError(f"postprocess: expected SourceStatusMsg on the events socket, got {type(ev).__name__}")
             self.live_stats.on_status(ev)
@@ -221,14 +279,22 @@ class PostprocessStage(Stage):
             for sink in self._opened:
                 sink.stats(payload)
 
+    def _on_restart(self, ev: StageRestartMsg) -> None:
+        """Publish a stage restart as ``status.<source_id>`` of every source it affects, count it."""
+        self.live_stats.on_restart(ev.stage.value, ev.total)
+        for sid in [ev.source_id] if ev.source_id else self._sources:
+            payload = restart_payload(ev, sid)
+            for sink in self._opened:
+                sink.status(payload)
+
     def run(self) -> None:
-        """Process results until every source has sent EOS."""
-        ended = 0
+        """Process results until every source's EOS is published."""
+        self._ended = sum(1 for sid in self._sources if self.order.ended(sid))
         poller = zmq.Poller()
         poller.register(self.results_in, zmq.POLLIN)
         if self.events_in is not None:
             poller.register(self.events_in, zmq.POLLIN)
-        while ended < self.num_sources:
+        while self._ended < self.num_sources:
             poller.poll(POLL_MS)
             self._poll_events()
             got = receive(self.results_in, self.flags, 0)
@@ -238,14 +304,33 @@ class PostprocessStage(Stage):
             if isinstance(msg, ResultMsg):
                 self._handle(msg, parts)
             elif isinstance(msg, EndOfStream):
-                self._poll_events()  # the source's last status (eos, error) goes out before its EOS
-                for sink in self._opened:
-                    sink.end_of_stream(msg)
-                ended += 1
-                self.status.send(StatusKind.SOURCE_END, source_id=msg.source_id, message=msg.reason.value,
-                                 frames=msg.frames)
+                now, lost = self.order.eos(msg)
+                self._count_lost(msg.source_id, lost)
+                if now:
+                    self._publish_eos(msg)
             else:
                 raise StageError(f"postprocess: expected ResultMsg or EndOfStream, got {type(msg).__name__}")
+        if self.ledger is not None:  # nothing can need a replay any more: the other stages may exit now
+            self.ledger.set_finished()
+
+    def _publish_eos(self, msg: EndOfStream) -> None:
+        # a restarted decoder counts from where it resumed, while frames the dead one had sent were
+        # still published: the EOS counts what was published
+        frames = self.order.next_index(msg.source_id)
+        if frames > msg.frames:
+            msg = dataclasses.replace(msg, frames=frames)
+        self._poll_events()  # the source's last status (eos, error) goes out before its EOS
+        for sink in self._opened:
+            sink.end_of_stream(msg)
+        self.order.eos_published(msg.source_id)
+        self._ended += 1
+        self.status.send(StatusKind.SOURCE_END, source_id=msg.source_id, message=msg.reason.value,
+                         frames=msg.frames)
+
+    def _count_lost(self, source_id: str, lost: int) -> None:
+        if lost > 0:
+            self.live_stats.on_lost(source_id, lost)
+            self.status.send(StatusKind.PROGRESS, source_id=source_id, lost=lost)
 
     def _handle(self, msg: ResultMsg, parts: list[Any]) -> None:
         n_out = len(msg.outputs)
@@ -261,29 +346,64 @@ class PostprocessStage(Stage):
         else:
             dets = postprocess(arrays, [r.letterbox for r in msg.frames], card, self.config)
         post_ms = (time.perf_counter() - t0) * 1000.0
-        total = 0
+        frames = detections = 0
+        touched: set[str] = set()
         for record, d in zip(msg.frames, dets, strict=True):
             f = record.frame
-            pixels = None
-            if self.needs_pixels:
-                h, w = f.frame_hw
-                if f.slot >= 0:
-                    pixels = self._pools.get(f.pool).view(f.slot, (h, w, 3))
-                elif f.slot == INLINE_SLOT:
-                    pixels = np.frombuffer(next(inline_pixels).buffer, dtype=np.uint8).reshape(h, w, 3)
-            payload = detections_payload(record, d, model=model_name, class_names=card.class_names,
-                                         engine_ms=msg.engine_ms, postprocess_ms=post_ms)
-            self.live_stats.on_frame(f.source_id, payload["latency_ms"])
-            result = FrameResult(record, d, payload, pixels)
-            for sink in self._opened:
-                sink.write(result)
-            del result, pixels
+            inline = next(inline_pixels) if self.needs_pixels and f.slot == INLINE_SLOT else None
+            item = _Pending(record, d, model_name, card.class_names, msg.engine_ms, post_ms, inline)
+            verdict, lost = self.order.frame(f.source_id, f.frame_index, item)
+            self._count_lost(f.source_id, lost)
+            if verdict is Verdict.DUPLICATE:
+                self.duplicates += 1
+                self._credit(record)  # ignored by the decoder unless the slot still holds this frame
+            elif verdict is Verdict.PUBLISH and self._publish(item):
+                frames += 1
+                detections += len(d)
+                touched.add(f.source_id)
+        for sid in touched:  # frames held behind a gap that is now filled, then a held EOS
+            while (held := self.order.ready(sid)) is not None and self._publish(held):
+                frames += 1
+                detections += len(held.detections)
+            eos = self.order.ready_eos(sid)
+            if eos is not None:
+                self._publish_eos(eos)
+        self.frames += frames
+        self.detections += detections
+        if frames:
+            self.status.send(StatusKind.PROGRESS, frames=frames, detections=detections)
+
+    def _publish(self, item: _Pending) -> bool:
+        """Hand one frame to the sinks, record it, give its slot back; False if its pixels are gone."""
+        record, d = item.record, item.detections
+        f = record.frame
+        pixels = None
+        if self.needs_pixels:
+            h, w = f.frame_hw
             if f.slot >= 0:
-                send_parts(self.frame_credits_out[f.pool], [CreditMsg(f.pool, f.slot).encode()], self.flags.alive)
-            total += len(d)
-        self.frames += len(msg.frames)
-        self.detections += total
-        self.status.send(StatusKind.PROGRESS, frames=len(msg.frames), detections=total)
+                try:
+                    pixels = self._pools.get(f.pool).view(f.slot, (h, w, 3))
+                except StalePoolError:  # its decoder restarted: the new one sends the frame again
+                    self.order.skip(f.source_id, f.frame_index)
+                    return False
+            elif item.inline is not None:
+                pixels = np.frombuffer(item.inline.buffer, dtype=np.uint8).reshape(h, w, 3)
+        payload = detections_payload(record, d, model=item.model_name, class_names=item.class_names,
+                                     engine_ms=item.engine_ms, postprocess_ms=item.postprocess_ms)
+        self.live_stats.on_frame(f.source_id, payload["latency_ms"])
+        result = FrameResult(record, d, payload, pixels)
+        for sink in self._opened:
+            sink.write(result)
+        del result, pixels
+        self.order.published(f.source_id, f.frame_index)
+        self._credit(record)
+        return True
+
+    def _credit(self, record: FrameRecord) -> None:
+        f = record.frame
+        if f.slot >= 0:
+            credit = CreditMsg(f.pool, f.slot, f.frame_index)
+            send_parts(credit_socket(self.frame_credits_out, f.pool), [credit.encode()], self.flags.alive)
 
     def outputs_summary(self) -> list[str]:
         """One line per sink saying where its output went."""
@@ -303,5 +423,9 @@ class PostprocessStage(Stage):
         self._pools.close()
         self.live_stats.close()
         close_sockets(self.flags, outputs=self.frame_credits_out.values(), inputs=(self.results_in, self.events_in))
+        if self.ledger is not None:
+            self.order.ledger = None
+            self.ledger.close()
+            self.ledger = None
         if errors:
             raise StageError("; ".join(errors))

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from pipeline.slotpool import PoolCache, SlotCredits, SlotPool
+from pipeline.slotpool import PoolCache, SlotCredits, SlotPool, StalePoolError
 from pipeline.stages.base import (
     Stage,
     StageError,
@@ -34,9 +34,11 @@ from pipeline.stages.base import (
     StatusReporter,
     check_alive,
     close_sockets,
+    credit_socket,
     frame_credit_sockets,
     receive,
 )
+from pipeline.supervise import Ledger, LedgerRef
 from pipeline.transport import (
     POLL_MS,
     StageEndpoints,
@@ -124,6 +126,8 @@ class PreprocessSpec(StageSpec):
         num_sources: sources feeding the pipeline (the stage ends after that many EOS).
         tensor_device: preprocess on this torch device into a device tensor pool (``cuda``,
             ``cuda:N``; ``cpu`` only in tests, to run the same path without a GPU); None: on the host.
+        ledger: the run's ledger (engine generations; the stage stays until the run finished);
+            None: no supervision.
     """
 
     card: ModelCard
@@ -136,6 +140,7 @@ class PreprocessSpec(StageSpec):
     keep_pixels: bool
     num_sources: int
     tensor_device: str | None = None
+    ledger: LedgerRef | None = None
 
     stage_name: ClassVar[StageName] = StageName.PREPROCESS
 
@@ -164,7 +169,9 @@ class PreprocessSpec(StageSpec):
                                tensor_pool=tensor_pool, status=status, flags=flags, max_batch=self.max_batch,
                                pad_batches=self.pad_batches, max_wait_ms=self.max_wait_ms,
                                keep_pixels=self.keep_pixels, num_sources=self.num_sources,
-                               device_pool=device_pool)
+                               device_pool=device_pool,
+                               ledger=Ledger.attach(self.ledger.name) if self.ledger is not None else None,
+                               ledger_chain=self.ledger.chain if self.ledger is not None else 0)
 
 
 class PreprocessStage(Stage):
@@ -186,6 +193,11 @@ class PreprocessStage(Stage):
         num_sources: the stage ends after this many EOS.
         device_pool: a device tensor pool to preprocess into on its device instead (then
             ``tensor_pool`` is ignored); None: on the host.
+        ledger: the run's ledger (None: no supervision). With it, frame slots are not handed back
+            here (the postprocess stage does it once the frame is published), batches carry the
+            chain's engine generation, the tensor slots lent to a dead engine are reclaimed when a
+            new generation starts, and the stage runs until the ledger says the run finished.
+        ledger_chain: the stage's model chain in the ledger.
     """
 
     name = StageName.PREPROCESS
@@ -194,7 +206,8 @@ class PreprocessStage(Stage):
                  tensor_credits_in: zmq.Socket[Any], frame_credits_out: dict[str, zmq.Socket[Any]],
                  tensor_pool: SlotPool | None, status: StatusReporter, flags: StageFlags, max_batch: int,
                  pad_batches: bool, max_wait_ms: float, keep_pixels: bool, num_sources: int,
-                 device_pool: DeviceTensorPool | None = None) -> None:
+                 device_pool: DeviceTensorPool | None = None, ledger: Ledger | None = None,
+                 ledger_chain: int = 0) -> None:
         if max_batch < 1:
             raise ValueError(f"expected max_batch >= 1, got {max_batch}")
         self.card = card
@@ -233,14 +246,49 @@ class PreprocessStage(Stage):
         self._records: list[FrameRecord] = []
         self._pixels: list[Any] = []
         self._first_at = 0.0
+        self.ledger = ledger
+        self._chain = ledger_chain
+        self._engine_gen = ledger.engine_gen(ledger_chain) if ledger is not None else 0
+        if ledger is not None:
+            ledger.set_preprocess_ack(ledger_chain, self._engine_gen)
+        self._lent: dict[int, int] = {}  # tensor slot -> tag of the batch lent to the engine
+        self._batch_seq = 0
+        self.stale_frames = 0
+
+    def _check_engine_gen(self) -> None:
+        """Take over a new engine generation: reclaim the tensor slots lent to the dead engine."""
+        if self.ledger is None:
+            return
+        gen = self.ledger.engine_gen(self._chain)
+        if gen == self._engine_gen:
+            return
+        assert self._tensor_credits is not None or not self._lent
+        for slot in self._lent:
+            assert self._tensor_credits is not None
+            self._tensor_credits.release(slot)
+        self._lent.clear()
+        self._handle_sent = False  # the new engine needs the device pool's handle again
+        self._engine_gen = gen
+        self.ledger.set_preprocess_ack(self._chain, gen)
+
+    def _alive(self) -> bool:
+        """``flags.alive()`` for blocking sends, taking over a new engine generation meanwhile."""
+        self._check_engine_gen()
+        return self.flags.alive()
+
+    def _finished(self, ended: int) -> bool:
+        if self.ledger is None:
+            return ended >= self.num_sources
+        return ended >= self.num_sources and self.ledger.finished
 
     def start(self) -> None:
         """Nothing to acquire beyond what :meth:`PreprocessSpec.build` made."""
 
     def run(self) -> None:
-        """Batch frames until every source has sent EOS."""
-        ended = 0
-        while ended < self.num_sources:
+        """Batch frames until every source has sent EOS (supervised: until the run finished)."""
+        ended: set[str] = set()
+        while not self._finished(len(ended)):
+            self._check_engine_gen()
             timeout = POLL_MS
             if self._records:
                 left = self._first_at + self.max_wait_s - time.monotonic()
@@ -258,8 +306,8 @@ class PreprocessStage(Stage):
                     self._flush()
             elif isinstance(msg, EndOfStream):
                 self._flush()
-                send_parts(self.batches_out, [msg.encode()], self.flags.alive)
-                ended += 1
+                send_parts(self.batches_out, [msg.encode()], self._alive)
+                ended.add(msg.source_id)
             else:
                 raise StageError(f"preprocess: expected FrameMsg or EndOfStream, got {type(msg).__name__}")
 
@@ -273,6 +321,7 @@ class PreprocessStage(Stage):
             slot = self._tensor_credits.acquire()
             while slot is None:
                 check_alive(self.flags)
+                self._check_engine_gen()
                 self._drain_tensor_credits(POLL_MS)
                 slot = self._tensor_credits.acquire()
             self._tensor_slot = slot
@@ -285,22 +334,35 @@ class PreprocessStage(Stage):
 
     def _drain_tensor_credits(self, timeout_ms: int) -> None:
         assert self._tensor_credits is not None
+        pool = self.device_pool if self.device_pool is not None else self.tensor_pool
         while self.tensor_credits_in.poll(timeout_ms, zmq.POLLIN):
-            self._tensor_credits.release(CreditMsg.decode(self.tensor_credits_in.recv()).slot)
+            credit = CreditMsg.decode(self.tensor_credits_in.recv())
             timeout_ms = 0
+            if self.ledger is None:
+                self._tensor_credits.release(credit.slot)
+                continue
+            # stale: from a dead engine's era (slot reclaimed) or for an older pool generation
+            if pool is None or credit.pool != pool.name or self._lent.get(credit.slot) != credit.tag:
+                continue
+            del self._lent[credit.slot]
+            self._tensor_credits.release(credit.slot)
 
     def _add(self, frame: FrameMsg, inline: memoryview | None) -> None:
-        if not self._records:
-            if self._tensor_credits is not None:
-                self._drain_tensor_credits(0)
-            self._begin_batch()
-        assert self._tensor is not None
         t0 = time.perf_counter()
         h, w = frame.frame_hw
         if inline is not None:
             image = np.frombuffer(inline, dtype=np.uint8).reshape(h, w, 3)
         else:
-            image = self._pools.get(frame.pool).view(frame.slot, (h, w, 3))
+            try:
+                image = self._pools.get(frame.pool).view(frame.slot, (h, w, 3))
+            except StalePoolError:  # its decoder restarted: the new one sends the frame again
+                self.stale_frames += 1
+                return
+        if not self._records:
+            if self._tensor_credits is not None:
+                self._drain_tensor_credits(0)
+            self._begin_batch()
+        assert self._tensor is not None
         row = len(self._records)
         if self._gpu_letterbox is not None:
             params = self._letterbox_on_device(image, row)
@@ -308,10 +370,13 @@ class PreprocessStage(Stage):
             _, params = letterbox(image, self._input_wh, pad_value=self.card.pad_value, out=self._lb)
             self._normalize(self._lb, self._tensor[row])
         del image
-        if not self.keep_pixels:
+        if self.ledger is not None:  # the postprocess stage hands the slot back once published
+            if inline is not None and self.keep_pixels:
+                self._pixels.append(inline)
+        elif not self.keep_pixels:
             if frame.slot >= 0:
                 credit = CreditMsg(frame.pool, frame.slot)
-                send_parts(self.frame_credits_out[frame.pool], [credit.encode()], self.flags.alive)
+                send_parts(credit_socket(self.frame_credits_out, frame.pool), [credit.encode()], self.flags.alive)
             frame = replace(frame, slot=NO_SLOT, pool="")
         elif inline is not None:
             self._pixels.append(inline)
@@ -344,14 +409,18 @@ class PreprocessStage(Stage):
             synchronize(self._device)  # the engine reads the slot in another process
             if not self._handle_sent:
                 announce = PoolHandleMsg(pool_name, self.device_pool.handle().encode())
-                send_parts(self.batches_out, [announce.encode()], self.flags.alive)
+                send_parts(self.batches_out, [announce.encode()], self._alive)
                 self._handle_sent = True
-        msg = BatchMsg(tuple(self._records), self._tensor_slot, pool_name, (rows, 3, ih, iw), self._dtype.name)
+        self._batch_seq += 1
+        msg = BatchMsg(tuple(self._records), self._tensor_slot, pool_name, (rows, 3, ih, iw), self._dtype.name,
+                       self._engine_gen, self._batch_seq)
         parts: list[Any] = [msg.encode()]
         if self._tensor_slot == INLINE_SLOT:
             parts.append(np.ascontiguousarray(self._tensor[:rows]))
+        else:
+            self._lent[self._tensor_slot] = self._batch_seq
         parts.extend(self._pixels)
-        send_parts(self.batches_out, parts, self.flags.alive)
+        send_parts(self.batches_out, parts, self._alive)
         self._records = []
         self._pixels = []
         self._tensor = None
@@ -372,3 +441,6 @@ class PreprocessStage(Stage):
             self.device_pool.close()
             self.device_pool = None
         self._gpu_letterbox = None
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None

@@ -59,6 +59,7 @@ class _SourceStats:
     skipped: int = 0
     received: int = 0
     reconnects: int = 0
+    lost: int = 0
     interval_frames: int = 0
     latencies_ms: list[float] = field(default_factory=list)
 
@@ -84,6 +85,9 @@ class LiveStats:
         self._last = time.monotonic()
         self._metrics: dict[str, Any] = {}
         self._server: Any = None
+        self.restarts: dict[str, int] = {}
+        """Stage restarts seen by this process, by stage name."""
+        self._restarts_total = 0
 
     def open(self) -> None:
         """Start the Prometheus endpoint if configured.
@@ -103,6 +107,10 @@ class LiveStats:
             "skipped": pc.Counter("streamdet_skipped_frames", "Live frames skipped for max_fps", ["source"],
                                   registry=reg),
             "reconnects": pc.Counter("streamdet_reconnects", "Reconnection attempts", ["source"], registry=reg),
+            "lost": pc.Counter("streamdet_lost_frames", "Live frames lost in a stage restart", ["source"],
+                               registry=reg),
+            "restarts": pc.Counter("streamdet_stage_restarts", "Stage processes restarted after a crash", ["stage"],
+                                   registry=reg),
             "latency": pc.Histogram("streamdet_latency_seconds", "Capture to publish latency", ["source"],
                                     buckets=LATENCY_BUCKETS_S, registry=reg),
             "state": pc.Enum("streamdet_source_state", "Source state", ["source"],
@@ -133,6 +141,27 @@ class LiveStats:
         if self._metrics:
             self._metrics["frames"].labels(source_id).inc()
             self._metrics["latency"].labels(source_id).observe(latency_ms / 1000.0)
+
+    def on_lost(self, source_id: str, frames: int) -> None:
+        """Count live frames of ``source_id`` lost in a stage restart (never published)."""
+        st = self.sources.get(source_id)
+        if st is None or frames <= 0:
+            return
+        st.lost += frames
+        if self._metrics:
+            self._metrics["lost"].labels(source_id).inc(frames)
+
+    def on_restart(self, stage: str, total: int) -> None:
+        """Count a stage restart; ``total`` is the run's restarts so far (kept across postprocess restarts)."""
+        self.restarts[stage] = self.restarts.get(stage, 0) + 1
+        if self._metrics:
+            self._metrics["restarts"].labels(stage).inc()
+        self._restarts_total = max(total, sum(self.restarts.values()))
+
+    @property
+    def restarts_total(self) -> int:
+        """Stage restarts in the run so far."""
+        return max(self._restarts_total, sum(self.restarts.values()))
 
     def on_status(self, msg: SourceStatusMsg) -> None:
         """Apply a decoder's state and counters."""
@@ -175,12 +204,15 @@ class LiveStats:
             p50, p99 = percentiles_ms(st.latencies_ms)
             fps = st.interval_frames / dt
             lat = f"p50={p50:.0f}ms p99={p99:.0f}ms" if st.latencies_ms else "p50=- p99=-"
-            parts.append(f"{sid}: {st.state or '?'} {fps:.1f} fps drops={st.dropped} {lat}")
+            lost = f" lost={st.lost}" if st.lost else ""
+            parts.append(f"{sid}: {st.state or '?'} {fps:.1f} fps drops={st.dropped}{lost} {lat}")
             out[sid] = {"state": st.state or None, "fps": round(fps, 2), "frames": st.frames, "dropped": st.dropped,
-                        "skipped": st.skipped, "received": st.received, "reconnects": st.reconnects,
+                        "skipped": st.skipped, "received": st.received, "reconnects": st.reconnects, "lost": st.lost,
                         "latency_p50_ms": round(p50, 3) if st.latencies_ms else None,
                         "latency_p99_ms": round(p99, 3) if st.latencies_ms else None}
             st.interval_frames = 0
             st.latencies_ms = []
-        payload = {"schema": STATS_SCHEMA, "time": round(time.time(), 3), "interval_s": round(dt, 3), "sources": out}
-        return "stats " + " | ".join(parts), payload
+        payload = {"schema": STATS_SCHEMA, "time": round(time.time(), 3), "interval_s": round(dt, 3), "sources": out,
+                   "restarts": self.restarts_total}
+        tail = f" | restarts={self.restarts_total}" if self.restarts_total else ""
+        return "stats " + " | ".join(parts) + tail, payload

@@ -120,6 +120,11 @@ class BatchMsg(WireMessage):
         tensor_shape: ``(B, 3, H, W)`` of the input tensor; ``B >= len(frames)`` (a model with a
             static batch size gets padded batches; rows past ``len(frames)`` are padding).
         tensor_dtype: ``float32`` or ``float16``.
+        generation: the engine generation the batch was made for (the runner counts engine
+            restarts; an engine drops batches stamped with an older generation, whose tensor slots
+            the preprocess stage has already reclaimed).
+        tag: the batch's sequence number in the preprocess stage, handed back in the tensor
+            slot's :class:`CreditMsg` (a credit whose tag does not match is stale and ignored).
     """
 
     frames: tuple[FrameRecord, ...]
@@ -127,6 +132,8 @@ class BatchMsg(WireMessage):
     tensor_pool: str
     tensor_shape: tuple[int, int, int, int]
     tensor_dtype: str = "float32"
+    generation: int = 0
+    tag: int = -1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "frames", _check_records(self.frames))
@@ -141,6 +148,9 @@ class BatchMsg(WireMessage):
         object.__setattr__(self, "tensor_shape", shape)
         if self.tensor_dtype not in TENSOR_DTYPES:
             raise ValueError(f"expected tensor_dtype in {TENSOR_DTYPES}, got {self.tensor_dtype!r}")
+        check_count(self.generation, "generation")
+        if not isinstance(self.tag, int) or self.tag < -1:
+            raise ValueError(f"expected tag >= -1, got {self.tag!r}")
 
     @property
     def tensor_nbytes(self) -> int:
@@ -258,15 +268,22 @@ class CreditMsg(WireMessage):
     Attributes:
         pool: the slot pool's name.
         slot: the slot index.
+        tag: what the slot held when it was lent: the frame index for a frame slot, the batch
+            sequence number for a tensor slot (-1: any). The owner releases the slot only if the
+            tag matches, so a late or repeated credit (a frame sent twice after a stage restart)
+            can never free a slot that already holds something else.
     """
 
     pool: str
     slot: int
+    tag: int = -1
 
     def __post_init__(self) -> None:
         if not self.pool:
             raise ValueError("expected a pool name, got an empty one")
         check_count(self.slot, "slot")
+        if not isinstance(self.tag, int) or self.tag < -1:
+            raise ValueError(f"expected tag >= -1, got {self.tag!r}")
 
 
 @wire(MsgKind.STATUS)
@@ -361,7 +378,44 @@ class PoolHandleMsg(WireMessage):
             raise ValueError(f"expected the handle as non-empty bytes, got {type(self.handle).__name__}")
 
 
-Message = FrameMsg | BatchMsg | ResultMsg | EndOfStream | CreditMsg | StatusMsg | SourceStatusMsg | PoolHandleMsg
+@wire(MsgKind.STAGE_RESTART)
+@dataclass(frozen=True, slots=True)
+class StageRestartMsg(WireMessage):
+    """The runner restarted a stage process (runner -> postprocess events socket).
+
+    The postprocess stage publishes it as ``status.<source_id>`` (state ``stage_restarted``) for
+    every source the stage serves, and counts it in the stats line and Prometheus metrics.
+
+    Attributes:
+        stage: the restarted stage.
+        source_id: the source of a restarted decoder; empty for a shared stage (every source).
+        attempt: restarts of this stage within the supervision window, this one included (1, 2, ...).
+        reason: why it died (its last error line, or the exit code / signal).
+        time: when the restart happened, Unix seconds.
+        down_s: seconds from noticing the death to the new process reporting ready.
+        total: restarts of every stage in the run so far, this one included.
+    """
+
+    stage: StageName
+    source_id: str = ""
+    attempt: int = 1
+    reason: str = ""
+    time: float = 0.0
+    down_s: float = 0.0
+    total: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stage", StageName(self.stage))
+        if self.source_id:
+            check_source_id(self.source_id)
+        check_count(self.attempt, "attempt")
+        check_count(self.total, "total")
+        for name in ("time", "down_s"):
+            check_nonneg(getattr(self, name), name)
+
+
+Message = (FrameMsg | BatchMsg | ResultMsg | EndOfStream | CreditMsg | StatusMsg | SourceStatusMsg | PoolHandleMsg
+           | StageRestartMsg)
 """Any message that crosses a stage boundary."""
 
 
@@ -379,4 +433,5 @@ def decode_message(data: bytes | memoryview) -> Message:
             is unknown or a field is invalid.
     """
     return cast(Message, decode_wire(data))
+
 

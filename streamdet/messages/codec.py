@@ -34,7 +34,7 @@ import msgpack
 
 from streamdet.letterbox import LetterboxParams
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 """Version of the internal msgpack wire format; bumped on any incompatible change."""
 
 
@@ -49,6 +49,7 @@ class MsgKind(IntEnum):
     STATUS = 6
     SOURCE_STATUS = 7
     POOL_HANDLE = 8
+    STAGE_RESTART = 9
 
 
 Converter = Callable[[Any], Any]

@@ -11,14 +11,10 @@ import numpy as np
 import pytest
 
 from pipeline.settings import SettingsError, load_settings
-from pipeline.stages.decode import (
-    HWAccelMode,
-    HWAccelOptions,
-    SourceError,
-    hwaccel_problem,
-    open_input,
-    probe_source,
-)
+from pipeline.sources.ffmpeg import open_input
+from pipeline.sources.hwaccel import hwaccel_problem
+from pipeline.sources.options import HWAccelMode, HWAccelOptions
+from pipeline.sources.probe import SourceError, probe_source
 from tests.helpers.cli import run
 from tests.helpers.standin import bikes_path
 

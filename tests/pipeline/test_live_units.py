@@ -5,15 +5,9 @@ import random
 import pytest
 
 from pipeline.settings import SettingsError, SourceEntry, load_settings
-from pipeline.stages.decode import (
-    LiveFrame,
-    LiveOptions,
-    Mailbox,
-    SourceError,
-    check_live_url,
-    probe_source,
-    reconnect_delay,
-)
+from pipeline.sources.live_reader import LiveFrame, Mailbox
+from pipeline.sources.options import LiveOptions, reconnect_delay
+from pipeline.sources.probe import SourceError, check_live_url, probe_source
 from pipeline.stages.sinks import status_payload
 from pipeline.stages.stats import LiveStats, StatsConfig, percentiles_ms
 from streamdet.messages import SourceState, SourceStatusMsg, decode_message

@@ -10,7 +10,8 @@ import zmq
 
 from engines.base import Backend, EngineError
 from pipeline.annotate import class_color, draw_detections
-from pipeline.stages.decode import DecodeStage, SourceError, probe_source
+from pipeline.sources.probe import SourceError, probe_source
+from pipeline.stages.decode import DecodeStage
 from pipeline.stages.engine import check_card_against_model, inspect_onnx, make_engine, resolve_card
 from pipeline.stages.preprocess import Normalizer
 from pipeline.stages.sinks import (

@@ -24,6 +24,7 @@ from streamdet.messages import (
     SourceState,
     SourceStatusMsg,
     StageName,
+    StageRestartMsg,
     StatusKind,
     StatusMsg,
     TensorSpec,
@@ -178,36 +179,49 @@ def test_frame_roundtrip_property(idx, pts, h, w, slot):
     assert FrameMsg.decode(f.encode()) == f
 
 
-# Bytes the hand-written encoders (before the generic codec) produced for `wire_samples()`: the
-# generic codec must write exactly these (same msgpack array layout, float/bool conversions).
-OLD_WIRE_HEX = {
-    "frame": (
-        "9a0101a563616d5f3103cb3fbeb851eb851eb892cd0110cd028002a773642d782d6630cb4025000000000000cb3ff400"
-        "0000000000"
-    ),
-    "frame_int_floats": "9a0101a16300cb0000000000000000920204ffa0cb401c000000000000cb3fe0000000000000",
+# Bytes of wire version 2 for `wire_samples()` (version 1, the layout of the hand-written encoders
+# the generic codec replaced, gained CreditMsg.tag, BatchMsg.generation/tag and StageRestartMsg for
+# the self-healing stages): the codec must keep writing exactly these until the version changes.
+WIRE_HEX = {
     "batch": (
-        "970102929398a563616d5f3100cb000000000000000092cd0110cd028000a773642d782d6630cb4025000000000000cb"
+        "990202929398a563616d5f3100cb000000000000000092cd0110cd028000a773642d782d6630cb4025000000000000cb"
         "3ff400000000000098cd0110cd0280cd0280cd0180cd0280cd01100038cb3fe80000000000009398a563616d5f3101cb"
         "3fbeb851eb851eb892cd02d0cd050001a773642d782d6630cb4025000000000000cb3ff400000000000098cd02d0cd05"
         "00cd0280cd0180cd0280cd0168000ccb3fe800000000000001a673642d782d74940403cd0180cd0280a7666c6f617431"
-        "36"
+        "3600ff"
     ),
+    "batch_generation": (
+        "990202929398a563616d5f3100cb000000000000000092cd0110cd028000a773642d782d6630cb4025000000000000cb"
+        "3ff400000000000098cd0110cd0280cd0280cd0180cd0280cd01100038cb3fe80000000000009398a563616d5f3101cb"
+        "3fbeb851eb851eb892cd02d0cd050001a773642d782d6630cb4025000000000000cb3ff400000000000098cd02d0cd05"
+        "00cd0280cd0180cd0280cd0168000ccb3fe800000000000001a873642d782d742e31940403cd0180cd0280a7666c6f61"
+        "7433320211"
+    ),
+    "credit": "950205a4706f6f6c03ff",
+    "credit_tagged": "950205a4706f6f6c0329",
+    "eos": "960204a363616dccfaa866696e6973686564a0",
+    "eos_error": "960204a363616d72a56572726f72a97472756e6361746564",
+    "frame": (
+        "9a0201a563616d5f3103cb3fbeb851eb851eb892cd0110cd028002a773642d782d6630cb4025000000000000cb3ff400"
+        "0000000000"
+    ),
+    "frame_int_floats": "9a0201a16300cb0000000000000000920204ffa0cb401c000000000000cb3fe0000000000000",
+    "pool_handle": "940208a673642d782d74c40493010203",
     "result": (
-        "950103929398a563616d5f3100cb000000000000000092cd0110cd028000a773642d782d6630cb4025000000000000cb"
+        "950203929398a563616d5f3100cb000000000000000092cd0110cd028000a773642d782d6630cb4025000000000000cb"
         "3ff400000000000098cd0110cd0280cd0280cd0180cd0280cd01100038cb3fe80000000000009398a563616d5f3101cb"
         "3fbeb851eb851eb892cd02d0cd050001a773642d782d6630cb4025000000000000cb3ff400000000000098cd02d0cd05"
         "00cd0280cd0180cd0280cd0168000ccb3fe8000000000000cb40280000000000009293a76f757470757430a7666c6f61"
         "743332930254cd13b093a570726f746fa7666c6f6174313694022060cca0"
     ),
-    "eos": "960104a363616dccfaa866696e6973686564a0",
-    "eos_error": "960104a363616d72a56572726f72a97472756e6361746564",
-    "credit": "940105a4706f6f6c03",
-    "status": "970106ab706f737470726f63657373a870726f6772657373a0a082a66672616d657304aa646574656374696f6e7309",
-    "status_error": "970106a66465636f6465ac736f757263655f6572726f72a363616dae782e6d70343a20636f727275707480",
-    "source_status": "9c0107a363616dac7265636f6e6e656374696e6702cb4010000000000000a4676f6e65cb41d954fc40000000010203c2",
-    "source_status_default": "9c0107a363616da9636f6e6e656374656400cb0000000000000000a0cb0000000000000000000000c3",
-    "pool_handle": "940108a673642d782d74c40493010203",
+    "source_status": "9c0207a363616dac7265636f6e6e656374696e6702cb4010000000000000a4676f6e65cb41d954fc40000000010203c2",
+    "source_status_default": "9c0207a363616da9636f6e6e656374656400cb0000000000000000a0cb0000000000000000000000c3",
+    "stage_restart": (
+        "990209a6656e67696e65a002b16b696c6c6564206279205349474b494c4ccb41d954fc40000000cb3fe8000000000000"
+        "03"
+    ),
+    "status": "970206ab706f737470726f63657373a870726f6772657373a0a082a66672616d657304aa646574656374696f6e7309",
+    "status_error": "970206a66465636f6465ac736f757263655f6572726f72a363616dae782e6d70343a20636f727275707480",
 }
 
 
@@ -233,6 +247,9 @@ def wire_samples():
         "source_status": SourceStatusMsg("cam", SourceState.RECONNECTING, 2, 4, "gone", 1.7e9, 1, 2, 3, 0),  # type: ignore[arg-type]
         "source_status_default": SourceStatusMsg("cam", "connected"),  # type: ignore[arg-type]
         "pool_handle": PoolHandleMsg("sd-x-t", b"\x93\x01\x02\x03"),
+        "stage_restart": StageRestartMsg(StageName.ENGINE, "", 2, "killed by SIGKILL", 1.7e9, 0.75, 3),
+        "credit_tagged": CreditMsg("pool", 3, 41),
+        "batch_generation": BatchMsg(recs, 1, "sd-x-t.1", (4, 3, 384, 640), "float32", 2, 17),
     }
 
 
@@ -241,11 +258,11 @@ def test_samples_cover_every_kind():
     assert kinds == set(MsgKind)
 
 
-@pytest.mark.parametrize("name", sorted(OLD_WIRE_HEX))
+@pytest.mark.parametrize("name", sorted(WIRE_HEX))
 def test_wire_bytes_unchanged(name):
     msg = wire_samples()[name]
-    assert msg.encode().hex() == OLD_WIRE_HEX[name]
-    assert decode_message(bytes.fromhex(OLD_WIRE_HEX[name])) == msg
+    assert msg.encode().hex() == WIRE_HEX[name]
+    assert decode_message(bytes.fromhex(WIRE_HEX[name])) == msg
     assert type(msg).decode(msg.encode()) == msg
 
 
@@ -254,10 +271,10 @@ def test_decode_checks_nested_field_counts():
     fields[2][0] = fields[2][0][:2]  # a FrameRecord without preprocess_ms
     with pytest.raises(ValueError, match="expected 3 FrameRecord fields, got 2"):
         decode_message(msgpack.packb(fields))
-    with pytest.raises(ValueError, match="expected 2 CreditMsg fields, got 3"):
-        decode_message(msgpack.packb([WIRE_VERSION, int(MsgKind.CREDIT), "p", 1, 2]))
+    with pytest.raises(ValueError, match="expected 3 CreditMsg fields, got 4"):
+        decode_message(msgpack.packb([WIRE_VERSION, int(MsgKind.CREDIT), "p", 1, 2, 3]))
     with pytest.raises(ValueError, match="expected valid BATCH fields"):
-        decode_message(msgpack.packb([WIRE_VERSION, int(MsgKind.BATCH), 1, 1, "p", [1, 3, 2, 2], "float32"]))
+        decode_message(msgpack.packb([WIRE_VERSION, int(MsgKind.BATCH), 1, 1, "p", [1, 3, 2, 2], "float32", 0, 1]))
 
 
 def test_wire_rejects_field_types_without_a_converter():

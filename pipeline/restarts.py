@@ -1,0 +1,186 @@
+"""The runner's side of self-healing: notice a dead stage process, start it again, re-wire it, announce it.
+
+:class:`Restarter` keeps the restart bound (:class:`~pipeline.supervise.RestartPolicy`) and the
+restarts in progress. Starting a stage again depends on what it holds (see
+:mod:`pipeline.supervise` for the protocol):
+
+* a decoder or the preprocess stage gets a new pool generation (the old pool is unlinked at once;
+  readers that still map it finish with it and drop it when they see the next generation);
+* an engine gets a new engine generation, taken over by the preprocess stage (which reclaims the
+  tensor slots lent to the dead engine) before the new engine starts;
+* the postprocess stage reopens its sinks in resume mode (JSONL appended to, video segments kept).
+
+Once the new process reports ready, the decoders of the affected model chains are asked to send
+their unpublished frames again (a shared stage; a decoder resumes by itself), and a
+:class:`~streamdet.messages.StageRestartMsg` goes to the postprocess stage, which publishes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from pipeline.slotpool import pool_name, split_pool_name, unlink_pool
+from pipeline.stages.base import StageSpec
+from pipeline.stages.decode import DecodeSpec
+from pipeline.stages.engine import EngineSpec
+from pipeline.stages.postprocess import PostprocessSpec
+from pipeline.stages.preprocess import PreprocessSpec
+from pipeline.summary import RunSummary, StatusBook
+from pipeline.supervise import Ledger, RestartPolicy
+from streamdet.messages import StageName, StageRestartMsg
+
+ACK_TIMEOUT_S = 2.0
+"""Longest wait for the preprocess stage to take over a new engine generation before the new engine starts."""
+
+
+@dataclass
+class Child:
+    """One stage process and what it takes to start it again.
+
+    Attributes:
+        stage: which stage.
+        label: ``decode:<source_id>``, ``preprocess``, ``engine``, ``postprocess``.
+        spec: what it was built from (a restart may give it a new pool generation).
+        proc: the ``multiprocessing`` process.
+        chain: its model chain.
+        handled: its death has been dealt with.
+    """
+
+    stage: StageName
+    label: str
+    spec: StageSpec
+    proc: Any
+    chain: int = 0
+    handled: bool = False
+
+
+@dataclass
+class _Pending:
+    """A restart in progress: scheduled (``due``), then waiting for the new process to report ready."""
+
+    child: Child
+    attempt: int
+    reason: str
+    noticed: float
+    due: float
+    ready_before: int = -1  # the label's ready count when the new process started (-1: not started)
+
+
+def exit_reason(code: int | None) -> str:
+    """Why a process ended, from its exit code: ``killed by SIGKILL``, ``exit code 1``."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def proc_alive(proc: Any) -> bool:
+    """``proc.is_alive()``, False for a closed process object."""
+    try:
+        return bool(proc.is_alive())
+    except ValueError:
+        return False
+
+
+class Restarter:
+    """Restarts dead stage processes within the bound and re-wires them.
+
+    Args:
+        ledger: the run's ledger.
+        policy: the restart bound and backoff.
+        spawn: starts a process for ``(spec, label)`` and returns it.
+        events: PUSH socket to the postprocess stage's events endpoint (None: restarts are not published).
+        pool_names: every pool name of the run (new generations are added; the runner unlinks them all at the end).
+    """
+
+    def __init__(self, *, ledger: Ledger, policy: RestartPolicy, spawn: Callable[[StageSpec, str], Any],
+                 events: zmq.Socket[Any] | None, pool_names: set[str]) -> None:
+        self.ledger = ledger
+        self.policy = policy
+        self.spawn = spawn
+        self.events = events
+        self.pool_names = pool_names
+        self.pending: list[_Pending] = []
+
+    def died(self, child: Child, reason: str) -> str | None:
+        """Schedule a dead stage's restart.
+
+        Returns:
+            None, or the run's error line when the stage died more often than the bound allows.
+        """
+        attempt = self.policy.record(child.label)
+        if attempt is None:
+            p = self.policy
+            return (f"the {child.label} stage died {p.max_restarts + 1} times within {p.window_s:g} s "
+                    f"(supervise.max_restarts={p.max_restarts}); last error: {reason}")
+        now = time.monotonic()
+        self.pending.append(_Pending(child, attempt, reason, now, now + self.policy.delay(attempt)))
+        return None
+
+    def step(self, book: StatusBook, summary: RunSummary, aborted: bool) -> None:
+        """Start the restarts that are due; finish those whose new process reported ready."""
+        for r in list(self.pending):
+            if aborted:
+                self.pending.remove(r)
+            elif r.ready_before < 0 and time.monotonic() >= r.due:
+                self._relaunch(r, book)
+            elif r.ready_before >= 0 and book.ready[r.child.label] > r.ready_before:
+                self.pending.remove(r)
+                self._restarted(r, summary)
+
+    def _relaunch(self, r: _Pending, book: StatusBook) -> None:
+        child, ledger = r.child, self.ledger
+        with contextlib.suppress(ValueError):
+            child.proc.close()
+        spec = child.spec
+        if isinstance(spec, DecodeSpec):
+            spec = dataclasses.replace(spec, pool=self._next_pool(spec.pool))
+        elif isinstance(spec, PreprocessSpec):
+            spec = dataclasses.replace(spec, tensor_pool=self._next_pool(spec.tensor_pool))
+        elif isinstance(spec, EngineSpec):
+            gen = ledger.bump_engine_gen(child.chain)
+            deadline = time.monotonic() + ACK_TIMEOUT_S
+            while ledger.preprocess_ack(child.chain) != gen and time.monotonic() < deadline:
+                time.sleep(0.005)
+        elif isinstance(spec, PostprocessSpec):
+            spec = dataclasses.replace(spec, sinks=dataclasses.replace(spec.sinks, resume=True))
+        child.spec = spec
+        child.handled = False
+        r.ready_before = book.ready[child.label]
+        child.proc = self.spawn(spec, child.label)
+
+    def _next_pool(self, name: str) -> str:
+        base, gen = split_pool_name(name)
+        new = pool_name(base, gen + 1)
+        self.pool_names.add(new)
+        unlink_pool(name)  # readers that still map it keep reading it until they see the new one
+        return new
+
+    def _restarted(self, r: _Pending, summary: RunSummary) -> None:
+        child, ledger = r.child, self.ledger
+        if child.stage is StageName.POSTPROCESS:
+            for k in range(ledger.num_chains):
+                ledger.bump_replay_gen(k)
+        elif child.stage is not StageName.DECODE:
+            ledger.bump_replay_gen(child.chain)
+        summary.restarts[child.label] = summary.restarts.get(child.label, 0) + 1
+        down_s = time.monotonic() - r.noticed
+        summary.restart_log.append((child.label, r.attempt, r.reason, down_s))
+        msg = StageRestartMsg(child.stage, child.spec.source_id, r.attempt, r.reason, time.time(), down_s,
+                              sum(summary.restarts.values()))
+        if self.events is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.events.send(msg.encode(), flags=zmq.NOBLOCK)
+        print(f"warning: restarted the {child.label} stage (attempt {r.attempt} within "
+              f"{self.policy.window_s:g} s, down {down_s:.2f} s): {r.reason}", file=sys.stderr)

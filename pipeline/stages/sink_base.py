@@ -1,0 +1,88 @@
+"""What every sink shares: the :class:`Sink` interface, :class:`FrameResult`, the temporary-name file.
+
+The sinks themselves live in :mod:`pipeline.stages.sinks` (ZeroMQ PUB, and the re-exports),
+:mod:`pipeline.stages.jsonl_sink` and :mod:`pipeline.stages.video_sink`; they import this module,
+never each other, so the modules form no import cycle.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from streamdet.messages import EndOfStream, FrameRecord
+
+__all__ = ["FrameResult", "Sink"]
+
+
+@dataclass(frozen=True, eq=False)
+class FrameResult:
+    """One frame's detections on its way to the sinks.
+
+    Attributes:
+        record: the frame's record (ids, PTS, letterbox, stage timings).
+        detections: a ``streamdet.postprocess.Detections`` in frame pixels.
+        payload: the published JSON object (:func:`~pipeline.stages.payloads.detections_payload`).
+        pixels: ``(H, W, 3)`` uint8 RGB frame when a sink needs pixels, else None.
+    """
+
+    record: FrameRecord
+    detections: Any
+    payload: dict[str, Any]
+    pixels: npt.NDArray[np.uint8] | None = None
+
+
+class Sink(ABC):
+    """Where results go; lifecycle ``open()`` -> ``write()``/``end_of_stream()``... -> ``close()``."""
+
+    needs_pixels: bool = False
+    """Whether :meth:`write` needs ``FrameResult.pixels`` (keeps frame slots until it is done)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where this sink's output went, for the run summary."""
+
+    @abstractmethod
+    def open(self) -> None:
+        """Acquire the output (bind, create a file).
+
+        Raises:
+            TransportError: for a socket that cannot be bound.
+            OSError: for a file that cannot be created.
+        """
+
+    @abstractmethod
+    def write(self, result: FrameResult) -> None:
+        """Consume one frame's result."""
+
+    @abstractmethod
+    def end_of_stream(self, eos: EndOfStream) -> None:
+        """A source ended (after its last :meth:`write`)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush and release everything (idempotent)."""
+
+    def status(self, payload: Mapping[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """A live source's status event (:func:`status_payload`); ignored unless the sink publishes it."""
+
+    def stats(self, payload: Mapping[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """The periodic statistics; ignored unless the sink publishes them."""
+
+
+class _AtomicFile:
+    """A file written under a temporary name (``.<stem>.partial<suffix>``) and renamed into place when done."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.path)

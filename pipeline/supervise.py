@@ -1,0 +1,252 @@
+"""Self-healing: the shared ledger that lets a restarted stage pick up where the dead one was, and the restart bound.
+
+The runner restarts a stage process that dies after the run started (see
+:mod:`pipeline.runner`). What makes a restart lossless for file sources is this protocol:
+
+* **Frames stay in their decoder's slot until published.** A frame slot goes back to its decoder
+  (a :class:`~streamdet.messages.CreditMsg` tagged with the frame index) only after the
+  postprocess stage has handed the frame to the sinks. So every frame that is not published yet
+  is still in some decoder's pool, and the decoder knows which ones.
+* **Replay.** After a shared stage (preprocess, engine, postprocess) restarts, the runner bumps
+  the chain's *replay generation* in the :class:`Ledger`; each decoder of the chain then sends
+  again every frame it has not been credited for, in frame order (and its EOS if it was sent).
+* **Exactly once, in order.** The postprocess stage publishes a file source's frames strictly in
+  frame-index order: a frame already published (a replayed copy) is dropped, a frame that arrives
+  ahead of a missing one waits in a small reorder buffer (bounded by the decoder's slots) until
+  the gap is filled. The last published index per source lives in the ledger, so a restarted
+  postprocess stage knows it too. Live sources publish every frame newer than the last one
+  (frames that arrive too late are counted as lost, never published out of order).
+* **Generations.** A restarted decoder or preprocess stage creates a new pool whose name ends
+  with the next generation (``<base>.<gen>``, :func:`pool_name`); consumers drop messages that
+  point into an older generation than one they have already seen (their frames are replayed). A
+  restarted engine gets a new *engine generation*: the preprocess stage reclaims the tensor slots
+  it had lent to the dead engine and stamps new batches with the new generation; the new engine
+  drops batches stamped with an older one.
+* **Resume.** A restarted file decoder decodes from the start, skipping (without converting)
+  the frames already published, and continues with the same frame indices.
+
+Memory stays flat: credits carry tags, so a stale credit can never free a slot holding another
+frame; pools of dead incarnations are unlinked by the runner and unmapped by consumers when they
+see the next generation.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.slotpool import GENERATION_SEP, SlotPool, pool_name, split_pool_name
+
+__all__ = ["GENERATION_SEP", "Ledger", "LedgerRef", "RestartPolicy", "pool_name", "split_pool_name"]
+
+_HEADER = 2  # n_sources, n_chains
+_PER_SOURCE = 3  # published, eos_done, sent
+_PER_CHAIN = 3  # engine_gen, preprocess_ack, replay_gen
+_FINISHED = 0  # offset after the per-chain block
+
+
+class Ledger:
+    """A few int64 counters in shared memory, shared by the runner and every stage process.
+
+    Per source: the last published frame index (-1: none), whether its EOS was published, frames
+    its decoder has sent. Per model chain: the engine generation, the generation the preprocess
+    stage has seen (its acknowledgement), the replay generation. Plus a ``finished`` flag (every
+    EOS published: the preprocess and engine stages exit) and the publish sink's current
+    subscription count (a restarted postprocess stage waits for its subscribers to reconnect).
+    Aligned int64 loads and stores are atomic on the platforms we run on; each counter has one
+    writer (``finished``: the postprocess stage, and the runner at the end).
+
+    Build it with :meth:`create` (the runner) or :meth:`attach` (a stage, by name).
+    """
+
+    def __init__(self, pool: SlotPool) -> None:
+        self._pool = pool
+        self.name = pool.name
+        raw = pool.view(0, (pool.slot_bytes // 8,), np.int64)
+        self.num_sources = int(raw[0])
+        self.num_chains = int(raw[1])
+        self._a = raw
+
+    @staticmethod
+    def _size(num_sources: int, num_chains: int) -> int:
+        return _HEADER + _PER_SOURCE * num_sources + _PER_CHAIN * num_chains + 2  # + finished, subscribers
+
+    @classmethod
+    def create(cls, *, name: str, num_sources: int, num_chains: int) -> Ledger:
+        """Allocate a ledger (every published index -1, every other counter 0).
+
+        Raises:
+            SlotPoolError: if the shared memory cannot be created.
+        """
+        n = cls._size(num_sources, num_chains)
+        pool = SlotPool.create(name=name, num_slots=1, slot_bytes=8 * n)
+        raw = pool.view(0, (n,), np.int64)
+        raw[:] = 0
+        raw[0], raw[1] = num_sources, num_chains
+        raw[_HEADER : _HEADER + num_sources] = -1
+        return cls(pool)
+
+    @classmethod
+    def attach(cls, name: str) -> Ledger:
+        """Attach to the runner's ledger.
+
+        Raises:
+            SlotPoolError: if it does not exist.
+        """
+        return cls(SlotPool.attach(name))
+
+    def close(self) -> None:
+        """Unmap it (the runner's handle also unlinks it)."""
+        del self._a
+        self._pool.close()
+
+    def _src(self, field_index: int, source: int) -> int:
+        if not 0 <= source < self.num_sources:
+            raise IndexError(f"expected a source index in [0, {self.num_sources}), got {source}")
+        return _HEADER + field_index * self.num_sources + source
+
+    def _chain(self, field_index: int, chain: int) -> int:
+        if not 0 <= chain < self.num_chains:
+            raise IndexError(f"expected a chain index in [0, {self.num_chains}), got {chain}")
+        return _HEADER + _PER_SOURCE * self.num_sources + field_index * self.num_chains + chain
+
+    def _get(self, i: int) -> int:
+        return int(self._a[i])
+
+    def _set(self, i: int, v: int) -> None:
+        self._a[i] = v
+
+    # per source
+    def published(self, source: int) -> int:
+        """Last published frame index of a source (-1: none yet)."""
+        return self._get(self._src(0, source))
+
+    def set_published(self, source: int, frame_index: int) -> None:
+        """Record the last published frame index (postprocess stage)."""
+        self._set(self._src(0, source), frame_index)
+
+    def eos_done(self, source: int) -> bool:
+        """Whether the source's EOS was published."""
+        return bool(self._get(self._src(1, source)))
+
+    def set_eos_done(self, source: int) -> None:
+        """Record that the source's EOS was published (postprocess stage)."""
+        self._set(self._src(1, source), 1)
+
+    def sent(self, source: int) -> int:
+        """Frames the source's decoder has sent (frame index of the next new frame)."""
+        return self._get(self._src(2, source))
+
+    def set_sent(self, source: int, frames: int) -> None:
+        """Record the frames sent (decode stage)."""
+        self._set(self._src(2, source), frames)
+
+    # per chain
+    def engine_gen(self, chain: int) -> int:
+        """The chain's engine generation (engine restarts so far)."""
+        return self._get(self._chain(0, chain))
+
+    def bump_engine_gen(self, chain: int) -> int:
+        """Start a new engine generation (runner); returns it."""
+        g = self.engine_gen(chain) + 1
+        self._set(self._chain(0, chain), g)
+        return g
+
+    def preprocess_ack(self, chain: int) -> int:
+        """The engine generation the chain's preprocess stage has taken over."""
+        return self._get(self._chain(1, chain))
+
+    def set_preprocess_ack(self, chain: int, generation: int) -> None:
+        """Acknowledge an engine generation (preprocess stage)."""
+        self._set(self._chain(1, chain), generation)
+
+    def replay_gen(self, chain: int) -> int:
+        """The chain's replay generation (decoders replay their unpublished frames when it changes)."""
+        return self._get(self._chain(2, chain))
+
+    def bump_replay_gen(self, chain: int) -> None:
+        """Ask the chain's decoders to replay (runner)."""
+        self._set(self._chain(2, chain), self.replay_gen(chain) + 1)
+
+    # run
+    @property
+    def finished(self) -> bool:
+        """Whether every EOS has been published (the preprocess and engine stages may exit)."""
+        return bool(self._get(_HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains))
+
+    def set_finished(self) -> None:
+        """Mark the run finished (runner)."""
+        self._set(_HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains, 1)
+
+    @property
+    def subscribers(self) -> int:
+        """Subscriptions the publish sink had last (a restarted postprocess stage waits for them to reconnect)."""
+        return self._get(_HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains + 1)
+
+    def set_subscribers(self, count: int) -> None:
+        """Record the publish sink's current subscriptions (postprocess stage)."""
+        self._set(_HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains + 1, count)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerRef:
+    """Where a stage finds the ledger and its place in it (picklable, part of a stage spec).
+
+    Attributes:
+        name: the ledger's shared-memory name.
+        chain: the stage's model chain.
+        source: the decoded source's index (decoders), else -1.
+        source_index: ``(source_id, index)`` of every source (postprocess stage).
+    """
+
+    name: str
+    chain: int = 0
+    source: int = -1
+    source_index: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass
+class RestartPolicy:
+    """The restart bound: at most ``max_restarts`` restarts of one stage within ``window_s``.
+
+    Restarts after the first one in a window wait an exponential backoff with jitter
+    (``backoff_initial_s`` doubling up to ``backoff_max_s``), so a stage that dies at every start
+    cannot become a restart storm.
+
+    Args:
+        max_restarts: restarts allowed per stage within the window (0: never restart).
+        window_s: the sliding window, seconds.
+        backoff_initial_s: delay before the second restart within the window.
+        backoff_max_s: longest delay.
+    """
+
+    max_restarts: int
+    window_s: float
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 5.0
+    _times: dict[str, deque[float]] = field(default_factory=dict)
+
+    def record(self, label: str, now: float | None = None) -> int | None:
+        """Count a death of stage ``label``.
+
+        Returns:
+            The restart attempt within the window (1, 2, ...), or None when the bound is exceeded.
+        """
+        now = time.monotonic() if now is None else now
+        q = self._times.setdefault(label, deque())
+        while q and now - q[0] > self.window_s:
+            q.popleft()
+        q.append(now)
+        return len(q) if len(q) <= self.max_restarts else None
+
+    def delay(self, attempt: int, rng: Any = random) -> float:
+        """Seconds to wait before restart ``attempt`` (0 for the first one in the window)."""
+        if attempt <= 1:
+            return 0.0
+        base = min(self.backoff_max_s, self.backoff_initial_s * 2.0 ** (attempt - 2))
+        return float(base * (0.8 + 0.4 * rng.random()))

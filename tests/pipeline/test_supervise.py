@@ -1,0 +1,255 @@
+"""Self-healing stages on file sources: a SIGKILLed stage comes back, every frame is published once, in order.
+
+The end-to-end runs use the bundled detector on the bundled demo video (first 120 frames): one
+undisturbed run is the reference; each stage kind is then SIGKILLed once mid-run and the JSONL
+must equal the reference line for line (timing fields aside).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.runner import Pipeline
+from pipeline.settings import DEFAULT_MODEL, DEFAULT_SOURCE, load_settings
+from pipeline.slotpool import PoolCache, SlotPool, StalePoolError, pool_name, split_pool_name
+from pipeline.stages.ordering import PublishOrder, Verdict
+from pipeline.supervise import Ledger, RestartPolicy
+from streamdet.messages import EndOfStream, EosReason
+from tests.helpers.cli import ROOT
+
+FRAMES = 120
+TIMING_FIELDS = {"latency_ms", "timing_ms", "capture_time", "time"}
+
+
+def settings(tmp_path, name, **over):
+    tree = {"sources": [str(DEFAULT_SOURCE)], "model": str(DEFAULT_MODEL), "quiet": True, "max_frames": FRAMES,
+            "sinks": {"publish": None, "jsonl": str(tmp_path / f"{name}.jsonl")}}
+    for key, value in over.items():
+        node = tree
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return load_settings(overrides=tree)
+
+
+def strip_timing(obj):
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_FIELDS}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj
+
+
+def run_and_kill(s, victim: str | None, at_frame: int = 40):
+    """Run the pipeline; SIGKILL the stage labelled ``victim`` once ``at_frame`` frames are published."""
+    killed: list[int] = []
+    seen_pids: set[int] = set()
+
+    def monitor(p: Pipeline) -> None:
+        seen_pids.update(p.child_pids())
+        if victim and not killed and p.frames_done >= at_frame:
+            pid = p.stage_pids()[victim]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    summary = Pipeline(settings=s, monitor=monitor).run(handle_signals=False)
+    if victim:
+        assert killed, f"the run ended before {victim} could be killed"
+    return summary, seen_pids
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    summary, _ = run_and_kill(settings(tmp, "ref"), None)
+    assert summary.exit_code == 0, summary.errors
+    return [json.loads(line) for line in (tmp / "ref.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("victim", ["decode:demo", "preprocess", "engine", "postprocess"])
+def test_sigkill_of_any_stage_loses_and_repeats_nothing(tmp_path, reference, victim):
+    summary, pids = run_and_kill(settings(tmp_path, "out"), victim)
+    assert summary.exit_code == 0, summary.errors
+    assert summary.restarts == {victim: 1}
+    label, attempt, reason, down_s = summary.restart_log[0]
+    assert (label, attempt, reason) == (victim, 1, "killed by SIGKILL")
+    assert down_s < 10
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    frames = [m["frame_index"] for m in got if "frame_index" in m]
+    assert frames == list(range(FRAMES))  # every frame once, in order
+    assert sum(1 for m in got if m.get("schema", "").startswith("streamdet.eos")) == 1  # EOS once, last
+    assert "frame_index" not in got[-1]
+    assert strip_timing(got) == strip_timing(reference)  # the same detections as an undisturbed run
+    assert summary.frames == FRAMES
+    time.sleep(0.2)
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+
+
+def test_second_restart_forks_from_the_fork_server_and_still_loses_nothing(tmp_path, reference):
+    """The first restart of a file-only run spawns (and starts the fork server), the next one forks."""
+    s = settings(tmp_path, "out", supervise__backoff_initial_s=0.0)
+    kills: list[int] = []
+
+    def monitor(p: Pipeline) -> None:
+        if len(kills) < 2 and p.frames_done >= 30 + 40 * len(kills) and not p.restarting:
+            pid = p.stage_pids()["engine"]
+            if pid not in kills:
+                os.kill(pid, signal.SIGKILL)
+                kills.append(pid)
+
+    summary = Pipeline(settings=s, monitor=monitor).run(handle_signals=False)
+    assert summary.exit_code == 0, summary.errors
+    assert len(kills) == 2 and summary.restarts == {"engine": 2}
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert strip_timing(got) == strip_timing(reference)
+
+
+def test_a_stage_that_fails_at_every_start_ends_the_run_after_the_bound(tmp_path):
+    """Swap the model for garbage after start-up, then kill the engine: bounded restarts, one error line."""
+    model = tmp_path / "model.onnx"
+    shutil.copy(DEFAULT_MODEL, model)
+    shutil.copy(DEFAULT_MODEL.with_suffix(".json"), model.with_suffix(".json"))
+    s = settings(tmp_path, "out", model=str(model), max_frames=None, decode__loop=50,
+                 supervise__max_restarts=2, supervise__backoff_initial_s=0.2)
+    killed: list[float] = []
+    pids: set[int] = set()
+
+    def monitor(p: Pipeline) -> None:
+        pids.update(p.child_pids())
+        if not killed and p.frames_done >= 8:
+            model.write_bytes(b"this is not an ONNX model")
+            os.kill(p.stage_pids()["engine"], signal.SIGKILL)
+            killed.append(time.monotonic())
+
+    t0 = time.monotonic()
+    summary = Pipeline(settings=s, monitor=monitor).run(handle_signals=False)
+    assert summary.exit_code == 1
+    assert len(summary.errors) == 1, summary.errors
+    err = summary.errors[0]
+    assert "engine stage died 3 times" in err and "supervise.max_restarts=2" in err
+    assert str(model) in err  # the last error names the model that cannot be loaded
+    assert summary.restarts == {}  # none of the restarted engines ever became ready
+    assert time.monotonic() - t0 < 60
+    time.sleep(0.2)
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("supervise.max_restarts", "-1"),
+    ("supervise.window_s", "0"),
+    ("supervise.window_s", "-5"),
+    ("supervise.backoff_max_s", "-1"),
+])
+def test_invalid_supervision_settings_are_rejected_at_startup(setting, value):
+    r = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--set", f"{setting}={value}"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2  # a usage error
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and setting in lines[0], r.stderr
+
+
+# ------------------------------------------------------------------------------------- units
+def test_pool_names_carry_their_generation():
+    assert pool_name("sd-ab-f0", 3) == "sd-ab-f0.3"
+    assert split_pool_name("sd-ab-f0.3") == ("sd-ab-f0", 3)
+    assert split_pool_name("sd-ab-f0") == ("sd-ab-f0", 0)
+    assert split_pool_name("a.b") == ("a.b", 0)
+
+
+def test_pool_cache_detaches_older_generations_and_refuses_stale_ones():
+    base = f"sd-test-{os.getpid()}"
+    a = SlotPool.create(name=pool_name(base, 0), num_slots=2, slot_bytes=8)
+    b = SlotPool.create(name=pool_name(base, 1), num_slots=2, slot_bytes=8)
+    try:
+        cache = PoolCache()
+        assert cache.get(a.name).name == a.name
+        assert cache.get(b.name).name == b.name
+        with pytest.raises(StalePoolError, match="generation 0 is stale"):
+            cache.get(a.name)
+        cache.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_ledger_is_shared_by_name():
+    name = f"sd-test-ledger-{os.getpid()}"
+    ledger = Ledger.create(name=name, num_sources=2, num_chains=2)
+    try:
+        other = Ledger.attach(name)
+        assert [other.published(i) for i in range(2)] == [-1, -1]
+        ledger.set_published(1, 41)
+        ledger.set_eos_done(0)
+        assert other.bump_engine_gen(1) == 1
+        other.set_preprocess_ack(1, 1)
+        ledger.bump_replay_gen(0)
+        ledger.set_finished()
+        assert (other.published(1), other.eos_done(0), other.eos_done(1)) == (41, True, False)
+        assert (ledger.engine_gen(1), ledger.preprocess_ack(1)) == (1, 1)
+        assert (other.replay_gen(0), other.replay_gen(1)) == (1, 0)
+        assert other.finished
+        with pytest.raises(IndexError):
+            other.published(2)
+        other.close()
+    finally:
+        ledger.close()
+
+
+def test_restart_policy_bounds_restarts_in_a_sliding_window_with_backoff():
+    p = RestartPolicy(max_restarts=2, window_s=10.0, backoff_initial_s=1.0, backoff_max_s=3.0)
+    assert p.record("engine", 0.0) == 1
+    assert p.record("engine", 1.0) == 2
+    assert p.record("decode:a", 1.5) == 1  # per stage
+    assert p.record("engine", 2.0) is None  # a third death within 10 s
+    assert p.record("engine", 30.0) == 1  # the window slid past them
+    assert p.delay(1) == 0.0
+    rng = np.random.default_rng(0)
+    assert 0.8 <= p.delay(2, rng) <= 1.2
+    assert 2.4 <= p.delay(5, rng) <= 3.6  # capped at backoff_max_s (with +-20 % jitter)
+
+
+# (source is live, arrivals as (frame_index, ...) or "eos:N", expected published order, lost)
+ORDER_CASES = [
+    ("in order", False, [0, 1, 2, "eos:3"], [0, 1, 2, "eos"], 0),
+    ("replayed copies are dropped", False, [0, 1, 0, 1, 2, "eos:3", "eos:3"], [0, 1, 2, "eos"], 0),
+    ("ahead of a gap waits", False, [0, 2, 3, 1, "eos:4"], [0, 1, 2, 3, "eos"], 0),
+    ("eos waits for the gap", False, [0, "eos:3", 2, 1], [0, 1, 2, "eos"], 0),
+    ("live skips the gap, counts it", True, [0, 3, 1, 4, "eos:6"], [0, 3, 4, "eos"], 3),
+]
+
+
+@pytest.mark.parametrize(("live", "arrivals", "expected", "lost"), [c[1:] for c in ORDER_CASES],
+                         ids=[c[0] for c in ORDER_CASES])
+def test_publish_order(live, arrivals, expected, lost):
+    order = PublishOrder(sources=(("cam", live),))
+    out: list[object] = []
+    lost_total = 0
+    for a in arrivals:
+        if isinstance(a, str):
+            now, n = order.eos(EndOfStream("cam", int(a.split(":")[1]), EosReason.FINISHED))
+            lost_total += n
+        else:
+            verdict, n = order.frame("cam", a, a)
+            lost_total += n
+            now = False
+            if verdict is Verdict.PUBLISH:
+                out.append(a)
+                order.published("cam", a)
+                while (held := order.ready("cam")) is not None:
+                    out.append(held)
+                    order.published("cam", held)
+                now = order.ready_eos("cam") is not None
+        if now:
+            out.append("eos")
+            order.eos_published("cam")
+    assert out == expected
+    assert lost_total == lost
+    assert order.all_ended
