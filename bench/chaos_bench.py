@@ -49,9 +49,9 @@ Figures (printed, and written to ``DIR/chaos_bench.json`` with ``--out DIR``):
   postprocess stage when the engine dies) are still published right after the kill and say
   nothing about the new process. For a postprocess kill the publisher dies with the stage, so
   anything received once its successor's pid shows in ``stage_pids()`` comes from the successor;
-  that anchor is used too, because the successor publishes the announcement right after it
-  binds the PUB socket, without waiting for subscribers, and a subscriber that has not
-  reconnected yet misses it (counted as ``notices_missed``). Recovery includes the runner
+  that anchor is used too, in case the announcement is missed (the successor waits up to 5 s
+  for the dead one's subscribers to reconnect before it publishes; one that is later misses it,
+  counted as ``notices_missed``). Recovery includes the runner
   noticing the death, the backoff, the new process's start-up (imports, model load), the replay
   and, for a camera, the reconnection.
 * live frames lost per camera: as counted by the pipeline (``RunSummary.lost_frames``) and by the

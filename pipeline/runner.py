@@ -426,6 +426,8 @@ class Pipeline:
                     self._apply(book, msg)
             while (msg := self._recv_status(control, 0)) is not None:
                 self._apply(book, msg)
+            if self._ledger is not None and summary.restarts:  # a dead postprocess stage's last reports are lost
+                summary.frames, summary.detections = self._ledger.published_totals()
         finally:
             if book.bar is not None:
                 book.bar.close()

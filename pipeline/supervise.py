@@ -45,7 +45,7 @@ from pipeline.slotpool import GENERATION_SEP, SlotPool, pool_name, split_pool_na
 __all__ = ["GENERATION_SEP", "Ledger", "LedgerRef", "RestartPolicy", "pool_name", "split_pool_name"]
 
 _HEADER = 2  # n_sources, n_chains
-_PER_SOURCE = 3  # published, eos_done, sent
+_PER_SOURCE = 5  # published, eos_done, sent, frames out, detections out
 _PER_CHAIN = 3  # engine_gen, preprocess_ack, replay_gen
 _FINISHED = 0  # offset after the per-chain block
 
@@ -54,8 +54,9 @@ class Ledger:
     """A few int64 counters in shared memory, shared by the runner and every stage process.
 
     Per source: the last published frame index (-1: none), whether its EOS was published, frames
-    its decoder has sent. Per model chain: the engine generation, the generation the preprocess
-    stage has seen (its acknowledgement), the replay generation. Plus a ``finished`` flag (every
+    its decoder has sent, frames and detections published. Per model chain: the engine
+    generation, the generation the preprocess stage has seen (its acknowledgement), the replay
+    generation. Plus a ``finished`` flag (every
     EOS published: the preprocess and engine stages exit) and the publish sink's current
     subscription count (a restarted postprocess stage waits for its subscribers to reconnect).
     Aligned int64 loads and stores are atomic on the platforms we run on; each counter has one
@@ -145,6 +146,16 @@ class Ledger:
     def set_sent(self, source: int, frames: int) -> None:
         """Record the frames sent (decode stage)."""
         self._set(self._src(2, source), frames)
+
+    def count_published(self, source: int, detections: int) -> None:
+        """Count one published frame with its detections (postprocess stage; survives its restarts)."""
+        self._set(self._src(3, source), self._get(self._src(3, source)) + 1)
+        self._set(self._src(4, source), self._get(self._src(4, source)) + detections)
+
+    def published_totals(self) -> tuple[int, int]:
+        """``(frames, detections)`` published over every source so far."""
+        frames = sum(self._get(self._src(3, i)) for i in range(self.num_sources))
+        return frames, sum(self._get(self._src(4, i)) for i in range(self.num_sources))
 
     # per chain
     def engine_gen(self, chain: int) -> int:

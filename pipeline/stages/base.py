@@ -225,9 +225,9 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
         parent_pid: the runner's pid (a stage forked from the runner's fork server watches the
             server instead, which exits with the runner).
     """
-    if os.getppid() != parent_pid and _pid_alive(parent_pid):
-        # forked from the runner's fork server (a restart): watch the server, which exits with the runner
+    if _forked_by_fork_server(parent_pid):  # a restart: watch the server, which exits with the runner
         parent_pid = os.getppid()
+        _release_fork_server()
     flags = StageFlags(go=go, stop_input=stop_input, abort=abort, parent_pid=parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the runner decides
 
@@ -278,14 +278,39 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
         raise SystemExit(code)
 
 
-def _pid_alive(pid: int) -> bool:
+def _release_fork_server() -> None:
+    """Close this process's copy of the fork server's keep-alive pipe.
+
+    ``multiprocessing`` hands every forked child the write end of the pipe whose end-of-file tells
+    the fork server that its client is gone; a stage holding it would keep the server alive after
+    the runner died, and the server would keep the stage alive (the stage watches it): orphans.
+    """
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        from multiprocessing import forkserver
+
+        server: Any = forkserver._forkserver  # type: ignore[attr-defined]
+        fd = server._forkserver_alive_fd
+        if fd is not None:
+            server._forkserver_alive_fd = None
+            os.close(fd)
+    except (AttributeError, OSError):  # another Python's internals: at worst the server lingers
+        pass
+
+
+def _forked_by_fork_server(runner_pid: int) -> bool:
+    """Whether this process's parent is a child of the runner (its fork server) rather than the runner.
+
+    A process whose runner has died already has been re-parented (to init or a subreaper): False.
+    """
+    parent = os.getppid()
+    if parent == runner_pid:
         return False
-    except PermissionError:
-        return True
-    return True
+    try:
+        with open(f"/proc/{parent}/stat", encoding="ascii") as fh:
+            grandparent = int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    return grandparent == runner_pid
 
 
 def process_name(spec: StageSpec) -> str:

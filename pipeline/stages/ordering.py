@@ -124,13 +124,14 @@ class PublishOrder:
             st.duplicates += 1
         return Verdict.HOLD, 0
 
-    def published(self, source_id: str, frame_index: int) -> None:
-        """Record that a frame went to the sinks."""
+    def published(self, source_id: str, frame_index: int, detections: int = 0) -> None:
+        """Record that a frame (with ``detections`` detections) went to the sinks."""
         st = self._get(source_id)
         st.next_index = frame_index + 1
         st.held.pop(frame_index, None)
         if self.ledger is not None and st.index >= 0:
             self.ledger.set_published(st.index, frame_index)
+            self.ledger.count_published(st.index, detections)
 
     def skip(self, source_id: str, frame_index: int) -> None:
         """Forget a held frame that cannot be published after all (its pool is gone; it will come again)."""

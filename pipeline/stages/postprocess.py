@@ -392,10 +392,16 @@ class PostprocessStage(Stage):
                                      engine_ms=item.engine_ms, postprocess_ms=item.postprocess_ms)
         self.live_stats.on_frame(f.source_id, payload["latency_ms"])
         result = FrameResult(record, d, payload, pixels)
+        for sink in self._opened:  # the messages first (PUB, JSONL)...
+            if not sink.needs_pixels:
+                sink.write(result)
+        # ...recorded as published right away: a crash after this point does not repeat the frame,
+        # one before it repeats it; keep the gap short (the video encode comes after)
+        self.order.published(f.source_id, f.frame_index, len(d))
         for sink in self._opened:
-            sink.write(result)
+            if sink.needs_pixels:
+                sink.write(result)
         del result, pixels
-        self.order.published(f.source_id, f.frame_index)
         self._credit(record)
         return True
 

@@ -1,6 +1,6 @@
 """Self-healing stages on file sources: a SIGKILLed stage comes back, every frame is published once, in order.
 
-The end-to-end runs use the bundled detector on the bundled demo video (first 120 frames): one
+The end-to-end runs use the bundled detector on the bundled demo video (first 90 frames): one
 undisturbed run is the reference; each stage kind is then SIGKILLed once mid-run and the JSONL
 must equal the reference line for line (timing fields aside).
 """
@@ -22,9 +22,10 @@ from pipeline.slotpool import PoolCache, SlotPool, StalePoolError, pool_name, sp
 from pipeline.stages.ordering import PublishOrder, Verdict
 from pipeline.supervise import Ledger, RestartPolicy
 from streamdet.messages import EndOfStream, EosReason
-from tests.helpers.cli import ROOT
+from tests.helpers.cli import ROOT, assert_no_orphans, processes_with, start
+from tests.helpers.standin import bikes_path
 
-FRAMES = 120
+FRAMES = 90
 TIMING_FIELDS = {"latency_ms", "timing_ms", "capture_time", "time"}
 
 
@@ -93,13 +94,32 @@ def test_sigkill_of_any_stage_loses_and_repeats_nothing(tmp_path, reference, vic
     assert not [p for p in pids if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
 
 
+def test_postprocess_restart_keeps_the_annotated_video_as_playable_segments(tmp_path):
+    """The dead sink's fragmented MP4 becomes ``out-seg1.mp4`` (whole fragments), a new file continues."""
+    import av
+
+    s = settings(tmp_path, "out", sinks__video_out=str(tmp_path / "out.mp4"))
+    summary, _ = run_and_kill(s, "postprocess", at_frame=60)
+    assert summary.exit_code == 0, summary.errors
+    counts = {}
+    for name in ("out.mp4", "out-seg1.mp4"):
+        with av.open(str(tmp_path / name)) as c:
+            counts[name] = sum(1 for _ in c.decode(video=0))
+    assert counts["out-seg1.mp4"] >= 40  # at least the first fragment (2 s at 25 fps)
+    lost = FRAMES - sum(counts.values())  # frames of the dead sink's unfinished fragment
+    assert 0 <= lost <= 50, counts
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert len(lines) == FRAMES + 1  # the JSONL loses nothing
+    assert not list(tmp_path.glob(".*partial*"))
+
+
 def test_second_restart_forks_from_the_fork_server_and_still_loses_nothing(tmp_path, reference):
     """The first restart of a file-only run spawns (and starts the fork server), the next one forks."""
     s = settings(tmp_path, "out", supervise__backoff_initial_s=0.0)
     kills: list[int] = []
 
     def monitor(p: Pipeline) -> None:
-        if len(kills) < 2 and p.frames_done >= 30 + 40 * len(kills) and not p.restarting:
+        if len(kills) < 2 and p.frames_done >= 25 + 35 * len(kills) and not p.restarting:
             pid = p.stage_pids()["engine"]
             if pid not in kills:
                 os.kill(pid, signal.SIGKILL)
@@ -140,6 +160,51 @@ def test_a_stage_that_fails_at_every_start_ends_the_run_after_the_bound(tmp_path
     assert time.monotonic() - t0 < 60
     time.sleep(0.2)
     assert not [p for p in pids if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+
+
+def comm_pids(marker: str, name: str) -> list[int]:
+    out = []
+    for pid in processes_with(marker):
+        try:
+            comm = open(f"/proc/{pid}/comm").read().strip()
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if comm == name and state != "Z":
+            out.append(pid)
+    return out
+
+
+def wait_new(marker: str, name: str, old: set[int], timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = [p for p in comm_pids(marker, name) if p not in old]
+        if new:
+            return new[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no new {name} within {timeout} s")
+
+
+def test_killed_runner_takes_restarted_stages_and_the_fork_server_along(standin_model):
+    """Restarted stages are forked from the fork server: they and the server die with the runner too."""
+    proc, marker = start(["--model", str(standin_model), "--quiet", "--publish", "none", "--source",
+                          str(bikes_path()), "--loop", "100", "--set", "supervise.backoff_initial_s=0"])
+    try:
+        first = wait_new(marker, "sd-engine", set())
+        time.sleep(1.0)
+        os.kill(first, signal.SIGKILL)  # restart 1: spawned, and the fork server starts
+        second = wait_new(marker, "sd-engine", {first})
+        time.sleep(2.0)
+        os.kill(second, signal.SIGKILL)  # restart 2: forked from the fork server
+        third = wait_new(marker, "sd-engine", {first, second})
+        time.sleep(0.5)
+        assert open(f"/proc/{third}/stat").read().rsplit(")", 1)[1].split()[1] != str(proc.pid)  # a grandchild
+        proc.kill()
+        proc.communicate(timeout=30)
+        assert_no_orphans(marker)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 @pytest.mark.parametrize(("setting", "value"), [

@@ -7,7 +7,6 @@ packages, where the server cannot run). Stage processes are found by their OS na
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,8 +19,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(_MISSING), reason=_MISSI
 
 
 def stage_processes(runner_pid: int) -> dict[int, str]:
-    """``{pid: comm}`` of the runner's children named ``sd-*`` (its stage processes), via ``/proc``."""
-    found = {}
+    """``{pid: comm}`` of the runner's stage processes (descendants named ``sd-*``), via ``/proc``.
+
+    Descendants, not only children: a restarted stage is forked from the runner's fork server.
+    """
+    procs: dict[int, tuple[int, str, str]] = {}  # pid -> (ppid, state, comm)
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -31,8 +33,15 @@ def stage_processes(runner_pid: int) -> dict[int, str]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-        if int(fields[1]) == runner_pid and fields[0] != "Z" and comm.startswith("sd-"):
-            found[int(d.name)] = comm
+        procs[int(d.name)] = (int(fields[1]), fields[0], comm)
+    found, frontier = {}, {runner_pid}
+    while frontier:
+        kids = {pid for pid, (ppid, _, _) in procs.items() if ppid in frontier}
+        for pid in kids:
+            _, state, comm = procs[pid]
+            if state != "Z" and comm.startswith("sd-"):
+                found[pid] = comm
+        frontier = kids
     return found
 
 
@@ -145,41 +154,3 @@ def test_killed_decoder_restarts_alone(standin_model, servers):  # noqa: F811
     assert r["stage"] == "decode" and r["source_id"] == "clip" and "SIGKILL" in r["message"], r
     assert restarts(run, "clip-2") == [], restarts(run, "clip-2")
     assert "error" not in run.states("clip-2")
-
-
-def test_restart_bound_ends_the_run(standin_model, servers):  # noqa: F811
-    srv = servers()
-    run = Run(standin_model, [srv.url()], "--set", "supervise.max_restarts=2", "--set", "supervise.window_s=60")
-    seen: set[int] = set()
-    err = ""
-    try:
-        assert run.sub.wait(lambda: len(detections(run, "clip")) >= 5, 30), run.sub.items[:5]
-        seen |= set(stage_processes(run.proc.pid))
-        dead: set[int] = set()
-        for attempt in (1, 2):
-            engine = wait_stage(run, "sd-engine", exclude=frozenset(dead))
-            os.kill(engine, signal.SIGKILL)
-            dead.add(engine)
-            seen.add(wait_stage(run, "sd-engine", 15, exclude=frozenset(dead)))
-            # up: the restart is announced once the new engine is ready
-            assert run.sub.wait(lambda n=attempt: len(restarts(run, "clip")) >= n, 15), run.sub.of("status.clip")
-            time.sleep(0.5)
-        os.kill(wait_stage(run, "sd-engine", exclude=frozenset(dead)), signal.SIGKILL)
-        killed = time.monotonic()
-        try:
-            _, err = run.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            run.proc.kill()
-            _, err = run.proc.communicate(timeout=10)
-            pytest.fail(f"the run went on after the third engine kill; stderr:\n{err}")
-        ended = time.monotonic() - killed
-        left = sd_left(run.marker, seen)
-    finally:
-        run.kill()
-    assert run.proc.returncode == 1, err
-    errors = [x for x in err.splitlines() if x.startswith("error:")]
-    assert len(errors) == 1, err
-    assert "engine" in errors[0] and "supervise.max_restarts" in errors[0], err
-    assert left == [], left
-    assert ended < 15.0, f"the run ended {ended:.1f} s after the third kill"
-    assert [p["attempt"] for p in restarts(run, "clip")] == [1, 2], restarts(run, "clip")
