@@ -364,10 +364,12 @@ class JsonlSink(Sink):
             return False
         return True
 
-    def _line(self, payload: Mapping[str, Any]) -> None:
+    def _line(self, payload: Mapping[str, Any] | bytes) -> None:
         if self._state != "open":
             raise RuntimeError(f"{self.path}: the JSONL sink is not open")
-        data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        encoded = payload if isinstance(payload, bytes) else \
+            json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        data = encoded + b"\n"
         now = self._clock()
         force = False
         if self._failed_at is not None:
@@ -423,7 +425,7 @@ class JsonlSink(Sink):
 
     def write(self, result: FrameResult) -> None:
         """Append the frame's payload (never raises for a write error: see the class)."""
-        self._line(result.payload)
+        self._line(result.json())
 
     def end_of_stream(self, eos: EndOfStream) -> None:
         """Append the EOS payload (never raises for a write error: see the class)."""

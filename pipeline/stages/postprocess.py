@@ -38,7 +38,16 @@ from pipeline.stages.base import (
 )
 from pipeline.stages.ordering import PublishOrder, Verdict
 from pipeline.stages.payloads import restart_payload
-from pipeline.stages.sinks import FrameResult, JsonlSink, PubSink, Sink, VideoSink, detections_payload, status_payload
+from pipeline.stages.sinks import (
+    FrameResult,
+    JsonlSink,
+    PubSink,
+    Sink,
+    VideoSink,
+    detections_payload,
+    dumps,
+    status_payload,
+)
 from pipeline.stages.stats import LiveStats, StatsConfig
 from pipeline.supervise import Ledger, LedgerRef
 from pipeline.transport import (
@@ -391,7 +400,8 @@ class PostprocessStage(Stage):
         payload = detections_payload(record, d, model=item.model_name, class_names=item.class_names,
                                      engine_ms=item.engine_ms, postprocess_ms=item.postprocess_ms)
         self.live_stats.on_frame(f.source_id, payload["latency_ms"])
-        result = FrameResult(record, d, payload, pixels)
+        # encoded once, before anything goes out: PUB, JSONL and the ledger update follow within microseconds
+        result = FrameResult(record, d, payload, pixels, dumps(payload))
         for sink in self._opened:  # the messages first (PUB, JSONL)...
             if not sink.needs_pixels:
                 sink.write(result)

@@ -7,6 +7,7 @@ never each other, so the modules form no import cycle.
 
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -31,12 +32,21 @@ class FrameResult:
         detections: a ``streamdet.postprocess.Detections`` in frame pixels.
         payload: the published JSON object (:func:`~pipeline.stages.payloads.detections_payload`).
         pixels: ``(H, W, 3)`` uint8 RGB frame when a sink needs pixels, else None.
+        payload_json: ``payload`` encoded once as compact JSON (the PUB message and the JSONL line
+            are these bytes), or None to let each sink encode it.
     """
 
     record: FrameRecord
     detections: Any
     payload: dict[str, Any]
     pixels: npt.NDArray[np.uint8] | None = None
+    payload_json: bytes | None = None
+
+    def json(self) -> bytes:
+        """The payload as compact JSON bytes (``payload_json`` when given)."""
+        if self.payload_json is not None:
+            return self.payload_json
+        return json.dumps(self.payload, separators=(",", ":"), allow_nan=False).encode()
 
 
 class Sink(ABC):

@@ -153,7 +153,8 @@ class PubSink(Sink):
         if self._sock is None:
             return
         self._read_subscriptions()
-        self._send(topic(DETECTIONS_TOPIC, result.record.frame.source_id), result.payload)
+        self._sock.send_multipart([topic(DETECTIONS_TOPIC, result.record.frame.source_id), result.json()])
+        self.messages += 1
 
     def end_of_stream(self, eos: EndOfStream) -> None:
         """Publish ``eos.<source_id>``."""

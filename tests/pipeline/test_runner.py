@@ -12,10 +12,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from pipeline.runner import EXIT_FAILURE, EXIT_SIGINT, Pipeline, PipelineError, source_ids_for
-from pipeline.settings import load_settings
 from pipeline.subscribe import Subscriber
 from streamdet.postprocess import PostprocessConfig, postprocess
 from streamdet.preprocess_ops import preprocess_batch
+from tests.helpers.settings import settings_with
 from tests.helpers.standin import E2E_ROWS, bikes_path, build_end2end, build_standin, standin_card
 
 
@@ -28,13 +28,7 @@ def free_port() -> int:
 
 def settings(model, **over):
     tree = {"sources": [str(bikes_path())], "model": str(model), "quiet": True, "sinks": {"publish": None}}
-    for key, value in over.items():
-        node = tree
-        parts = key.split("__")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return load_settings(overrides=tree)
+    return settings_with(tree, **over)
 
 
 def read_jsonl(path):

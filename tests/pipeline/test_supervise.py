@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 from pipeline.runner import Pipeline
-from pipeline.settings import DEFAULT_MODEL, DEFAULT_SOURCE, load_settings
+from pipeline.settings import DEFAULT_MODEL, DEFAULT_SOURCE
 from pipeline.slotpool import PoolCache, SlotPool, StalePoolError, pool_name, split_pool_name
 from pipeline.stages.ordering import PublishOrder, Verdict
 from pipeline.supervise import Ledger, RestartPolicy
 from streamdet.messages import EndOfStream, EosReason
 from tests.helpers.cli import ROOT, assert_no_orphans, processes_with, start
+from tests.helpers.settings import settings_with
 from tests.helpers.standin import bikes_path
 
 FRAMES = 90
@@ -32,13 +33,7 @@ TIMING_FIELDS = {"latency_ms", "timing_ms", "capture_time", "time"}
 def settings(tmp_path, name, **over):
     tree = {"sources": [str(DEFAULT_SOURCE)], "model": str(DEFAULT_MODEL), "quiet": True, "max_frames": FRAMES,
             "sinks": {"publish": None, "jsonl": str(tmp_path / f"{name}.jsonl")}}
-    for key, value in over.items():
-        node = tree
-        parts = key.split("__")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return load_settings(overrides=tree)
+    return settings_with(tree, **over)
 
 
 def strip_timing(obj):
