@@ -121,6 +121,7 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
         for k in env:
             os.environ.pop(k, None)
 
+
 class Pipeline:
     """One pipeline run: :meth:`prepare` (validation) then :meth:`run`.
 
@@ -330,7 +331,7 @@ class Pipeline:
             label = spec.stage_name.value
             if isinstance(spec, DecodeSpec):
                 label = f"decode:{spec.source.source_id}"
-            chain = spec.ledger.chain if getattr(spec, "ledger", None) is not None else 0  # type: ignore[attr-defined]
+            chain = spec.ledger.chain if spec.ledger is not None else 0
             self._procs.append(Child(spec.stage_name, label, spec, self._spawn(spec, label), chain))
 
     def _supervise(self, summary: RunSummary, control: zmq.Socket[Any], specs: list[StageSpec]) -> None:
@@ -414,8 +415,6 @@ class Pipeline:
                     summary.peak_rss_kib = max(summary.peak_rss_kib, rss)
                     if self.monitor is not None:
                         self.monitor(self)
-            if self._ledger is not None:
-                self._ledger.set_finished()  # the preprocess and engine stages may exit now
             end = time.monotonic()
             summary.seconds = end - go_at if go_at is not None else 0.0
             # drain the remaining reports (OUTPUT lines come from the last stage's stop())
@@ -426,7 +425,7 @@ class Pipeline:
                     self._apply(book, msg)
             while (msg := self._recv_status(control, 0)) is not None:
                 self._apply(book, msg)
-            if self._ledger is not None and summary.restarts:  # a dead postprocess stage's last reports are lost
+            if self._ledger is not None:  # what was published (a dead postprocess stage's last reports are lost)
                 summary.frames, summary.detections = self._ledger.published_totals()
         finally:
             if book.bar is not None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import zmq
 
+from pipeline.supervise import Ledger, LedgerRef
 from pipeline.transport import (
     CONTROL_HWM,
     POLL_MS,
@@ -108,10 +109,21 @@ class StageSpec(ABC):
         control: the runner's control endpoint.
         nice: niceness added to the stage's process (0..19): a light stage with a higher value yields
             the CPU to the engine (the bottleneck) whenever both want it.
+        ledger: where the stage finds the run's :class:`~pipeline.supervise.Ledger` and its place in
+            it (restarts without loss or repetition); None: no supervision.
     """
 
     control: str
     nice: int = 0
+    ledger: LedgerRef | None = None
+
+    def attach_ledger(self) -> Ledger | None:
+        """Attach to the run's ledger (None without one).
+
+        Raises:
+            SlotPoolError: if it does not exist.
+        """
+        return Ledger.attach(self.ledger.name) if self.ledger is not None else None
 
     @property
     @abstractmethod

@@ -50,7 +50,7 @@ from pipeline.sources.options import DecodeThreads, LiveOptions, reconnect_delay
 from pipeline.sources.probe import SourceInfo
 from pipeline.stages.base import Stage, StageSpec, StatusReporter, check_alive, close_sockets
 from pipeline.stages.replay import ReplayBook
-from pipeline.supervise import Ledger, LedgerRef
+from pipeline.supervise import Ledger
 from pipeline.transport import (
     CONTROL_HWM,
     POLL_MS,
@@ -89,8 +89,9 @@ class DecodeSpec(StageSpec):
         loop: read a file source this many times in a row (soak tests).
         threads: decoder threading.
         live: live-source options.
-        ledger: the run's ledger (resume after a restart, replay after a downstream restart); None:
-            no supervision (the stage starts at frame 0 and never replays).
+
+    With a ledger (:attr:`StageSpec.ledger`) the stage resumes after a restart and replays after a
+    downstream restart; without one it starts at frame 0 and never replays.
     """
 
     source: SourceInfo
@@ -101,7 +102,6 @@ class DecodeSpec(StageSpec):
     loop: int = 1
     threads: DecodeThreads = DecodeThreads.AUTO
     live: LiveOptions = LiveOptions()
-    ledger: LedgerRef | None = None
 
     stage_name: ClassVar[StageName] = StageName.DECODE
 
@@ -122,12 +122,11 @@ class DecodeSpec(StageSpec):
         events_out = None
         if self.source.is_live and ep.events:
             events_out = make_socket(ctx, zmq.PUSH, ep.events, bind=False, hwm=CONTROL_HWM)
-        ledger = Ledger.attach(self.ledger.name) if self.ledger is not None else None
         return DecodeStage(source=self.source, pool=pool, credits_in=credits_in, frames_out=frames_out,
                            status=status, flags=flags, max_frames=self.max_frames, loop=self.loop,
                            threads=self.threads, live=self.live, events_out=events_out,
                            pool_name="" if ep.inline else self.pool, num_slots=self.num_slots,
-                           ledger=ledger, ledger_chain=self.ledger.chain if self.ledger else 0,
+                           ledger=self.attach_ledger(), ledger_chain=self.ledger.chain if self.ledger else 0,
                            ledger_source=self.ledger.source if self.ledger else 0)
 
 

@@ -34,7 +34,7 @@ import zmq
 from engines.base import Backend, DeviceEngine, Engine, EngineError
 from pipeline.slotpool import PoolCache, StalePoolError
 from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter, close_sockets, receive
-from pipeline.supervise import Ledger, LedgerRef
+from pipeline.supervise import Ledger
 from pipeline.transport import (
     StageEndpoints,
     StageFlags,
@@ -249,8 +249,9 @@ class EngineSpec(StageSpec):
         device_batches: batches come from a device tensor pool (the engine must have ``infer_device``).
         device_nms: with device batches, run NMS on the device with these thresholds (a
             ``streamdet.postprocess.PostprocessConfig``; None: send the raw outputs to the host).
-        ledger: the run's ledger (engine generation; the stage stays until the run finished);
-            None: no supervision.
+
+    With a ledger (:attr:`StageSpec.ledger`) the stage drops batches made for an older engine
+    generation and stays until the run finished.
     """
 
     card: ModelCard
@@ -264,7 +265,6 @@ class EngineSpec(StageSpec):
     warmup_batch: int = 0
     device_batches: bool = False
     device_nms: Any = None
-    ledger: LedgerRef | None = None
 
     stage_name: ClassVar[StageName] = StageName.ENGINE
 
@@ -280,7 +280,7 @@ class EngineSpec(StageSpec):
                            tensor_credits_out=credits_out, status=status, flags=flags,
                            num_sources=self.num_sources, warmup_batch=self.warmup_batch,
                            device_batches=self.device_batches, device_nms=self.device_nms,
-                           ledger=Ledger.attach(self.ledger.name) if self.ledger is not None else None,
+                           ledger=self.attach_ledger(),
                            ledger_chain=self.ledger.chain if self.ledger is not None else 0)
 
 

@@ -11,7 +11,6 @@ written are counted and the sink retries once a second.
 from __future__ import annotations
 
 import calendar
-import json
 import os
 import re
 import sys
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.stages.payloads import eos_payload
+from pipeline.stages.payloads import dumps, eos_payload
 from pipeline.stages.sink_base import FrameResult, Sink, _AtomicFile
 from streamdet.messages import EndOfStream
 
@@ -367,9 +366,7 @@ class JsonlSink(Sink):
     def _line(self, payload: Mapping[str, Any] | bytes) -> None:
         if self._state != "open":
             raise RuntimeError(f"{self.path}: the JSONL sink is not open")
-        encoded = payload if isinstance(payload, bytes) else \
-            json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
-        data = encoded + b"\n"
+        data = (payload if isinstance(payload, bytes) else dumps(payload)) + b"\n"
         now = self._clock()
         force = False
         if self._failed_at is not None:

@@ -49,7 +49,7 @@ from pipeline.stages.sinks import (
     status_payload,
 )
 from pipeline.stages.stats import LiveStats, StatsConfig
-from pipeline.supervise import Ledger, LedgerRef
+from pipeline.supervise import Ledger
 from pipeline.transport import (
     CONTROL_HWM,
     POLL_MS,
@@ -163,8 +163,8 @@ class PostprocessSpec(StageSpec):
         stats: per-source statistics (stats line, ``stats`` topic, Prometheus endpoint).
         cards_by_source: ``(source_id, card)`` for sources served by another model than ``card``
             (their messages carry that card's name, and its task picks their postprocess).
-        ledger: the run's ledger (publication state that survives a restart of this stage); None:
-            no supervision.
+
+    With a ledger (:attr:`StageSpec.ledger`) the publication state survives a restart of the stage.
     """
 
     card: ModelCard
@@ -175,7 +175,6 @@ class PostprocessSpec(StageSpec):
     num_sources: int
     stats: StatsConfig = StatsConfig()
     cards_by_source: tuple[tuple[str, ModelCard], ...] = ()
-    ledger: LedgerRef | None = None
 
     stage_name: ClassVar[StageName] = StageName.POSTPROCESS
 
@@ -186,7 +185,7 @@ class PostprocessSpec(StageSpec):
         events_in = make_socket(ctx, zmq.PULL, ep.events, bind=True, hwm=CONTROL_HWM) if ep.events else None
         credits_out = frame_credit_sockets(ctx, ep)
         by_source = dict(self.cards_by_source)
-        ledger = Ledger.attach(self.ledger.name) if self.ledger is not None else None
+        ledger = self.attach_ledger()
         sinks = self.sinks.build(ctx=ctx, class_names=self.card.class_names,
                                  class_names_by_source={k: c.class_names for k, c in by_source.items()}, ledger=ledger)
         return PostprocessStage(card=self.card, model_name=self.model_name, config=self.config,

@@ -38,7 +38,7 @@ from pipeline.stages.base import (
     frame_credit_sockets,
     receive,
 )
-from pipeline.supervise import Ledger, LedgerRef
+from pipeline.supervise import Ledger
 from pipeline.transport import (
     POLL_MS,
     StageEndpoints,
@@ -126,8 +126,9 @@ class PreprocessSpec(StageSpec):
         num_sources: sources feeding the pipeline (the stage ends after that many EOS).
         tensor_device: preprocess on this torch device into a device tensor pool (``cuda``,
             ``cuda:N``; ``cpu`` only in tests, to run the same path without a GPU); None: on the host.
-        ledger: the run's ledger (engine generations; the stage stays until the run finished);
-            None: no supervision.
+
+    With a ledger (:attr:`StageSpec.ledger`) batches carry engine generations and the stage stays
+    until the run finished.
     """
 
     card: ModelCard
@@ -140,7 +141,6 @@ class PreprocessSpec(StageSpec):
     keep_pixels: bool
     num_sources: int
     tensor_device: str | None = None
-    ledger: LedgerRef | None = None
 
     stage_name: ClassVar[StageName] = StageName.PREPROCESS
 
@@ -170,7 +170,7 @@ class PreprocessSpec(StageSpec):
                                pad_batches=self.pad_batches, max_wait_ms=self.max_wait_ms,
                                keep_pixels=self.keep_pixels, num_sources=self.num_sources,
                                device_pool=device_pool,
-                               ledger=Ledger.attach(self.ledger.name) if self.ledger is not None else None,
+                               ledger=self.attach_ledger(),
                                ledger_chain=self.ledger.chain if self.ledger is not None else 0)
 
 

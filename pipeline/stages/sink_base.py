@@ -7,7 +7,6 @@ never each other, so the modules form no import cycle.
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.stages.payloads import dumps
 from streamdet.messages import EndOfStream, FrameRecord
 
 __all__ = ["FrameResult", "Sink"]
@@ -44,9 +44,7 @@ class FrameResult:
 
     def json(self) -> bytes:
         """The payload as compact JSON bytes (``payload_json`` when given)."""
-        if self.payload_json is not None:
-            return self.payload_json
-        return json.dumps(self.payload, separators=(",", ":"), allow_nan=False).encode()
+        return self.payload_json if self.payload_json is not None else dumps(self.payload)
 
 
 class Sink(ABC):

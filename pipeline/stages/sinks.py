@@ -143,9 +143,9 @@ class PubSink(Sink):
             if self.on_subscribers is not None:
                 self.on_subscribers(self.current)
 
-    def _send(self, topic_bytes: bytes, payload: Mapping[str, Any]) -> None:
+    def _send(self, topic_bytes: bytes, payload: Mapping[str, Any] | bytes) -> None:
         assert self._sock is not None
-        self._sock.send_multipart([topic_bytes, dumps(payload)])
+        self._sock.send_multipart([topic_bytes, payload if isinstance(payload, bytes) else dumps(payload)])
         self.messages += 1
 
     def write(self, result: FrameResult) -> None:
@@ -153,8 +153,7 @@ class PubSink(Sink):
         if self._sock is None:
             return
         self._read_subscriptions()
-        self._sock.send_multipart([topic(DETECTIONS_TOPIC, result.record.frame.source_id), result.json()])
-        self.messages += 1
+        self._send(topic(DETECTIONS_TOPIC, result.record.frame.source_id), result.json())
 
     def end_of_stream(self, eos: EndOfStream) -> None:
         """Publish ``eos.<source_id>``."""

@@ -80,6 +80,13 @@ def sd_left(marker: str, seen: set[int]) -> list[str]:
     return left
 
 
+def stop_and_list_left(run: Run, seen: set[int]) -> tuple[int, str, list[str]]:
+    """SIGINT the run; its exit code, stderr and what is left of it (see :func:`sd_left`)."""
+    seen |= set(stage_processes(run.proc.pid))
+    code, _, err, _ = run.stop(signal.SIGINT)
+    return code, err, sd_left(run.marker, seen)
+
+
 def test_killed_engine_is_restarted_and_detections_resume(standin_model, servers):  # noqa: F811
     srv = servers()
     run = Run(standin_model, [srv.url()])
@@ -99,9 +106,7 @@ def test_killed_engine_is_restarted_and_detections_resume(standin_model, servers
         restarted_at = next(t for t, _, p in run.sub.of("status.clip") if p["state"] == "stage_restarted")
         # detections keep coming from the new engine
         assert run.sub.wait(lambda: len(detections(run, "clip", since=restarted_at)) >= 10, 10)
-        seen |= set(stage_processes(run.proc.pid))
-        code, _, err, _ = run.stop(signal.SIGINT)
-        left = sd_left(run.marker, seen)
+        code, err, left = stop_and_list_left(run, seen)
     finally:
         run.kill()
     assert code == 130, err
@@ -133,9 +138,7 @@ def test_killed_decoder_restarts_alone(standin_model, servers):  # noqa: F811
         resumed = detections(run, "clip", since=up)[0][0] - killed
         time.sleep(max(0.0, killed + 6.0 - time.monotonic()))  # one more message after the window
         assert run.sub.wait(lambda: restarts(run, "clip"), 5), run.sub.of("status.clip")
-        seen |= set(stage_processes(run.proc.pid))
-        code, _, err, _ = run.stop(signal.SIGINT)
-        left = sd_left(run.marker, seen)
+        code, err, left = stop_and_list_left(run, seen)
     finally:
         run.kill()
     assert code == 130, err
