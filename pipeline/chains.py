@@ -179,7 +179,7 @@ def prepare_model(settings: Settings, model_path: Path, card_path: Path | None, 
 
 
 def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpoints, pools: list[str],
-                tensor_pools: list[str], ledger: str | None = None) -> list[StageSpec]:
+                tensor_pools: list[str], ledger: str | None = None, forward: str | None = None) -> list[StageSpec]:
     """Describe every stage process of the run.
 
     Args:
@@ -190,6 +190,7 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
         tensor_pools: one tensor-pool base name per chain.
         ledger: the shared-memory name of the run's :class:`~pipeline.supervise.Ledger` (None: no
             supervision).
+        forward: also push every message to this endpoint (a cluster worker's receiver), or None.
 
     Returns:
         The postprocess spec, then an engine and a preprocess spec per chain, then a decode spec per source.
@@ -202,6 +203,7 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
         video_out=str(s.sinks.video_out) if s.sinks.video_out else None,
         fps_by_source=tuple((src.source_id, src.fps) for src in p.sources),
         jsonl_flush_ms=s.sinks.jsonl_flush_ms, jsonl_rotate=s.sinks.jsonl_rotate,
+        mqtt=s.sinks.mqtt_config(), forward=forward,
     )
     n = len(p.sources)
     ctl = endpoints.control

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engines.deploy.commands import BUILD_ENGINE, CALIBRATE
 from pipeline import subscribe
 from streamdet.cli import Command, OneLineErrorParser, Subcommand
 from streamdet.constants import EXIT_USAGE
+
+if TYPE_CHECKING:
+    from pipeline.cluster.driver import ClusterRun
 
 
 def _settings_epilog() -> str:
@@ -72,6 +75,10 @@ def build_parser(prog: str = "run_pipeline.py") -> argparse.ArgumentParser:
     p.add_argument("--hwaccel", metavar="NAME", help="video decoder: none (CPU) or cuda (NVDEC) [decode.hwaccel]")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on this port (off by default) [sinks.metrics_port]")
+    p.add_argument("--mqtt", metavar="URL", help="also publish to this MQTT broker, mqtt://HOST:PORT or "
+                   "mqtts://... (login from sinks.mqtt_username / STREAMDET_SINKS__MQTT_PASSWORD) [sinks.mqtt]")
+    p.add_argument("--ray-address", metavar="ADDR", help="run over this Ray cluster: HOST:PORT of its head, or "
+                   "'auto' (see docs/cluster.md) [cluster.ray_address]")
     p.add_argument("--config", metavar="X.yaml", help="YAML preset (default $STREAMDET_CONFIG)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="any setting by its dotted name, e.g. --set postprocess.nms=soft_gaussian (value "
@@ -106,7 +113,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "sinks.video_out": args.video_out, "max_frames": args.max_frames, "preprocess.max_batch": args.batch,
         "engine.intra_op_threads": args.threads, "engine.backend": args.backend,
         "engine.device": args.device, "decode.loop": args.loop, "decode.hwaccel": args.hwaccel,
-        "sinks.metrics_port": args.metrics_port,
+        "sinks.metrics_port": args.metrics_port, "sinks.mqtt": args.mqtt, "cluster.ray_address": args.ray_address,
         "quiet": args.quiet,
     }
     for key, value in flags.items():
@@ -135,7 +142,13 @@ def run_main(argv: list[str] | None = None, *, prog: str = "run_pipeline.py") ->
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    pipeline = Pipeline(settings=settings)
+    pipeline: Pipeline | ClusterRun
+    if settings.cluster.ray_address is not None:
+        from pipeline.cluster.driver import ClusterRun
+
+        pipeline = ClusterRun(settings=settings)
+    else:
+        pipeline = Pipeline(settings=settings)
     try:
         summary = pipeline.run()
     except PipelineError as e:

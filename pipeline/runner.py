@@ -134,11 +134,15 @@ class Pipeline:
             device NMS) with torch tensors on this device, whatever ``engine.device`` is (``"cpu"``
             exercises the GPU wiring without a GPU; needs ``--backend cuda``). None: the path runs
             when the engine is on a CUDA device and ``preprocess.on_device`` is on.
+        forward: also push every published message to this ZeroMQ endpoint, in order and without
+            loss (:mod:`pipeline.stages.forward_sink`; how a cluster worker collects them).
     """
 
     def __init__(self, *, settings: Settings, progress: bool | None = None,
-                 monitor: Callable[[Pipeline], None] | None = None, tensor_device: str | None = None) -> None:
+                 monitor: Callable[[Pipeline], None] | None = None, tensor_device: str | None = None,
+                 forward: str | None = None) -> None:
         self.settings = settings
+        self.forward = forward
         self.tensor_device = tensor_device
         self.progress = (not settings.quiet and sys.stderr.isatty()) if progress is None else progress
         self.monitor = monitor
@@ -260,7 +264,7 @@ class Pipeline:
                 raise PipelineError(str(e)) from e
             self._supervise(summary, control,
                             stage_specs(self.settings, self._prepared, endpoints, pools, tensor_pools,
-                                        ledger=ledger_name))
+                                        ledger=ledger_name, forward=self.forward))
         finally:
             self._shutdown()
             if control is not None:

@@ -14,12 +14,11 @@ Invalid values raise :class:`SettingsError` with one line naming the setting.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +27,8 @@ from pydantic_settings import (
 )
 
 from engines.base import Backend
+from pipeline.settings_sections import DEFAULT_PUBLISH as DEFAULT_PUBLISH  # re-exported
+from pipeline.settings_sections import ClusterSettings, Section, SinkSettings, SuperviseSettings
 from pipeline.sources.options import DecodeThreads, HWAccelMode, HWAccelOptions, LiveOptions, RtspTransport
 from pipeline.transport import TransportMode
 from streamdet.postprocess import NmsMethod, PostprocessConfig
@@ -42,21 +43,17 @@ DEFAULT_MODEL = PACKAGE_ROOT / "engines" / "models" / "detector.onnx"
 """The bundled detector."""
 DEFAULT_SOURCE = Path(__file__).resolve().parent / "samples" / "demo.mp4"
 """The bundled demo video."""
-DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
-"""Default endpoint of the detections PUB socket (localhost only)."""
 
 DEFAULT_LIGHT_STAGE_NICE = 10
 """Default niceness of the decode, preprocess and postprocess processes."""
 
-_ENDPOINT = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+)$")
 
 
 class SettingsError(ValueError):
     """Invalid settings (bad value, unknown key, unreadable preset); the message is one line."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+_Section = Section
 
 
 class TransportSettings(_Section):
@@ -228,83 +225,6 @@ class PostprocessSettings(_Section):
         )
 
 
-class SinkSettings(_Section):
-    """Outputs.
-
-    Attributes:
-        publish: ZeroMQ PUB endpoint (``tcp://host:port`` or ``ipc://path``), or null for none.
-        publish_wait_subscribers: before decoding starts, wait until this many subscribers have
-            subscribed (so they miss nothing; PUB drops what is sent before a subscriber joins).
-        publish_wait_timeout_s: longest wait for them; the run then starts anyway.
-        jsonl: write every published message to this JSON Lines file.
-        jsonl_flush_ms: flush the JSONL file after every line (0, the default) or at most every
-            this many milliseconds: a killed sink process loses at most that window of lines.
-        jsonl_rotate: start a new JSONL file every period (``30m``, ``1h``, ``1d``) or at a size
-            (``100MB``, ``1GB``); files are named ``<stem>-<UTC start time><suffix>`` (null: one file).
-        video_out: write the annotated video here (H.264).
-        stats_interval_s: print a stats line (per source: fps, drops, p50/p99 latency, state) and
-            publish it on topic ``stats`` this often, seconds (0: never; printed only with live sources).
-        metrics_port: serve Prometheus metrics on ``http://metrics_host:PORT/metrics`` (null: off).
-        metrics_host: interface of the metrics endpoint.
-    """
-
-    publish: str | None = DEFAULT_PUBLISH
-    publish_wait_subscribers: int = Field(default=0, ge=0)
-    publish_wait_timeout_s: float = Field(default=10.0, ge=0.0)
-    jsonl: Path | None = None
-    jsonl_flush_ms: float = Field(default=0.0, ge=0.0)
-    jsonl_rotate: str | None = None
-    video_out: Path | None = None
-    stats_interval_s: float = Field(default=5.0, ge=0.0)
-    metrics_port: int | None = Field(default=None, ge=1, le=65535)
-    metrics_host: str = "127.0.0.1"
-
-    @field_validator("jsonl_rotate", mode="before")
-    @classmethod
-    def _jsonl_rotate(cls, v: Any) -> Any:
-        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null", "off")):
-            return None
-        from pipeline.stages.jsonl_sink import parse_rotate
-
-        parse_rotate(str(v))  # ValueError names the value and the accepted forms
-        return str(v)
-
-    @field_validator("publish", mode="before")
-    @classmethod
-    def _publish(cls, v: Any) -> Any:
-        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null", "off")):
-            return None
-        if not isinstance(v, str) or not _ENDPOINT.match(v):
-            raise ValueError(f"expected tcp://HOST:PORT or ipc://PATH (or none), got {v!r}")
-        if v.startswith("tcp://") and not 1 <= int(v.rsplit(":", 1)[1]) <= 65535:
-            raise ValueError(f"expected a port in 1..65535, got {v!r}")
-        return v
-
-
-class SuperviseSettings(_Section):
-    """Self-healing: restarting a stage process that died (see :mod:`pipeline.supervise`).
-
-    Attributes:
-        max_restarts: restarts allowed per stage within ``window_s`` (0: never restart; a dead
-            stage ends the run as before). One more death within the window ends the run with
-            one error line naming the stage and its last error.
-        window_s: the sliding window of the restart bound, seconds (> 0).
-        backoff_initial_s: wait before the second restart of a stage within the window (the first
-            one is immediate); doubles for each further one.
-        backoff_max_s: longest wait before a restart.
-        fork_server: fork restarted stages from a server process that has the stage modules
-            imported (Linux; started in the background when the run starts if a source is live,
-            else at the first restart): a restart takes about 0.2-0.3 s instead of 0.6-0.8 s, for
-            about 1 s of CPU once and one more process.
-    """
-
-    max_restarts: int = Field(default=5, ge=0, le=1000)
-    window_s: float = Field(default=60.0, gt=0.0)
-    backoff_initial_s: float = Field(default=0.5, ge=0.0)
-    backoff_max_s: float = Field(default=5.0, ge=0.0)
-    fork_server: bool = True
-
-
 def _default_sources() -> list[str | SourceEntry]:
     return [str(DEFAULT_SOURCE)]
 
@@ -326,6 +246,7 @@ class Settings(BaseSettings):
         postprocess: :class:`PostprocessSettings`.
         sinks: :class:`SinkSettings`.
         supervise: :class:`SuperviseSettings`.
+        cluster: :class:`ClusterSettings`.
     """
 
     sources: list[str | SourceEntry] = Field(default_factory=_default_sources, min_length=1)
@@ -340,6 +261,7 @@ class Settings(BaseSettings):
     postprocess: PostprocessSettings = PostprocessSettings()
     sinks: SinkSettings = SinkSettings()
     supervise: SuperviseSettings = SuperviseSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER,
                                       extra="forbid", frozen=True, nested_model_default_partial_update=True)

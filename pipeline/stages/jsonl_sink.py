@@ -424,6 +424,10 @@ class JsonlSink(Sink):
         """Append the frame's payload (never raises for a write error: see the class)."""
         self._line(result.json())
 
+    def write_json(self, source_id: str, payload_json: bytes) -> None:
+        """Append an already encoded detections payload (never raises for a write error)."""
+        self._line(payload_json)
+
     def end_of_stream(self, eos: EndOfStream) -> None:
         """Append the EOS payload (never raises for a write error: see the class)."""
         self._line(eos_payload(eos))

@@ -36,6 +36,8 @@ from pipeline.stages.base import (
     frame_credit_sockets,
     receive,
 )
+from pipeline.stages.forward_sink import ForwardSink
+from pipeline.stages.mqtt_sink import MqttConfig, MqttSink
 from pipeline.stages.ordering import PublishOrder, Verdict
 from pipeline.stages.payloads import restart_payload
 from pipeline.stages.sinks import (
@@ -107,6 +109,10 @@ class SinkConfig:
             (JSONL appended to, video kept as a finished segment) instead of started afresh.
         jsonl_flush_ms: flush the JSONL file after every line (0) or at most this often, ms.
         jsonl_rotate: start a new JSONL file this often or at this size (``1h``, ``100MB``; None: one file).
+        mqtt: the MQTT sink's configuration, or None.
+        forward: a ZeroMQ endpoint the messages are also pushed to, in order and without loss
+            (the pipeline waits when it is full): how a cluster worker hands them to Ray (see
+            :mod:`pipeline.stages.forward_sink`); None: not forwarded.
     """
 
     publish: str | None
@@ -118,6 +124,8 @@ class SinkConfig:
     resume: bool = False
     jsonl_flush_ms: float = 0.0
     jsonl_rotate: str | None = None
+    mqtt: MqttConfig | None = None
+    forward: str | None = None
 
     @property
     def needs_pixels(self) -> bool:
@@ -142,6 +150,10 @@ class SinkConfig:
         if self.jsonl:
             sinks.append(JsonlSink(path=self.jsonl, flush_ms=self.jsonl_flush_ms, rotate=self.jsonl_rotate,
                                    resume=self.resume))
+        if self.mqtt is not None:
+            sinks.append(MqttSink(config=self.mqtt))
+        if self.forward is not None:
+            sinks.append(ForwardSink(ctx=ctx, endpoint=self.forward))
         if self.video_out:
             sinks.append(VideoSink(path=self.video_out, fps_by_source=dict(self.fps_by_source),
                                    class_names=class_names, class_names_by_source=class_names_by_source,
@@ -282,6 +294,9 @@ class PostprocessStage(Stage):
                 for sink in self._opened:
                     sink.status(payload)
         if self.live_stats.due():
+            for sink in self._opened:
+                if isinstance(sink, MqttSink):
+                    self.live_stats.set_sink_dropped("mqtt", sink.dropped)
             line, payload = self.live_stats.report()
             print(line, file=sys.stderr, flush=True)
             for sink in self._opened:

@@ -70,6 +70,14 @@ class Sink(ABC):
     def write(self, result: FrameResult) -> None:
         """Consume one frame's result."""
 
+    def write_json(self, source_id: str, payload_json: bytes) -> None:
+        """Consume one frame's detections payload, already encoded (frames relayed from a cluster worker).
+
+        Raises:
+            NotImplementedError: for sinks that need the frame itself (the annotated video).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot take relayed messages")
+
     @abstractmethod
     def end_of_stream(self, eos: EndOfStream) -> None:
         """A source ended (after its last :meth:`write`)."""

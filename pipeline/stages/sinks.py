@@ -150,10 +150,14 @@ class PubSink(Sink):
 
     def write(self, result: FrameResult) -> None:
         """Publish ``detections.<source_id>``."""
+        self.write_json(result.record.frame.source_id, result.json())
+
+    def write_json(self, source_id: str, payload_json: bytes) -> None:
+        """Publish ``detections.<source_id>`` with an already encoded payload."""
         if self._sock is None:
             return
         self._read_subscriptions()
-        self._send(topic(DETECTIONS_TOPIC, result.record.frame.source_id), result.json())
+        self._send(topic(DETECTIONS_TOPIC, source_id), payload_json)
 
     def end_of_stream(self, eos: EndOfStream) -> None:
         """Publish ``eos.<source_id>``."""

@@ -88,6 +88,8 @@ class LiveStats:
         self.restarts: dict[str, int] = {}
         """Stage restarts seen by this process, by stage name."""
         self._restarts_total = 0
+        self.sink_dropped: dict[str, int] = {}
+        """Messages each lossy sink dropped so far (total), by sink name (``mqtt``)."""
 
     def open(self) -> None:
         """Start the Prometheus endpoint if configured.
@@ -111,6 +113,8 @@ class LiveStats:
                                registry=reg),
             "restarts": pc.Counter("streamdet_stage_restarts", "Stage processes restarted after a crash", ["stage"],
                                    registry=reg),
+            "sink_dropped": pc.Counter("streamdet_sink_dropped", "Messages a sink could not deliver (e.g. MQTT "
+                                       "broker away and its buffer full)", ["sink"], registry=reg),
             "latency": pc.Histogram("streamdet_latency_seconds", "Capture to publish latency", ["source"],
                                     buckets=LATENCY_BUCKETS_S, registry=reg),
             "state": pc.Enum("streamdet_source_state", "Source state", ["source"],
@@ -158,6 +162,13 @@ class LiveStats:
             self._metrics["restarts"].labels(stage).inc()
         self._restarts_total = max(total, sum(self.restarts.values()))
 
+    def set_sink_dropped(self, sink: str, total: int) -> None:
+        """Record that ``sink`` (e.g. ``mqtt``) has dropped ``total`` messages so far (a running total)."""
+        previous = self.sink_dropped.get(sink, 0)
+        self.sink_dropped[sink] = max(previous, total)
+        if self._metrics:
+            self._metrics["sink_dropped"].labels(sink).inc(max(0, total - previous))
+
     @property
     def restarts_total(self) -> int:
         """Stage restarts in the run so far."""
@@ -192,8 +203,10 @@ class LiveStats:
 
         Returns:
             ``(line, payload)``; the payload is ``{schema, time, interval_s, sources: {id: {state, fps,
-            frames, dropped, skipped, received, reconnects, latency_p50_ms, latency_p99_ms}}}``
-            (latencies null when no frame was published in the interval).
+            frames, dropped, skipped, received, reconnects, latency_p50_ms, latency_p99_ms}}, restarts}``
+            (latencies null when no frame was published in the interval), plus ``sink_dropped: {sink:
+            total}`` once a sink reported its drops (:meth:`set_sink_dropped`); the line ends with
+            `` mqtt_dropped=N`` when that sink dropped messages.
         """
         t = time.monotonic() if now is None else now
         dt = max(1e-9, t - self._last)
@@ -214,5 +227,8 @@ class LiveStats:
             st.latencies_ms = []
         payload = {"schema": STATS_SCHEMA, "time": round(time.time(), 3), "interval_s": round(dt, 3), "sources": out,
                    "restarts": self.restarts_total}
+        if self.sink_dropped:
+            payload["sink_dropped"] = dict(self.sink_dropped)
         tail = f" | restarts={self.restarts_total}" if self.restarts_total else ""
+        tail += "".join(f" {name}_dropped={n}" for name, n in self.sink_dropped.items() if n > 0)
         return "stats " + " | ".join(parts) + tail, payload

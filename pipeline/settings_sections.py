@@ -1,0 +1,182 @@
+"""Settings sections for outputs and operations: sinks, supervision, cluster (see :mod:`pipeline.settings`).
+
+Split from :mod:`pipeline.settings`, which assembles them into the one settings tree and
+re-exports them; import them from there.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+if TYPE_CHECKING:
+    from pipeline.stages.mqtt_sink import MqttConfig
+
+DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
+"""Default endpoint of the detections PUB socket (localhost only)."""
+
+_ENDPOINT = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+)$")
+
+
+class Section(BaseModel):
+    """A frozen settings section that refuses unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SinkSettings(Section):
+    """Outputs.
+
+    Attributes:
+        publish: ZeroMQ PUB endpoint (``tcp://host:port`` or ``ipc://path``), or null for none.
+        publish_wait_subscribers: before decoding starts, wait until this many subscribers have
+            subscribed (so they miss nothing; PUB drops what is sent before a subscriber joins).
+        publish_wait_timeout_s: longest wait for them; the run then starts anyway.
+        jsonl: write every published message to this JSON Lines file.
+        jsonl_flush_ms: flush the JSONL file after every line (0, the default) or at most every
+            this many milliseconds: a killed sink process loses at most that window of lines.
+        jsonl_rotate: start a new JSONL file every period (``30m``, ``1h``, ``1d``) or at a size
+            (``100MB``, ``1GB``); files are named ``<stem>-<UTC start time><suffix>`` (null: one file).
+        video_out: write the annotated video here (H.264).
+        stats_interval_s: print a stats line (per source: fps, drops, p50/p99 latency, state) and
+            publish it on topic ``stats`` this often, seconds (0: never; printed only with live sources).
+        metrics_port: serve Prometheus metrics on ``http://metrics_host:PORT/metrics`` (null: off).
+        metrics_host: interface of the metrics endpoint.
+        mqtt: MQTT broker to publish to, ``mqtt://HOST[:PORT]`` (TLS: ``mqtts://HOST[:PORT]``; ports
+            1883 / 8883 by default), or null for none. Topics ``<mqtt_topic_prefix>/<source_id>/detections``,
+            ``.../status`` (retained) and ``.../eos``; payloads are the JSON objects of docs/schema.md.
+        mqtt_username: broker login (also ``user:pass@`` in the URL; never logged).
+        mqtt_password: broker password (environment ``STREAMDET_SINKS__MQTT_PASSWORD``; never logged).
+        mqtt_qos: MQTT QoS of every message (0 at most once, 1 at least once, 2 exactly once).
+        mqtt_topic_prefix: first level of every topic.
+        mqtt_buffer: messages held for the broker while it is away or slow; beyond it messages are
+            dropped and counted (the pipeline never waits for the broker).
+        mqtt_flush_timeout_s: at the end of the run, longest wait for the buffered messages to reach
+            the broker (the rest are counted as dropped).
+        mqtt_ca_file: ``mqtts://``: CA certificates to verify the broker with (default: the system's).
+    """
+
+    publish: str | None = DEFAULT_PUBLISH
+    publish_wait_subscribers: int = Field(default=0, ge=0)
+    publish_wait_timeout_s: float = Field(default=10.0, ge=0.0)
+    jsonl: Path | None = None
+    jsonl_flush_ms: float = Field(default=0.0, ge=0.0)
+    jsonl_rotate: str | None = None
+    video_out: Path | None = None
+    stats_interval_s: float = Field(default=5.0, ge=0.0)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+    mqtt: str | None = None
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = None
+    mqtt_qos: int = Field(default=1, ge=0, le=2)
+    mqtt_topic_prefix: str = Field(default="streamdet", pattern=r"^[A-Za-z0-9_/-]{1,64}$")
+    mqtt_buffer: int = Field(default=10_000, ge=1, le=10_000_000)
+    mqtt_flush_timeout_s: float = Field(default=5.0, ge=0.0, le=600.0)
+    mqtt_ca_file: Path | None = None
+
+    def mqtt_config(self) -> MqttConfig | None:
+        """The MQTT sink's configuration (None without ``mqtt``)."""
+        if self.mqtt is None:
+            return None
+        from pipeline.stages.mqtt_sink import MqttConfig
+
+        return MqttConfig(url=self.mqtt, username=self.mqtt_username,
+                          password=self.mqtt_password.get_secret_value() if self.mqtt_password else None,
+                          qos=self.mqtt_qos, topic_prefix=self.mqtt_topic_prefix, buffer=self.mqtt_buffer,
+                          flush_timeout_s=self.mqtt_flush_timeout_s,
+                          ca_file=str(self.mqtt_ca_file) if self.mqtt_ca_file else None)
+
+    @field_validator("mqtt", mode="before")
+    @classmethod
+    def _mqtt(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null", "off")):
+            return None
+        from pipeline.stages.mqtt_sink import parse_mqtt_url
+
+        parse_mqtt_url(str(v))  # ValueError names the (redacted) URL and what is wrong
+        return str(v)
+
+    @field_validator("jsonl_rotate", mode="before")
+    @classmethod
+    def _jsonl_rotate(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null", "off")):
+            return None
+        from pipeline.stages.jsonl_sink import parse_rotate
+
+        parse_rotate(str(v))  # ValueError names the value and the accepted forms
+        return str(v)
+
+    @field_validator("publish", mode="before")
+    @classmethod
+    def _publish(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null", "off")):
+            return None
+        if not isinstance(v, str) or not _ENDPOINT.match(v):
+            raise ValueError(f"expected tcp://HOST:PORT or ipc://PATH (or none), got {v!r}")
+        if v.startswith("tcp://") and not 1 <= int(v.rsplit(":", 1)[1]) <= 65535:
+            raise ValueError(f"expected a port in 1..65535, got {v!r}")
+        return v
+
+
+class SuperviseSettings(Section):
+    """Self-healing: restarting a stage process that died (see :mod:`pipeline.supervise`).
+
+    Attributes:
+        max_restarts: restarts allowed per stage within ``window_s`` (0: never restart; a dead
+            stage ends the run as before). One more death within the window ends the run with
+            one error line naming the stage and its last error.
+        window_s: the sliding window of the restart bound, seconds (> 0).
+        backoff_initial_s: wait before the second restart of a stage within the window (the first
+            one is immediate); doubles for each further one.
+        backoff_max_s: longest wait before a restart.
+        fork_server: fork restarted stages from a server process that has the stage modules
+            imported (Linux; started in the background when the run starts if a source is live,
+            else at the first restart): a restart takes about 0.2-0.3 s instead of 0.6-0.8 s, for
+            about 1 s of CPU once and one more process.
+    """
+
+    max_restarts: int = Field(default=5, ge=0, le=1000)
+    window_s: float = Field(default=60.0, gt=0.0)
+    backoff_initial_s: float = Field(default=0.5, ge=0.0)
+    backoff_max_s: float = Field(default=5.0, ge=0.0)
+    fork_server: bool = True
+
+
+class ClusterSettings(Section):
+    """Running over a Ray cluster (see docs/cluster.md); off unless ``ray_address`` is set.
+
+    Attributes:
+        ray_address: the cluster to run on: ``HOST:PORT`` of its head (``ray start --head``
+            prints it), or ``auto`` for the cluster this host belongs to; null: run on this host
+            only (Ray is not imported).
+        max_retries: a file whose worker or node died is run again up to this many times (its
+            frames published once all the same); then it is reported as failed and the others go on.
+        cameras_per_shard: live sources run together in one pipeline (a shard, one Ray actor).
+        unit_cpus: CPUs Ray reserves for each file's pipeline (fractions allowed; the engine's
+            threads are still ``engine.intra_op_threads``).
+        shard_cpus: CPUs Ray reserves for each shard of cameras.
+        gpus: GPUs Ray reserves for each unit or shard when ``engine.device`` is a CUDA device.
+        connect_timeout_s: longest wait to reach the cluster at start-up.
+    """
+
+    ray_address: str | None = None
+    max_retries: int = Field(default=3, ge=0, le=100)
+    cameras_per_shard: int = Field(default=4, ge=1, le=1024)
+    unit_cpus: float = Field(default=1.0, gt=0.0)
+    shard_cpus: float = Field(default=1.0, gt=0.0)
+    gpus: float = Field(default=1.0, gt=0.0)
+    connect_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
+
+    @field_validator("ray_address", mode="before")
+    @classmethod
+    def _ray_address(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null", "off")):
+            return None
+        v = str(v).strip()
+        if v != "auto" and not re.match(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$", v):
+            raise ValueError(f"expected HOST:PORT of the Ray head or 'auto', got {v!r}")
+        return v
