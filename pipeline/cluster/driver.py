@@ -42,7 +42,7 @@ from pipeline.cluster.worker import KIND_PLACED, KIND_SUMMARY, Message, UnitSpec
 from pipeline.settings import Settings, SourceEntry
 from pipeline.stages.base import StageError
 from pipeline.stages.mqtt_sink import MqttSink
-from pipeline.stages.postprocess import SinkConfig
+from pipeline.stages.postprocess import open_sink
 from pipeline.stages.sink_base import Sink
 from pipeline.summary import PipelineError, RunSummary, SourceReport
 from pipeline.transport import TransportError
@@ -243,21 +243,14 @@ class ClusterRun:
         return self._prepared.sources
 
     def _open_sinks(self, ctx: zmq.Context[Any], prepared: PreparedRun) -> list[Sink]:
-        s = self.settings.sinks
-        config = SinkConfig(publish=s.publish, publish_wait_subscribers=s.publish_wait_subscribers,
-                            publish_wait_timeout_s=s.publish_wait_timeout_s,
-                            jsonl=str(s.jsonl) if s.jsonl else None, jsonl_flush_ms=s.jsonl_flush_ms,
-                            jsonl_rotate=s.jsonl_rotate, mqtt=s.mqtt_config())
         opened: list[Sink] = []
-        for sink in config.build(ctx=ctx, class_names=prepared.first_card.class_names):
+        for sink in self.settings.sinks.sink_config().build(ctx=ctx, class_names=prepared.first_card.class_names):
             try:
-                sink.open()
-            except (OSError, TransportError, StageError) as e:
+                open_sink(sink)
+            except (TransportError, StageError) as e:
                 for done in opened:
                     done.close()
-                what = f"{getattr(e, 'filename', None)}: cannot create output ({e.strerror})" \
-                    if isinstance(e, OSError) and getattr(e, "filename", None) else str(e)
-                raise PipelineError(what) from e
+                raise PipelineError(str(e)) from e
             opened.append(sink)
         return opened
 
@@ -346,7 +339,7 @@ class ClusterRun:
                         self._ended(unit, active, summary, stopping=stop_deadline is not None)
                         continue
                     except RayError as e:
-                        self._lost(unit, e, active, summary, stopping=stop_deadline is not None)
+                        self._lost(unit, e, active, stopping=stop_deadline is not None)
                         continue
                     active[gen] = unit
                     self._receive(unit, batch)
@@ -392,7 +385,7 @@ class ClusterRun:
         assert self.relay is not None
         result = unit.summary or {}
         if not result:
-            self._lost(unit, RuntimeError("its stream ended without a summary"), active, summary, stopping=stopping)
+            self._lost(unit, RuntimeError("its stream ended without a summary"), active, stopping=stopping)
             return
         summary.warnings += list(result.get("warnings", []))
         for label, n in dict(result.get("restarts", {})).items():
@@ -406,8 +399,7 @@ class ClusterRun:
         elif result.get("errors"):
             summary.warnings += [str(e) for e in result["errors"]]
 
-    def _lost(self, unit: _Unit, error: BaseException, active: dict[Any, _Unit], summary: RunSummary, *,
-              stopping: bool) -> None:
+    def _lost(self, unit: _Unit, error: BaseException, active: dict[Any, _Unit], *, stopping: bool) -> None:
         """A unit's worker, actor or node died (or its stream broke): run it again, or report it."""
         assert self.relay is not None
         why = " ".join(str(error).split())[:300] or type(error).__name__

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.cluster.worker import KIND_PLACED, KIND_SUMMARY, Message
+from pipeline.cluster.worker import Message
 from pipeline.stages.forward_sink import KIND_DETECTIONS, KIND_EOS, KIND_STATS, KIND_STATUS
 from pipeline.stages.payloads import STATUS_SCHEMA
 from pipeline.stages.sink_base import Sink
@@ -91,7 +91,6 @@ class Relay:
         self.camera_sinks = [sk for sk in sinks if sk not in worker_published]
         self.tally = {sid: SourceTally(live=live) for sid, live in sources}
         self.on_frames = on_frames
-        self.summaries: list[dict[str, Any]] = []
         self.errors: list[str] = []
 
     def ended(self, source_ids: Sequence[str]) -> bool:
@@ -118,10 +117,7 @@ class Relay:
                 obj = json.loads(payload)
                 for sink in self._sinks(next(iter(obj.get("sources", {})), "")):
                     sink.stats(obj)
-            elif kind == KIND_SUMMARY:
-                self.summaries.append(json.loads(payload))
-            elif kind == KIND_PLACED:
-                continue  # see place()
+            # KIND_SUMMARY and KIND_PLACED are the driver's (see place()): nothing to publish
         if frames and self.on_frames is not None:
             self.on_frames(frames)
 

@@ -117,7 +117,6 @@ class UnitRun:
         self.spec = spec
         self._pipeline: Any = None
         self._stop = threading.Event()
-        self.summary: dict[str, Any] = {}
 
     def stop(self) -> None:
         """Ask the pipeline to stop (as SIGINT would: inputs close, everything drains)."""
@@ -140,20 +139,18 @@ class UnitRun:
         self._pipeline = pipeline
         if self._stop.is_set():
             pipeline.request_stop(signal.SIGINT)
-        outcome: dict[str, Any] = {}
+        outcome: dict[str, Any] = {"frames": 0, "detections": 0, "exit_code": 1, "errors": [], "warnings": [],
+                                   "outputs": [], "seconds": 0.0, "restarts": {}}
 
         def run() -> None:
             try:
                 s = pipeline.run(handle_signals=False)
                 outcome.update(frames=s.frames, detections=s.detections, exit_code=s.exit_code, errors=s.errors,
-                               warnings=s.warnings, outputs=s.outputs, seconds=s.seconds,
-                               restarts=s.restarts)
+                               warnings=s.warnings, outputs=s.outputs, seconds=s.seconds, restarts=s.restarts)
             except PipelineError as e:
-                outcome.update(frames=0, detections=0, exit_code=e.exit_code, errors=[str(e)], warnings=[],
-                               outputs=[], seconds=0.0, restarts={})
+                outcome.update(exit_code=e.exit_code, errors=[str(e)])
             except BaseException as e:  # reported in the summary, never lost in a thread
-                outcome.update(frames=0, detections=0, exit_code=1, errors=[f"{type(e).__name__}: {e}"],
-                               warnings=[], outputs=[], seconds=0.0, restarts={})
+                outcome.update(errors=[f"{type(e).__name__}: {e}"])
 
         thread = threading.Thread(target=run, name="streamdet-unit", daemon=True)
         thread.start()
@@ -188,7 +185,6 @@ class UnitRun:
                     if ended >= set(self.spec.source_ids) or now - quiet_since > TAIL_QUIET_S:
                         break
             thread.join()
-            self.summary = outcome
             yield [(KIND_SUMMARY, "", json.dumps(outcome).encode(), -1)]
         finally:
             if thread.is_alive():  # the consumer went away: stop the pipeline and wait for it

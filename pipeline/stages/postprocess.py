@@ -94,6 +94,20 @@ class _Pending:
     inline: Any  # the zmq frame of inline pixels, or None
 
 
+def open_sink(sink: Sink) -> None:
+    """Open one sink; a file it cannot create becomes one line naming the file.
+
+    Raises:
+        TransportError: if a socket cannot be bound.
+        StageError: ``<file>: cannot create output (<reason>)``, or the sink's own start-up error.
+    """
+    try:
+        sink.open()
+    except OSError as e:
+        raise StageError(f"{getattr(e, 'filename', None) or sink.describe()}: cannot create output "
+                         f"({e.strerror or e})") from e
+
+
 @dataclass(frozen=True, kw_only=True)
 class SinkConfig:
     """Which sinks to open (picklable; built in the postprocess process).
@@ -264,14 +278,10 @@ class PostprocessStage(Stage):
 
         Raises:
             TransportError: if the publish endpoint cannot be bound.
-            OSError: if an output file cannot be created.
+            StageError: if an output file cannot be created, or the MQTT broker refused the login.
         """
         for sink in self.sinks:
-            try:
-                sink.open()
-            except OSError as e:
-                raise StageError(f"{getattr(e, 'filename', None) or sink.describe()}: cannot create output "
-                                 f"({e.strerror or e})") from e
+            open_sink(sink)
             self._opened.append(sink)
         try:
             self.live_stats.open()
