@@ -114,3 +114,34 @@ def draw_semantic(
     blended = image_rgb[keep] * (1.0 - alpha) + tinted[keep] * alpha
     image_rgb[keep] = blended.astype(np.uint8)
     return image_rgb
+
+
+def annotate_result(image_rgb: npt.NDArray[np.uint8], detections: Any,
+                    class_names: Sequence[str]) -> npt.NDArray[np.uint8]:
+    """Draw one frame's results as the annotated-video sink and the preview page show them, in place.
+
+    Semantic class maps first (when the map has the image's size; class 0 left untinted when it
+    is named background), then instance masks (decoded from their COCO RLEs if need be), then
+    boxes with ``label score`` captions.
+
+    Args:
+        image_rgb: ``(H, W, 3)`` uint8 RGB frame (decoded-frame pixels), modified in place.
+        detections: a ``streamdet.postprocess.Detections`` in frame pixels (``boxes_xyxy``,
+            ``scores``, ``class_ids``; optional ``masks``, ``mask_rles``, ``semantic``).
+        class_names: names by class id.
+
+    Returns:
+        ``image_rgb``.
+    """
+    d = detections
+    semantic = getattr(d, "semantic", None)
+    if semantic is not None and semantic.shape == image_rgb.shape[:2]:
+        bg = 0 if class_names and class_names[0].lower() in ("background", "bg", "__background__") else None
+        draw_semantic(image_rgb, semantic, background_id=bg)
+    masks = getattr(d, "masks", None)
+    rles = getattr(d, "mask_rles", None)
+    if masks is None and rles:
+        from streamdet.masks import rle_to_masks
+
+        masks = rle_to_masks(rles)
+    return draw_detections(image_rgb, d.boxes_xyxy, d.scores, d.class_ids, class_names, masks=masks)

@@ -21,12 +21,13 @@ from pipeline.sources.probe import SourceError, SourceInfo, probe_source
 from pipeline.stages.base import StageSpec
 from pipeline.stages.decode import DecodeSpec
 from pipeline.stages.engine import EngineSpec, ModelInfo, check_card_against_model, inspect_onnx, resolve_card
+from pipeline.stages.live_view import PreviewConfig
 from pipeline.stages.postprocess import PostprocessSpec
 from pipeline.stages.preprocess import PreprocessSpec
 from pipeline.stages.stats import StatsConfig
 from pipeline.summary import PipelineError
 from pipeline.supervise import LedgerRef
-from pipeline.transport import StageEndpoints, redact_url
+from pipeline.transport import StageEndpoints, TransportMode, redact_url
 from streamdet.card import ModelCard, ModelCardError
 from streamdet.messages import check_source_id
 from streamdet.postprocess import device_nms_supported
@@ -117,6 +118,9 @@ def prepare_run(settings: Settings, tensor_device: str | None = None) -> Prepare
         PipelineError: naming the first bad input (exit code 1).
     """
     s = settings
+    if s.control.port is not None and s.transport.mode is not TransportMode.IPC:
+        raise PipelineError("control.port needs transport.mode ipc (sources added at runtime get shared-memory "
+                            f"frame pools), got {s.transport.mode.value}")
     entries = s.source_entries()
     ids = source_ids_for([e.url for e in entries], given=[e.id for e in entries])
     infos = []
@@ -201,15 +205,20 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
     n = len(p.sources)
     ctl = endpoints.control
     first = p.chains[0]
+    cs = s.control
+    dynamic = cs.port is not None and ledger is not None  # sources come and go through the control API
     specs: list[StageSpec] = [
         PostprocessSpec(control=ctl, nice=s.postprocess.nice, card=first.card, model_name=first.card.name,
                         config=s.postprocess.to_config(), sinks=sinks, endpoints=endpoints, num_sources=n,
                         stats=StatsConfig(
                             sources=tuple((src.source_id, src.is_live) for src in p.sources),
                             interval_s=s.sinks.stats_interval_s if not s.quiet else 0.0,
-                            metrics_port=s.sinks.metrics_port, metrics_host=s.sinks.metrics_host),
+                            metrics_port=s.sinks.metrics_port, metrics_host=s.sinks.metrics_host, control=dynamic),
                         cards_by_source=tuple((sid, c.card) for c in p.chains[1:] for sid in c.source_ids),
-                        ledger=LedgerRef(name=ledger) if ledger else None),
+                        ledger=LedgerRef(name=ledger) if ledger else None, dynamic=dynamic,
+                        chain_cards=tuple(ch.card for ch in p.chains),
+                        preview=PreviewConfig(fps=cs.preview_fps, width=cs.preview_width, quality=cs.preview_quality)
+                        if dynamic else None),
     ]
     chain_index = {sid: k for k, c in enumerate(p.chains) for sid in c.source_ids}
     pool_of = {src.source_id: pool for src, pool in zip(p.sources, pools, strict=True)}
@@ -225,22 +234,42 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
         specs += [
             EngineSpec(control=ctl, card=chain.card, model_path=str(chain.model.path), backend=s.engine.backend,
                        device=s.engine.device, intra_op_threads=s.engine.intra_op_threads,
-                       allow_fallback=s.engine.allow_fallback, endpoints=ep, num_sources=m,
+                       allow_fallback=s.engine.allow_fallback, endpoints=ep, num_sources=0 if dynamic else m,
                        warmup_batch=chain.max_batch, device_batches=chain.tensor_device is not None,
                        device_nms=device_nms, ledger=ref),
             PreprocessSpec(control=ctl, nice=s.preprocess.nice, card=chain.card, endpoints=ep,
                            tensor_pool=pool_name(tensor_pool, 0), tensor_slots=s.preprocess.tensor_slots,
                            max_batch=chain.max_batch, pad_batches=chain.pad_batches,
-                           max_wait_ms=s.preprocess.max_wait_ms, keep_pixels=sinks.needs_pixels, num_sources=m,
+                           max_wait_ms=s.preprocess.max_wait_ms, keep_pixels=sinks.needs_pixels,
+                           num_sources=0 if dynamic else m,
                            tensor_device=chain.tensor_device, ledger=ref),
         ]
     batch_of = {sid: c.max_batch for c in p.chains for sid in c.source_ids}
     for i, (src, pool) in enumerate(zip(p.sources, pools, strict=True)):
         sid = src.source_id
-        # a frame keeps its slot until it is published: room for two batches in flight and then some
-        slots = max(s.decode.slots, 2 * batch_of[sid] + 2) if src.is_file else s.decode.live_slots
-        specs.append(DecodeSpec(control=ctl, nice=s.decode.nice, source=src, pool=pool_name(pool, 0),
-                                num_slots=slots, endpoints=chain_of[sid], max_frames=s.max_frames, loop=s.decode.loop,
-                                threads=s.decode.threads, live=s.decode.live_options(),
-                                ledger=LedgerRef(name=ledger, chain=chain_index[sid], source=i) if ledger else None))
+        specs.append(decode_spec(s, src, pool=pool_name(pool, 0), endpoints=chain_of[sid], batch=batch_of[sid],
+                                 ledger=LedgerRef(name=ledger, chain=chain_index[sid], source=i) if ledger else None))
     return specs
+
+
+def decode_spec(settings: Settings, source: SourceInfo, *, pool: str, endpoints: StageEndpoints, batch: int,
+                ledger: LedgerRef | None) -> DecodeSpec:
+    """Describe one source's decode process (at start-up, or added at runtime through the control API).
+
+    Args:
+        settings: the run's settings (decode section, ``max_frames``).
+        source: the probed source.
+        pool: its frame pool's name (generation included).
+        endpoints: its model chain's endpoints (its own credit endpoint among ``frame_credits``).
+        batch: its chain's engine batch size (a file source's pool holds two batches in flight and more).
+        ledger: its place in the run's ledger (None: no supervision).
+
+    Returns:
+        The :class:`DecodeSpec`.
+    """
+    s = settings
+    # a frame keeps its slot until it is published: room for two batches in flight and then some
+    slots = max(s.decode.slots, 2 * batch + 2) if source.is_file else s.decode.live_slots
+    return DecodeSpec(control=endpoints.control, nice=s.decode.nice, source=source, pool=pool, num_slots=slots,
+                      endpoints=endpoints, max_frames=s.max_frames, loop=s.decode.loop, threads=s.decode.threads,
+                      live=s.decode.live_options(), ledger=ledger)

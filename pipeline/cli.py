@@ -17,7 +17,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from engines.deploy.commands import BUILD_ENGINE, CALIBRATE
-from pipeline import subscribe
+from pipeline import ctl, subscribe
 from streamdet.cli import Command, OneLineErrorParser, Subcommand
 from streamdet.constants import EXIT_USAGE
 
@@ -79,6 +79,9 @@ def build_parser(prog: str = "run_pipeline.py") -> argparse.ArgumentParser:
                    "mqtts://... (login from sinks.mqtt_username / STREAMDET_SINKS__MQTT_PASSWORD) [sinks.mqtt]")
     p.add_argument("--ray-address", metavar="ADDR", help="run over this Ray cluster: HOST:PORT of its head, or "
                    "'auto' (see docs/cluster.md) [cluster.ray_address]")
+    p.add_argument("--control-port", type=int, metavar="PORT",
+                   help="serve the control API and live preview page on this port (off by default; see "
+                        "docs/control.md) [control.port]")
     p.add_argument("--config", metavar="X.yaml", help="YAML preset (default $STREAMDET_CONFIG)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="any setting by its dotted name, e.g. --set postprocess.nms=soft_gaussian (value "
@@ -114,6 +117,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "engine.intra_op_threads": args.threads, "engine.backend": args.backend,
         "engine.device": args.device, "decode.loop": args.loop, "decode.hwaccel": args.hwaccel,
         "sinks.metrics_port": args.metrics_port, "sinks.mqtt": args.mqtt, "cluster.ray_address": args.ray_address,
+        "control.port": args.control_port,
         "quiet": args.quiet,
     }
     for key, value in flags.items():
@@ -171,6 +175,7 @@ main = Command(
         Subcommand("run", "run the pipeline (no flags: the bundled detector on the bundled demo video)",
                    lambda argv: run_main(argv, prog="streamdet run")),
         Subcommand("subscribe", "print a running pipeline's messages (python -m pipeline.subscribe)", subscribe.main),
+        Subcommand("ctl", "list, add and remove sources of a running pipeline (python -m pipeline.ctl)", ctl.main),
         CALIBRATE,
         BUILD_ENGINE,
     ),

@@ -41,14 +41,15 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import zmq
 
 from pipeline.chains import ModelChain, PreparedRun, prepare_run, source_ids_for, stage_specs
-from pipeline.restarts import Child, Restarter, exit_reason, proc_alive
+from pipeline.control.plane import ControlPlane, readiness
+from pipeline.restarts import Child, Restarter, environment, exit_reason, join_children, start_fork_server
 from pipeline.settings import Settings
 from pipeline.slotpool import pool_name, unlink_pool
 from pipeline.sources.probe import SourceInfo
@@ -105,23 +106,6 @@ woken for each one, on CPUs the engine keeps busy, made the mask postprocess 2-3
 RSS_SAMPLE_S = 0.5
 """How often the runner samples the stages' resident memory (and calls the monitor)."""
 
-FORK_SERVER_PRELOAD = ["numpy", "zmq", "av", "onnxruntime", "pipeline.stages.decode", "pipeline.stages.preprocess",
-                       "pipeline.stages.engine", "pipeline.stages.postprocess"]
-"""Modules the fork server imports once, so that a restarted stage does not (no GPU library: a
-process must not fork with CUDA initialised)."""
-
-
-@contextlib.contextmanager
-def _environment(env: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration (for the processes started meanwhile)."""
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k in env:
-            os.environ.pop(k, None)
-
-
 class Pipeline:
     """One pipeline run: :meth:`prepare` (validation) then :meth:`run`.
 
@@ -154,6 +138,7 @@ class Pipeline:
         self._events: Any = None  # PUSH socket to the postprocess stage's events endpoint
         self._fork_server = False
         self._restarter: Restarter | None = None
+        self._plane: ControlPlane | None = None  # the control API's side in the runner (control.port)
         self.frames_done = 0
         """Frames through the whole pipeline so far (for monitors)."""
 
@@ -236,6 +221,16 @@ class Pipeline:
         if self._prepared is None:
             self.prepare()
         assert self._prepared is not None
+        c = self.settings.control
+        control_sock = server = None
+        if c.port is not None:  # bound first: a port in use is one line at start-up
+            from pipeline.control.server import ControlServer, bind_control_socket
+
+            control_sock = bind_control_socket(c.host, c.port)
+            if c.token is None and c.host not in ("127.0.0.1", "localhost", "::1"):
+                print(f"warning: the control API listens on {c.host}:{c.port} without a token (set "
+                      "control.token / STREAMDET_CONTROL__TOKEN): anyone who reaches it can add sources",
+                      file=sys.stderr)
         summary = RunSummary(model=self._prepared.model_names,
                              sources=[SourceReport(src.source_id, src.display) for src in self._prepared.sources])
         old_handlers: dict[int, Any] = {}
@@ -257,15 +252,36 @@ class Pipeline:
                          else ipc_endpoints(tmpdir, pools, n_chains))
             try:
                 control = make_socket(ctx, zmq.PULL, endpoints.control, bind=True, hwm=CONTROL_HWM)
-                self._ledger = Ledger.create(name=ledger_name, num_sources=len(pools), num_chains=n_chains)
+                self._ledger = Ledger.create(name=ledger_name, num_chains=n_chains, num_sources=max(
+                    len(pools), c.max_sources if control_sock is not None else 0))
                 if endpoints.events:
                     self._events = make_socket(ctx, zmq.PUSH, endpoints.events, bind=False, hwm=CONTROL_HWM)
+                if control_sock is not None:
+                    from pipeline.control.app import create_app
+
+                    self._plane = ControlPlane(settings=self.settings, prepared=self._prepared, endpoints=endpoints,
+                                               run_dir=tmpdir, token=token, ledger=self._ledger, ctx=ctx,
+                                               events=self._events, spawn=self._spawn_child,
+                                               forget_child=self._forget_child, pool_names=self._pool_names)
+                    app = create_app(self._plane, token=c.token.get_secret_value() if c.token else None)
+                    server = ControlServer(app=app, sock=control_sock)
+                    server.start()
+            except PipelineError:
+                raise
             except Exception as e:
                 raise PipelineError(str(e)) from e
             self._supervise(summary, control,
                             stage_specs(self.settings, self._prepared, endpoints, pools, tensor_pools,
                                         ledger=ledger_name, forward=self.forward))
         finally:
+            if server is not None:
+                server.stop()
+            elif control_sock is not None:
+                control_sock.close()
+            if self._plane is not None:
+                summary.frames += self._plane.retired_totals[0]
+                summary.detections += self._plane.retired_totals[1]
+                self._plane.close()
             self._shutdown()
             if control is not None:
                 control.close(0)
@@ -299,7 +315,7 @@ class Pipeline:
                            name=f"streamdet-{label}", daemon=True)
         env = {} if spec.stage_name is StageName.ENGINE else \
             {k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ}
-        with _environment(env):  # a spawned child starts with the parent's environment
+        with environment(env):  # a spawned child starts with the parent's environment
             proc.start()
         return proc
 
@@ -310,24 +326,14 @@ class Pipeline:
         return self._spawn(spec, label, restart=True)
 
     def _start_fork_server(self) -> None:
-        """Start the fork server restarts are forked from, importing the stage modules in it (in the background).
+        """Start the fork server restarts are forked from (:func:`pipeline.restarts.start_fork_server`).
 
         Started when the run starts if a source is live (a long-running deployment), else at the
-        first restart (which itself still spawns): the imports cost about 1 s of CPU. Only on Linux
-        and when restarts are allowed; any failure leaves restarts on the spawn method.
+        first restart (which itself still spawns).
         """
         sv = self.settings.supervise
-        if sv.max_restarts == 0 or not sv.fork_server or not sys.platform.startswith("linux"):
-            return
-        try:
-            from multiprocessing import forkserver
-
-            mp.get_context("forkserver").set_forkserver_preload(FORK_SERVER_PRELOAD)
-            with _environment({k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ}):
-                forkserver.ensure_running()
-            self._fork_server = True
-        except (OSError, ValueError, RuntimeError):
-            self._fork_server = False
+        self._fork_server = sv.max_restarts > 0 and sv.fork_server and start_fork_server(
+            {k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ})
 
     def _start(self, specs: list[StageSpec], events: tuple[Any, Any, Any]) -> None:
         self._events_args = events
@@ -335,8 +341,21 @@ class Pipeline:
             label = spec.stage_name.value
             if isinstance(spec, DecodeSpec):
                 label = f"decode:{spec.source.source_id}"
-            chain = spec.ledger.chain if spec.ledger is not None else 0
-            self._procs.append(Child(spec.stage_name, label, spec, self._spawn(spec, label), chain))
+            self._spawn_child(spec, label)
+
+    def _spawn_child(self, spec: StageSpec, label: str) -> Child:
+        """Start a stage process and follow it (a source added through the control API too)."""
+        chain = spec.ledger.chain if spec.ledger is not None else 0
+        child = Child(spec.stage_name, label, spec, self._spawn(spec, label), chain)
+        self._procs.append(child)
+        return child
+
+    def _forget_child(self, child: Child) -> None:
+        """Stop following a stage process that finished (a retired source's decoder)."""
+        self._procs.remove(child)
+        child.proc.join(JOIN_TIMEOUT_S)
+        with contextlib.suppress(ValueError):
+            child.proc.close()
 
     def _supervise(self, summary: RunSummary, control: zmq.Socket[Any], specs: list[StageSpec]) -> None:
         mpctx = mp.get_context("spawn")
@@ -351,7 +370,10 @@ class Pipeline:
         restarter = Restarter(ledger=self._ledger, policy=policy, spawn=self._restart_spawn, events=self._events,
                               pool_names=self._pool_names)
         self._restarter = restarter
-        expected = self.expected_frames()
+        plane = self._plane
+        if plane is not None:
+            plane.attach(summary=summary, book=book, children=self._procs)
+        expected = self.expected_frames() if plane is None else None
         per_label = Counter(c.label for c in self._procs)
         started = time.monotonic()
         wait_subs = self.settings.sinks.publish_wait_timeout_s if self.settings.sinks.publish else 0.0
@@ -392,6 +414,12 @@ class Pipeline:
                     elif not abort.is_set():
                         book.fail(f"the {child.label} stage exited unexpectedly ({reason})")
                 restarter.step(book, summary, abort.is_set())
+                if plane is not None:
+                    stopping = stop_input.is_set() or abort.is_set()
+                    plane.set_ready(readiness(started=go_at is not None, missing=sorted(per_label - book.ready),
+                                              restarting=[r.child.label for r in restarter.pending],
+                                              stopping=stopping), stopping=stopping)
+                    plane.step()
                 if all(c.proc.exitcode is not None for c in self._procs) and not restarter.pending:
                     break
                 if go_at is None and book.ready.total() == len(self._procs) and not abort.is_set():
@@ -434,7 +462,8 @@ class Pipeline:
         finally:
             if book.bar is not None:
                 book.bar.close()
-        summary.settle_sources({src.source_id for src in self.sources if src.is_live})
+        live = {src.source_id for src in self.sources if src.is_live}
+        summary.settle_sources(live | plane.live_ids() if plane is not None else live)
 
     def _apply(self, book: StatusBook, msg: StatusMsg) -> bool:
         """Apply one status report (and keep :attr:`frames_done` current); True once the last stage is done."""
@@ -453,27 +482,7 @@ class Pipeline:
 
     def _shutdown(self) -> None:
         """Join every stage process; kill those that do not exit in time."""
-        abort = getattr(self, "_abort", None)
         if self._ledger is not None:
             self._ledger.set_finished()
-        procs = [c.proc for c in self._procs]
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        for proc in procs:
-            with contextlib.suppress(ValueError):
-                proc.join(max(0.0, deadline - time.monotonic()))
-        if any(proc_alive(p) for p in procs):
-            if abort is not None:
-                abort.set()
-            deadline = time.monotonic() + 2.0
-            for proc in procs:
-                with contextlib.suppress(ValueError):
-                    proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in procs:
-            if proc_alive(proc):
-                with contextlib.suppress(OSError):
-                    proc.kill()
-                proc.join(2.0)
-        for proc in procs:
-            with contextlib.suppress(ValueError):
-                proc.close()
+        join_children([c.proc for c in self._procs], getattr(self, "_abort", None), JOIN_TIMEOUT_S)
         self._procs = []

@@ -28,7 +28,7 @@ from pydantic_settings import (
 
 from engines.base import Backend
 from pipeline.settings_sections import DEFAULT_PUBLISH as DEFAULT_PUBLISH  # re-exported
-from pipeline.settings_sections import ClusterSettings, Section, SinkSettings, SuperviseSettings
+from pipeline.settings_sections import ClusterSettings, ControlSettings, Section, SinkSettings, SuperviseSettings
 from pipeline.sources.options import DecodeThreads, HWAccelMode, HWAccelOptions, LiveOptions, RtspTransport
 from pipeline.transport import TransportMode
 from streamdet.postprocess import NmsMethod, PostprocessConfig
@@ -243,6 +243,7 @@ class Settings(BaseSettings):
         sinks: :class:`SinkSettings`.
         supervise: :class:`SuperviseSettings`.
         cluster: :class:`ClusterSettings`.
+        control: :class:`ControlSettings`.
     """
 
     sources: list[str | SourceEntry] = Field(default_factory=_default_sources, min_length=1)
@@ -258,6 +259,7 @@ class Settings(BaseSettings):
     sinks: SinkSettings = SinkSettings()
     supervise: SuperviseSettings = SuperviseSettings()
     cluster: ClusterSettings = ClusterSettings()
+    control: ControlSettings = ControlSettings()
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER,
                                       extra="forbid", frozen=True, nested_model_default_partial_update=True)

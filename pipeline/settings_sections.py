@@ -203,3 +203,45 @@ class ClusterSettings(Section):
         if v != "auto" and not re.match(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$", v):
             raise ValueError(f"expected HOST:PORT of the Ray head or 'auto', got {v!r}")
         return v
+
+
+class ControlSettings(Section):
+    """The runtime control API and live preview page (see docs/control.md); off unless ``port`` is set.
+
+    Attributes:
+        port: serve the control API (``/sources``, ``/healthz``, ``/readyz``, ``/metrics``, ``/docs``)
+            and the preview page (``/``) on this TCP port (null: off; the run then ends when its
+            sources end, as without it). With it on, the run keeps going when the last source ends
+            or is removed, waiting for new ones, until SIGINT/SIGTERM.
+        host: interface to serve on. The default keeps the API on this host; any other address must
+            be set explicitly (and should come with a ``token``).
+        token: a bearer token every request but ``/healthz`` and ``/readyz`` must carry
+            (``Authorization: Bearer TOKEN``; the preview streams also accept ``?token=``); null: none.
+            Environment ``STREAMDET_CONTROL__TOKEN``; never logged.
+        preview_fps: at most this many preview frames per second and source, encoded only while
+            someone watches.
+        preview_width: preview frames are scaled down to at most this width, pixels.
+        preview_quality: JPEG quality of the preview frames (1-100).
+        max_sources: most sources running at once (the ledger in shared memory is sized for it).
+    """
+
+    port: int | None = Field(default=None, ge=1, le=65535)
+    host: str = "127.0.0.1"
+    token: SecretStr | None = None
+    preview_fps: float = Field(default=5.0, gt=0.0, le=60.0)
+    preview_width: int = Field(default=640, ge=64, le=7680)
+    preview_quality: int = Field(default=75, ge=1, le=100)
+    max_sources: int = Field(default=32, ge=1, le=4096)
+
+    @field_validator("port", "token", mode="before")
+    @classmethod
+    def _optional(cls, v: Any) -> Any:
+        return None if _off(v) else v
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        v = v.strip()
+        if not v or any(c.isspace() for c in v) or "/" in v:
+            raise ValueError(f"expected an interface address such as 127.0.0.1 or 0.0.0.0, got {v!r}")
+        return v

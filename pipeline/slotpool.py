@@ -304,6 +304,13 @@ class PoolCache:
         self._newest[base] = (gen, name)
         return pool
 
+    def drop(self, name: str) -> None:
+        """Detach every generation of a pool (by its base name or any generation's name), e.g. once its source ended."""
+        base = split_pool_name(name)[0]
+        for key in [k for k in self._pools if split_pool_name(k)[0] == base]:
+            self._pools.pop(key).close()
+        self._newest.pop(base, None)
+
     def close(self) -> None:
         """Detach every pool."""
         for pool in self._pools.values():

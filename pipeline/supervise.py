@@ -45,7 +45,7 @@ from pipeline.slotpool import GENERATION_SEP, SlotPool, pool_name, split_pool_na
 __all__ = ["GENERATION_SEP", "Ledger", "LedgerRef", "RestartPolicy", "pool_name", "split_pool_name"]
 
 _HEADER = 2  # n_sources, n_chains
-_PER_SOURCE = 5  # published, eos_done, sent, frames out, detections out
+_PER_SOURCE = 8  # published, eos_done, sent, frames out, detections out, stop asked, active, preview viewers
 _PER_CHAIN = 3  # engine_gen, preprocess_ack, replay_gen
 _FINISHED = 0  # offset after the per-chain block
 
@@ -54,7 +54,9 @@ class Ledger:
     """A few int64 counters in shared memory, shared by the runner and every stage process.
 
     Per source: the last published frame index (-1: none), whether its EOS was published, frames
-    its decoder has sent, frames and detections published. Per model chain: the engine
+    its decoder has sent, frames and detections published; and, for the control API
+    (:mod:`pipeline.control`), whether the source was asked to stop, whether the slot holds a
+    running source, and how many preview viewers watch it. Per model chain: the engine
     generation, the generation the preprocess stage has seen (its acknowledgement), the replay
     generation. Plus a ``finished`` flag (every
     EOS published: the preprocess and engine stages exit) and the publish sink's current
@@ -156,6 +158,44 @@ class Ledger:
         """``(frames, detections)`` published over every source so far."""
         frames = sum(self._get(self._src(3, i)) for i in range(self.num_sources))
         return frames, sum(self._get(self._src(4, i)) for i in range(self.num_sources))
+
+    def stop_requested(self, source: int) -> bool:
+        """Whether the source was asked to stop (its decoder sends EOS, reason ``removed``)."""
+        return bool(self._get(self._src(5, source)))
+
+    def request_stop(self, source: int) -> None:
+        """Ask the source's decoder to stop reading and send its EOS (runner, control API)."""
+        self._set(self._src(5, source), 1)
+
+    def active(self, source: int) -> bool:
+        """Whether the slot holds a source that has not ended (runner, with the control API on)."""
+        return bool(self._get(self._src(6, source)))
+
+    def set_active(self, source: int, active: bool) -> None:
+        """Mark the slot as holding a running source or free (runner)."""
+        self._set(self._src(6, source), int(active))
+
+    def preview_viewers(self, source: int) -> int:
+        """Preview viewers watching the source (the postprocess stage encodes previews only then)."""
+        return self._get(self._src(7, source))
+
+    def set_preview_viewers(self, source: int, viewers: int) -> None:
+        """Record how many preview viewers watch the source (runner)."""
+        self._set(self._src(7, source), max(0, viewers))
+
+    def reset_source(self, source: int) -> tuple[int, int]:
+        """Make a slot fresh for the next source (runner); returns its ``(frames, detections)`` published.
+
+        Every per-source counter goes back to its initial value (published index -1).
+        """
+        done = self._get(self._src(3, source)), self._get(self._src(4, source))
+        for k in range(_PER_SOURCE):
+            self._set(self._src(k, source), -1 if k == 0 else 0)
+        return done
+
+    def free_slots(self) -> list[int]:
+        """Source slots that hold no running source, lowest first."""
+        return [i for i in range(self.num_sources) if not self.active(i)]
 
     # per chain
     def engine_gen(self, chain: int) -> int:

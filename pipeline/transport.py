@@ -103,6 +103,7 @@ class StageEndpoints:
         chains: ``(frames, batches, tensor_credits)`` of each further model chain (a pipeline
             serving several models runs one preprocess and one engine per model; chain 0 uses
             the fields above). Every engine pushes to the one ``results`` endpoint.
+        live: postprocess -> runner previews and stats snapshots for the control API (runner binds PULL).
     """
 
     frames: str
@@ -114,6 +115,7 @@ class StageEndpoints:
     inline: bool
     events: str = ""
     chains: tuple[tuple[str, str, str], ...] = ()
+    live: str = ""
 
     def for_chain(self, index: int, pools: Sequence[str] | None = None) -> StageEndpoints:
         """The endpoints seen by model chain ``index`` (its preprocess, engine and decoders).
@@ -177,6 +179,7 @@ def ipc_endpoints(directory: str | os.PathLike[str], pools: Sequence[str], chain
         events=f"ipc://{d / 'events'}",
         chains=tuple((f"ipc://{d / f'frames-m{k}'}", f"ipc://{d / f'batches-m{k}'}",
                       f"ipc://{d / f'tensor-credits-m{k}'}") for k in range(1, chains)),
+        live=f"ipc://{d / 'live'}",
     )
 
 
@@ -314,6 +317,8 @@ class StageFlags:
         self.abort = abort
         self.parent_pid = parent_pid
         self.terminated = False
+        self.source_stop: Callable[[], bool] | None = None
+        """A decoder's own stop request (the control API removed its source), checked by :meth:`input_open`."""
 
     def parent_alive(self) -> bool:
         """Whether the runner still exists (a dead parent re-parents us to init or a subreaper)."""
@@ -324,8 +329,9 @@ class StageFlags:
         return not (self.terminated or self.abort.is_set()) and self.parent_alive()
 
     def input_open(self) -> bool:
-        """False once decoders must stop reading (graceful stop) or the stage must stop at once."""
-        return self.alive() and not self.stop_input.is_set()
+        """False once decoders must stop reading (graceful stop, source removed) or the stage must stop at once."""
+        stopped = self.source_stop is not None and self.source_stop()
+        return self.alive() and not self.stop_input.is_set() and not stopped
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:

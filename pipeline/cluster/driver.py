@@ -167,6 +167,9 @@ class ClusterRun:
         if self.settings.sinks.video_out is not None:
             raise PipelineError("sinks.video_out: the annotated video is not available on a cluster "
                                 "(--ray-address); run without it, or on one host")
+        if self.settings.control.port is not None:
+            raise PipelineError("control.port: the control API runs on one host only, not with --ray-address "
+                                "(docs/control.md)")
         s = self.settings
         # the engine runs on the workers: the driver checks the model with the CPU engine (it may
         # have no GPU itself); whether the cluster has GPUs is checked once connected

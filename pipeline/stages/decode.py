@@ -186,6 +186,8 @@ class DecodeStage(Stage):
         self.threads = threads
         self.credits = SlotCredits(pool.num_slots) if pool is not None else None
         self.book = ReplayBook(ledger=ledger, chain=ledger_chain, source=ledger_source)
+        if ledger is not None:  # DELETE /sources/{id}: the runner asks through the ledger
+            flags.source_stop = self.book.stop_requested
         self.first_index = self.book.first_index(is_file=source.is_file)
         self.frames_sent = self.first_index
         self._error = ""
@@ -198,6 +200,8 @@ class DecodeStage(Stage):
         while not self.flags.go.wait(POLL_MS / 1000):  # every stage must be ready before anything is sent
             check_alive(self.flags)
         reason = self._decode_live() if self.source.is_live else self._decode_all()
+        if reason is EosReason.INTERRUPTED and self.book.stop_requested() and not self.flags.stop_input.is_set():
+            reason = EosReason.REMOVED
         if self._error:
             self.status.send(StatusKind.SOURCE_ERROR, source_id=self.source.source_id,
                              message=f"{self.source.display}: {self._error} (kept {self.frames_sent} frames)")

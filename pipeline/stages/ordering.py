@@ -58,22 +58,44 @@ class PublishOrder:
     """
 
     def __init__(self, *, sources: tuple[tuple[str, bool], ...], ledger: Ledger | None = None,
-                 strict: bool = True) -> None:
+                 strict: bool = True, indices: tuple[int, ...] = ()) -> None:
         self.ledger = ledger
         self.strict = strict
         self._sources: dict[str, _Source] = {}
+        self._forgotten: set[str] = set()  # ended and forgotten: a late copy of theirs is a duplicate
         for i, (sid, live) in enumerate(sources):
-            st = _Source(live=live or not strict, index=i)
-            if ledger is not None:
-                st.next_index = ledger.published(i) + 1
-                st.eos_done = ledger.eos_done(i)
-            self._sources[sid] = st
+            self.add(sid, live, indices[i] if indices else i)
+
+    def add(self, source_id: str, live: bool, index: int) -> None:
+        """Follow a source (at start-up, or added at runtime): ``index`` is its slot in the ledger."""
+        st = _Source(live=live or not self.strict, index=index)
+        if self.ledger is not None:
+            st.next_index = self.ledger.published(index) + 1
+            st.eos_done = self.ledger.eos_done(index)
+        self._sources[source_id] = st
+        self._forgotten.discard(source_id)
+
+    def forget(self, source_id: str) -> None:
+        """Stop following a source whose EOS was published (its ledger slot may go to another source).
+
+        A late copy of one of its frames or of its EOS (a replay) is then a duplicate, until a source
+        with that id is added again.
+        """
+        if self._sources.pop(source_id, None) is not None:
+            self._forgotten.add(source_id)
+
+    def index(self, source_id: str) -> int:
+        """The source's slot in the ledger (-1: not announced)."""
+        st = self._sources.get(source_id)
+        return st.index if st is not None else -1
 
     def _get(self, source_id: str) -> _Source:
         st = self._sources.get(source_id)
-        if st is None:  # a source not announced (unit tests): a file source
-            st = _Source(live=not self.strict, index=-1)
-            self._sources[source_id] = st
+        if st is None:
+            # a source not announced (unit tests): a file source; a forgotten one: ended (late copies are duplicates)
+            st = _Source(live=not self.strict, index=-1, eos_done=source_id in self._forgotten)
+            if not st.eos_done:
+                self._sources[source_id] = st
         return st
 
     @property

@@ -36,16 +36,14 @@ from pipeline.stages.base import (
     frame_credit_sockets,
     receive,
 )
-from pipeline.stages.forward_sink import ForwardSink
-from pipeline.stages.mqtt_sink import MqttConfig, MqttSink
+from pipeline.stages.live_view import LIVE_HWM, LiveView, PreviewConfig
+from pipeline.stages.mqtt_sink import MqttSink
 from pipeline.stages.ordering import PublishOrder, Verdict
 from pipeline.stages.payloads import restart_payload
+from pipeline.stages.sink_config import SinkConfig, open_sink
 from pipeline.stages.sinks import (
     FrameResult,
-    JsonlSink,
-    PubSink,
     Sink,
-    VideoSink,
     detections_payload,
     dumps,
     status_payload,
@@ -57,6 +55,7 @@ from pipeline.transport import (
     POLL_MS,
     StageEndpoints,
     StageFlags,
+    close_socket,
     make_socket,
     send_parts,
 )
@@ -67,6 +66,7 @@ from streamdet.messages import (
     EndOfStream,
     FrameRecord,
     ResultMsg,
+    SourceAddedMsg,
     SourceStatusMsg,
     StageName,
     StageRestartMsg,
@@ -74,11 +74,6 @@ from streamdet.messages import (
     decode_message,
 )
 from streamdet.postprocess import KEPT_OUTPUTS, PostprocessConfig, postprocess, unpack_detections
-
-RESUME_SUBSCRIBERS_WAIT_S = 5.0
-"""Longest wait of a restarted postprocess stage for the subscribers of the dead one to reconnect
-(ZeroMQ subscribers reconnect by themselves, every 100 ms by default); what is published before a
-subscriber is back never reaches it (PUB semantics)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,87 +87,6 @@ class _Pending:
     engine_ms: float
     postprocess_ms: float
     inline: Any  # the zmq frame of inline pixels, or None
-
-
-def open_sink(sink: Sink) -> None:
-    """Open one sink; a file it cannot create becomes one line naming the file.
-
-    Raises:
-        TransportError: if a socket cannot be bound.
-        StageError: ``<file>: cannot create output (<reason>)``, or the sink's own start-up error.
-    """
-    try:
-        sink.open()
-    except OSError as e:
-        raise StageError(f"{getattr(e, 'filename', None) or sink.describe()}: cannot create output "
-                         f"({e.strerror or e})") from e
-
-
-@dataclass(frozen=True, kw_only=True)
-class SinkConfig:
-    """Which sinks to open (picklable; built in the postprocess process).
-
-    Attributes:
-        publish: ZeroMQ PUB endpoint, or None for no publishing.
-        publish_wait_subscribers: wait for this many subscriptions before the run starts.
-        publish_wait_timeout_s: longest wait for them.
-        jsonl: JSONL output file, or None.
-        video_out: annotated video file, or None.
-        fps_by_source: frame rate per source id (for the video sink).
-        resume: the stage was restarted after a crash: files written by the dead one are continued
-            (JSONL appended to, video kept as a finished segment) instead of started afresh.
-        jsonl_flush_ms: flush the JSONL file after every line (0) or at most this often, ms.
-        jsonl_rotate: start a new JSONL file this often or at this size (``1h``, ``100MB``; None: one file).
-        mqtt: the MQTT sink's configuration, or None.
-        forward: a ZeroMQ endpoint the messages are also pushed to, in order and without loss
-            (the pipeline waits when it is full): how a cluster worker hands them to Ray (see
-            :mod:`pipeline.stages.forward_sink`); None: not forwarded.
-    """
-
-    publish: str | None
-    publish_wait_subscribers: int = 0
-    publish_wait_timeout_s: float = 10.0
-    jsonl: str | None = None
-    video_out: str | None = None
-    fps_by_source: tuple[tuple[str, float], ...] = ()
-    resume: bool = False
-    jsonl_flush_ms: float = 0.0
-    jsonl_rotate: str | None = None
-    mqtt: MqttConfig | None = None
-    forward: str | None = None
-
-    @property
-    def needs_pixels(self) -> bool:
-        """Whether a sink needs the frame pixels (the annotated video)."""
-        return self.video_out is not None
-
-    def build(self, *, ctx: zmq.Context[Any], class_names: Sequence[str],
-              class_names_by_source: dict[str, Sequence[str]] | None = None,
-              ledger: Ledger | None = None) -> list[Sink]:
-        """Create the sinks (not opened); ``class_names_by_source`` overrides the names per source.
-
-        With a ledger the publish sink records its subscriptions there; resuming, it first waits
-        (up to :data:`RESUME_SUBSCRIBERS_WAIT_S`) until the dead sink's subscribers have reconnected.
-        """
-        sinks: list[Sink] = []
-        if self.publish:
-            wait, timeout = self.publish_wait_subscribers, self.publish_wait_timeout_s
-            if self.resume and ledger is not None:
-                wait, timeout = ledger.subscribers, RESUME_SUBSCRIBERS_WAIT_S
-            sinks.append(PubSink(ctx=ctx, endpoint=self.publish, wait_subscribers=wait, wait_timeout_s=timeout,
-                                 on_subscribers=ledger.set_subscribers if ledger is not None else None))
-        if self.jsonl:
-            sinks.append(JsonlSink(path=self.jsonl, flush_ms=self.jsonl_flush_ms, rotate=self.jsonl_rotate,
-                                   resume=self.resume))
-        if self.mqtt is not None:
-            sinks.append(MqttSink(config=self.mqtt))
-        if self.forward is not None:
-            sinks.append(ForwardSink(ctx=ctx, endpoint=self.forward))
-        if self.video_out:
-            sinks.append(VideoSink(path=self.video_out, fps_by_source=dict(self.fps_by_source),
-                                   class_names=class_names, class_names_by_source=class_names_by_source,
-                                   resume=self.resume))
-        return sinks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,6 +103,12 @@ class PostprocessSpec(StageSpec):
         stats: per-source statistics (stats line, ``stats`` topic, Prometheus endpoint).
         cards_by_source: ``(source_id, card)`` for sources served by another model than ``card``
             (their messages carry that card's name, and its task picks their postprocess).
+        ledger_indices: each source's slot in the ledger, in ``stats.sources`` order (empty: their positions).
+        dynamic: the control API is on: sources are added at runtime (:class:`~streamdet.messages.SourceAddedMsg`)
+            and forgotten once their EOS is published; the stage ends when the input is closed
+            (SIGINT/SIGTERM) and every running source's EOS is published, not after ``num_sources`` EOS.
+        chain_cards: every model chain's card (chain 0 first), for sources added at runtime.
+        preview: encode preview frames and send stats snapshots to ``endpoints.live`` (None: off).
 
     With a ledger (:attr:`StageSpec.ledger`) the publication state survives a restart of the stage.
     """
@@ -201,6 +121,10 @@ class PostprocessSpec(StageSpec):
     num_sources: int
     stats: StatsConfig = StatsConfig()
     cards_by_source: tuple[tuple[str, ModelCard], ...] = ()
+    ledger_indices: tuple[int, ...] = ()
+    dynamic: bool = False
+    chain_cards: tuple[ModelCard, ...] = ()
+    preview: PreviewConfig | None = None
 
     stage_name: ClassVar[StageName] = StageName.POSTPROCESS
 
@@ -214,11 +138,19 @@ class PostprocessSpec(StageSpec):
         ledger = self.attach_ledger()
         sinks = self.sinks.build(ctx=ctx, class_names=self.card.class_names,
                                  class_names_by_source={k: c.class_names for k, c in by_source.items()}, ledger=ledger)
-        return PostprocessStage(card=self.card, model_name=self.model_name, config=self.config,
-                                results_in=results_in, frame_credits_out=credits_out, sinks=sinks,
-                                status=status, flags=flags, num_sources=self.num_sources, events_in=events_in,
-                                stats=LiveStats(config=self.stats), cards_by_source=by_source,
-                                ledger=ledger)
+        live = None
+        if self.preview is not None and ep.live:
+            live = LiveView(sock=make_socket(ctx, zmq.PUSH, ep.live, bind=False, hwm=LIVE_HWM), config=self.preview,
+                            ledger=ledger)
+        stage = PostprocessStage(card=self.card, model_name=self.model_name, config=self.config,
+                                 results_in=results_in, frame_credits_out=credits_out, sinks=sinks,
+                                 status=status, flags=flags, num_sources=self.num_sources, events_in=events_in,
+                                 stats=LiveStats(config=self.stats), cards_by_source=by_source,
+                                 ledger=ledger, ledger_indices=self.ledger_indices, live_view=live)
+        if self.dynamic:
+            stage.follow_added_sources(ctx=ctx, chain_cards=self.chain_cards or (self.card,),
+                                       pools=tuple(pool for pool, _ in ep.frame_credits))
+        return stage
 
 
 class PostprocessStage(Stage):
@@ -239,6 +171,8 @@ class PostprocessStage(Stage):
         cards_by_source: card per source for sources served by another model (default: none).
         ledger: the run's ledger (None: no supervision): the publication order state
             (:class:`~pipeline.stages.ordering.PublishOrder`) lives there.
+        ledger_indices: the sources' slots in the ledger, in ``stats`` order (empty: their positions).
+        live_view: previews and stats snapshots for the control API (None: off).
     """
 
     name = StageName.POSTPROCESS
@@ -247,7 +181,8 @@ class PostprocessStage(Stage):
                  frame_credits_out: dict[str, zmq.Socket[Any]], sinks: Sequence[Sink], status: StatusReporter,
                  flags: StageFlags, num_sources: int, events_in: zmq.Socket[Any] | None = None,
                  stats: LiveStats | None = None, cards_by_source: dict[str, ModelCard] | None = None,
-                 ledger: Ledger | None = None) -> None:
+                 ledger: Ledger | None = None, ledger_indices: tuple[int, ...] = (),
+                 live_view: LiveView | None = None) -> None:
         self.card = card
         self.model_name = model_name
         # instance masks go out as COCO RLEs, so compute them straight in that form (box windows only)
@@ -269,9 +204,26 @@ class PostprocessStage(Stage):
         self.ledger = ledger
         # inline frames (tcp:// transport) cannot be sent again after a crash: no strict order then
         self.order = PublishOrder(sources=self.live_stats.config.sources, ledger=ledger,
-                                  strict=bool(frame_credits_out))
+                                  strict=bool(frame_credits_out), indices=ledger_indices)
         self._sources = [sid for sid, _ in self.live_stats.config.sources]
         self.duplicates = 0
+        self.live_view = live_view
+        self._ctx: zmq.Context[Any] | None = None  # set by follow_added_sources: the stage is dynamic
+        self._chain_cards: tuple[ModelCard, ...] = ()
+        self._pool_of: dict[str, str] = {}  # dynamic: source id -> base name of its frame pool
+
+    def follow_added_sources(self, *, ctx: zmq.Context[Any], chain_cards: tuple[ModelCard, ...],
+                             pools: tuple[str, ...] = ()) -> None:
+        """Take sources added at runtime and forget ended ones; end on the input's close (control API runs).
+
+        Args:
+            ctx: the process's ZeroMQ context (credit sockets of added sources are made with it).
+            chain_cards: every model chain's card, chain 0 first.
+            pools: the frame pool (base name) of each source it starts with, in source order.
+        """
+        self._ctx = ctx
+        self._chain_cards = chain_cards
+        self._pool_of = dict(zip(self._sources, pools, strict=False))
 
     def start(self) -> None:
         """Open every sink (binds the PUB socket, waits for subscribers if configured).
@@ -296,6 +248,9 @@ class PostprocessStage(Stage):
             if isinstance(ev, StageRestartMsg):
                 self._on_restart(ev)
                 continue
+            if isinstance(ev, SourceAddedMsg):
+                self._on_added(ev)
+                continue
             if not isinstance(ev, SourceStatusMsg):
                 raise StageError(f"postprocess: expected SourceStatusMsg on the events socket, got {type(ev).__name__}")
             self.live_stats.on_status(ev)
@@ -312,6 +267,50 @@ class PostprocessStage(Stage):
             for sink in self._opened:
                 sink.stats(payload)
 
+    def _on_added(self, ev: SourceAddedMsg) -> None:
+        """Follow a source added at runtime: publication order, stats, its card, its credit socket."""
+        if self._ctx is None:
+            raise StageError(f"postprocess: source {ev.source_id} added, but the control API is off")
+        sid = ev.source_id
+        self.order.add(sid, ev.live, ev.ledger_index)
+        self.live_stats.add_source(sid, ev.live)
+        if sid not in self._sources:  # (announced again after a restart of this stage: once)
+            self._sources.append(sid)
+        card = self._chain_cards[ev.chain] if ev.chain < len(self._chain_cards) else self.card
+        if card is not self.card:
+            self.cards_by_source[sid] = card
+        else:
+            self.cards_by_source.pop(sid, None)
+        self._pool_of[sid] = ev.pool
+        old = self.frame_credits_out.pop(ev.pool, None)
+        if old is not None:
+            old.close(linger=0)
+        self.frame_credits_out[ev.pool] = make_socket(self._ctx, zmq.PUSH, ev.credit_endpoint, bind=False)
+
+    def _forget(self, source_id: str) -> None:
+        """Drop an ended source (dynamic runs): its order state, stats, card, credit socket and mapped pool."""
+        self.order.forget(source_id)
+        self.live_stats.remove_source(source_id)
+        if source_id in self._sources:
+            self._sources.remove(source_id)
+        self.cards_by_source.pop(source_id, None)
+        if self.live_view is not None:
+            self.live_view.forget(source_id)
+        pool = self._pool_of.pop(source_id, None)
+        if pool is not None:
+            sock = self.frame_credits_out.pop(pool, None)
+            if sock is not None:
+                close_socket(sock, self.flags)
+            self._pools.drop(pool)
+
+    def _finished(self) -> bool:
+        if self._ctx is None or self.ledger is None:
+            return self._ended >= self.num_sources
+        if self.flags.input_open():
+            return False
+        ledger = self.ledger
+        return all(ledger.eos_done(i) or not ledger.active(i) for i in range(ledger.num_sources))
+
     def _on_restart(self, ev: StageRestartMsg) -> None:
         """Publish a stage restart as ``status.<source_id>`` of every source it affects, count it."""
         self.live_stats.on_restart(ev.stage.value, ev.total)
@@ -327,9 +326,11 @@ class PostprocessStage(Stage):
         poller.register(self.results_in, zmq.POLLIN)
         if self.events_in is not None:
             poller.register(self.events_in, zmq.POLLIN)
-        while self._ended < self.num_sources:
+        while not self._finished():
             poller.poll(POLL_MS)
             self._poll_events()
+            if self.live_view is not None:
+                self.live_view.tick(self.live_stats)
             got = receive(self.results_in, self.flags, 0)
             if got is None:
                 continue
@@ -359,6 +360,8 @@ class PostprocessStage(Stage):
         self._ended += 1
         self.status.send(StatusKind.SOURCE_END, source_id=msg.source_id, message=msg.reason.value,
                          frames=msg.frames)
+        if self._ctx is not None:
+            self._forget(msg.source_id)
 
     def _count_lost(self, source_id: str, lost: int) -> None:
         if lost > 0:
@@ -432,12 +435,28 @@ class PostprocessStage(Stage):
         # ...recorded as published right away: a crash after this point does not repeat the frame,
         # one before it repeats it; keep the gap short (the video encode comes after)
         self.order.published(f.source_id, f.frame_index, len(d))
+        if self.live_view is not None and self.live_view.wants(f.source_id, self.order.index(f.source_id)):
+            self._preview(item, pixels)
         for sink in self._opened:
             if sink.needs_pixels:
                 sink.write(result)
         del result, pixels
         self._credit(record)
         return True
+
+    def _preview(self, item: _Pending, pixels: np.ndarray[Any, Any] | None) -> None:
+        """Send a preview of the frame (its pixels from the slot; a copy is drawn on, before the other sinks)."""
+        assert self.live_view is not None
+        f = item.record.frame
+        if pixels is None:
+            if f.slot < 0:
+                return  # inline frames (tcp://) kept only when a sink needs pixels
+            h, w = f.frame_hw
+            try:
+                pixels = self._pools.get(f.pool).view(f.slot, (h, w, 3))
+            except StalePoolError:
+                return
+        self.live_view.frame(f.source_id, f.frame_index, pixels, item.detections, item.class_names)
 
     def _credit(self, record: FrameRecord) -> None:
         f = record.frame
@@ -462,6 +481,8 @@ class PostprocessStage(Stage):
         self._opened = []
         self._pools.close()
         self.live_stats.close()
+        if self.live_view is not None:
+            self.live_view.close()
         close_sockets(self.flags, outputs=self.frame_credits_out.values(), inputs=(self.results_in, self.events_in))
         if self.ledger is not None:
             self.order.ledger = None

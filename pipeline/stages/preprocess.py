@@ -230,6 +230,7 @@ class PreprocessStage(Stage):
         self._lb = np.empty((ih, iw, 3), dtype=np.uint8)
         self._normalize = Normalizer(card)
         self._pools = PoolCache()
+        self._pool_of: dict[str, str] = {}  # source id -> its frame pool (unmapped at its EOS)
         pool = device_pool if device_pool is not None else tensor_pool
         self._tensor_credits = SlotCredits(pool.num_slots) if pool is not None else None
         self._device: Any = None  # torch.device of the device pool
@@ -301,6 +302,8 @@ class PreprocessStage(Stage):
                 continue
             msg, parts = got
             if isinstance(msg, FrameMsg):
+                if msg.pool:
+                    self._pool_of[msg.source_id] = msg.pool
                 self._add(msg, parts[1].buffer if msg.slot == INLINE_SLOT else None)
                 if len(self._records) >= self.max_batch:
                     self._flush()
@@ -308,6 +311,9 @@ class PreprocessStage(Stage):
                 self._flush()
                 send_parts(self.batches_out, [msg.encode()], self._alive)
                 ended.add(msg.source_id)
+                pool = self._pool_of.pop(msg.source_id, None)
+                if pool is not None:  # unmap it (a replayed frame maps it again); its memory goes once unlinked
+                    self._pools.drop(pool)
             else:
                 raise StageError(f"preprocess: expected FrameMsg or EndOfStream, got {type(msg).__name__}")
 

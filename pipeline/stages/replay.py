@@ -37,6 +37,10 @@ class ReplayBook:
             return 0
         return self.ledger.published(self.source) + 1 if is_file else self.ledger.sent(self.source)
 
+    def stop_requested(self) -> bool:
+        """Whether the control API asked this source to stop (never without a ledger)."""
+        return self.ledger is not None and self.ledger.stop_requested(self.source)
+
     def reserve(self, frames_sent: int) -> None:
         """Record, before a frame leaves, that ``frames_sent`` frames (this one included) have been sent."""
         if self.ledger is not None:

@@ -10,7 +10,9 @@ shows up as a growing p99. Optionally it serves the same figures as Prometheus m
 
 from __future__ import annotations
 
+import json
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,9 @@ LATENCY_WINDOW = 4096
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 """Histogram buckets of the Prometheus latency metric, seconds."""
 
+SNAPSHOT_WINDOW_S = 2.0
+"""The control API's per-source fps and latency percentiles are over this many recent seconds."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class StatsConfig:
@@ -37,12 +42,15 @@ class StatsConfig:
         interval_s: seconds between stats lines / payloads (0: never).
         metrics_port: Prometheus endpoint port (None: off).
         metrics_host: interface of the Prometheus endpoint.
+        control: keep what the control API shows (:meth:`LiveStats.snapshot`, :meth:`LiveStats.metrics_text`:
+            the Prometheus registry is built even without ``metrics_port``).
     """
 
     sources: tuple[tuple[str, bool], ...] = ()
     interval_s: float = 5.0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    control: bool = False
 
     @property
     def any_live(self) -> bool:
@@ -62,6 +70,7 @@ class _SourceStats:
     lost: int = 0
     interval_frames: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    recent: deque[tuple[float, float]] = field(default_factory=deque)  # (monotonic s, latency ms), control API
 
 
 def percentiles_ms(latencies_ms: list[float]) -> tuple[float, float]:
@@ -81,10 +90,13 @@ class LiveStats:
 
     def __init__(self, *, config: StatsConfig) -> None:
         self.config = config
-        self.sources = {sid: _SourceStats(live=live, state="" if live else "file") for sid, live in config.sources}
+        self.sources: dict[str, _SourceStats] = {}
+        for sid, live in config.sources:
+            self.add_source(sid, live)
         self._last = time.monotonic()
         self._metrics: dict[str, Any] = {}
         self._server: Any = None
+        self._registry: Any = None
         self.restarts: dict[str, int] = {}
         """Stage restarts seen by this process, by stage name."""
         self._restarts_total = 0
@@ -97,11 +109,12 @@ class LiveStats:
         Raises:
             OSError: if the port cannot be bound.
         """
-        if self.config.metrics_port is None:
+        if self.config.metrics_port is None and not self.config.control:
             return
         import prometheus_client as pc
 
         reg = pc.CollectorRegistry()
+        self._registry = reg
         self._metrics = {
             "frames": pc.Counter("streamdet_frames", "Frames published", ["source"], registry=reg),
             "dropped": pc.Counter("streamdet_dropped_frames", "Live frames dropped (downstream busy)",
@@ -120,7 +133,52 @@ class LiveStats:
             "state": pc.Enum("streamdet_source_state", "Source state", ["source"],
                              states=["", "file"] + [s.value for s in SourceState], registry=reg),
         }
-        self._server = pc.start_http_server(self.config.metrics_port, addr=self.config.metrics_host, registry=reg)
+        if self.config.metrics_port is not None:
+            self._server = pc.start_http_server(self.config.metrics_port, addr=self.config.metrics_host, registry=reg)
+
+    def add_source(self, source_id: str, live: bool) -> None:
+        """Start keeping figures for a source (one added at runtime through the control API)."""
+        self.sources[source_id] = _SourceStats(live=live, state="" if live else "file")
+
+    def remove_source(self, source_id: str) -> None:
+        """Forget a source that ended (control API runs: sources come and go), its metric series too."""
+        if self.sources.pop(source_id, None) is None or not self._metrics:
+            return
+        for name in ("frames", "dropped", "skipped", "reconnects", "lost", "latency", "state"):
+            try:
+                self._metrics[name].remove(source_id)
+            except KeyError:  # no series for it yet
+                pass
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus text exposition of the registry (empty if it was not built)."""
+        if self._registry is None:
+            return b""
+        import prometheus_client as pc
+
+        return bytes(pc.generate_latest(self._registry))
+
+    def snapshot(self, now: float | None = None) -> bytes:
+        """Per-source figures over the last :data:`SNAPSHOT_WINDOW_S` seconds, as JSON (for ``GET /sources``).
+
+        Returns:
+            JSON object ``{source_id: {state, fps, frames, dropped, skipped, received, reconnects, lost,
+            latency_p50_ms, latency_p99_ms}}`` (latencies null without a recent frame; fps and
+            latencies are kept only with :attr:`StatsConfig.control`).
+        """
+        t = time.monotonic() if now is None else now
+        out: dict[str, Any] = {}
+        for sid, st in self.sources.items():
+            while st.recent and st.recent[0][0] < t - SNAPSHOT_WINDOW_S:
+                st.recent.popleft()
+            lat = [ms for _, ms in st.recent]
+            p50, p99 = percentiles_ms(lat)
+            out[sid] = {"state": st.state or None, "fps": round(len(lat) / SNAPSHOT_WINDOW_S, 2), "frames": st.frames,
+                        "dropped": st.dropped, "skipped": st.skipped, "received": st.received,
+                        "reconnects": st.reconnects, "lost": st.lost,
+                        "latency_p50_ms": round(p50, 3) if lat else None,
+                        "latency_p99_ms": round(p99, 3) if lat else None}
+        return json.dumps(out, separators=(",", ":")).encode()
 
     def close(self) -> None:
         """Stop the Prometheus endpoint."""
@@ -142,6 +200,10 @@ class LiveStats:
             st.latencies_ms.append(latency_ms)
         else:
             st.latencies_ms[st.frames % LATENCY_WINDOW] = latency_ms
+        if self.config.control:
+            st.recent.append((time.monotonic(), latency_ms))
+            if len(st.recent) > LATENCY_WINDOW:
+                st.recent.popleft()
         if self._metrics:
             self._metrics["frames"].labels(source_id).inc()
             self._metrics["latency"].labels(source_id).observe(latency_ms / 1000.0)
@@ -196,7 +258,8 @@ class LiveStats:
     def due(self, now: float | None = None) -> bool:
         """Whether a stats line is due (only with live sources and a non-zero interval)."""
         t = time.monotonic() if now is None else now
-        return self.config.interval_s > 0 and self.config.any_live and t - self._last >= self.config.interval_s
+        return (self.config.interval_s > 0 and any(st.live for st in self.sources.values())
+                and t - self._last >= self.config.interval_s)
 
     def report(self, now: float | None = None) -> tuple[str, dict[str, Any]]:
         """The interval's console line and ``stats`` payload; starts a new interval.

@@ -270,7 +270,7 @@ class VideoSink(Sink):
 
     def write(self, result: FrameResult) -> None:
         """Draw and encode the frame."""
-        from pipeline.annotate import draw_detections
+        from pipeline.annotate import annotate_result
 
         if result.pixels is None:
             return
@@ -280,21 +280,7 @@ class VideoSink(Sink):
             out = _VideoOut(self._path_for(sid), self.fps_by_source.get(sid, 0.0), result.record.frame.frame_hw)
             self._outs[sid] = out
         image = result.pixels if result.pixels.flags.writeable else result.pixels.copy()
-        d = result.detections
-        names = self.class_names_by_source.get(sid, self.class_names)
-        semantic = getattr(d, "semantic", None)
-        if semantic is not None and semantic.shape == image.shape[:2]:
-            from pipeline.annotate import draw_semantic
-
-            bg = 0 if names and names[0].lower() in ("background", "bg", "__background__") else None
-            draw_semantic(image, semantic, background_id=bg)
-        masks = getattr(d, "masks", None)
-        rles = getattr(d, "mask_rles", None)
-        if masks is None and rles:
-            from streamdet.masks import rle_to_masks
-
-            masks = rle_to_masks(rles)
-        draw_detections(image, d.boxes_xyxy, d.scores, d.class_ids, names, masks=masks)
+        annotate_result(image, result.detections, self.class_names_by_source.get(sid, self.class_names))
         out.write(image)
 
     def end_of_stream(self, eos: EndOfStream) -> None:

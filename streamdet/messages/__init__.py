@@ -10,7 +10,9 @@ Every boundary between two stages carries ONE frozen message class, validated wh
 * preprocess -> engine, once before the first batch of a device tensor pool: :class:`PoolHandleMsg`
   (how to open the pool's ring on the GPU, ``--device cuda``);
 * stage -> runner: :class:`StatusMsg` (ready, progress, errors, done);
-* decode -> postprocess (events socket): :class:`SourceStatusMsg` (a live source's state, drops).
+* decode -> postprocess (events socket): :class:`SourceStatusMsg` (a live source's state, drops);
+* the control plane (:mod:`~streamdet.messages.control`): :class:`SourceAddedMsg`,
+  :class:`PreviewFrameMsg`, :class:`StatsSnapshotMsg`.
 
 Wire format: the first ZeroMQ message part is the msgpack encoding of a message (an array
 ``[WIRE_VERSION, MsgKind, field, ...]``, the fields in declaration order through the one generic
@@ -41,6 +43,7 @@ from streamdet.messages.classes import (
     decode_message,
 )
 from streamdet.messages.codec import WIRE_VERSION, MsgKind, WireMessage, wire
+from streamdet.messages.control import PreviewFrameMsg, SourceAddedMsg, StatsSnapshotMsg
 from streamdet.messages.enums import (
     INLINE_SLOT,
     NO_SLOT,
@@ -66,12 +69,15 @@ __all__ = [
     "Message",
     "MsgKind",
     "PoolHandleMsg",
+    "PreviewFrameMsg",
     "ResultMsg",
+    "SourceAddedMsg",
     "SourceState",
     "SourceStatusMsg",
     "StageName",
     "StageRestartMsg",
     "StatusKind",
+    "StatsSnapshotMsg",
     "StatusMsg",
     "TensorSpec",
     "WireMessage",

@@ -50,6 +50,9 @@ class MsgKind(IntEnum):
     SOURCE_STATUS = 7
     POOL_HANDLE = 8
     STAGE_RESTART = 9
+    SOURCE_ADDED = 10
+    PREVIEW_FRAME = 11
+    STATS_SNAPSHOT = 12
 
 
 Converter = Callable[[Any], Any]

@@ -23,6 +23,7 @@ class EosReason(str, Enum):
     MAX_FRAMES = "max_frames"
     INTERRUPTED = "interrupted"
     ERROR = "error"
+    REMOVED = "removed"  # taken out through the control API (DELETE /sources/{id})
 
 
 class StageName(str, Enum):

@@ -20,11 +20,14 @@ from streamdet.messages import (
     FrameRecord,
     MsgKind,
     PoolHandleMsg,
+    PreviewFrameMsg,
     ResultMsg,
+    SourceAddedMsg,
     SourceState,
     SourceStatusMsg,
     StageName,
     StageRestartMsg,
+    StatsSnapshotMsg,
     StatusKind,
     StatusMsg,
     TensorSpec,
@@ -250,6 +253,10 @@ def wire_samples():
         "stage_restart": StageRestartMsg(StageName.ENGINE, "", 2, "killed by SIGKILL", 1.7e9, 0.75, 3),
         "credit_tagged": CreditMsg("pool", 3, 41),
         "batch_generation": BatchMsg(recs, 1, "sd-x-t.1", (4, 3, 384, 640), "float32", 2, 17),
+        "source_added": SourceAddedMsg("cam_2", 3, True, 0, "sd-x-a1", "ipc:///tmp/x/credits-a1", 25),  # type: ignore[arg-type]
+        "preview_frame": PreviewFrameMsg("cam_2", 7, (360, 640), b"\xff\xd8\xff\xe0jpeg"),
+        "stats_snapshot": StatsSnapshotMsg(b'{"cam_2":{"fps":5.0}}', b"# HELP streamdet_frames_total x\n"),
+        "eos_removed": EndOfStream("cam_2", 40, EosReason.REMOVED),
     }
 
 

@@ -1,0 +1,246 @@
+"""The control API and the preview page: a FastAPI app over the runner's :class:`~pipeline.control.plane.ControlPlane`.
+
+Endpoints (OpenAPI page at ``/docs``, schema at ``/openapi.json``):
+
+* ``GET /sources``: every source with its figures; ``GET /sources/{id}``: one;
+* ``POST /sources`` ``{"url", "id", "max_fps", "model"}``: start a source now (201);
+* ``DELETE /sources/{id}``: stop it, its EOS published and its slots freed (204);
+* ``GET /healthz``: the runner answers (always open); ``GET /readyz``: every stage ready (200) or
+  503 with the reason (always open);
+* ``GET /metrics``: the Prometheus exposition of the pipeline's registry;
+* ``GET /``: the preview page; ``WS /sources/{id}/preview``: its annotated frames as JPEG
+  messages; ``GET /sources/{id}/preview.mjpg``: the same as an MJPEG stream (``<img src>``, VLC).
+
+With ``control.token`` set, every endpoint but ``/healthz``, ``/readyz``, ``/`` and the OpenAPI
+pages wants ``Authorization: Bearer TOKEN`` (the preview streams also take ``?token=TOKEN``, as a
+browser cannot set headers on a WebSocket or an ``<img>``): 401 otherwise. Errors are JSON
+``{"error": "<one line>"}``. Modelled on DeepStream's ``nvmultiurisrcbin`` REST API (stream add
+and remove) and Roboflow's ``/healthz`` / ``/readiness`` / ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipeline.control.plane import ControlError, ControlPlane
+
+PREVIEW_POLL_S = 0.02
+"""How often a preview stream looks for a newer frame, seconds."""
+
+MJPEG_BOUNDARY = "streamdet-frame"
+
+
+class AddSource(BaseModel):
+    """Body of ``POST /sources``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, description="video file path or URL (rtsp://...); credentials are never shown")
+    id: str | None = Field(default=None, description="source id, [A-Za-z0-9_-]{1,64} (default: from the URL)")
+    max_fps: float | None = Field(default=None, gt=0.0, description="live sources: pass at most this many fps")
+    model: str | None = Field(default=None, description="a loaded model, by card name or ONNX path (default: "
+                                                        "the first)")
+
+
+class SourceView(BaseModel):
+    """One source as ``GET /sources`` shows it."""
+
+    id: str
+    url: str = Field(description="path or URL, credentials redacted")
+    kind: str = Field(description="file or live")
+    state: str = Field(description="starting, running, connected, reconnecting, ..., removing, ended")
+    model: str
+    fps: float | None = Field(description="frames published per second over the last 2 s")
+    dropped: int = Field(description="live frames dropped because downstream was busy")
+    latency_p50_ms: float | None = Field(description="capture-to-publish latency, last 2 s")
+    latency_p99_ms: float | None
+    frames: int = Field(description="frames published")
+    restarts: int = Field(description="restarts of its decoder")
+    reason: str | None = Field(default=None, description="how it ended (EOS reason), once ended")
+    error: str | None = None
+
+
+def _one_line(e: RequestValidationError) -> tuple[int, str]:
+    first = e.errors()[0] if e.errors() else {}
+    if first.get("type") == "json_invalid":
+        return 400, "body is not valid JSON"
+    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
+    if first.get("type") == "model_attributes_type":
+        return 400, "body is not a JSON object"
+    if first.get("type") == "extra_forbidden":
+        return 422, f"unknown field {loc!r} (expected url, id, max_fps, model)"
+    return 422, f"{loc}: {first.get('msg', 'invalid')}"
+
+
+class _JsonBodies:
+    """ASGI middleware: a ``POST /sources`` body is read as JSON, whatever its Content-Type (``curl -d``: a form)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/sources":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+def create_app(plane: ControlPlane, *, token: str | None = None) -> FastAPI:
+    """Build the app.
+
+    Args:
+        plane: the run's control plane.
+        token: the bearer token requests must carry (None: none).
+
+    Returns:
+        The FastAPI application (serve it with uvicorn, :mod:`pipeline.control.server`).
+    """
+    app = FastAPI(title="streamdet control API", version="1",
+                  description="Add and remove sources while the pipeline runs, check its health, watch it.")
+    app.add_middleware(_JsonBodies)
+    page = resources.files("pipeline.control").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    def authorized(header: str | None, query: str | None = None) -> bool:
+        if token is None:
+            return True
+        given = ""
+        if header and header.lower().startswith("bearer "):
+            given = header[7:].strip()
+        elif query:
+            given = query
+        return bool(given) and secrets.compare_digest(given.encode(), token.encode())
+
+    def require_token(request: Request) -> None:
+        if not authorized(request.headers.get("authorization")):
+            raise StarletteHTTPException(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
+
+    auth = [Depends(require_token)]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, line = _one_line(exc)
+        return JSONResponse({"error": line}, status_code=status)
+
+    @app.exception_handler(ControlError)
+    async def _refused(request: Request, exc: ControlError) -> JSONResponse:
+        return JSONResponse({"error": exc.reason}, status_code=exc.status)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The runner is alive (answered by its own thread, whatever the stages are doing)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "a stage is not ready; the reason"}})
+    async def readyz() -> JSONResponse:
+        """Every stage is ready (200), else 503 with the reason (starting, a stage restarting, stopping)."""
+        reason = plane.readiness()
+        if reason is None:
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+
+    @app.get("/metrics", dependencies=auth, response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        """Prometheus metrics (the registry ``--metrics-port`` serves)."""
+        return Response(plane.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/sources", dependencies=auth)
+    async def list_sources() -> list[SourceView]:
+        """Every source with id, URL (redacted), kind, state, model, fps, drops, latency, frames, restarts."""
+        return [SourceView(**s) for s in plane.list_sources()]
+
+    @app.get("/sources/{source_id}", dependencies=auth, responses={404: {"description": "no such source"}})
+    async def get_source(source_id: str) -> SourceView:
+        """One source."""
+        s = plane.source(source_id)
+        if s is None:
+            raise ControlError(404, f"no source {source_id!r}")
+        return SourceView(**s)
+
+    @app.post("/sources", dependencies=auth, status_code=201,
+              responses={400: {"description": "not JSON"}, 409: {"description": "id in use, or no room"},
+                         422: {"description": "malformed URL, source that cannot be opened, unknown model"}})
+    def add_source(body: AddSource) -> SourceView:
+        """Start decoding a source now, served by an already loaded model (others are refused)."""
+        return SourceView(**plane.add_source(url=body.url, source_id=body.id, max_fps=body.max_fps,
+                                             model=body.model))
+
+    @app.delete("/sources/{source_id}", dependencies=auth, status_code=204,
+                responses={404: {"description": "no running source with that id"}})
+    def remove_source(source_id: str) -> Response:
+        """Stop a source: its EOS is published (reason ``removed``) and its slots freed before this returns."""
+        plane.remove_source(source_id)
+        return Response(status_code=204)
+
+    @app.websocket("/sources/{source_id}/preview")
+    async def preview_ws(websocket: WebSocket, source_id: str) -> None:
+        await websocket.accept()  # then refused with a close code a browser can read (4401, 4404)
+        if not authorized(websocket.headers.get("authorization"), websocket.query_params.get("token")):
+            await websocket.close(code=4401, reason="missing or wrong token")
+            return
+        if not plane.is_running(source_id):
+            await websocket.close(code=4404, reason=f"no running source {source_id}")
+            return
+        receiving = asyncio.ensure_future(websocket.receive())  # done when the viewer leaves
+        try:
+            async for jpeg in _frames(plane, source_id, lambda: receiving.done()):
+                await websocket.send_bytes(jpeg)
+            if not receiving.done():  # the source ended or the run is over: say so
+                await websocket.close(code=1000)
+        except Exception:  # the viewer went away mid-send
+            pass
+        finally:
+            receiving.cancel()
+
+    @app.get("/sources/{source_id}/preview.mjpg", responses={404: {"description": "no running source"}})
+    async def preview_mjpeg(request: Request, source_id: str) -> StreamingResponse:
+        """The source's annotated frames as an MJPEG stream (``multipart/x-mixed-replace``)."""
+        if not authorized(request.headers.get("authorization"), request.query_params.get("token")):
+            raise StarletteHTTPException(401, "missing or wrong token (Authorization: Bearer TOKEN or ?token=)")
+        if not plane.is_running(source_id):
+            raise ControlError(404, f"no running source {source_id!r}")
+
+        async def parts() -> AsyncIterator[bytes]:
+            async for jpeg in _frames(plane, source_id, lambda: False):
+                yield (f"--{MJPEG_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
+                       .encode() + jpeg + b"\r\n")
+
+        return StreamingResponse(parts(), media_type=f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
+                                 headers={"Cache-Control": "no-store"})
+
+    return app
+
+
+async def _frames(plane: ControlPlane, source_id: str, gone: Any) -> AsyncIterator[bytes]:
+    """Each newer preview frame of a source while it runs and the viewer is there (counted as a viewer)."""
+    hub = plane.preview
+    seq = 0
+    with hub.watching(source_id):
+        while not hub.closed and not gone():
+            item = hub.latest(source_id, seq)
+            if item is None:
+                if not plane.is_running(source_id):
+                    return
+                await asyncio.sleep(PREVIEW_POLL_S)
+                continue
+            seq, jpeg = item
+            yield jpeg
+
