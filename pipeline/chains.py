@@ -70,6 +70,9 @@ class ModelChain:
         source_ids: the sources this model serves, in source order.
         tensor_device: the torch device its preprocess writes input tensors on (the engine's CUDA
             device with ``preprocess.on_device``), or None for host shared memory.
+        rect_stride: the model's input height and width are dynamic: frames are letterboxed into
+            the smallest rectangle of this stride that holds them (``preprocess.rect``); None: the
+            card's full input size.
     """
 
     model: ModelInfo
@@ -78,6 +81,7 @@ class ModelChain:
     pad_batches: bool
     source_ids: tuple[str, ...]
     tensor_device: str | None = None
+    rect_stride: int | None = None
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,35 @@ def prepare_model(settings: Settings, model_path: Path, card_path: Path | None, 
     if tensor_device is None and s.preprocess.on_device and choice.device != "cpu" \
             and issubclass(engine_class(choice.backend), DeviceEngine):
         tensor_device = choice.device
-    return ModelChain(info, card, max_batch, pad, source_ids, tensor_device)
+    rect = rect_stride(info, card) if s.preprocess.rect and tensor_device is None else None
+    if rect is not None and not s.quiet:
+        iw, ih = card.input_wh
+        print(f"model {card.name}: dynamic input size, frames letterboxed to the smallest multiple of {rect} "
+              f"that holds them (at most {iw}x{ih}; preprocess.rect)", file=sys.stderr)
+    return ModelChain(info, card, max_batch, pad, source_ids, tensor_device, rect)
+
+
+def rect_stride(info: ModelInfo, card: ModelCard) -> int | None:
+    """The stride to letterbox into a minimum rectangle with, if the model's input height and width are dynamic.
+
+    The stride is the card's largest head stride, else the ``stride`` of ultralytics metadata, else 32.
+
+    Args:
+        info: the inspected ONNX model.
+        card: its card.
+
+    Returns:
+        The stride, or None when the input's spatial size is fixed in the graph.
+    """
+    shape = info.input_shape
+    if len(shape) != 4 or (isinstance(shape[2], int) and isinstance(shape[3], int)):
+        return None
+    if card.head.strides:
+        return int(max(card.head.strides))
+    try:
+        return int(info.metadata.get("stride", "32"))
+    except ValueError:
+        return 32
 
 
 def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpoints, pools: list[str],
@@ -242,7 +274,7 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
                            max_batch=chain.max_batch, pad_batches=chain.pad_batches,
                            max_wait_ms=s.preprocess.max_wait_ms, keep_pixels=sinks.needs_pixels,
                            num_sources=0 if dynamic else m,
-                           tensor_device=chain.tensor_device, ledger=ref),
+                           tensor_device=chain.tensor_device, ledger=ref, rect_stride=chain.rect_stride),
         ]
     batch_of = {sid: c.max_batch for c in p.chains for sid in c.source_ids}
     for i, (src, pool) in enumerate(zip(p.sources, pools, strict=True)):

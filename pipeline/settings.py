@@ -154,6 +154,10 @@ class PreprocessSettings(Section):
             engine reads without a host copy (detect models also get their NMS on the GPU); off:
             preprocess on the CPU as with ``--device cpu``. No effect on the CPU.
         nice: niceness of the stage's process (0..19; higher yields the CPU to the engine).
+        rect: when the model's input height and width are dynamic (an ultralytics export with
+            ``dynamic=True``), letterbox each frame into the smallest rectangle that holds it with
+            each side a multiple of the model's stride (640x288 for a 640x272 frame, instead of
+            640x640), as ultralytics' predictor does; off: always the card's full input size.
     """
 
     max_batch: int = Field(default=4, ge=1, le=256)
@@ -161,6 +165,7 @@ class PreprocessSettings(Section):
     tensor_slots: int = Field(default=3, ge=2, le=64)
     on_device: bool = True
     nice: int = Field(default=DEFAULT_LIGHT_STAGE_NICE, ge=0, le=19)
+    rect: bool = True
 
 
 class EngineSettings(Section):

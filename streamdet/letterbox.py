@@ -95,6 +95,34 @@ def letterbox_params(frame_hw: tuple[int, int], input_wh: tuple[int, int]) -> Le
     return LetterboxParams((fh, fw), (iw, ih), (rw, rh), ((iw - rw) // 2, (ih - rh) // 2))
 
 
+def rect_input_wh(frame_hw: tuple[int, int], input_wh: tuple[int, int], stride: int) -> tuple[int, int]:
+    """The smallest input that holds the letterboxed frame, each side a multiple of ``stride`` away from the resize.
+
+    For models with a dynamic spatial input: the frame is resized as into ``input_wh`` (same scale),
+    and each padding is cut down to its remainder modulo ``stride``, so the input is the resized
+    frame plus less than one stride of border per axis (640x272 into 640x640 with stride 32 gives
+    640x288; 1280x720 gives 640x384). This is ultralytics' ``LetterBox(auto=True)`` (``minimum
+    rectangle``, ``ultralytics/data/augment.py``), what its predictor uses for a dynamic export;
+    :func:`letterbox_params` with the result centres the frame exactly as it does.
+
+    Args:
+        frame_hw: frame size ``(height, width)`` in pixels.
+        input_wh: the model's nominal (largest) input ``(width, height)``.
+        stride: the model's largest stride (32 for YOLO heads).
+
+    Returns:
+        ``(width, height)`` of the input, at most ``input_wh``.
+
+    Raises:
+        ValueError: on non-positive sizes or stride.
+    """
+    if stride <= 0:
+        raise ValueError(f"expected a positive stride, got {stride}")
+    p = letterbox_params(frame_hw, input_wh)
+    (iw, ih), (rw, rh) = p.input_wh, p.resized_wh
+    return rw + (iw - rw) % stride, rh + (ih - rh) % stride
+
+
 def letterbox(
     image: npt.NDArray[np.uint8],
     input_wh: tuple[int, int],

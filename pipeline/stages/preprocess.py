@@ -47,7 +47,7 @@ from pipeline.transport import (
     send_parts,
 )
 from streamdet.card import ModelCard
-from streamdet.letterbox import LetterboxParams, letterbox
+from streamdet.letterbox import LetterboxParams, letterbox, rect_input_wh
 from streamdet.messages import (
     INLINE_SLOT,
     NO_SLOT,
@@ -64,8 +64,12 @@ if TYPE_CHECKING:
     from pipeline.gpu.tensor_pool import DeviceTensorPool
 
 
+STOP_WAIT_S = 10.0
+"""Longest wait at the end for the engine to hand back the tensor slots it holds (it may be gone)."""
+
+
 class Normalizer:
-    """Writes a letterboxed HWC uint8 image into one CHW row of the input tensor.
+    """Writes a letterboxed HWC uint8 image (of the card's input size, or a smaller rectangle) into one CHW row.
 
     ``out[c] = (image[..., src(c)] - mean[c]) / std[c]`` where ``src`` maps the card's channel order
     onto the RGB frame (``BGR`` reverses it); mean and std are in the card's channel order.
@@ -77,6 +81,7 @@ class Normalizer:
     def __init__(self, card: ModelCard) -> None:
         iw, ih = card.input_wh
         self._f32 = np.empty((ih, iw, 3), dtype=np.float32)
+        self._scratch = {self._f32.shape: self._f32}  # one float buffer per input size (minimum rectangles)
         self._order = [2, 1, 0] if card.input.channel_order == "BGR" else [0, 1, 2]
         mean = np.asarray(card.normalization.mean, dtype=np.float32)
         std = np.asarray(card.normalization.std, dtype=np.float32)
@@ -93,11 +98,13 @@ class Normalizer:
         Raises:
             ValueError: on mismatched shapes.
         """
-        if image_hwc.shape != self._f32.shape or out_chw.shape != (3, *image_hwc.shape[:2]):
-            raise ValueError(f"expected image {self._f32.shape} and out {(3, *self._f32.shape[:2])}, "
-                             f"got {image_hwc.shape} and {out_chw.shape}")
-        np.copyto(self._f32, image_hwc, casting="unsafe")
-        chw = self._f32.transpose(2, 0, 1)
+        if image_hwc.ndim != 3 or image_hwc.shape[2] != 3 or out_chw.shape != (3, *image_hwc.shape[:2]):
+            raise ValueError(f"expected image (H, W, 3) and out (3, H, W), got {image_hwc.shape} and {out_chw.shape}")
+        f32 = self._scratch.get(image_hwc.shape)
+        if f32 is None:
+            f32 = self._scratch[image_hwc.shape] = np.empty(image_hwc.shape, dtype=np.float32)
+        np.copyto(f32, image_hwc, casting="unsafe")
+        chw = f32.transpose(2, 0, 1)
         if not self._identity_order:
             chw = chw[self._order]
         if self._uniform:
@@ -126,6 +133,9 @@ class PreprocessSpec(StageSpec):
         num_sources: sources feeding the pipeline (the stage ends after that many EOS).
         tensor_device: preprocess on this torch device into a device tensor pool (``cuda``,
             ``cuda:N``; ``cpu`` only in tests, to run the same path without a GPU); None: on the host.
+        rect_stride: the model's spatial input is dynamic: letterbox each frame into the smallest
+            stride-multiple rectangle that holds it (:func:`streamdet.letterbox.rect_input_wh`); None:
+            into the card's full input size.
 
     With a ledger (:attr:`StageSpec.ledger`) batches carry engine generations and the stage stays
     until the run finished.
@@ -141,6 +151,7 @@ class PreprocessSpec(StageSpec):
     keep_pixels: bool
     num_sources: int
     tensor_device: str | None = None
+    rect_stride: int | None = None
 
     stage_name: ClassVar[StageName] = StageName.PREPROCESS
 
@@ -169,7 +180,7 @@ class PreprocessSpec(StageSpec):
                                tensor_pool=tensor_pool, status=status, flags=flags, max_batch=self.max_batch,
                                pad_batches=self.pad_batches, max_wait_ms=self.max_wait_ms,
                                keep_pixels=self.keep_pixels, num_sources=self.num_sources,
-                               device_pool=device_pool,
+                               device_pool=device_pool, rect_stride=self.rect_stride,
                                ledger=self.attach_ledger(),
                                ledger_chain=self.ledger.chain if self.ledger is not None else 0)
 
@@ -198,6 +209,9 @@ class PreprocessStage(Stage):
             chain's engine generation, the tensor slots lent to a dead engine are reclaimed when a
             new generation starts, and the stage runs until the ledger says the run finished.
         ledger_chain: the stage's model chain in the ledger.
+        rect_stride: letterbox into the smallest stride-multiple rectangle that holds each frame (a
+            model with a dynamic spatial input, as ultralytics' predictor does); a batch holds frames
+            of one rectangle (a frame of another size starts a new batch). None: the full input size.
     """
 
     name = StageName.PREPROCESS
@@ -207,7 +221,7 @@ class PreprocessStage(Stage):
                  tensor_pool: SlotPool | None, status: StatusReporter, flags: StageFlags, max_batch: int,
                  pad_batches: bool, max_wait_ms: float, keep_pixels: bool, num_sources: int,
                  device_pool: DeviceTensorPool | None = None, ledger: Ledger | None = None,
-                 ledger_chain: int = 0) -> None:
+                 ledger_chain: int = 0, rect_stride: int | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"expected max_batch >= 1, got {max_batch}")
         self.card = card
@@ -227,7 +241,9 @@ class PreprocessStage(Stage):
         iw, ih = card.input_wh
         self._input_wh = (iw, ih)
         self._dtype = np.dtype(card.input.dtype)
-        self._lb = np.empty((ih, iw, 3), dtype=np.uint8)
+        self.rect_stride = rect_stride if device_pool is None else None  # the device letterbox fills the square
+        self._lb_by_wh: dict[tuple[int, int], npt.NDArray[np.uint8]] = {}  # letterbox buffer per input size
+        self._batch_wh = (iw, ih)  # input size of the batch being filled
         self._normalize = Normalizer(card)
         self._pools = PoolCache()
         self._pool_of: dict[str, str] = {}  # source id -> its frame pool (unmapped at its EOS)
@@ -317,8 +333,9 @@ class PreprocessStage(Stage):
             else:
                 raise StageError(f"preprocess: expected FrameMsg or EndOfStream, got {type(msg).__name__}")
 
-    def _begin_batch(self) -> None:
-        iw, ih = self._input_wh
+    def _begin_batch(self, input_wh: tuple[int, int]) -> None:
+        self._batch_wh = input_wh
+        iw, ih = input_wh
         if self.tensor_pool is None and self.device_pool is None:
             self._tensor = np.empty((self.max_batch, 3, ih, iw), dtype=self._dtype)
             self._tensor_slot = INLINE_SLOT
@@ -364,17 +381,24 @@ class PreprocessStage(Stage):
             except StalePoolError:  # its decoder restarted: the new one sends the frame again
                 self.stale_frames += 1
                 return
+        input_wh = self._input_wh if self.rect_stride is None else rect_input_wh((h, w), self._input_wh,
+                                                                                 self.rect_stride)
+        if self._records and input_wh != self._batch_wh:  # a batch holds one input size
+            self._flush()
         if not self._records:
             if self._tensor_credits is not None:
                 self._drain_tensor_credits(0)
-            self._begin_batch()
+            self._begin_batch(input_wh)
         assert self._tensor is not None
         row = len(self._records)
         if self._gpu_letterbox is not None:
             params = self._letterbox_on_device(image, row)
         else:
-            _, params = letterbox(image, self._input_wh, pad_value=self.card.pad_value, out=self._lb)
-            self._normalize(self._lb, self._tensor[row])
+            lb = self._lb_by_wh.get(input_wh)
+            if lb is None:
+                lb = self._lb_by_wh[input_wh] = np.empty((input_wh[1], input_wh[0], 3), dtype=np.uint8)
+            _, params = letterbox(image, input_wh, pad_value=self.card.pad_value, out=lb)
+            self._normalize(lb, self._tensor[row])
         del image
         if self.ledger is not None:  # the postprocess stage hands the slot back once published
             if inline is not None and self.keep_pixels:
@@ -406,7 +430,7 @@ class PreprocessStage(Stage):
         assert self._tensor is not None
         n = len(self._records)
         rows = self.max_batch if self.pad_batches else n
-        iw, ih = self._input_wh
+        iw, ih = self._batch_wh
         pool_name = self.tensor_pool.name if self.tensor_pool is not None else ""
         if self.device_pool is not None:
             from pipeline.gpu.tensor_pool import synchronize
@@ -433,9 +457,12 @@ class PreprocessStage(Stage):
 
     def stop(self) -> None:
         """Wait for the engine to hand back the tensors, close the sockets, unlink the tensor pool."""
+        if self._tensor is not None and self._tensor_slot != INLINE_SLOT and self._tensor_credits is not None:
+            self._tensor_credits.release(self._tensor_slot)  # a batch never sent (the stage failed while filling it)
         self._tensor = None
         if self._tensor_credits is not None:  # the engine may still be reading the last tensor
-            while self._tensor_credits.in_use and self.flags.alive():
+            deadline = time.monotonic() + STOP_WAIT_S
+            while self._tensor_credits.in_use and self.flags.alive() and time.monotonic() < deadline:
                 self._drain_tensor_credits(POLL_MS)
         self._pools.close()
         close_sockets(self.flags, outputs=(self.batches_out, *self.frame_credits_out.values()),

@@ -145,3 +145,73 @@ def build_end2end(path: str | Path, *, input_wh: tuple[int, int] = (640, 384)) -
     )
     save_card(card, path.with_suffix(".json"))
     return path
+
+
+def build_standin_dynamic(path: str | Path, *, input_wh: tuple[int, int] = (640, 640), gain: float = 12.0,
+                          bias: float = 12.0, write_card: bool = True) -> Path:
+    """The stand-in with a dynamic input height and width (an ultralytics ``dynamic=True`` export's interface).
+
+    ``images`` is ``(batch, 3, height, width)`` and ``output0`` ``(batch, 7, anchors)``: the anchor
+    grid is built from the pooled maps' shapes at run time (``Shape``, ``Range``), so the model runs
+    at any size that is a multiple of 32, with the same boxes and scores as :func:`build_standin` at
+    that size. ``input_wh`` is the card's nominal (largest) size.
+    """
+    path = Path(path)
+    c = len(CLASS_NAMES)
+    nodes, inits = pooled_feature_nodes()
+    inits.append(numpy_helper.from_array((np.eye(c, 3, dtype=np.float32) * gain).reshape(c, 3, 1), "wcls"))
+    inits.append(numpy_helper.from_array(np.full(c, -bias, np.float32), "bcls"))
+    nodes.append(helper.make_node("Conv", ["feat", "wcls", "bcls"], ["logits"], kernel_shape=[1]))
+    nodes.append(helper.make_node("Sigmoid", ["logits"], ["scores"]))
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("i0", 0), ("i1", 1), ("i2", 2), ("i3", 3), ("flat", [1, -1]), ("ax0", [0]))]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("half", 0.5), ("fz", 0.0))]
+    levels = []
+    for s in STRIDES:
+        inits += [numpy_helper.from_array(np.array(float(s), np.float32), f"s{s}"),
+                  numpy_helper.from_array(np.array(3.0 * s, np.float32), f"side{s}")]
+        nodes += [
+            helper.make_node("Shape", [f"p{s}"], [f"shp{s}"]),
+            helper.make_node("Gather", [f"shp{s}", "i2"], [f"h{s}"]),
+            helper.make_node("Gather", [f"shp{s}", "i3"], [f"w{s}"]),
+            helper.make_node("Range", ["i0", f"w{s}", "i1"], [f"xi{s}"]),
+            helper.make_node("Range", ["i0", f"h{s}", "i1"], [f"yi{s}"]),
+            helper.make_node("Cast", [f"xi{s}"], [f"xf{s}"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", [f"yi{s}"], [f"yf{s}"], to=TensorProto.FLOAT),
+            helper.make_node("Add", [f"xf{s}", "half"], [f"xh{s}"]),
+            helper.make_node("Add", [f"yf{s}", "half"], [f"yh{s}"]),
+            helper.make_node("Mul", [f"xh{s}", f"s{s}"], [f"cx{s}"]),  # (w,)
+            helper.make_node("Mul", [f"yh{s}", f"s{s}"], [f"cy{s}"]),  # (h,)
+            helper.make_node("Unsqueeze", [f"cx{s}", "ax0"], [f"cxr{s}"]),  # (1, w)
+            helper.make_node("Unsqueeze", [f"cy{s}", "i1"], [f"cyc{s}"]),  # (h, 1)
+            helper.make_node("Mul", [f"cyc{s}", "fz"], [f"zc{s}"]),  # (h, 1) zeros
+            helper.make_node("Mul", [f"cxr{s}", "fz"], [f"zr{s}"]),  # (1, w) zeros
+            helper.make_node("Add", [f"cxr{s}", f"zc{s}"], [f"gx{s}"]),  # (h, w)
+            helper.make_node("Add", [f"cyc{s}", f"zr{s}"], [f"gy{s}"]),  # (h, w)
+            helper.make_node("Reshape", [f"gx{s}", "flat"], [f"fx{s}"]),  # (1, h*w), row-major: y major
+            helper.make_node("Reshape", [f"gy{s}", "flat"], [f"fy{s}"]),
+            helper.make_node("Mul", [f"fx{s}", "fz"], [f"fzero{s}"]),
+            helper.make_node("Add", [f"fzero{s}", f"side{s}"], [f"fs{s}"]),
+            helper.make_node("Concat", [f"fx{s}", f"fy{s}", f"fs{s}", f"fs{s}"], [f"a{s}"], axis=0),  # (4, h*w)
+        ]
+        levels.append(f"a{s}")
+    nodes.append(helper.make_node("Concat", levels, ["anchors2"], axis=1))
+    nodes.append(helper.make_node("Unsqueeze", ["anchors2", "ax0"], ["anchors"]))  # (1, 4, N)
+    inits.append(numpy_helper.from_array(np.zeros(1, np.float32), "zero"))
+    nodes.append(helper.make_node("ReduceMean", ["feat"], ["fmean"], axes=[1], keepdims=1))
+    nodes.append(helper.make_node("Mul", ["fmean", "zero"], ["fzero"]))
+    nodes.append(helper.make_node("Add", ["anchors", "fzero"], ["boxes"]))
+    nodes.append(helper.make_node("Concat", ["boxes", "scores"], ["output0"], axis=1))
+    graph = helper.make_graph(
+        nodes, "standin_dynamic",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 4 + c, "anchors"])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    if write_card:
+        save_card(standin_card(input_wh), path.with_suffix(".json"))
+    return path

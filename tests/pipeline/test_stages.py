@@ -64,7 +64,45 @@ def test_normalizer_matches_preprocess_batch(order, mean, std, dtype):
 def test_normalizer_rejects_bad_shapes():
     n = Normalizer(standin_card())
     with pytest.raises(ValueError, match="expected image"):
-        n(np.zeros((10, 10, 3), np.uint8), np.zeros((3, 10, 10), np.float32))
+        n(np.zeros((10, 10, 3), np.uint8), np.zeros((3, 10, 12), np.float32))
+    with pytest.raises(ValueError, match="expected image"):
+        n(np.zeros((10, 10, 4), np.uint8), np.zeros((4, 10, 10), np.float32))
+
+
+def test_normalizer_takes_smaller_rectangles():
+    """Minimum-rectangle inputs (dynamic models) are normalised like the full size."""
+    card = standin_card()
+    img = np.random.default_rng(0).integers(0, 256, (288, 640, 3), dtype=np.uint8)
+    out = np.empty((3, 288, 640), np.float32)
+    Normalizer(card)(img, out)
+    np.testing.assert_allclose(out, img.transpose(2, 0, 1).astype(np.float32) / 255.0, rtol=1e-6)
+
+
+def test_preprocess_stage_that_fails_mid_batch_still_stops(tmp_path):
+    """A batch being filled when the stage fails holds a tensor slot the engine never got: stop() does not wait."""
+    import time
+
+    from pipeline.stages.base import StatusReporter
+    from pipeline.stages.preprocess import PreprocessSpec
+    from streamdet.messages import StageName
+
+    ep = ipc_endpoints(tmp_path, [])
+    ctx = zmq.Context()
+    status_in = make_socket(ctx, zmq.PULL, ep.control, bind=True)
+    go, stop, abort = threading.Event(), threading.Event(), threading.Event()
+    flags = StageFlags(go=go, stop_input=stop, abort=abort, parent_pid=os.getppid())
+    status = StatusReporter(socket=make_socket(ctx, zmq.PUSH, ep.control, bind=False), stage=StageName.PREPROCESS)
+    spec = PreprocessSpec(control=ep.control, card=standin_card(), endpoints=ep,
+                          tensor_pool=f"sd-test-{uuid.uuid4().hex[:8]}", tensor_slots=2, max_batch=2,
+                          pad_batches=False, max_wait_ms=5.0, keep_pixels=False, num_sources=1)
+    stage = spec.build(ctx=ctx, flags=flags, status=status)
+    stage._begin_batch((640, 384))  # as _add does for a batch's first frame, before the failure
+    t0 = time.monotonic()
+    stage.stop()
+    assert time.monotonic() - t0 < 2.0
+    status.close()
+    status_in.close(0)
+    ctx.term()
 
 
 # ---------------------------------------------------------------- model, card
