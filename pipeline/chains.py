@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.base import DeviceEngine, EngineError
+from engines.base import Backend, DeviceEngine, EngineError
 from pipeline.settings import Settings
 from pipeline.slotpool import pool_name
 from pipeline.sources.probe import SourceError, SourceInfo, probe_source
@@ -183,7 +183,9 @@ def prepare_model(settings: Settings, model_path: Path, card_path: Path | None, 
     if tensor_device is None and s.preprocess.on_device and choice.device != "cpu" \
             and issubclass(engine_class(choice.backend), DeviceEngine):
         tensor_device = choice.device
-    rect = rect_stride(info, card) if s.preprocess.rect and tensor_device is None else None
+    # TensorRT and CUDA programs are built for the card's input size: only ONNX Runtime takes other sizes
+    rect = rect_stride(info, card) if s.preprocess.rect and tensor_device is None \
+        and choice.backend is Backend.ONNXRUNTIME else None
     if rect is not None and not s.quiet:
         iw, ih = card.input_wh
         print(f"model {card.name}: dynamic input size, frames letterboxed to the smallest multiple of {rect} "

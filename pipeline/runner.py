@@ -263,7 +263,7 @@ class Pipeline:
                                                run_dir=tmpdir, token=token, ledger=self._ledger, ctx=ctx,
                                                events=self._events, spawn=self._spawn_child,
                                                forget_child=self._forget_child, pool_names=self._pool_names)
-                    app = create_app(self._plane, token=c.token.get_secret_value() if c.token else None)
+                    app = create_app(self._plane, token=c.token.get_secret_value() if c.token else None, host=c.host)
                     server = ControlServer(app=app, sock=control_sock)
                     server.start()
             except PipelineError:
@@ -274,14 +274,14 @@ class Pipeline:
                             stage_specs(self.settings, self._prepared, endpoints, pools, tensor_pools,
                                         ledger=ledger_name, forward=self.forward))
         finally:
+            if self._plane is not None:  # first: requests still waiting get their 503 before the server stops
+                summary.frames += self._plane.retired_totals[0]
+                summary.detections += self._plane.retired_totals[1]
+                self._plane.close()
             if server is not None:
                 server.stop()
             elif control_sock is not None:
                 control_sock.close()
-            if self._plane is not None:
-                summary.frames += self._plane.retired_totals[0]
-                summary.detections += self._plane.retired_totals[1]
-                self._plane.close()
             self._shutdown()
             if control is not None:
                 control.close(0)

@@ -56,7 +56,9 @@ PUB_HWM = 10_000
 PUB_LINGER_MS = 2_000
 """How long closing the PUB sink waits to deliver the last messages (EOS) to subscribers."""
 
-_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*@")
+# up to the last "@" before a space, "?" or "#": a password may hold "@" or "/" (over-redacting a rare "@" in a
+# path is the safe side)
+_CREDENTIALS = re.compile(r"(?<=://)[^\s?#]*@")
 
 
 class TransportMode(str, Enum):

@@ -25,6 +25,7 @@ import secrets
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -95,12 +96,51 @@ class _JsonBodies:
         await self.app(scope, receive, send)
 
 
-def create_app(plane: ControlPlane, *, token: str | None = None) -> FastAPI:
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+class _SameOrigin:
+    """ASGI middleware refusing cross-site requests (403, or WebSocket close 4403).
+
+    * an ``Origin`` header naming another site than the ``Host``: a script of some other web page
+      the operator has open (cross-site request forgery, or a WebSocket opened from elsewhere);
+    * with ``loopback_only``, a ``Host`` that is not a loopback name: a DNS-rebinding page.
+    Clients that are not browsers (curl, ``pipeline.ctl``) send no ``Origin``.
+    """
+
+    def __init__(self, app: Any, loopback_only: bool = False) -> None:
+        self.app = app
+        self.loopback_only = loopback_only
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            problem = self._problem(headers.get(b"host", ""), headers.get(b"origin", ""))
+            if problem:
+                if scope["type"] == "http":
+                    await JSONResponse({"error": problem}, status_code=403)(scope, receive, send)
+                else:
+                    await send({"type": "websocket.close", "code": 4403, "reason": problem})
+                return
+        await self.app(scope, receive, send)
+
+    def _problem(self, host: str, origin: str) -> str:
+        name = host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+        if self.loopback_only and host and name not in LOOPBACK_NAMES:
+            return f"Host {host!r} refused: the API listens on a loopback address"
+        if origin and urlsplit(origin).netloc != host:
+            return f"cross-origin request from {origin!r} refused"
+        return ""
+
+
+def create_app(plane: ControlPlane, *, token: str | None = None, host: str | None = None) -> FastAPI:
     """Build the app.
 
     Args:
         plane: the run's control plane.
         token: the bearer token requests must carry (None: none).
+        host: the address it listens on; a loopback address makes it refuse other ``Host`` names
+            (DNS rebinding). Cross-origin browser requests are refused in any case. None: no Host check.
 
     Returns:
         The FastAPI application (serve it with uvicorn, :mod:`pipeline.control.server`).
@@ -108,6 +148,7 @@ def create_app(plane: ControlPlane, *, token: str | None = None) -> FastAPI:
     app = FastAPI(title="streamdet control API", version="1",
                   description="Add and remove sources while the pipeline runs, check its health, watch it.")
     app.add_middleware(_JsonBodies)
+    app.add_middleware(_SameOrigin, loopback_only=host in LOOPBACK_NAMES)
     page = resources.files("pipeline.control").joinpath("static/index.html").read_text(encoding="utf-8")
 
     def authorized(header: str | None, query: str | None = None) -> bool:

@@ -198,6 +198,8 @@ class ControlPlane:
         assert cmd.info is not None and self._summary is not None and self._book is not None
         if self._stopping:
             raise ControlError(503, "the pipeline is stopping")
+        if self.is_running(cmd.source_id):
+            raise ControlError(409, f"id {cmd.source_id!r} is already in use")
         free = self.ledger.free_slots()
         if not free:
             raise ControlError(409, f"no room for source {cmd.source_id}: {len(self.running())} sources run "
@@ -373,7 +375,7 @@ class ControlPlane:
                 that cannot be opened or an unknown model, 503 while stopping or on a timeout.
         """
         if not url or not url.strip() or any(c.isspace() for c in url.strip()) or url != url.strip():
-            raise ControlError(422, f"url {url!r}: expected a file path or a URL without spaces")
+            raise ControlError(422, f"url {redact_url(url)!r}: expected a file path or a URL without spaces")
         if "://" in url:
             scheme, rest = url.split("://", 1)
             if not scheme.isalpha() or not rest.split("/", 1)[0].rsplit("@", 1)[-1]:
@@ -422,7 +424,13 @@ class ControlPlane:
         with self._lock:
             self._commands.append(cmd)
         if not cmd.done.wait(timeout_s):
-            raise ControlError(503, f"the pipeline did not take the request within {timeout_s:.0f} s")
+            with self._lock:  # withdrawn unless the runner has taken it already: then its outcome stands
+                withdrawn = cmd in self._commands
+                if withdrawn:
+                    self._commands.remove(cmd)
+            if withdrawn:
+                raise ControlError(503, f"the pipeline did not take the request within {timeout_s:.0f} s")
+            cmd.done.wait()
         if cmd.error is not None:
             raise cmd.error
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import zmq
 
-from pipeline.slotpool import PoolCache, StalePoolError
+from pipeline.slotpool import PoolCache, StalePoolError, split_pool_name
 from pipeline.stages.base import (
     Stage,
     StageError,
@@ -224,6 +224,8 @@ class PostprocessStage(Stage):
         self._ctx = ctx
         self._chain_cards = chain_cards
         self._pool_of = dict(zip(self._sources, pools, strict=False))
+        for sid in [sid for sid in self._sources if self.order.ended(sid)]:  # ended before a restart of this stage
+            self._forget(sid)
 
     def start(self) -> None:
         """Open every sink (binds the PUB socket, waits for subscribers if configured).
@@ -461,6 +463,9 @@ class PostprocessStage(Stage):
     def _credit(self, record: FrameRecord) -> None:
         f = record.frame
         if f.slot >= 0:
+            if self._ctx is not None and split_pool_name(f.pool)[0] not in self.frame_credits_out \
+                    and f.pool not in self.frame_credits_out:
+                return  # a late copy of a source already forgotten: its decoder is gone
             credit = CreditMsg(f.pool, f.slot, f.frame_index)
             send_parts(credit_socket(self.frame_credits_out, f.pool), [credit.encode()], self.flags.alive)
 

@@ -64,6 +64,9 @@ if TYPE_CHECKING:
     from pipeline.gpu.tensor_pool import DeviceTensorPool
 
 
+RECT_MEMORY_S = 2.0
+"""Dynamic-input models: frame sizes seen within this many seconds share one batch rectangle."""
+
 STOP_WAIT_S = 10.0
 """Longest wait at the end for the engine to hand back the tensor slots it holds (it may be gone)."""
 
@@ -210,8 +213,9 @@ class PreprocessStage(Stage):
             new generation starts, and the stage runs until the ledger says the run finished.
         ledger_chain: the stage's model chain in the ledger.
         rect_stride: letterbox into the smallest stride-multiple rectangle that holds each frame (a
-            model with a dynamic spatial input, as ultralytics' predictor does); a batch holds frames
-            of one rectangle (a frame of another size starts a new batch). None: the full input size.
+            model with a dynamic spatial input, as ultralytics' predictor does); with sources of
+            different sizes, into the rectangle that holds all the sizes seen lately (a batch has one
+            input size). None: the full input size.
     """
 
     name = StageName.PREPROCESS
@@ -244,6 +248,7 @@ class PreprocessStage(Stage):
         self.rect_stride = rect_stride if device_pool is None else None  # the device letterbox fills the square
         self._lb_by_wh: dict[tuple[int, int], npt.NDArray[np.uint8]] = {}  # letterbox buffer per input size
         self._batch_wh = (iw, ih)  # input size of the batch being filled
+        self._rect_seen: dict[tuple[int, int], float] = {}  # minimum rectangles of recent frames -> when last seen
         self._normalize = Normalizer(card)
         self._pools = PoolCache()
         self._pool_of: dict[str, str] = {}  # source id -> its frame pool (unmapped at its EOS)
@@ -381,10 +386,9 @@ class PreprocessStage(Stage):
             except StalePoolError:  # its decoder restarted: the new one sends the frame again
                 self.stale_frames += 1
                 return
-        input_wh = self._input_wh if self.rect_stride is None else rect_input_wh((h, w), self._input_wh,
-                                                                                 self.rect_stride)
-        if self._records and input_wh != self._batch_wh:  # a batch holds one input size
-            self._flush()
+        input_wh = self._input_wh if self.rect_stride is None else self._rect_for((h, w))
+        if self._records and (input_wh[0] > self._batch_wh[0] or input_wh[1] > self._batch_wh[1]):
+            self._flush()  # a batch holds one input size: this frame needs a larger one
         if not self._records:
             if self._tensor_credits is not None:
                 self._drain_tensor_credits(0)
@@ -412,6 +416,21 @@ class PreprocessStage(Stage):
             self._pixels.append(inline)
         ms = (time.perf_counter() - t0) * 1000.0
         self._records.append(FrameRecord(frame, params, ms))
+
+    def _rect_for(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
+        """The input size for a dynamic-input model's frame: the smallest rectangle holding every size seen lately.
+
+        With one frame size (one source, or sources alike) it is that size's minimum rectangle, as
+        ultralytics' predictor uses; with sources of different sizes, the rectangle holding all of
+        them (still at most the card's size, same scale), so that their frames share batches.
+        """
+        rect = rect_input_wh(frame_hw, self._input_wh, self.rect_stride or 32)
+        now = time.monotonic()
+        self._rect_seen[rect] = now
+        if len(self._rect_seen) > 1:
+            for old in [r for r, t in self._rect_seen.items() if now - t > RECT_MEMORY_S]:
+                del self._rect_seen[old]
+        return max(r[0] for r in self._rect_seen), max(r[1] for r in self._rect_seen)
 
     def _letterbox_on_device(self, image: npt.NDArray[np.uint8], row: int) -> LetterboxParams:
         """Copy a host frame to the device once, letterbox + normalise it into row ``row`` of the slot."""

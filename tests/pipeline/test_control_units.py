@@ -923,3 +923,40 @@ def test_ctl_wrong_token(ctl_to_app, capsys):
     assert ctl.main(["--url", "http://ctl.test", "--token", "wrong", "list"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: GET /sources: 401 ") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- cross-site requests
+CROSS_SITE = [
+    ("foreign-origin", "127.0.0.1:8090", "https://evil.example", 403),
+    ("null-origin", "127.0.0.1:8090", "null", 403),
+    ("rebound-host", "attacker.example:8090", "", 403),
+    ("same-origin", "127.0.0.1:8090", "http://127.0.0.1:8090", 201),
+    ("no-origin", "localhost:8090", "", 201),
+]
+
+
+@pytest.mark.parametrize(("host", "origin", "status"), [c[1:] for c in CROSS_SITE], ids=[c[0] for c in CROSS_SITE])
+def test_app_refuses_cross_site_posts(plane, host, origin, status):
+    with TestClient(create_app(plane, host="127.0.0.1")) as c:  # type: ignore[arg-type]
+        headers = {"Host": host, "Content-Type": "text/plain", **({"Origin": origin} if origin else {})}
+        r = c.post("/sources", content=b'{"url": "rtsp://cam2/x", "id": "cam2"}', headers=headers)
+    assert r.status_code == status, r.text
+    assert (plane.add_calls != []) == (status == 201)
+    if status == 403:
+        assert "refused" in r.json()["error"]
+
+
+def test_app_any_host_when_listening_beyond_loopback(plane):
+    with TestClient(create_app(plane, host="0.0.0.0")) as c:  # type: ignore[arg-type]
+        assert c.get("/healthz", headers={"Host": "camera-box.lan:8090"}).status_code == 200
+        assert c.get("/healthz", headers={"Host": "camera-box.lan:8090", "Origin": "http://evil.example"}
+                     ).status_code == 403
+
+
+def test_app_refuses_cross_origin_websockets(plane):
+    plane.preview.put("cam", b"\xff\xd8jpeg")
+    with TestClient(create_app(plane, host="127.0.0.1")) as c:  # type: ignore[arg-type]
+        headers = {"Host": "127.0.0.1:8090", "Origin": "https://evil.example"}
+        with pytest.raises(WebSocketDisconnect) as info, c.websocket_connect("/sources/cam/preview", headers=headers):
+            pass
+        assert info.value.code == 4403

@@ -27,6 +27,9 @@ from pipeline.transport import (
         ("http://a:b@h/x?u=rtsp://c:d@e/f", "http://***@h/x?u=rtsp://***@e/f"),
         ("/videos/a@b.mp4", "/videos/a@b.mp4"),
         ("error opening rtsp://u:p@h/s: timeout", "error opening rtsp://***@h/s: timeout"),
+        ("rtsp://admin:p@secret@cam/x", "rtsp://***@cam/x"),  # "@" in the password
+        ("rtsp://admin:pa/secret@cam", "rtsp://***@cam"),  # "/" in the password
+        ("url 'rtsp://admin:secret@cam/a b': malformed", "url 'rtsp://***@cam/a b': malformed"),
     ],
 )
 def test_redact_url(url, shown):
