@@ -224,10 +224,10 @@ class Pipeline:
         c = self.settings.control
         control_sock = server = None
         if c.port is not None:  # bound first: a port in use is one line at start-up
-            from pipeline.control.server import ControlServer, bind_control_socket
+            from pipeline.control.server import LOOPBACK_NAMES, ControlServer, bind_control_socket
 
             control_sock = bind_control_socket(c.host, c.port)
-            if c.token is None and c.host not in ("127.0.0.1", "localhost", "::1"):
+            if c.token is None and c.host not in LOOPBACK_NAMES:
                 print(f"warning: the control API listens on {c.host}:{c.port} without a token (set "
                       "control.token / STREAMDET_CONTROL__TOKEN): anyone who reaches it can add sources",
                       file=sys.stderr)
@@ -388,8 +388,7 @@ class Pipeline:
                 while handled_signals < len(self._signals):
                     signum = self._signals[handled_signals]
                     handled_signals += 1
-                    if summary.exit_code == EXIT_OK:
-                        summary.exit_code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+                    summary.stopped_by(signum)
                     stop_input.set()  # decoders stop reading (or never start) and send EOS
                     if handled_signals == 1:
                         drain_deadline = time.monotonic() + DRAIN_TIMEOUT_S + (0 if go_at else STARTUP_TIMEOUT_S)

@@ -7,11 +7,12 @@ errors, outputs, errors) and the ready/done counts per stage; :func:`format_summ
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamdet.constants import EXIT_FAILURE, EXIT_OK
+from streamdet.constants import EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
 from streamdet.messages import StageName, StatusKind, StatusMsg
 
 
@@ -84,6 +85,11 @@ class RunSummary:
     def fps(self) -> float:
         """Frames per second over the run."""
         return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def stopped_by(self, signum: int) -> None:
+        """Record a stop signal: exit code 143 for SIGTERM, else 130, unless the run already has one."""
+        if self.exit_code == EXIT_OK:
+            self.exit_code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
 
     def fail(self, message: str) -> None:
         """Record a problem that fails the run (exit code 1 unless a signal already set one)."""

@@ -323,8 +323,7 @@ class ClusterRun:
                 while handled < len(self._signals):
                     signum = self._signals[handled]
                     handled += 1
-                    if summary.exit_code == EXIT_OK:
-                        summary.exit_code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+                    summary.stopped_by(signum)
                     if handled == 1:
                         stop_deadline = time.monotonic() + STOP_DRAIN_S
                         self._stop_units(active)

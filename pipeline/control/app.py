@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.control.plane import ControlError, ControlPlane
+from pipeline.control.server import LOOPBACK_NAMES
 
 PREVIEW_POLL_S = 0.02
 """How often a preview stream looks for a newer frame, seconds."""
@@ -94,9 +95,6 @@ class _JsonBodies:
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
-
-
-LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 class _SameOrigin:

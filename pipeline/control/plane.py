@@ -80,7 +80,8 @@ class SourceRecord:
         index: its slot in the ledger.
         pool: base name of its frame pool.
         credit_endpoint: where its decoder takes frame-slot credits back.
-        state: ``starting``, ``running``, ``removing``, ``ended``.
+        state: ``starting`` (until removed or ended: ``GET /sources`` then shows the state the stats
+            report, ``running`` once frames are published), ``removing``, ``ended``.
         child: its decoder process (None before it is spawned or once retired).
         reason: how it ended (the EOS reason), once ended.
         error: its problem, if any.
@@ -332,7 +333,7 @@ class ControlPlane:
             sid = r.info.source_id
             snap = self._snapshot.get(sid, {}) if r.state != "ended" else {}
             state = r.state
-            if state in ("starting", "running"):
+            if state == "starting":
                 state = snap.get("state") or ("running" if snap.get("frames") else "starting")
                 if state == "file":
                     state = "running"

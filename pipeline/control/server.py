@@ -13,6 +13,9 @@ from typing import Any
 
 from pipeline.summary import PipelineError
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+"""Host names of this machine only (an API on one of them is not reachable from elsewhere)."""
+
 STOP_TIMEOUT_S = 3.0
 """Longest wait for the server thread to finish when the run ends."""
 

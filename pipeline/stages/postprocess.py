@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import zmq
 
-from pipeline.slotpool import PoolCache, StalePoolError, split_pool_name
+from pipeline.slotpool import PoolCache, StalePoolError
 from pipeline.stages.base import (
     Stage,
     StageError,
@@ -463,11 +463,13 @@ class PostprocessStage(Stage):
     def _credit(self, record: FrameRecord) -> None:
         f = record.frame
         if f.slot >= 0:
-            if self._ctx is not None and split_pool_name(f.pool)[0] not in self.frame_credits_out \
-                    and f.pool not in self.frame_credits_out:
-                return  # a late copy of a source already forgotten: its decoder is gone
-            credit = CreditMsg(f.pool, f.slot, f.frame_index)
-            send_parts(credit_socket(self.frame_credits_out, f.pool), [credit.encode()], self.flags.alive)
+            try:
+                sock = credit_socket(self.frame_credits_out, f.pool)
+            except KeyError:
+                if self._ctx is not None:
+                    return  # a late copy of a source already forgotten: its decoder is gone
+                raise
+            send_parts(sock, [CreditMsg(f.pool, f.slot, f.frame_index).encode()], self.flags.alive)
 
     def outputs_summary(self) -> list[str]:
         """One line per sink saying where its output went."""

@@ -82,9 +82,7 @@ class Normalizer:
     """
 
     def __init__(self, card: ModelCard) -> None:
-        iw, ih = card.input_wh
-        self._f32 = np.empty((ih, iw, 3), dtype=np.float32)
-        self._scratch = {self._f32.shape: self._f32}  # one float buffer per input size (minimum rectangles)
+        self._scratch: dict[tuple[int, ...], npt.NDArray[np.float32]] = {}  # a float buffer per input size
         self._order = [2, 1, 0] if card.input.channel_order == "BGR" else [0, 1, 2]
         mean = np.asarray(card.normalization.mean, dtype=np.float32)
         std = np.asarray(card.normalization.std, dtype=np.float32)

@@ -52,11 +52,6 @@ class StatsConfig:
     metrics_host: str = "127.0.0.1"
     control: bool = False
 
-    @property
-    def any_live(self) -> bool:
-        """Whether a source is live (stats lines are printed only then)."""
-        return any(live for _, live in self.sources)
-
 
 @dataclass
 class _SourceStats:
@@ -79,6 +74,15 @@ def percentiles_ms(latencies_ms: list[float]) -> tuple[float, float]:
         return float("nan"), float("nan")
     p50, p99 = np.percentile(np.asarray(latencies_ms, dtype=np.float64), [50.0, 99.0])
     return float(p50), float(p99)
+
+
+def _figures(st: _SourceStats, fps: float, latencies_ms: list[float]) -> dict[str, Any]:
+    """One source's figures as the ``stats`` payload and the control API show them (latencies null without any)."""
+    p50, p99 = percentiles_ms(latencies_ms)
+    return {"state": st.state or None, "fps": round(fps, 2), "frames": st.frames, "dropped": st.dropped,
+            "skipped": st.skipped, "received": st.received, "reconnects": st.reconnects, "lost": st.lost,
+            "latency_p50_ms": round(p50, 3) if latencies_ms else None,
+            "latency_p99_ms": round(p99, 3) if latencies_ms else None}
 
 
 class LiveStats:
@@ -172,12 +176,7 @@ class LiveStats:
             while st.recent and st.recent[0][0] < t - SNAPSHOT_WINDOW_S:
                 st.recent.popleft()
             lat = [ms for _, ms in st.recent]
-            p50, p99 = percentiles_ms(lat)
-            out[sid] = {"state": st.state or None, "fps": round(len(lat) / SNAPSHOT_WINDOW_S, 2), "frames": st.frames,
-                        "dropped": st.dropped, "skipped": st.skipped, "received": st.received,
-                        "reconnects": st.reconnects, "lost": st.lost,
-                        "latency_p50_ms": round(p50, 3) if lat else None,
-                        "latency_p99_ms": round(p99, 3) if lat else None}
+            out[sid] = _figures(st, len(lat) / SNAPSHOT_WINDOW_S, lat)
         return json.dumps(out, separators=(",", ":")).encode()
 
     def close(self) -> None:
@@ -282,10 +281,7 @@ class LiveStats:
             lat = f"p50={p50:.0f}ms p99={p99:.0f}ms" if st.latencies_ms else "p50=- p99=-"
             lost = f" lost={st.lost}" if st.lost else ""
             parts.append(f"{sid}: {st.state or '?'} {fps:.1f} fps drops={st.dropped}{lost} {lat}")
-            out[sid] = {"state": st.state or None, "fps": round(fps, 2), "frames": st.frames, "dropped": st.dropped,
-                        "skipped": st.skipped, "received": st.received, "reconnects": st.reconnects, "lost": st.lost,
-                        "latency_p50_ms": round(p50, 3) if st.latencies_ms else None,
-                        "latency_p99_ms": round(p99, 3) if st.latencies_ms else None}
+            out[sid] = _figures(st, fps, st.latencies_ms)
             st.interval_frames = 0
             st.latencies_ms = []
         payload = {"schema": STATS_SCHEMA, "time": round(time.time(), 3), "interval_s": round(dt, 3), "sources": out,
