@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.base import Backend, DeviceEngine, EngineError
+from pipeline.secondary import SecondaryModel, prepare_secondaries, secondary_specs
 from pipeline.settings import Settings
 from pipeline.slotpool import pool_name
 from pipeline.sources.probe import SourceError, SourceInfo, probe_source
@@ -29,6 +30,7 @@ from pipeline.summary import PipelineError
 from pipeline.supervise import LedgerRef
 from pipeline.transport import StageEndpoints, TransportMode, redact_url
 from streamdet.card import ModelCard, ModelCardError
+from streamdet.letterbox import ResizeMode
 from streamdet.messages import check_source_id
 from streamdet.postprocess import device_nms_supported
 
@@ -91,10 +93,14 @@ class PreparedRun:
     Attributes:
         sources: the probed sources, in the order given.
         chains: one chain per distinct model, in order of first use.
+        secondaries: secondary models run on crops of the global model's detections.
+        primary_chain: the chain of the global model (the secondaries' primary).
     """
 
     sources: list[SourceInfo]
     chains: list[ModelChain]
+    secondaries: tuple[SecondaryModel, ...] = ()
+    primary_chain: int = 0
 
     @property
     def first_card(self) -> ModelCard:
@@ -140,8 +146,15 @@ def prepare_run(settings: Settings, tensor_device: str | None = None) -> Prepare
     for entry, sid in zip(entries, ids, strict=True):
         key = (entry.model, entry.card) if entry.model is not None else (s.model, s.card)
         chains.setdefault(key, []).append(sid)
-    return PreparedRun(infos, [prepare_model(s, path, card_path, tuple(sids), tensor_device)
-                               for (path, card_path), sids in chains.items()])
+    prepared = [prepare_model(s, path, card_path, tuple(sids), tensor_device)
+                for (path, card_path), sids in chains.items()]
+    keys = list(chains)
+    if not s.secondary:
+        return PreparedRun(infos, prepared)
+    if (s.model, s.card) not in keys:
+        raise PipelineError(f"secondary models run on the global model's detections, but no source uses it ({s.model})")
+    k = keys.index((s.model, s.card))
+    return PreparedRun(infos, prepared, prepare_secondaries(s, prepared[k].card), k)
 
 
 def prepare_model(settings: Settings, model_path: Path, card_path: Path | None, source_ids: tuple[str, ...],
@@ -197,6 +210,7 @@ def rect_stride(info: ModelInfo, card: ModelCard) -> int | None:
     """The stride to letterbox into a minimum rectangle with, if the model's input height and width are dynamic.
 
     The stride is the card's largest head stride, else the ``stride`` of ultralytics metadata, else 32.
+    Models whose card asks for the ``stretch`` resize always get their full input.
 
     Args:
         info: the inspected ONNX model.
@@ -208,6 +222,8 @@ def rect_stride(info: ModelInfo, card: ModelCard) -> int | None:
     shape = info.input_shape
     if len(shape) != 4 or (isinstance(shape[2], int) and isinstance(shape[3], int)):
         return None
+    if card.input.resize is not ResizeMode.LETTERBOX:  # a stretched frame fills the input: no rectangle
+        return None
     if card.head.strides:
         return int(max(card.head.strides))
     try:
@@ -217,7 +233,8 @@ def rect_stride(info: ModelInfo, card: ModelCard) -> int | None:
 
 
 def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpoints, pools: list[str],
-                tensor_pools: list[str], ledger: str | None = None, forward: str | None = None) -> list[StageSpec]:
+                tensor_pools: list[str], ledger: str | None = None, forward: str | None = None,
+                secondary_pools: list[str] | None = None) -> list[StageSpec]:
     """Describe every stage process of the run.
 
     Args:
@@ -229,6 +246,7 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
         ledger: the shared-memory name of the run's :class:`~pipeline.supervise.Ledger` (None: no
             supervision).
         forward: also push every message to this endpoint (a cluster worker's receiver), or None.
+        secondary_pools: one tensor-pool base name per secondary model (the postprocess stage creates them).
 
     Returns:
         The postprocess spec, then an engine and a preprocess spec per chain, then a decode spec per source.
@@ -241,6 +259,8 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
     first = p.chains[0]
     cs = s.control
     dynamic = cs.port is not None and ledger is not None  # sources come and go through the control API
+    links, secondary_engines = secondary_specs(s, p.secondaries, endpoints, secondary_pools or [],
+                                               LedgerRef(name=ledger) if ledger else None)
     specs: list[StageSpec] = [
         PostprocessSpec(control=ctl, nice=s.postprocess.nice, card=first.card, model_name=first.card.name,
                         config=s.postprocess.to_config(), sinks=sinks, endpoints=endpoints, num_sources=n,
@@ -252,7 +272,8 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
                         ledger=LedgerRef(name=ledger) if ledger else None, dynamic=dynamic,
                         chain_cards=tuple(ch.card for ch in p.chains),
                         preview=PreviewConfig(fps=cs.preview_fps, width=cs.preview_width, quality=cs.preview_quality)
-                        if dynamic else None),
+                        if dynamic else None, secondaries=links, cascade_card=p.chains[p.primary_chain].card),
+        *secondary_engines,
     ]
     chain_index = {sid: k for k, c in enumerate(p.chains) for sid in c.source_ids}
     pool_of = {src.source_id: pool for src, pool in zip(p.sources, pools, strict=True)}
@@ -274,7 +295,8 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
             PreprocessSpec(control=ctl, nice=s.preprocess.nice, card=chain.card, endpoints=ep,
                            tensor_pool=pool_name(tensor_pool, 0), tensor_slots=s.preprocess.tensor_slots,
                            max_batch=chain.max_batch, pad_batches=chain.pad_batches,
-                           max_wait_ms=s.preprocess.max_wait_ms, keep_pixels=sinks.needs_pixels,
+                           max_wait_ms=s.preprocess.max_wait_ms,
+                           keep_pixels=sinks.needs_pixels or (k == p.primary_chain and bool(links)),
                            num_sources=0 if dynamic else m,
                            tensor_device=chain.tensor_device, ledger=ref, rect_stride=chain.rect_stride),
         ]

@@ -8,7 +8,10 @@ restarts in progress. Starting a stage again depends on what it holds (see
   readers that still map it finish with it and drop it when they see the next generation);
 * an engine gets a new engine generation, taken over by the preprocess stage (which reclaims the
   tensor slots lent to the dead engine) before the new engine starts;
-* the postprocess stage reopens its sinks in resume mode (JSONL appended to, video segments kept).
+* the postprocess stage reopens its sinks in resume mode (JSONL appended to, video segments kept)
+  and creates its secondary models' tensor pools in a new generation;
+* a secondary model's engine (a cascade) just starts again: the postprocess stage sends it the
+  batches it had not answered.
 
 Once the new process reports ready, the decoders of the affected model chains are asked to send
 their unpublished frames again (a shared stage; a decoder resumes by itself), and a
@@ -150,13 +153,15 @@ class Restarter:
             spec = dataclasses.replace(spec, pool=self._next_pool(spec.pool))
         elif isinstance(spec, PreprocessSpec):
             spec = dataclasses.replace(spec, tensor_pool=self._next_pool(spec.tensor_pool))
-        elif isinstance(spec, EngineSpec):
+        elif isinstance(spec, EngineSpec) and spec.stage_name is StageName.ENGINE:  # (a secondary engine: nothing)
             gen = ledger.bump_engine_gen(child.chain)
             deadline = time.monotonic() + ACK_TIMEOUT_S
             while ledger.preprocess_ack(child.chain) != gen and time.monotonic() < deadline:
                 time.sleep(0.005)
-        elif isinstance(spec, PostprocessSpec):
-            spec = dataclasses.replace(spec, sinks=dataclasses.replace(spec.sinks, resume=True))
+        elif isinstance(spec, PostprocessSpec):  # its secondary tensor pools get a new generation too
+            links = tuple(dataclasses.replace(link, tensor_pool=self._next_pool(link.tensor_pool))
+                          for link in spec.secondaries)
+            spec = dataclasses.replace(spec, sinks=dataclasses.replace(spec.sinks, resume=True), secondaries=links)
         child.spec = spec
         child.handled = False
         r.ready_before = book.ready[child.label]
@@ -174,7 +179,7 @@ class Restarter:
         if child.stage is StageName.POSTPROCESS:
             for k in range(ledger.num_chains):
                 ledger.bump_replay_gen(k)
-        elif child.stage is not StageName.DECODE:
+        elif child.stage not in (StageName.DECODE, StageName.SECONDARY):  # (the postprocess stage resends crops)
             ledger.bump_replay_gen(child.chain)
         summary.restarts[child.label] = summary.restarts.get(child.label, 0) + 1
         down_s = time.monotonic() - r.noticed

@@ -54,6 +54,7 @@ from pipeline.settings import Settings
 from pipeline.slotpool import pool_name, unlink_pool
 from pipeline.sources.probe import SourceInfo
 from pipeline.stages.base import StageSpec, stage_main
+from pipeline.stages.cascade import SecondaryEngineSpec
 from pipeline.stages.decode import DecodeSpec
 from pipeline.summary import (
     PipelineError,
@@ -242,14 +243,16 @@ class Pipeline:
         pools = [f"sd-{token}-f{i}" for i in range(len(self._prepared.sources))]  # base names (generation 0 first)
         n_chains = len(self._prepared.chains)
         tensor_pools = [f"sd-{token}-t"] + [f"sd-{token}-t{k}" for k in range(1, n_chains)]
-        self._pool_names = {pool_name(base, 0) for base in [*pools, *tensor_pools]}
+        n_sec = len(self._prepared.secondaries)
+        secondary_pools = [f"sd-{token}-s{k}" for k in range(n_sec)]  # created by the postprocess stage
+        self._pool_names = {pool_name(base, 0) for base in [*pools, *tensor_pools, *secondary_pools]}
         ctx: zmq.Context[Any] = zmq.Context()
         control = None
         ledger_name = f"sd-{token}-ledger"
         try:
             t = self.settings.transport
             endpoints = (tcp_endpoints(t.tcp_host, t.tcp_base_port, pools, n_chains) if t.mode is TransportMode.TCP
-                         else ipc_endpoints(tmpdir, pools, n_chains))
+                         else ipc_endpoints(tmpdir, pools, n_chains, n_sec))
             try:
                 control = make_socket(ctx, zmq.PULL, endpoints.control, bind=True, hwm=CONTROL_HWM)
                 self._ledger = Ledger.create(name=ledger_name, num_chains=n_chains, num_sources=max(
@@ -272,7 +275,7 @@ class Pipeline:
                 raise PipelineError(str(e)) from e
             self._supervise(summary, control,
                             stage_specs(self.settings, self._prepared, endpoints, pools, tensor_pools,
-                                        ledger=ledger_name, forward=self.forward))
+                                        ledger=ledger_name, forward=self.forward, secondary_pools=secondary_pools))
         finally:
             if self._plane is not None:  # first: requests still waiting get their 503 before the server stops
                 summary.frames += self._plane.retired_totals[0]
@@ -313,7 +316,7 @@ class Pipeline:
         ctx: Any = mp.get_context("forkserver" if restart and self._fork_server else "spawn")
         proc = ctx.Process(target=stage_main, args=(spec, *self._events_args, os.getpid()),
                            name=f"streamdet-{label}", daemon=True)
-        env = {} if spec.stage_name is StageName.ENGINE else \
+        env = {} if spec.stage_name in (StageName.ENGINE, StageName.SECONDARY) else \
             {k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ}
         with environment(env):  # a spawned child starts with the parent's environment
             proc.start()
@@ -341,6 +344,8 @@ class Pipeline:
             label = spec.stage_name.value
             if isinstance(spec, DecodeSpec):
                 label = f"decode:{spec.source.source_id}"
+            elif isinstance(spec, SecondaryEngineSpec):
+                label = f"secondary:{spec.card.name}"
             self._spawn_child(spec, label)
 
     def _spawn_child(self, spec: StageSpec, label: str) -> Child:

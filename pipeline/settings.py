@@ -28,7 +28,14 @@ from pydantic_settings import (
 
 from engines.base import Backend
 from pipeline.settings_sections import DEFAULT_PUBLISH as DEFAULT_PUBLISH  # re-exported
-from pipeline.settings_sections import ClusterSettings, ControlSettings, Section, SinkSettings, SuperviseSettings
+from pipeline.settings_sections import (
+    ClusterSettings,
+    ControlSettings,
+    SecondarySettings,
+    Section,
+    SinkSettings,
+    SuperviseSettings,
+)
 from pipeline.sources.options import DecodeThreads, HWAccelMode, HWAccelOptions, LiveOptions, RtspTransport
 from pipeline.transport import TransportMode
 from streamdet.postprocess import NmsMethod, PostprocessConfig
@@ -249,6 +256,8 @@ class Settings(BaseSettings):
         supervise: :class:`SuperviseSettings`.
         cluster: :class:`ClusterSettings`.
         control: :class:`ControlSettings`.
+        secondary: secondary models run on crops of the (global) model's detections, in order
+            (:class:`SecondarySettings`; a cascade, docs/pipeline.md).
     """
 
     sources: list[str | SourceEntry] = Field(default_factory=_default_sources, min_length=1)
@@ -265,6 +274,7 @@ class Settings(BaseSettings):
     supervise: SuperviseSettings = SuperviseSettings()
     cluster: ClusterSettings = ClusterSettings()
     control: ControlSettings = ControlSettings()
+    secondary: tuple[SecondarySettings, ...] = ()
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER,
                                       extra="forbid", frozen=True, nested_model_default_partial_update=True)

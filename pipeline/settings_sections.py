@@ -245,3 +245,47 @@ class ControlSettings(Section):
         if not v or any(c.isspace() for c in v) or "/" in v:
             raise ValueError(f"expected an interface address such as 127.0.0.1 or 0.0.0.0, got {v!r}")
         return v
+
+
+class SecondarySettings(Section):
+    """A secondary model run on crops of the primary model's detections (a cascade; see docs/pipeline.md).
+
+    Attributes:
+        model: the secondary model's ONNX file.
+        card: its model card (default: ``MODEL.json`` beside it, else its ultralytics metadata).
+        classes: names of the primary model's classes whose detections feed it (at least one).
+        min_side_px: detections whose box is smaller than this on its shorter side (frame pixels)
+            are not cropped; they are counted (``crops_too_small``), not an error.
+        pad: each crop is the detection's box grown by this fraction of its width and height on
+            each side (clipped to the frame).
+        max_crops: most crops per frame (the highest-scoring detections; the rest are counted).
+        max_batch: most crops per secondary engine batch (crops of several frames and sources share batches).
+        max_wait_ms: send a partial batch this long after its first crop.
+        tensor_slots: secondary input tensors in flight.
+        intra_op_threads: CPU threads per operator of its engine (ONNX Runtime; 0 = one per core;
+            default 1: its crops are small and the primary engine has the cores).
+        read_text: read the children's class names left to right as text (a character model: every
+            class name is one character); published as the parent's ``text`` and ``text_score``.
+        score_threshold: keep the secondary's detections scoring above this.
+        iou_threshold: its NMS IoU threshold.
+        class_agnostic: its NMS across classes (two characters cannot share one glyph).
+        max_detections: most children per crop.
+        masks: publish the children's instance masks (segment models).
+    """
+
+    model: Path
+    card: Path | None = None
+    classes: tuple[str, ...] = Field(min_length=1)
+    min_side_px: float = Field(default=12.0, ge=1.0)
+    pad: float = Field(default=0.1, ge=0.0, le=1.0)
+    max_crops: int = Field(default=8, ge=1, le=256)
+    max_batch: int = Field(default=16, ge=1, le=256)
+    max_wait_ms: float = Field(default=5.0, ge=0.0)
+    tensor_slots: int = Field(default=3, ge=1, le=32)
+    intra_op_threads: int = Field(default=1, ge=0)
+    read_text: bool = False
+    score_threshold: float = Field(default=0.25, ge=0.0, le=1.0)
+    iou_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    class_agnostic: bool = True
+    max_detections: int = Field(default=32, ge=1)
+    masks: bool = True

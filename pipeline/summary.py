@@ -158,7 +158,8 @@ class StatusBook:
             True once the last stage (postprocess) is done.
         """
         summary = self.summary
-        label = msg.stage.value if msg.stage is not StageName.DECODE else f"decode:{msg.source_id}"
+        label = f"{msg.stage.value}:{msg.source_id}" if msg.stage in (StageName.DECODE, StageName.SECONDARY) \
+            else msg.stage.value
         match msg.kind:
             case StatusKind.READY:
                 self.ready[label] += 1

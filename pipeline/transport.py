@@ -106,6 +106,9 @@ class StageEndpoints:
             serving several models runs one preprocess and one engine per model; chain 0 uses
             the fields above). Every engine pushes to the one ``results`` endpoint.
         live: postprocess -> runner previews and stats snapshots for the control API (runner binds PULL).
+        secondaries: ``(batches, results, credits)`` of each secondary model (a cascade): postprocess
+            -> its engine (the engine binds PULL), its results and its tensor-slot credits back to the
+            postprocess stage (which binds both).
     """
 
     frames: str
@@ -118,6 +121,7 @@ class StageEndpoints:
     events: str = ""
     chains: tuple[tuple[str, str, str], ...] = ()
     live: str = ""
+    secondaries: tuple[tuple[str, str, str], ...] = ()
 
     def for_chain(self, index: int, pools: Sequence[str] | None = None) -> StageEndpoints:
         """The endpoints seen by model chain ``index`` (its preprocess, engine and decoders).
@@ -158,13 +162,15 @@ class StageEndpoints:
         raise KeyError(f"no credit endpoint for pool {pool!r}")
 
 
-def ipc_endpoints(directory: str | os.PathLike[str], pools: Sequence[str], chains: int = 1) -> StageEndpoints:
+def ipc_endpoints(directory: str | os.PathLike[str], pools: Sequence[str], chains: int = 1,
+                  secondaries: int = 0) -> StageEndpoints:
     """Endpoints as unix sockets in ``directory`` (which should be private, mode 0700).
 
     Args:
         directory: an existing directory.
         pools: the frame pools, one per source.
         chains: model chains (one per distinct model).
+        secondaries: secondary models (a cascade).
 
     Returns:
         :class:`StageEndpoints` with ``inline=False``.
@@ -182,6 +188,8 @@ def ipc_endpoints(directory: str | os.PathLike[str], pools: Sequence[str], chain
         chains=tuple((f"ipc://{d / f'frames-m{k}'}", f"ipc://{d / f'batches-m{k}'}",
                       f"ipc://{d / f'tensor-credits-m{k}'}") for k in range(1, chains)),
         live=f"ipc://{d / 'live'}",
+        secondaries=tuple((f"ipc://{d / f'sec-batches-{k}'}", f"ipc://{d / f'sec-results-{k}'}",
+                           f"ipc://{d / f'sec-credits-{k}'}") for k in range(secondaries)),
     )
 
 

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from streamdet.constants import PAD_VALUE
+from streamdet.letterbox import ResizeMode
 
 CARD_SCHEMA = "streamdet.modelcard/1"
 
@@ -46,12 +47,23 @@ class HeadLayout(str, Enum):
     ``end2end``: NMS inside the model, one output ``(B, K, 6)`` rows ``x1, y1, x2, y2, score,
     class`` in input pixels (ultralytics end2end), or three outputs boxes ``(B, K, 4)`` xyxy,
     scores ``(B, K)``, labels ``(B, K)``. ``semantic_logits``: ``(B, C, H, W)`` logits.
+    Set-prediction (DETR-family) heads, decoded without NMS: ``detr``: class logits ``(B, Q, C + 1)``
+    with the no-object class last (softmax) and boxes ``(B, Q, 4)`` cxcywh normalised to the input
+    (Carion et al. 2020, facebookresearch/detr ``PostProcess``); ``rtdetr``: one output
+    ``(B, Q, 4 + C)``, boxes cxcywh normalised to the input then class scores after sigmoid (RT-DETR as
+    ultralytics exports it, ``RTDETRDecoder``).
     """
 
     ULTRALYTICS_DETECT = "ultralytics_detect"
     ULTRALYTICS_SEGMENT = "ultralytics_segment"
     END2END = "end2end"
     SEMANTIC_LOGITS = "semantic_logits"
+    DETR = "detr"
+    RTDETR = "rtdetr"
+
+
+SET_PREDICTION_LAYOUTS = frozenset({HeadLayout.DETR, HeadLayout.RTDETR})
+"""Head layouts whose queries are already one box per object: no NMS."""
 
 
 class _Frozen(BaseModel):
@@ -77,6 +89,8 @@ class InputSpec(_Frozen):
         width: input width in pixels.
         height: input height in pixels.
         dynamic_batch: whether the batch dimension is dynamic.
+        resize: how the model expects frames resized into the input (:class:`~streamdet.letterbox.ResizeMode`:
+            ``letterbox``, the default, or ``stretch``); postprocess undoes exactly that resize.
     """
 
     name: str = "images"
@@ -86,6 +100,7 @@ class InputSpec(_Frozen):
     width: int = Field(gt=0)
     height: int = Field(gt=0)
     dynamic_batch: bool = True
+    resize: ResizeMode = ResizeMode.LETTERBOX
 
     @field_validator("layout", "channel_order", "dtype")
     @classmethod
@@ -113,6 +128,8 @@ class HeadSpec(_Frozen):
         num_mask_coeffs: mask coefficients per box (instance segmentation), else 0.
         outputs: ONNX output names, in the order of the layout.
         mask_hw: prototype map size ``(H, W)`` for instance segmentation.
+        num_queries: query count ``Q`` of a set-prediction head (``detr``, ``rtdetr``), checked against
+            the model's outputs at start-up; None: not checked.
     """
 
     layout: HeadLayout
@@ -121,6 +138,7 @@ class HeadSpec(_Frozen):
     num_mask_coeffs: int = 0
     outputs: tuple[str, ...] = ("output0",)
     mask_hw: tuple[int, int] | None = None
+    num_queries: int | None = Field(default=None, gt=0)
 
 
 class ModelCard(_Frozen):
@@ -172,7 +190,7 @@ class ModelCard(_Frozen):
                 f"expected {self.head.num_classes} class names (head.num_classes), got {len(self.class_names)}"
             )
         want = {
-            Task.DETECT: {HeadLayout.ULTRALYTICS_DETECT, HeadLayout.END2END},
+            Task.DETECT: {HeadLayout.ULTRALYTICS_DETECT, HeadLayout.END2END, HeadLayout.DETR, HeadLayout.RTDETR},
             Task.SEGMENT: {HeadLayout.ULTRALYTICS_SEGMENT},
             Task.SEMANTIC: {HeadLayout.SEMANTIC_LOGITS},
         }[self.task]
@@ -249,8 +267,10 @@ def card_from_ultralytics_metadata(
     """Build a card for a user's ultralytics ONNX export from its embedded metadata.
 
     Ultralytics writes ``names`` (a Python dict literal ``{0: 'person', ...}``), ``imgsz``
-    (``[h, w]``), ``stride`` and ``task`` into the ONNX ``metadata_props``. Its models take RGB
-    float32 in ``[0, 1]`` (pixels / 255), letterboxed with pad value 114.
+    (``[h, w]``), ``stride``, ``task`` and ``description`` into the ONNX ``metadata_props``. Its
+    models take RGB float32 in ``[0, 1]`` (pixels / 255), letterboxed with pad value 114; RT-DETR
+    exports (``description`` naming ``rtdetr``, or one output ``(B, Q, 4 + C)``) get the ``rtdetr``
+    head and the ``stretch`` resize its predictor uses.
 
     Args:
         metadata: the ONNX metadata_props as a dict.
@@ -287,8 +307,14 @@ def card_from_ultralytics_metadata(
     stride = int(ast.literal_eval(metadata.get("stride", "32")))
     strides = tuple(s for s in (8, 16, 32, 64) if s <= stride) or (stride,)
     nc = len(class_names)
-    end2end = len(output_shapes[0]) == 3 and output_shapes[0][-1] == 6
-    if task == "segment":
+    out0 = list(output_shapes[0]) if output_shapes else []
+    resize = ResizeMode.LETTERBOX
+    if task == "detect" and _is_ultralytics_rtdetr(metadata, out0, nc):
+        q = out0[1] if isinstance(out0[1], int) else None
+        head = HeadSpec(layout=HeadLayout.RTDETR, num_classes=nc, strides=(), outputs=tuple(output_names),
+                        num_queries=q)
+        t, resize = Task.DETECT, ResizeMode.STRETCH  # its predictor stretches: LetterBox(scale_fill=True)
+    elif task == "segment":
         nm = 32
         if len(output_shapes) > 1 and len(output_shapes[1]) == 4 and isinstance(output_shapes[1][1], int):
             nm = output_shapes[1][1]
@@ -298,6 +324,7 @@ def card_from_ultralytics_metadata(
                         num_mask_coeffs=nm, outputs=tuple(output_names), mask_hw=mask_hw)
         t = Task.SEGMENT
     elif task == "detect":
+        end2end = len(out0) == 3 and out0[-1] == 6
         layout = HeadLayout.END2END if end2end else HeadLayout.ULTRALYTICS_DETECT
         head = HeadSpec(layout=layout, num_classes=nc, strides=strides, outputs=tuple(output_names))
         t = Task.DETECT
@@ -306,8 +333,22 @@ def card_from_ultralytics_metadata(
     dyn = not isinstance(input_shape[0], int) if input_shape else True
     return ModelCard(
         name=name, task=t, head=head,
-        input=InputSpec(name=input_name, width=int(w), height=int(h), dynamic_batch=dyn),
+        input=InputSpec(name=input_name, width=int(w), height=int(h), dynamic_batch=dyn, resize=resize),
         normalization=Normalization(), pad_value=PAD_VALUE, class_names=class_names,
         provenance={"source": "ultralytics ONNX metadata", **{k: metadata[k] for k in ("version", "description")
                                                               if k in metadata}},
     )
+
+
+def _is_ultralytics_rtdetr(metadata: dict[str, str], out0: list[int | str | None], nc: int) -> bool:
+    """Whether an ultralytics detect export is RT-DETR: its description says so, or its one output is ``(B, Q, 4 + C)``.
+
+    A YOLO head is ``(B, 4 + C, N)`` and an end2end one ``(B, K, 6)``; when the shape cannot tell
+    (``Q == 4 + C``, or ``C == 2``), only the description does.
+    """
+    desc = metadata.get("description", "").lower().replace("-", "")
+    if "rtdetr" in desc:
+        return True
+    if len(out0) != 3 or out0[2] != 4 + nc or out0[1] == 4 + nc or out0[2] == 6:
+        return False
+    return True

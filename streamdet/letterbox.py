@@ -2,7 +2,9 @@
 
 A letterbox scales a frame by one factor that keeps its aspect ratio so it fits inside the model
 input, then pads the rest with a constant value, centred. Postprocess undoes it with the same
-:class:`LetterboxParams`, which ride along in every preprocess message.
+:class:`LetterboxParams`, which ride along in every preprocess message. Some models (RT-DETR as
+ultralytics trains it) expect the frame stretched to the input instead (:attr:`ResizeMode.STRETCH`):
+the same :class:`LetterboxParams` describe that too (no padding, one scale per axis).
 
 Reference: ultralytics ``data/augment.py`` ``LetterBox`` and torchvision
 ``models/detection/transform.py`` (``resize_boxes``, mapping boxes back to the original image).
@@ -11,6 +13,7 @@ Reference: ultralytics ``data/augment.py`` ``LetterBox`` and torchvision
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import cv2
 import numpy as np
@@ -18,6 +21,18 @@ import numpy.typing as npt
 
 from streamdet.boxes import FloatArray
 from streamdet.constants import PAD_VALUE
+
+
+class ResizeMode(str, Enum):
+    """How a frame is resized into the model input; the model card names the one its model expects.
+
+    ``letterbox``: one scale that keeps the aspect ratio, centred, the rest padded (ultralytics
+    ``LetterBox``, YOLO models). ``stretch``: each axis scaled to the input, no padding (ultralytics
+    ``LetterBox(scale_fill=True)``, what its RT-DETR predictor and trainer use).
+    """
+
+    LETTERBOX = "letterbox"
+    STRETCH = "stretch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +110,36 @@ def letterbox_params(frame_hw: tuple[int, int], input_wh: tuple[int, int]) -> Le
     return LetterboxParams((fh, fw), (iw, ih), (rw, rh), ((iw - rw) // 2, (ih - rh) // 2))
 
 
+def stretch_params(frame_hw: tuple[int, int], input_wh: tuple[int, int]) -> LetterboxParams:
+    """The resize that stretches ``frame_hw`` over all of ``input_wh`` (no padding, one scale per axis).
+
+    Args:
+        frame_hw: frame size ``(height, width)`` in pixels.
+        input_wh: model input size ``(width, height)`` in pixels.
+
+    Returns:
+        :class:`LetterboxParams` with ``resized_wh == input_wh`` and ``pad_xy == (0, 0)``.
+
+    Raises:
+        ValueError: on non-positive sizes.
+    """
+    fh, fw = int(frame_hw[0]), int(frame_hw[1])
+    iw, ih = int(input_wh[0]), int(input_wh[1])
+    return LetterboxParams((fh, fw), (iw, ih), (iw, ih), (0, 0))
+
+
+def resize_params(frame_hw: tuple[int, int], input_wh: tuple[int, int],
+                  mode: ResizeMode = ResizeMode.LETTERBOX) -> LetterboxParams:
+    """The resize of ``mode`` from ``frame_hw`` into ``input_wh``: :func:`letterbox_params` or :func:`stretch_params`.
+
+    Raises:
+        ValueError: on non-positive sizes.
+    """
+    if mode is ResizeMode.STRETCH:
+        return stretch_params(frame_hw, input_wh)
+    return letterbox_params(frame_hw, input_wh)
+
+
 def rect_input_wh(frame_hw: tuple[int, int], input_wh: tuple[int, int], stride: int) -> tuple[int, int]:
     """The smallest input that holds the letterboxed frame, each side a multiple of ``stride`` away from the resize.
 
@@ -128,14 +173,16 @@ def letterbox(
     input_wh: tuple[int, int],
     pad_value: int = PAD_VALUE,
     out: npt.NDArray[np.uint8] | None = None,
+    mode: ResizeMode = ResizeMode.LETTERBOX,
 ) -> tuple[npt.NDArray[np.uint8], LetterboxParams]:
-    """Letterbox one HWC uint8 image into ``input_wh``.
+    """Letterbox (or, with ``mode`` ``stretch``, stretch) one HWC uint8 image into ``input_wh``.
 
     Args:
         image: ``(H, W, C)`` uint8 image (any channel order; it is kept).
         input_wh: target size ``(width, height)``.
         pad_value: constant for the padded border.
         out: optional ``(ih, iw, C)`` uint8 buffer to write into (avoids an allocation).
+        mode: :class:`ResizeMode` (bilinear resize either way, as ultralytics' ``LetterBox``).
 
     Returns:
         The ``(ih, iw, C)`` uint8 letterboxed image and its :class:`LetterboxParams`.
@@ -145,7 +192,7 @@ def letterbox(
     """
     if image.ndim != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected (H, W, C) uint8 image, got shape {image.shape} dtype {image.dtype}")
-    p = letterbox_params((image.shape[0], image.shape[1]), input_wh)
+    p = resize_params((image.shape[0], image.shape[1]), input_wh, mode)
     iw, ih = p.input_wh
     c = image.shape[2]
     if out is None:

@@ -1,9 +1,9 @@
 """Model-input preprocessing shared by the runtime preprocess stage and the evaluator.
 
-Frames are letterboxed (centred, the card's pad value) into the model input, put in the card's
-channel order, normalised ``x = (pixel - mean) / std`` per channel and laid out NCHW in the card's
-dtype. Using this one function in the pipeline and in ``training.evaluate`` keeps the measured
-mAP equal to what the pipeline gets.
+Frames are letterboxed (centred, the card's pad value; or stretched, as the card's ``input.resize``
+says) into the model input, put in the card's channel order, normalised ``x = (pixel - mean) / std``
+per channel and laid out NCHW in the card's dtype. Using this one function in the pipeline and in
+``training.evaluate`` keeps the measured mAP equal to what the pipeline gets.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def preprocess_batch(
     for i, img in enumerate(images_rgb):
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f"expected image {i} of shape (H, W, 3) uint8, got {img.shape} {img.dtype}")
-        _, p = letterbox(img, (iw, ih), card.pad_value, out=buf[i])
+        _, p = letterbox(img, (iw, ih), card.pad_value, out=buf[i], mode=card.input.resize)
         params.append(p)
     work = out if out is not None and dtype == np.float32 else np.empty((n, 3, ih, iw), dtype=np.float32)
     bgr = card.input.channel_order == "BGR"

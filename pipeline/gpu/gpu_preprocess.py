@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from streamdet.card import ModelCard
-from streamdet.letterbox import LetterboxParams, letterbox_params
+from streamdet.letterbox import LetterboxParams, resize_params
 
 if TYPE_CHECKING:
     import torch
@@ -58,6 +58,7 @@ class GpuLetterbox:
         self._inv_std = 1.0 / std
         self._pad = ((float(card.pad_value) - mean) * self._inv_std).to(dtype)  # (1, 3, 1, 1)
         self._bgr = card.input.channel_order == "BGR"
+        self._resize = card.input.resize  # letterbox or stretch, as the card says
 
     def __call__(self, frames_rgb: torch.Tensor | Sequence[torch.Tensor],
                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[LetterboxParams]]:
@@ -92,7 +93,7 @@ class GpuLetterbox:
                                  f"{tuple(f.shape)} {f.dtype} on {f.device}")
         if out is None:
             out = self.buffer[:n]
-        params = [letterbox_params((int(f.shape[0]), int(f.shape[1])), self.input_wh) for f in frames]
+        params = [resize_params((int(f.shape[0]), int(f.shape[1])), self.input_wh, self._resize) for f in frames]
         same = all(f.shape == frames[0].shape for f in frames)
         if same:
             stacked = frames_rgb if not isinstance(frames_rgb, Sequence) else None

@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.transport import redact_url
 from streamdet.messages import EndOfStream, FrameRecord, SourceStatusMsg, StageRestartMsg
 
-DETECTIONS_SCHEMA = "streamdet.detections/1"
+DETECTIONS_SCHEMA = "streamdet.detections/2"
 """Schema id of the published detection messages."""
 
 EOS_SCHEMA = "streamdet.eos/1"
@@ -48,6 +48,7 @@ def detections_payload(
     engine_ms: float,
     postprocess_ms: float,
     now: float | None = None,
+    children: Mapping[int, Sequence[Any]] | None = None,
 ) -> dict[str, Any]:
     """The published JSON object of one frame (schema :data:`DETECTIONS_SCHEMA`).
 
@@ -59,6 +60,7 @@ def detections_payload(
         engine_ms: the engine time of the frame's batch, milliseconds.
         postprocess_ms: the postprocess time of the frame's batch, milliseconds.
         now: ``time.monotonic()`` at publication (default: now).
+        children: secondary models' results (``streamdet.cascade.Children``) by detection index (the cascade).
 
     Returns:
         A JSON-ready dict: ``schema, source_id, frame_index, pts_s, capture_time (wall clock at the
@@ -67,29 +69,21 @@ def detections_payload(
         ``box_xyxy`` (frame pixels, 2 decimals), ``score`` (4 decimals), ``class_id``, ``label`` and,
         for instance-segmentation models, ``mask`` (COCO RLE ``{size: [h, w], counts: str}``);
         semantic models add ``semantic: {size: [h, w], classes: [{class_id, label, mask}]}``, one
-        COCO RLE per class present in the class map (together they cover every pixel once).
+        COCO RLE per class present in the class map (together they cover every pixel once). A
+        detection that went through secondary models has ``children`` (the same fields, boxes and
+        masks in frame pixels) and, from a text-reading one, ``text`` and ``text_score``.
     """
     f = record.frame
     t = time.monotonic() if now is None else now
     latency_ms = max(0.0, (t - f.capture_time) * 1000.0)
     capture_wall = time.time() - (time.monotonic() - f.capture_time)  # CLOCK_MONOTONIC is system-wide
-    boxes = np.round(detections.boxes_xyxy.astype(np.float64), 2).tolist()
-    scores = np.round(detections.scores.astype(np.float64), 4).tolist()
-    ids = detections.class_ids.tolist()
-    dets: list[dict[str, Any]] = []
-    for box, score, cid in zip(boxes, scores, ids, strict=True):
-        label = class_names[cid] if 0 <= cid < len(class_names) else str(cid)
-        dets.append({"box_xyxy": box, "score": score, "class_id": cid, "label": label})
-    rles = getattr(detections, "mask_rles", None)
-    masks = getattr(detections, "masks", None)
-    if rles is not None:
-        for d, rle in zip(dets, rles, strict=True):
-            d["mask"] = rle
-    elif masks is not None and len(masks):
-        from streamdet.masks import masks_to_rle
-
-        for d, rle in zip(dets, masks_to_rle(masks), strict=True):
-            d["mask"] = rle
+    dets = _detection_list(detections, class_names)
+    for parent, found in (children or {}).items():
+        d = dets[parent]
+        d["children"] = [c for ch in found for c in _detection_list(ch.detections, ch.class_names)]
+        for ch in found:
+            if ch.text is not None:
+                d["text"], d["text_score"] = ch.text, round(float(ch.text_score or 0.0), 4)
     extra: dict[str, Any] = {}
     semantic = getattr(detections, "semantic", None)
     if semantic is not None:
@@ -119,6 +113,28 @@ def detections_payload(
             "end_to_end": round(latency_ms, 3),
         },
     }
+
+
+def _detection_list(detections: Any, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """``[{box_xyxy, score, class_id, label[, mask]}]`` of a ``Detections`` (boxes 2 decimals, scores 4)."""
+    boxes = np.round(detections.boxes_xyxy.astype(np.float64), 2).tolist()
+    scores = np.round(detections.scores.astype(np.float64), 4).tolist()
+    ids = detections.class_ids.tolist()
+    dets: list[dict[str, Any]] = []
+    for box, score, cid in zip(boxes, scores, ids, strict=True):
+        label = class_names[cid] if 0 <= cid < len(class_names) else str(cid)
+        dets.append({"box_xyxy": box, "score": score, "class_id": cid, "label": label})
+    rles = getattr(detections, "mask_rles", None)
+    masks = getattr(detections, "masks", None)
+    if rles is not None:
+        for d, rle in zip(dets, rles, strict=True):
+            d["mask"] = rle
+    elif masks is not None and len(masks):
+        from streamdet.masks import masks_to_rle
+
+        for d, rle in zip(dets, masks_to_rle(masks), strict=True):
+            d["mask"] = rle
+    return dets
 
 
 def eos_payload(eos: EndOfStream) -> dict[str, Any]:

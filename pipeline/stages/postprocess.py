@@ -36,10 +36,12 @@ from pipeline.stages.base import (
     frame_credit_sockets,
     receive,
 )
+from pipeline.stages.cascade import Cascade, SecondaryLink, pixels_of
 from pipeline.stages.live_view import LIVE_HWM, LiveView, PreviewConfig
 from pipeline.stages.mqtt_sink import MqttSink
 from pipeline.stages.ordering import PublishOrder, Verdict
 from pipeline.stages.payloads import restart_payload
+from pipeline.stages.postprocess_dynamic import DynamicSources
 from pipeline.stages.sink_config import SinkConfig, open_sink
 from pipeline.stages.sinks import (
     FrameResult,
@@ -55,7 +57,6 @@ from pipeline.transport import (
     POLL_MS,
     StageEndpoints,
     StageFlags,
-    close_socket,
     make_socket,
     send_parts,
 )
@@ -87,6 +88,7 @@ class _Pending:
     engine_ms: float
     postprocess_ms: float
     inline: Any  # the zmq frame of inline pixels, or None
+    children: Any = None  # secondary models' results by parent index (the cascade), or None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +111,8 @@ class PostprocessSpec(StageSpec):
             (SIGINT/SIGTERM) and every running source's EOS is published, not after ``num_sources`` EOS.
         chain_cards: every model chain's card (chain 0 first), for sources added at runtime.
         preview: encode preview frames and send stats snapshots to ``endpoints.live`` (None: off).
+        secondaries: secondary models run on crops of detections (:mod:`pipeline.stages.cascade`).
+        cascade_card: the card of the model whose detections feed them (default: ``card``).
 
     With a ledger (:attr:`StageSpec.ledger`) the publication state survives a restart of the stage.
     """
@@ -125,6 +129,8 @@ class PostprocessSpec(StageSpec):
     dynamic: bool = False
     chain_cards: tuple[ModelCard, ...] = ()
     preview: PreviewConfig | None = None
+    secondaries: tuple[SecondaryLink, ...] = ()
+    cascade_card: ModelCard | None = None
 
     stage_name: ClassVar[StageName] = StageName.POSTPROCESS
 
@@ -142,18 +148,20 @@ class PostprocessSpec(StageSpec):
         if self.preview is not None and ep.live:
             live = LiveView(sock=make_socket(ctx, zmq.PUSH, ep.live, bind=False, hwm=LIVE_HWM), config=self.preview,
                             ledger=ledger)
+        cascade = Cascade(links=self.secondaries, primary=self.cascade_card or self.card, ctx=ctx, flags=flags) \
+            if self.secondaries else None
         stage = PostprocessStage(card=self.card, model_name=self.model_name, config=self.config,
                                  results_in=results_in, frame_credits_out=credits_out, sinks=sinks,
                                  status=status, flags=flags, num_sources=self.num_sources, events_in=events_in,
                                  stats=LiveStats(config=self.stats), cards_by_source=by_source,
-                                 ledger=ledger, ledger_indices=self.ledger_indices, live_view=live)
+                                 ledger=ledger, ledger_indices=self.ledger_indices, live_view=live, cascade=cascade)
         if self.dynamic:
             stage.follow_added_sources(ctx=ctx, chain_cards=self.chain_cards or (self.card,),
                                        pools=tuple(pool for pool, _ in ep.frame_credits))
         return stage
 
 
-class PostprocessStage(Stage):
+class PostprocessStage(DynamicSources, Stage):
     """Turns raw outputs into detections and feeds the sinks.
 
     Args:
@@ -173,6 +181,7 @@ class PostprocessStage(Stage):
             (:class:`~pipeline.stages.ordering.PublishOrder`) lives there.
         ledger_indices: the sources' slots in the ledger, in ``stats`` order (empty: their positions).
         live_view: previews and stats snapshots for the control API (None: off).
+        cascade: the secondary models on crops of ``card``'s detections (None: none).
     """
 
     name = StageName.POSTPROCESS
@@ -182,7 +191,7 @@ class PostprocessStage(Stage):
                  flags: StageFlags, num_sources: int, events_in: zmq.Socket[Any] | None = None,
                  stats: LiveStats | None = None, cards_by_source: dict[str, ModelCard] | None = None,
                  ledger: Ledger | None = None, ledger_indices: tuple[int, ...] = (),
-                 live_view: LiveView | None = None) -> None:
+                 live_view: LiveView | None = None, cascade: Cascade | None = None) -> None:
         self.card = card
         self.model_name = model_name
         # instance masks go out as COCO RLEs, so compute them straight in that form (box windows only)
@@ -211,21 +220,9 @@ class PostprocessStage(Stage):
         self._ctx: zmq.Context[Any] | None = None  # set by follow_added_sources: the stage is dynamic
         self._chain_cards: tuple[ModelCard, ...] = ()
         self._pool_of: dict[str, str] = {}  # dynamic: source id -> base name of its frame pool
-
-    def follow_added_sources(self, *, ctx: zmq.Context[Any], chain_cards: tuple[ModelCard, ...],
-                             pools: tuple[str, ...] = ()) -> None:
-        """Take sources added at runtime and forget ended ones; end on the input's close (control API runs).
-
-        Args:
-            ctx: the process's ZeroMQ context (credit sockets of added sources are made with it).
-            chain_cards: every model chain's card, chain 0 first.
-            pools: the frame pool (base name) of each source it starts with, in source order.
-        """
-        self._ctx = ctx
-        self._chain_cards = chain_cards
-        self._pool_of = dict(zip(self._sources, pools, strict=False))
-        for sid in [sid for sid in self._sources if self.order.ended(sid)]:  # ended before a restart of this stage
-            self._forget(sid)
+        self.cascade = cascade
+        self._touched: set[str] = set()  # sources that published since the last release of held frames
+        self._progress = [0, 0]  # frames, detections published and not yet reported
 
     def start(self) -> None:
         """Open every sink (binds the PUB socket, waits for subscribers if configured).
@@ -269,42 +266,6 @@ class PostprocessStage(Stage):
             for sink in self._opened:
                 sink.stats(payload)
 
-    def _on_added(self, ev: SourceAddedMsg) -> None:
-        """Follow a source added at runtime: publication order, stats, its card, its credit socket."""
-        if self._ctx is None:
-            raise StageError(f"postprocess: source {ev.source_id} added, but the control API is off")
-        sid = ev.source_id
-        self.order.add(sid, ev.live, ev.ledger_index)
-        self.live_stats.add_source(sid, ev.live)
-        if sid not in self._sources:  # (announced again after a restart of this stage: once)
-            self._sources.append(sid)
-        card = self._chain_cards[ev.chain] if ev.chain < len(self._chain_cards) else self.card
-        if card is not self.card:
-            self.cards_by_source[sid] = card
-        else:
-            self.cards_by_source.pop(sid, None)
-        self._pool_of[sid] = ev.pool
-        old = self.frame_credits_out.pop(ev.pool, None)
-        if old is not None:
-            old.close(linger=0)
-        self.frame_credits_out[ev.pool] = make_socket(self._ctx, zmq.PUSH, ev.credit_endpoint, bind=False)
-
-    def _forget(self, source_id: str) -> None:
-        """Drop an ended source (dynamic runs): its order state, stats, card, credit socket and mapped pool."""
-        self.order.forget(source_id)
-        self.live_stats.remove_source(source_id)
-        if source_id in self._sources:
-            self._sources.remove(source_id)
-        self.cards_by_source.pop(source_id, None)
-        if self.live_view is not None:
-            self.live_view.forget(source_id)
-        pool = self._pool_of.pop(source_id, None)
-        if pool is not None:
-            sock = self.frame_credits_out.pop(pool, None)
-            if sock is not None:
-                close_socket(sock, self.flags)
-            self._pools.drop(pool)
-
     def _finished(self) -> bool:
         if self._ctx is None or self.ledger is None:
             return self._ended >= self.num_sources
@@ -316,7 +277,9 @@ class PostprocessStage(Stage):
     def _on_restart(self, ev: StageRestartMsg) -> None:
         """Publish a stage restart as ``status.<source_id>`` of every source it affects, count it."""
         self.live_stats.on_restart(ev.stage.value, ev.total)
-        for sid in [ev.source_id] if ev.source_id else self._sources:
+        if ev.stage is StageName.SECONDARY and self.cascade is not None:
+            self.cascade.resend()
+        for sid in [ev.source_id] if ev.source_id and ev.stage is StageName.DECODE else self._sources:
             payload = restart_payload(ev, sid)
             for sink in self._opened:
                 sink.status(payload)
@@ -328,11 +291,15 @@ class PostprocessStage(Stage):
         poller.register(self.results_in, zmq.POLLIN)
         if self.events_in is not None:
             poller.register(self.events_in, zmq.POLLIN)
+        for sock in self.cascade.sockets() if self.cascade is not None else ():
+            poller.register(sock, zmq.POLLIN)
         while not self._finished():
-            poller.poll(POLL_MS)
+            poller.poll(POLL_MS if self.cascade is None else 2)
             self._poll_events()
             if self.live_view is not None:
                 self.live_view.tick(self.live_stats)
+            if self.cascade is not None:
+                self._step_cascade()
             got = receive(self.results_in, self.flags, 0)
             if got is None:
                 continue
@@ -340,14 +307,28 @@ class PostprocessStage(Stage):
             if isinstance(msg, ResultMsg):
                 self._handle(msg, parts)
             elif isinstance(msg, EndOfStream):
-                now, lost = self.order.eos(msg)
-                self._count_lost(msg.source_id, lost)
-                if now:
-                    self._publish_eos(msg)
+                if self.cascade is None or not self.cascade.hold_eos(msg):
+                    self._on_eos(msg)
             else:
                 raise StageError(f"postprocess: expected ResultMsg or EndOfStream, got {type(msg).__name__}")
         if self.ledger is not None:  # nothing can need a replay any more: the other stages may exit now
             self.ledger.set_finished()
+
+    def _on_eos(self, msg: EndOfStream) -> None:
+        now, lost = self.order.eos(msg)
+        self._count_lost(msg.source_id, lost)
+        if now:
+            self._publish_eos(msg)
+
+    def _step_cascade(self) -> None:
+        """Results of the secondary models in; frames whose crops are all back out, in order; then held EOS."""
+        assert self.cascade is not None
+        self.cascade.step()
+        for item in self.cascade.released():
+            self._route(item)
+        self._release_held()
+        for eos in self.cascade.released_eos():
+            self._on_eos(eos)
 
     def _publish_eos(self, msg: EndOfStream) -> None:
         # a restarted decoder counts from where it resumed, while frames the dead one had sent were
@@ -384,32 +365,50 @@ class PostprocessStage(Stage):
         else:
             dets = postprocess(arrays, [r.letterbox for r in msg.frames], card, self.config)
         post_ms = (time.perf_counter() - t0) * 1000.0
-        frames = detections = 0
-        touched: set[str] = set()
+        cascade = self.cascade if self.cascade is not None and self.cascade.applies(card) else None
         for record, d in zip(msg.frames, dets, strict=True):
             f = record.frame
             inline = next(inline_pixels) if self.needs_pixels and f.slot == INLINE_SLOT else None
             item = _Pending(record, d, model_name, card.class_names, msg.engine_ms, post_ms, inline)
-            verdict, lost = self.order.frame(f.source_id, f.frame_index, item)
-            self._count_lost(f.source_id, lost)
-            if verdict is Verdict.DUPLICATE:
-                self.duplicates += 1
-                self._credit(record)  # ignored by the decoder unless the slot still holds this frame
-            elif verdict is Verdict.PUBLISH and self._publish(item):
-                frames += 1
-                detections += len(d)
-                touched.add(f.source_id)
-        for sid in touched:  # frames held behind a gap that is now filled, then a held EOS
+            if cascade is None or f.frame_index < self.order.next_index(f.source_id):
+                self._route(item)  # (an old copy is a duplicate: the order says so)
+            elif cascade.pending(f.source_id, f.frame_index):
+                self.duplicates += 1  # a copy of a frame in the cascade: its slot goes back once that one is out
+            elif (pixels := pixels_of(self._pools, record) if len(d) else None) is None and len(d) and f.slot >= 0:
+                self.order.skip(f.source_id, f.frame_index)  # its pool is gone: its decoder sends it again
+            else:
+                cascade.add(item, pixels)
+        self._release_held()
+
+    def _route(self, item: _Pending) -> None:
+        """Publish a frame now, hold it behind a gap, or drop it as a duplicate (its slot goes back)."""
+        f = item.record.frame
+        verdict, lost = self.order.frame(f.source_id, f.frame_index, item)
+        self._count_lost(f.source_id, lost)
+        if verdict is Verdict.DUPLICATE:
+            self.duplicates += 1
+            self._credit(item.record)  # ignored by the decoder unless the slot still holds this frame
+        elif verdict is Verdict.PUBLISH and self._publish(item):
+            self._progress[0] += 1
+            self._progress[1] += len(item.detections)
+            self._touched.add(f.source_id)
+
+    def _release_held(self) -> None:
+        """Publish frames held behind a gap that is now filled, then a held EOS; report progress."""
+        touched, self._touched = self._touched, set()
+        for sid in touched:
             while (held := self.order.ready(sid)) is not None and self._publish(held):
-                frames += 1
-                detections += len(held.detections)
+                self._progress[0] += 1
+                self._progress[1] += len(held.detections)
             eos = self.order.ready_eos(sid)
             if eos is not None:
                 self._publish_eos(eos)
+        frames, detections = self._progress
         self.frames += frames
         self.detections += detections
         if frames:
             self.status.send(StatusKind.PROGRESS, frames=frames, detections=detections)
+        self._progress = [0, 0]
 
     def _publish(self, item: _Pending) -> bool:
         """Hand one frame to the sinks, record it, give its slot back; False if its pixels are gone."""
@@ -427,7 +426,8 @@ class PostprocessStage(Stage):
             elif item.inline is not None:
                 pixels = np.frombuffer(item.inline.buffer, dtype=np.uint8).reshape(h, w, 3)
         payload = detections_payload(record, d, model=item.model_name, class_names=item.class_names,
-                                     engine_ms=item.engine_ms, postprocess_ms=item.postprocess_ms)
+                                     engine_ms=item.engine_ms, postprocess_ms=item.postprocess_ms,
+                                     children=item.children)
         self.live_stats.on_frame(f.source_id, payload["latency_ms"])
         # encoded once, before anything goes out: PUB, JSONL and the ledger update follow within microseconds
         result = FrameResult(record, d, payload, pixels, dumps(payload))
@@ -483,7 +483,11 @@ class PostprocessStage(Stage):
                 sink.close()
             except Exception as e:  # a sink failing to flush must not keep the others from flushing
                 errors.append(f"{sink.describe()}: cannot finish ({e})")
-        for line in self.outputs_summary():
+        lines = self.outputs_summary()
+        if self.cascade is not None:
+            lines += self.cascade.summary_lines()
+            self.cascade.close()
+        for line in lines:
             self.status.send(StatusKind.OUTPUT, message=line)
         self._opened = []
         self._pools.close()

@@ -399,7 +399,8 @@ class PreprocessStage(Stage):
             lb = self._lb_by_wh.get(input_wh)
             if lb is None:
                 lb = self._lb_by_wh[input_wh] = np.empty((input_wh[1], input_wh[0], 3), dtype=np.uint8)
-            _, params = letterbox(image, input_wh, pad_value=self.card.pad_value, out=lb)
+            _, params = letterbox(image, input_wh, pad_value=self.card.pad_value, out=lb,
+                                  mode=self.card.input.resize)
             self._normalize(lb, self._tensor[row])
         del image
         if self.ledger is not None:  # the postprocess stage hands the slot back once published

@@ -75,24 +75,36 @@ class FrameMsg(WireMessage):
 @wire()
 @dataclass(frozen=True, slots=True)
 class FrameRecord:
-    """A frame on its way through preprocess, engine and postprocess.
+    """A frame (or a crop of it) on its way through preprocess, engine and postprocess.
 
     Attributes:
         frame: the decoder's :class:`FrameMsg` (its ``slot`` becomes :data:`NO_SLOT` once handed back).
-        letterbox: how the frame was letterboxed into the model input.
-        preprocess_ms: milliseconds spent letterboxing and normalising this frame.
+        letterbox: how the frame (or the crop) was letterboxed into the model input.
+        preprocess_ms: milliseconds spent letterboxing and normalising this frame (or crop).
+        crop: empty for a whole frame; for a crop of it sent to a secondary model,
+            ``(parent, x0, y0)``: the index of the primary detection it was cut around and the
+            crop's top-left corner in frame pixels (the letterbox's ``frame_hw`` is then the crop's
+            size, inside the frame).
     """
 
     frame: FrameMsg
     letterbox: LetterboxParams
     preprocess_ms: float
+    crop: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.frame, FrameMsg):
             raise ValueError(f"expected a FrameMsg, got {type(self.frame).__name__}")
         if not isinstance(self.letterbox, LetterboxParams):
             raise ValueError(f"expected LetterboxParams, got {type(self.letterbox).__name__}")
-        if self.letterbox.frame_hw != self.frame.frame_hw:
+        if self.crop:
+            crop = tuple(int(v) for v in self.crop)
+            (fh, fw), (ch, cw) = self.frame.frame_hw, self.letterbox.frame_hw
+            if len(crop) != 3 or min(crop) < 0 or crop[1] + cw > fw or crop[2] + ch > fh:
+                raise ValueError(f"expected crop (parent, x0, y0) with the {ch}x{cw} crop inside the {fh}x{fw} "
+                                 f"frame, got {self.crop!r}")
+            object.__setattr__(self, "crop", crop)
+        elif self.letterbox.frame_hw != self.frame.frame_hw:
             raise ValueError(f"expected letterbox frame_hw {self.frame.frame_hw}, got {self.letterbox.frame_hw}")
         check_nonneg(self.preprocess_ms, "preprocess_ms")
 

@@ -33,6 +33,7 @@ class StageName(str, Enum):
     PREPROCESS = "preprocess"
     ENGINE = "engine"
     POSTPROCESS = "postprocess"
+    SECONDARY = "secondary"  # the engine of a secondary model, fed with crops by the postprocess stage
 
 
 class SourceState(str, Enum):

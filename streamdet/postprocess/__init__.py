@@ -8,10 +8,14 @@ postprocess stage wraps them. Supported heads (see :class:`streamdet.card.HeadLa
 * ``end2end``: NMS inside the model; score threshold, top-k and the letterbox only.
 * ``ultralytics_segment``: as detect, then masks for the kept detections only (one matrix product
   with the prototypes, see :mod:`streamdet.masks`).
+* ``detr``, ``rtdetr``: set prediction, one box per query: softmax (no-object class) or sigmoid
+  scores, best class per query or top-K over queries and classes, no NMS; the card's resize
+  (letterbox or stretch) undone.
 * ``semantic_logits``: per-pixel argmax, letterbox undone, nearest-neighbour resize to the frame.
 
 Modules: :mod:`~streamdet.postprocess.results` (result and settings types),
-:mod:`~streamdet.postprocess.detect` (detector heads and NMS), :mod:`~streamdet.postprocess.segment`,
+:mod:`~streamdet.postprocess.detect` (detector heads and NMS), :mod:`~streamdet.postprocess.detr`
+(set-prediction heads), :mod:`~streamdet.postprocess.segment`,
 :mod:`~streamdet.postprocess.semantic`, :mod:`~streamdet.postprocess.dispatch` (:func:`postprocess`),
 :mod:`~streamdet.postprocess.device` (device-NMS results on the wire) and
 :mod:`~streamdet.postprocess.checks` (model outputs against the card).
@@ -32,6 +36,11 @@ from streamdet.postprocess.detect import (
     decode_end2end,
     decode_ultralytics_detect,
     postprocess_detect,
+)
+from streamdet.postprocess.detr import (
+    decode_detr,
+    decode_rtdetr,
+    softmax_last,
 )
 from streamdet.postprocess.device import (
     KEPT_OUTPUTS,
@@ -70,7 +79,9 @@ __all__ = [
     "candidates_to_detections",
     "channel_argmax",
     "check_outputs_against_card",
+    "decode_detr",
     "decode_end2end",
+    "decode_rtdetr",
     "decode_ultralytics_detect",
     "device_nms_supported",
     "expected_num_anchors",
@@ -81,5 +92,6 @@ __all__ = [
     "postprocess_semantic",
     "segment_mask_logits",
     "semantic_map_to_frame",
+    "softmax_last",
     "unpack_detections",
 ]

@@ -93,6 +93,27 @@ def check_outputs_against_card(
             need_rank(2, 2, "(B, K)")
         else:
             fail(f"expected 1 or 3 model outputs for head layout end2end, got {len(shapes)}")
+    elif head.layout in (HeadLayout.DETR, HeadLayout.RTDETR):
+        detr = head.layout is HeadLayout.DETR
+        need_count(2 if detr else 1, "class logits, boxes" if detr else "boxes and scores")
+        need_rank(0, 3, f"(B, queries, {nc}+1)" if detr else f"(B, queries, 4+{nc})")
+        cols = nc + 1 if detr else 4 + nc
+        if _dim_mismatch(shapes[0][2], cols):
+            what = f"{nc}+1={cols} class logits (the last is no-object)" if detr else f"4+{nc}={cols} values"
+            fail(f"expected {names[0]} with {what} per query, got {shapes[0][2]}")
+        queries = [(names[0], shapes[0][1])]
+        if detr:
+            need_rank(1, 3, "(B, queries, 4)")
+            if _dim_mismatch(shapes[1][2], 4):
+                fail(f"expected {names[1]} boxes of 4 values (cx, cy, w, h), got {shapes[1][2]}")
+            queries.append((names[1], shapes[1][1]))
+            q0, q1 = shapes[0][1], shapes[1][1]
+            if isinstance(q0, int) and isinstance(q1, int) and q0 != q1:
+                fail(f"expected the same query count in {names[0]} and {names[1]}, got {q0} and {q1}")
+        if head.num_queries is not None:
+            for name, q in queries:
+                if _dim_mismatch(q, head.num_queries):
+                    fail(f"expected {name} with {head.num_queries} queries (head.num_queries), got {q}")
     elif head.layout is HeadLayout.SEMANTIC_LOGITS:
         need_count(1, "logits")
         need_rank(0, 4, "(B, C, H, W)")

@@ -1,5 +1,7 @@
 """Detector head decoding (``ultralytics_detect``, ``end2end``), NMS, and the detect postprocess.
 
+The set-prediction heads (``detr``, ``rtdetr``) decode in :mod:`streamdet.postprocess.detr`.
+
 Score threshold first (cheap, before any box work), ``pre_nms_topk``, cxcywh -> xyxy, the
 configured NMS (:mod:`streamdet.nms`), ``max_detections``, then the letterbox undone and clipped.
 
@@ -18,6 +20,7 @@ from streamdet.boxes import FloatArray, cxcywh_to_xyxy
 from streamdet.card import HeadLayout, ModelCard
 from streamdet.letterbox import LetterboxParams, boxes_input_to_frame
 from streamdet.nms import IndexArray, SoftNmsMethod, batched_nms, batched_soft_nms, soft_nms
+from streamdet.postprocess.detr import decode_detr, decode_rtdetr
 from streamdet.postprocess.results import Candidates, Detections, NmsMethod, PostprocessConfig
 
 
@@ -162,7 +165,7 @@ def postprocess_detect(
     card: ModelCard,
     cfg: PostprocessConfig,
 ) -> list[Detections]:
-    """Detections of a batch from a detector (``ultralytics_detect`` or ``end2end`` head).
+    """Detections of a batch from a detector (``ultralytics_detect``, ``end2end``, ``detr`` or ``rtdetr`` head).
 
     Args:
         outputs: the raw outputs in the card's ``head.outputs`` order.
@@ -178,10 +181,17 @@ def postprocess_detect(
     """
     check_batch(outputs, letterboxes)
     layout = card.head.layout
+    nc = card.head.num_classes
     if layout is HeadLayout.END2END:
         cands = decode_end2end(outputs, cfg=cfg)
+    elif layout is HeadLayout.DETR:
+        if len(outputs) != 2:
+            raise ValueError(f"expected 2 outputs (class logits, boxes) for head layout detr, got {len(outputs)}")
+        cands = decode_detr(outputs[0], outputs[1], num_classes=nc, letterboxes=letterboxes, cfg=cfg)
+    elif layout is HeadLayout.RTDETR:
+        cands = decode_rtdetr(outputs[0], num_classes=nc, letterboxes=letterboxes, cfg=cfg)
     elif layout in (HeadLayout.ULTRALYTICS_DETECT, HeadLayout.ULTRALYTICS_SEGMENT):
-        cands = decode_ultralytics_detect(outputs[0], num_classes=card.head.num_classes, cfg=cfg)
+        cands = decode_ultralytics_detect(outputs[0], num_classes=nc, cfg=cfg)
     else:
         raise ValueError(f"expected a detect head layout, got {layout.value}")
     return [candidates_to_detections(c, lb) for c, lb in zip(cands, letterboxes, strict=True)]

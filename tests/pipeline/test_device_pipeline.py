@@ -53,7 +53,7 @@ def run(s: Settings, **kw: Any) -> list[dict[str, Any]]:
     assert summary.frames == FRAMES
     assert s.sinks.jsonl is not None
     lines = [json.loads(line) for line in Path(s.sinks.jsonl).read_text().splitlines()]
-    return [m for m in lines if m.get("schema") == "streamdet.detections/1"]
+    return [m for m in lines if m.get("schema") == "streamdet.detections/2"]
 
 
 def assert_same(got: list[dict[str, Any]], want: list[dict[str, Any]], *, box_px: float, score: float) -> None:

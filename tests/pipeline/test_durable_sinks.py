@@ -32,7 +32,7 @@ from tests.helpers.durable_sinks import (
 
 
 def _payload(i: int) -> dict:
-    return {"schema": "streamdet.detections/1", "source_id": "cam", "frame_index": i, "pts_s": i / 3,
+    return {"schema": "streamdet.detections/2", "source_id": "cam", "frame_index": i, "pts_s": i / 3,
             "label": "caf\u00e9", "detections": [{"box_xyxy": [1.5, 2.25, 10.0, 20.0], "score": 0.5}]}
 
 

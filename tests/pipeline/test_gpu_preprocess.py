@@ -9,15 +9,17 @@ torch = pytest.importorskip("torch")
 
 from pipeline.gpu.gpu_preprocess import GpuLetterbox, frames_to_device  # noqa: E402
 from streamdet.card import HeadLayout, HeadSpec, InputSpec, ModelCard, Normalization, Task  # noqa: E402
+from streamdet.letterbox import ResizeMode  # noqa: E402
 from streamdet.preprocess_ops import preprocess_batch  # noqa: E402
 
 torch.set_num_threads(1)
 
 
 def card(order: str = "RGB", dtype: str = "float32", mean: float = 0.0, std: float = 255.0,
-         input_wh: tuple[int, int] = (640, 384)) -> ModelCard:
+         input_wh: tuple[int, int] = (640, 384), resize: ResizeMode = ResizeMode.LETTERBOX) -> ModelCard:
     return ModelCard(name="t", task=Task.DETECT, head=HeadSpec(layout=HeadLayout.ULTRALYTICS_DETECT, num_classes=1),
-                     input=InputSpec(width=input_wh[0], height=input_wh[1], channel_order=order, dtype=dtype),
+                     input=InputSpec(width=input_wh[0], height=input_wh[1], channel_order=order, dtype=dtype,
+                                     resize=resize),
                      normalization=Normalization(mean=(mean, mean + 3, mean + 7), std=(std, std + 1, std + 2)),
                      class_names=("a",))
 
@@ -38,9 +40,10 @@ EXACT = {(720, 1280), (1080, 1920), (384, 640), (272, 640)}  # scale 1/2, 1/3, 1
 
 
 @pytest.mark.parametrize("hw", SIZES)
-@pytest.mark.parametrize("variant", ["rgb", "bgr-meanstd"])
+@pytest.mark.parametrize("variant", ["rgb", "bgr-meanstd", "stretch"])
 def test_matches_cpu_preprocess(hw: tuple[int, int], variant: str) -> None:
-    c = card() if variant == "rgb" else card(order="BGR", mean=100.0, std=50.0)
+    c = {"rgb": card(), "bgr-meanstd": card(order="BGR", mean=100.0, std=50.0),
+         "stretch": card(resize=ResizeMode.STRETCH)}[variant]
     rng = np.random.default_rng(hw[0] * 7 + hw[1])
     frames = [natural_frame(rng, *hw) for _ in range(2)]
     want, want_lb = preprocess_batch(frames, c)
@@ -53,8 +56,9 @@ def test_matches_cpu_preprocess(hw: tuple[int, int], variant: str) -> None:
     # OpenCV interpolates uint8 in fixed point: at most one level off, on a few percent of the pixels;
     # integer downscale factors (and no resize) give the same bytes
     assert diff.max() <= level * 1.0001, diff.max()
-    assert diff.mean() <= 0.1 * level
-    if hw in EXACT:
+    # two scales (stretch) round on more pixels: 0.11-0.13 of a level on average measured
+    assert diff.mean() <= (0.15 if variant == "stretch" else 0.1) * level
+    if hw in EXACT and (variant != "stretch" or hw == (384, 640)):
         assert diff.max() <= 1e-6
     # the padding is exact
     (rw, rh), (px, py) = want_lb[0].resized_wh, want_lb[0].pad_xy

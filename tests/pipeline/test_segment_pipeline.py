@@ -48,7 +48,7 @@ def run_pipeline(tmp_path, model, sources=None, **postprocess_over):
     summary = Pipeline(settings=load_settings(overrides=tree), progress=False).run(handle_signals=False)
     assert summary.exit_code == 0, summary.errors
     msgs = [json.loads(line) for line in out.read_text().splitlines()]
-    return summary, [m for m in msgs if m["schema"] == "streamdet.detections/1"]
+    return summary, [m for m in msgs if m["schema"] == "streamdet.detections/2"]
 
 
 def reference(model, card: ModelCard, cfg: PostprocessConfig | None = None) -> list[Detections]:
@@ -130,7 +130,7 @@ def test_two_sources_served_by_two_models_in_one_run(models, tmp_path):
     assert summary.exit_code == 0, summary.errors
     assert summary.model == "standin+segstandin+semstandin"
     msgs = [json.loads(line) for line in out.read_text().splitlines()]
-    dets = [m for m in msgs if m["schema"] == "streamdet.detections/1"]
+    dets = [m for m in msgs if m["schema"] == "streamdet.detections/2"]
     by_source = {sid: [m for m in dets if m["source_id"] == sid] for sid in ("plain", "seg", "sem")}
     assert {k: len(v) for k, v in by_source.items()} == {"plain": N_FRAMES, "seg": N_FRAMES, "sem": N_FRAMES}
     for sid, want in (("plain", "standin"), ("seg", "segstandin"), ("sem", "semstandin")):
@@ -167,7 +167,7 @@ def test_two_models_over_tcp_transport(models, tmp_path):
     summary = Pipeline(settings=load_settings(overrides=tree), progress=False).run(handle_signals=False)
     assert summary.exit_code == 0, summary.errors
     msgs = [json.loads(line) for line in out.read_text().splitlines()]
-    seg = [m for m in msgs if m.get("source_id") == "seg" and m["schema"] == "streamdet.detections/1"]
+    seg = [m for m in msgs if m.get("source_id") == "seg" and m["schema"] == "streamdet.detections/2"]
     ref = reference(models["segment"], segment_card())
     assert len(seg) == N_FRAMES
     for m, d in zip(seg, ref, strict=True):

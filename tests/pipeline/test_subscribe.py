@@ -91,7 +91,7 @@ def test_main_json_until_eos(capsys):
     assert code == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["topic"] for x in lines] == ["detections.cam"] * 3 + ["eos.cam"]
-    assert lines[0]["schema"] == "streamdet.detections/1"
+    assert lines[0]["schema"] == "streamdet.detections/2"
 
 
 def test_main_timeout_is_one_error_line(capsys):
