@@ -8,7 +8,12 @@ Layout of a dataset directory::
 
 COCO category ids are class id + 1 (COCO reserves 0). CLI::
 
-    python -m training.dataset --out DIR --images N --seed S
+    python -m training.dataset --out DIR --images N --seed S [--scene shapes|plates|plate_chars] [--input WxH]
+
+``--scene plates`` writes plate-scene frames (category ``plate``; each plate annotation carries its
+``"text"``); ``--scene plate_chars`` writes letterboxed plate crops (``--input``, default 384x96;
+categories = the characters of :data:`training.plates.CHAR_NAMES`; each image record carries the
+plate's ``"text"`` and its height in the frame, ``"plate_h_px"``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +37,7 @@ from tqdm import tqdm
 from streamdet.cli import run_tool
 from streamdet.constants import EXIT_USAGE
 from streamdet.masks import encode_rle
-from training.cli_common import cannot_write, command_line
+from training.cli_common import cannot_write, command_line, wh_type
 from training.synth import CLASS_NAMES, Sample, SyntheticDataset
 
 __all__ = ["CocoDataset", "DatasetError", "categories", "coco_document", "encode_rle", "load_coco_dataset", "main",
@@ -43,9 +48,9 @@ class DatasetError(ValueError):
     """A dataset directory or annotation file is missing or malformed; the message names the file."""
 
 
-def categories() -> list[dict[str, Any]]:
-    """COCO categories for :data:`CLASS_NAMES` (id = class id + 1)."""
-    return [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES)]
+def categories(names: Sequence[str] = CLASS_NAMES, supercategory: str = "shape") -> list[dict[str, Any]]:
+    """COCO categories for ``names`` (default :data:`CLASS_NAMES`; id = class id + 1)."""
+    return [{"id": i + 1, "name": n, "supercategory": supercategory} for i, n in enumerate(names)]
 
 
 def sample_annotations(sample: Sample, image_id: int, first_ann_id: int) -> list[dict[str, Any]]:
@@ -75,13 +80,14 @@ def sample_annotations(sample: Sample, image_id: int, first_ann_id: int) -> list
 
 
 def coco_document(images: list[dict[str, Any]], annotations: list[dict[str, Any]],
-                  info: dict[str, Any]) -> dict[str, Any]:
-    """Assemble a COCO ground-truth document."""
-    return {"info": info, "images": images, "annotations": annotations, "categories": categories()}
+                  info: dict[str, Any], cats: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Assemble a COCO ground-truth document (``cats`` default: the shapes' :func:`categories`)."""
+    return {"info": info, "images": images, "annotations": annotations,
+            "categories": categories() if cats is None else cats}
 
 
 def write_dataset(out: Path, *, num_images: int, seed: int, show_progress: bool = True,
-                  command: str = "") -> Path:
+                  command: str = "", scene: str = "shapes", input_wh: tuple[int, int] | None = None) -> Path:
     """Generate a dataset directory (atomically: built in a temporary directory, then renamed).
 
     Args:
@@ -90,6 +96,8 @@ def write_dataset(out: Path, *, num_images: int, seed: int, show_progress: bool 
         seed: dataset seed.
         show_progress: show a progress bar.
         command: the command line, recorded in the annotation ``info``.
+        scene: ``shapes``, ``plates`` or ``plate_chars`` (see the module docstring).
+        input_wh: the crops' size for ``plate_chars`` (default 384x96).
 
     Returns:
         ``out``.
@@ -106,7 +114,7 @@ def write_dataset(out: Path, *, num_images: int, seed: int, show_progress: bool 
     try:
         (tmp / "images").mkdir()
         (tmp / "semantic").mkdir()
-        ds = SyntheticDataset(seed=seed, num_images=num_images)
+        ds = _scene_dataset(scene, seed, num_images, input_wh)
         images: list[dict[str, Any]] = []
         anns: list[dict[str, Any]] = []
         for i in tqdm(range(num_images), desc="dataset", disable=not show_progress, file=sys.stderr):
@@ -115,10 +123,16 @@ def write_dataset(out: Path, *, num_images: int, seed: int, show_progress: bool 
             cv2.imwrite(str(tmp / "images" / name), cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR))
             cv2.imwrite(str(tmp / "semantic" / name), s.semantic)
             h, w = s.image.shape[:2]
-            images.append({"id": i, "file_name": name, "width": w, "height": h})
-            anns.extend(sample_annotations(s, i, len(anns) + 1))
-        doc = coco_document(images, anns, {"seed": seed, "num_images": num_images, "command": command,
-                                           "generator": "training.synth"})
+            images.append({"id": i, "file_name": name, "width": w, "height": h, **_image_extra(s)})
+            first = len(anns) + 1
+            anns.extend(sample_annotations(s, i, first))
+            for k, text in enumerate(getattr(s, "texts", ())):  # plate scene: each plate's text
+                anns[first - 1 + k]["text"] = text
+        info = {"seed": seed, "num_images": num_images, "command": command,
+                "generator": "training.synth" if scene == "shapes" else "training.plates"}
+        if scene != "shapes":
+            info["scene"] = scene
+        doc = coco_document(images, anns, info, _scene_categories(scene))
         (tmp / "annotations.json").write_text(json.dumps(doc))
         if out.exists():
             out.rmdir()
@@ -127,6 +141,34 @@ def write_dataset(out: Path, *, num_images: int, seed: int, show_progress: bool 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _scene_dataset(scene: str, seed: int, num_images: int, input_wh: tuple[int, int] | None) -> Any:
+    if scene == "shapes":
+        return SyntheticDataset(seed=seed, num_images=num_images)
+    from training.plates import CHAR_INPUT_WH, CharCropDataset, PlateDataset
+
+    if scene == "plates":
+        return PlateDataset(seed=seed, num_images=num_images, with_chars=False)
+    if scene == "plate_chars":
+        return CharCropDataset(seed=seed, num_images=num_images, input_wh=input_wh or CHAR_INPUT_WH)
+    raise DatasetError(f"--scene: expected shapes, plates or plate_chars, got {scene!r}")
+
+
+def _scene_categories(scene: str) -> list[dict[str, Any]] | None:
+    if scene == "shapes":
+        return None
+    from training.plates import scene_class_names
+
+    return categories(scene_class_names(scene), "plate" if scene == "plates" else "character")
+
+
+def _image_extra(sample: Sample) -> dict[str, Any]:
+    """Image-record fields of a plate crop: its ``text`` and ``plate_h_px`` (nothing for other samples)."""
+    text = getattr(sample, "text", None)
+    if text is None:
+        return {}
+    return {"text": text, "plate_h_px": round(float(getattr(sample, "plate_h_px", 0.0)), 2)}
 
 
 @dataclass(frozen=True)
@@ -240,6 +282,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--images", required=True, type=int, help="number of images")
     ap.add_argument("--seed", type=int, default=0, help="dataset seed")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--scene", choices=("shapes", "plates", "plate_chars"), default="shapes",
+                    help="shapes, plate-scene frames, or letterboxed plate crops")
+    ap.add_argument("--input", type=wh_type(32), default=None,
+                    help="plate_chars: crop (model input) size WIDTHxHEIGHT (default 384x96)")
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def run(args: argparse.Namespace) -> None:
@@ -247,7 +293,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             ap.exit(EXIT_USAGE, f"error: --images: expected a positive count, got {args.images}\n")
         with cannot_write(args.out, DatasetError):
             write_dataset(args.out, num_images=args.images, seed=args.seed, show_progress=not args.quiet,
-                          command=command_line("training.dataset", argv, quote=False))
+                          command=command_line("training.dataset", argv, quote=False), scene=args.scene,
+                          input_wh=args.input)
         print(f"wrote {args.images} images to {args.out}")
 
     return run_tool(ap, run, argv, errors=(DatasetError,))

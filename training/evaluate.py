@@ -11,7 +11,10 @@ Semantic models are scored by mean IoU.
 CLI::
 
     python -m training.evaluate --model MODEL.onnx --data DIR [--card MODEL.json] [--batch 8]
-        [--plot PR.png] [--max-images N] [--json-out FILE] [--single-label]
+        [--plot PR.png] [--max-images N] [--json-out FILE] [--single-label] [--text [--min-score S]]
+
+``--text`` (character models on ``--scene plate_chars`` sets) also reads each crop's plate text
+(:mod:`training.plates_text`) and appends ``text_exact=0.xxx text_exact_24px=0.xxx``.
 
 The last line printed is ``mAP50-95=0.xxx mAP50=0.xxx`` (detect), with
 ``mask_mAP50-95=0.xxx mask_mAP50=0.xxx`` appended for instance segmentation, or ``mIoU=0.xxx``
@@ -405,6 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="one candidate per anchor (its best class) instead of one per class above --conf")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--text", action="store_true",
+                    help="also read each plate crop's text and report exact match (plate_chars sets)")
+    ap.add_argument("--min-score", type=float, default=0.25, help="--text: score a character needs to be read")
     return run_tool(ap, _run, argv, errors=(EvaluationError,))
 
 
@@ -419,6 +425,17 @@ def _run(args: argparse.Namespace) -> None:
         result = evaluate_model(model_path=args.model, data_dir=args.data, card_path=args.card,
                                 batch_size=args.batch, max_images=args.max_images, cfg=cfg, plot_path=args.plot,
                                 intra_op_threads=args.threads, show_progress=not args.quiet)
+        if args.text:
+            from training.plates_text import text_accuracy
+
+            try:
+                t = text_accuracy(model_path=args.model, data_dir=args.data, card_path=args.card,
+                                  min_score=args.min_score, intra_op_threads=args.threads,
+                                  show_progress=not args.quiet)
+            except ValueError as e:
+                raise EvaluationError(str(e)) from e
+            result["text"] = t
+            result["summary"] += f" text_exact={_fmt(t['text_exact'])} text_exact_24px={_fmt(t['text_exact_large'])}"
         if args.json_out is not None:
             _write_json_atomic(args.json_out, result)
     except OSError as e:

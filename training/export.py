@@ -229,6 +229,7 @@ def build_card(model: Detector, ckpt: dict[str, Any], *, name: str, export_comma
         "train_images": ckpt.get("train_images"),
         "val_images": ckpt.get("val_images"),
         "h264_fraction": ckpt.get("h264_fraction"),
+        **({"scene": ckpt["scene"]} if ckpt.get("scene", "shapes") != "shapes" else {}),
         "epochs_trained": int(ckpt.get("epoch", -1)) + 1,
         "iterations": ckpt.get("iteration"),
         "training_val_metrics_input_pixels": ckpt.get("val_metrics"),
@@ -254,15 +255,18 @@ def build_card(model: Detector, ckpt: dict[str, Any], *, name: str, export_comma
     )
 
 
-def _evaluate_on_synthetic(onnx_path: Path, card_path: Path, seed: int, n: int) -> dict[str, Any]:
-    """Render ``n`` synthetic images (seed ``seed``) to a temporary dataset and evaluate the model on it."""
+def _evaluate_on_synthetic(onnx_path: Path, card_path: Path, seed: int, n: int, scene: str = "shapes",
+                           input_wh: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Render ``n`` synthetic images (seed ``seed``, the model's training scene) and evaluate the model on them."""
     from training.dataset import write_dataset
     from training.evaluate import evaluate_model
 
     with tempfile.TemporaryDirectory(prefix="streamdet-export-eval-") as tmp:
-        data = write_dataset(Path(tmp) / "data", num_images=n, seed=seed, show_progress=False)
+        data = write_dataset(Path(tmp) / "data", num_images=n, seed=seed, show_progress=False, scene=scene,
+                             input_wh=input_wh)
         result = evaluate_model(model_path=onnx_path, data_dir=data, card_path=card_path, show_progress=False)
-    result["data"] = {"generator": "training.synth.SyntheticDataset", "seed": seed, "num_images": n}
+    generator = "training.synth.SyntheticDataset" if scene == "shapes" else f"training.plates ({scene})"
+    result["data"] = {"generator": generator, "seed": seed, "num_images": n}
     return result
 
 
@@ -342,7 +346,9 @@ def run_export(args: argparse.Namespace, command: str) -> None:
                           metrics=metrics)
         save_card(card, tmp_card)
         if args.data_seed is not None:
-            result = _evaluate_on_synthetic(tmp_onnx, tmp_card, args.data_seed, args.val_images)
+            result = _evaluate_on_synthetic(tmp_onnx, tmp_card, args.data_seed, args.val_images,
+                                            str(ckpt.get("scene", "shapes")),
+                                            (int(model.config.input_wh[0]), int(model.config.input_wh[1])))
             result["model"] = str(out)
             print(f"evaluation: {result.get('summary')}")
             card = card.model_copy(update={"metrics": result})

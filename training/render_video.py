@@ -5,7 +5,11 @@ encoded as H.264 with PyAV and ``FILE.json`` holds COCO ground truth whose image
 indices. Objects mostly hidden (by the frame edge or another object) are marked ``iscrowd`` so
 evaluation ignores them. CLI::
 
-    python -m training.render_video --out FILE.mp4 --seconds T --seed S
+    python -m training.render_video --out FILE.mp4 --seconds T --seed S [--scene shapes|plates]
+
+``--scene plates`` renders vehicles carrying license plates instead (:mod:`training.plates_video`):
+the ground truth's categories are ``plate`` (id 1) and the characters (ids 2..), plate annotations
+carry ``"text"``, character annotations ``"parent_id"`` (their plate's annotation id).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -112,7 +116,7 @@ def render_frames(seed: int, seconds: float, fps: int = DEFAULT_FPS,
 
 
 def render_video(out: Path, *, seconds: float, seed: int, fps: int = DEFAULT_FPS, crf: int = DEFAULT_CRF,
-                 command: str = "") -> tuple[int, int]:
+                 command: str = "", scene: str = "shapes") -> tuple[int, int]:
     """Render, encode and annotate the demo video (both files written atomically).
 
     Args:
@@ -122,6 +126,7 @@ def render_video(out: Path, *, seconds: float, seed: int, fps: int = DEFAULT_FPS
         fps: frame rate.
         crf: libx264 constant rate factor (lower is better quality).
         command: the command line, recorded in the ground truth ``info``.
+        scene: ``shapes`` or ``plates``.
 
     Returns:
         ``(frames, annotations)`` written.
@@ -140,19 +145,30 @@ def render_video(out: Path, *, seconds: float, seed: int, fps: int = DEFAULT_FPS
             stream.width, stream.height = 1280, 720
             stream.pix_fmt = "yuv420p"
             stream.options = {"crf": str(crf), "preset": "medium"}
-            for i, s in enumerate(render_frames(seed, seconds, fps)):
+            frames: Iterator[Any]
+            annotate: Callable[[Any, int, int], list[dict[str, Any]]] = sample_annotations
+            cats: list[dict[str, Any]] | None = None
+            if scene == "plates":
+                from training.plates_video import plate_annotations, plate_categories, render_plate_frames
+
+                frames, cats, annotate = render_plate_frames(seed, seconds, fps), plate_categories(), plate_annotations
+            else:
+                frames = render_frames(seed, seconds, fps)
+            for i, s in enumerate(frames):
                 frame = av.VideoFrame.from_ndarray(s.image, format="rgb24")
                 for packet in stream.encode(frame):
                     container.mux(packet)
                 h, w = s.image.shape[:2]
                 images.append({"id": i, "file_name": f"frame_{i:06d}", "width": w, "height": h,
                                "pts_s": i / fps})
-                anns.extend(sample_annotations(s, i, len(anns) + 1))
+                anns.extend(annotate(s, i, len(anns) + 1))
             for packet in stream.encode():
                 container.mux(packet)
-        doc = coco_document(images, anns, {"seed": seed, "seconds": seconds, "fps": fps, "crf": crf,
-                                           "video": out.name, "command": command,
-                                           "generator": "training.render_video"})
+        info = {"seed": seed, "seconds": seconds, "fps": fps, "crf": crf, "video": out.name, "command": command,
+                "generator": "training.render_video"}
+        if scene != "shapes":
+            info["scene"] = scene
+        doc = coco_document(images, anns, info, cats)
         tmp_gt.write_text(json.dumps(doc))
         os.replace(tmp_video, out)
         os.replace(tmp_gt, gt_path)
@@ -169,6 +185,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="scene seed")
     ap.add_argument("--fps", type=int, default=DEFAULT_FPS, help="frame rate")
     ap.add_argument("--crf", type=int, default=DEFAULT_CRF, help="H.264 quality (libx264 CRF)")
+    ap.add_argument("--scene", choices=("shapes", "plates"), default="shapes",
+                    help="moving shapes, or vehicles carrying license plates")
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def run(args: argparse.Namespace) -> None:
@@ -180,7 +198,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             raise ValueError(f"{args.out}: parent directory does not exist")
         with cannot_write(args.out, ValueError):
             n, k = render_video(args.out, seconds=args.seconds, seed=args.seed, fps=args.fps, crf=args.crf,
-                                command=command_line("training.render_video", argv, quote=False))
+                                command=command_line("training.render_video", argv, quote=False),
+                                scene=args.scene)
         print(f"wrote {args.out} ({n} frames) and {args.out.with_suffix('.json')} ({k} annotations)")
 
     return run_tool(ap, run, argv)

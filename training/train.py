@@ -2,10 +2,14 @@
 
 CLI::
 
-    python -m training.train --task detect|segment|semantic --out RUN_DIR [--images N] [--val-images N]
+    python -m training.train --task detect|segment|semantic [--scene shapes|plates|plate_chars] --out RUN_DIR
+        [--images N] [--val-images N]
         [--seed S] [--epochs E] [--batch B] [--lr LR] [--resume] [--max-iters K] [--threads T]
 
 ``--task semantic`` runs :func:`training.train_semantic.main` with the other arguments.
+``--scene plates`` trains the plate detector on plate-scene frames (class ``plate``), ``--scene
+plate_chars`` the character model on letterboxed plate crops rendered at ``--input``
+(:mod:`training.plates`; no flips, milder scale/translate); the scene is part of the data-cache key.
 
 Recipe (after ultralytics YOLOv8, Jocher et al.): AdamW (no weight decay on BatchNorm and biases),
 linear warmup then cosine decay to ``lr * 0.01``, an exponential moving average of the weights
@@ -48,6 +52,7 @@ from training.errors import TrainError
 from training.loop import autocast, bf16_supported, optimizer_step, param_groups, seed_everything, setup_run, use_bf16
 from training.loss import DetectionLoss
 from training.model import CHECKPOINT_FORMAT, Detector, DetectorConfig, model_summary
+from training.plates import SCENES, scene_class_names
 from training.runlog import RunLog
 from training.schedule import current_lr, warmup_cosine
 from training.traindata import BatchLoader, CacheSpec, load_or_build_cache
@@ -70,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", choices=("detect", "segment", "semantic"), default="detect")
+    p.add_argument("--scene", choices=SCENES, default="shapes",
+                   help="training data: shapes, plate-scene frames (plate detector) or letterboxed plate crops "
+                        "(character segmenter, rendered at --input)")
     p.add_argument("--out", required=True, help="run directory (last.pt, best.pt, log.csv)")
     p.add_argument("--images", type=int, default=4000, help="training images (SyntheticDataset size)")
     p.add_argument("--val-images", type=int, default=200, help=f"validation images (seed + {VAL_SEED_OFFSET})")
@@ -90,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model input WIDTHxHEIGHT (multiples of 32)")
     p.add_argument("--width-mult", type=float, default=1.0, help="channel multiplier of the detector")
     p.add_argument("--depth-mult", type=float, default=1.0, help="C2f depth multiplier of the detector")
-    p.add_argument("--h264-fraction", type=float, default=0.5, help="fraction of images re-encoded as H.264")
+    p.add_argument("--h264-fraction", type=float, default=None,
+                   help="fraction of images re-encoded as H.264 (default 0.5; 0 for plate_chars, whose crops "
+                        "carry their own x264/JPEG round trip)")
     p.add_argument("--no-augment", action="store_true", help="no per-batch augmentation")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="rendered-data cache ('' for none)")
     p.add_argument("--workers", type=int, default=1, help="processes rendering the data cache")
@@ -182,6 +192,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
         ckpt: dict[str, Any] | None = None
         if args.resume:
             args, ckpt = _load_resume(out, argv)
+        if args.h264_fraction is None:
+            args.h264_fraction = 0.0 if args.scene == "plate_chars" else 0.5
+        if args.task == "semantic" and args.scene != "shapes":
+            raise TrainError(f"--scene {args.scene}: semantic training is for the shapes scene only")
         _check_args(args)
         out.mkdir(parents=True, exist_ok=True)
         setup_run(threads=args.threads, seed=args.seed)
@@ -192,12 +206,12 @@ class _Run:
     """One detector training run: model, data, optimizer, schedule, EMA, log, and the epoch loop."""
 
     def __init__(self, args: argparse.Namespace, argv: list[str], out: Path, ckpt: dict[str, Any] | None) -> None:
-        from training.synth import CLASS_NAMES
-
-        self.args, self.out, self.ckpt, self.class_names = args, out, ckpt, CLASS_NAMES
+        scene = getattr(args, "scene", "shapes")
+        class_names = scene_class_names(scene)
+        self.args, self.out, self.ckpt, self.class_names = args, out, ckpt, class_names
         self.data_seed = args.seed if args.data_seed is None else args.data_seed
         segment = args.task == "segment"
-        config = DetectorConfig(num_classes=len(CLASS_NAMES), segment=segment, width_mult=args.width_mult,
+        config = DetectorConfig(num_classes=len(class_names), segment=segment, width_mult=args.width_mult,
                                 depth_mult=args.depth_mult, input_wh=tuple(args.input))
         model = Detector(config)
         if args.init and ckpt is None:
@@ -211,17 +225,20 @@ class _Run:
               f"channels={self.summary['channels']} input_wh={tuple(config.input_wh)} bf16={self.bf16}", flush=True)
         cache_dir = args.cache_dir or None
         train_spec = CacheSpec(seed=self.data_seed, num_images=args.images, input_wh=config.input_wh,
-                               with_masks=segment, h264_fraction=args.h264_fraction)
+                               with_masks=segment, h264_fraction=args.h264_fraction, scene=scene)
         val_spec = CacheSpec(seed=self.data_seed + VAL_SEED_OFFSET, num_images=args.val_images,
-                             input_wh=config.input_wh, with_masks=segment, h264_fraction=args.h264_fraction)
+                             input_wh=config.input_wh, with_masks=segment, h264_fraction=args.h264_fraction,
+                             scene=scene)
         train_cache = load_or_build_cache(train_spec, cache_dir, workers=args.workers, progress=self.progress)
         val_cache = load_or_build_cache(val_spec, cache_dir, workers=args.workers, progress=self.progress)
-        augment = NO_AUGMENT if args.no_augment else AugmentConfig()
+        augment = NO_AUGMENT if args.no_augment else (
+            # text reads left to right: no mirror; crops are centred by the letterbox: mild scale/shift
+            AugmentConfig(fliplr=0.0, scale=0.15, translate=0.05) if scene == "plate_chars" else AugmentConfig())
         self.loader = BatchLoader(cache=train_cache, batch_size=args.batch, augment=augment, seed=args.seed,
                                   with_masks=segment)
         self.val_loader = BatchLoader(cache=val_cache, batch_size=args.batch, shuffle=False, drop_last=False,
                                       with_masks=segment)
-        self.gt_coco = coco_ground_truth(val_cache, CLASS_NAMES)
+        self.gt_coco = coco_ground_truth(val_cache, class_names)
         self.loss_fn = DetectionLoss(model=self.model)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.lr,
                                            betas=(0.9, 0.999))
@@ -323,6 +340,7 @@ class _Run:
             train_images=args.images,
             val_images=args.val_images,
             h264_fraction=args.h264_fraction,
+            scene=getattr(args, "scene", "shapes"),
             val_metrics={"mAP50": val.map50, "mAP50-95": val.map50_95,
                          **{f"loss_{k}": v for k, v in val.losses.items()}},
             summary=self.summary,

@@ -50,6 +50,9 @@ class CacheSpec:
         with_masks: store instance masks at ``input / 4``.
         h264_fraction: fraction of images re-encoded as H.264.
         crf_range: inclusive CRF range of the re-encoding.
+        scene: what the images show (:data:`training.plates.SCENES`): ``shapes`` (the default, whose
+            key has no scene part), ``plates`` (plate-scene frames), ``plate_chars`` (plate crops
+            already letterboxed into ``input_wh``).
     """
 
     seed: int
@@ -58,6 +61,7 @@ class CacheSpec:
     with_masks: bool = False
     h264_fraction: float = 0.5
     crf_range: tuple[int, int] = (20, 38)
+    scene: str = "shapes"
 
     def __post_init__(self) -> None:
         if self.num_images <= 0:
@@ -74,7 +78,8 @@ class CacheSpec:
         """Directory name of the cache."""
         w, h = self.input_wh
         return (f"synth-v{CACHE_VERSION}-s{self.seed}-n{self.num_images}-{w}x{h}-m{int(self.with_masks)}"
-                f"-h{self.h264_fraction:g}-crf{self.crf_range[0]}_{self.crf_range[1]}")
+                f"-h{self.h264_fraction:g}-crf{self.crf_range[0]}_{self.crf_range[1]}"
+                + ("" if self.scene == "shapes" else f"-{self.scene}"))
 
 
 @dataclass(frozen=True)
@@ -151,9 +156,9 @@ def masks_frame_to_input(masks: U8, frame_hw: tuple[int, int], input_wh: tuple[i
 
 def _render_block(spec: CacheSpec, start: int, stop: int) -> dict[str, Any]:
     """Render, re-encode and letterbox images ``start:stop`` (one H.264 clip at most)."""
-    from training.synth import SyntheticDataset
+    from training.plates import scene_dataset
 
-    ds = SyntheticDataset(seed=spec.seed, num_images=spec.num_images)
+    ds = scene_dataset(spec.scene, seed=spec.seed, num_images=spec.num_images, input_wh=spec.input_wh)
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, start, 0x264]))
     encode = rng.random(stop - start) < spec.h264_fraction
     crf = int(rng.integers(spec.crf_range[0], spec.crf_range[1] + 1))
@@ -248,6 +253,8 @@ def save_cache(cache: DetectionCache, directory: str | os.PathLike[str]) -> Path
         meta = {"version": CACHE_VERSION, "seed": spec.seed, "num_images": spec.num_images,
                 "input_wh": list(spec.input_wh), "with_masks": spec.with_masks,
                 "h264_fraction": spec.h264_fraction, "crf_range": list(spec.crf_range)}
+        if spec.scene != "shapes":
+            meta["scene"] = spec.scene
         (tmp / "meta.json").write_text(json.dumps(meta))
         if final.exists():
             shutil.rmtree(final)
