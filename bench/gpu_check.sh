@@ -4,14 +4,17 @@
 #
 #   bash bench/gpu_check.sh [--wheels DIR] [--out DIR] [--dry-run] [-- extra gpu_check.py args]
 #
-# --wheels DIR  the wheels of what the GPU machine lacks (default .whl; not needed with --dry-run)
+# --wheels DIR  what the GPU machine lacks: DIR/site.tar.xz made by bench/gpu_wheels.sh (or plain
+#               *.whl files); default .whl; not needed with --dry-run
 # --out DIR     results folder (default bench/results/<time>-<device>)
 # --dry-run     the CPU paths with tiny sizes (CI); no GPU, no install
+# --install-only  stop after installing --wheels and checking the imports
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHEELS=""
 OUT=""
 DRY=0
+INSTALL_ONLY=0
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -20,14 +23,15 @@ while [ $# -gt 0 ]; do
     --out) OUT="${2:-}"; shift 2 ;;
     --out=*) OUT="${1#*=}"; shift ;;
     --dry-run) DRY=1; shift ;;
+    --install-only) INSTALL_ONLY=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "error: bench/gpu_check.sh: unknown argument $1 (--wheels DIR, --out DIR, --dry-run)" >&2; exit 2 ;;
   esac
 done
 PY="${PYTHON:-python3}"
 # What the GPU machine lacks of pyproject's runtime dependencies (and the test clips' package), pinned.
-PKGS="av==18.1.0 pyzmq==27.3.0 pydantic==2.13.4 pydantic-core==2.46.4 pydantic-settings==2.14.1 annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0 python-dotenv==1.2.2 pycocotools==2.0.11 paho-mqtt==2.2.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 websockets==17.4 scikit-video==1.1.11"
-DOWNLOAD="python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $PKGS"
+PKGS="$(grep -v '^#' "$ROOT/bench/gpu_packages.txt" | xargs)"
+DOWNLOAD="bash bench/gpu_wheels.sh (writes .whl/site.tar.xz: $PKGS for CPython 3.12 x86_64)"
 
 if [ "$DRY" = 0 ]; then
   if ! { nvidia-smi -L >/dev/null 2>&1 || "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' >/dev/null 2>&1; }; then
@@ -37,14 +41,22 @@ if [ "$DRY" = 0 ]; then
   WHEELS="${WHEELS:-$ROOT/.whl}"
 fi
 if [ -n "$WHEELS" ]; then
-  if [ ! -d "$WHEELS" ] || ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    echo "error: wheel folder $WHEELS missing or empty: on a machine with network, in the repo root: $DOWNLOAD" >&2
-    exit 1
-  fi
   SITE="${TMPDIR:-/tmp}/streamdet-gpu-check-site"
-  echo "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE"
-  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl; then
-    echo "error: pip could not install the wheels in $WHEELS (see above); make them with: $DOWNLOAD" >&2
+  if [ -f "$WHEELS/site.tar.xz" ]; then
+    echo "unpacking $WHEELS/site.tar.xz into $SITE"
+    rm -rf "$SITE" && mkdir -p "$SITE"
+    if ! tar -xJf "$WHEELS/site.tar.xz" -C "$SITE"; then
+      echo "error: cannot unpack $WHEELS/site.tar.xz (see above); make it again with: $DOWNLOAD" >&2
+      exit 1
+    fi
+  elif [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE"
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl; then
+      echo "error: pip could not install the wheels in $WHEELS (see above); make them with: $DOWNLOAD" >&2
+      exit 1
+    fi
+  else
+    echo "error: wheel folder $WHEELS missing or empty: on a machine with network, in the repo root: $DOWNLOAD" >&2
     exit 1
   fi
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -56,6 +68,10 @@ need = ["av", "zmq", "pydantic", "pydantic_settings", "msgpack", "onnx", "onnxru
 print(" ".join(m for m in need if u.find_spec(m) is None))' 2>&1) || [ -n "$MISSING" ]; then
   echo "error: python modules missing: $MISSING; wheels for them: $DOWNLOAD" >&2
   exit 1
+fi
+if [ "$INSTALL_ONLY" = 1 ]; then
+  echo "installed: every module the check needs imports"
+  exit 0
 fi
 export PYTHONUNBUFFERED=1
 ARGS=()

@@ -75,15 +75,32 @@ def test_missing_wheel_folder_names_the_download(tmp_path: Path) -> None:
     assert r.returncode == 1 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "wheel folder" in lines[0]
-    assert "pip download --no-deps --only-binary=:all: --python-version 3.12" in lines[0]
+    assert "bash bench/gpu_wheels.sh" in lines[0]
     assert "pydantic==" in lines[0] and "pydantic-core==" in lines[0] and "av==" in lines[0]
+
+
+def test_packed_site_is_unpacked_onto_the_path(tmp_path: Path) -> None:
+    """``--wheels DIR`` with ``DIR/site.tar.xz`` (bench/gpu_wheels.sh): unpacked and first on PYTHONPATH."""
+    import tarfile
+
+    site = tmp_path / "site"
+    (site / "streamdet_probe_pkg").mkdir(parents=True)
+    (site / "streamdet_probe_pkg" / "__init__.py").write_text("")
+    (tmp_path / "w").mkdir()
+    with tarfile.open(tmp_path / "w" / "site.tar.xz", "w:xz") as tar:
+        tar.add(site, arcname=".")
+    r = _run("--dry-run", "--install-only", "--wheels", str(tmp_path / "w"), timeout=60,
+             env={"TMPDIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert "unpacking" in r.stdout and "installed" in r.stdout
+    assert (tmp_path / "streamdet-gpu-check-site" / "streamdet_probe_pkg" / "__init__.py").is_file()
 
 
 def test_wheel_list_pins_the_pydantic_core_pydantic_needs() -> None:
     from importlib.metadata import requires, version
 
-    text = SCRIPT.read_text()
-    pins = dict(p.split("==") for p in text.split('PKGS="')[1].split('"')[0].split())
+    text = (ROOT / "bench" / "gpu_packages.txt").read_text()
+    pins = dict(p.split("==") for p in text.split() if "==" in p)
     need = [r for r in requires("pydantic") or [] if r.startswith("pydantic-core") and "extra" not in r]
     assert need and need[0].replace(" ", "") == f"pydantic-core=={pins['pydantic-core']}"
     assert pins["pydantic"] == version("pydantic")
