@@ -31,7 +31,7 @@ from tests.helpers.standin_seg import build_segment_standin, build_semantic_stan
 from tests.pipeline.test_rect_inference import ultralytics_letterbox
 from tests.pipeline.test_supervise import strip_timing
 
-FRAMES = 40
+FRAMES = 30
 SEC_WH = (128, 64)
 SEC = {"classes": ["red", "blue"], "min_side_px": 12.0, "pad": 0.1, "max_crops": 3, "max_batch": 16,
        "score_threshold": 0.25, "iou_threshold": 0.5, "class_agnostic": True, "max_detections": 32}
