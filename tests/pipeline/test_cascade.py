@@ -150,7 +150,7 @@ def test_killed_secondary_engine_and_postprocess_change_nothing(tmp_path, models
 
     def monitor(p: Pipeline) -> None:
         pids = p.stage_pids()
-        for victim, at in (("secondary:segstandin", 12), ("postprocess", 40)):
+        for victim, at in (("secondary:segstandin", 10), ("postprocess", 24)):
             if victim not in kills and p.frames_done >= at and not p.restarting and victim in pids \
                     and len(kills) == (0 if victim.startswith("secondary") else 1):
                 os.kill(pids[victim], signal.SIGKILL)
