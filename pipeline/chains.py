@@ -21,7 +21,7 @@ from pipeline.slotpool import pool_name
 from pipeline.sources.probe import SourceError, SourceInfo, probe_source
 from pipeline.stages.base import StageSpec
 from pipeline.stages.decode import DecodeSpec
-from pipeline.stages.engine import EngineSpec, ModelInfo, check_card_against_model, inspect_onnx, resolve_card
+from pipeline.stages.engine import EngineSpec, ModelInfo, batching, checked_card, inspect_onnx
 from pipeline.stages.live_view import PreviewConfig
 from pipeline.stages.postprocess import PostprocessSpec
 from pipeline.stages.preprocess import PreprocessSpec
@@ -179,20 +179,14 @@ def prepare_model(settings: Settings, model_path: Path, card_path: Path | None, 
     s = settings
     try:
         info = inspect_onnx(model_path)
-        card = resolve_card(info, card_path)
-        card_name = str(card_path) if card_path is not None else (
-            str(info.path.with_suffix(".json")) if info.path.with_suffix(".json").is_file()
-            else "ONNX metadata")
-        check_card_against_model(card, info, card_name)
+        card = checked_card(info, card_path)
         from engines.select import choose_backend, engine_class
 
         eng = s.engine
         choice = choose_backend(eng.backend, eng.device, info.path, allow_fallback=eng.allow_fallback)
     except (EngineError, ModelCardError) as e:
         raise PipelineError(str(e)) from e
-    max_batch, pad = s.preprocess.max_batch, False
-    if info.static_batch is not None or not card.input.dynamic_batch:
-        max_batch, pad = info.static_batch or 1, True
+    max_batch, pad = batching(info, card, s.preprocess.max_batch)
     if tensor_device is None and s.preprocess.on_device and choice.device != "cpu" \
             and issubclass(engine_class(choice.backend), DeviceEngine):
         tensor_device = choice.device

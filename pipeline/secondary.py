@@ -16,7 +16,7 @@ from engines.base import EngineError
 from pipeline.settings import SecondarySettings, Settings
 from pipeline.slotpool import pool_name
 from pipeline.stages.cascade import SecondaryEngineSpec, SecondaryLink
-from pipeline.stages.engine import ModelInfo, check_card_against_model, inspect_onnx, resolve_card
+from pipeline.stages.engine import ModelInfo, batching, checked_card, inspect_onnx
 from pipeline.summary import PipelineError
 from pipeline.supervise import LedgerRef
 from pipeline.transport import StageEndpoints, TransportMode
@@ -70,10 +70,7 @@ def _prepare_one(settings: Settings, sec: SecondarySettings, primary: ModelCard)
     where = f"secondary model {sec.model}"
     try:
         info = inspect_onnx(sec.model)
-        card = resolve_card(info, sec.card)
-        card_name = str(sec.card) if sec.card is not None else (
-            str(info.path.with_suffix(".json")) if info.path.with_suffix(".json").is_file() else "ONNX metadata")
-        check_card_against_model(card, info, card_name)
+        card = checked_card(info, sec.card)
         from engines.select import choose_backend
 
         eng = settings.engine
@@ -92,10 +89,7 @@ def _prepare_one(settings: Settings, sec: SecondarySettings, primary: ModelCard)
         if long:
             raise PipelineError(f"{where}: read_text needs one character per class name, but its card "
                                 f"({card.name}) has {long[0]!r}")
-    max_batch, pad = sec.max_batch, False
-    b = info.static_batch
-    if b is not None or not card.input.dynamic_batch:
-        max_batch, pad = b or 1, True
+    max_batch, pad = batching(info, card, sec.max_batch)
     ids = tuple(primary.class_names.index(c) for c in dict.fromkeys(sec.classes))
     return SecondaryModel(sec, info, card, ids, max_batch, pad)
 

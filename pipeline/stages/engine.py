@@ -209,6 +209,37 @@ def check_card_against_model(card: ModelCard, info: ModelInfo, card_name: str = 
         raise ModelCardError(f"{where}: {e}") from e
 
 
+def checked_card(info: ModelInfo, card_path: str | os.PathLike[str] | None = None) -> ModelCard:
+    """The model's card (:func:`resolve_card`), checked against the model (:func:`check_card_against_model`).
+
+    Args:
+        info: the inspected model.
+        card_path: an explicit card file, or None (``MODEL.json`` beside the model, else its ONNX metadata).
+
+    Returns:
+        The checked :class:`ModelCard`.
+
+    Raises:
+        ModelCardError: if the card is missing or invalid, or contradicts the model (naming both).
+    """
+    card = resolve_card(info, card_path)
+    beside = info.path.with_suffix(".json")
+    name = str(card_path) if card_path is not None else (str(beside) if beside.is_file() else "ONNX metadata")
+    check_card_against_model(card, info, name)
+    return card
+
+
+def batching(info: ModelInfo, card: ModelCard, max_batch: int) -> tuple[int, bool]:
+    """Images per engine batch and whether batches are padded: ``max_batch``, unless the model's batch size is fixed.
+
+    Returns:
+        ``(batch, pad)``: ``(max_batch, False)`` for a dynamic batch, else ``(static size, True)``.
+    """
+    if info.static_batch is not None or not card.input.dynamic_batch:
+        return info.static_batch or 1, True
+    return max_batch, False
+
+
 def make_engine(*, backend: Backend, model_path: str | os.PathLike[str], device: str = "cpu",
                 intra_op_threads: int = 0, allow_fallback: bool = False) -> Engine:
     """Create the engine for a backend and device (not started), via :func:`engines.select.select_engine`.

@@ -450,13 +450,9 @@ class PostprocessStage(DynamicSources, Stage):
         """Send a preview of the frame (its pixels from the slot; a copy is drawn on, before the other sinks)."""
         assert self.live_view is not None
         f = item.record.frame
-        if pixels is None:
-            if f.slot < 0:
-                return  # inline frames (tcp://) kept only when a sink needs pixels
-            h, w = f.frame_hw
-            try:
-                pixels = self._pools.get(f.pool).view(f.slot, (h, w, 3))
-            except StalePoolError:
+        if pixels is None:  # (inline frames (tcp://) are kept only when a sink needs pixels; a stale pool: gone)
+            pixels = pixels_of(self._pools, item.record)
+            if pixels is None:
                 return
         self.live_view.frame(f.source_id, f.frame_index, pixels, item.detections, item.class_names)
 
