@@ -1,6 +1,7 @@
 """Pipeline throughput against a naive loop and against the engine alone, on the same model and frames.
 
-    python bench/pipeline_bench.py --video PATH [--model MODEL.onnx] [--frames N] [--soak LOOPS]
+    python bench/pipeline_bench.py --video PATH [--model MODEL.onnx] [--frames N] [--rounds R] [--profile]
+                                   [--soak LOOPS]
 
 Measured in one run, on the first ``N`` frames of the video:
 
@@ -16,6 +17,17 @@ Measured in one run, on the first ``N`` frames of the video:
 postprocess cost per frame is measured in-process on the engine's outputs for those frames:
 ``mask_ms_per_frame`` = (postprocess with masks + COCO RLE encoding of the published masks) -
 (postprocess boxes only).
+
+``--rounds R`` (default 3) repeats (c), (b), (a) and (c) again R times: each round compares the
+pipeline with the mean of the engine-only runs just before and after it, and the ratios on the
+last line are the medians over the rounds. On the shared 2-core machine the engine alone drifts by
+up to 20 % within seconds (26.8 → 22.1 fps, same batches), which a single (c)-then-(a) pair turns
+into a ratio error of the same size.
+
+``--profile``: while the pipeline runs, each stage process's CPU time (user + system, all its
+threads, from ``/proc/<pid>/stat``) and context switches (voluntary + involuntary, all threads)
+are sampled, and printed per frame next to the runner's own CPU, so that the time the stages take
+from the engine on a small machine is visible.
 
 ``--soak LOOPS`` also runs the pipeline over the video LOOPS times and prints the resident memory
 of the stage processes over time (it must stay flat). The last line is
@@ -137,6 +149,65 @@ def bench_mask_cost(model: Path, card: Any, frames: list[np.ndarray], batch: int
             "mask_ms": 1000 * (t_on + t_rle - t_off) / n, "dets_per_frame": sum(len(d) for d in dets) / n}
 
 
+def proc_cpu_switches(pid: int) -> tuple[float, int] | None:
+    """CPU seconds (user + system, all threads) and context switches (all threads) of a process, None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        switches = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/status", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        switches += int(line.split()[1])
+        return cpu, switches
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class StageProfile:
+    """Pipeline monitor: CPU time and context switches of each stage process and of the runner, per frame.
+
+    Counted from the first sample after the first frame came out of the pipeline (start-up, model
+    loading and warm-up left out) to the last sample (the runner calls monitors every 0.5 s).
+    """
+
+    def __init__(self) -> None:
+        self.first: dict[str, tuple[float, int]] = {}
+        self.last: dict[str, tuple[float, int]] = {}
+        self.frames0 = self.frames1 = 0
+        self.runner0 = self.runner1 = 0.0
+        self.t0 = self.t1 = 0.0
+
+    def __call__(self, pipe: Any) -> None:
+        frames = pipe.frames_done
+        if frames == 0:
+            return
+        now = {label: got for label, pid in pipe.stage_pids().items() if (got := proc_cpu_switches(pid)) is not None}
+        if not self.first:
+            self.first, self.frames0, self.runner0, self.t0 = now, frames, time.process_time(), time.monotonic()
+        self.last.update(now)
+        self.frames1, self.runner1, self.t1 = frames, time.process_time(), time.monotonic()
+
+    def lines(self) -> list[str]:
+        n = self.frames1 - self.frames0
+        if n <= 0:
+            return ["too few samples to profile (a longer run: --frames)"]
+        out, total = [], self.runner1 - self.runner0
+        for label, (cpu, sw) in sorted(self.last.items()):
+            cpu0, sw0 = self.first.get(label, (0.0, 0))
+            total += cpu - cpu0
+            out.append(f"{label:>14}: {1000 * (cpu - cpu0) / n:6.2f} ms CPU/frame, "
+                       f"{(sw - sw0) / n:6.1f} switches/frame")
+        cores = os.cpu_count() or 1
+        wall = 1000 * (self.t1 - self.t0) / n
+        out.append(f"{'runner':>14}: {1000 * (self.runner1 - self.runner0) / n:6.2f} ms CPU/frame")
+        out.append(f"{'all':>14}: {1000 * total / n:6.2f} ms CPU/frame of {wall * cores:.2f} available "
+                   f"({wall:.2f} ms wall/frame x {cores} cores; {n} frames)")
+        return out
+
+
 def bench_pipeline(settings: Any, monitor: Any = None) -> tuple[float, Any]:
     from pipeline.runner import Pipeline
 
@@ -156,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="ONNX Runtime intra-op threads for the pipeline's engine (default: the setting)")
     p.add_argument("--soak", type=int, default=0, metavar="LOOPS",
                    help="also loop the video LOOPS times through the pipeline and report resident memory")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of (c), (b), (a); the ratios are the medians of each round's (default %(default)s)")
+    p.add_argument("--profile", action="store_true",
+                   help="print each stage's CPU time and context switches per frame (from /proc)")
     p.add_argument("--masks", choices=("on", "off", "compare"), default=None,
                    help="segment / semantic models: pipeline with masks on, off or both, plus the mask cost per frame")
     args = p.parse_args(argv)
@@ -184,27 +259,47 @@ def main(argv: list[str] | None = None) -> int:
           f"frame={frames[0].shape[1]}x{frames[0].shape[0]} frames={n} batch={batch} cpus={os.cpu_count()} "
           f"pipeline_threads={settings.engine.intra_op_threads}")
 
-    engine_fps = bench_engine_only(Path(args.model), card, frames, batch, threads=0)
-    print(f"(c) engine only (batch {batch}, pre-decoded, pre-letterboxed): {engine_fps:.1f} fps")
     from streamdet.card import HeadLayout
 
-    if card.head.layout is HeadLayout.SEMANTIC_LOGITS:
-        naive_fps = float("nan")
-        print("(b) naive loop: skipped (semantic model)")
-    else:
-        naive_fps = bench_naive(Path(args.model), card, args.video, n, settings.postprocess.score_threshold,
-                                settings.postprocess.iou_threshold)
-        print(f"(b) naive loop (cv2 decode + resize, ORT, cv2.dnn.NMSBoxes): {naive_fps:.1f} fps")
     mask_modes = {"on": [True], "off": [False], "compare": [True, False]}[args.masks] if args.masks else [None]
-    fps_by_mode: dict[bool | None, float] = {}
-    for masks in mask_modes:
-        run_settings = settings if masks is None else settings.model_copy(
-            update={"postprocess": settings.postprocess.model_copy(update={"masks": masks})})
-        pipe_fps, summary = bench_pipeline(run_settings)
-        fps_by_mode[masks] = pipe_fps
-        how = "" if masks is None else f" masks {'on' if masks else 'off'}"
-        print(f"(a) pipeline{how}: {pipe_fps:.1f} fps ({summary.frames} frames in {summary.seconds:.2f} s, "
-              f"{summary.detections} detections)")
+    rounds: list[tuple[float, float, dict[bool | None, float]]] = []
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {r + 1} of {args.rounds}:")
+        engine_before = bench_engine_only(Path(args.model), card, frames, batch, threads=0)
+        print(f"(c) engine only (batch {batch}, pre-decoded, pre-letterboxed): {engine_before:.1f} fps")
+        if card.head.layout is HeadLayout.SEMANTIC_LOGITS:
+            naive_fps = float("nan")
+            print("(b) naive loop: skipped (semantic model)")
+        else:
+            naive_fps = bench_naive(Path(args.model), card, args.video, n, settings.postprocess.score_threshold,
+                                    settings.postprocess.iou_threshold)
+            print(f"(b) naive loop (cv2 decode + resize, ORT, cv2.dnn.NMSBoxes): {naive_fps:.1f} fps")
+        fps_by_mode: dict[bool | None, float] = {}
+        for masks in mask_modes:
+            run_settings = settings if masks is None else settings.model_copy(
+                update={"postprocess": settings.postprocess.model_copy(update={"masks": masks})})
+            profile = StageProfile() if args.profile else None
+            pipe_fps, summary = bench_pipeline(run_settings, profile)
+            fps_by_mode[masks] = pipe_fps
+            how = "" if masks is None else f" masks {'on' if masks else 'off'}"
+            print(f"(a) pipeline{how}: {pipe_fps:.1f} fps ({summary.frames} frames in {summary.seconds:.2f} s, "
+                  f"{summary.detections} detections)")
+            if profile is not None:
+                print("per-stage profile (from the first frame out, start-up left out):")
+                for line in profile.lines():
+                    print(line)
+        engine_after = bench_engine_only(Path(args.model), card, frames, batch, threads=0)
+        engine_fps = (engine_before + engine_after) / 2
+        print(f"(c) engine only again: {engine_after:.1f} fps; the pipeline is compared with the mean, "
+              f"{engine_fps:.1f} fps")
+        rounds.append((engine_fps, naive_fps, fps_by_mode))
+    # each round's ratios, then their medians (the machine's speed drifts between rounds, not within one)
+    vs_engine = float(np.median([m[mask_modes[0]] / e for e, _, m in rounds]))
+    vs_naive = float(np.median([m[mask_modes[0]] / nv for _, nv, m in rounds]))
+    engine_fps, naive_fps, fps_by_mode = rounds[-1]
+    if args.rounds > 1:
+        print("pipeline / engine only by round: " + ", ".join(f"{m[mask_modes[0]] / e:.2f}" for e, _, m in rounds))
     pipe_fps = fps_by_mode[mask_modes[0]]
     if args.masks:
         cost = bench_mask_cost(Path(args.model), card, frames, batch, settings.postprocess.to_config())
@@ -237,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"peak {s2.peak_rss_kib / 1024:.1f} MiB")
             step = max(1, len(samples) // 8)
             print("soak RSS samples (s, MiB): " + ", ".join(f"{t:.0f}:{r / 1024:.0f}" for t, r in samples[::step]))
-    print(f"pipeline_vs_engine_only={pipe_fps / engine_fps:.2f} pipeline_vs_naive={pipe_fps / naive_fps:.2f}")
+    print(f"pipeline_vs_engine_only={vs_engine:.2f} pipeline_vs_naive={vs_naive:.2f}")
     return 0
 
 

@@ -114,7 +114,7 @@ class Pipeline:
         settings: the run's settings.
         progress: show a tqdm progress bar on stderr (default: unless ``settings.quiet`` or stderr
             is not a TTY).
-        monitor: called about every 50 ms while running with the pipeline (e.g. to sample memory).
+        monitor: called every :data:`RSS_SAMPLE_S` (0.5 s) while running with the pipeline (e.g. to sample memory).
         tensor_device: tests only: run the device-tensor path (device preprocess, ``infer_device``,
             device NMS) with torch tensors on this device, whatever ``engine.device`` is (``"cpu"``
             exercises the GPU wiring without a GPU; needs ``--backend cuda``). None: the path runs

@@ -92,14 +92,22 @@ def crop_window(box_xyxy: npt.ArrayLike, frame_hw: tuple[int, int], pad: float) 
     return x0, y0, max(x0 + 1, min(fw, math.ceil(x2 + px))), max(y0 + 1, min(fh, math.ceil(y2 + py)))
 
 
-def children_to_frame(crop_dets: Detections, origin_xy: tuple[int, int], frame_hw: tuple[int, int]) -> Detections:
-    """Map a secondary model's detections on a crop to frame pixels.
+def children_to_frame(crop_dets: Detections, origin_xy: tuple[int, int], frame_hw: tuple[int, int],
+                      parent_xyxy: npt.ArrayLike | None = None) -> Detections:
+    """Map a secondary model's detections on a crop to frame pixels, clipped to their parent's box.
+
+    The crop is the parent box grown by the secondary's ``pad`` (context for the secondary model),
+    so a child can reach past its parent box. A child is a part of its parent: with
+    ``parent_xyxy`` its box is clipped to the parent box and its mask to the parent box's pixels
+    (floor/ceil of its edges), and a child left with no area is dropped. DeepStream clips a
+    secondary's objects to their parent the same way (``NvDsObjectMeta`` parent rectangles).
 
     Args:
         crop_dets: detections in crop pixels (the crop's letterbox already undone, clipped to the
             crop), with optional ``masks`` ``(K, ch, cw)`` in crop pixels.
         origin_xy: the crop's top-left corner ``(x0, y0)`` in frame pixels.
         frame_hw: frame size ``(height, width)``.
+        parent_xyxy: ``(4,)`` the parent's box xyxy in frame pixels, or None for no clipping.
 
     Returns:
         :class:`Detections` with boxes in frame pixels and, when the crop had masks, ``mask_rles``:
@@ -109,19 +117,33 @@ def children_to_frame(crop_dets: Detections, origin_xy: tuple[int, int], frame_h
         ValueError: if a mask does not fit in the frame at ``origin_xy``.
     """
     x0, y0 = int(origin_xy[0]), int(origin_xy[1])
-    boxes = crop_dets.boxes_xyxy + np.array([x0, y0, x0, y0], dtype=np.float32)
+    offset = np.array([x0, y0, x0, y0], dtype=np.float32)
+    boxes = crop_dets.boxes_xyxy + offset
+    keep = None
+    if parent_xyxy is not None and len(crop_dets):
+        px1, py1, px2, py2 = (float(v) for v in np.asarray(parent_xyxy, dtype=np.float32).reshape(4))
+        boxes[:, 0::2] = np.clip(boxes[:, 0::2], px1, px2)
+        boxes[:, 1::2] = np.clip(boxes[:, 1::2], py1, py2)
+        keep = np.flatnonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+        if keep.size == len(crop_dets):
+            keep = None
+    scores, class_ids, masks = crop_dets.scores, crop_dets.class_ids, crop_dets.masks
+    if keep is not None:
+        boxes, scores, class_ids = boxes[keep], scores[keep], class_ids[keep]
+        masks = masks[keep] if masks is not None else None
     rles = None
-    if crop_dets.masks is not None:
-        ch, cw = crop_dets.masks.shape[1:]
+    if masks is not None:
+        ch, cw = masks.shape[1:]
         out = []
-        for k in range(len(crop_dets)):
-            bx0, by0, bx1, by1 = crop_dets.boxes_xyxy[k]
+        for k in range(len(boxes)):
+            # the clipped box in crop pixels: the window of the crop's mask the child keeps
+            bx0, by0, bx1, by1 = (boxes[k] - offset).tolist()
             wx0, wy0 = max(0, math.floor(bx0)), max(0, math.floor(by0))
             wx1, wy1 = min(cw, math.ceil(bx1)), min(ch, math.ceil(by1))
-            win = crop_dets.masks[k, wy0:wy1, wx0:wx1] if wx1 > wx0 and wy1 > wy0 else np.zeros((0, 0), bool)
+            win = masks[k, wy0:wy1, wx0:wx1] if wx1 > wx0 and wy1 > wy0 else np.zeros((0, 0), bool)
             out.append(window_to_rle(win, x0 + wx0, y0 + wy0, frame_hw))
         rles = tuple(out)
-    return Detections(boxes.astype(np.float32, copy=False), crop_dets.scores, crop_dets.class_ids, mask_rles=rles)
+    return Detections(boxes.astype(np.float32, copy=False), scores, class_ids, mask_rles=rles)
 
 
 @dataclass(frozen=True, slots=True)

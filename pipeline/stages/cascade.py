@@ -230,20 +230,26 @@ class Cascade:
         f = item.record.frame
         entry = _Entry(item)
         dets: Detections = item.detections
+        plan: list[tuple[_Secondary, list[int]]] = []
         for k, sec in enumerate(self._sec):
             link = sec.link
             sel = select_parents(dets, link.parent_class_ids, min_side_px=link.min_side_px, max_crops=link.max_crops)
             sec.counts.too_small += sel.too_small
             sec.counts.over_limit += sel.over_limit
-            if sel.parents.size == 0:
-                continue
-            if pixels is None:
-                raise StageError(f"cascade: frame {f.frame_index} of {f.source_id} has crops but no pixels")
-            self._waiting[(f.source_id, f.frame_index)] = entry
-            for parent in sel.parents.tolist():
-                entry.outstanding.add((k, parent))
-                self._cut(sec, item.record, parent, dets.boxes_xyxy[parent], pixels)
+            if sel.parents.size:
+                plan.append((sec, sel.parents.tolist()))
+                entry.outstanding.update((k, parent) for parent in sel.parents.tolist())
         self._queues.setdefault(f.source_id, deque()).append(entry)
+        if not plan:
+            return
+        if pixels is None:
+            raise StageError(f"cascade: frame {f.frame_index} of {f.source_id} has crops but no pixels")
+        self._waiting[(f.source_id, f.frame_index)] = entry
+        # every crop is outstanding before the first is cut: waiting for a tensor slot in _cut takes
+        # results in (step), and an answer to this frame's first crops must not find it complete
+        for sec, parents in plan:
+            for parent in parents:
+                self._cut(sec, item.record, parent, dets.boxes_xyxy[parent], pixels)
 
     def _cut(self, sec: _Secondary, record: FrameRecord, parent: int, box: npt.NDArray[np.float32],
              pixels: npt.NDArray[np.uint8]) -> None:
@@ -350,7 +356,7 @@ class Cascade:
             entry = self._waiting.get((f.source_id, f.frame_index))
             if entry is None or (k, parent) not in entry.outstanding:
                 continue  # a frame forgotten meanwhile
-            children = children_to_frame(d, (x0, y0), f.frame_hw)
+            children = children_to_frame(d, (x0, y0), f.frame_hw, entry.item.detections.boxes_xyxy[parent])
             text = score = None
             if link.read_text:
                 text, score = read_text(children.boxes_xyxy, children.scores, children.class_ids,

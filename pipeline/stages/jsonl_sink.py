@@ -161,6 +161,9 @@ class JsonlSink(Sink):
         resume: after a crash, append to the partial file left behind (with rotation: the newest
             unfinished segment; older unfinished ones are finished), dropping a torn last line;
             False: start a new file as a first run does.
+        after_finish: with ``resume``, the crashed sink's run had already published everything (the
+            ledger's finished flag: it died while closing). Only the partial files it left are
+            finished; no new file is started, so a file it already renamed into place is kept as it is.
         warn: called with one line per write-error episode and per recovery (default: printed to
             stderr as ``warning: ...``).
         clock: wall-clock time in seconds (rotation by time, the flush window and the retry delay;
@@ -175,7 +178,7 @@ class JsonlSink(Sink):
     """
 
     def __init__(self, *, path: str | os.PathLike[str], flush_ms: float = 0.0,
-                 rotate: str | JsonlRotate | None = None, resume: bool = False,
+                 rotate: str | JsonlRotate | None = None, resume: bool = False, after_finish: bool = False,
                  warn: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time) -> None:
         if not flush_ms >= 0:
             raise ValueError(f"flush_ms {flush_ms}: expected 0 (every line) or more milliseconds")
@@ -183,6 +186,7 @@ class JsonlSink(Sink):
         self.flush_ms = float(flush_ms)
         self.rotate = parse_rotate(rotate) if isinstance(rotate, str) else rotate
         self.resume = resume
+        self.after_finish = after_finish
         self._warn = warn or _default_warn
         self._clock = clock
         self.lines = 0
@@ -263,6 +267,12 @@ class JsonlSink(Sink):
             seg = _Segment(newest, start)
             self._reopen(seg)
             self._segments.append(seg)
+        elif self.resume and self.after_finish:  # the dead sink had finished its file(s): nothing more to write
+            if self.rotate is None and self.path.is_file():
+                with open(self.path, "rb") as f:  # what the summary line reports: the file's lines
+                    self.lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+            self._state = "closed"
+            return
         else:
             self._new_segment(now)
         self._state = "open"

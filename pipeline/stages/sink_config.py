@@ -95,7 +95,7 @@ class SinkConfig:
                                  on_subscribers=ledger.set_subscribers if ledger is not None else None))
         if self.jsonl:
             sinks.append(JsonlSink(path=self.jsonl, flush_ms=self.jsonl_flush_ms, rotate=self.jsonl_rotate,
-                                   resume=self.resume))
+                                   resume=self.resume, after_finish=ledger is not None and ledger.finished))
         if self.mqtt is not None:
             sinks.append(MqttSink(config=self.mqtt))
         if self.forward is not None:

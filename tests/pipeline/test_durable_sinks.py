@@ -163,6 +163,18 @@ def test_resume_without_a_partial_file_starts_a_new_one(tmp_path):
     sink.close()
     assert out.read_bytes() == _line(_payload(0))
 
+@pytest.mark.parametrize("left", ["committed", "partial"])
+def test_resume_after_finish_keeps_what_the_dead_sink_finished(tmp_path, left):
+    """Killed while closing (every EOS published): a file already renamed into place is kept, a partial one finished."""
+    out = tmp_path / "o.jsonl"
+    whole = b"".join(_line(_payload(i)) for i in range(3))
+    (out if left == "committed" else _partial(out)).write_bytes(whole)
+    sink = JsonlSink(path=out, resume=True, after_finish=True)
+    sink.open()
+    sink.close()
+    assert out.read_bytes() == whole and not _partial(out).exists()
+    assert sink.describe() == f"jsonl {out}: {3 if left == 'committed' else 0} lines"
+
 
 # ---------------------------------------------------------------- rotation
 def _segment_key(p: Path) -> tuple[str, int]:
