@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -205,6 +205,9 @@ class Cascade:
         self._waiting: dict[tuple[str, int], _Entry] = {}
         self._held_eos: dict[str, EndOfStream] = {}
         self._ready_eos: list[EndOfStream] = []
+        self.on_wait: Callable[[], None] | None = None
+        """Called while waiting for a free secondary tensor slot: the stage's event handling, so that a
+        restart of a secondary engine (whose batches hold every slot) is heard and :meth:`resend` runs."""
 
     def sockets(self) -> list[zmq.Socket[Any]]:
         """The sockets the stage's poller should wake up for (results and credits)."""
@@ -275,6 +278,8 @@ class Cascade:
                 raise StageError("cascade: stopped while waiting for a secondary tensor slot")
             if sec.credits_in.poll(50, zmq.POLLIN) or sec.results_in.poll(0, zmq.POLLIN):
                 self.step()
+            if self.on_wait is not None:
+                self.on_wait()
             self._expire(sec)
         sec.slot = slot
         sec.tensor = sec.pool.view(slot, (sec.link.max_batch, *sec.row_shape), sec.dtype)

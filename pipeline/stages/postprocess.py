@@ -221,6 +221,8 @@ class PostprocessStage(DynamicSources, Stage):
         self._chain_cards: tuple[ModelCard, ...] = ()
         self._pool_of: dict[str, str] = {}  # dynamic: source id -> base name of its frame pool
         self.cascade = cascade
+        if cascade is not None:  # a restart of a secondary engine is heard while the cascade waits for a slot
+            cascade.on_wait = self._poll_events
         self._touched: set[str] = set()  # sources that published since the last release of held frames
         self._progress = [0, 0]  # frames, detections published and not yet reported
 
