@@ -99,8 +99,7 @@ def children_to_frame(crop_dets: Detections, origin_xy: tuple[int, int], frame_h
     The crop is the parent box grown by the secondary's ``pad`` (context for the secondary model),
     so a child can reach past its parent box. A child is a part of its parent: with
     ``parent_xyxy`` its box is clipped to the parent box and its mask to the parent box's pixels
-    (floor/ceil of its edges), and a child left with no area is dropped. DeepStream clips a
-    secondary's objects to their parent the same way (``NvDsObjectMeta`` parent rectangles).
+    (floor/ceil of its edges), and a child left with no area is dropped.
 
     Args:
         crop_dets: detections in crop pixels (the crop's letterbox already undone, clipped to the
