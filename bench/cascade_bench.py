@@ -28,19 +28,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from live_bench import RtspServerError, require_rtsp_server, rtsp_camera  # bench/ is the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVER = ROOT / "tests" / "helpers" / "rtsp_server.py"
-SYSTEM_PYTHON = "/usr/bin/python3"
 CACHE = Path.home() / ".cache" / "streamdet" / "cascade_bench"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def clip(seconds: float, seed: int) -> Path:
@@ -97,28 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         if not need.exists():
             print(f"error: {need}: the plate models are not built (docs/training.md)", file=sys.stderr)
             return 1
-    if not Path(SYSTEM_PYTHON).exists():
-        print(f"error: {SYSTEM_PYTHON}: not found (the RTSP server needs python3-gi)", file=sys.stderr)
-        return 1
-    video = clip(args.clip_seconds, args.seed)
-    port = free_port()
-    server = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(video), str(port), "--fps", str(args.fps)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        if server.stdout is None or server.stdout.readline().strip() != "ready":
-            print(f"error: the RTSP server did not start: {server.stderr.read() if server.stderr else ''}",
-                  file=sys.stderr)
-            return 1
-        url = f"rtsp://127.0.0.1:{port}/clip"
-        CACHE.mkdir(parents=True, exist_ok=True)
-        cas = run(url, cascade=True, seconds=args.duration, warmup=args.warmup, out=CACHE / "cascade.jsonl")
-        pri = run(url, cascade=False, seconds=args.duration, warmup=args.warmup, out=CACHE / "primary.jsonl")
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(5)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        require_rtsp_server()  # before the clip is rendered
+        with rtsp_camera(clip(args.clip_seconds, args.seed), args.fps) as url:
+            CACHE.mkdir(parents=True, exist_ok=True)
+            cas = run(url, cascade=True, seconds=args.duration, warmup=args.warmup, out=CACHE / "cascade.jsonl")
+            pri = run(url, cascade=False, seconds=args.duration, warmup=args.warmup, out=CACHE / "primary.jsonl")
+    except RtspServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     line = next((x for x in str(cas["summary"]).splitlines() if "secondary" in x), "")
     m = re.search(r"(\d+) crops in (\d+) batches \(([\d.]+) per batch, ([\d.]+) ms engine per batch\), "
                   r"([\d.]+) ms per crop", line)

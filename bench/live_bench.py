@@ -30,6 +30,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class RtspServerError(RuntimeError):
+    """The test RTSP server cannot run here, or did not start."""
+
+
+def require_rtsp_server() -> None:
+    """Raise :class:`RtspServerError` when the interpreter the RTSP server needs is missing."""
+    if not Path(SYSTEM_PYTHON).exists():
+        raise RtspServerError(f"{SYSTEM_PYTHON}: not found (the RTSP server needs python3-gi)")
+
+
+@contextmanager
+def rtsp_camera(video: str | Path, fps: int) -> Iterator[str]:
+    """Serve ``video`` in a loop as an H.264 RTSP camera at ``fps`` on 127.0.0.1 (the live-source tests' server).
+
+    Yields:
+        Its URL, ``rtsp://127.0.0.1:PORT/clip``. On exit the server gets SIGINT (killed after 5 s).
+
+    Raises:
+        RtspServerError: if ``/usr/bin/python3`` is missing or the server did not start.
+    """
+    require_rtsp_server()
+    port = free_port()
+    server = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(video), str(port), "--fps", str(fps)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if server.stdout is None or server.stdout.readline().strip() != "ready":
+            raise RtspServerError(f"the RTSP server did not start: {server.stderr.read() if server.stderr else ''}")
+        yield f"rtsp://127.0.0.1:{port}/clip"
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(5)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 @dataclass
@@ -148,50 +186,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="batch size of the batched run (default: settings)")
     p.add_argument("--smoke", action="store_true", help="10 s in all: 1 and 2 streams, 2 s each")
     args = p.parse_args(argv)
-    if not Path(SYSTEM_PYTHON).exists():
-        print(f"error: {SYSTEM_PYTHON}: not found (the RTSP server needs python3-gi)", file=sys.stderr)
-        return 1
     ramp = [int(x) for x in args.streams.split(",") if x.strip()]
     duration, warmup = args.duration, args.warmup
     if args.smoke:
         ramp, duration, warmup = [1, 2], 2.0, 0.5
-    port = free_port()
-    server = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), bikes_path(), str(port), "--fps", str(args.fps)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        if server.stdout is None or server.stdout.readline().strip() != "ready":
-            print(f"error: the RTSP server did not start: {server.stderr.read() if server.stderr else ''}",
-                  file=sys.stderr)
-            return 1
-        url = f"rtsp://127.0.0.1:{port}/clip"
-        best: Result | None = None
-        for n in ramp:
-            r = run_pipeline(args.model, url, n, duration, args.batch, warmup)
-            first, last = r.thirds()
-            p50, p99 = r.percentiles()
-            ok = sustained(r, args.fps)
-            print(f"streams={n} fps={r.fps:.1f} (target {n * args.fps}) p50_ms={p50:.1f} p99_ms={p99:.1f} "
-                  f"p99_first_third={first:.1f} p99_last_third={last:.1f} {'sustained' if ok else 'NOT sustained'}",
-                  flush=True)
-            if not ok:
-                break
-            best = r
-        max_n = best.streams if best else 0
-        over = max_n + 2
-        gain_s = duration if not args.smoke else 2.0
-        batched = run_pipeline(args.model, url, over, gain_s, args.batch, warmup)
-        single = run_pipeline(args.model, url, over, gain_s, 1, warmup)
-        gain = batched.fps / single.fps if single.fps > 0 else float("nan")
-        print(f"batching at {over} streams: batch {args.batch or 'default'} {batched.fps:.1f} fps, "
-              f"batch 1 {single.fps:.1f} fps", flush=True)
-        p50, p99 = best.percentiles() if best else (float("nan"), float("nan"))
-        print(f"max_streams={max_n} p50_ms={p50:.1f} p99_ms={p99:.1f} batching_gain={gain:.2f}")
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(5)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        with rtsp_camera(bikes_path(), args.fps) as url:
+            return serve_ramp(args, url, ramp, duration, warmup)
+    except RtspServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def serve_ramp(args: argparse.Namespace, url: str, ramp: list[int], duration: float, warmup: float) -> int:
+    """The stream ramp and the batching gain on the camera at ``url``; prints the figures."""
+    best: Result | None = None
+    for n in ramp:
+        r = run_pipeline(args.model, url, n, duration, args.batch, warmup)
+        first, last = r.thirds()
+        p50, p99 = r.percentiles()
+        ok = sustained(r, args.fps)
+        print(f"streams={n} fps={r.fps:.1f} (target {n * args.fps}) p50_ms={p50:.1f} p99_ms={p99:.1f} "
+              f"p99_first_third={first:.1f} p99_last_third={last:.1f} {'sustained' if ok else 'NOT sustained'}",
+              flush=True)
+        if not ok:
+            break
+        best = r
+    max_n = best.streams if best else 0
+    over = max_n + 2
+    gain_s = duration if not args.smoke else 2.0
+    batched = run_pipeline(args.model, url, over, gain_s, args.batch, warmup)
+    single = run_pipeline(args.model, url, over, gain_s, 1, warmup)
+    gain = batched.fps / single.fps if single.fps > 0 else float("nan")
+    print(f"batching at {over} streams: batch {args.batch or 'default'} {batched.fps:.1f} fps, "
+          f"batch 1 {single.fps:.1f} fps", flush=True)
+    p50, p99 = best.percentiles() if best else (float("nan"), float("nan"))
+    print(f"max_streams={max_n} p50_ms={p50:.1f} p99_ms={p99:.1f} batching_gain={gain:.2f}")
     return 0
 
 
