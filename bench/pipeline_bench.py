@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--masks", choices=("on", "off", "compare"), default=None,
                    help="segment / semantic models: pipeline with masks on, off or both, plus the mask cost per frame")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds: expected 1 or more, got {args.rounds}")
 
     from pipeline.runner import Pipeline, PipelineError, process_rss_kib
     from pipeline.settings import load_settings
@@ -294,13 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(c) engine only again: {engine_after:.1f} fps; the pipeline is compared with the mean, "
               f"{engine_fps:.1f} fps")
         rounds.append((engine_fps, naive_fps, fps_by_mode))
-    # each round's ratios, then their medians (the machine's speed drifts between rounds, not within one)
-    vs_engine = float(np.median([m[mask_modes[0]] / e for e, _, m in rounds]))
+    # each round's ratios (the engine-only runs bracket the pipeline run), then their medians
+    by_round = [m[mask_modes[0]] / e for e, _, m in rounds]
+    vs_engine = float(np.median(by_round))
     vs_naive = float(np.median([m[mask_modes[0]] / nv for _, nv, m in rounds]))
-    engine_fps, naive_fps, fps_by_mode = rounds[-1]
     if args.rounds > 1:
-        print("pipeline / engine only by round: " + ", ".join(f"{m[mask_modes[0]] / e:.2f}" for e, _, m in rounds))
-    pipe_fps = fps_by_mode[mask_modes[0]]
+        print("pipeline / engine only by round: " + ", ".join(f"{x:.2f}" for x in by_round))
     if args.masks:
         cost = bench_mask_cost(Path(args.model), card, frames, batch, settings.postprocess.to_config())
         print(f"mask postprocess per frame: boxes only {cost['boxes_only_ms']:.2f} ms, with masks "
