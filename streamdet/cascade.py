@@ -116,8 +116,7 @@ def children_to_frame(crop_dets: Detections, origin_xy: tuple[int, int], frame_h
         ValueError: if a mask does not fit in the frame at ``origin_xy``.
     """
     x0, y0 = int(origin_xy[0]), int(origin_xy[1])
-    offset = np.array([x0, y0, x0, y0], dtype=np.float32)
-    boxes = crop_dets.boxes_xyxy + offset
+    boxes = crop_dets.boxes_xyxy + np.array([x0, y0, x0, y0], dtype=np.float32)
     keep = None
     if parent_xyxy is not None and len(crop_dets):
         px1, py1, px2, py2 = (float(v) for v in np.asarray(parent_xyxy, dtype=np.float32).reshape(4))
@@ -135,10 +134,10 @@ def children_to_frame(crop_dets: Detections, origin_xy: tuple[int, int], frame_h
         ch, cw = masks.shape[1:]
         out = []
         for k in range(len(boxes)):
-            # the clipped box in crop pixels: the window of the crop's mask the child keeps
-            bx0, by0, bx1, by1 = (boxes[k] - offset).tolist()
-            wx0, wy0 = max(0, math.floor(bx0)), max(0, math.floor(by0))
-            wx1, wy1 = min(cw, math.ceil(bx1)), min(ch, math.ceil(by1))
+            # the window of the crop's mask the child keeps: its (clipped) box's pixels, floor/ceil in frame pixels
+            fx0, fy0, fx1, fy1 = boxes[k].tolist()
+            wx0, wy0 = max(0, math.floor(fx0) - x0), max(0, math.floor(fy0) - y0)
+            wx1, wy1 = min(cw, math.ceil(fx1) - x0), min(ch, math.ceil(fy1) - y0)
             win = masks[k, wy0:wy1, wx0:wx1] if wx1 > wx0 and wy1 > wy0 else np.zeros((0, 0), bool)
             out.append(window_to_rle(win, x0 + wx0, y0 + wy0, frame_hw))
         rles = tuple(out)

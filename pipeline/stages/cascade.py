@@ -240,8 +240,9 @@ class Cascade:
             sec.counts.too_small += sel.too_small
             sec.counts.over_limit += sel.over_limit
             if sel.parents.size:
-                plan.append((sec, sel.parents.tolist()))
-                entry.outstanding.update((k, parent) for parent in sel.parents.tolist())
+                parents = sel.parents.tolist()
+                plan.append((sec, parents))
+                entry.outstanding.update((k, parent) for parent in parents)
         self._queues.setdefault(f.source_id, deque()).append(entry)
         if not plan:
             return
