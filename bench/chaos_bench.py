@@ -573,7 +573,7 @@ def bench(args: argparse.Namespace, seed: int, clip: Path, servers: list[RtspSer
                     *({"id": cam, "url": s.url} for cam, s in zip(CAMERAS, servers, strict=True))],
         "model": str(args.model),
         "quiet": True,
-        "decode": {"loop": loop},
+        "decode": {"loop": loop, "placement": "separate"},  # a process per decoder: each is killed on its own
         "sinks": {"publish": endpoint, "publish_wait_subscribers": 1, "publish_wait_timeout_s": 30.0},
         "supervise": {"max_restarts": 1000, "window_s": 60.0},
     }

@@ -1,7 +1,7 @@
 """Pipeline throughput against a naive loop and against the engine alone, on the same model and frames.
 
     python bench/pipeline_bench.py --video PATH [--model MODEL.onnx] [--frames N] [--rounds R] [--profile]
-                                   [--soak LOOPS]
+                                   [--placement MODE] [--soak LOOPS]
 
 Measured in one run, on the first ``N`` frames of the video:
 
@@ -28,6 +28,11 @@ into a ratio error of the same size.
 threads, from ``/proc/<pid>/stat``) and context switches (voluntary + involuntary, all threads)
 are sampled, and printed per frame next to the runner's own CPU, so that the time the stages take
 from the engine on a small machine is visible.
+
+``--placement separate|with_preprocess|auto|compare``: where the decoders run
+(``decode.placement``; default: the setting). ``compare`` runs the pipeline both ways in each
+round (in alternating order) and adds ``with_preprocess_vs_separate=X.XX``, the median of the
+rounds' fps ratios; the last line's ratios are then those of ``with_preprocess``.
 
 ``--soak LOOPS`` also runs the pipeline over the video LOOPS times and prints the resident memory
 of the stage processes over time (it must stay flat). The last line is
@@ -233,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="print each stage's CPU time and context switches per frame (from /proc)")
     p.add_argument("--masks", choices=("on", "off", "compare"), default=None,
                    help="segment / semantic models: pipeline with masks on, off or both, plus the mask cost per frame")
+    p.add_argument("--placement", choices=("separate", "with_preprocess", "auto", "compare"), default=None,
+                   help="decode.placement of the pipeline runs, or compare separate and with_preprocess")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error(f"--rounds: expected 1 or more, got {args.rounds}")
@@ -265,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
 
     mask_modes = {"on": [True], "off": [False], "compare": [True, False]}[args.masks] if args.masks else [None]
     rounds: list[tuple[float, float, dict[bool | None, float]]] = []
+    from pipeline.sources.options import DecodePlacement
+
+    placements: list[DecodePlacement | None] = [None]
+    if args.placement == "compare":
+        placements = [DecodePlacement.SEPARATE, DecodePlacement.WITH_PREPROCESS]
+    elif args.placement is not None:
+        placements = [DecodePlacement(args.placement)]
+    fps_by_placement: dict[DecodePlacement, list[float]] = {}
     for r in range(args.rounds):
         if args.rounds > 1:
             print(f"round {r + 1} of {args.rounds}:")
@@ -278,13 +293,21 @@ def main(argv: list[str] | None = None) -> int:
                                     settings.postprocess.iou_threshold)
             print(f"(b) naive loop (cv2 decode + resize, ORT, cv2.dnn.NMSBoxes): {naive_fps:.1f} fps")
         fps_by_mode: dict[bool | None, float] = {}
-        for masks in mask_modes:
+        order = placements if r % 2 == 0 else placements[::-1]  # alternate which placement runs first
+        for masks, placement in [(m, pl) for m in mask_modes for pl in order]:
             run_settings = settings if masks is None else settings.model_copy(
                 update={"postprocess": settings.postprocess.model_copy(update={"masks": masks})})
+            if placement is not None:
+                run_settings = run_settings.model_copy(
+                    update={"decode": run_settings.decode.model_copy(update={"placement": placement})})
             profile = StageProfile() if args.profile else None
             pipe_fps, summary = bench_pipeline(run_settings, profile)
-            fps_by_mode[masks] = pipe_fps
+            if placement is None or placement is placements[-1]:
+                fps_by_mode[masks] = pipe_fps
+            if placement is not None:
+                fps_by_placement.setdefault(placement, []).append(pipe_fps)
             how = "" if masks is None else f" masks {'on' if masks else 'off'}"
+            how += "" if placement is None else f" decode.placement {placement.value}"
             print(f"(a) pipeline{how}: {pipe_fps:.1f} fps ({summary.frames} frames in {summary.seconds:.2f} s, "
                   f"{summary.detections} detections)")
             if profile is not None:
@@ -302,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     vs_naive = float(np.median([m[mask_modes[0]] / nv for _, nv, m in rounds]))
     if args.rounds > 1:
         print("pipeline / engine only by round: " + ", ".join(f"{x:.2f}" for x in by_round))
+    if args.placement == "compare":
+        sep = fps_by_placement[DecodePlacement.SEPARATE]
+        together = fps_by_placement[DecodePlacement.WITH_PREPROCESS]
+        ratios = [b / a for a, b in zip(sep, together, strict=True)]
+        print("with_preprocess / separate by run: " + ", ".join(f"{x:.2f}" for x in ratios))
+        print(f"with_preprocess_vs_separate={float(np.median(ratios)):.2f}")
     if args.masks:
         cost = bench_mask_cost(Path(args.model), card, frames, batch, settings.postprocess.to_config())
         print(f"mask postprocess per frame: boxes only {cost['boxes_only_ms']:.2f} ms, with masks "

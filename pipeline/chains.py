@@ -9,6 +9,7 @@ stage process.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ from engines.base import Backend, DeviceEngine, EngineError
 from pipeline.secondary import SecondaryModel, prepare_secondaries, secondary_specs
 from pipeline.settings import Settings
 from pipeline.slotpool import pool_name
+from pipeline.sources.options import SMALL_MACHINE_CORES, DecodePlacement
 from pipeline.sources.probe import SourceError, SourceInfo, probe_source
 from pipeline.stages.base import StageSpec
+from pipeline.stages.colocated import ColocatedSpec
 from pipeline.stages.decode import DecodeSpec
 from pipeline.stages.engine import EngineSpec, ModelInfo, batching, checked_card, inspect_onnx
 from pipeline.stages.live_view import PreviewConfig
@@ -128,6 +131,9 @@ def prepare_run(settings: Settings, tensor_device: str | None = None) -> Prepare
         PipelineError: naming the first bad input (exit code 1).
     """
     s = settings
+    if s.control.port is not None and s.decode.placement is DecodePlacement.WITH_PREPROCESS:
+        raise PipelineError("decode.placement with_preprocess cannot be used with control.port (sources added at "
+                            "runtime are decoded in processes of their own): use separate or auto")
     if s.control.port is not None and s.transport.mode is not TransportMode.IPC:
         raise PipelineError("control.port needs transport.mode ipc (sources added at runtime get shared-memory "
                             f"frame pools), got {s.transport.mode.value}")
@@ -226,6 +232,25 @@ def rect_stride(info: ModelInfo, card: ModelCard) -> int | None:
         return 32
 
 
+def decode_placement(settings: Settings, cpu_count: int | None = None) -> DecodePlacement:
+    """Where the decoders of the sources given at start-up run: ``decode.placement`` with ``auto`` resolved.
+
+    Args:
+        settings: the run's settings.
+        cpu_count: the machine's cores (None: ``os.cpu_count()``).
+
+    Returns:
+        :attr:`DecodePlacement.SEPARATE` or :attr:`DecodePlacement.WITH_PREPROCESS`.
+    """
+    placement = settings.decode.placement
+    if placement is not DecodePlacement.AUTO:
+        return placement
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    if cores <= SMALL_MACHINE_CORES and settings.control.port is None:
+        return DecodePlacement.WITH_PREPROCESS
+    return DecodePlacement.SEPARATE
+
+
 def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpoints, pools: list[str],
                 tensor_pools: list[str], ledger: str | None = None, forward: str | None = None,
                 secondary_pools: list[str] | None = None) -> list[StageSpec]:
@@ -243,7 +268,10 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
         secondary_pools: one tensor-pool base name per secondary model (the postprocess stage creates them).
 
     Returns:
-        The postprocess spec, then an engine and a preprocess spec per chain, then a decode spec per source.
+        The postprocess spec, then an engine and a preprocess spec per chain, then a decode spec per
+        source; with decoders placed with the preprocess stage (:func:`decode_placement`), each
+        chain's preprocess spec is a :class:`~pipeline.stages.colocated.ColocatedSpec` holding its
+        decode specs instead.
     """
     s, p = settings, prepared
     sinks = s.sinks.sink_config(fps_by_source=tuple((src.source_id, src.fps) for src in p.sources),
@@ -299,7 +327,33 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
         sid = src.source_id
         specs.append(decode_spec(s, src, pool=pool_name(pool, 0), endpoints=chain_of[sid], batch=batch_of[sid],
                                  ledger=LedgerRef(name=ledger, chain=chain_index[sid], source=i) if ledger else None))
+    if decode_placement(s) is DecodePlacement.WITH_PREPROCESS:
+        return colocate(specs, chain_index)
     return specs
+
+
+def colocate(specs: list[StageSpec], chain_of: dict[str, int]) -> list[StageSpec]:
+    """Put each chain's decode specs into its preprocess spec (:class:`~pipeline.stages.colocated.ColocatedSpec`).
+
+    Args:
+        specs: as :func:`stage_specs` makes them (preprocess specs in chain order).
+        chain_of: each source's chain index.
+
+    Returns:
+        The specs without decode specs, each preprocess spec wrapped with its chain's decoders.
+    """
+    decoders = [sp for sp in specs if isinstance(sp, DecodeSpec)]
+    out: list[StageSpec] = []
+    chain = 0
+    for sp in specs:
+        if isinstance(sp, DecodeSpec):
+            continue
+        if isinstance(sp, PreprocessSpec):
+            mine = tuple(d for d in decoders if chain_of[d.source_id] == chain)
+            sp = ColocatedSpec(control=sp.control, nice=sp.nice, ledger=sp.ledger, preprocess=sp, decoders=mine)
+            chain += 1
+        out.append(sp)
+    return out
 
 
 def decode_spec(settings: Settings, source: SourceInfo, *, pool: str, endpoints: StageEndpoints, batch: int,

@@ -4,7 +4,8 @@
 restarts in progress. Starting a stage again depends on what it holds (see
 :mod:`pipeline.supervise` for the protocol):
 
-* a decoder or the preprocess stage gets a new pool generation (the old pool is unlinked at once;
+* a decoder or the preprocess stage gets a new pool generation (with decoders in the preprocess
+  process, every pool of that process does) (the old pool is unlinked at once;
   readers that still map it finish with it and drop it when they see the next generation);
 * an engine gets a new engine generation, taken over by the preprocess stage (which reclaims the
   tensor slots lent to the dead engine) before the new engine starts;
@@ -35,6 +36,7 @@ import zmq
 
 from pipeline.slotpool import pool_name, split_pool_name, unlink_pool
 from pipeline.stages.base import StageSpec
+from pipeline.stages.colocated import ColocatedSpec
 from pipeline.stages.decode import DecodeSpec
 from pipeline.stages.engine import EngineSpec
 from pipeline.stages.postprocess import PostprocessSpec
@@ -153,6 +155,10 @@ class Restarter:
             spec = dataclasses.replace(spec, pool=self._next_pool(spec.pool))
         elif isinstance(spec, PreprocessSpec):
             spec = dataclasses.replace(spec, tensor_pool=self._next_pool(spec.tensor_pool))
+        elif isinstance(spec, ColocatedSpec):  # its decoders start again too, each after what was published
+            pre = dataclasses.replace(spec.preprocess, tensor_pool=self._next_pool(spec.preprocess.tensor_pool))
+            decoders = tuple(dataclasses.replace(d, pool=self._next_pool(d.pool)) for d in spec.decoders)
+            spec = dataclasses.replace(spec, preprocess=pre, decoders=decoders)
         elif isinstance(spec, EngineSpec) and spec.stage_name is StageName.ENGINE:  # (a secondary engine: nothing)
             gen = ledger.bump_engine_gen(child.chain)
             deadline = time.monotonic() + ACK_TIMEOUT_S
@@ -179,7 +185,8 @@ class Restarter:
         if child.stage is StageName.POSTPROCESS:
             for k in range(ledger.num_chains):
                 ledger.bump_replay_gen(k)
-        elif child.stage not in (StageName.DECODE, StageName.SECONDARY):  # (the postprocess stage resends crops)
+        elif child.stage not in (StageName.DECODE, StageName.SECONDARY) and not isinstance(child.spec, ColocatedSpec):
+            # (the postprocess stage resends crops; colocated decoders resumed after what was published)
             ledger.bump_replay_gen(child.chain)
         summary.restarts[child.label] = summary.restarts.get(child.label, 0) + 1
         down_s = time.monotonic() - r.noticed
@@ -223,6 +230,7 @@ def join_children(procs: list[Any], abort: Any, timeout_s: float) -> None:
 
 
 FORK_SERVER_PRELOAD = ["numpy", "zmq", "av", "onnxruntime", "pipeline.stages.decode", "pipeline.stages.preprocess",
+                       "pipeline.stages.colocated",
                        "pipeline.stages.engine", "pipeline.stages.postprocess"]
 """Modules the fork server imports once, so that a restarted stage does not (no GPU library: a
 process must not fork with CUDA initialised)."""

@@ -36,7 +36,14 @@ from pipeline.settings_sections import (
     SinkSettings,
     SuperviseSettings,
 )
-from pipeline.sources.options import DecodeThreads, HWAccelMode, HWAccelOptions, LiveOptions, RtspTransport
+from pipeline.sources.options import (
+    DecodePlacement,
+    DecodeThreads,
+    HWAccelMode,
+    HWAccelOptions,
+    LiveOptions,
+    RtspTransport,
+)
 from pipeline.transport import TransportMode
 from streamdet.postprocess import NmsMethod, PostprocessConfig
 
@@ -111,6 +118,11 @@ class DecodeSettings(Section):
             software with a warning, instead of failing.
         loop: read each file source this many times in a row (soak tests, memory checks).
         nice: niceness of the stage's process (0..19; higher yields the CPU to the engine).
+        placement: ``separate`` (each source decoded in its own process), ``with_preprocess``
+            (in threads of its model chain's preprocess process: one process and one ZeroMQ hop
+            fewer per frame, for machines with few cores; not with ``control.port``) or ``auto``, the
+            default (``with_preprocess`` on machines with at most 2 cores and without
+            ``control.port``, else ``separate``). See docs/pipeline.md.
         rtsp_transport: ``tcp`` (default) or ``udp`` for ``rtsp://`` sources.
         open_timeout_s: live sources: longest wait to connect.
         read_timeout_s: live sources: longest wait for data once connected (FFmpeg read timeout).
@@ -129,6 +141,7 @@ class DecodeSettings(Section):
     hwaccel_fallback: bool = False
     loop: int = Field(default=1, ge=1)
     nice: int = Field(default=DEFAULT_LIGHT_STAGE_NICE, ge=0, le=19)
+    placement: DecodePlacement = DecodePlacement.AUTO
     rtsp_transport: RtspTransport = RtspTransport.TCP
     open_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
     read_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)

@@ -327,6 +327,8 @@ class StageFlags:
         self.abort = abort
         self.parent_pid = parent_pid
         self.terminated = False
+        self.base: StageFlags | None = None
+        """The flags this copy was derived from (:meth:`derive`): their ``terminated`` counts here too."""
         self.source_stop: Callable[[], bool] | None = None
         """A decoder's own stop request (the control API removed its source), checked by :meth:`input_open`."""
 
@@ -334,8 +336,20 @@ class StageFlags:
         """Whether the runner still exists (a dead parent re-parents us to init or a subreaper)."""
         return os.getppid() == self.parent_pid
 
+    def derive(self) -> StageFlags:
+        """A copy for one of several stages sharing this process (threads).
+
+        It has the same events and its own ``terminated`` and ``source_stop``; this process's
+        SIGTERM (``terminated`` set here) stops it too.
+        """
+        child = StageFlags(go=self.go, stop_input=self.stop_input, abort=self.abort, parent_pid=self.parent_pid)
+        child.base = self
+        return child
+
     def alive(self) -> bool:
         """False once the stage must stop at once (abort, SIGTERM to this process, parent gone)."""
+        if self.base is not None and not self.base.alive():
+            return False
         return not (self.terminated or self.abort.is_set()) and self.parent_alive()
 
     def input_open(self) -> bool:

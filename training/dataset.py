@@ -19,12 +19,16 @@ plate's ``"text"`` and its height in the frame, ``"plate_h_px"``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import multiprocessing as mp
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +91,8 @@ def coco_document(images: list[dict[str, Any]], annotations: list[dict[str, Any]
 
 
 def write_dataset(out: Path, *, num_images: int, seed: int, show_progress: bool = True,
-                  command: str = "", scene: str = "shapes", input_wh: tuple[int, int] | None = None) -> Path:
+                  command: str = "", scene: str = "shapes", input_wh: tuple[int, int] | None = None,
+                  workers: int | None = None) -> Path:
     """Generate a dataset directory (atomically: built in a temporary directory, then renamed).
 
     Args:
@@ -98,6 +103,9 @@ def write_dataset(out: Path, *, num_images: int, seed: int, show_progress: bool 
         command: the command line, recorded in the annotation ``info``.
         scene: ``shapes``, ``plates`` or ``plate_chars`` (see the module docstring).
         input_wh: the crops' size for ``plate_chars`` (default 384x96).
+        workers: processes rendering the images (None: one per core for at least
+            :data:`PARALLEL_MIN_IMAGES` images, else 1; 1: in this process). Every image depends
+            only on ``(seed, index)``, so the files are the same for any count.
 
     Returns:
         ``out``.
@@ -114,20 +122,27 @@ def write_dataset(out: Path, *, num_images: int, seed: int, show_progress: bool 
     try:
         (tmp / "images").mkdir()
         (tmp / "semantic").mkdir()
-        ds = _scene_dataset(scene, seed, num_images, input_wh)
         images: list[dict[str, Any]] = []
         anns: list[dict[str, Any]] = []
-        for i in tqdm(range(num_images), desc="dataset", disable=not show_progress, file=sys.stderr):
-            s = ds[i]
-            name = f"{i:06d}.png"
-            cv2.imwrite(str(tmp / "images" / name), cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR))
-            cv2.imwrite(str(tmp / "semantic" / name), s.semantic)
-            h, w = s.image.shape[:2]
-            images.append({"id": i, "file_name": name, "width": w, "height": h, **_image_extra(s)})
-            first = len(anns) + 1
-            anns.extend(sample_annotations(s, i, first))
-            for k, text in enumerate(getattr(s, "texts", ())):  # plate scene: each plate's text
-                anns[first - 1 + k]["text"] = text
+        job = _RenderJob(tmp=tmp, scene=scene, seed=seed, num_images=num_images, input_wh=input_wh)
+        chunks = [range(a, min(a + RENDER_CHUNK, num_images)) for a in range(0, num_images, RENDER_CHUNK)]
+        if workers is None:  # starting the processes costs about 2 s: worth it for large sets only
+            workers = (os.cpu_count() or 1) if num_images >= PARALLEL_MIN_IMAGES else 1
+        procs = min(workers, len(chunks))
+        bar = tqdm(total=num_images, desc="dataset", disable=not show_progress, file=sys.stderr)
+        with contextlib.ExitStack() as stack:
+            if procs > 1:  # every sample depends only on (seed, index): rendered in any order, merged in order
+                pool = stack.enter_context(ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")))
+                rendered: Iterable[list[_Rendered]] = pool.map(job, chunks)
+            else:
+                rendered = map(job, chunks)
+            for chunk in rendered:
+                for r in chunk:
+                    images.append(r.image)
+                    offset = len(anns)  # annotation ids run on over the whole dataset
+                    anns.extend({**a, "id": a["id"] + offset} for a in r.annotations)
+                    bar.update(1)
+        bar.close()
         info = {"seed": seed, "num_images": num_images, "command": command,
                 "generator": "training.synth" if scene == "shapes" else "training.plates"}
         if scene != "shapes":
@@ -143,6 +158,48 @@ def write_dataset(out: Path, *, num_images: int, seed: int, show_progress: bool 
     return out
 
 
+RENDER_CHUNK = 16
+"""Images rendered per task when :func:`write_dataset` renders in several processes."""
+
+PARALLEL_MIN_IMAGES = 128
+"""``write_dataset(workers=None)`` renders in one process per core from this many images on."""
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    """One rendered image: its COCO ``images`` entry and annotations (ids from 1 within the image)."""
+
+    image: dict[str, Any]
+    annotations: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _RenderJob:
+    """Renders and writes a range of a dataset's images (picklable: run in worker processes)."""
+
+    tmp: Path
+    scene: str
+    seed: int
+    num_images: int
+    input_wh: tuple[int, int] | None
+
+    def __call__(self, indices: range) -> list[_Rendered]:
+        ds = _scene_dataset(self.scene, self.seed, self.num_images, self.input_wh)
+        out = []
+        for i in indices:
+            s = ds[i]
+            name = f"{i:06d}.png"
+            cv2.imwrite(str(self.tmp / "images" / name), cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR))
+            cv2.imwrite(str(self.tmp / "semantic" / name), s.semantic)
+            h, w = s.image.shape[:2]
+            anns = sample_annotations(s, i, 1)
+            for k, text in enumerate(getattr(s, "texts", ())):  # plate scene: each plate's text
+                anns[k]["text"] = text
+            out.append(_Rendered({"id": i, "file_name": name, "width": w, "height": h, **_image_extra(s)}, anns))
+        return out
+
+
+@functools.lru_cache(maxsize=4)
 def _scene_dataset(scene: str, seed: int, num_images: int, input_wh: tuple[int, int] | None) -> Any:
     if scene == "shapes":
         return SyntheticDataset(seed=seed, num_images=num_images)

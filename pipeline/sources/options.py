@@ -89,6 +89,18 @@ class DecodeThreads(str, Enum):
     NONE = "NONE"
 
 
+class DecodePlacement(str, Enum):
+    """Which process decodes a source given at start-up (see :mod:`pipeline.stages.colocated`)."""
+
+    SEPARATE = "separate"  # its own process, frames to the preprocess process over ipc://
+    WITH_PREPROCESS = "with_preprocess"  # a thread of its model chain's preprocess process, frames over inproc://
+    AUTO = "auto"  # with_preprocess with at most SMALL_MACHINE_CORES cores and no control API, else separate
+
+
+SMALL_MACHINE_CORES = 2
+"""``decode.placement: auto`` puts decoders in the preprocess process on machines with at most this many cores."""
+
+
 class HWAccelMode(str, Enum):
     """Hardware video decoding through FFmpeg's hwaccel (PyAV ``HWAccel``)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -20,6 +21,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+TCP_BASE_RANGE = (20_000, 32_000)
+"""Where :func:`free_port_range` looks: below Linux's ephemeral ports (32768-60999), which outgoing
+connections take at any moment, so a range found free stays free while the test binds it."""
+
+
+def free_port_range(count: int, attempts: int = 200) -> int:
+    """The first of ``count`` consecutive TCP ports on 127.0.0.1 that were all free a moment ago.
+
+    For ``transport.tcp_base_port``: the tcp transport binds ports after the base too.
+
+    Raises:
+        RuntimeError: if no such range was found.
+    """
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(TCP_BASE_RANGE[0], TCP_BASE_RANGE[1] - count)
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sk = socket.socket()
+                held.append(sk)
+                sk.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sk in held:
+                sk.close()
+    raise RuntimeError(f"no {count} consecutive free ports in {TCP_BASE_RANGE}")
 
 
 def processes_with(marker: str) -> list[int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from tests.helpers.cli import ROOT, SCRIPT, free_port, processes_with
+from tests.helpers.cli import ROOT, SCRIPT, free_port, free_port_range, processes_with
 from tests.helpers.standin import bikes_path
 
 SERVER = ROOT / "tests" / "helpers" / "rtsp_server.py"
@@ -317,7 +317,7 @@ def test_yaml_ids_max_fps_stats_and_metrics_over_tcp_transport(standin_model, se
     cfg.write_text(f"sources:\n  - {{id: gate, url: '{srv.url()}', max_fps: 5}}\n")
     metrics_port = free_port()
     run = Run(standin_model, [], "--config", str(cfg), "--set", "transport.mode=tcp", "--set",
-              f"transport.tcp_base_port={free_port()}", "--set", "sinks.stats_interval_s=1",
+              f"transport.tcp_base_port={free_port_range(32)}", "--set", "sinks.stats_interval_s=1",
               "--metrics-port", str(metrics_port))
     try:
         assert run.sub.wait(lambda: len(run.sub.of("stats")) >= 3, 30), run.sub.items[-3:]

@@ -15,6 +15,7 @@ from pipeline.runner import EXIT_FAILURE, EXIT_SIGINT, Pipeline, PipelineError, 
 from pipeline.subscribe import Subscriber
 from streamdet.postprocess import PostprocessConfig, postprocess
 from streamdet.preprocess_ops import preprocess_batch
+from tests.helpers.cli import free_port_range
 from tests.helpers.settings import settings_with
 from tests.helpers.standin import E2E_ROWS, bikes_path, build_end2end, build_standin, standin_card
 
@@ -95,7 +96,7 @@ def test_detections_match_single_process_reference(standin_model, tmp_path, mode
     detections of a plain preprocess -> ONNX Runtime -> postprocess loop."""
     s = settings(standin_model, max_frames=10, sinks__jsonl=str(tmp_path / "o.jsonl"),
                  sinks__video_out=str(tmp_path / "v.mp4"), transport__mode=mode,
-                 transport__tcp_base_port=free_port(), preprocess__max_batch=3)
+                 transport__tcp_base_port=free_port_range(32), preprocess__max_batch=3)
     summary = Pipeline(settings=s).run(handle_signals=False)
     assert summary.exit_code == 0, summary.errors
     lines = read_jsonl(tmp_path / "o.jsonl")

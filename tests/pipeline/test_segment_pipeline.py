@@ -20,6 +20,7 @@ from streamdet.card import ModelCard
 from streamdet.masks import class_map_to_rles, rles_to_class_map
 from streamdet.postprocess import Detections, PostprocessConfig, postprocess
 from streamdet.preprocess_ops import preprocess_batch
+from tests.helpers.cli import free_port_range
 from tests.helpers.standin import bikes_path, build_standin
 from tests.helpers.standin_seg import (
     SEMANTIC_NAMES,
@@ -154,11 +155,7 @@ def test_two_sources_served_by_two_models_in_one_run(models, tmp_path):
 
 def test_two_models_over_tcp_transport(models, tmp_path):
     """The tcp layout (pixels and tensors inline) wires a second model chain on its own ports."""
-    import socket
-
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        base = int(sk.getsockname()[1])
+    base = free_port_range(32)  # the tcp transport binds consecutive ports from the base
     out = tmp_path / "out.jsonl"
     tree = {"sources": [{"id": "plain", "url": str(bikes_path())},
                         {"id": "seg", "url": str(bikes_path()), "model": str(models["segment"])}],

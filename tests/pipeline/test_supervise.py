@@ -70,9 +70,15 @@ def reference(tmp_path_factory):
     return [json.loads(line) for line in (tmp / "ref.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("victim", ["decode:demo", "preprocess", "engine", "postprocess"])
-def test_sigkill_of_any_stage_loses_and_repeats_nothing(tmp_path, reference, victim):
-    summary, pids = run_and_kill(settings(tmp_path, "out"), victim)
+@pytest.mark.parametrize(("victim", "placement"), [
+    ("decode:demo", "separate"),
+    ("preprocess", "separate"),
+    ("engine", "separate"),
+    ("postprocess", "separate"),
+    ("preprocess", "with_preprocess"),  # the decoder and the preprocess stage die and come back together
+])
+def test_sigkill_of_any_stage_loses_and_repeats_nothing(tmp_path, reference, victim, placement):
+    summary, pids = run_and_kill(settings(tmp_path, "out", decode__placement=placement), victim)
     assert summary.exit_code == 0, summary.errors
     assert summary.restarts == {victim: 1}
     label, attempt, reason, down_s = summary.restart_log[0]

@@ -123,7 +123,8 @@ def test_killed_engine_is_restarted_and_detections_resume(standin_model, servers
 
 def test_killed_decoder_restarts_alone(standin_model, servers):  # noqa: F811
     srv = servers()  # two cameras on one shared mount: one encoder, so the 2-core test box keeps up
-    run = Run(standin_model, [srv.url(), srv.url()])  # source ids clip and clip-2
+    # source ids clip and clip-2, each decoded in its own process (the placement auto picks on 2 cores shares one)
+    run = Run(standin_model, [srv.url(), srv.url()], "--set", "decode.placement=separate")
     seen: set[int] = set()
     try:
         assert run.sub.wait(lambda: len(detections(run, "clip")) >= 10 and len(detections(run, "clip-2")) >= 10, 30)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from training.dataset import DatasetError, load_coco_dataset, main
+from training.dataset import RENDER_CHUNK, DatasetError, load_coco_dataset, main, write_dataset
 
 
 def test_cli_writes_coco_dataset(tmp_path):
@@ -26,6 +26,21 @@ def test_cli_same_seed_same_bytes(tmp_path):
     for d in docs:
         d["info"].pop("command")  # names the output directory
     assert docs[0] == docs[1]
+
+
+@pytest.mark.parametrize("scene", ["shapes", "plates"])
+def test_rendering_in_two_processes_writes_the_same_files(tmp_path, scene):
+    n = RENDER_CHUNK + 3  # two chunks, the second short
+    one = write_dataset(tmp_path / "one", num_images=n, seed=5, show_progress=False, scene=scene, workers=1)
+    two = write_dataset(tmp_path / "two", num_images=n, seed=5, show_progress=False, scene=scene, workers=2)
+    for sub in ("images", "semantic"):
+        names = sorted(p.name for p in (one / sub).iterdir())
+        assert names == sorted(p.name for p in (two / sub).iterdir()) and len(names) == n
+        assert all((one / sub / m).read_bytes() == (two / sub / m).read_bytes() for m in names)
+    docs = [json.loads((d / "annotations.json").read_text()) for d in (one, two)]
+    assert docs[0] == docs[1]
+    ids = [a["id"] for a in docs[1]["annotations"]]
+    assert ids == list(range(1, len(ids) + 1))  # annotation ids run on across the chunks
 
 
 def test_cli_refuses_nonempty_output(tmp_path, capsys):
