@@ -5,7 +5,7 @@
 
 Measured in one run, on the first ``N`` frames of the video:
 
-(a) the pipeline (``pipeline.runner.Pipeline``, every stage in its own process, no sinks), fps from
+(a) the pipeline (``pipeline.runner.Pipeline``, no sinks; decoders placed per ``decode.placement``), fps from
     the go signal to the last frame out of postprocess (process start-up excluded);
 (b) a naive single-process loop: ``cv2.VideoCapture`` -> ``cv2.resize`` -> ONNX Runtime ->
     ``cv2.dnn.NMSBoxes``, one frame at a time;
