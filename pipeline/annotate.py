@@ -1,8 +1,8 @@
-"""Draw detections on a frame with OpenCV: boxes, labels, instance masks, semantic class maps."""
+"""Draw detections on a frame with OpenCV: boxes, labels, instance masks, semantic class maps, cascade children."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
@@ -116,19 +116,61 @@ def draw_semantic(
     return image_rgb
 
 
-def annotate_result(image_rgb: npt.NDArray[np.uint8], detections: Any,
-                    class_names: Sequence[str]) -> npt.NDArray[np.uint8]:
+def draw_children(image_rgb: npt.NDArray[np.uint8], parents_xyxy: npt.NDArray[np.float32],
+                  children: Mapping[int, Sequence[Any]], *, thickness: int = 1) -> npt.NDArray[np.uint8]:
+    """Draw secondary models' results (a cascade) in place: child boxes, and text read under its parent box.
+
+    Each child box is drawn in its class colour, ``thickness`` wide, without a caption (a plate's
+    characters are a few pixels tall). Text read from a parent's children (``read_text``) is
+    written under the parent box, white on black, or above it at the bottom edge of the image.
+
+    Args:
+        image_rgb: ``(H, W, 3)`` uint8 RGB image, modified in place.
+        parents_xyxy: ``(N, 4)`` float32 xyxy boxes of the primary detections, image pixels.
+        children: ``streamdet.cascade.Children`` lists by parent index (``detections`` in image
+            pixels, ``text``); indices past ``N`` are ignored.
+        thickness: child box line width in pixels.
+
+    Returns:
+        ``image_rgb``.
+    """
+    h, w = image_rgb.shape[:2]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = max(0.5, min(h, w) / 800.0)
+    for parent, found in children.items():
+        if not 0 <= parent < len(parents_xyxy):
+            continue
+        for ch in found:
+            d = ch.detections
+            for (x1, y1, x2, y2), cid in zip(d.boxes_xyxy.tolist(), d.class_ids.tolist(), strict=True):
+                cv2.rectangle(image_rgb, (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2))),
+                              class_color(cid), thickness, cv2.LINE_AA)
+        text = next((ch.text for ch in found if getattr(ch, "text", None)), None)
+        if text:
+            x1, _, _, y2 = (int(round(v)) for v in parents_xyxy[parent].tolist())
+            (tw, th), base = cv2.getTextSize(text, font, scale, 2)
+            top = y2 + 2 if y2 + 2 + th + base + 2 <= h else max(0, y2 - th - base - 4)
+            x = min(max(0, x1), max(0, w - tw - 4))
+            cv2.rectangle(image_rgb, (x, top), (x + tw + 4, top + th + base + 2), (0, 0, 0), -1)
+            cv2.putText(image_rgb, text, (x + 2, top + th + 1), font, scale, (255, 255, 255), 2, cv2.LINE_AA)
+    return image_rgb
+
+
+def annotate_result(image_rgb: npt.NDArray[np.uint8], detections: Any, class_names: Sequence[str],
+                    children: Mapping[int, Sequence[Any]] | None = None) -> npt.NDArray[np.uint8]:
     """Draw one frame's results as the annotated-video sink and the preview page show them, in place.
 
     Semantic class maps first (when the map has the image's size; class 0 left untinted when it
     is named background), then instance masks (decoded from their COCO RLEs if need be), then
-    boxes with ``label score`` captions.
+    boxes with ``label score`` captions, then the secondary models' children and text
+    (:func:`draw_children`).
 
     Args:
         image_rgb: ``(H, W, 3)`` uint8 RGB frame (decoded-frame pixels), modified in place.
         detections: a ``streamdet.postprocess.Detections`` in frame pixels (``boxes_xyxy``,
             ``scores``, ``class_ids``; optional ``masks``, ``mask_rles``, ``semantic``).
         class_names: names by class id.
+        children: secondary models' results by detection index (a cascade), or None.
 
     Returns:
         ``image_rgb``.
@@ -144,4 +186,7 @@ def annotate_result(image_rgb: npt.NDArray[np.uint8], detections: Any,
         from streamdet.masks import rle_to_masks
 
         masks = rle_to_masks(rles)
-    return draw_detections(image_rgb, d.boxes_xyxy, d.scores, d.class_ids, class_names, masks=masks)
+    draw_detections(image_rgb, d.boxes_xyxy, d.scores, d.class_ids, class_names, masks=masks)
+    if children:
+        draw_children(image_rgb, d.boxes_xyxy, children)
+    return image_rgb

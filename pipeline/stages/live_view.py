@@ -71,7 +71,7 @@ class LiveView:
         return time.monotonic() >= self._next.get(source_id, 0.0)
 
     def frame(self, source_id: str, frame_index: int, image_rgb: npt.NDArray[np.uint8], detections: Any,
-              class_names: Sequence[str]) -> None:
+              class_names: Sequence[str], children: Any = None) -> None:
         """Annotate a copy of the frame, scale it down, encode it as JPEG and send it (dropped if the runner is behind).
 
         Args:
@@ -80,11 +80,12 @@ class LiveView:
             image_rgb: ``(H, W, 3)`` uint8 RGB frame (a slot view: only read).
             detections: its detections in frame pixels.
             class_names: names by class id.
+            children: secondary models' results by detection index (a cascade), or None.
         """
         from pipeline.annotate import annotate_result
 
         self._next[source_id] = time.monotonic() + 1.0 / self.config.fps
-        image = annotate_result(image_rgb.copy(), detections, class_names)
+        image = annotate_result(image_rgb.copy(), detections, class_names, children)
         h, w = image.shape[:2]
         if w > self.config.width:
             h = max(1, round(h * self.config.width / w))

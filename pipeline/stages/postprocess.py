@@ -432,7 +432,7 @@ class PostprocessStage(DynamicSources, Stage):
                                      children=item.children)
         self.live_stats.on_frame(f.source_id, payload["latency_ms"])
         # encoded once, before anything goes out: PUB, JSONL and the ledger update follow within microseconds
-        result = FrameResult(record, d, payload, pixels, dumps(payload))
+        result = FrameResult(record, d, payload, pixels, dumps(payload), item.children)
         for sink in self._opened:  # the messages first (PUB, JSONL)...
             if not sink.needs_pixels:
                 sink.write(result)
@@ -456,7 +456,8 @@ class PostprocessStage(DynamicSources, Stage):
             pixels = pixels_of(self._pools, item.record)
             if pixels is None:
                 return
-        self.live_view.frame(f.source_id, f.frame_index, pixels, item.detections, item.class_names)
+        self.live_view.frame(f.source_id, f.frame_index, pixels, item.detections, item.class_names,
+                             children=item.children)
 
     def _credit(self, record: FrameRecord) -> None:
         f = record.frame

@@ -34,6 +34,8 @@ class FrameResult:
         pixels: ``(H, W, 3)`` uint8 RGB frame when a sink needs pixels, else None.
         payload_json: ``payload`` encoded once as compact JSON (the PUB message and the JSONL line
             are these bytes), or None to let each sink encode it.
+        children: secondary models' results (``streamdet.cascade.Children``) by detection index
+            (a cascade), or None.
     """
 
     record: FrameRecord
@@ -41,6 +43,7 @@ class FrameResult:
     payload: dict[str, Any]
     pixels: npt.NDArray[np.uint8] | None = None
     payload_json: bytes | None = None
+    children: Any = None
 
     def json(self) -> bytes:
         """The payload as compact JSON bytes (``payload_json`` when given)."""

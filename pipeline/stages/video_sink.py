@@ -280,7 +280,8 @@ class VideoSink(Sink):
             out = _VideoOut(self._path_for(sid), self.fps_by_source.get(sid, 0.0), result.record.frame.frame_hw)
             self._outs[sid] = out
         image = result.pixels if result.pixels.flags.writeable else result.pixels.copy()
-        annotate_result(image, result.detections, self.class_names_by_source.get(sid, self.class_names))
+        annotate_result(image, result.detections, self.class_names_by_source.get(sid, self.class_names),
+                        result.children)
         out.write(image)
 
     def end_of_stream(self, eos: EndOfStream) -> None:

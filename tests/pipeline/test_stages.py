@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from engines.base import Backend, EngineError
-from pipeline.annotate import class_color, draw_detections
+from pipeline.annotate import annotate_result, class_color, draw_children, draw_detections
 from pipeline.sources.probe import SourceError, probe_source
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.engine import check_card_against_model, inspect_onnx, make_engine, resolve_card
@@ -25,6 +25,7 @@ from pipeline.stages.sinks import (
 )
 from pipeline.transport import StageFlags, ipc_endpoints, make_socket, recv_parts
 from streamdet.card import ModelCardError, Normalization
+from streamdet.cascade import Children
 from streamdet.letterbox import letterbox_params
 from streamdet.messages import CreditMsg, EndOfStream, EosReason, FrameMsg, FrameRecord, decode_message
 from streamdet.postprocess import Detections
@@ -329,6 +330,62 @@ def test_draw_detections():
     assert img[:30].any()  # the label sits above the box
     with pytest.raises(ValueError, match="expected"):
         draw_detections(img[..., 0], d.boxes_xyxy, d.scores, d.class_ids, CLASS_NAMES)
+
+
+def _children(text):
+    boxes = np.array([[30, 40, 50, 70], [60, 40, 80, 70]], np.float32)
+    return Children(Detections(boxes, np.array([0.9, 0.8], np.float32), np.array([2, 3], np.int64)),
+                    ("a", "b", "c", "d"), text, 0.8 if text else None)
+
+
+@pytest.mark.parametrize(("parent", "text", "text_rows"), [
+    ((20, 30, 120, 80), "AB12", slice(82, 100)),  # text under the parent box
+    ((20, 30, 120, 95), "AB12", slice(60, 95)),  # no room below: above the bottom edge of the box
+    ((20, 30, 120, 80), None, None),  # boxes only
+])
+def test_draw_children(parent, text, text_rows):
+    import cv2
+
+    img = np.zeros((100, 200, 3), np.uint8)
+    parents = np.array([parent], np.float32)
+    draw_children(img, parents, {0: [_children(text)], 5: [_children("ZZ")]})  # index 5: no such parent
+    ref = np.zeros_like(img)
+    cv2.rectangle(ref, (30, 40), (50, 70), class_color(2), 1, cv2.LINE_AA)
+    cv2.rectangle(ref, (60, 40), (80, 70), class_color(3), 1, cv2.LINE_AA)
+    if text is None:
+        np.testing.assert_array_equal(img, ref)  # exactly the child boxes
+    else:
+        np.testing.assert_array_equal(img[:text_rows.start], ref[:text_rows.start])
+        assert (img[text_rows] == 255).all(axis=2).any()  # white text on its black band
+        assert not img[text_rows.stop:].any()
+
+
+def test_annotate_result_draws_children_after_the_boxes():
+    d = _dets()
+    plain = annotate_result(np.zeros((120, 200, 3), np.uint8), d, CLASS_NAMES)
+    same = annotate_result(np.zeros((120, 200, 3), np.uint8), d, CLASS_NAMES, children={})
+    drawn = annotate_result(np.zeros((120, 200, 3), np.uint8), d, CLASS_NAMES, children={0: [_children("AB12")]})
+    np.testing.assert_array_equal(plain, same)
+    assert (drawn != plain).any()
+    direct = draw_detections(np.zeros((120, 200, 3), np.uint8), d.boxes_xyxy, d.scores, d.class_ids, CLASS_NAMES)
+    np.testing.assert_array_equal(drawn, draw_children(direct, d.boxes_xyxy, {0: [_children("AB12")]}))
+
+
+def test_video_sink_draws_the_children(tmp_path, monkeypatch):
+    import pipeline.annotate
+
+    seen = []
+    monkeypatch.setattr(pipeline.annotate, "annotate_result", lambda image, dets, names, children=None:
+                        seen.append(children))
+    sink = VideoSink(path=tmp_path / "a.mp4", fps_by_source={"cam": 25.0}, class_names=CLASS_NAMES)
+    sink.open()
+    f = FrameMsg("cam", 0, 0.0, (64, 96), -2, "", 1.0, 2.0)
+    rec = FrameRecord(f, letterbox_params((64, 96), (640, 384)), 0.5)
+    kids = {0: [_children("AB12")]}
+    sink.write(FrameResult(rec, _dets(), {}, np.zeros((64, 96, 3), np.uint8), children=kids))
+    sink.end_of_stream(EndOfStream("cam", 1, EosReason.FINISHED))
+    sink.close()
+    assert seen == [kids]
 
 
 class _HostOnlyEngine:
