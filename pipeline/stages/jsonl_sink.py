@@ -95,6 +95,12 @@ def _open_raw(path: Path, *, append: bool) -> _RawFile:
     return open(path, "ab" if append else "wb", buffering=0)  # noqa: SIM115 (closed by the sink)
 
 
+def _count_lines(path: Path) -> int:
+    """The newline-terminated lines in a file."""
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
 def _drop_torn_tail(path: Path) -> int:
     """Truncate ``path`` after its last newline (a line cut short by a crash or a full disk).
 
@@ -233,6 +239,14 @@ class JsonlSink(Sink):
         seg.size = _drop_torn_tail(seg.file.tmp) if seg.file.tmp.exists() else 0
         self._fh = _open_raw(seg.file.tmp, append=True)
 
+    def _resume(self, seg: _Segment) -> None:
+        """Reopen a partial file a dead sink left; its lines count (the summary reports the file's lines)."""
+        self._reopen(seg)
+        if seg.size:
+            seg.lines = _count_lines(seg.file.tmp)
+            self.lines += seg.lines
+        self._segments.append(seg)
+
     def _unfinished(self) -> list[tuple[float, int, Path]]:
         """Partial segments left in the directory: ``(start, k, final path)``, oldest first."""
         stem, suffix = re.escape(self.path.stem), re.escape(self.path.suffix)
@@ -256,21 +270,16 @@ class JsonlSink(Sink):
         now = self._clock()
         self._last_flush = now
         if self.resume and self.rotate is None and _AtomicFile(self.path).tmp.exists():
-            seg = _Segment(self.path, now)
-            self._reopen(seg)
-            self._segments.append(seg)
+            self._resume(_Segment(self.path, now))
         elif self.resume and self.rotate is not None and (left := self._unfinished()):
             *older, (start, _, newest) = left
             for _, _, p in older:  # never appended to again: finish them
                 _drop_torn_tail(_AtomicFile(p).tmp)
                 _AtomicFile(p).commit()
-            seg = _Segment(newest, start)
-            self._reopen(seg)
-            self._segments.append(seg)
+            self._resume(_Segment(newest, start))
         elif self.resume and self.after_finish:  # the dead sink had finished its file(s): nothing more to write
-            if self.rotate is None and self.path.is_file():
-                with open(self.path, "rb") as f:  # what the summary line reports: the file's lines
-                    self.lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+            if self.rotate is None and self.path.is_file():  # what the summary line reports: the file's lines
+                self.lines = _count_lines(self.path)
             self._state = "closed"
             return
         else:

@@ -146,6 +146,7 @@ def test_resume_appends_and_drops_a_torn_line(tmp_path):
     _write(sink, 2)
     sink.close()
     assert out.read_bytes() == b"".join(_line(_payload(i)) for i in range(3))
+    assert sink.lines == 3 and sink.describe() == f"jsonl {out}: 3 lines"  # the file's lines, not this sink's
     # without resume, a leftover partial file is started over
     _partial(out).write_bytes(_line(_payload(0)))
     sink = JsonlSink(path=out)
@@ -173,7 +174,7 @@ def test_resume_after_finish_keeps_what_the_dead_sink_finished(tmp_path, left):
     sink.open()
     sink.close()
     assert out.read_bytes() == whole and not _partial(out).exists()
-    assert sink.describe() == f"jsonl {out}: {3 if left == 'committed' else 0} lines"
+    assert sink.describe() == f"jsonl {out}: 3 lines"  # the file's lines, committed by the dead sink or here
 
 
 # ---------------------------------------------------------------- rotation
@@ -252,6 +253,7 @@ def test_rotation_resumes_the_newest_unfinished_segment(tmp_path):
                      "o-20231115T001320Z.jsonl"]
     got = [[x["frame_index"] for x in _read_lines(tmp_path / n)] for n in names]
     assert got == [[99], [0], [1, 2], [3]]
+    assert again.describe() == f"jsonl {tmp_path / names[2]} (2 lines), {tmp_path / names[3]} (1 lines)"
 
 
 # ---------------------------------------------------------------- write errors (injected)

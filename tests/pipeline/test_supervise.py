@@ -91,6 +91,7 @@ def test_sigkill_of_any_stage_loses_and_repeats_nothing(tmp_path, reference, vic
     assert "frame_index" not in got[-1]
     assert strip_timing(got) == strip_timing(reference)  # the same detections as an undisturbed run
     assert summary.frames == FRAMES
+    assert any(o.endswith(f": {FRAMES + 1} lines") for o in summary.outputs), summary.outputs  # the file's lines
     time.sleep(0.2)
     assert not [p for p in pids if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
 
