@@ -4,9 +4,9 @@
 restarts in progress. Starting a stage again depends on what it holds (see
 :mod:`pipeline.supervise` for the protocol):
 
-* a decoder or the preprocess stage gets a new pool generation (with decoders in the preprocess
-  process, every pool of that process does) (the old pool is unlinked at once;
-  readers that still map it finish with it and drop it when they see the next generation);
+* a decoder or the preprocess stage gets a new pool generation (the old pool is unlinked at once;
+  readers that still map it finish with it and drop it when they see the next generation); with
+  decoders in the preprocess process, every pool of that process does;
 * an engine gets a new engine generation, taken over by the preprocess stage (which reclaims the
   tensor slots lent to the dead engine) before the new engine starts;
 * the postprocess stage reopens its sinks in resume mode (JSONL appended to, video segments kept)

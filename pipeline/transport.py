@@ -346,11 +346,13 @@ class StageFlags:
         child.base = self
         return child
 
+    def _terminated(self) -> bool:
+        """``terminated`` here or on the flags this copy was derived from (the events are shared)."""
+        return self.terminated or (self.base is not None and self.base._terminated())
+
     def alive(self) -> bool:
         """False once the stage must stop at once (abort, SIGTERM to this process, parent gone)."""
-        if self.base is not None and not self.base.alive():
-            return False
-        return not (self.terminated or self.abort.is_set()) and self.parent_alive()
+        return not (self._terminated() or self.abort.is_set()) and self.parent_alive()
 
     def input_open(self) -> bool:
         """False once decoders must stop reading (graceful stop, source removed) or the stage must stop at once."""

@@ -129,8 +129,9 @@ def write_dataset(out: Path, *, num_images: int, seed: int, show_progress: bool 
         if workers is None:  # starting the processes costs about 2 s: worth it for large sets only
             workers = (os.cpu_count() or 1) if num_images >= PARALLEL_MIN_IMAGES else 1
         procs = min(workers, len(chunks))
-        bar = tqdm(total=num_images, desc="dataset", disable=not show_progress, file=sys.stderr)
         with contextlib.ExitStack() as stack:
+            bar = stack.enter_context(tqdm(total=num_images, desc="dataset", disable=not show_progress,
+                                           file=sys.stderr))
             if procs > 1:  # every sample depends only on (seed, index): rendered in any order, merged in order
                 pool = stack.enter_context(ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")))
                 rendered: Iterable[list[_Rendered]] = pool.map(job, chunks)
@@ -140,9 +141,10 @@ def write_dataset(out: Path, *, num_images: int, seed: int, show_progress: bool 
                 for r in chunk:
                     images.append(r.image)
                     offset = len(anns)  # annotation ids run on over the whole dataset
-                    anns.extend({**a, "id": a["id"] + offset} for a in r.annotations)
+                    for a in r.annotations:
+                        a["id"] += offset
+                    anns.extend(r.annotations)
                     bar.update(1)
-        bar.close()
         info = {"seed": seed, "num_images": num_images, "command": command,
                 "generator": "training.synth" if scene == "shapes" else "training.plates"}
         if scene != "shapes":

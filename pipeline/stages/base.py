@@ -62,6 +62,12 @@ class StatusReporter:
         self.stage = stage
         self.source_id = source_id
 
+    @classmethod
+    def for_spec(cls, ctx: zmq.Context[Any], spec: StageSpec) -> StatusReporter:
+        """A reporter for the stage ``spec`` builds: a PUSH socket connected to the runner's control endpoint."""
+        return cls(socket=make_socket(ctx, zmq.PUSH, spec.control, bind=False, hwm=CONTROL_HWM),
+                   stage=spec.stage_name, source_id=spec.source_id)
+
     def send(self, kind: StatusKind, *, source_id: str = "", message: str = "", **counts: int) -> None:
         """Send one report (never blocks for long: the control socket has a large high-water mark)."""
         msg = StatusMsg(self.stage, kind, source_id or self.source_id, message, dict(counts))
@@ -257,8 +263,7 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
             os.nice(spec.nice)
         except OSError:  # not allowed here: run at the normal priority
             pass
-    status = StatusReporter(socket=make_socket(ctx, zmq.PUSH, spec.control, bind=False, hwm=CONTROL_HWM),
-                            stage=spec.stage_name, source_id=spec.source_id)
+    status = StatusReporter.for_spec(ctx, spec)
     stage: Stage | None = None
     code = 0
     try:

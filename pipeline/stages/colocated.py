@@ -27,7 +27,7 @@ import zmq
 from pipeline.stages.base import Stage, StageError, StageSpec, StatusReporter, describe_error
 from pipeline.stages.decode import DecodeSpec, DecodeStage
 from pipeline.stages.preprocess import PreprocessSpec, PreprocessStage
-from pipeline.transport import CONTROL_HWM, StageFlags, Stopped, make_socket
+from pipeline.transport import StageFlags, Stopped
 from streamdet.messages import StageName
 
 INPROC_FRAMES = "inproc://frames"
@@ -65,8 +65,7 @@ class ColocatedSpec(StageSpec):
         try:
             pre.frames_in.bind(INPROC_FRAMES)
             for spec in self.decoders:
-                reporter = StatusReporter(socket=make_socket(ctx, zmq.PUSH, spec.control, bind=False, hwm=CONTROL_HWM),
-                                          stage=StageName.DECODE, source_id=spec.source_id)
+                reporter = StatusReporter.for_spec(ctx, spec)
                 try:
                     local = replace(spec, endpoints=replace(spec.endpoints, frames=INPROC_FRAMES))
                     decoders.append(local.build(ctx=ctx, flags=flags.derive(), status=reporter))
@@ -137,17 +136,19 @@ class ColocatedStage(Stage):
         except Stopped:
             pass
         except Exception as e:  # the whole process fails with it (and is restarted as one, supervised)
-            with self._lock:
-                self._errors.append(describe_error(e, StageName.DECODE))
-            self._pre_flags.terminated = True
+            self._fail(e)
         finally:
             try:
                 stage.stop()
             except Exception as e:
-                with self._lock:
-                    self._errors.append(describe_error(e, StageName.DECODE))
-                self._pre_flags.terminated = True
+                self._fail(e)
             stage.status.close()
+
+    def _fail(self, e: Exception) -> None:
+        """Record a decoder's error and stop the preprocess stage (the process then fails with the first error)."""
+        with self._lock:
+            self._errors.append(describe_error(e, StageName.DECODE))
+        self._pre_flags.terminated = True
 
     def _raise_decoder_error(self) -> None:
         with self._lock:

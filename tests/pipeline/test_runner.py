@@ -1,7 +1,6 @@
 """End-to-end runs of the pipeline through its Python API (stand-in model, bikes.mp4)."""
 
 import json
-import socket
 import threading
 
 import av
@@ -15,16 +14,9 @@ from pipeline.runner import EXIT_FAILURE, EXIT_SIGINT, Pipeline, PipelineError, 
 from pipeline.subscribe import Subscriber
 from streamdet.postprocess import PostprocessConfig, postprocess
 from streamdet.preprocess_ops import preprocess_batch
-from tests.helpers.cli import free_port_range
+from tests.helpers.cli import free_port, free_port_range
 from tests.helpers.settings import settings_with
 from tests.helpers.standin import E2E_ROWS, bikes_path, build_end2end, build_standin, standin_card
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 
 def settings(model, **over):
