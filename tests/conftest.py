@@ -2,10 +2,16 @@
 
 Property-based tests are derandomized in CI, so a run is reproducible. The model fixtures are
 session-scoped: each stand-in is built once per test run (helpers in :mod:`tests.helpers`).
+
+The project's bytecode caches are written once before the tests (``compileall``): the tests start
+a few hundred stage processes, and where ``PYTHONDONTWRITEBYTECODE`` is set (as on the CI machine)
+each of them would otherwise compile the project's modules from source again (measured: 0.5 s of
+CPU per pipeline run of 4 frames, 8 % of it).
 """
 
 from __future__ import annotations
 
+import compileall
 import os
 from pathlib import Path
 
@@ -13,6 +19,10 @@ import pytest
 from hypothesis import settings
 
 from tests.helpers.standin import build_standin
+
+ROOT = Path(__file__).resolve().parents[1]
+for _package in ("streamdet", "pipeline", "engines", "training", "tests"):
+    compileall.compile_dir(ROOT / _package, quiet=1)
 
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):

@@ -3,8 +3,9 @@
 A plate video (a seed no training or held-out set used) is rendered and H.264-encoded; the pipeline
 runs it with ``configs/plates.yaml`` (plate detector, then the character model on each plate crop,
 in separate processes, results as JSON). The same two models run in this process on the lossless
-rendered frames, the crops cut with ``training.plates_crops.crop_box_xyxy`` (the training data's
-crop, written independently of the pipeline's). Gates (issue #15):
+rendered frames (kept while the video is encoded), the crops cut with
+``training.plates_crops.crop_box_xyxy`` (the training data's crop, written independently of the
+pipeline's). Gates (issue #15):
 
 - plate box mAP@[.5:.95] within 0.02;
 - plate text exact-match (plates at least 24 px high) within 0.02;
@@ -32,7 +33,6 @@ from streamdet.preprocess_ops import preprocess_batch
 from streamdet.reading import read_text
 from training.coco_eval import evaluate_coco
 from training.plates_crops import crop_box_xyxy
-from training.plates_video import render_plate_frames
 from training.render_video import render_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,9 +53,11 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
+    """The encoded plate video, its ground truth, and its lossless frames (rendered once, about 200 ms a frame)."""
     out = tmp_path_factory.mktemp("plates") / "plates.mp4"
-    render_video(out, seconds=SECONDS, seed=SEED, scene="plates")
-    return out, json.loads(out.with_suffix(".json").read_text())
+    lossless: list[np.ndarray] = []
+    render_video(out, seconds=SECONDS, seed=SEED, scene="plates", on_sample=lambda _i, s: lossless.append(s.image))
+    return out, json.loads(out.with_suffix(".json").read_text()), lossless
 
 
 def plate_gt(gt: dict[str, Any]) -> dict[str, Any]:
@@ -114,13 +116,12 @@ def pipeline_results(clip_path: Path, tmp_path: Path):
     return boxes, read, inside, children, summary
 
 
-def in_process_results():
+def in_process_results(lossless: list[np.ndarray]):
     pcard, ccard = load_card(PLATES.with_suffix(".json")), load_card(CHARS.with_suffix(".json"))
     primary = PostprocessConfig(**EVAL)
     boxes, read = [], {}
     with OnnxRuntimeEngine(model_path=PLATES) as det, OnnxRuntimeEngine(model_path=CHARS) as chars:
-        for i, sample in enumerate(render_plate_frames(SEED, SECONDS)):
-            frame = sample.image
+        for i, frame in enumerate(lossless):
             x, lbs = preprocess_batch([frame], pcard)
             (d,) = postprocess(det.infer(x), lbs, pcard, primary)
             for (x1, y1, x2, y2), s in zip(d.boxes_xyxy.tolist(), d.scores.tolist(), strict=True):
@@ -137,9 +138,10 @@ def in_process_results():
 
 
 def test_plate_cascade_through_the_pipeline_equals_in_process(clip, tmp_path):
-    clip_path, gt = clip
+    clip_path, gt, lossless = clip
     p_boxes, p_read, inside, children, summary = pipeline_results(clip_path, tmp_path)
-    r_boxes, r_read = in_process_results()
+    r_boxes, r_read = in_process_results(lossless)
+    assert len(lossless) == len(gt["images"])
     gt_plates = plate_gt(gt)
     p_map = evaluate_coco(gt_plates, p_boxes, "bbox")["mAP50-95"]
     r_map = evaluate_coco(gt_plates, r_boxes, "bbox")["mAP50-95"]

