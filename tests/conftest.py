@@ -4,7 +4,7 @@ Property-based tests are derandomized in CI, so a run is reproducible. The model
 session-scoped: each stand-in is built once per test run (helpers in :mod:`tests.helpers`).
 
 The project's bytecode caches are written once before the tests (``compileall``): the tests start
-a few hundred stage processes, and where ``PYTHONDONTWRITEBYTECODE`` is set (as on the CI machine)
+a few hundred stage processes, and where ``PYTHONDONTWRITEBYTECODE`` is set (as on the development machine)
 each of them would otherwise compile the project's modules from source again (measured: 0.5 s of
 CPU per pipeline run of 4 frames, 8 % of it).
 """
