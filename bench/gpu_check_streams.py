@@ -284,8 +284,11 @@ class StreamHarness:
             q.put(None)
         deadline = time.monotonic() + 5.0
         for p in self.procs:
-            p.join(timeout=max(0.1, deadline - time.monotonic()))
-            if p.is_alive():
+            # exitcode polls waitpid; join() here waited on the process sentinel for the whole 5 s
+            # every time, though the worker had logged its exit within milliseconds of the None
+            while p.exitcode is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if p.exitcode is None:
                 p.terminate()
         self.cache.close()
 
