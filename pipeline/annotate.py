@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from streamdet.cascade import Children
 
 # 20 distinct RGB colours (the "tab20"-like palette ultralytics uses for classes)
 PALETTE_RGB: tuple[tuple[int, int, int], ...] = (
@@ -117,7 +120,7 @@ def draw_semantic(
 
 
 def draw_children(image_rgb: npt.NDArray[np.uint8], parents_xyxy: npt.NDArray[np.float32],
-                  children: Mapping[int, Sequence[Any]], *, thickness: int = 1) -> npt.NDArray[np.uint8]:
+                  children: Mapping[int, Sequence[Children]], *, thickness: int = 1) -> npt.NDArray[np.uint8]:
     """Draw secondary models' results (a cascade) in place: child boxes, and text read under its parent box.
 
     Each child box is drawn in its class colour, ``thickness`` wide, without a caption (a plate's
@@ -127,8 +130,8 @@ def draw_children(image_rgb: npt.NDArray[np.uint8], parents_xyxy: npt.NDArray[np
     Args:
         image_rgb: ``(H, W, 3)`` uint8 RGB image, modified in place.
         parents_xyxy: ``(N, 4)`` float32 xyxy boxes of the primary detections, image pixels.
-        children: ``streamdet.cascade.Children`` lists by parent index (``detections`` in image
-            pixels, ``text``); indices past ``N`` are ignored.
+        children: :class:`~streamdet.cascade.Children` lists by parent index (``detections`` in
+            image pixels, ``text``); indices past ``N`` are ignored.
         thickness: child box line width in pixels.
 
     Returns:
@@ -145,7 +148,7 @@ def draw_children(image_rgb: npt.NDArray[np.uint8], parents_xyxy: npt.NDArray[np
             for (x1, y1, x2, y2), cid in zip(d.boxes_xyxy.tolist(), d.class_ids.tolist(), strict=True):
                 cv2.rectangle(image_rgb, (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2))),
                               class_color(cid), thickness, cv2.LINE_AA)
-        text = next((ch.text for ch in found if getattr(ch, "text", None)), None)
+        text = next((ch.text for ch in found if ch.text), None)
         if text:
             x1, _, _, y2 = (int(round(v)) for v in parents_xyxy[parent].tolist())
             (tw, th), base = cv2.getTextSize(text, font, scale, 2)
@@ -157,7 +160,7 @@ def draw_children(image_rgb: npt.NDArray[np.uint8], parents_xyxy: npt.NDArray[np
 
 
 def annotate_result(image_rgb: npt.NDArray[np.uint8], detections: Any, class_names: Sequence[str],
-                    children: Mapping[int, Sequence[Any]] | None = None) -> npt.NDArray[np.uint8]:
+                    children: Mapping[int, Sequence[Children]] | None = None) -> npt.NDArray[np.uint8]:
     """Draw one frame's results as the annotated-video sink and the preview page show them, in place.
 
     Semantic class maps first (when the map has the image's size; class 0 left untinted when it

@@ -208,8 +208,7 @@ def test_quantized_map_close_to_fp32(tmp_path: Path, held_out: Path) -> None:
     boxes (as fractions of the input) and class scores within 1e-2 of FP32 on 16 held-out images
     (measured: 0.0023 and 0.0033 at most). ``python bench/quant_bench.py`` measures its mAP.
     """
-    import cv2
-
+    from training.dataset import load_coco_dataset
     from training.evaluate import evaluate_model
 
     fp32 = _trained_model()
@@ -226,8 +225,8 @@ def test_quantized_map_close_to_fp32(tmp_path: Path, held_out: Path) -> None:
     print(json.dumps(maps))
     assert abs(maps["int8"] - maps["fp32"]) <= 1.0, maps
     card = load_card(fp32.with_suffix(".json"))
-    images = sorted((held_out / "images").iterdir())[:16]
-    x, _ = preprocess_batch([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in images], card)
+    ds = load_coco_dataset(held_out)
+    x, _ = preprocess_batch([ds.read_image_rgb(im) for im in ds.coco["images"][:16]], card)
     outs = []
     for path in (fp32, out16):
         with OnnxRuntimeEngine(model_path=path, intra_op_threads=0) as e:
