@@ -232,7 +232,7 @@ def join_children(procs: list[Any], abort: Any, timeout_s: float) -> None:
 FORK_SERVER_PRELOAD = ["numpy", "zmq", "av", "onnxruntime", "pipeline.stages.decode", "pipeline.stages.preprocess",
                        "pipeline.stages.colocated",
                        "pipeline.stages.engine", "pipeline.stages.postprocess"]
-"""Modules the fork server imports once, so that a restarted stage does not (no GPU library: a
+"""Modules the fork server imports once, so that the stages forked from it do not (no GPU library: a
 process must not fork with CUDA initialised)."""
 
 
@@ -248,13 +248,16 @@ def environment(env: dict[str, str]) -> Iterator[None]:
 
 
 def start_fork_server(env: dict[str, str]) -> bool:
-    """Start the fork server that restarted stages are forked from, importing the stage modules in it (background).
+    """Start the fork server the stage processes are forked from, importing the stage modules in it.
 
-    The imports cost about 1 s of CPU once; a restarted stage is then ready in a fraction of the
-    time. Linux only; any failure leaves restarts on the spawn method.
+    The imports cost about 1 s of CPU once, instead of about that much in every spawned stage
+    process; a restarted stage is ready in a fraction of the time too. The server is this
+    process's ``multiprocessing`` fork server: a second run in the same process reuses it. Linux
+    only; any failure leaves the stages on the spawn method.
 
     Args:
-        env: environment variables the fork server (and so every forked stage) starts with.
+        env: environment variables the fork server starts with (set while its modules are imported,
+            e.g. the BLAS thread count; a forked stage then sets the environment the runner hands it).
 
     Returns:
         Whether the fork server runs.

@@ -306,40 +306,37 @@ class Pipeline:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals.append(signum)
 
-    def _spawn(self, spec: StageSpec, label: str, *, restart: bool = False) -> Any:
+    def _spawn(self, spec: StageSpec, label: str) -> Any:
         """Start one stage process and return it.
 
-        The first processes start with the spawn method (a fresh interpreter each); a restart is
-        forked from the run's fork server (:meth:`_start_fork_server`), whose interpreter has the
-        stage modules imported already: a restarted stage is ready in a fraction of the time.
+        Stage processes are forked from the run's fork server (:meth:`_start_fork_server`), whose
+        interpreter has the stage modules imported already, so the stages of a run import them
+        once instead of once each, and a restarted stage is ready in a fraction of the time.
+        Without it (``supervise.fork_server`` false, not Linux, or the server failed to start)
+        each is spawned (a fresh interpreter). Either way the child gets this process's current
+        environment (plus :data:`LIGHT_STAGE_ENV` for the stages other than the engines).
         """
-        ctx: Any = mp.get_context("forkserver" if restart and self._fork_server else "spawn")
-        proc = ctx.Process(target=stage_main, args=(spec, *self._events_args, os.getpid()),
-                           name=f"streamdet-{label}", daemon=True)
+        ctx: Any = mp.get_context("forkserver" if self._fork_server else "spawn")
         env = {} if spec.stage_name in (StageName.ENGINE, StageName.SECONDARY) else \
             {k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ}
+        proc = ctx.Process(target=stage_main, args=(spec, *self._events_args, os.getpid()),
+                           kwargs={"environ": {**os.environ, **env}}, name=f"streamdet-{label}", daemon=True)
         with environment(env):  # a spawned child starts with the parent's environment
             proc.start()
         return proc
 
-    def _restart_spawn(self, spec: StageSpec, label: str) -> Any:
-        if not self._fork_server:  # a file-only run starts the fork server at its first restart
-            self._start_fork_server()
-            return self._spawn(spec, label)
-        return self._spawn(spec, label, restart=True)
-
     def _start_fork_server(self) -> None:
-        """Start the fork server restarts are forked from (:func:`pipeline.restarts.start_fork_server`).
+        """Start the fork server the stage processes are forked from (see :meth:`_spawn`).
 
-        Started when the run starts if a source is live (a long-running deployment), else at the
-        first restart (which itself still spawns).
+        :func:`pipeline.restarts.start_fork_server`: about 1 s of CPU once (the imports every
+        spawned stage would make), and one more process for the run's lifetime.
         """
-        sv = self.settings.supervise
-        self._fork_server = sv.max_restarts > 0 and sv.fork_server and start_fork_server(
+        self._fork_server = self.settings.supervise.fork_server and start_fork_server(
             {k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ})
 
     def _start(self, specs: list[StageSpec], events: tuple[Any, Any, Any]) -> None:
         self._events_args = events
+        self._start_fork_server()
         for spec in specs:
             label = spec.stage_name.value
             if isinstance(spec, DecodeSpec):
@@ -372,7 +369,7 @@ class Pipeline:
         policy = RestartPolicy(max_restarts=sv.max_restarts, window_s=sv.window_s,
                                backoff_initial_s=sv.backoff_initial_s, backoff_max_s=sv.backoff_max_s)
         assert self._ledger is not None
-        restarter = Restarter(ledger=self._ledger, policy=policy, spawn=self._restart_spawn, events=self._events,
+        restarter = Restarter(ledger=self._ledger, policy=policy, spawn=self._spawn, events=self._events,
                               pool_names=self._pool_names)
         self._restarter = restarter
         plane = self._plane
@@ -429,8 +426,6 @@ class Pipeline:
                 if go_at is None and book.ready.total() == len(self._procs) and not abort.is_set():
                     go.set()
                     go_at = time.monotonic()
-                    if any(src.is_live for src in self.sources):
-                        self._start_fork_server()  # after the stages: its imports must not slow their start
                     if self.progress:
                         from tqdm import tqdm
 

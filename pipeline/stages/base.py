@@ -232,8 +232,9 @@ def close_sockets(flags: StageFlags, *, outputs: Iterable[zmq.Socket[Any] | None
             inp.close(linger=0)
 
 
-def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid: int) -> None:
-    """Entry point of a stage process (``multiprocessing`` target, spawn start method).
+def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid: int, *,
+               environ: dict[str, str] | None = None) -> None:
+    """Entry point of a stage process (``multiprocessing`` target, forkserver or spawn start method).
 
     Args:
         spec: what to build.
@@ -242,8 +243,13 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
         abort: event set by the runner to stop at once.
         parent_pid: the runner's pid (a stage forked from the runner's fork server watches the
             server instead, which exits with the runner).
+        environ: the environment to run with, the runner's at the time it started this stage (a
+            process forked from the fork server otherwise has the server's, from the run's start).
     """
-    if _forked_by_fork_server(parent_pid):  # a restart: watch the server, which exits with the runner
+    if environ is not None and environ != os.environ:
+        os.environ.clear()
+        os.environ.update(environ)
+    if _forked_by_fork_server(parent_pid):  # watch the server, which exits with the runner
         parent_pid = os.getppid()
         _release_fork_server()
     flags = StageFlags(go=go, stop_input=stop_input, abort=abort, parent_pid=parent_pid)

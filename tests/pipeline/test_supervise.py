@@ -5,6 +5,7 @@ undisturbed run is the reference; each stage kind is then SIGKILLed once mid-run
 must equal the reference line for line (timing fields aside).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -116,12 +117,22 @@ def test_postprocess_restart_keeps_the_annotated_video_as_playable_segments(tmp_
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_second_restart_forks_from_the_fork_server_and_still_loses_nothing(tmp_path, reference):
-    """The first restart of a file-only run spawns (and starts the fork server), the next one forks."""
+def _parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_stages_and_their_restarts_fork_from_the_fork_server_and_lose_nothing(tmp_path, reference):
+    """Every stage process, restarted ones too, is forked from the run's fork server (not the runner)."""
     s = settings(tmp_path, "out", supervise__backoff_initial_s=0.0)
     kills: list[int] = []
+    parents: dict[int, int] = {}
 
     def monitor(p: Pipeline) -> None:
+        for pid in p.stage_pids().values():
+            if pid not in parents and pid not in kills:
+                with contextlib.suppress(OSError):  # it may have just exited
+                    parents[pid] = _parent_pid(pid)
         if len(kills) < 2 and p.frames_done >= 25 + 35 * len(kills) and not p.restarting:
             pid = p.stage_pids()["engine"]
             if pid not in kills:
@@ -131,8 +142,25 @@ def test_second_restart_forks_from_the_fork_server_and_still_loses_nothing(tmp_p
     summary = Pipeline(settings=s, monitor=monitor).run(handle_signals=False)
     assert summary.exit_code == 0, summary.errors
     assert len(kills) == 2 and summary.restarts == {"engine": 2}
+    assert len(parents) >= 5  # decoder+preprocess, engine, postprocess, then two more engines
+    assert len(set(parents.values())) == 1 and os.getpid() not in parents.values(), parents
     got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert strip_timing(got) == strip_timing(reference)
+
+
+def test_without_the_fork_server_every_stage_is_spawned_by_the_runner(tmp_path):
+    s = settings(tmp_path, "out", max_frames=6, supervise__fork_server=False)
+    parents: dict[int, int] = {}
+
+    def monitor(p: Pipeline) -> None:
+        for pid in p.stage_pids().values():
+            if pid not in parents:
+                with contextlib.suppress(OSError):  # it may have just exited
+                    parents[pid] = _parent_pid(pid)
+
+    summary = Pipeline(settings=s, monitor=monitor).run(handle_signals=False)
+    assert summary.exit_code == 0 and summary.frames == 6, summary.errors
+    assert parents and set(parents.values()) == {os.getpid()}, parents
 
 
 def test_a_stage_that_fails_at_every_start_ends_the_run_after_the_bound(tmp_path):
@@ -189,16 +217,16 @@ def wait_new(marker: str, name: str, old: set[int], timeout: float = 30.0) -> in
 
 
 def test_killed_runner_takes_restarted_stages_and_the_fork_server_along(standin_model):
-    """Restarted stages are forked from the fork server: they and the server die with the runner too."""
+    """Stages are forked from the fork server: they, their restarts and the server die with the runner too."""
     proc, marker = start(["--model", str(standin_model), "--quiet", "--publish", "none", "--source",
                           str(bikes_path()), "--loop", "100", "--set", "supervise.backoff_initial_s=0"])
     try:
         first = wait_new(marker, "sd-engine", set())
         time.sleep(1.0)
-        os.kill(first, signal.SIGKILL)  # restart 1: spawned, and the fork server starts
+        os.kill(first, signal.SIGKILL)  # restart 1
         second = wait_new(marker, "sd-engine", {first})
         time.sleep(2.0)
-        os.kill(second, signal.SIGKILL)  # restart 2: forked from the fork server
+        os.kill(second, signal.SIGKILL)  # restart 2
         third = wait_new(marker, "sd-engine", {first, second})
         time.sleep(0.5)
         assert open(f"/proc/{third}/stat").read().rsplit(")", 1)[1].split()[1] != str(proc.pid)  # a grandchild
