@@ -3,6 +3,7 @@ and FP16 autocast only in the gpu-marked test."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +24,20 @@ def batch(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 3, h, w), dtype=np.float32)
 
 
+@pytest.fixture(scope="module")
+def cpu_engine(tiny_detector_pt2: Path) -> Iterator[CudaEngine]:
+    """One started engine for the parity cases: loading a ``.pt2`` takes about 2.8 s (torch's deserializer)."""
+    with CudaEngine(model_path=tiny_detector_pt2, device="cpu") as e:  # given the .onnx, it loads the .pt2 beside it
+        yield e
+
+
 @pytest.mark.parametrize("n", [1, 3, 8])
-def test_cpu_matches_onnxruntime(tiny_detector_pt2: Path, n: int) -> None:
+def test_cpu_matches_onnxruntime(tiny_detector_pt2: Path, cpu_engine: CudaEngine, n: int) -> None:
     x = batch(n, n)
     with OnnxRuntimeEngine(model_path=tiny_detector_pt2, intra_op_threads=1) as ort_engine:
         want = ort_engine.infer(x)  # type: ignore[attr-defined]
-    with CudaEngine(model_path=tiny_detector_pt2, device="cpu") as e:  # given the .onnx, it loads the .pt2 beside it
-        assert e.output_names == ("output0",)
-        got = e.infer(x)
+    assert cpu_engine.output_names == ("output0",)
+    got = cpu_engine.infer(x)
     assert got[0].shape == want[0].shape and got[0].dtype == np.float32
     w, h = TINY_INPUT_WH
     scale = np.array([w, h, w, h], np.float32).reshape(1, 4, 1)
