@@ -163,6 +163,14 @@ def test_without_the_fork_server_every_stage_is_spawned_by_the_runner(tmp_path):
     assert parents and set(parents.values()) == {os.getpid()}, parents
 
 
+def test_the_fork_server_imports_no_gpu_library():
+    """Every stage forks from it, and a process must not fork with CUDA initialised: it imports no GPU library."""
+    code = ("import sys; from pipeline.restarts import FORK_SERVER_PRELOAD as P; [__import__(m) for m in P]; "
+            "print(sorted(m for m in ('torch', 'cupy', 'tensorrt', 'pycuda') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 def test_a_stage_that_fails_at_every_start_ends_the_run_after_the_bound(tmp_path):
     """Swap the model for garbage after start-up, then kill the engine: bounded restarts, one error line."""
     model = tmp_path / "model.onnx"
