@@ -24,6 +24,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -168,8 +169,16 @@ class Subscriber:
 
     def wait(self, n: int, timeout_s: float = 10.0) -> list[mqtt.MQTTMessage]:
         """The messages once at least ``n`` arrived (or the timeout passed)."""
+        return self.wait_for(lambda got: len(got) >= n, timeout_s)
+
+    def wait_distinct(self, n: int, timeout_s: float = 10.0) -> list[mqtt.MQTTMessage]:
+        """The messages once ``n`` distinct payloads arrived (QoS 1 may deliver one twice), or the timeout passed."""
+        return self.wait_for(lambda got: len({m.payload for m in got}) >= n, timeout_s)
+
+    def wait_for(self, done: Callable[[list[mqtt.MQTTMessage]], bool], timeout_s: float) -> list[mqtt.MQTTMessage]:
+        """The messages once ``done(messages)`` holds (or the timeout passed)."""
         with self.cond:
-            self.cond.wait_for(lambda: len(self.messages) >= n, timeout_s)
+            self.cond.wait_for(lambda: done(self.messages), timeout_s)
             return list(self.messages)
 
     def close(self) -> None:

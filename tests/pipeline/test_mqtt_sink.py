@@ -168,7 +168,7 @@ def test_broker_restart_mid_run_loses_nothing_and_never_blocks(broker, subscribe
     for p in sent[40:]:
         sink.write_json("cam", p)
     sink.close()
-    got = set(payloads(sub.wait(60)))
+    got = set(payloads(sub.wait_distinct(60, timeout_s=30)))  # at least once: a resent one may arrive twice
     assert got <= set(sent)
     assert sink.delivered + sink.dropped == len(sent)  # every loss counted
     assert sink.dropped == 0 and got == set(sent)  # QoS 1, buffer large enough: all of them (at least once)
