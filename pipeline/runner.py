@@ -53,7 +53,7 @@ from pipeline.restarts import Child, Restarter, environment, exit_reason, join_c
 from pipeline.settings import Settings
 from pipeline.slotpool import pool_name, unlink_pool
 from pipeline.sources.probe import SourceInfo
-from pipeline.stages.base import StageSpec, stage_main
+from pipeline.stages.base import StageSpec, runner_stdio, stage_main
 from pipeline.stages.cascade import SecondaryEngineSpec
 from pipeline.stages.decode import DecodeSpec
 from pipeline.summary import (
@@ -314,13 +314,17 @@ class Pipeline:
         once instead of once each, and a restarted stage is ready in a fraction of the time.
         Without it (``supervise.fork_server`` false, not Linux, or the server failed to start)
         each is spawned (a fresh interpreter). Either way the child gets this process's current
-        environment (plus :data:`LIGHT_STAGE_ENV` for the stages other than the engines).
+        environment (plus :data:`LIGHT_STAGE_ENV` for the stages other than the engines) and
+        standard output and error.
         """
         ctx: Any = mp.get_context("forkserver" if self._fork_server else "spawn")
         env = {} if spec.stage_name in (StageName.ENGINE, StageName.SECONDARY) else \
             {k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ}
-        proc = ctx.Process(target=stage_main, args=(spec, *self._events_args, os.getpid()),
-                           kwargs={"environ": {**os.environ, **env}}, name=f"streamdet-{label}", daemon=True)
+        kwargs: dict[str, Any] = {"environ": {**os.environ, **env}}
+        if self._fork_server:  # a spawned child inherits them anyway
+            kwargs["stdio"] = runner_stdio()
+        proc = ctx.Process(target=stage_main, args=(spec, *self._events_args, os.getpid()), kwargs=kwargs,
+                           name=f"streamdet-{label}", daemon=True)
         with environment(env):  # a spawned child starts with the parent's environment
             proc.start()
         return proc

@@ -232,8 +232,55 @@ def close_sockets(flags: StageFlags, *, outputs: Iterable[zmq.Socket[Any] | None
             inp.close(linger=0)
 
 
+class RunnerStdio:
+    """The runner's standard output and error as they are now, for a stage forked from the fork server.
+
+    A forked process has the fork server's descriptors 1 and 2, those the runner process had when
+    the server started; a program that embeds the pipeline may have redirected them since. Pickled
+    while the stage process starts, this hands the runner's current ones over (as
+    ``multiprocessing`` hands over a ``Connection``: ``multiprocessing.reduction.DupFd``); the
+    child unpickles an :class:`InheritedStdio` and :meth:`InheritedStdio.adopt` puts them in place.
+    """
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, Any]]:
+        from multiprocessing import reduction
+
+        return InheritedStdio, (reduction.DupFd(1), reduction.DupFd(2))
+
+
+@dataclass(frozen=True)
+class InheritedStdio:
+    """The runner's standard output and error in a stage process (see :class:`RunnerStdio`).
+
+    Attributes:
+        out: ``multiprocessing``'s wrapper of the runner's descriptor 1 (``detach()`` gives it).
+        err: the same for descriptor 2.
+    """
+
+    out: Any
+    err: Any
+
+    def adopt(self) -> None:
+        """Make them this process's descriptors 1 and 2."""
+        for wrapper, target in ((self.out, 1), (self.err, 2)):
+            fd = wrapper.detach()
+            if fd != target:
+                os.dup2(fd, target)
+                os.close(fd)
+
+
+def runner_stdio() -> RunnerStdio | None:
+    """A :class:`RunnerStdio` for a forked stage, or None when this process's descriptor 1 or 2 is closed."""
+    try:
+        os.fstat(1)
+        os.fstat(2)
+    except OSError:
+        return None
+    return RunnerStdio()
+
+
 def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid: int, *,
-               environ: dict[str, str] | None = None) -> None:
+               environ: dict[str, str] | None = None, stdio: InheritedStdio | None = None) -> None:
     """Entry point of a stage process (``multiprocessing`` target, forkserver or spawn start method).
 
     Args:
@@ -245,7 +292,10 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
             server instead, which exits with the runner).
         environ: the environment to run with, the runner's at the time it started this stage (a
             process forked from the fork server otherwise has the server's, from the run's start).
+        stdio: the runner's standard output and error (a forked stage; see :class:`RunnerStdio`).
     """
+    if stdio is not None:
+        stdio.adopt()
     if environ is not None and environ != os.environ:
         os.environ.clear()
         os.environ.update(environ)

@@ -7,6 +7,7 @@ must equal the reference line for line (timing fields aside).
 
 import contextlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -17,9 +18,11 @@ import time
 import numpy as np
 import pytest
 
+from pipeline.restarts import start_fork_server
 from pipeline.runner import Pipeline
 from pipeline.settings import DEFAULT_MODEL, DEFAULT_SOURCE
 from pipeline.slotpool import PoolCache, SlotPool, StalePoolError, pool_name, split_pool_name
+from pipeline.stages.base import runner_stdio
 from pipeline.stages.ordering import PublishOrder, Verdict
 from pipeline.supervise import Ledger, RestartPolicy
 from streamdet.messages import EndOfStream, EosReason
@@ -169,6 +172,33 @@ def test_the_fork_server_imports_no_gpu_library():
             "print(sorted(m for m in ('torch', 'cupy', 'tensorrt', 'pycuda') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def _say_on_stderr(stdio) -> None:
+    if stdio is not None:
+        stdio.adopt()
+    sys.stderr.write("from the stage\n")
+    sys.stderr.flush()
+
+
+@pytest.mark.parametrize("handed_over", [True, False])
+def test_a_forked_stage_writes_to_the_runners_stderr_as_it_is_now(tmp_path, handed_over):
+    """The fork server keeps the stderr it started with; a stage gets the runner's current one (RunnerStdio)."""
+    assert start_fork_server({})  # before the redirection below: the server holds the stderr of before
+    log = tmp_path / "stderr.txt"
+    saved = os.dup(2)
+    try:
+        with open(log, "wb") as fh:
+            os.dup2(fh.fileno(), 2)
+        p = mp.get_context("forkserver").Process(target=_say_on_stderr,
+                                                 args=(runner_stdio() if handed_over else None,))
+        p.start()
+        p.join(30)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    assert p.exitcode == 0
+    assert log.read_text() == ("from the stage\n" if handed_over else "")
 
 
 def test_a_stage_that_fails_at_every_start_ends_the_run_after_the_bound(tmp_path):
