@@ -104,6 +104,12 @@ LIGHT_STAGE_ENV = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 Their matrix products are small (instance-mask coefficients times prototypes); a BLAS thread pool
 woken for each one, on CPUs the engine keeps busy, made the mask postprocess 2-3x slower."""
 
+
+def _light_stage_env() -> dict[str, str]:
+    """The variables of :data:`LIGHT_STAGE_ENV` that the user has not set."""
+    return {k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ}
+
+
 RSS_SAMPLE_S = 0.5
 """How often the runner samples the stages' resident memory (and calls the monitor)."""
 
@@ -318,8 +324,7 @@ class Pipeline:
         standard output and error.
         """
         ctx: Any = mp.get_context("forkserver" if self._fork_server else "spawn")
-        env = {} if spec.stage_name in (StageName.ENGINE, StageName.SECONDARY) else \
-            {k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ}
+        env = {} if spec.stage_name in (StageName.ENGINE, StageName.SECONDARY) else _light_stage_env()
         kwargs: dict[str, Any] = {"environ": {**os.environ, **env}}
         if self._fork_server:  # a spawned child inherits them anyway
             kwargs["stdio"] = runner_stdio()
@@ -335,8 +340,7 @@ class Pipeline:
         :func:`pipeline.restarts.start_fork_server`: about 1 s of CPU once (the imports every
         spawned stage would make), and one more process for the run's lifetime.
         """
-        self._fork_server = self.settings.supervise.fork_server and start_fork_server(
-            {k: v for k, v in LIGHT_STAGE_ENV.items() if k not in os.environ})
+        self._fork_server = self.settings.supervise.fork_server and start_fork_server(_light_stage_env())
 
     def _start(self, specs: list[StageSpec], events: tuple[Any, Any, Any]) -> None:
         self._events_args = events

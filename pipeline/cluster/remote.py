@@ -30,9 +30,9 @@ def _lean_spawn() -> None:
     """Keep the stage processes this worker spawns from importing Ray's worker script again.
 
     ``multiprocessing``'s spawn and forkserver start methods re-run the parent's ``__main__``
-    script in every child (``init_main_from_path``); in a Ray worker that is Ray's ``default_worker.py``, which
-    imports Ray: about 1 s of CPU in each of a unit's four stage processes, twice what the stage
-    itself imports. A ``__main__`` whose spec is named ``__main__`` is skipped by spawn
+    script in every child (``init_main_from_path``); in a Ray worker that is Ray's
+    ``default_worker.py``, which imports Ray: about 1 s of CPU in each of a unit's four stage
+    processes, twice what the stage itself imports. A ``__main__`` whose spec is named ``__main__`` is skipped by spawn
     (``multiprocessing.spawn._fixup_main_from_name``); the stages need nothing from it.
     """
     import importlib.machinery

@@ -68,6 +68,16 @@ def processes_with(marker: str) -> list[int]:
     return pids
 
 
+def parent_pid(pid: int) -> int:
+    """The parent of process ``pid``, from ``/proc/<pid>/stat``.
+
+    Raises:
+        OSError: if the process is gone.
+    """
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])  # after "pid (comm)": state, ppid, ...
+
+
 def assert_no_orphans(marker: str) -> None:
     """Every process of the run is gone (within 10 s)."""
     deadline = time.monotonic() + 10

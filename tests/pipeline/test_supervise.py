@@ -26,7 +26,7 @@ from pipeline.stages.base import runner_stdio
 from pipeline.stages.ordering import PublishOrder, Verdict
 from pipeline.supervise import Ledger, RestartPolicy
 from streamdet.messages import EndOfStream, EosReason
-from tests.helpers.cli import ROOT, assert_no_orphans, processes_with, start
+from tests.helpers.cli import ROOT, assert_no_orphans, parent_pid, processes_with, start
 from tests.helpers.settings import settings_with
 from tests.helpers.standin import bikes_path
 
@@ -120,11 +120,6 @@ def test_postprocess_restart_keeps_the_annotated_video_as_playable_segments(tmp_
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def _parent_pid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-        return int(fh.read().rsplit(")", 1)[1].split()[1])
-
-
 def test_stages_and_their_restarts_fork_from_the_fork_server_and_lose_nothing(tmp_path, reference):
     """Every stage process, restarted ones too, is forked from the run's fork server (not the runner)."""
     s = settings(tmp_path, "out", supervise__backoff_initial_s=0.0)
@@ -135,7 +130,7 @@ def test_stages_and_their_restarts_fork_from_the_fork_server_and_lose_nothing(tm
         for pid in p.stage_pids().values():
             if pid not in parents and pid not in kills:
                 with contextlib.suppress(OSError):  # it may have just exited
-                    parents[pid] = _parent_pid(pid)
+                    parents[pid] = parent_pid(pid)
         if len(kills) < 2 and p.frames_done >= 25 + 35 * len(kills) and not p.restarting:
             pid = p.stage_pids()["engine"]
             if pid not in kills:
@@ -159,7 +154,7 @@ def test_without_the_fork_server_every_stage_is_spawned_by_the_runner(tmp_path):
         for pid in p.stage_pids().values():
             if pid not in parents:
                 with contextlib.suppress(OSError):  # it may have just exited
-                    parents[pid] = _parent_pid(pid)
+                    parents[pid] = parent_pid(pid)
 
     summary = Pipeline(settings=s, monitor=monitor).run(handle_signals=False)
     assert summary.exit_code == 0 and summary.frames == 6, summary.errors
@@ -267,7 +262,7 @@ def test_killed_runner_takes_restarted_stages_and_the_fork_server_along(standin_
         os.kill(second, signal.SIGKILL)  # restart 2
         third = wait_new(marker, "sd-engine", {first, second})
         time.sleep(0.5)
-        assert open(f"/proc/{third}/stat").read().rsplit(")", 1)[1].split()[1] != str(proc.pid)  # a grandchild
+        assert parent_pid(third) != proc.pid  # a grandchild
         proc.kill()
         proc.communicate(timeout=30)
         assert_no_orphans(marker)
