@@ -7,11 +7,37 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from pipeline.sources.options import HWAccelOptions
 from pipeline.transport import redact_url
 
 MAX_CONSECUTIVE_DECODE_ERRORS = 25
 """A source whose packets fail to decode this many times in a row is given up."""
+
+SWSCALE_THREADS = 1
+"""Threads of FFmpeg's colour conversion (swscale) per frame.
+
+PyAV's default, 0, lets swscale split every frame over as many threads as there are cores. A
+source's decoder already runs beside the engine and the other sources, so here those threads only
+add wake-ups: on the 2-core machine, converting H.264 frames to RGB24 with one thread cost 0.65
+instead of 0.9-1.2 ms of CPU per frame (decode included) at 640x272, 1.85 instead of 2.1-2.9 ms at
+1280x720, with about 9 context switches fewer per frame; the pixels are the same.
+"""
+
+
+def to_rgb24(frame: Any) -> npt.NDArray[np.uint8]:
+    """A decoded frame as RGB24 pixels, converted by swscale in one thread (:data:`SWSCALE_THREADS`).
+
+    Args:
+        frame: a PyAV ``VideoFrame`` in host memory, any pixel format.
+
+    Returns:
+        uint8 array ``(H, W, 3)``, RGB, the frame's own size (FFmpeg's colour matrix for the frame).
+    """
+    rgb: npt.NDArray[np.uint8] = frame.to_ndarray(format="rgb24", threads=SWSCALE_THREADS)
+    return rgb
 
 
 def open_input(url: str, *, hwaccel: HWAccelOptions, **kwargs: Any) -> Any:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.sources.ffmpeg import MAX_CONSECUTIVE_DECODE_ERRORS, ffmpeg_problem, open_input
+from pipeline.sources.ffmpeg import MAX_CONSECUTIVE_DECODE_ERRORS, SWSCALE_THREADS, ffmpeg_problem, open_input, to_rgb24
 from pipeline.sources.options import DecodeThreads
 from pipeline.sources.probe import SourceInfo
 
@@ -89,8 +89,8 @@ def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callabl
                     t0 = time.perf_counter()
                     continue
                 if frame.height != h0 or frame.width != w0:  # size change mid-stream: keep the slot size
-                    frame = frame.reformat(width=w0, height=h0)
-                rgb: npt.NDArray[np.uint8] = frame.to_ndarray(format="rgb24")  # type: ignore[assignment]
+                    frame = frame.reformat(width=w0, height=h0, threads=SWSCALE_THREADS)
+                rgb = to_rgb24(frame)
                 pts_s = float(frame.time) if frame.time is not None else index * fallback_dt
                 index += 1
                 yield rgb, pts_s, (time.perf_counter() - t0) * 1000.0

@@ -44,6 +44,7 @@ import numpy.typing as npt
 import zmq
 
 from pipeline.slotpool import SlotCredits, SlotPool
+from pipeline.sources.ffmpeg import to_rgb24
 from pipeline.sources.file_reader import file_frames
 from pipeline.sources.live_reader import LiveFrame, LiveOutcome, LiveReader
 from pipeline.sources.options import DecodeThreads, LiveOptions, reconnect_delay
@@ -449,7 +450,7 @@ class DecodeStage(Stage):
             "" or the problem that ends the source (a frame larger than the slots).
         """
         t0 = time.perf_counter()
-        rgb: npt.NDArray[np.uint8] = item.frame.to_ndarray(format="rgb24")  # type: ignore[assignment]
+        rgb = to_rgb24(item.frame)
         h, w = rgb.shape[:2]
         if self.pool is None and self.pool_name:
             self.pool = SlotPool.create(name=self.pool_name, num_slots=self.num_slots, slot_bytes=h * w * 3)

@@ -191,6 +191,21 @@ def test_source_ids():
         "bikes", "bikes-2", "live", "x_y_z", "source"]
 
 
+@pytest.mark.parametrize(("device", "user_env", "expected"), [
+    ("cpu", {}, {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENCV_FOR_THREADS_NUM": "1"}),
+    ("cuda", {}, {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),  # the cores are free for OpenCV
+    ("cpu", {"OPENCV_FOR_THREADS_NUM": "4"}, {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),  # the user's
+])
+def test_light_stages_get_one_blas_thread_and_with_a_cpu_engine_one_opencv_thread(
+        standin_model, monkeypatch, device, user_env, expected):
+    for k in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENCV_FOR_THREADS_NUM"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in user_env.items():
+        monkeypatch.setenv(k, v)
+    pipeline = Pipeline(settings=settings_with({"model": str(standin_model)}, engine__device=device))
+    assert pipeline._light_env() == expected
+
+
 @pytest.mark.slow
 def test_memory_stays_flat_over_a_long_run(standin_model):
     """Loop bikes.mp4 8 times (2000 frames): resident memory of the stage processes must not grow."""

@@ -202,6 +202,16 @@ def test_probe_redacts_credentials():
 
 
 # ---------------------------------------------------------------- decode stage (in-process)
+@pytest.mark.parametrize("clip", ["bikes.mp4", "carphone_pristine.mp4"])
+def test_one_thread_colour_conversion_gives_pyavs_default_pixels(clip):
+    """The decoders convert with one swscale thread (``to_rgb24``): the pixels are PyAV's default ones."""
+    from pipeline.sources.ffmpeg import to_rgb24
+
+    with av.open(str(bikes_path().with_name(clip))) as container:
+        for frame in container.decode(video=0):
+            np.testing.assert_array_equal(to_rgb24(frame), frame.to_ndarray(format="rgb24"))
+
+
 def test_decoder_backpressure_and_pixels(tmp_path):
     """With 2 slots and no credits returned, the decoder stops after 2 frames; credits let it go on."""
     from pipeline.slotpool import PoolCache, SlotPool
