@@ -109,6 +109,43 @@ def test_wheel_list_pins_the_pydantic_core_pydantic_needs() -> None:
         assert dep in pins, dep
 
 
+def test_the_carried_packages_need_nothing_the_gpu_machine_lacks() -> None:
+    """Each carried package (installed here at its pinned version) needs only the image's or carried packages.
+
+    fastapi 0.165 needs opentelemetry-api, which the image lacks: without it in the list, ``import
+    fastapi`` failed there (seen on a Python 3.12 copy of the image's stack).
+    """
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    text = (ROOT / "bench" / "gpu_packages.txt").read_text()
+    pins = dict(p.split("==") for p in text.split() if "==" in p)
+    image = [line.strip() for line in (ROOT / "bench" / "gpu_image_packages.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    have = {canonicalize_name(n) for n in [*image, *pins]}
+    target = {"python_version": "3.12", "python_full_version": "3.12.3", "implementation_name": "cpython",
+              "platform_python_implementation": "CPython", "sys_platform": "linux", "platform_system": "Linux",
+              "platform_machine": "x86_64", "os_name": "posix", "extra": ""}
+    checked, missing = 0, []
+    for name, pin in pins.items():
+        try:
+            if version(name) != pin:
+                continue
+        except PackageNotFoundError:
+            continue
+        checked += 1
+        for line in requires(name) or []:
+            req = Requirement(line)
+            if req.marker is not None and not req.marker.evaluate(target):
+                continue
+            if canonicalize_name(req.name) not in have:
+                missing.append(f"{name}: {line}")
+    assert checked >= 10  # the dev install has most of them at the pinned versions
+    assert not missing
+
+
 def test_pt2_builder_matches_onnxruntime_on_the_detector_architecture(tiny_detector_onnx: Path, tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from gpu_check_model import build_pt2
