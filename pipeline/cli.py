@@ -153,11 +153,15 @@ def run_main(argv: list[str] | None = None, *, prog: str = "run_pipeline.py") ->
         pipeline = ClusterRun(settings=settings)
     else:
         pipeline = Pipeline(settings=settings)
+    from pipeline.restarts import stop_fork_server
+
     try:
         summary = pipeline.run()
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    finally:  # the stages' CPU time then counts in this process's children (time, wait4)
+        stop_fork_server()
     for line in format_summary(summary):
         print(line)
     for warn in summary.warnings:
