@@ -348,15 +348,15 @@ def _children(text):
                     ("a", "b", "c", "d"), text, 0.8 if text else None)
 
 
-@pytest.mark.parametrize(("parent", "text", "text_rows"), [
-    ((20, 30, 120, 80), "AB12", slice(82, 100)),  # text under the parent box
-    ((20, 30, 120, 95), "AB12", slice(60, 95)),  # no room below: above the bottom edge of the box
+@pytest.mark.parametrize(("parent", "text", "text_rows"), [  # rows that hold the band with OpenCV 4.x or 5.x metrics
+    ((20, 30, 120, 80), "AB12", slice(82, 105)),  # text under the parent box
+    ((20, 30, 120, 115), "AB12", slice(90, 115)),  # no room below: above the bottom edge of the box
     ((20, 30, 120, 80), None, None),  # boxes only
 ])
 def test_draw_children(parent, text, text_rows):
     import cv2
 
-    img = np.zeros((100, 200, 3), np.uint8)
+    img = np.zeros((120, 200, 3), np.uint8)
     parents = np.array([parent], np.float32)
     draw_children(img, parents, {0: [_children(text)], 5: [_children("ZZ")]})  # index 5: no such parent
     ref = np.zeros_like(img)
