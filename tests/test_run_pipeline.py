@@ -213,8 +213,7 @@ def test_the_stages_cpu_time_counts_in_the_commands_own(standin_model):
     """``time run_pipeline.py ...`` (``os.wait4``) includes the stages' CPU time, forked or spawned.
 
     Stages forked from the fork server are its children, not the command's: the command waits for
-    the server when its run ends, so their time reaches it. Unwaited, a forked run read 0.6 s
-    against 4.5 s spawned.
+    the server when its run ends, so their time reaches it.
     """
     cpu = {}
     for fork_server in ("true", "false"):
@@ -226,8 +225,8 @@ def test_the_stages_cpu_time_counts_in_the_commands_own(standin_model):
         proc.returncode = os.waitstatus_to_exitcode(status)
         assert proc.returncode == 0
         cpu[fork_server] = usage.ru_utime + usage.ru_stime
-    # the forked run skips the stages' imports (about 1 s each) but not their work
-    assert cpu["true"] > 0.35 * cpu["false"], cpu
+    # the forked run skips the stages' own imports, not their work
+    assert cpu["true"] > 0.5 * cpu["false"], cpu  # measured 0.70 (1.5 s against 2.2 s); unwaited 0.30
 
 
 @pytest.mark.skipif(not (ROOT / "engines" / "models" / "detector.onnx").exists(), reason="bundled detector not built")
