@@ -23,3 +23,14 @@ rm -f "$OUT"/*.whl
 tar -C "$TMP/site" -cf - . | xz -6 -T0 > "$OUT/site.tar.xz.part"
 mv "$OUT/site.tar.xz.part" "$OUT/site.tar.xz"
 echo "$OUT/site.tar.xz: $(du -m "$OUT/site.tar.xz" | cut -f1) MB ($(echo "$PKGS" | wc -w) packages)"
+# The device tool carries the working tree and the bundle together, at most 64 MiB.
+if git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1; then
+  tree=$(git -C "$ROOT" ls-files -z --cached --others --exclude-standard | (cd "$ROOT" && xargs -0 stat -c %s 2>/dev/null) | awk '{s += $1} END {print s + 0}')
+  bundle=$(stat -c %s "$OUT/site.tar.xz")
+  total=$((tree + bundle))
+  echo "working tree $((tree / 1048576)) MiB + bundle $((bundle / 1048576)) MiB = $(awk -v t="$total" 'BEGIN {printf "%.1f", t / 1048576}') MiB (the device tool carries at most 64 MiB)"
+  if [ "$total" -gt $((64 * 1048576)) ]; then
+    echo "error: the working tree and the bundle exceed 64 MiB: the GPU check cannot be carried" >&2
+    exit 1
+  fi
+fi
