@@ -95,6 +95,24 @@ def _open_raw(path: Path, *, append: bool) -> _RawFile:
     return open(path, "ab" if append else "wb", buffering=0)  # noqa: SIM115 (closed by the sink)
 
 
+def _last_line(path: Path) -> bytes | None:
+    """The last line of a file that ends with a newline (without the newline); None for an empty file."""
+    with open(path, "rb") as f:
+        pos = f.seek(0, os.SEEK_END) - 1  # before the final newline
+        if pos < 0:
+            return None
+        tail = b""
+        while pos > 0:
+            step = min(pos, 65536)
+            pos -= step
+            f.seek(pos)
+            tail = f.read(step) + tail
+            cut = tail.rfind(b"\n")
+            if cut >= 0:
+                return tail[cut + 1:]
+        return tail
+
+
 def _count_lines(path: Path) -> int:
     """The newline-terminated lines in a file."""
     with open(path, "rb") as f:
@@ -205,6 +223,7 @@ class JsonlSink(Sink):
         self._failed_at: float | None = None  # set while a write-error episode lasts
         self._episode_lost = 0
         self._state = "new"  # new -> open -> closed
+        self.resumed_last_line: bytes | None = None  # with ``resume``: the partial file's last line
 
     # ---------------------------------------------------------------- summary
     def describe(self) -> str:
@@ -245,6 +264,7 @@ class JsonlSink(Sink):
         if seg.size:
             seg.lines = _count_lines(seg.file.tmp)
             self.lines += seg.lines
+            self.resumed_last_line = _last_line(seg.file.tmp)
         self._segments.append(seg)
 
     def _unfinished(self) -> list[tuple[float, int, Path]]:

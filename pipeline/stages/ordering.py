@@ -19,6 +19,7 @@ a restarted postprocess stage carries on where the dead one stopped.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -197,3 +198,39 @@ class PublishOrder:
         st.held.clear()
         if self.ledger is not None and st.index >= 0:
             self.ledger.set_eos_done(st.index)
+
+
+def catch_up_with_last_line(order: PublishOrder, last_line: bytes) -> str | None:
+    """Record as published what the dead stage's last JSONL line shows it published.
+
+    The postprocess stage writes a frame's messages (PUB, then the JSONL line) and records it in
+    the ledger right after; a SIGKILL between the two leaves the ledger one frame behind the file.
+    A restarted stage that resumes the file passes its last complete line here: a detections line
+    for the next frame of its source (or an EOS line not yet recorded) is recorded as published,
+    so the decoder's replay of that frame is dropped as a duplicate instead of written twice.
+
+    Args:
+        order: the restarted stage's publication state (from the ledger).
+        last_line: the last complete line of the resumed JSONL file, without its newline.
+
+    Returns:
+        What was caught up (``"source_id frame N"`` or ``"source_id eos"``), or None.
+    """
+    try:
+        msg = json.loads(last_line)
+    except ValueError:
+        return None
+    if not isinstance(msg, dict):
+        return None
+    schema, sid = str(msg.get("schema", "")), msg.get("source_id")
+    if not isinstance(sid, str) or order.index(sid) < 0 or order.ended(sid):
+        return None
+    if schema.startswith("streamdet.detections/"):
+        index = msg.get("frame_index")
+        if isinstance(index, int) and index >= order.next_index(sid):
+            order.published(sid, index, len(msg.get("detections") or ()))
+            return f"{sid} frame {index}"
+    elif schema.startswith("streamdet.eos/"):
+        order.eos_published(sid)
+        return f"{sid} eos"
+    return None

@@ -37,9 +37,10 @@ from pipeline.stages.base import (
     receive,
 )
 from pipeline.stages.cascade import Cascade, SecondaryLink, pixels_of
+from pipeline.stages.jsonl_sink import JsonlSink
 from pipeline.stages.live_view import LIVE_HWM, LiveView, PreviewConfig
 from pipeline.stages.mqtt_sink import MqttSink
-from pipeline.stages.ordering import PublishOrder, Verdict
+from pipeline.stages.ordering import PublishOrder, Verdict, catch_up_with_last_line
 from pipeline.stages.payloads import restart_payload
 from pipeline.stages.postprocess_dynamic import DynamicSources
 from pipeline.stages.sink_config import SinkConfig, open_sink
@@ -236,6 +237,9 @@ class PostprocessStage(DynamicSources, Stage):
         for sink in self.sinks:
             open_sink(sink)
             self._opened.append(sink)
+            if isinstance(sink, JsonlSink) and sink.resumed_last_line is not None and self.ledger is not None:
+                # a SIGKILL between the dead stage's last JSONL line and its ledger update
+                catch_up_with_last_line(self.order, sink.resumed_last_line)
         try:
             self.live_stats.open()
         except OSError as e:

@@ -143,10 +143,12 @@ def test_resume_appends_and_drops_a_torn_line(tmp_path):
     _partial(out).write_bytes(_line(_payload(0)) + _line(_payload(1)) + b'{"schema":"streamdet.det')
     sink = JsonlSink(path=out, resume=True)
     sink.open()
+    last = sink.resumed_last_line
     _write(sink, 2)
     sink.close()
     assert out.read_bytes() == b"".join(_line(_payload(i)) for i in range(3))
     assert sink.lines == 3 and sink.describe() == f"jsonl {out}: 3 lines"  # the file's lines, not this sink's
+    assert last == _line(_payload(1))[:-1]  # the last whole line the dead sink wrote (for the ledger's catch-up)
     # without resume, a leftover partial file is started over
     _partial(out).write_bytes(_line(_payload(0)))
     sink = JsonlSink(path=out)

@@ -23,7 +23,7 @@ from pipeline.runner import Pipeline
 from pipeline.settings import DEFAULT_MODEL, DEFAULT_SOURCE
 from pipeline.slotpool import PoolCache, SlotPool, StalePoolError, pool_name, split_pool_name
 from pipeline.stages.base import runner_stdio
-from pipeline.stages.ordering import PublishOrder, Verdict
+from pipeline.stages.ordering import PublishOrder, Verdict, catch_up_with_last_line
 from pipeline.supervise import Ledger, RestartPolicy
 from streamdet.messages import EndOfStream, EosReason
 from tests.helpers.cli import ROOT, assert_no_orphans, parent_pid, processes_with, start
@@ -343,6 +343,38 @@ def test_restart_policy_bounds_restarts_in_a_sliding_window_with_backoff():
     rng = np.random.default_rng(0)
     assert 0.8 <= p.delay(2, rng) <= 1.2
     assert 2.4 <= p.delay(5, rng) <= 3.6  # capped at backoff_max_s (with +-20 % jitter)
+
+
+def _det_line(sid: str, index: int, n: int = 1) -> bytes:
+    return json.dumps({"schema": "streamdet.detections/2", "source_id": sid, "frame_index": index,
+                       "detections": [{"score": 0.5}] * n}).encode()
+
+
+# the ledger says frames 0-4 of "cam" (a file) are published; the dead stage's last JSONL line was ...
+CATCH_UP_CASES = [
+    ("the next frame: caught up", _det_line("cam", 5, 2), "cam frame 5", 6, False),
+    ("a frame the ledger has", _det_line("cam", 4), None, 5, False),
+    ("the eos", json.dumps({"schema": "streamdet.eos/1", "source_id": "cam", "frames": 5}).encode(), "cam eos", 5,
+     True),
+    ("another run's source", _det_line("other", 5), None, 5, False),
+    ("a status line", json.dumps({"schema": "streamdet.status/1", "source_id": "cam"}).encode(), None, 5, False),
+    ("not JSON", b'{"schema":"streamdet.det', None, 5, False),
+    ("not an object", b"[1, 2]", None, 5, False),
+]
+
+
+@pytest.mark.parametrize(("line", "caught", "next_index", "ended"), [c[1:] for c in CATCH_UP_CASES],
+                         ids=[c[0] for c in CATCH_UP_CASES])
+def test_a_restarted_stage_catches_up_with_the_last_jsonl_line(line, caught, next_index, ended):
+    """A SIGKILL between the JSONL line and the ledger update: the replayed frame is a duplicate, not a second line."""
+    order = PublishOrder(sources=(("cam", False),))
+    for i in range(5):
+        order.published("cam", i)
+    assert catch_up_with_last_line(order, line) == caught
+    assert order.next_index("cam") == next_index and order.ended("cam") == ended
+    if caught == "cam frame 5":
+        assert order.frame("cam", 5, "replayed")[0] is Verdict.DUPLICATE
+        assert order.frame("cam", 6, "next")[0] is Verdict.PUBLISH
 
 
 # (source is live, arrivals as (frame_index, ...) or "eos:N", expected published order, lost)
