@@ -5,13 +5,14 @@ PyAV is imported inside the functions, so importing this module costs nothing.
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from pipeline.sources.options import HWAccelOptions
 from pipeline.transport import redact_url
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 MAX_CONSECUTIVE_DECODE_ERRORS = 25
 """A source whose packets fail to decode this many times in a row is given up."""

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from pipeline.stages.payloads import dumps, eos_payload
 from pipeline.stages.sink_base import FrameResult, Sink, _AtomicFile
@@ -95,22 +95,28 @@ def _open_raw(path: Path, *, append: bool) -> _RawFile:
     return open(path, "ab" if append else "wb", buffering=0)  # noqa: SIM115 (closed by the sink)
 
 
+def _last_newline(f: BinaryIO, end: int) -> int:
+    """The offset of the last newline before offset ``end`` of an open file, or -1 (read backwards in 64 KiB steps)."""
+    pos = end
+    while pos > 0:
+        step = min(pos, 65536)
+        f.seek(pos - step)
+        i = f.read(step).rfind(b"\n")
+        if i >= 0:
+            return pos - step + i
+        pos -= step
+    return -1
+
+
 def _last_line(path: Path) -> bytes | None:
     """The last line of a file that ends with a newline (without the newline); None for an empty file."""
     with open(path, "rb") as f:
-        pos = f.seek(0, os.SEEK_END) - 1  # before the final newline
-        if pos < 0:
+        end = f.seek(0, os.SEEK_END) - 1  # the final newline
+        if end < 0:
             return None
-        tail = b""
-        while pos > 0:
-            step = min(pos, 65536)
-            pos -= step
-            f.seek(pos)
-            tail = f.read(step) + tail
-            cut = tail.rfind(b"\n")
-            if cut >= 0:
-                return tail[cut + 1:]
-        return tail
+        start = _last_newline(f, end) + 1
+        f.seek(start)
+        return f.read(end - start)
 
 
 def _count_lines(path: Path) -> int:
@@ -127,17 +133,7 @@ def _drop_torn_tail(path: Path) -> int:
     """
     with open(path, "r+b") as f:
         end = f.seek(0, os.SEEK_END)
-        pos = end
-        while pos > 0:
-            step = min(pos, 65536)
-            f.seek(pos - step)
-            i = f.read(step).rfind(b"\n")
-            if i >= 0:
-                keep = pos - step + i + 1
-                break
-            pos -= step
-        else:
-            keep = 0
+        keep = _last_newline(f, end) + 1
         if keep != end:
             f.truncate(keep)
     return keep

@@ -27,6 +27,12 @@ def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) ->
                           env={**os.environ, **(env or {})})
 
 
+def _pins() -> dict[str, str]:
+    """``bench/gpu_packages.txt``: package -> pinned version."""
+    text = (ROOT / "bench" / "gpu_packages.txt").read_text()
+    return dict(p.split("==") for p in text.split() if "==" in p)
+
+
 def _has_gpu() -> bool:
     if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0:
         return True
@@ -99,8 +105,7 @@ def test_packed_site_is_unpacked_onto_the_path(tmp_path: Path) -> None:
 def test_wheel_list_pins_the_pydantic_core_pydantic_needs() -> None:
     from importlib.metadata import requires, version
 
-    text = (ROOT / "bench" / "gpu_packages.txt").read_text()
-    pins = dict(p.split("==") for p in text.split() if "==" in p)
+    pins = _pins()
     need = [r for r in requires("pydantic") or [] if r.startswith("pydantic-core") and "extra" not in r]
     assert need and need[0].replace(" ", "") == f"pydantic-core=={pins['pydantic-core']}"
     assert pins["pydantic"] == version("pydantic")
@@ -120,8 +125,7 @@ def test_the_carried_packages_need_nothing_the_gpu_machine_lacks() -> None:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    text = (ROOT / "bench" / "gpu_packages.txt").read_text()
-    pins = dict(p.split("==") for p in text.split() if "==" in p)
+    pins = _pins()
     image = [line.strip() for line in (ROOT / "bench" / "gpu_image_packages.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     have = {canonicalize_name(n) for n in [*image, *pins]}
