@@ -16,8 +16,9 @@ N decoders in the pipeline) for ``--duration`` seconds and reads every published
 
 The ramp stops at the first N that is not sustained. Then the throughput gain of cross-stream
 batching is measured at ``max N + 2`` streams (an overload, so the published rate is the
-pipeline's capacity) with ``--batch B`` (default: the settings' ``preprocess.max_batch``) against
-``--batch 1``. The last line is ``max_streams=N p50_ms=X p99_ms=Y batching_gain=Z``.
+pipeline's capacity) with ``--batch B`` (default 4, ``pipeline.settings.DEFAULT_MAX_BATCH``:
+the ramp itself runs with the settings' ``preprocess.max_batch``, which on a CPU running
+concurrent batches is 1) against ``--batch 1``. The last line is ``max_streams=N p50_ms=X p99_ms=Y batching_gain=Z``.
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=60.0, help="seconds measured per step")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds ignored at the start of each step")
     p.add_argument("--fps", type=int, default=25, help="frame rate of each stream")
-    p.add_argument("--batch", type=int, default=None, help="batch size of the batched run (default: settings)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch of the ramp (default: settings) and of the batched run (default 4)")
     p.add_argument("--smoke", action="store_true", help="10 s in all: 1 and 2 streams, 2 s each")
     args = p.parse_args(argv)
     ramp = [int(x) for x in args.streams.split(",") if x.strip()]
@@ -215,10 +217,13 @@ def serve_ramp(args: argparse.Namespace, url: str, ramp: list[int], duration: fl
     max_n = best.streams if best else 0
     over = max_n + 2
     gain_s = duration if not args.smoke else 2.0
-    batched = run_pipeline(args.model, url, over, gain_s, args.batch, warmup)
+    from pipeline.settings import DEFAULT_MAX_BATCH
+
+    batch = args.batch or DEFAULT_MAX_BATCH
+    batched = run_pipeline(args.model, url, over, gain_s, batch, warmup)
     single = run_pipeline(args.model, url, over, gain_s, 1, warmup)
     gain = batched.fps / single.fps if single.fps > 0 else float("nan")
-    print(f"batching at {over} streams: batch {args.batch or 'default'} {batched.fps:.1f} fps, "
+    print(f"batching at {over} streams: batch {batch} {batched.fps:.1f} fps, "
           f"batch 1 {single.fps:.1f} fps", flush=True)
     p50, p99 = best.percentiles() if best else (float("nan"), float("nan"))
     print(f"max_streams={max_n} p50_ms={p50:.1f} p99_ms={p99:.1f} batching_gain={gain:.2f}")

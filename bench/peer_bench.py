@@ -22,8 +22,11 @@ What it measures (details and figures in docs/peers.md):
    fps). Each side is one subprocess, timed whole (start-up, model load, warm-up, decode, inference,
    NMS, writing every frame's boxes to a file): streamdet ``run_pipeline.py --jsonl`` and
    ultralytics ``YOLO(model).predict(source, stream=True)``, both at score 0.25, NMS IoU 0.7, at
-   most 300 boxes, class-aware NMS, one label per box, ONNX Runtime's default intra-op thread count
-   (one per core) unless ``--threads``. Rounds alternate which side goes first; the ratios are the
+   most 300 boxes, class-aware NMS, one label per box, each side running ONNX Runtime its default
+   way (ultralytics: one session, one intra-op thread per core; streamdet:
+   ``engine.concurrent_batches`` and ``preprocess.max_batch`` auto, on a CPU two 1-threaded runs
+   of one frame at once) unless ``--threads`` (threads per run on both sides) or
+   ``--streamdet-set KEY=VALUE``. Rounds alternate which side goes first; the ratios are the
    medians over rounds of the per-round ratios ``ultralytics / streamdet`` (above 1: streamdet is
    faster, uses less CPU or less memory).
 
@@ -326,11 +329,12 @@ def streamdet_env(tree: Path) -> dict[str, str]:
 
 
 def streamdet_cmd(video: Path, model: Path, out: Path, frames: int, threads: int, tree: Path = ROOT,
-                  quiet: bool = True, conf: float = SCORE) -> list[str]:
+                  quiet: bool = True, conf: float = SCORE, extra: Sequence[str] = ()) -> list[str]:
     """``tree/run_pipeline.py`` with the settings ultralytics' predictor uses (score 0.25, IoU 0.7, 300 boxes).
 
     Also ``postprocess.pre_nms_topk=30000`` (ultralytics' ``max_nms``), class-aware hard NMS and one
     label per box (ultralytics' predictor: ``agnostic_nms=False``, ``multi_label=False``).
+    ``extra``: more ``KEY=VALUE`` settings (``--streamdet-set``), passed with ``--set``.
     """
     cmd = [sys.executable, str(tree / "run_pipeline.py"), "--source", str(video), "--model", str(model),
            "--jsonl", str(out), "--publish", "none", "--threads", str(threads),
@@ -338,6 +342,8 @@ def streamdet_cmd(video: Path, model: Path, out: Path, frames: int, threads: int
            "--set", f"postprocess.max_detections={MAX_DET}", "--set", "postprocess.pre_nms_topk=30000",
            "--set", "postprocess.multi_label=false", "--set", "postprocess.class_agnostic=false",
            "--set", "postprocess.nms=hard"]
+    for kv in extra:
+        cmd += ["--set", kv]
     if frames:
         cmd += ["--max-frames", str(frames)]
     if quiet:
@@ -530,7 +536,7 @@ def compare_dynamic(args: argparse.Namespace, python: str, cache: Path, video720
         tag = video.stem
         sd_out, ul_out = work / f"dyn_{tag}_streamdet.jsonl", work / f"dyn_{tag}_ultralytics.jsonl"
         sd = run_side("streamdet", streamdet_cmd(video, onnx_path, sd_out, frames, args.threads, args.tree,
-                                                 quiet=False, conf=args.dynamic_conf),
+                                                 quiet=False, conf=args.dynamic_conf, extra=args.streamdet_set),
                       streamdet_env(args.tree), sd_out, args.tree)
         ul = run_side("ultralytics", ultralytics_cmd(python, video, onnx_path, ul_out, frames, args.threads,
                                                      conf=args.dynamic_conf), peer_env(cache), ul_out)
@@ -557,7 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=1000, help="frames per run, 0 = the whole video (default %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="paired rounds (default %(default)s)")
     p.add_argument("--threads", type=int, default=0,
-                   help="ONNX Runtime intra-op threads on both sides (default 0: its default, one per core)")
+                   help="ONNX Runtime intra-op threads per run on both sides (default 0: each side's default)")
+    p.add_argument("--streamdet-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a streamdet setting for its runs, e.g. engine.concurrent_batches=1 (repeatable)")
     p.add_argument("--cache-dir", default=None, help=f"cache folder (default {default_cache_dir()})")
     p.add_argument("--streamdet-root", default=str(ROOT),
                    help="the streamdet tree to measure (default: this checkout; e.g. a `git archive` of a commit)")
@@ -605,10 +613,11 @@ def _run(args: argparse.Namespace, python: str, cache: Path, model: Path, video:
     ul_env = peer_env(cache)
     print(f"model={model.name} video={video.name} frames={args.frames or 'all'} rounds={args.rounds} "
           f"threads={args.threads or 'ORT default'} cpus={os.cpu_count()} ultralytics_python={args.ultralytics_python} "
-          f"streamdet={args.tree}", flush=True)
+          f"streamdet={args.tree} streamdet_set={','.join(args.streamdet_set) or 'none'}", flush=True)
     # untimed warm-up of both sides (page cache: torch, ultralytics, the model, the video), and a check that both run
     for side, cmd, env, out in (
-            ("streamdet", streamdet_cmd(video, model, work / "warm_sd.jsonl", 8, args.threads, args.tree),
+            ("streamdet", streamdet_cmd(video, model, work / "warm_sd.jsonl", 8, args.threads, args.tree,
+                                        extra=args.streamdet_set),
              streamdet_env(args.tree), work / "warm_sd.jsonl"),
             ("ultralytics", ultralytics_cmd(python, video, model, work / "warm_ul.jsonl", 8, args.threads), ul_env,
              work / "warm_ul.jsonl")):
@@ -623,7 +632,8 @@ def _run(args: argparse.Namespace, python: str, cache: Path, model: Path, video:
         got: dict[str, Measured] = {}
         for side in order:
             if side == "streamdet":
-                got[side] = run_side(side, streamdet_cmd(video, model, sd_out, args.frames, args.threads, args.tree),
+                got[side] = run_side(side, streamdet_cmd(video, model, sd_out, args.frames, args.threads, args.tree,
+                                                         extra=args.streamdet_set),
                                      streamdet_env(args.tree), sd_out, args.tree)
             else:
                 got[side] = run_side(side, ultralytics_cmd(python, video, model, ul_out, args.frames, args.threads),

@@ -9,8 +9,13 @@ Measured in one run, on the first ``N`` frames of the video:
     the go signal to the last frame out of postprocess (process start-up excluded);
 (b) a naive single-process loop: ``cv2.VideoCapture`` -> ``cv2.resize`` -> ONNX Runtime ->
     ``cv2.dnn.NMSBoxes``, one frame at a time;
-(c) the engine alone (``engines.onnxruntime_backend.OnnxRuntimeEngine``, same batch size as the
-    pipeline) on frames decoded and letterboxed beforehand.
+(c) the engine alone (``engines.onnxruntime_backend.OnnxRuntimeEngine``, same batch size, same
+    concurrent batches and threads per run as the pipeline's engine: ``engine.concurrent_batches``
+    instances, each on its own thread taking the next batch) on frames decoded and letterboxed
+    beforehand.
+
+``--concurrent N`` sets ``engine.concurrent_batches`` for (a) and (c) (default: the setting, auto
+2 on a CPU with 2 or more cores); ``--threads`` sets ``engine.intra_op_threads``.
 
 ``--masks on|off|compare`` (segment and semantic models): the pipeline runs with
 ``postprocess.masks`` on, off, or both (``compare``: fps with masks on and off), and the mask
@@ -70,17 +75,41 @@ def load_frames(video: str, n: int) -> list[np.ndarray]:
     return frames
 
 
-def bench_engine_only(model: Path, card: Any, frames: list[np.ndarray], batch: int, threads: int) -> float:
+def bench_engine_only(model: Path, card: Any, frames: list[np.ndarray], batch: int, threads: int,
+                      concurrent: int = 1) -> float:
+    """Frames per second of ``concurrent`` engine instances, each on its own thread taking the next batch."""
+    import threading
+
     from engines.onnxruntime_backend import OnnxRuntimeEngine
     from streamdet.preprocess_ops import preprocess_batch
 
     batches = [preprocess_batch(frames[i:i + batch], card)[0] for i in range(0, len(frames), batch)]
-    with OnnxRuntimeEngine(model_path=model, intra_op_threads=threads) as engine:
+    engines = [OnnxRuntimeEngine(model_path=model, intra_op_threads=threads) for _ in range(concurrent)]
+    for engine in engines:
+        engine.start()
         engine.infer(batches[0])  # warm-up
-        t0 = time.perf_counter()
-        for b in batches:
+    todo = iter(batches)
+    lock = threading.Lock()
+
+    def work(engine: OnnxRuntimeEngine) -> None:
+        while True:
+            with lock:
+                b = next(todo, None)
+            if b is None:
+                return
             engine.infer(b)
+
+    try:
+        workers = [threading.Thread(target=work, args=(e,)) for e in engines]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
         return len(frames) / (time.perf_counter() - t0)
+    finally:
+        for engine in engines:
+            engine.stop()
 
 
 def bench_naive(model: Path, card: Any, video: str, n: int, score_threshold: float, iou_threshold: float) -> float:
@@ -230,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="engine batch size (default: the pipeline's setting)")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads for the pipeline's engine (default: the setting)")
+    p.add_argument("--concurrent", type=int, default=None,
+                   help="engine.concurrent_batches for the pipeline and the engine alone (default: the setting)")
     p.add_argument("--soak", type=int, default=0, metavar="LOOPS",
                    help="also loop the video LOOPS times through the pipeline and report resident memory")
     p.add_argument("--rounds", type=int, default=3,
@@ -252,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch is not None:
         over["preprocess"] = {"max_batch": args.batch}
     if args.threads is not None:
-        over["engine"] = {"intra_op_threads": args.threads}
+        over.setdefault("engine", {})["intra_op_threads"] = args.threads
+    if args.concurrent is not None:
+        over.setdefault("engine", {})["concurrent_batches"] = args.concurrent
     settings = load_settings(overrides=over)
     probe = Pipeline(settings=settings)
     try:
@@ -261,12 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     card = probe.card
-    batch = settings.preprocess.max_batch
+    chain = probe.chains[0]  # batch, concurrent batches and threads as the pipeline's engine runs them
+    batch, concurrent, threads = chain.max_batch, chain.concurrent_batches, chain.intra_op_threads
     frames = load_frames(args.video, args.frames)
     n = len(frames)
     print(f"model={Path(args.model).name} input={card.input_wh[0]}x{card.input_wh[1]} video={Path(args.video).name} "
           f"frame={frames[0].shape[1]}x{frames[0].shape[0]} frames={n} batch={batch} cpus={os.cpu_count()} "
-          f"pipeline_threads={settings.engine.intra_op_threads}")
+          f"concurrent_batches={concurrent} threads_per_run={threads or 'auto'}")
 
     from streamdet.card import HeadLayout
 
@@ -283,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         if args.rounds > 1:
             print(f"round {r + 1} of {args.rounds}:")
-        engine_before = bench_engine_only(Path(args.model), card, frames, batch, threads=0)
+        engine_before = bench_engine_only(Path(args.model), card, frames, batch, threads, concurrent)
         print(f"(c) engine only (batch {batch}, pre-decoded, pre-letterboxed): {engine_before:.1f} fps")
         if card.head.layout is HeadLayout.SEMANTIC_LOGITS:
             naive_fps = float("nan")
@@ -314,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("per-stage profile (from the first frame out, start-up left out):")
                 for line in profile.lines():
                     print(line)
-        engine_after = bench_engine_only(Path(args.model), card, frames, batch, threads=0)
+        engine_after = bench_engine_only(Path(args.model), card, frames, batch, threads, concurrent)
         engine_fps = (engine_before + engine_after) / 2
         print(f"(c) engine only again: {engine_after:.1f} fps; the pipeline is compared with the mean, "
               f"{engine_fps:.1f} fps")

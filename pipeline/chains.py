@@ -17,7 +17,7 @@ from pathlib import Path
 
 from engines.base import Backend, DeviceEngine, EngineError
 from pipeline.secondary import SecondaryModel, prepare_secondaries, secondary_specs
-from pipeline.settings import Settings
+from pipeline.settings import DEFAULT_MAX_BATCH, Settings
 from pipeline.slotpool import pool_name
 from pipeline.sources.options import SMALL_MACHINE_CORES, DecodePlacement
 from pipeline.sources.probe import SourceError, SourceInfo, probe_source
@@ -78,6 +78,8 @@ class ModelChain:
         rect_stride: the model's input height and width are dynamic: frames are letterboxed into
             the smallest rectangle of this stride that holds them (``preprocess.rect``); None: the
             card's full input size.
+        concurrent_batches: batches its engine runs at once (``engine.concurrent_batches``, auto resolved).
+        intra_op_threads: CPU threads per operator of each engine instance (0: ONNX Runtime's default).
     """
 
     model: ModelInfo
@@ -87,6 +89,8 @@ class ModelChain:
     source_ids: tuple[str, ...]
     tensor_device: str | None = None
     rect_stride: int | None = None
+    concurrent_batches: int = 1
+    intra_op_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,10 +196,11 @@ def prepare_model(settings: Settings, model_path: Path, card_path: Path | None, 
         choice = choose_backend(eng.backend, eng.device, info.path, allow_fallback=eng.allow_fallback)
     except (EngineError, ModelCardError) as e:
         raise PipelineError(str(e)) from e
-    max_batch, pad = batching(info, card, s.preprocess.max_batch)
     if tensor_device is None and s.preprocess.on_device and choice.device != "cpu" \
             and issubclass(engine_class(choice.backend), DeviceEngine):
         tensor_device = choice.device
+    concurrent, threads = engine_parallelism(s, choice.backend, choice.device, device_batches=tensor_device is not None)
+    max_batch, pad = batching(info, card, s.preprocess.max_batch or (1 if concurrent > 1 else DEFAULT_MAX_BATCH))
     # TensorRT and CUDA programs are built for the card's input size: only ONNX Runtime takes other sizes
     rect = rect_stride(info, card) if s.preprocess.rect and tensor_device is None \
         and choice.backend is Backend.ONNXRUNTIME else None
@@ -203,7 +208,50 @@ def prepare_model(settings: Settings, model_path: Path, card_path: Path | None, 
         iw, ih = card.input_wh
         print(f"model {card.name}: dynamic input size, frames letterboxed to the smallest multiple of {rect} "
               f"that holds them (at most {iw}x{ih}; preprocess.rect)", file=sys.stderr)
-    return ModelChain(info, card, max_batch, pad, source_ids, tensor_device, rect)
+    return ModelChain(info, card, max_batch, pad, source_ids, tensor_device, rect, concurrent, threads)
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def engine_parallelism(settings: Settings, backend: Backend, device: str, *, device_batches: bool = False,
+                       cores: int | None = None) -> tuple[int, int]:
+    """Batches the engine runs at once and CPU threads per run, automatic values resolved.
+
+    These are ``engine.concurrent_batches`` and ``engine.intra_op_threads``. Concurrent batches
+    need ONNX Runtime on the CPU with host batches; auto is 2 there on 2 or more cores when the
+    threads are automatic too, else 1 (threads set by hand are a CPU budget kept as given).
+    With ``intra_op_threads`` 0 and several concurrent batches, each run gets the cores divided
+    among them (at least 1); with one batch at a time 0 is passed on (ONNX Runtime: one per core).
+
+    Args:
+        settings: the run's settings.
+        backend: the backend the run settled on (after any fallback).
+        device: its device (``cpu``, ``cuda``, ``cuda:N``).
+        device_batches: the preprocess writes the batches as device tensors.
+        cores: the machine's cores (None: :func:`machine_cores`).
+
+    Returns:
+        ``(concurrent_batches, intra_op_threads)``.
+
+    Raises:
+        PipelineError: if concurrent batches are asked for with another backend or device.
+    """
+    eng = settings.engine
+    n = cores if cores is not None else machine_cores()
+    host_ort = backend is Backend.ONNXRUNTIME and device == "cpu" and not device_batches
+    if eng.concurrent_batches > 1 and not host_ort:
+        where = f"{backend.value} on {device}" + (", device batches" if device_batches else "")
+        raise PipelineError(f"engine.concurrent_batches={eng.concurrent_batches}: concurrent batches need the "
+                            f"onnxruntime backend on the CPU with host batches (this run: {where}); set it to 0 or 1")
+    concurrent = eng.concurrent_batches or (2 if host_ort and n >= 2 and eng.intra_op_threads == 0 else 1)
+    threads = eng.intra_op_threads or (max(1, n // concurrent) if concurrent > 1 else 0)
+    return concurrent, threads
 
 
 def rect_stride(info: ModelInfo, card: ModelCard) -> int | None:
@@ -310,12 +358,13 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
         ref = LedgerRef(name=ledger, chain=k) if ledger else None
         specs += [
             EngineSpec(control=ctl, card=chain.card, model_path=str(chain.model.path), backend=s.engine.backend,
-                       device=s.engine.device, intra_op_threads=s.engine.intra_op_threads,
+                       device=s.engine.device, intra_op_threads=chain.intra_op_threads,
                        allow_fallback=s.engine.allow_fallback, endpoints=ep, num_sources=0 if dynamic else m,
                        warmup_batch=chain.max_batch, device_batches=chain.tensor_device is not None,
-                       device_nms=device_nms, ledger=ref),
+                       device_nms=device_nms, ledger=ref, concurrent_batches=chain.concurrent_batches),
             PreprocessSpec(control=ctl, nice=s.preprocess.nice, card=chain.card, endpoints=ep,
-                           tensor_pool=pool_name(tensor_pool, 0), tensor_slots=s.preprocess.tensor_slots,
+                           tensor_pool=pool_name(tensor_pool, 0),
+                           tensor_slots=max(s.preprocess.tensor_slots, chain.concurrent_batches + 1),
                            max_batch=chain.max_batch, pad_batches=chain.pad_batches,
                            max_wait_ms=s.preprocess.max_wait_ms,
                            keep_pixels=sinks.needs_pixels or (k == p.primary_chain and bool(links)),

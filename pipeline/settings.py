@@ -162,11 +162,17 @@ class DecodeSettings(Section):
         return HWAccelOptions(mode=self.hwaccel, device=self.hwaccel_device, fallback=self.hwaccel_fallback)
 
 
+DEFAULT_MAX_BATCH = 4
+"""Frames per engine batch when ``preprocess.max_batch`` is auto and the engine runs one batch at a time."""
+
+
 class PreprocessSettings(Section):
     """Letterbox and batching.
 
     Attributes:
-        max_batch: frames per engine batch (a model with a static batch size overrides it).
+        max_batch: frames per engine batch (a model with a static batch size overrides it; 0 =
+            auto: 1 when the engine runs concurrent batches on the CPU, where one frame per run
+            measured faster and leaner, else :data:`DEFAULT_MAX_BATCH`).
         max_wait_ms: send a partial batch this long after its first frame.
         tensor_slots: input tensors in flight between preprocess and engine (>= 2).
         on_device: with the engine on a CUDA device (``--backend cuda`` or ``tensorrt``), copy each
@@ -180,7 +186,7 @@ class PreprocessSettings(Section):
             640x640), as ultralytics' predictor does; off: always the card's full input size.
     """
 
-    max_batch: int = Field(default=4, ge=1, le=256)
+    max_batch: int = Field(default=0, ge=0, le=256)
     max_wait_ms: float = Field(default=5.0, ge=0.0, le=60_000.0)
     tensor_slots: int = Field(default=3, ge=2, le=64)
     on_device: bool = True
@@ -194,7 +200,13 @@ class EngineSettings(Section):
     Attributes:
         backend: ``onnxruntime`` (CPU, always available), ``tensorrt`` or ``cuda`` (NVIDIA GPUs).
         device: ``cpu``, ``cuda`` or ``cuda:N``.
-        intra_op_threads: CPU threads per operator (ONNX Runtime; 0 = one per core).
+        intra_op_threads: CPU threads per operator (ONNX Runtime; 0 = the cores divided among the
+            concurrent batches, at least 1).
+        concurrent_batches: batches the engine runs at once, each by its own instance of the model
+            on its own thread, results still in order (ONNX Runtime on the CPU only; 0 = auto: 2
+            there when the machine has at least 2 cores and ``intra_op_threads`` is 0, else 1).
+            Two single-threaded runs keep 2 cores busier than one 2-threaded run
+            (docs/pipeline.md); set 1 for the lowest latency per batch.
         allow_fallback: if the backend cannot run here, use the next available one (TensorRT, then
             CUDA, then ONNX Runtime) with a warning, instead of failing.
     """
@@ -202,6 +214,7 @@ class EngineSettings(Section):
     backend: Backend = Backend.ONNXRUNTIME
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda|cuda:\d+)$")
     intra_op_threads: int = Field(default=0, ge=0, le=1024)
+    concurrent_batches: int = Field(default=0, ge=0, le=64)
     allow_fallback: bool = False
 
 
