@@ -24,8 +24,9 @@ from pipeline.sources.probe import SourceError, SourceInfo, probe_source
 from pipeline.stages.base import StageSpec
 from pipeline.stages.colocated import ColocatedSpec
 from pipeline.stages.decode import DecodeSpec
-from pipeline.stages.engine import EngineSpec, ModelInfo, batching, checked_card, inspect_onnx
+from pipeline.stages.engine import EngineSpec
 from pipeline.stages.live_view import PreviewConfig
+from pipeline.stages.model_check import ModelInfo, batching, checked_card, inspect_onnx
 from pipeline.stages.postprocess import PostprocessSpec
 from pipeline.stages.preprocess import PreprocessSpec
 from pipeline.stages.stats import StatsConfig

@@ -16,7 +16,7 @@ from engines.base import EngineError
 from pipeline.settings import SecondarySettings, Settings
 from pipeline.slotpool import pool_name
 from pipeline.stages.cascade import SecondaryEngineSpec, SecondaryLink
-from pipeline.stages.engine import ModelInfo, batching, checked_card, inspect_onnx
+from pipeline.stages.model_check import ModelInfo, batching, checked_card, inspect_onnx
 from pipeline.summary import PipelineError
 from pipeline.supervise import LedgerRef
 from pipeline.transport import StageEndpoints, TransportMode

@@ -15,9 +15,9 @@ sends only the kept detections (:data:`streamdet.postprocess.KEPT_OUTPUTS`); oth
 their raw outputs, copied to the host, to the CPU postprocess as usual. ``engine_ms`` then
 includes the device NMS and the copy to the host. PyTorch is imported only on this path.
 
-Also here: reading a model's interface from its ONNX file (:func:`inspect_onnx`), finding its
-model card (:func:`resolve_card`) and checking that the two agree (:func:`check_card_against_model`);
-the runner calls these at start-up, before any decoding.
+With ``more_engines`` the stage runs several host batches at once, one engine instance and
+thread each, and still publishes them in order (``engine.concurrent_batches``; docs/pipeline.md).
+Reading a model's interface and checking its card live in :mod:`pipeline.stages.model_check`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import zmq
 
-from engines.base import Backend, DeviceEngine, Engine, EngineError
+from engines.base import Backend, DeviceEngine, Engine
 from pipeline.slotpool import PoolCache, StalePoolError
 from pipeline.stages.base import (
     Stage,
@@ -52,7 +51,7 @@ from pipeline.transport import (
     make_socket,
     send_parts,
 )
-from streamdet.card import ModelCard, ModelCardError, card_from_ultralytics_metadata, card_path_for, load_card
+from streamdet.card import ModelCard, ModelCardError
 from streamdet.messages import (
     INLINE_SLOT,
     BatchMsg,
@@ -63,192 +62,6 @@ from streamdet.messages import (
     StageName,
     TensorSpec,
 )
-
-Dim = int | str | None
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """A model's interface as its ONNX file declares it.
-
-    Attributes:
-        path: the ``.onnx`` file.
-        input_name: the single input's name.
-        input_shape: its shape (``int`` for static dims, ``str``/``None`` for dynamic ones).
-        output_names: output names, in graph order.
-        output_shapes: their shapes.
-        metadata: ``metadata_props`` (ultralytics exports keep ``names``, ``imgsz``... here).
-    """
-
-    path: Path
-    input_name: str
-    input_shape: tuple[Dim, ...]
-    output_names: tuple[str, ...]
-    output_shapes: tuple[tuple[Dim, ...], ...]
-    metadata: dict[str, str]
-
-    @property
-    def static_batch(self) -> int | None:
-        """The input's batch size if fixed in the graph, else None."""
-        b = self.input_shape[0] if self.input_shape else None
-        return b if isinstance(b, int) and b > 0 else None
-
-
-def _dims(value_info: Any) -> tuple[Dim, ...]:
-    tt = value_info.type.tensor_type
-    if not tt.HasField("shape"):
-        return ()
-    out: list[Dim] = []
-    for d in tt.shape.dim:
-        if d.HasField("dim_value"):
-            out.append(int(d.dim_value))
-        elif d.HasField("dim_param"):
-            out.append(str(d.dim_param))
-        else:
-            out.append(None)
-    return tuple(out)
-
-
-def inspect_onnx(path: str | os.PathLike[str]) -> ModelInfo:
-    """Read a model's inputs, outputs and metadata without running it.
-
-    Args:
-        path: the ``.onnx`` file.
-
-    Returns:
-        The :class:`ModelInfo`.
-
-    Raises:
-        EngineError: if the file is missing, unreadable, not ONNX, or has not exactly one image input.
-    """
-    import onnx
-
-    p = Path(path)
-    if not p.exists():
-        raise EngineError(f"{p}: model file not found")
-    if not p.is_file():
-        raise EngineError(f"{p}: model path is not a file")
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception as e:  # protobuf raises DecodeError, RuntimeWarning-ish errors, OSError
-        raise EngineError(f"{p}: not a readable ONNX model ({type(e).__name__}: {str(e)[:120]})") from e
-    graph = model.graph
-    initializers = {t.name for t in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in initializers]
-    if not graph.node or not graph.output:
-        raise EngineError(f"{p}: not a readable ONNX model (no graph)")
-    if len(inputs) != 1:
-        raise EngineError(f"{p}: expected 1 image input, got {len(inputs)} ({[i.name for i in inputs]})")
-    return ModelInfo(
-        path=p,
-        input_name=inputs[0].name,
-        input_shape=_dims(inputs[0]),
-        output_names=tuple(o.name for o in graph.output),
-        output_shapes=tuple(_dims(o) for o in graph.output),
-        metadata={m.key: m.value for m in model.metadata_props},
-    )
-
-
-def resolve_card(info: ModelInfo, card_path: str | os.PathLike[str] | None = None) -> ModelCard:
-    """Find the model card: the given file, else ``MODEL.json`` beside the model, else ONNX metadata.
-
-    The last resort is the ultralytics metadata inside the ONNX file (class names, image size).
-
-    Args:
-        info: the inspected model.
-        card_path: an explicit card file, or None.
-
-    Returns:
-        The :class:`ModelCard`.
-
-    Raises:
-        ModelCardError: if the card is missing/invalid or the model has neither a card nor metadata
-            (the message names the file).
-    """
-    if card_path is not None:
-        return load_card(card_path)
-    beside = card_path_for(info.path)
-    if beside.is_file():
-        return load_card(beside)
-    try:
-        return card_from_ultralytics_metadata(
-            info.metadata, info.input_name, list(info.input_shape), list(info.output_names),
-            [list(s) for s in info.output_shapes], name=info.path.stem,
-        )
-    except ModelCardError as e:
-        raise ModelCardError(f"{info.path}: no model card {beside.name} beside it and {e}") from e
-
-
-def check_card_against_model(card: ModelCard, info: ModelInfo, card_name: str = "model card") -> None:
-    """Check that a card describes the model: input name, layout and size, output names.
-
-    Also runs ``streamdet.postprocess.check_outputs_against_card`` on the declared output shapes.
-
-    Args:
-        card: the card.
-        info: the inspected model.
-        card_name: how to name the card in errors (its path).
-
-    Raises:
-        ModelCardError: naming the card, the model and the first contradiction.
-    """
-    where = f"{card_name} contradicts {info.path}"
-    if card.input.name != info.input_name:
-        raise ModelCardError(f"{where}: input name {card.input.name!r} vs {info.input_name!r} in the model")
-    shape = info.input_shape
-    if len(shape) != 4:
-        raise ModelCardError(f"{where}: expected a 4-D NCHW input, the model has shape {list(shape)}")
-    expect = {1: 3, 2: card.input.height, 3: card.input.width}
-    for axis, want in expect.items():
-        got = shape[axis]
-        if isinstance(got, int) and got != want:
-            what = {1: "channels", 2: "input height", 3: "input width"}[axis]
-            raise ModelCardError(f"{where}: {what} {want} in the card, {got} in the model "
-                                 f"(input shape {list(shape)})")
-    missing = [n for n in card.head.outputs if n not in info.output_names]
-    if missing:
-        raise ModelCardError(f"{where}: outputs {missing} not in the model (it has {list(info.output_names)})")
-    order = [info.output_names.index(n) for n in card.head.outputs]
-    shapes = [list(info.output_shapes[i]) for i in order]
-    try:
-        from streamdet.postprocess import check_outputs_against_card
-    except ImportError:  # pragma: no cover - the postprocess module ships with the package
-        return
-    try:
-        check_outputs_against_card(card, shapes)
-    except (ValueError, ModelCardError) as e:
-        raise ModelCardError(f"{where}: {e}") from e
-
-
-def checked_card(info: ModelInfo, card_path: str | os.PathLike[str] | None = None) -> ModelCard:
-    """The model's card (:func:`resolve_card`), checked against the model (:func:`check_card_against_model`).
-
-    Args:
-        info: the inspected model.
-        card_path: an explicit card file, or None (``MODEL.json`` beside the model, else its ONNX metadata).
-
-    Returns:
-        The checked :class:`ModelCard`.
-
-    Raises:
-        ModelCardError: if the card is missing or invalid, or contradicts the model (naming both).
-    """
-    card = resolve_card(info, card_path)
-    beside = info.path.with_suffix(".json")
-    name = str(card_path) if card_path is not None else (str(beside) if beside.is_file() else "ONNX metadata")
-    check_card_against_model(card, info, name)
-    return card
-
-
-def batching(info: ModelInfo, card: ModelCard, max_batch: int) -> tuple[int, bool]:
-    """Images per engine batch and whether batches are padded: ``max_batch``, unless the model's batch size is fixed.
-
-    Returns:
-        ``(batch, pad)``: ``(max_batch, False)`` for a dynamic batch, else ``(static size, True)``.
-    """
-    if info.static_batch is not None or not card.input.dynamic_batch:
-        return info.static_batch or 1, True
-    return max_batch, False
 
 
 def make_engine(*, backend: Backend, model_path: str | os.PathLike[str], device: str = "cpu",

@@ -12,7 +12,8 @@ from engines.base import Backend, EngineError
 from pipeline.annotate import annotate_result, class_color, draw_children, draw_detections
 from pipeline.sources.probe import SourceError, probe_source
 from pipeline.stages.decode import DecodeStage
-from pipeline.stages.engine import check_card_against_model, inspect_onnx, make_engine, resolve_card
+from pipeline.stages.engine import make_engine
+from pipeline.stages.model_check import check_card_against_model, inspect_onnx, resolve_card
 from pipeline.stages.preprocess import Normalizer
 from pipeline.stages.sinks import (
     DETECTIONS_SCHEMA,
