@@ -286,7 +286,7 @@ def decode_placement(settings: Settings, cpu_count: int | None = None) -> Decode
 
     Args:
         settings: the run's settings.
-        cpu_count: the machine's cores (None: ``os.cpu_count()``).
+        cpu_count: the machine's cores (None: :func:`machine_cores`).
 
     Returns:
         :attr:`DecodePlacement.SEPARATE` or :attr:`DecodePlacement.WITH_PREPROCESS`.
@@ -294,7 +294,7 @@ def decode_placement(settings: Settings, cpu_count: int | None = None) -> Decode
     placement = settings.decode.placement
     if placement is not DecodePlacement.AUTO:
         return placement
-    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    cores = cpu_count if cpu_count is not None else machine_cores()
     if cores <= SMALL_MACHINE_CORES and settings.control.port is None:
         return DecodePlacement.WITH_PREPROCESS
     return DecodePlacement.SEPARATE

@@ -208,10 +208,12 @@ class EngineStage(Stage):
             raise StageError("engine: concurrent batches run on host tensors only, not with device batches")
         self.engine = engine
         self.more_engines = more_engines
+        self._engines = (engine, *more_engines)
         self._free: list[Engine] = []
         self._inflight: deque[_Pending] = deque()
         self._executor: ThreadPoolExecutor | None = None
         self._wake_r = self._wake_w = -1
+        self._poller = zmq.Poller()  # the batch socket and the wake-up pipe, with more_engines
         self.warmup_batch = warmup_batch
         self.card = card
         self.batches_in = batches_in
@@ -245,9 +247,8 @@ class EngineStage(Stage):
                                  "use --backend cuda or tensorrt, or set preprocess.on_device false")
             self._device_engine = self.engine
         self._started = True
-        self.engine.start()
-        for extra in self.more_engines:
-            extra.start()
+        for eng in self._engines:
+            eng.start()
         names = list(self.engine.output_names)
         missing = [n for n in self.card.head.outputs if n not in names]
         if missing:
@@ -256,14 +257,13 @@ class EngineStage(Stage):
         if self.warmup_batch > 0:
             iw, ih = self.card.input_wh
             zeros = np.zeros((self.warmup_batch, 3, ih, iw), dtype=np.dtype(self.card.input.dtype))
-            for eng in (self.engine, *self.more_engines):
+            for eng in self._engines:
                 eng.infer(zeros)
         if self.more_engines:
-            self._free = [self.engine, *self.more_engines]
+            self._free = list(self._engines)
             self._executor = ThreadPoolExecutor(max_workers=len(self._free), thread_name_prefix="engine")
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_r, False)
-            self._poller = zmq.Poller()
             self._poller.register(self.batches_in, zmq.POLLIN)
             self._poller.register(self._wake_r, zmq.POLLIN)
 
@@ -430,7 +430,7 @@ class EngineStage(Stage):
                 os.close(fd)
             self._wake_r = self._wake_w = -1
         if self._started:
-            for eng in (self.engine, *self.more_engines):
+            for eng in self._engines:
                 eng.stop()
             self._started = False
         self._pools.close()
