@@ -77,6 +77,9 @@ from streamdet.messages import (
 )
 from streamdet.postprocess import KEPT_OUTPUTS, PostprocessConfig, postprocess, unpack_detections
 
+PROGRESS_EVERY_S = 0.1
+"""Frames published are reported to the runner at most this often (and before each source's end and at the end)."""
+
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
@@ -226,6 +229,7 @@ class PostprocessStage(DynamicSources, Stage):
             cascade.on_wait = self._poll_events
         self._touched: set[str] = set()  # sources that published since the last release of held frames
         self._progress = [0, 0]  # frames, detections published and not yet reported
+        self._reported_at = 0.0
 
     def start(self) -> None:
         """Open every sink (binds the PUB socket, waits for subscribers if configured).
@@ -308,6 +312,7 @@ class PostprocessStage(DynamicSources, Stage):
                 self._step_cascade()
             got = receive(self.results_in, self.flags, 0)
             if got is None:
+                self._report_progress()
                 continue
             msg, parts = got
             if isinstance(msg, ResultMsg):
@@ -317,6 +322,7 @@ class PostprocessStage(DynamicSources, Stage):
                     self._on_eos(msg)
             else:
                 raise StageError(f"postprocess: expected ResultMsg or EndOfStream, got {type(msg).__name__}")
+        self._report_progress(now=True)
         if self.ledger is not None:  # nothing can need a replay any more: the other stages may exit now
             self.ledger.set_finished()
 
@@ -347,6 +353,7 @@ class PostprocessStage(DynamicSources, Stage):
             sink.end_of_stream(msg)
         self.order.eos_published(msg.source_id)
         self._ended += 1
+        self._report_progress(now=True)
         self.status.send(StatusKind.SOURCE_END, source_id=msg.source_id, message=msg.reason.value,
                          frames=msg.frames)
         if self._ctx is not None:
@@ -409,12 +416,21 @@ class PostprocessStage(DynamicSources, Stage):
             eos = self.order.ready_eos(sid)
             if eos is not None:
                 self._publish_eos(eos)
+        self._report_progress()
+
+    def _report_progress(self, *, now: bool = False) -> None:
+        """Report the frames published since the last report: at once, or once :data:`PROGRESS_EVERY_S` passed.
+
+        One status message per batch cost the runner and this stage a wake-up per frame at batch 1.
+        """
         frames, detections = self._progress
+        if not frames or not now and time.monotonic() - self._reported_at < PROGRESS_EVERY_S:
+            return
         self.frames += frames
         self.detections += detections
-        if frames:
-            self.status.send(StatusKind.PROGRESS, frames=frames, detections=detections)
+        self.status.send(StatusKind.PROGRESS, frames=frames, detections=detections)
         self._progress = [0, 0]
+        self._reported_at = time.monotonic()
 
     def _publish(self, item: _Pending) -> bool:
         """Hand one frame to the sinks, record it, give its slot back; False if its pixels are gone."""
@@ -480,6 +496,7 @@ class PostprocessStage(DynamicSources, Stage):
 
     def stop(self) -> None:
         """Flush and close the sinks, report where outputs went, close the sockets."""
+        self._report_progress(now=True)
         errors: list[str] = []
         for sink in self._opened:
             try:

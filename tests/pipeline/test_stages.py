@@ -28,8 +28,8 @@ from pipeline.transport import StageFlags, ipc_endpoints, make_socket, recv_part
 from streamdet.card import ModelCardError, Normalization
 from streamdet.cascade import Children
 from streamdet.letterbox import letterbox_params
-from streamdet.messages import CreditMsg, EndOfStream, EosReason, FrameMsg, FrameRecord, decode_message
-from streamdet.postprocess import Detections
+from streamdet.messages import CreditMsg, EndOfStream, EosReason, FrameMsg, FrameRecord, StatusKind, decode_message
+from streamdet.postprocess import Detections, PostprocessConfig
 from streamdet.preprocess_ops import preprocess_batch
 from tests.helpers.standin import CLASS_NAMES, bikes_path, build_standin, standin_card
 
@@ -267,6 +267,44 @@ def test_decoder_backpressure_and_pixels(tmp_path):
     for s in (frames_in, credits_out, status_in):
         s.close(0)
     ctx.term()
+
+
+# ---------------------------------------------------------------- postprocess stage: progress reports
+def test_postprocess_reports_progress_at_most_every_interval(monkeypatch):
+    """One status message per batch woke the runner once a frame at batch 1: now at most every 0.1 s, totals exact."""
+    import pipeline.stages.postprocess as post
+
+    sent: list[dict[str, int]] = []
+
+    class Status:
+        def send(self, kind, **counts):
+            assert kind is StatusKind.PROGRESS
+            sent.append(counts)
+
+    clock = [100.0]
+    monkeypatch.setattr(post.time, "monotonic", lambda: clock[0])
+    ctx = zmq.Context()
+    results_in = ctx.socket(zmq.PULL)
+    try:
+        stage = post.PostprocessStage(card=standin_card(), model_name="standin", config=PostprocessConfig(),
+                                      results_in=results_in, frame_credits_out={}, sinks=[], status=Status(),
+                                      flags=None, num_sources=1)
+        for step in range(30):  # a batch of one frame with 2 detections every 10 ms
+            clock[0] += 0.01
+            stage._progress[0] += 1
+            stage._progress[1] += 2
+            stage._release_held()
+            if step == 14:
+                stage._report_progress()  # a poll timeout in between: nothing due yet
+        assert len(sent) == 3 and stage._progress[0] > 0  # about t=100.01, 100.11, 100.21; the rest pending
+        stage._report_progress(now=True)  # a source's end, the end of run() or stop()
+        assert sum(c["frames"] for c in sent) == stage.frames == 30
+        assert sum(c["detections"] for c in sent) == stage.detections == 60
+        stage._report_progress(now=True)  # nothing new: no empty report
+        assert len(sent) == 4
+    finally:
+        results_in.close(linger=0)
+        ctx.term()
 
 
 # ---------------------------------------------------------------- sinks
