@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import zmq
@@ -169,7 +170,7 @@ def encode_cost_ms(repeat: int = 50) -> float:
     from streamdet.postprocess import Detections
 
     with av.open(str(bikes())) as c:
-        frame = next(c.decode(video=0)).to_ndarray(format="rgb24")
+        frame: Any = next(c.decode(video=0)).to_ndarray(format="rgb24")
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 200, (8, 2)).astype(np.float32)
     dets = Detections(boxes_xyxy=np.hstack([xy, xy + 60]), scores=np.full(8, 0.9, np.float32),

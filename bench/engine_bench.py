@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -35,7 +36,7 @@ def main() -> int:
     args = ap.parse_args()
     card = load_card(card_path_for(args.model))
     with av.open(str(args.video)) as c:
-        frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(32), c.decode(video=0))]
+        frames: list[Any] = [f.to_ndarray(format="rgb24") for _, f in zip(range(32), c.decode(video=0))]
     batches = [preprocess_batch([frames[(i + k) % len(frames)] for k in range(args.batch)], card)[0]
                for i in range(0, len(frames), args.batch)]
     with OnnxRuntimeEngine(model_path=args.model, intra_op_threads=args.threads) as engine:

@@ -84,7 +84,7 @@ class OnnxModule:
                 for name, key in self.names.items():
                     env[name] = self.ints[name] if name in self.ints else self.tensors[key]
                 for j, (op, ins, outs, at) in enumerate(self.nodes):
-                    x = [env[i] if i else None for i in ins]
+                    x: list[Any] = [env[i] if i else None for i in ins]
                     if op == "Constant":
                         arr = numpy_helper.to_array(at["value"])
                         r: Any = ([int(v) for v in arr.reshape(-1)] if arr.ndim else int(arr)) \
@@ -143,7 +143,7 @@ class OnnxModule:
                             raise OnnxOpError("AveragePool: no padding, floor mode only")
                         r = F.avg_pool2d(x[0], at["kernel_shape"], at.get("strides", at["kernel_shape"]))
                     elif op == "ReduceMean":
-                        axes = x[1] if len(x) > 1 and x[1] is not None else at.get("axes")
+                        axes: Any = x[1] if len(x) > 1 and x[1] is not None else at.get("axes")
                         r = x[0].mean(dim=tuple(axes), keepdim=bool(at.get("keepdims", 1)))
                     elif op == "Resize":
                         sc = self.small.get(ins[2], []) if len(ins) > 2 else []
@@ -157,7 +157,7 @@ class OnnxModule:
                     elif op == "MatMul":
                         r = torch.matmul(x[0], x[1])
                     elif op == "Split":
-                        sizes = x[1] if len(x) > 1 and x[1] is not None else at.get("split")
+                        sizes: Any = x[1] if len(x) > 1 and x[1] is not None else at.get("split")
                         r = torch.split(x[0], sizes, dim=at.get("axis", 0))
                     else:  # Identity
                         r = x[0]

@@ -315,7 +315,7 @@ def _figures(n: int, seconds: float, paced: bool, mode: DecodeMode, fps: int, wa
     out.update({f"latency_{k}_ms": round(float(np.percentile(ms, q)), 1)
                 for k, q in (("p50", 50), ("p90", 90), ("p99", 99))})
     out["latency_max_ms"] = round(float(ms.max()), 1)
-    per_stream = {}
+    per_stream: dict[int, list[float]] = {}
     for _t, sid, v in body:
         per_stream.setdefault(sid, []).append(v)
     out["worst_stream_p99_ms"] = round(max(float(np.percentile(v, 99)) for v in per_stream.values()), 1)

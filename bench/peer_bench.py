@@ -179,6 +179,11 @@ def agreement(a: dict[int, list[Box]], b: dict[int, list[Box]], tol: float = BOX
     return out
 
 
+def _xyxy(box: list[float]) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = map(float, box)
+    return x1, y1, x2, y2
+
+
 def read_streamdet_jsonl(path: Path) -> dict[int, list[Box]]:
     """Frame index -> boxes from a streamdet JSONL file (detections messages only)."""
     frames: dict[int, list[Box]] = {}
@@ -186,8 +191,7 @@ def read_streamdet_jsonl(path: Path) -> dict[int, list[Box]]:
         msg = json.loads(line)
         if "detections" not in msg or "frame_index" not in msg:
             continue
-        frames[int(msg["frame_index"])] = [(int(d["class_id"]), *map(float, d["box_xyxy"]))
-                                           for d in msg["detections"]]
+        frames[int(msg["frame_index"])] = [(int(d["class_id"]), *_xyxy(d["box_xyxy"])) for d in msg["detections"]]
     return frames
 
 
@@ -648,6 +652,7 @@ def _run(args: argparse.Namespace, python: str, cache: Path, model: Path, video:
             sd_first_out, ul_first_out = sd_out, ul_out
         else:  # both sides must be deterministic: every round gives the first round's boxes
             for name, a, b in (("streamdet", sd_first_out, sd_out), ("ultralytics", ul_first_out, ul_out)):
+                assert a is not None
                 reader = read_streamdet_jsonl if name == "streamdet" else (lambda q: read_peer_jsonl(q)[0])
                 if agreement(reader(a), reader(b), tol=0.0).fraction < 1.0:
                     print(f"note: {name}'s boxes in round {r + 1} differ from round 1")
