@@ -78,7 +78,7 @@ from streamdet.messages import (
 from streamdet.postprocess import KEPT_OUTPUTS, PostprocessConfig, postprocess, unpack_detections
 
 PROGRESS_EVERY_S = 0.1
-"""Frames published are reported to the runner at most this often (and before each source's end and at the end)."""
+"""Published frames are reported to the runner at most this often (and at each EOS), not once a batch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,10 +419,7 @@ class PostprocessStage(DynamicSources, Stage):
         self._report_progress()
 
     def _report_progress(self, *, now: bool = False) -> None:
-        """Report the frames published since the last report: at once, or once :data:`PROGRESS_EVERY_S` passed.
-
-        One status message per batch cost the runner and this stage a wake-up per frame at batch 1.
-        """
+        """Report the frames published since the last report: at once, or once :data:`PROGRESS_EVERY_S` passed."""
         frames, detections = self._progress
         if not frames or not now and time.monotonic() - self._reported_at < PROGRESS_EVERY_S:
             return
