@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pytest
 
+import pipeline.runner
 from pipeline.restarts import start_fork_server
 from pipeline.runner import Pipeline
 from pipeline.settings import DEFAULT_MODEL, DEFAULT_SOURCE
@@ -120,8 +121,11 @@ def test_postprocess_restart_keeps_the_annotated_video_as_playable_segments(tmp_
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_stages_and_their_restarts_fork_from_the_fork_server_and_lose_nothing(tmp_path, reference):
+def test_stages_and_their_restarts_fork_from_the_fork_server_and_lose_nothing(tmp_path, reference, monkeypatch):
     """Every stage process, restarted ones too, is forked from the run's fork server (not the runner)."""
+    # the monitor runs every RSS_SAMPLE_S (0.5 s) and progress arrives every 0.1 s: the last 30 frames
+    # take about 0.5 s on a fast machine, so the second kill could land after the engine's last batch
+    monkeypatch.setattr(pipeline.runner, "RSS_SAMPLE_S", 0.05)
     s = settings(tmp_path, "out", supervise__backoff_initial_s=0.0)
     kills: list[int] = []
     parents: dict[int, int] = {}
