@@ -174,6 +174,7 @@ def letterbox(
     pad_value: int = PAD_VALUE,
     out: npt.NDArray[np.uint8] | None = None,
     mode: ResizeMode = ResizeMode.LETTERBOX,
+    fill_pad: bool = True,
 ) -> tuple[npt.NDArray[np.uint8], LetterboxParams]:
     """Letterbox (or, with ``mode`` ``stretch``, stretch) one HWC uint8 image into ``input_wh``.
 
@@ -183,6 +184,8 @@ def letterbox(
         pad_value: constant for the padded border.
         out: optional ``(ih, iw, C)`` uint8 buffer to write into (avoids an allocation).
         mode: :class:`ResizeMode` (bilinear resize either way, as ultralytics' ``LetterBox``).
+        fill_pad: write the padding (False: ``out`` keeps what its border holds, e.g. when only
+            the resized window is read afterwards).
 
     Returns:
         The ``(ih, iw, C)`` uint8 letterboxed image and its :class:`LetterboxParams`.
@@ -200,7 +203,7 @@ def letterbox(
     elif out.shape != (ih, iw, c) or out.dtype != np.uint8:
         raise ValueError(f"expected out of shape {(ih, iw, c)} uint8, got {out.shape} {out.dtype}")
     (rw, rh), (px, py) = p.resized_wh, p.pad_xy
-    if (rw, rh) != (p.input_wh) or px or py:
+    if fill_pad and ((rw, rh) != p.input_wh or px or py):
         out[:py] = pad_value
         out[py + rh :] = pad_value
         out[py : py + rh, :px] = pad_value

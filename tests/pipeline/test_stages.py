@@ -14,7 +14,7 @@ from pipeline.sources.probe import SourceError, probe_source
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.engine import make_engine
 from pipeline.stages.model_check import check_card_against_model, inspect_onnx, resolve_card
-from pipeline.stages.preprocess import Normalizer
+from pipeline.stages.normalize import KeptPadding, Normalizer
 from pipeline.stages.sinks import (
     DETECTIONS_SCHEMA,
     EOS_SCHEMA,
@@ -27,7 +27,7 @@ from pipeline.stages.sinks import (
 from pipeline.transport import StageFlags, ipc_endpoints, make_socket, recv_parts
 from streamdet.card import ModelCardError, Normalization
 from streamdet.cascade import Children
-from streamdet.letterbox import letterbox_params
+from streamdet.letterbox import ResizeMode, letterbox, letterbox_params, resize_params
 from streamdet.messages import CreditMsg, EndOfStream, EosReason, FrameMsg, FrameRecord, StatusKind, decode_message
 from streamdet.postprocess import Detections, PostprocessConfig
 from streamdet.preprocess_ops import preprocess_batch
@@ -78,6 +78,46 @@ def test_normalizer_takes_smaller_rectangles():
     out = np.empty((3, 288, 640), np.float32)
     Normalizer(card)(img, out)
     np.testing.assert_allclose(out, img.transpose(2, 0, 1).astype(np.float32) / 255.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("frames_hw,layouts,kept_rows", [
+    ([(272, 640)] * 4, [(832, 480)] * 4, 3),  # one source: every frame after the first keeps the padding
+    ([(272, 640), (480, 640), (272, 640), (720, 1280), (272, 640)], [(832, 480)] * 5, 0),  # geometry changes
+    ([(272, 640), (272, 640), (272, 640)], [(832, 480), (832, 288), (832, 480)], 0),  # the slot's layout changes
+    ([(480, 360), (480, 360)], [(832, 480)] * 2, 1),  # portrait: padded columns
+])
+def test_kept_padding_writes_only_the_window_and_equals_a_whole_row(frames_hw, layouts, kept_rows):
+    """Letterbox + normalise with the padding kept from an earlier frame == the whole row written afresh."""
+    card = standin_card((832, 480))
+    norm, kept = Normalizer(card), KeptPadding()
+    slot = np.full(3 * 480 * 832, np.nan, np.float32)  # one tensor slot, viewed as (1, 3, ih, iw) per layout
+    rng = np.random.default_rng(1)
+    windows = []
+    for (h, w), (iw, ih) in zip(frames_hw, layouts, strict=True):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        params = resize_params((h, w), (iw, ih), ResizeMode.LETTERBOX)
+        window = kept.window(0, (iw, ih), 0, params)
+        windows.append(window)
+        lb = np.full((ih, iw, 3), 7, np.uint8)  # stale border: only the window may be read then
+        letterbox(image, (iw, ih), pad_value=card.pad_value, out=lb, fill_pad=window is None)
+        row = slot[: 3 * ih * iw].reshape(3, ih, iw)
+        norm(lb, row, window)
+        kept.wrote(0, (iw, ih), 0, params)
+        want = np.empty_like(row)
+        norm(letterbox(image, (iw, ih), pad_value=card.pad_value)[0], want)
+        np.testing.assert_array_equal(row, want)
+    assert sum(w is not None for w in windows) == kept_rows
+
+
+def test_kept_padding_ignores_inline_tensors():
+    params = resize_params((272, 640), (832, 480), ResizeMode.LETTERBOX)
+    kept = KeptPadding()
+    kept.wrote(-1, (832, 480), 0, params)
+    assert kept.window(-1, (832, 480), 0, params) is None
+    kept.wrote(2, (832, 480), 0, params)
+    assert kept.window(2, (832, 480), 0, params) == (63, 417, 0, 832)
+    assert kept.window(2, (832, 480), 1, params) is None  # another row
+    assert kept.window(2, (832, 384), 0, params) is None  # another layout
 
 
 def test_preprocess_stage_that_fails_mid_batch_still_stops(tmp_path):

@@ -49,6 +49,16 @@ def strip_timing(obj):
     return obj
 
 
+@pytest.fixture(autouse=True)
+def _frequent_monitor(monkeypatch):
+    """Monitors that kill a stage at a frame count run every 0.05 s, not every RSS_SAMPLE_S (0.5 s).
+
+    Progress arrives every 0.1 s, and 30 frames take about 0.5 s on a fast machine: a kill checked
+    twice a second could come after the victim's last frame.
+    """
+    monkeypatch.setattr(pipeline.runner, "RSS_SAMPLE_S", 0.05)
+
+
 def run_and_kill(s, victim: str | None, at_frame: int = 40):
     """Run the pipeline; SIGKILL the stage labelled ``victim`` once ``at_frame`` frames are published."""
     killed: list[int] = []
@@ -121,11 +131,8 @@ def test_postprocess_restart_keeps_the_annotated_video_as_playable_segments(tmp_
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_stages_and_their_restarts_fork_from_the_fork_server_and_lose_nothing(tmp_path, reference, monkeypatch):
+def test_stages_and_their_restarts_fork_from_the_fork_server_and_lose_nothing(tmp_path, reference):
     """Every stage process, restarted ones too, is forked from the run's fork server (not the runner)."""
-    # the monitor runs every RSS_SAMPLE_S (0.5 s) and progress arrives every 0.1 s: the last 30 frames
-    # take about 0.5 s on a fast machine, so the second kill could land after the engine's last batch
-    monkeypatch.setattr(pipeline.runner, "RSS_SAMPLE_S", 0.05)
     s = settings(tmp_path, "out", supervise__backoff_initial_s=0.0)
     kills: list[int] = []
     parents: dict[int, int] = {}
@@ -135,7 +142,7 @@ def test_stages_and_their_restarts_fork_from_the_fork_server_and_lose_nothing(tm
             if pid not in parents and pid not in kills:
                 with contextlib.suppress(OSError):  # it may have just exited
                     parents[pid] = parent_pid(pid)
-        if len(kills) < 2 and p.frames_done >= 25 + 35 * len(kills) and not p.restarting:
+        if len(kills) < 2 and p.frames_done >= 25 + 15 * len(kills) and not p.restarting:
             pid = p.stage_pids()["engine"]
             if pid not in kills:
                 os.kill(pid, signal.SIGKILL)
