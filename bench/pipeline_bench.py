@@ -76,8 +76,11 @@ def load_frames(video: str, n: int) -> list[np.ndarray]:
 
 
 def bench_engine_only(model: Path, card: Any, frames: list[np.ndarray], batch: int, threads: int,
-                      concurrent: int = 1) -> float:
-    """Frames per second of ``concurrent`` engine instances, each on its own thread taking the next batch."""
+                      concurrent: int = 1, cpu: list[float] | None = None) -> float:
+    """Frames per second of ``concurrent`` engine instances, each on its own thread taking the next batch.
+
+    ``cpu``, if given, gets the CPU seconds this process spent (all threads) while they ran appended.
+    """
     import threading
 
     from engines.onnxruntime_backend import OnnxRuntimeEngine
@@ -101,11 +104,13 @@ def bench_engine_only(model: Path, card: Any, frames: list[np.ndarray], batch: i
 
     try:
         workers = [threading.Thread(target=work, args=(e,)) for e in engines]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for w in workers:
             w.start()
         for w in workers:
             w.join()
+        if cpu is not None:
+            cpu.append(time.process_time() - cpu0)
         return len(frames) / (time.perf_counter() - t0)
     finally:
         for engine in engines:
@@ -223,6 +228,11 @@ class StageProfile:
             self.first, self.frames0, self.runner0, self.t0 = now, frames, time.process_time(), time.monotonic()
         self.last.update(now)
         self.frames1, self.runner1, self.t1 = frames, time.process_time(), time.monotonic()
+
+    def total_cpu_s(self) -> float:
+        """CPU seconds of the stage processes and the runner between the first and the last sample."""
+        stages = sum(cpu - self.first.get(label, (0.0, 0))[0] for label, (cpu, _) in self.last.items())
+        return stages + self.runner1 - self.runner0
 
     def lines(self) -> list[str]:
         n = self.frames1 - self.frames0

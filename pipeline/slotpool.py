@@ -18,6 +18,7 @@ behind by a crashed owner, and the runner unlinks leftovers by name as well.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections import deque
@@ -170,7 +171,7 @@ class SlotPool:
             SlotPoolError: on a bad slot, an array larger than a slot, or a closed pool.
         """
         dt = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        nbytes = math.prod(shape) * dt.itemsize
         return np.frombuffer(self.buffer(slot, nbytes), dtype=dt).reshape(shape)
 
     def close(self) -> None:

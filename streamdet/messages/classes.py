@@ -167,7 +167,7 @@ class BatchMsg(WireMessage):
     @property
     def tensor_nbytes(self) -> int:
         """Size of the input tensor in bytes."""
-        return int(np.prod(self.tensor_shape)) * np.dtype(self.tensor_dtype).itemsize
+        return math.prod(self.tensor_shape) * np.dtype(self.tensor_dtype).itemsize
 
 
 @wire()
@@ -198,7 +198,7 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         """Size of the array in bytes."""
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
     @classmethod
     def of(cls, name: str, array: npt.NDArray[Any]) -> TensorSpec:

@@ -232,12 +232,11 @@ def decode_wire(data: bytes | memoryview) -> WireMessage:
     version, kind, fields = obj[0], obj[1], obj[2:]
     if version != WIRE_VERSION:
         raise ValueError(f"expected wire version {WIRE_VERSION}, got {version!r}")
+    cls = _BY_KIND.get(kind) if type(kind) is int else None
+    if cls is None:
+        raise ValueError(f"expected a message kind in {[m.value for m in MsgKind]}, got {kind!r}")
     try:
-        k = MsgKind(kind)
-    except ValueError as e:
-        raise ValueError(f"expected a message kind in {[m.value for m in MsgKind]}, got {kind!r}") from e
-    try:
-        msg: WireMessage = _BY_KIND[k]._codec.from_fields(fields)
+        msg: WireMessage = cls._codec.from_fields(fields)
     except (TypeError, IndexError, KeyError) as e:
-        raise ValueError(f"expected valid {k.name} fields, got {fields!r:.200} ({e})") from e
+        raise ValueError(f"expected valid {cls.KIND.name} fields, got {fields!r:.200} ({e})") from e
     return msg
