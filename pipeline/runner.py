@@ -49,7 +49,7 @@ import zmq
 
 from pipeline.chains import ModelChain, PreparedRun, prepare_run, source_ids_for, stage_specs
 from pipeline.control.plane import ControlPlane, readiness
-from pipeline.restarts import Child, Restarter, environment, exit_reason, join_children, start_fork_server
+from pipeline.restarts import Child, Restarter, environment, join_children, start_fork_server
 from pipeline.settings import Settings
 from pipeline.slotpool import pool_name, unlink_pool
 from pipeline.sources.probe import SourceInfo
@@ -427,18 +427,7 @@ class Pipeline:
                 if msg is not None and self._apply(book, msg):
                     break
                 book.restartable = go_at is not None and policy.max_restarts > 0 and not abort.is_set()
-                for child in self._procs:  # stage processes that died
-                    code = child.proc.exitcode
-                    if code in (None, 0) or child.handled:
-                        continue
-                    child.handled = True
-                    reason = book.last_error.pop(child.label, "") or exit_reason(code)
-                    if book.restartable and not stop_input.is_set():
-                        error = restarter.died(child, reason)
-                        if error:
-                            book.fail(error)
-                    elif not abort.is_set():
-                        book.fail(f"the {child.label} stage exited unexpectedly ({reason})")
+                ended = restarter.reap(self._procs, book, stopping=stop_input.is_set(), aborting=abort.is_set())
                 restarter.step(book, summary, abort.is_set())
                 if plane is not None:
                     stopping = stop_input.is_set() or abort.is_set()
@@ -446,7 +435,8 @@ class Pipeline:
                                               restarting=[r.child.label for r in restarter.pending],
                                               stopping=stopping), stopping=stopping)
                     plane.step()
-                if all(c.proc.exitcode is not None for c in self._procs) and not restarter.pending:
+                if len(ended) == len(self._procs) and not restarter.pending and all(
+                        c.proc.exitcode is not None for c in self._procs):  # (a restart may have replaced one)
                     break
                 if go_at is None and book.ready.total() == len(self._procs) and not abort.is_set():
                     go.set()

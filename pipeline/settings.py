@@ -44,7 +44,7 @@ from pipeline.sources.options import (
     LiveOptions,
     RtspTransport,
 )
-from pipeline.transport import TransportMode
+from pipeline.transport import TransportMode, relative_path_note
 from streamdet.postprocess import NmsMethod, PostprocessConfig
 
 ENV_PREFIX = "STREAMDET_"
@@ -369,7 +369,7 @@ def load_settings(
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise SettingsError(f"{p}: config file not found")
+            raise SettingsError(f"{p}: config file not found{relative_path_note(p)}")
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:

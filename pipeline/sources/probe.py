@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.sources.ffmpeg import ffmpeg_problem
 from pipeline.sources.hwaccel import hwaccel_problem
 from pipeline.sources.options import HWACCEL_FALLBACK_SETTING, HWAccelOptions
-from pipeline.transport import redact_url
+from pipeline.transport import redact_url, relative_path_note
 
 LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "rtp", "srt", "udp", "tcp", "http", "https", "hls")
 """URL schemes accepted as live sources."""
@@ -141,7 +141,7 @@ def _probe(url: str, source_id: str, *, max_fps: float | None) -> SourceInfo:
     if is_file:
         p = Path(url)
         if not p.exists():
-            raise SourceError(f"{shown}: no such file")
+            raise SourceError(f"{shown}: no such file{relative_path_note(p)}")
         if not p.is_file():
             raise SourceError(f"{shown}: not a file")
         if not os.access(p, os.R_OK):

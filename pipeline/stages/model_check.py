@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.base import EngineError
+from pipeline.transport import relative_path_note
 from streamdet.card import ModelCard, ModelCardError, card_from_ultralytics_metadata, card_path_for, load_card
 
 Dim = int | str | None
@@ -78,7 +79,7 @@ def inspect_onnx(path: str | os.PathLike[str]) -> ModelInfo:
 
     p = Path(path)
     if not p.exists():
-        raise EngineError(f"{p}: model file not found")
+        raise EngineError(f"{p}: model file not found{relative_path_note(p)}")
     if not p.is_file():
         raise EngineError(f"{p}: model path is not a file")
     try:

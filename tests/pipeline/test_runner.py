@@ -186,6 +186,17 @@ def test_validation_errors_name_the_input(standin_model, tmp_path):
         Pipeline(settings=settings(tmp_path / "none.onnx")).prepare()
 
 
+def test_missing_relative_paths_name_the_directory_they_were_looked_for_in(standin_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    note = f"(a relative path is taken from the current directory, {tmp_path})"
+    with pytest.raises(PipelineError, match="no such file") as e:
+        Pipeline(settings=settings(standin_model).model_copy(update={"sources": ["clips/x.mp4"]})).prepare()
+    assert note in str(e.value)
+    with pytest.raises(PipelineError, match="model file not found") as e:
+        Pipeline(settings=settings("models/none.onnx")).prepare()
+    assert note in str(e.value)
+
+
 def test_source_ids():
     assert source_ids_for(["/a/bikes.mp4", "/b/bikes.mp4", "rtsp://u:p@cam.local/live.sdp", "x.y.z.mp4", "/"]) == [
         "bikes", "bikes-2", "live", "x_y_z", "source"]

@@ -147,8 +147,17 @@ def test_bad_yaml(tmp_path, text, match):
 
 
 def test_missing_yaml(tmp_path):
-    with pytest.raises(SettingsError, match="config file not found"):
+    with pytest.raises(SettingsError, match="config file not found") as e:
         load_settings(config_file=tmp_path / "none.yaml")
+    assert "current directory" not in str(e.value)  # absolute: nothing to explain
+
+
+def test_missing_relative_yaml_names_the_directory_it_was_looked_for_in(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as e:
+        load_settings(config_file="configs/none.yaml")
+    assert str(e.value) == (f"configs/none.yaml: config file not found (a relative path is taken from the "
+                            f"current directory, {tmp_path})")
 
 
 def test_settings_are_frozen():
