@@ -2,10 +2,10 @@
 
 ``streamdet run [FLAGS]`` is ``python run_pipeline.py [FLAGS]`` (with no flags: the bundled
 detector on the bundled demo video, detections published on ``tcp://127.0.0.1:5556``);
-``streamdet subscribe`` is ``python -m pipeline.subscribe``; ``streamdet calibrate`` and
-``streamdet build-engine`` are the deployment tools of :mod:`engines.deploy` (``python -m
-training.calibrate`` / ``training.build_engine``). The training tools are ``streamdet-train``
-(:mod:`training.cli`), which needs the ``train`` extra. Exit status: 0 finished, 1 failed (bad
+``streamdet subscribe`` is ``python -m pipeline.subscribe``; ``streamdet ctl`` is the control
+API's client (``python -m pipeline.ctl``); ``streamdet calibrate`` and ``streamdet build-engine``
+are the deployment tools of :mod:`engines.deploy`. The training tools are ``streamdet-train``
+(:mod:`training.commands`), which needs the ``train`` extra. Exit status: 0 finished, 1 failed (bad
 input, model, port in use, decode error), 2 invalid settings or arguments, 130 stopped by SIGINT,
 143 by SIGTERM.
 """

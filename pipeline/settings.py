@@ -73,7 +73,8 @@ class TransportSettings(Section):
         mode: ``ipc`` (unix sockets in a private temp dir, frames in shared memory) or ``tcp``
             (frames and tensors inline in the messages).
         tcp_host: interface the stage sockets bind in ``tcp`` mode.
-        tcp_base_port: first of the consecutive ports used in ``tcp`` mode (6 + number of sources).
+        tcp_base_port: first of the consecutive ports used in ``tcp`` mode (6 + number of sources,
+            + 3 per model after the first).
     """
 
     mode: TransportMode = TransportMode.IPC

@@ -215,7 +215,7 @@ class ControlSettings(Section):
             or is removed, waiting for new ones, until SIGINT/SIGTERM.
         host: interface to serve on. The default keeps the API on this host; any other address must
             be set explicitly (and should come with a ``token``).
-        token: a bearer token every request but ``/healthz`` and ``/readyz`` must carry
+        token: a bearer token every request but ``/healthz``, ``/readyz``, ``/`` and the OpenAPI pages must carry
             (``Authorization: Bearer TOKEN``; the preview streams also accept ``?token=``); null: none.
             Environment ``STREAMDET_CONTROL__TOKEN``; never logged.
         preview_fps: at most this many preview frames per second and source, encoded only while
