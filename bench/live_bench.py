@@ -1,6 +1,6 @@
 """Live streams: how many simultaneous 25 fps RTSP cameras the pipeline sustains, and its latency.
 
-    python bench/live_bench.py [--model MODEL.onnx] [--streams 1,2,3,4,6,8] [--duration 60] [--fps 25]
+    python bench/live_bench.py [--model MODEL.onnx] [--streams 1,2,3,4,6,8,12,16] [--duration 60] [--fps 25]
     python bench/live_bench.py --smoke          # 10-second check that everything runs
 
 Starts the test RTSP server (``tests/helpers/rtsp_server.py`` under /usr/bin/python3, GStreamer's

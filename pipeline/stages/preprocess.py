@@ -4,9 +4,10 @@ Each frame is letterboxed to the model card's input size (:func:`streamdet.lette
 writing into a preallocated buffer), then converted to the card's channel order and
 normalisation, ``x = (pixel - mean) / std``, straight into one row of a ``(B, 3, H, W)`` tensor in
 a shared-memory tensor pool this stage owns. A batch is sent when it holds ``max_batch`` frames,
-when ``max_wait_ms`` passed since its first frame, or when a source ends. Frame slots go back to
-the decoder as soon as the frame is in the tensor, unless a later stage (the annotated-video
-sink) still needs the pixels.
+when ``max_wait_ms`` passed since its first frame, or when a source ends. Frame slots stay lent
+until the postprocess stage has published the frame and hands them back (so that a restarted
+stage can have the frame sent again, :mod:`pipeline.supervise`); without a ledger (a stage run
+on its own) they go back as soon as the frame is in the tensor, unless a sink keeps the pixels.
 
 With a CUDA engine (``--device cuda``, ``preprocess.on_device`` on) the tensor pool is on the GPU
 instead (:class:`pipeline.gpu.tensor_pool.DeviceTensorPool`): each frame is copied to the device
