@@ -100,7 +100,7 @@ def _problem(backend: Backend, device: str, model_path: Path) -> str:
     elif backend is Backend.CUDA:
         pt2 = model_path if model_path.suffix == ".pt2" else model_path.with_suffix(".pt2")
         if not pt2.is_file():
-            return f"--backend cuda needs {pt2} (python -m training.export ... --torch-export)"
+            return f"--backend cuda needs {pt2} (python -m training.export CHECKPOINT --out MODEL.onnx --torch-export)"
     elif backend is Backend.ONNXRUNTIME and is_cuda and not ort_cuda_available():
         return (f"--backend onnxruntime --device {device} needs ONNX Runtime's CUDA execution provider "
                 "(the onnxruntime-gpu wheel)")

@@ -3,7 +3,7 @@
 CLI::
 
     python -m training.export CHECKPOINT --out MODEL.onnx [--opset 17] [--name NAME]
-        [--metrics-json FILE] [--data-seed S --val-images N]
+        [--metrics-json FILE] [--data-seed S --val-images N] [--torch-export]
 
 Writes ``MODEL.onnx`` (input ``images`` ``(batch, 3, H, W)``, outputs ``output0`` and, for
 instance segmentation, ``output1``, dynamic batch axis ``batch``; the ultralytics YOLOv8 detect /
@@ -14,6 +14,9 @@ segment layouts, see ``streamdet.card.HeadLayout``) and ``MODEL.json``, the
 Before the files are renamed into place, ONNX Runtime is run against PyTorch on random inputs
 (batch 2) and the largest absolute differences are printed (:func:`parity_report`; boxes
 normalised by the input size); above ``1e-4`` the export fails.
+``--torch-export`` also writes ``MODEL.pt2``, the ``torch.export`` program of the same model that
+``--backend cuda`` runs (:func:`engines.cuda_backend.save_exported_program`: dynamic batch), after
+the same check on the CPU (the program against PyTorch, same tolerance).
 ``--metrics-json`` copies a metrics dict (e.g. ``training.evaluate --json-out``) into the card;
 ``--data-seed S --val-images N`` instead renders ``N`` held-out synthetic images with seed ``S``
 and evaluates the exported model on them with :func:`training.evaluate.evaluate_model`.
@@ -36,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines.base import Engine
 from streamdet.card import (
     HeadLayout,
     HeadSpec,
@@ -141,7 +145,8 @@ def export_onnx(model: Detector, path: str | os.PathLike[str], opset: int = 17,
     onnx.save(proto, str(path))
 
 
-def parity_report(model: Detector, onnx_path: str | os.PathLike[str], inputs: np.ndarray) -> dict[str, float]:
+def parity_report(model: Detector, onnx_path: str | os.PathLike[str], inputs: np.ndarray, *,
+                  engine: Engine | None = None) -> dict[str, float]:
     """Largest absolute differences between PyTorch and ONNX Runtime outputs on ``inputs``, per output part.
 
     Box coordinates are in input pixels (up to 640), where float32 carries only ~3e-5 px per ULP
@@ -154,6 +159,8 @@ def parity_report(model: Detector, onnx_path: str | os.PathLike[str], inputs: np
         model: the detector (eval mode).
         onnx_path: its export.
         inputs: ``(B, 3, H, W)`` float32 in ``[0, 1]``.
+        engine: the engine to compare instead of ONNX Runtime on ``onnx_path`` (e.g. the ``.pt2``
+            program on ``engines.cuda_backend.CudaEngine``, on the CPU); not started yet.
 
     Returns:
         ``boxes_px``, ``boxes_normalized``, ``scores`` (and ``mask_coeffs``, ``protos`` for
@@ -167,7 +174,8 @@ def parity_report(model: Detector, onnx_path: str | os.PathLike[str], inputs: np
     with torch.no_grad():
         ref = model(torch.from_numpy(inputs))
     refs = [r.numpy() for r in (list(ref) if isinstance(ref, tuple) else [ref])]
-    engine = OnnxRuntimeEngine(model_path=onnx_path, intra_op_threads=1)
+    if engine is None:
+        engine = OnnxRuntimeEngine(model_path=onnx_path, intra_op_threads=1)
     engine.start()
     try:
         outs = engine.infer(inputs)
@@ -280,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-json", default=None, help="metrics JSON to copy into the card")
     p.add_argument("--data-seed", type=int, default=None, help="evaluate on synthetic images of this seed")
     p.add_argument("--val-images", type=int, default=0, help="number of synthetic images to evaluate on")
+    p.add_argument("--torch-export", action="store_true",
+                   help="also write MODEL.pt2, the torch.export program that --backend cuda runs")
     return p
 
 
@@ -331,6 +341,7 @@ def run_export(args: argparse.Namespace, command: str) -> None:
     card_path = card_path_for(out)
     tmp_onnx = out.with_name(f".{out.name}.tmp")
     tmp_card = card_path.with_name(f".{card_path.name}.tmp")
+    tmp_pt2 = out.with_name(f".{out.stem}.export.pt2")  # (torch.export wants the .pt2 suffix)
     try:
         export_onnx(model, tmp_onnx, args.opset,
                     ultralytics_metadata(model.config, ckpt["class_names"], "segment" if model.segment else "detect"))
@@ -353,11 +364,37 @@ def run_export(args: argparse.Namespace, command: str) -> None:
             print(f"evaluation: {result.get('summary')}")
             card = card.model_copy(update={"metrics": result})
             save_card(card, tmp_card)
+        if args.torch_export:
+            _export_program(model, tmp_pt2, tmp_onnx, rng.random((2, 3, h, w), dtype=np.float32))
         os.replace(tmp_onnx, out)
         os.replace(tmp_card, card_path)
+        if args.torch_export:
+            os.replace(tmp_pt2, out.with_suffix(".pt2"))
     finally:
-        remove_leftovers(tmp_onnx, tmp_card)
-    print(f"wrote {out} and {card_path} ({card.params} params, {card.gflops} GFLOPs)")
+        remove_leftovers(tmp_onnx, tmp_card, tmp_pt2)
+    also = f" and {out.with_suffix('.pt2')}" if args.torch_export else ""
+    print(f"wrote {out}, {card_path}{also} ({card.params} params, {card.gflops} GFLOPs)")
+
+
+def _export_program(model: Detector, path: Path, onnx_path: Path, inputs: np.ndarray) -> None:
+    """Write the ``torch.export`` program (``--torch-export``) and check it against PyTorch as the ONNX file was.
+
+    Raises:
+        ExportError: if ``torch.export`` cannot trace the model or the program's outputs differ.
+    """
+    from engines.cuda_backend import CudaEngine, save_exported_program
+
+    try:
+        save_exported_program(model, path, input_wh=model.config.input_wh)
+    except (RuntimeError, ValueError) as e:
+        raise ExportError(f"{path}: torch.export failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from e
+    rep = parity_report(model, onnx_path, inputs, engine=CudaEngine(model_path=path, device="cpu"))
+    print("parity of the torch.export program (random inputs, batch 2, CPU): max |program - torch| "
+          + " ".join(f"{k}={v:.3g}" for k, v in rep.items()))
+    if not rep["max_abs_diff"] <= PARITY_TOLERANCE:
+        raise ExportError(f"{path}: the torch.export program differs from PyTorch by {rep['max_abs_diff']:.3g} > "
+                          f"{PARITY_TOLERANCE}")
 
 
 if __name__ == "__main__":

@@ -171,3 +171,27 @@ def test_export_copies_metrics_json(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main([str(ckpt), "--out", str(out2), "--metrics-json", str(metrics)]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {metrics}")
     assert not out2.exists()
+
+
+@pytest.mark.parametrize("segment", [False, True], ids=["detect", "segment"])
+def test_torch_export_writes_the_program_the_cuda_backend_runs(tmp_path: Path, segment: bool,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from engines.cuda_backend import CudaEngine
+
+    ckpt = _checkpoint(tmp_path, segment)
+    out = tmp_path / "model.onnx"
+    assert main([str(ckpt), "--out", str(out), "--torch-export"]) == 0
+    assert "parity of the torch.export program" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.name, "model.json", "model.onnx", "model.pt2"])
+    x = np.random.default_rng(5).random((3, 3, *load_card(out.with_suffix(".json")).input_wh[::-1]), dtype=np.float32)
+    with OnnxRuntimeEngine(model_path=out, intra_op_threads=1) as ort_engine:
+        want = ort_engine.infer(x)  # type: ignore[attr-defined]
+    with CudaEngine(model_path=out, device="cpu") as program:  # MODEL.pt2 beside MODEL.onnx
+        got = program.infer(x)  # type: ignore[attr-defined]
+    assert [g.shape for g in got] == [w.shape for w in want]
+    w, h = load_card(out.with_suffix(".json")).input_wh
+    scale = np.array([w, h, w, h], np.float32).reshape(1, 4, 1)
+    assert (np.abs(got[0][:, :4] - want[0][:, :4]) / scale).max() <= 1e-4
+    assert np.abs(got[0][:, 4:] - want[0][:, 4:]).max() <= 1e-4
+    for g, e in zip(got[1:], want[1:], strict=True):
+        assert np.abs(g - e).max() <= 1e-4
