@@ -44,7 +44,8 @@ from pipeline.sources.options import (
     LiveOptions,
     RtspTransport,
 )
-from pipeline.transport import TransportMode, relative_path_note
+from pipeline.transport import TransportMode
+from streamdet.cli import relative_path_note
 from streamdet.postprocess import NmsMethod, PostprocessConfig
 
 ENV_PREFIX = "STREAMDET_"

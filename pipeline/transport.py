@@ -88,15 +88,6 @@ def redact_url(url: str) -> str:
     return _CREDENTIALS.sub("***@", url)
 
 
-def relative_path_note(path: str | os.PathLike[str]) -> str:
-    """For an error about a missing file: where a relative path was looked for (empty for an absolute one).
-
-    Returns:
-        ``" (a relative path is taken from the current directory, /cwd)"`` or ``""``.
-    """
-    return "" if Path(path).is_absolute() else f" (a relative path is taken from the current directory, {Path.cwd()})"
-
-
 @dataclass(frozen=True)
 class StageEndpoints:
     """Where each stage's sockets live (the binding side in brackets).

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from streamdet.cli import relative_path_note
 from streamdet.constants import PAD_VALUE
 from streamdet.letterbox import ResizeMode
 
@@ -229,7 +230,7 @@ def load_card(path: str | os.PathLike[str]) -> ModelCard:
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError as e:
-        raise ModelCardError(f"{p}: model card not found") from e
+        raise ModelCardError(f"{p}: model card not found{relative_path_note(p)}") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelCardError(f"{p}: not a readable JSON model card ({e})") from e
     try:

@@ -73,6 +73,15 @@ def enum_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag:
                         help=f"{help} (one of: {', '.join(values)}; default {default.value})")
 
 
+def relative_path_note(path: str | os.PathLike[str]) -> str:
+    """For an error about a missing file: where a relative path was looked for (empty for an absolute one).
+
+    Returns:
+        ``" (a relative path is taken from the current directory, /cwd)"`` or ``""``.
+    """
+    return "" if os.path.isabs(path) else f" (a relative path is taken from the current directory, {os.getcwd()})"
+
+
 @contextmanager
 def name_os_errors(path: str | os.PathLike[str]) -> Iterator[None]:
     """Give an ``OSError`` raised inside that names no file ``path``, so its ``error:`` line names one.

@@ -14,7 +14,8 @@ from pathlib import Path
 from pipeline.sources.ffmpeg import ffmpeg_problem
 from pipeline.sources.hwaccel import hwaccel_problem
 from pipeline.sources.options import HWACCEL_FALLBACK_SETTING, HWAccelOptions
-from pipeline.transport import redact_url, relative_path_note
+from pipeline.transport import redact_url
+from streamdet.cli import relative_path_note
 
 LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "rtp", "srt", "udp", "tcp", "http", "https", "hls")
 """URL schemes accepted as live sources."""

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from engines.base import EngineError
-from pipeline.transport import relative_path_note
 from streamdet.card import ModelCard, ModelCardError, card_from_ultralytics_metadata, card_path_for, load_card
+from streamdet.cli import relative_path_note
 
 Dim = int | str | None
 
