@@ -61,17 +61,24 @@ def ref_soft_nms(
     boxes: list[tuple[int, ...]], scores: list[float], sigma: float, thr: float, method: SoftNmsMethod, nt: float
 ) -> tuple[list[int], list[float], float]:
     """Bodla et al. Algorithm 1 in float64; also returns the smallest gap between the best and the
-    runner-up score at any pick (to skip near-ties whose order float32 rounding may flip)."""
+    runner-up score at any pick (to skip near-ties whose order float32 rounding may flip).
+
+    An exact tie counts as a gap of 0 unless the tied scores were computed alike (same box, same
+    starting score, decayed by the same boxes): a decayed 0.75 * (1 - 2/3) is 0.25 in float64 but
+    0.24999999 in float32, so its tie with an undecayed 0.25 is one only in float64."""
     alive = [i for i in range(len(boxes)) if scores[i] >= thr]
     cur = {i: float(scores[i]) for i in alive}
+    history: dict[int, tuple[object, ...]] = {i: (scores[i],) for i in alive}
     keep, kept_scores, gap = [], [], math.inf
     while alive:
         best = max(alive, key=lambda i: (cur[i], -i))
-        rest = [cur[i] for i in alive if i != best]
+        rest = [i for i in alive if i != best]
         if rest:
-            d = cur[best] - max(rest)
+            d = cur[best] - max(cur[i] for i in rest)
             if d > 0:
                 gap = min(gap, d)
+            elif any(cur[i] == cur[best] and history[i] != history[best] for i in rest):
+                gap = 0.0
         keep.append(best)
         kept_scores.append(cur[best])
         alive.remove(best)
@@ -79,8 +86,11 @@ def ref_soft_nms(
             o = float(exact_iou(boxes[best], boxes[i]))
             if method is SoftNmsMethod.GAUSSIAN:
                 cur[i] *= math.exp(-(o * o) / sigma)
+                if o:  # (a factor of exactly 1 changes nothing in any precision)
+                    history[i] += ((boxes[best], boxes[i]),)
             elif o > nt:
                 cur[i] *= 1.0 - o
+                history[i] += ((boxes[best], boxes[i]),)
             # a decayed score at (or within rounding of) the threshold: float32 may land either side
             gap = min(gap, abs(cur[i] - thr)) if (cur[i] != thr or cur[i] != scores[i]) else gap
         alive = [i for i in alive if cur[i] >= thr]
@@ -212,6 +222,20 @@ def test_soft_nms_matches_bruteforce(data: tuple[list, list], sigma: float, meth
     got, got_scores = soft_nms(b, s, sigma=sigma, score_threshold=thr, method=method, iou_threshold=nt)
     assert got.tolist() == keep
     np.testing.assert_allclose(got_scores, np.asarray(kept, np.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_soft_nms_ties_are_decided_in_float32() -> None:
+    """Hypothesis found it: 0.75 decayed by 1 - 2/3 is 0.25 in float64 and 0.24999999 in float32, so the
+    float64 reference ties it with the undecayed 0.25s (and picks it by index) where soft_nms ranks it after
+    them; the reference reports such a tie as a gap of 0 (the property test skips it)."""
+    boxes = [(0, 0, 12, 1), (0, 0, 0, 0), (-2, 0, 16, 1), (0, 0, 0, 0)]  # IoU(0, 2) = 2/3
+    scores = [0.75, 0.25, 0.75, 0.25]
+    b, s = as_arrays(boxes, scores)
+    keep, _, gap = ref_soft_nms(boxes, s.astype(np.float64).tolist(), 0.3, 0.001, SoftNmsMethod.LINEAR, 0.3)
+    assert keep == [0, 1, 2, 3] and gap == 0.0
+    got, got_scores = soft_nms(b, s, sigma=0.3, score_threshold=0.001, method=SoftNmsMethod.LINEAR, iou_threshold=0.3)
+    assert got.tolist() == [0, 1, 3, 2]
+    assert got_scores[3] == np.float32(0.75) * (np.float32(1) - np.float32(2) / np.float32(3)) < np.float32(0.25)
 
 
 @settings(max_examples=60, deadline=None)
