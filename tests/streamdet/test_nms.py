@@ -228,7 +228,7 @@ def test_soft_nms_ties_are_decided_in_float32() -> None:
     """Hypothesis found it: 0.75 decayed by 1 - 2/3 is 0.25 in float64 and 0.24999999 in float32, so the
     float64 reference ties it with the undecayed 0.25s (and picks it by index) where soft_nms ranks it after
     them; the reference reports such a tie as a gap of 0 (the property test skips it)."""
-    boxes = [(0, 0, 12, 1), (0, 0, 0, 0), (-2, 0, 16, 1), (0, 0, 0, 0)]  # IoU(0, 2) = 2/3
+    boxes: list[tuple[int, ...]] = [(0, 0, 12, 1), (0, 0, 0, 0), (-2, 0, 16, 1), (0, 0, 0, 0)]  # IoU(0, 2) = 2/3
     scores = [0.75, 0.25, 0.75, 0.25]
     b, s = as_arrays(boxes, scores)
     keep, _, gap = ref_soft_nms(boxes, s.astype(np.float64).tolist(), 0.3, 0.001, SoftNmsMethod.LINEAR, 0.3)
