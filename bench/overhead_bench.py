@@ -111,25 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.frames < 100:
         p.error(f"expected --rounds >= 1 and --frames >= 100, got {args.rounds} and {args.frames}")
 
-    import yaml
-
+    from pipeline.cli import sets_tree
     from pipeline.runner import Pipeline, PipelineError
     from pipeline.settings import load_settings, set_dotted
 
-    over: dict[str, Any] = {}
     try:
-        for item in args.set:
-            key, eq, raw = item.partition("=")
-            if not eq:
-                raise ValueError(f"--set: expected NAME=VALUE, got {item!r}")
-            set_dotted(over, key.strip(), yaml.safe_load(raw) if raw.strip() else raw)
+        over = sets_tree(args.set)
         for key, value in {"sources": [args.video], "model": args.model, "max_frames": args.frames, "quiet": True,
                            "sinks.publish": None, "decode.loop": 1_000_000}.items():
             set_dotted(over, key, value)
         settings = load_settings(overrides=over)
         probe = Pipeline(settings=settings)
         probe.prepare()
-    except (PipelineError, ValueError, yaml.YAMLError) as e:
+    except (PipelineError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     card, chain = probe.card, probe.chains[0]

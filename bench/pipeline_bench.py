@@ -238,16 +238,15 @@ class StageProfile:
         n = self.frames1 - self.frames0
         if n <= 0:
             return ["too few samples to profile (a longer run: --frames)"]
-        out, total = [], self.runner1 - self.runner0
+        out = []
         for label, (cpu, sw) in sorted(self.last.items()):
             cpu0, sw0 = self.first.get(label, (0.0, 0))
-            total += cpu - cpu0
             out.append(f"{label:>14}: {1000 * (cpu - cpu0) / n:6.2f} ms CPU/frame, "
                        f"{(sw - sw0) / n:6.1f} switches/frame")
         cores = os.cpu_count() or 1
         wall = 1000 * (self.t1 - self.t0) / n
         out.append(f"{'runner':>14}: {1000 * (self.runner1 - self.runner0) / n:6.2f} ms CPU/frame")
-        out.append(f"{'all':>14}: {1000 * total / n:6.2f} ms CPU/frame of {wall * cores:.2f} available "
+        out.append(f"{'all':>14}: {1000 * self.total_cpu_s() / n:6.2f} ms CPU/frame of {wall * cores:.2f} available "
                    f"({wall:.2f} ms wall/frame x {cores} cores; {n} frames)")
         return out
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from engines.deploy.commands import BUILD_ENGINE, CALIBRATE
@@ -90,18 +91,18 @@ def build_parser(prog: str = "run_pipeline.py") -> argparse.ArgumentParser:
     return p
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings tree given on the command line (nested dicts).
+def sets_tree(items: Sequence[str]) -> dict[str, Any]:
+    """The settings tree (nested dicts) of ``--set NAME=VALUE`` items, each value parsed as YAML (else kept as text).
 
     Raises:
-        pipeline.settings.SettingsError: on a malformed ``--set``.
+        pipeline.settings.SettingsError: on an item without ``=`` or a bad setting name.
     """
     import yaml
 
     from pipeline.settings import SettingsError, set_dotted
 
     tree: dict[str, Any] = {}
-    for item in args.set:
+    for item in items:
         if "=" not in item:
             raise SettingsError(f"expected --set NAME=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
@@ -110,6 +111,18 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         except yaml.YAMLError:
             value = raw
         set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings tree given on the command line (nested dicts).
+
+    Raises:
+        pipeline.settings.SettingsError: on a malformed ``--set``.
+    """
+    from pipeline.settings import set_dotted
+
+    tree = sets_tree(args.set)
     flags = {
         "sources": args.source, "model": args.model, "card": args.card, "sinks.publish": args.publish,
         "sinks.publish_wait_subscribers": args.wait_subscribers, "sinks.jsonl": args.jsonl,
