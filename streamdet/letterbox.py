@@ -174,7 +174,6 @@ def letterbox(
     pad_value: int = PAD_VALUE,
     out: npt.NDArray[np.uint8] | None = None,
     mode: ResizeMode = ResizeMode.LETTERBOX,
-    fill_pad: bool = True,
 ) -> tuple[npt.NDArray[np.uint8], LetterboxParams]:
     """Letterbox (or, with ``mode`` ``stretch``, stretch) one HWC uint8 image into ``input_wh``.
 
@@ -184,8 +183,6 @@ def letterbox(
         pad_value: constant for the padded border.
         out: optional ``(ih, iw, C)`` uint8 buffer to write into (avoids an allocation).
         mode: :class:`ResizeMode` (bilinear resize either way, as ultralytics' ``LetterBox``).
-        fill_pad: write the padding (False: ``out`` keeps what its border holds, e.g. when only
-            the resized window is read afterwards).
 
     Returns:
         The ``(ih, iw, C)`` uint8 letterboxed image and its :class:`LetterboxParams`.
@@ -196,20 +193,41 @@ def letterbox(
     if image.ndim != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected (H, W, C) uint8 image, got shape {image.shape} dtype {image.dtype}")
     p = resize_params((image.shape[0], image.shape[1]), input_wh, mode)
-    iw, ih = p.input_wh
-    c = image.shape[2]
     if out is None:
-        out = np.empty((ih, iw, c), dtype=np.uint8)
-    elif out.shape != (ih, iw, c) or out.dtype != np.uint8:
+        out = np.empty((p.input_wh[1], p.input_wh[0], image.shape[2]), dtype=np.uint8)
+    letterbox_into(image, out, p, pad_value=pad_value)
+    return out, p
+
+
+def letterbox_into(image: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], params: LetterboxParams, *,
+                   pad_value: int = PAD_VALUE, fill_pad: bool = True) -> None:
+    """:func:`letterbox` with the geometry already computed, into a given buffer.
+
+    Args:
+        image: ``(H, W, C)`` uint8 image.
+        out: ``(ih, iw, C)`` uint8 buffer of ``params.input_wh``.
+        params: ``resize_params`` of this image's size (the caller needed them first, e.g. to
+            know which pixels of ``out`` are padding).
+        pad_value: constant for the padded border.
+        fill_pad: write the padding (False: ``out`` keeps what its border holds, e.g. when only
+            the resized window is read afterwards).
+
+    Raises:
+        ValueError: if ``image`` is not a 3-D uint8 array or ``out`` has the wrong shape.
+    """
+    if image.ndim != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected (H, W, C) uint8 image, got shape {image.shape} dtype {image.dtype}")
+    iw, ih = params.input_wh
+    c = image.shape[2]
+    if out.shape != (ih, iw, c) or out.dtype != np.uint8:
         raise ValueError(f"expected out of shape {(ih, iw, c)} uint8, got {out.shape} {out.dtype}")
-    (rw, rh), (px, py) = p.resized_wh, p.pad_xy
-    if fill_pad and ((rw, rh) != p.input_wh or px or py):
+    (rw, rh), (px, py) = params.resized_wh, params.pad_xy
+    if fill_pad and ((rw, rh) != params.input_wh or px or py):
         out[:py] = pad_value
         out[py + rh :] = pad_value
         out[py : py + rh, :px] = pad_value
         out[py : py + rh, px + rw :] = pad_value
-    _paste_resized(image, out, p, cv2.INTER_LINEAR)
-    return out, p
+    _paste_resized(image, out, params, cv2.INTER_LINEAR)
 
 
 def _paste_resized(src: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], p: LetterboxParams,

@@ -1,6 +1,6 @@
 """Preprocess stage: letterbox, normalise and batch frames into the engine's input tensor.
 
-Each frame is letterboxed to the model card's input size (:func:`streamdet.letterbox.letterbox`
+Each frame is letterboxed to the model card's input size (:func:`streamdet.letterbox.letterbox_into`
 writing into a preallocated buffer), then converted to the card's channel order and
 normalisation, ``x = (pixel - mean) / std``, straight into one row of a ``(B, 3, H, W)`` tensor in
 a shared-memory tensor pool this stage owns. A batch is sent when it holds ``max_batch`` frames,
@@ -49,7 +49,7 @@ from pipeline.transport import (
     send_parts,
 )
 from streamdet.card import ModelCard
-from streamdet.letterbox import LetterboxParams, letterbox, rect_input_wh, resize_params
+from streamdet.letterbox import LetterboxParams, letterbox_into, rect_input_wh, resize_params
 from streamdet.messages import (
     INLINE_SLOT,
     NO_SLOT,
@@ -355,10 +355,9 @@ class PreprocessStage(Stage):
             lb = self._lb_by_wh.get(input_wh)
             if lb is None:
                 lb = self._lb_by_wh[input_wh] = np.empty((input_wh[1], input_wh[0], 3), dtype=np.uint8)
-            slot, mode = self._tensor_slot, self.card.input.resize
-            window = self._kept.window(slot, self._batch_wh, row, resize_params((h, w), input_wh, mode))
-            _, params = letterbox(image, input_wh, pad_value=self.card.pad_value, out=lb, mode=mode,
-                                  fill_pad=window is None)
+            slot, params = self._tensor_slot, resize_params((h, w), input_wh, self.card.input.resize)
+            window = self._kept.window(slot, self._batch_wh, row, params)
+            letterbox_into(image, lb, params, pad_value=self.card.pad_value, fill_pad=window is None)
             self._normalize(lb, self._tensor[row], window)
             self._kept.wrote(slot, self._batch_wh, row, params)
         del image

@@ -27,7 +27,7 @@ from pipeline.stages.sinks import (
 from pipeline.transport import StageFlags, ipc_endpoints, make_socket, recv_parts
 from streamdet.card import ModelCardError, Normalization
 from streamdet.cascade import Children
-from streamdet.letterbox import ResizeMode, letterbox, letterbox_params, resize_params
+from streamdet.letterbox import ResizeMode, letterbox, letterbox_into, letterbox_params, resize_params
 from streamdet.messages import CreditMsg, EndOfStream, EosReason, FrameMsg, FrameRecord, StatusKind, decode_message
 from streamdet.postprocess import Detections, PostprocessConfig
 from streamdet.preprocess_ops import preprocess_batch
@@ -99,7 +99,7 @@ def test_kept_padding_writes_only_the_window_and_equals_a_whole_row(frames_hw, l
         window = kept.window(0, (iw, ih), 0, params)
         windows.append(window)
         lb = np.full((ih, iw, 3), 7, np.uint8)  # stale border: only the window may be read then
-        letterbox(image, (iw, ih), pad_value=card.pad_value, out=lb, fill_pad=window is None)
+        letterbox_into(image, lb, params, pad_value=card.pad_value, fill_pad=window is None)
         row = slot[: 3 * ih * iw].reshape(3, ih, iw)
         norm(lb, row, window)
         kept.wrote(0, (iw, ih), 0, params)
