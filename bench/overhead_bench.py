@@ -54,20 +54,19 @@ def constant_model(model: Path, card: Any, frame_rgb: np.ndarray, out_dir: Path)
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from pipeline.stages.model_check import inspect_onnx
     from streamdet.card import save_card
     from streamdet.preprocess_ops import preprocess_batch
 
+    info = inspect_onnx(model)  # (the pipeline's own check: one image input)
+    if len(info.input_shape) != 4 or not all(isinstance(d, int) for d in info.input_shape[1:]):
+        raise ValueError(f"{model}: expected a fixed (C, H, W) input size, got {info.input_shape}")
+    in_name = info.input_name
     src = onnx.load(str(model))
-    graph_inputs = [i for i in src.graph.input if i.name not in {t.name for t in src.graph.initializer}]
-    if len(graph_inputs) != 1:
-        raise ValueError(f"{model}: expected one input, got {len(graph_inputs)}")
-    dims = graph_inputs[0].type.tensor_type.shape.dim
-    if len(dims) != 4 or not all(d.HasField("dim_value") for d in dims[1:]):
-        raise ValueError(f"{model}: expected a fixed (C, H, W) input size, got a dynamic one")
-    tensor = preprocess_batch([frame_rgb], card)[0]
+    graph_input = next(i for i in src.graph.input if i.name == in_name)
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    in_name = session.get_inputs()[0].name
-    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {in_name: tensor}), strict=True))
+    raw = session.run(None, {in_name: preprocess_batch([frame_rgb], card)[0]})
+    outputs = dict(zip(info.output_names, raw, strict=True))
 
     def const(name: str, value: np.ndarray) -> onnx.NodeProto:
         return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
@@ -85,11 +84,11 @@ def constant_model(model: Path, card: Any, frame_rgb: np.ndarray, out_dir: Path)
                   helper.make_node("Add", [f"nothing{k}", f"value{k}"], [name])]
         initializers.append(numpy_helper.from_array(value[:1], f"value{k}"))
         graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *value.shape[1:]]))
-    graph = helper.make_graph(nodes, "constant", [graph_inputs[0]], graph_outputs, initializers)
+    graph = helper.make_graph(nodes, "constant", [graph_input], graph_outputs, initializers)
     out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     out.ir_version = min(src.ir_version, 9)
-    for prop in src.metadata_props:
-        out.metadata_props.add(key=prop.key, value=prop.value)
+    for key, value in info.metadata.items():
+        out.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "constant.onnx"
