@@ -347,12 +347,9 @@ def run_export(args: argparse.Namespace, command: str) -> None:
                     ultralytics_metadata(model.config, ckpt["class_names"], "segment" if model.segment else "detect"))
         w, h = model.config.input_wh
         rng = np.random.default_rng(0)
-        rep = parity_report(model, tmp_onnx, rng.random((2, 3, h, w), dtype=np.float32))
-        print("parity (random inputs, batch 2): max |onnxruntime - torch| "
-              + " ".join(f"{k}={v:.3g}" for k, v in rep.items()))
-        if not rep["max_abs_diff"] <= PARITY_TOLERANCE:
-            raise ExportError(f"{out}: ONNX Runtime differs from PyTorch by {rep['max_abs_diff']:.3g} > "
-                              f"{PARITY_TOLERANCE}")
+        inputs = rng.random((2, 3, h, w), dtype=np.float32)
+        _require_parity(parity_report(model, tmp_onnx, inputs), out, "ONNX Runtime",
+                        "parity (random inputs, batch 2): max |onnxruntime - torch|")
         card = build_card(model, ckpt, name=args.name or out.stem, export_command=command, opset=args.opset,
                           metrics=metrics)
         save_card(card, tmp_card)
@@ -365,7 +362,7 @@ def run_export(args: argparse.Namespace, command: str) -> None:
             card = card.model_copy(update={"metrics": result})
             save_card(card, tmp_card)
         if args.torch_export:
-            _export_program(model, tmp_pt2, tmp_onnx, rng.random((2, 3, h, w), dtype=np.float32))
+            _export_program(model, tmp_pt2, tmp_onnx, inputs)
         os.replace(tmp_onnx, out)
         os.replace(tmp_card, card_path)
         if args.torch_export:
@@ -389,12 +386,20 @@ def _export_program(model: Detector, path: Path, onnx_path: Path, inputs: np.nda
     except (RuntimeError, ValueError) as e:
         raise ExportError(f"{path}: torch.export failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
             from e
-    rep = parity_report(model, onnx_path, inputs, engine=CudaEngine(model_path=path, device="cpu"))
-    print("parity of the torch.export program (random inputs, batch 2, CPU): max |program - torch| "
-          + " ".join(f"{k}={v:.3g}" for k, v in rep.items()))
-    if not rep["max_abs_diff"] <= PARITY_TOLERANCE:
-        raise ExportError(f"{path}: the torch.export program differs from PyTorch by {rep['max_abs_diff']:.3g} > "
-                          f"{PARITY_TOLERANCE}")
+    _require_parity(parity_report(model, onnx_path, inputs, engine=CudaEngine(model_path=path, device="cpu")), path,
+                    "the torch.export program",
+                    "parity of the torch.export program (random inputs, batch 2, CPU): max |program - torch|")
+
+
+def _require_parity(report: dict[str, float], path: Path, what: str, heading: str) -> None:
+    """Print a :func:`parity_report` after ``heading``.
+
+    Raises:
+        ExportError: naming ``path`` and ``what`` when ``max_abs_diff`` is over :data:`PARITY_TOLERANCE`.
+    """
+    print(f"{heading} " + " ".join(f"{k}={v:.3g}" for k, v in report.items()))
+    if not report["max_abs_diff"] <= PARITY_TOLERANCE:
+        raise ExportError(f"{path}: {what} differs from PyTorch by {report['max_abs_diff']:.3g} > {PARITY_TOLERANCE}")
 
 
 if __name__ == "__main__":
