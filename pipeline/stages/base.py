@@ -117,11 +117,16 @@ class StageSpec(ABC):
             the CPU to the engine (the bottleneck) whenever both want it.
         ledger: where the stage finds the run's :class:`~pipeline.supervise.Ledger` and its place in
             it (restarts without loss or repetition); None: no supervision.
+        opencv_threads: OpenCV's worker threads in the stage's process (``cv2.setNumThreads``; 0:
+            OpenCV's default, one per core). A light stage gets 1 when the engine runs on the CPU:
+            the engine keeps every core busy, so a resize split over two threads only adds wake-ups
+            and contention (docs/pipeline.md).
     """
 
     control: str
     nice: int = 0
     ledger: LedgerRef | None = None
+    opencv_threads: int = 0
 
     def attach_ledger(self) -> Ledger | None:
         """Attach to the run's ledger (None without one).
@@ -319,6 +324,10 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
             os.nice(spec.nice)
         except OSError:  # not allowed here: run at the normal priority
             pass
+    if spec.opencv_threads > 0:
+        import cv2
+
+        cv2.setNumThreads(spec.opencv_threads)
     status = StatusReporter.for_spec(ctx, spec)
     stage: Stage | None = None
     code = 0
