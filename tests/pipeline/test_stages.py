@@ -63,6 +63,35 @@ def test_normalizer_matches_preprocess_batch(order, mean, std, dtype):
     np.testing.assert_allclose(out.astype(np.float32), ref[0].astype(np.float32), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("order,mean,std,dtype", [
+    ("RGB", (0, 0, 0), (255, 255, 255), "float32"),
+    ("BGR", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), "float32"),
+    ("RGB", (10, 20, 30), (1, 2, 4), "float16"),
+])
+@pytest.mark.parametrize("window", [None, (40, 440, 0, 640), (0, 384, 116, 516)])  # rows; pillarbox columns
+def test_normalizer_computes_each_pixel_exactly_in_float32(order, mean, std, dtype, window):
+    """Each pixel is ``(pixel - mean) * (1 / std)`` in float32, then the card's dtype; the rest stays."""
+    card = standin_card()
+    card = card.model_copy(update={
+        "input": card.input.model_copy(update={"channel_order": order, "dtype": dtype}),
+        "normalization": Normalization(mean=mean, std=std),
+    })
+    img = np.random.default_rng(1).integers(0, 256, (440, 640, 3), dtype=np.uint8)
+    img[0, :256, 0] = np.arange(256)  # every value at least once
+    out = np.full((3, 440, 640), -7.0, dtype)
+    Normalizer(card)(img, out, window)
+    y0, y1, x0, x1 = window or (0, 440, 0, 640)
+    src = [2, 1, 0] if order == "BGR" else [0, 1, 2]
+    for c in range(3):
+        pix = img[y0:y1, x0:x1, src[c]].astype(np.float32)
+        inv = np.float32(1.0) / np.float32(std[c])
+        want = ((pix - np.float32(mean[c])) * inv if any(mean) else pix * inv).astype(dtype)
+        np.testing.assert_array_equal(out[c, y0:y1, x0:x1], want)
+        outside = np.ones((440, 640), bool)
+        outside[y0:y1, x0:x1] = False
+        assert np.all(out[c][outside] == -7.0)  # the rest of the plane is left as it was
+
+
 def test_normalizer_rejects_bad_shapes():
     n = Normalizer(standin_card())
     with pytest.raises(ValueError, match="expected image"):
