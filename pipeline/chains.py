@@ -302,7 +302,7 @@ def decode_placement(settings: Settings, cpu_count: int | None = None) -> Decode
 
 def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpoints, pools: list[str],
                 tensor_pools: list[str], ledger: str | None = None, forward: str | None = None,
-                secondary_pools: list[str] | None = None) -> list[StageSpec]:
+                secondary_pools: list[str] | None = None, output_pools: list[str] | None = None) -> list[StageSpec]:
     """Describe every stage process of the run.
 
     Args:
@@ -315,6 +315,8 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
             supervision).
         forward: also push every message to this endpoint (a cluster worker's receiver), or None.
         secondary_pools: one tensor-pool base name per secondary model (the postprocess stage creates them).
+        output_pools: one output-pool base name per chain (:mod:`pipeline.output_pool`, created by
+            the engine stage; used with a ledger on ``ipc://``; None: outputs travel inline).
 
     Returns:
         The postprocess spec, then an engine and a preprocess spec per chain, then a decode spec per
@@ -364,7 +366,9 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
                        device=s.engine.device, intra_op_threads=chain.intra_op_threads,
                        allow_fallback=s.engine.allow_fallback, endpoints=ep, num_sources=0 if dynamic else m,
                        warmup_batch=chain.max_batch, device_batches=chain.tensor_device is not None,
-                       device_nms=device_nms, ledger=ref, concurrent_batches=chain.concurrent_batches),
+                       device_nms=device_nms, ledger=ref, concurrent_batches=chain.concurrent_batches,
+                       output_pool=pool_name(output_pools[k], 0) if output_pools and ledger and not ep.inline
+                       else None),
             PreprocessSpec(control=ctl, nice=s.preprocess.nice, opencv_threads=cv, card=chain.card, endpoints=ep,
                            tensor_pool=pool_name(tensor_pool, 0),
                            tensor_slots=max(s.preprocess.tensor_slots, chain.concurrent_batches + 1),

@@ -200,6 +200,8 @@ class Restarter:
             decoders = tuple(dataclasses.replace(d, pool=self._next_pool(d.pool)) for d in spec.decoders)
             spec = dataclasses.replace(spec, preprocess=pre, decoders=decoders)
         elif isinstance(spec, EngineSpec) and spec.stage_name is StageName.ENGINE:  # (a secondary engine: nothing)
+            if spec.output_pool is not None:
+                spec = dataclasses.replace(spec, output_pool=self._next_pool(spec.output_pool))
             gen = ledger.bump_engine_gen(child.chain)
             deadline = time.monotonic() + ACK_TIMEOUT_S
             while ledger.preprocess_ack(child.chain) != gen and time.monotonic() < deadline:

@@ -264,7 +264,8 @@ class Pipeline:
         tensor_pools = [f"sd-{token}-t"] + [f"sd-{token}-t{k}" for k in range(1, n_chains)]
         n_sec = len(self._prepared.secondaries)
         secondary_pools = [f"sd-{token}-s{k}" for k in range(n_sec)]  # created by the postprocess stage
-        self._pool_names = {pool_name(base, 0) for base in [*pools, *tensor_pools, *secondary_pools]}
+        output_pools = [f"sd-{token}-o{k}" for k in range(n_chains)]  # created by the engine stages
+        self._pool_names = {pool_name(base, 0) for base in [*pools, *tensor_pools, *secondary_pools, *output_pools]}
         ctx: zmq.Context[Any] = zmq.Context()
         control = None
         ledger_name = f"sd-{token}-ledger"
@@ -294,7 +295,8 @@ class Pipeline:
                 raise PipelineError(str(e)) from e
             self._supervise(summary, control,
                             stage_specs(self.settings, self._prepared, endpoints, pools, tensor_pools,
-                                        ledger=ledger_name, forward=self.forward, secondary_pools=secondary_pools))
+                                        ledger=ledger_name, forward=self.forward, secondary_pools=secondary_pools,
+                                        output_pools=output_pools))
         finally:
             if self._plane is not None:  # first: requests still waiting get their 503 before the server stops
                 summary.frames += self._plane.retired_totals[0]

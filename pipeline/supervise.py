@@ -21,7 +21,10 @@ The runner restarts a stage process that dies after the run started (see
   point into an older generation than one they have already seen (their frames are replayed). A
   restarted engine gets a new *engine generation*: the preprocess stage reclaims the tensor slots
   it had lent to the dead engine and stamps new batches with the new generation; the new engine
-  drops batches stamped with an older one.
+  drops batches stamped with an older one. The engine's output pool gets a new generation too,
+  and after any restart in its chain (a new replay generation) the engine takes back the output
+  slots it had lent; a result queued for one written again since is dropped by its reader
+  (:mod:`pipeline.output_pool`), its frames being replayed.
 * **Resume.** A restarted file decoder decodes from the start, skipping (without converting)
   the frames already published, and continues with the same frame indices.
 

@@ -23,6 +23,7 @@ Reading a model's interface and checking its card live in :mod:`pipeline.stages.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +34,8 @@ import numpy as np
 import zmq
 
 from engines.base import Backend, DeviceEngine, Engine
-from pipeline.slotpool import PoolCache, StalePoolError
+from pipeline.output_pool import OutputPool, outputs_bytes
+from pipeline.slotpool import PoolCache, SlotPoolError, StalePoolError
 from pipeline.stages.base import (
     Stage,
     StageError,
@@ -57,6 +59,7 @@ from streamdet.messages import (
     BatchMsg,
     CreditMsg,
     EndOfStream,
+    FrameRecord,
     PoolHandleMsg,
     ResultMsg,
     StageName,
@@ -106,6 +109,10 @@ class EngineSpec(StageSpec):
             ``streamdet.postprocess.PostprocessConfig``; None: send the raw outputs to the host).
         concurrent_batches: batches run at once, each by its own engine instance on its own thread
             (host batches only; see :class:`EngineStage`).
+        output_pool: name (generation included) of the shared-memory pool the stage creates to hand
+            its outputs to the postprocess stage (:mod:`pipeline.output_pool`); None: outputs travel
+            inline in the messages. Needs ``warmup_batch`` (the warm-up's outputs size the slots)
+            and a ledger (the stage then outlives the postprocess stage's reads).
 
     With a ledger (:attr:`StageSpec.ledger`) the stage drops batches made for an older engine
     generation and stays until the run finished.
@@ -123,6 +130,7 @@ class EngineSpec(StageSpec):
     device_batches: bool = False
     device_nms: Any = None
     concurrent_batches: int = 1
+    output_pool: str | None = None
 
     stage_name: ClassVar[StageName] = StageName.ENGINE
 
@@ -149,7 +157,8 @@ class EngineSpec(StageSpec):
                            num_sources=self.num_sources, warmup_batch=self.warmup_batch,
                            device_batches=self.device_batches, device_nms=self.device_nms,
                            ledger=self.attach_ledger(),
-                           ledger_chain=self.ledger.chain if self.ledger is not None else 0)
+                           ledger_chain=self.ledger.chain if self.ledger is not None else 0,
+                           output_pool=self.output_pool)
 
 
 @dataclass(frozen=True)
@@ -184,6 +193,9 @@ class EngineStage(Stage):
             with an older engine generation than its own (made for a dead engine, their tensor
             slots already reclaimed) and runs until the ledger says the run finished.
         ledger_chain: the stage's model chain in the ledger.
+        output_pool: name of the output pool to create in :meth:`start`, sized from the warm-up
+            batch's outputs (None, or no warm-up batch, or no ledger: outputs travel inline). If
+            it cannot be created (no room in ``/dev/shm``) the stage warns once and sends inline.
         more_engines: further instances of the same model (not yet started). With them the stage
             runs that many more host batches at once, each instance on its own thread, and still
             publishes results (and hands tensor slots back) in the order the batches came. On a
@@ -203,7 +215,7 @@ class EngineStage(Stage):
                  results_out: zmq.Socket[Any], tensor_credits_out: zmq.Socket[Any], status: StatusReporter,
                  flags: StageFlags, num_sources: int, warmup_batch: int = 0, device_batches: bool = False,
                  device_nms: Any = None, ledger: Ledger | None = None, ledger_chain: int = 0,
-                 more_engines: tuple[Engine, ...] = ()) -> None:
+                 more_engines: tuple[Engine, ...] = (), output_pool: str | None = None) -> None:
         if more_engines and device_batches:
             raise StageError("engine: concurrent batches run on host tensors only, not with device batches")
         self.engine = engine
@@ -232,6 +244,11 @@ class EngineStage(Stage):
         self.ledger = ledger
         self.generation = ledger.engine_gen(ledger_chain) if ledger is not None else 0
         self.stale_batches = 0
+        self.ledger_chain = ledger_chain
+        self.output_pool_name = output_pool
+        self.outputs: OutputPool | None = None  # created in start()
+        self._replay_seen = ledger.replay_gen(ledger_chain) if ledger is not None else 0
+        self.reclaimed_outputs = 0
 
     def start(self) -> None:
         """Load the model, map the card's output names onto its outputs, run the warm-up batch.
@@ -258,7 +275,9 @@ class EngineStage(Stage):
             iw, ih = self.card.input_wh
             zeros = np.zeros((self.warmup_batch, 3, ih, iw), dtype=np.dtype(self.card.input.dtype))
             for eng in self._engines:
-                eng.infer(zeros)
+                warm = eng.infer(zeros)
+            if self.output_pool_name is not None and self.ledger is not None:
+                self._create_output_pool([np.asarray(warm[i]).nbytes for i in self._order])
         if self.more_engines:
             self._free = list(self._engines)
             self._executor = ThreadPoolExecutor(max_workers=len(self._free), thread_name_prefix="engine")
@@ -305,16 +324,47 @@ class EngineStage(Stage):
             return np.frombuffer(parts[1].buffer, dtype=dtype).reshape(msg.tensor_shape), parts[2:]
         return self._pools.get(msg.tensor_pool).view(msg.tensor_slot, msg.tensor_shape, dtype), parts[1:]
 
+    def _create_output_pool(self, warm_nbytes: list[int]) -> None:
+        """Create the output pool, a slot holding one warm-up batch's outputs (the largest a batch has)."""
+        assert self.output_pool_name is not None
+        slot_bytes = outputs_bytes(warm_nbytes)
+        slots = OutputPool.plan(slot_bytes, 2 * len(self._engines) + 2)
+        if slots == 0:
+            return
+        try:
+            self.outputs = OutputPool.create(name=self.output_pool_name, num_slots=slots, slot_bytes=slot_bytes)
+        except SlotPoolError as e:
+            print(f"warning: engine: model outputs travel inline in the messages ({e})", file=sys.stderr, flush=True)
+
+    def _send_result(self, frames: tuple[FrameRecord, ...], engine_ms: float, names: tuple[str, ...],
+                     outputs: list[Any], pixel_parts: list[Any]) -> None:
+        """Send a batch's outputs to the postprocess stage: in an output pool slot if one is free, else inline."""
+        outputs = [np.ascontiguousarray(o) for o in outputs]
+        specs = tuple(TensorSpec.of(name, arr) for name, arr in zip(names, outputs, strict=True))
+        lent = None
+        if self.outputs is not None:
+            assert self.ledger is not None  # (the pool is only created with one)
+            replay = self.ledger.replay_gen(self.ledger_chain)
+            if replay != self._replay_seen:  # a stage restarted: what a dead postprocess held never comes back
+                self._replay_seen = replay
+                self.reclaimed_outputs += self.outputs.reclaim()
+            lent = self.outputs.put(outputs)
+        if lent is None:
+            send_parts(self.results_out, [ResultMsg(frames, engine_ms, specs).encode(), *outputs, *pixel_parts],
+                       self.flags.alive)
+        else:
+            assert self.outputs is not None
+            result = ResultMsg(frames, engine_ms, specs, lent[0], self.outputs.name, lent[1])
+            send_parts(self.results_out, [result.encode(), *pixel_parts], self.flags.alive)
+
     def _publish(self, msg: BatchMsg, raw: list[Any], engine_ms: float, pixel_parts: list[Any]) -> None:
         """Hand the tensor slot back, send the batch's real rows to the postprocess stage."""
         if msg.tensor_slot != INLINE_SLOT:
             credit = CreditMsg(msg.tensor_pool, msg.tensor_slot, msg.tag)
             send_parts(self.tensor_credits_out, [credit.encode()], self.flags.alive)
         n = len(msg.frames)
-        outputs = [np.ascontiguousarray(raw[i][:n]) for i in self._order]
-        specs = tuple(TensorSpec.of(name, arr) for name, arr in zip(self.card.head.outputs, outputs, strict=True))
-        result = ResultMsg(msg.frames, engine_ms, specs)
-        send_parts(self.results_out, [result.encode(), *outputs, *pixel_parts], self.flags.alive)
+        self._send_result(msg.frames, engine_ms, tuple(self.card.head.outputs), [raw[i][:n] for i in self._order],
+                          pixel_parts)
 
     def _next(self) -> tuple[Any, list[Any]] | None:
         """With concurrent batches: publish finished batches in order, then wait for a batch or a finish.
@@ -415,10 +465,7 @@ class EngineStage(Stage):
         del tensor, raw, ordered
         credit = CreditMsg(msg.tensor_pool, msg.tensor_slot, msg.tag)
         send_parts(self.tensor_credits_out, [credit.encode()], self.flags.alive)
-        outputs = [np.ascontiguousarray(o) for o in outputs]
-        specs = tuple(TensorSpec.of(name, arr) for name, arr in zip(names, outputs, strict=True))
-        send_parts(self.results_out, [ResultMsg(msg.frames, engine_ms, specs).encode(), *outputs, *parts[1:]],
-                   self.flags.alive)
+        self._send_result(msg.frames, engine_ms, names, outputs, parts[1:])
 
     def stop(self) -> None:
         """Wait for the engine threads, stop the engines, detach the tensor pool, close the sockets."""
@@ -434,6 +481,9 @@ class EngineStage(Stage):
                 eng.stop()
             self._started = False
         self._pools.close()
+        if self.outputs is not None:
+            self.outputs.close()
+            self.outputs = None
         if self._device_pools is not None:
             self._device_pools.close()
             self._device_pools = None

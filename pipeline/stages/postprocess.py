@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import zmq
 
+from pipeline.output_pool import OutputReader
 from pipeline.slotpool import PoolCache, StalePoolError
 from pipeline.stages.base import (
     Stage,
@@ -220,6 +221,8 @@ class PostprocessStage(DynamicSources, Stage):
                                   strict=bool(frame_credits_out), indices=ledger_indices)
         self._sources = [sid for sid, _ in self.live_stats.config.sources]
         self.duplicates = 0
+        self._outputs = OutputReader()
+        self.stale_results = 0
         self.live_view = live_view
         self._ctx: zmq.Context[Any] | None = None  # set by follow_added_sources: the stage is dynamic
         self._chain_cards: tuple[ModelCard, ...] = ()
@@ -275,14 +278,6 @@ class PostprocessStage(DynamicSources, Stage):
             print(line, file=sys.stderr, flush=True)
             for sink in self._opened:
                 sink.stats(payload)
-
-    def _finished(self) -> bool:
-        if self._ctx is None or self.ledger is None:
-            return self._ended >= self.num_sources
-        if self.flags.input_open():
-            return False
-        ledger = self.ledger
-        return all(ledger.eos_done(i) or not ledger.active(i) for i in range(ledger.num_sources))
 
     def _on_restart(self, ev: StageRestartMsg) -> None:
         """Publish a stage restart as ``status.<source_id>`` of every source it affects, count it."""
@@ -365,9 +360,13 @@ class PostprocessStage(DynamicSources, Stage):
             self.status.send(StatusKind.PROGRESS, source_id=source_id, lost=lost)
 
     def _handle(self, msg: ResultMsg, parts: list[Any]) -> None:
-        n_out = len(msg.outputs)
-        arrays = [spec.array_from(parts[1 + i].buffer) for i, spec in enumerate(msg.outputs)]
-        inline_pixels = iter(parts[1 + n_out :])
+        got = self._outputs.arrays(msg, parts)
+        if got is None:  # in the engine's output pool, taken back after a restart, or of a replaced engine
+            if self.ledger is None:  # (without one nothing restarts, so nothing takes a slot back)
+                raise StageError(f"postprocess: the outputs in {msg.outputs_pool} slot {msg.outputs_slot} are gone")
+            self.stale_results += 1  # its frames, not published, are sent again for that restart
+            return
+        arrays, inline_pixels = got[0], iter(got[1])
         # a batch comes from one model chain, so its first frame's source names the model
         card = self.cards_by_source.get(msg.frames[0].frame.source_id, self.card) if self.cards_by_source \
             else self.card
@@ -508,6 +507,7 @@ class PostprocessStage(DynamicSources, Stage):
             self.status.send(StatusKind.OUTPUT, message=line)
         self._opened = []
         self._pools.close()
+        self._outputs.close()
         self.live_stats.close()
         if self.live_view is not None:
             self.live_view.close()

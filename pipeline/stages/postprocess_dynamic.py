@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from pipeline.stages.live_view import LiveView
     from pipeline.stages.ordering import PublishOrder
     from pipeline.stages.stats import LiveStats
+    from pipeline.supervise import Ledger
     from pipeline.transport import StageFlags
 
 
@@ -42,6 +43,18 @@ class DynamicSources:
     _ctx: zmq.Context[Any] | None
     _chain_cards: tuple[ModelCard, ...]
     _pool_of: dict[str, str]
+    _ended: int
+    num_sources: int
+    ledger: Ledger | None
+
+    def _finished(self) -> bool:
+        """Done: ``num_sources`` EOS published; dynamic: the input closed and every running source's EOS out."""
+        if self._ctx is None or self.ledger is None:
+            return self._ended >= self.num_sources
+        if self.flags.input_open():
+            return False
+        ledger = self.ledger
+        return all(ledger.eos_done(i) or not ledger.active(i) for i in range(ledger.num_sources))
 
     def follow_added_sources(self, *, ctx: zmq.Context[Any], chain_cards: tuple[ModelCard, ...],
                              pools: tuple[str, ...] = ()) -> None:

@@ -17,6 +17,7 @@ from streamdet.constants import TENSOR_DTYPES
 from streamdet.letterbox import LetterboxParams
 from streamdet.messages.codec import MsgKind, WireMessage, decode_wire, wire
 from streamdet.messages.enums import (
+    INLINE_SLOT,
     NO_SLOT,
     EosReason,
     SourceState,
@@ -226,16 +227,31 @@ class ResultMsg(WireMessage):
         frames: the batch's :class:`FrameRecord` list (real images only).
         engine_ms: milliseconds the engine spent on the whole batch.
         outputs: one :class:`TensorSpec` per model output, in the card's output order; each array
-            has leading dimension ``len(frames)`` and travels as one extra message part, in order.
+            has leading dimension ``len(frames)`` and travels as one extra message part, in order,
+            unless it is in an output pool slot.
+        outputs_slot: slot of the engine's output pool holding the arrays, one after the other
+            (each at a 64-byte aligned offset), or :data:`INLINE_SLOT` (extra message parts).
+        outputs_pool: name of that pool (empty when inline).
+        outputs_tag: the engine's sequence number for this use of the slot (>= 1 with a slot): the
+            reader checks the slot still holds it after copying the arrays out, then hands it back
+            (``pipeline.output_pool``).
     """
 
     frames: tuple[FrameRecord, ...]
     engine_ms: float
     outputs: tuple[TensorSpec, ...]
+    outputs_slot: int = INLINE_SLOT
+    outputs_pool: str = ""
+    outputs_tag: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "frames", _check_records(self.frames))
         check_nonneg(self.engine_ms, "engine_ms")
+        check_slot(self.outputs_slot, self.outputs_pool, "outputs_slot")
+        if self.outputs_slot == NO_SLOT:
+            raise ValueError("expected an outputs slot or INLINE_SLOT, got NO_SLOT")
+        if not isinstance(self.outputs_tag, int) or self.outputs_tag < (1 if self.outputs_slot >= 0 else 0):
+            raise ValueError(f"expected outputs_tag >= 1 with a slot (else 0), got {self.outputs_tag!r}")
         outputs = tuple(self.outputs)
         if not outputs:
             raise ValueError("expected at least one output, got 0")

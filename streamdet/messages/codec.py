@@ -34,7 +34,7 @@ import msgpack
 
 from streamdet.letterbox import LetterboxParams
 
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 """Version of the internal msgpack wire format; bumped on any incompatible change."""
 
 
