@@ -34,8 +34,8 @@ import numpy as np
 import zmq
 
 from engines.base import Backend, DeviceEngine, Engine
-from pipeline.output_pool import OutputPool, outputs_bytes
-from pipeline.slotpool import PoolCache, SlotPoolError, StalePoolError
+from pipeline.output_pool import MAX_POOL_BYTES, OutputPool, outputs_bytes
+from pipeline.slotpool import PoolCache, SlotPoolError, StalePoolError, shm_free_bytes
 from pipeline.stages.base import (
     Stage,
     StageError,
@@ -194,8 +194,10 @@ class EngineStage(Stage):
             slots already reclaimed) and runs until the ledger says the run finished.
         ledger_chain: the stage's model chain in the ledger.
         output_pool: name of the output pool to create in :meth:`start`, sized from the warm-up
-            batch's outputs (None, or no warm-up batch, or no ledger: outputs travel inline). If
-            it cannot be created (no room in ``/dev/shm``) the stage warns once and sends inline.
+            batch's outputs (None, no warm-up batch, no ledger, or NMS on the device, whose kept
+            detections are small: outputs travel inline). It takes at most an eighth of the free
+            ``/dev/shm``; if that is too little, outputs travel inline, and if it cannot be
+            created the stage warns once and sends inline.
         more_engines: further instances of the same model (not yet started). With them the stage
             runs that many more host batches at once, each instance on its own thread, and still
             publishes results (and hands tensor slots back) in the order the batches came. On a
@@ -276,7 +278,7 @@ class EngineStage(Stage):
             zeros = np.zeros((self.warmup_batch, 3, ih, iw), dtype=np.dtype(self.card.input.dtype))
             for eng in self._engines:
                 warm = eng.infer(zeros)
-            if self.output_pool_name is not None and self.ledger is not None:
+            if self.output_pool_name is not None and self.ledger is not None and self.device_nms is None:
                 self._create_output_pool([np.asarray(warm[i]).nbytes for i in self._order])
         if self.more_engines:
             self._free = list(self._engines)
@@ -325,10 +327,15 @@ class EngineStage(Stage):
         return self._pools.get(msg.tensor_pool).view(msg.tensor_slot, msg.tensor_shape, dtype), parts[1:]
 
     def _create_output_pool(self, warm_nbytes: list[int]) -> None:
-        """Create the output pool, a slot holding one warm-up batch's outputs (the largest a batch has)."""
+        """Create the output pool, a slot holding one warm-up batch's outputs (the largest a batch has).
+
+        At most an eighth of the free shared memory, so that the frame and tensor pools still fit.
+        """
         assert self.output_pool_name is not None
         slot_bytes = outputs_bytes(warm_nbytes)
-        slots = OutputPool.plan(slot_bytes, 2 * len(self._engines) + 2)
+        free = shm_free_bytes()
+        cap = MAX_POOL_BYTES if free is None else min(MAX_POOL_BYTES, free // 8)
+        slots = OutputPool.plan(slot_bytes, 2 * len(self._engines) + 2, cap)
         if slots == 0:
             return
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 
@@ -211,3 +212,130 @@ def test_a_pipeline_run_leaves_no_output_pool_behind(tmp_path):
     assert summary.exit_code == 0, summary.errors
     names = [n for n in p._pool_names if re.search(r"-o\d+\.\d+$", n)]
     assert names and not any(unlink_pool(n) for n in names)  # the engine unlinked it (nothing left to remove)
+
+
+class _BigEngine:
+    """A stand-in engine with a detector-sized head: every value of a frame's output is its batch's first pixel."""
+
+    output_names = ("output0",)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        return [np.full((batch.shape[0], 14, 8190), batch[0, 0, 0, 0], np.float32)]
+
+
+class _EngineRun:
+    """An engine stage with a ledger and an output pool on inproc sockets, run on a thread."""
+
+    def __init__(self, **kw):
+        import os
+        import threading
+
+        from pipeline.stages.engine import EngineStage
+        from pipeline.supervise import Ledger
+        from pipeline.transport import StageFlags
+        from tests.helpers.standin import standin_card
+
+        tag = uuid.uuid4().hex[:8]
+        self.ledger = Ledger.create(name=f"sd-test-{tag}-ledger", num_sources=1, num_chains=1)
+        self.ctx = zmq.Context()
+        batches_in = self.ctx.socket(zmq.PULL)
+        batches_in.bind(f"inproc://b{tag}")
+        self.feed = self.ctx.socket(zmq.PUSH)
+        self.feed.connect(f"inproc://b{tag}")
+        self.results = self.ctx.socket(zmq.PULL)
+        self.results.bind(f"inproc://r{tag}")
+        results_out = self.ctx.socket(zmq.PUSH)
+        results_out.connect(f"inproc://r{tag}")
+        credits_out = self.ctx.socket(zmq.PUSH)
+        credits_out.connect(f"inproc://c{tag}")
+        ev = [threading.Event() for _ in range(3)]
+        self.flags = StageFlags(go=ev[0], stop_input=ev[1], abort=ev[2], parent_pid=os.getppid())
+        self.stage = EngineStage(engine=_BigEngine(), card=standin_card(),  # type: ignore[arg-type]
+                                 batches_in=batches_in, results_out=results_out, tensor_credits_out=credits_out,
+                                 status=None,  # type: ignore[arg-type]
+                                 flags=self.flags, num_sources=1, warmup_batch=2, ledger=self.ledger,
+                                 output_pool=f"sd-test-{tag}-o0.0", **kw)
+        self.stage.start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from pipeline.transport import Stopped
+
+        with contextlib.suppress(Stopped):  # (the test aborts it)
+            self.stage.run()
+
+    def batch(self, k: int) -> tuple[ResultMsg, list[zmq.Frame]]:
+        from streamdet.messages import BatchMsg
+
+        shape = (2, 3, 384, 640)
+        msg = BatchMsg((_record(2 * k), _record(2 * k + 1)), INLINE_SLOT, "", shape, "float32", tag=k)
+        self.feed.send_multipart([msg.encode(), np.full(shape, k, np.float32).tobytes()])
+        assert self.results.poll(10_000)
+        parts = self.results.recv_multipart(copy=False)
+        result = decode_message(parts[0].buffer)
+        assert isinstance(result, ResultMsg)
+        return result, parts
+
+    def close(self) -> None:
+        self.flags.abort.set()
+        if self.thread.is_alive():
+            self.thread.join(10)
+        self.stage.stop()  # (closes the ledger too: the stage was handed this handle)
+        for s in (self.feed, self.results):
+            s.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def engine_run():
+    runs: list[_EngineRun] = []
+
+    def make(**kw):
+        runs.append(_EngineRun(**kw))
+        runs[-1].thread.start()
+        return runs[-1]
+
+    yield make
+    for r in runs:
+        r.close()
+
+
+def test_the_engine_stage_lends_slots_goes_inline_when_none_is_free_and_takes_them_back_after_a_restart(
+        engine_run, reader):
+    run = engine_run()
+    pool = run.stage.outputs
+    assert pool is not None and pool.num_slots == 4  # 2 per engine instance, and 2
+    assert pool.slot_bytes == outputs_bytes([2 * 14 * 8190 * 4])  # the warm-up batch's outputs
+    held = [run.batch(k) for k in range(4)]
+    assert [m.outputs_slot for m, _ in held] == [0, 1, 2, 3] and all(len(p) == 1 for _, p in held)
+    inline, parts = run.batch(4)  # none free: inline, as on tcp://
+    assert inline.outputs_slot == INLINE_SLOT and len(parts) == 2
+    got = reader.arrays(*held[1])
+    assert got is not None and np.all(got[0][0] == 1.0) and got[0][0].shape == (2, 14, 8190)
+    assert run.batch(5)[0].outputs_slot == 1  # the slot handed back is lent again
+    run.ledger.bump_replay_gen(0)  # a stage restarted: what was lent may never come back
+    again = [run.batch(6 + k)[0].outputs_slot for k in range(4)]
+    assert sorted(again) == [0, 1, 2, 3] and run.stage.reclaimed_outputs == 4
+    assert reader.arrays(*held[0]) is None  # its slot was written again: dropped, its frames replayed
+
+
+@pytest.mark.parametrize(("kw", "free", "pooled"), [
+    ({}, None, True),
+    ({"device_nms": object()}, None, False),  # NMS on the device: the kept detections are small
+    ({}, 8 * 2**20, False),  # an eighth of 8 MiB of /dev/shm holds fewer than 2 slots of 917 KB
+])
+def test_when_the_engine_stage_makes_an_output_pool(monkeypatch, kw, free, pooled):
+    import pipeline.stages.engine
+
+    monkeypatch.setattr(pipeline.stages.engine, "shm_free_bytes", lambda: free)
+    run = _EngineRun(**kw)
+    try:
+        assert (run.stage.outputs is not None) is pooled
+    finally:
+        run.close()
