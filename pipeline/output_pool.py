@@ -2,7 +2,7 @@
 
 Through ``ipc://`` ZeroMQ a message's bytes are copied twice by the kernel, in pieces, with the I/O
 threads of both processes woken for each: 0.17-0.23 ms of CPU for the bundled detector's 447 KB
-head per frame, 0.7-1.1 ms for an 80-class head at 640x640 (2.7 MB), more for a segmenter's
+head per frame, 0.7-1.1 ms for an 80-class head at 640x640 (2.8 MB), more for a segmenter's
 prototypes (docs/pipeline.md). Instead the engine copies the arrays into a slot of this pool and
 sends only the slot's number; the postprocess stage copies them out and hands the slot back.
 
@@ -19,19 +19,23 @@ Protocol (one writer, the engine stage; one reader, the postprocess stage):
 * The reader copies the arrays out, then checks that ``written`` still equals the tag; if not,
   the slot was taken back and written again meanwhile, and the result is dropped (see below).
   Then it sets ``returned`` to the tag.
-* When a stage of the chain restarts (the ledger's replay generation moves,
-  :mod:`pipeline.supervise`), the engine takes back every slot it had lent: those lent to a dead
-  postprocess stage would never come back. A result still queued for such a slot may then find
-  it written again: the reader drops it, and its frames, never published, are among those the
-  decoders send again for that restart.
+* When the postprocess stage dies, the runner bumps the ledger's postprocess generation before it
+  starts the new one (:mod:`pipeline.supervise`); at its next result the engine sees it and takes
+  back every slot it had lent: a dead reader never hands them back. A result still queued for
+  such a slot may then find it written again: the reader drops it. Its slot was lent before the
+  engine saw the bump, so its frames were sent before the replay generation moved for that
+  restart (later), and they are among those the decoders send again.
 
-The check is a seqlock with the tag in the message as its first read: it relies, as the ledger
-does, on aligned int64 stores being atomic and seen in program order (x86-64's memory model).
+The check is a seqlock with the tag in the message as its first read. It relies, as the ledger
+does, on aligned int64 stores being atomic and seen in program order (x86-64's memory model),
+with a full fence on each side of the copy into the slot: a large ``memmove`` uses streaming
+stores, which may otherwise become visible before the ``written = 0`` before them.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -39,7 +43,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.slotpool import SLOT_ALIGN, PoolCache, SlotPool, SlotPoolError
+from pipeline.slotpool import SLOT_ALIGN, PoolCache, SlotPool, SlotPoolError, StalePoolError
 from streamdet.messages import INLINE_SLOT, ResultMsg, TensorSpec
 
 MIN_POOLED_BYTES = 64 * 1024
@@ -49,6 +53,9 @@ MAX_POOL_BYTES = 256 * 2**20
 """Most shared memory one output pool takes (fewer slots for large batches; no pool below 2 slots)."""
 
 _WRITTEN, _RETURNED = 0, 1
+
+_FENCE = threading.Lock()
+"""Taken and released for its locked instruction: a full memory fence on x86-64 (uncontended: tens of ns)."""
 
 
 def _aligned(n: int) -> int:
@@ -99,13 +106,16 @@ class OutputPool:
     def plan(slot_bytes: int, wanted_slots: int, max_bytes: int = MAX_POOL_BYTES) -> int:
         """How many slots of ``slot_bytes`` to create: ``wanted_slots``, fewer to stay within ``max_bytes``.
 
+        The pool's control words take one more slot of the same size (:class:`SlotPool` slots
+        are all alike), counted in ``max_bytes``.
+
         Returns:
             The number of slots, or 0 when fewer than 2 fit or the outputs are small enough to
             travel inline (:data:`MIN_POOLED_BYTES`).
         """
         if slot_bytes < MIN_POOLED_BYTES:
             return 0
-        n = min(wanted_slots, max_bytes // _aligned(slot_bytes))
+        n = min(wanted_slots, max_bytes // _aligned(slot_bytes) - 1)  # (the control words take a slot too)
         return n if n >= 2 else 0
 
     @property
@@ -143,17 +153,21 @@ class OutputPool:
         self._next_tag += 1
         control = self._control[slot]
         control[_WRITTEN] = 0
+        with _FENCE:  # the reader must see "being written" before any of the new bytes
+            pass
         buf = self._pool.buffer(slot, need)
         offset = 0
         for a in arrays:
             np.copyto(np.frombuffer(buf, dtype=a.dtype, count=a.size, offset=offset).reshape(a.shape), a)
             offset += _aligned(a.nbytes)
+        with _FENCE:  # ...and every new byte before the tag
+            pass
         control[_WRITTEN] = tag
         self._lent[slot] = tag
         return slot, tag
 
     def reclaim(self) -> int:
-        """Take back every lent slot (a stage of the chain restarted); returns how many."""
+        """Take back every lent slot (the postprocess stage died); returns how many."""
         n = len(self._lent)
         self._free.extend(self._lent)
         self._lent.clear()
@@ -207,12 +221,17 @@ class OutputReader:
             an engine that was replaced, or the slot was taken back and written again.
 
         Raises:
-            SlotPoolError: if the message does not fit the pool (bad slot or sizes).
+            SlotPoolError: if the message does not fit the pool (bad slot or sizes), or the pool
+                cannot be mapped for another reason than being gone.
         """
         try:
             pool = self._pools.get(pool_name)
-        except SlotPoolError:  # an older generation than one seen, or unlinked before we mapped it
+        except StalePoolError:  # an older generation than one seen: its engine was replaced
             return None
+        except SlotPoolError as e:
+            if isinstance(e.__cause__, FileNotFoundError):  # unlinked (its engine replaced) before we mapped it
+                return None
+            raise  # (out of descriptors or memory: the stage fails and restarts, its frames are replayed)
         num_slots = pool.num_slots - 1
         if not 0 <= slot < num_slots:
             raise SlotPoolError(f"output pool {pool_name!r}: expected slot in [0, {num_slots}), got {slot}")

@@ -207,6 +207,7 @@ class Restarter:
             while ledger.preprocess_ack(child.chain) != gen and time.monotonic() < deadline:
                 time.sleep(0.005)
         elif isinstance(spec, PostprocessSpec):  # its secondary tensor pools get a new generation too
+            ledger.bump_postprocess_gen()  # the engines take back the output slots the dead one held
             links = tuple(dataclasses.replace(link, tensor_pool=self._next_pool(link.tensor_pool))
                           for link in spec.secondaries)
             spec = dataclasses.replace(spec, sinks=dataclasses.replace(spec.sinks, resume=True), secondaries=links)

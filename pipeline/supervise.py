@@ -21,10 +21,12 @@ The runner restarts a stage process that dies after the run started (see
   point into an older generation than one they have already seen (their frames are replayed). A
   restarted engine gets a new *engine generation*: the preprocess stage reclaims the tensor slots
   it had lent to the dead engine and stamps new batches with the new generation; the new engine
-  drops batches stamped with an older one. The engine's output pool gets a new generation too,
-  and after any restart in its chain (a new replay generation) the engine takes back the output
-  slots it had lent; a result queued for one written again since is dropped by its reader
-  (:mod:`pipeline.output_pool`), its frames being replayed.
+  drops batches stamped with an older one. The engine's output pool gets a new generation too.
+  When the postprocess stage dies, the runner bumps the *postprocess generation* before starting
+  the new one, and each engine takes back the output slots it had lent before it saw the bump (a
+  dead reader never hands them back); a result queued for such a slot and written again since is
+  dropped by its reader (:mod:`pipeline.output_pool`): its frames were sent before the bump, so
+  they are among those replayed after the restart.
 * **Resume.** A restarted file decoder decodes from the start, skipping (without converting)
   the frames already published, and continues with the same frame indices.
 
@@ -62,8 +64,9 @@ class Ledger:
     running source, and how many preview viewers watch it. Per model chain: the engine
     generation, the generation the preprocess stage has seen (its acknowledgement), the replay
     generation. Plus a ``finished`` flag (every
-    EOS published: the preprocess and engine stages exit) and the publish sink's current
-    subscription count (a restarted postprocess stage waits for its subscribers to reconnect).
+    EOS published: the preprocess and engine stages exit), the publish sink's current
+    subscription count (a restarted postprocess stage waits for its subscribers to reconnect) and
+    the postprocess generation (its restarts: the engines take back the output slots it held).
     Aligned int64 loads and stores are atomic on the platforms we run on; each counter has one
     writer (``finished``: the postprocess stage, and the runner at the end).
 
@@ -80,7 +83,7 @@ class Ledger:
 
     @staticmethod
     def _size(num_sources: int, num_chains: int) -> int:
-        return _HEADER + _PER_SOURCE * num_sources + _PER_CHAIN * num_chains + 2  # + finished, subscribers
+        return _HEADER + _PER_SOURCE * num_sources + _PER_CHAIN * num_chains + 3  # + finished, subscribers, pp gen
 
     @classmethod
     def create(cls, *, name: str, num_sources: int, num_chains: int) -> Ledger:
@@ -245,6 +248,16 @@ class Ledger:
     def set_subscribers(self, count: int) -> None:
         """Record the publish sink's current subscriptions (postprocess stage)."""
         self._set(_HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains + 1, count)
+
+    @property
+    def postprocess_gen(self) -> int:
+        """Postprocess restarts so far (an engine takes back the output slots it lent when it changes)."""
+        return self._get(_HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains + 2)
+
+    def bump_postprocess_gen(self) -> None:
+        """Count a postprocess restart, before the new process starts (runner)."""
+        self._set(_HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains + 2,
+                  self.postprocess_gen + 1)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -249,7 +249,7 @@ class EngineStage(Stage):
         self.ledger_chain = ledger_chain
         self.output_pool_name = output_pool
         self.outputs: OutputPool | None = None  # created in start()
-        self._replay_seen = ledger.replay_gen(ledger_chain) if ledger is not None else 0
+        self._reader_seen = ledger.postprocess_gen if ledger is not None else 0
         self.reclaimed_outputs = 0
 
     def start(self) -> None:
@@ -351,9 +351,9 @@ class EngineStage(Stage):
         lent = None
         if self.outputs is not None:
             assert self.ledger is not None  # (the pool is only created with one)
-            replay = self.ledger.replay_gen(self.ledger_chain)
-            if replay != self._replay_seen:  # a stage restarted: what a dead postprocess held never comes back
-                self._replay_seen = replay
+            reader = self.ledger.postprocess_gen
+            if reader != self._reader_seen:  # the postprocess stage died: what it held never comes back
+                self._reader_seen = reader
                 self.reclaimed_outputs += self.outputs.reclaim()
             lent = self.outputs.put(outputs)
         if lent is None:

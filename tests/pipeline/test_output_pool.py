@@ -125,6 +125,21 @@ def test_a_pool_that_is_gone_or_of_a_replaced_engine_gives_nothing(reader):
         new.close()
 
 
+def test_a_pool_that_cannot_be_mapped_for_another_reason_is_an_error(monkeypatch, reader):
+    """Out of descriptors or memory is not a restart: the stage fails (and restarts), rather than lose the result."""
+    import pipeline.slotpool
+
+    def refuse(name):
+        try:
+            raise PermissionError(13, "Permission denied")
+        except PermissionError as e:
+            raise SlotPoolError(f"shared memory {name!r}: cannot attach ({e})") from e
+
+    monkeypatch.setattr(pipeline.slotpool.SlotPool, "attach", staticmethod(refuse))
+    with pytest.raises(SlotPoolError, match="Permission denied"):
+        reader.take("sd-x-o0.0", 0, 1, _specs(_arrays()))
+
+
 def test_a_bad_slot_is_an_error(pool, reader):
     arrays = _arrays()
     with pytest.raises(SlotPoolError, match=r"expected slot in \[0, 3\), got 3"):
@@ -139,8 +154,8 @@ def test_each_array_starts_at_an_aligned_offset():
 @pytest.mark.parametrize(("slot_bytes", "wanted", "max_bytes", "expected"), [
     (458_688, 6, 256 * 2**20, 6),  # the bundled detector, batch 1
     (MIN_POOLED_BYTES - 1, 6, 256 * 2**20, 0),  # small outputs travel inline
-    (100 * 2**20, 6, 256 * 2**20, 2),  # large batches: as many slots as the cap allows
-    (200 * 2**20, 6, 256 * 2**20, 0),  # fewer than 2 fit: no pool
+    (80 * 2**20, 6, 256 * 2**20, 2),  # large batches: as many slots as the cap allows, with the control slot
+    (100 * 2**20, 6, 256 * 2**20, 0),  # fewer than 2 fit beside the control slot: no pool
 ])
 def test_plan(slot_bytes, wanted, max_bytes, expected):
     assert OutputPool.plan(slot_bytes, wanted, max_bytes) == expected
@@ -306,7 +321,7 @@ def engine_run():
         r.close()
 
 
-def test_the_engine_stage_lends_slots_goes_inline_when_none_is_free_and_takes_them_back_after_a_restart(
+def test_the_engine_stage_lends_slots_goes_inline_when_none_is_free_and_takes_them_back_when_the_reader_dies(
         engine_run, reader):
     run = engine_run()
     pool = run.stage.outputs
@@ -319,8 +334,10 @@ def test_the_engine_stage_lends_slots_goes_inline_when_none_is_free_and_takes_th
     got = reader.arrays(*held[1])
     assert got is not None and np.all(got[0][0] == 1.0) and got[0][0].shape == (2, 14, 8190)
     assert run.batch(5)[0].outputs_slot == 1  # the slot handed back is lent again
-    run.ledger.bump_replay_gen(0)  # a stage restarted: what was lent may never come back
-    again = [run.batch(6 + k)[0].outputs_slot for k in range(4)]
+    run.ledger.bump_replay_gen(0)  # another stage restarted: the postprocess stage still holds its slots
+    assert run.batch(6)[0].outputs_slot == INLINE_SLOT and run.stage.reclaimed_outputs == 0
+    run.ledger.bump_postprocess_gen()  # the postprocess stage died: what it held never comes back
+    again = [run.batch(7 + k)[0].outputs_slot for k in range(4)]
     assert sorted(again) == [0, 1, 2, 3] and run.stage.reclaimed_outputs == 4
     assert reader.arrays(*held[0]) is None  # its slot was written again: dropped, its frames replayed
 

@@ -331,8 +331,11 @@ def test_ledger_is_shared_by_name():
         assert other.bump_engine_gen(1) == 1
         other.set_preprocess_ack(1, 1)
         ledger.bump_replay_gen(0)
+        ledger.set_subscribers(3)
+        ledger.bump_postprocess_gen()
         ledger.set_finished()
         assert (other.published(1), other.eos_done(0), other.eos_done(1)) == (41, True, False)
+        assert (other.subscribers, other.postprocess_gen) == (3, 1)
         assert (ledger.engine_gen(1), ledger.preprocess_ack(1)) == (1, 1)
         assert (other.replay_gen(0), other.replay_gen(1)) == (1, 0)
         assert other.finished
