@@ -3,8 +3,9 @@
 The backend is picked by the :class:`engines.base.Backend` enum in :func:`make_engine` (plain
 Python, no registry), so TensorRT or CUDA engines slot in without touching the stage. The stage
 reads the input tensor from the preprocess stage's shared-memory pool (or inline), hands the
-tensor slot back as soon as the engine returns, and sends the raw outputs (real rows only) as
-extra message parts of a :class:`~streamdet.messages.ResultMsg`.
+tensor slot back as soon as the engine returns, and sends the raw outputs (real rows only) in a
+slot of its output pool (:mod:`pipeline.output_pool`) or, without a free slot or a pool, as
+extra message parts of the :class:`~streamdet.messages.ResultMsg`.
 
 Device batches (``--device cuda`` with ``preprocess.on_device``): the preprocess stage announces
 its device tensor pool once (:class:`~streamdet.messages.PoolHandleMsg`); the stage opens the ring

@@ -19,7 +19,8 @@ Wire format: the first ZeroMQ message part is the msgpack encoding of a message 
 codec of :mod:`streamdet.messages.codec`; never pickle). Bulk data follows as extra raw parts: the
 frame pixels when ``slot == INLINE_SLOT`` (``(H, W, 3)`` uint8 RGB, C order), the input tensor
 when a batch's ``tensor_slot == INLINE_SLOT``, and one part per model output after a
-:class:`ResultMsg` (described by its :class:`TensorSpec` list). :func:`decode_message` turns the
+:class:`ResultMsg` whose ``outputs_slot == INLINE_SLOT`` (described by its :class:`TensorSpec`
+list; otherwise they are in the engine's output pool). :func:`decode_message` turns the
 first part back into the typed message and checks the version.
 
 Modules: :mod:`~streamdet.messages.enums` (slot constants, enums, field checks),
