@@ -51,7 +51,7 @@ from pipeline.chains import ModelChain, PreparedRun, prepare_run, source_ids_for
 from pipeline.control.plane import ControlPlane, readiness
 from pipeline.restarts import Child, Restarter, environment, join_children, start_fork_server
 from pipeline.settings import Settings
-from pipeline.slotpool import pool_name, unlink_pool
+from pipeline.slotpool import SHM_DIR, pool_name, reap_orphan_pools, unlink_pool
 from pipeline.sources.probe import SourceInfo
 from pipeline.stages.base import StageSpec, runner_stdio, stage_main
 from pipeline.stages.cascade import SecondaryEngineSpec
@@ -257,6 +257,10 @@ class Pipeline:
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
+        reaped, reaped_bytes = reap_orphan_pools()
+        if reaped:
+            print(f"note: removed {reaped} shared-memory blocks ({reaped_bytes / 2**20:.0f} MiB) left in {SHM_DIR} by "
+                  "runs whose processes were all killed", file=sys.stderr)
         tmpdir = tempfile.mkdtemp(prefix="streamdet-")  # mode 0700: the ipc sockets are private
         token = uuid.uuid4().hex[:8]
         pools = [f"sd-{token}-f{i}" for i in range(len(self._prepared.sources))]  # base names (generation 0 first)

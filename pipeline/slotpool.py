@@ -13,7 +13,9 @@ pool self-describing, so a consumer attaches by name alone.
 
 Cleanup: the owner unlinks the pool when its stream ends; all processes of a pipeline share the
 runner's ``multiprocessing`` resource tracker (spawn start method), which unlinks any pool left
-behind by a crashed owner, and the runner unlinks leftovers by name as well.
+behind by a crashed owner, and the runner unlinks leftovers by name as well. A run whose
+processes were all killed at once leaves its pools behind; the next run on the host removes them
+at start (:func:`reap_orphan_pools`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import time
 from collections import deque
 from multiprocessing import shared_memory
 from typing import Any
@@ -225,6 +228,73 @@ def unlink_pool(name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+RUN_PREFIX = "sd-"
+"""Every shared-memory block of a run is named ``sd-<token>-...``; its ledger ``sd-<token>-ledger``."""
+
+
+def _mapped_shm_names() -> set[str] | None:
+    """Names of the :data:`SHM_DIR` blocks some process maps (``/proc/*/maps``), or None without ``/proc``."""
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    prefix = f"{SHM_DIR}/"
+    names: set[str] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    at = line.find(prefix)
+                    if at >= 0:
+                        names.add(line[at + len(prefix):].split(" (deleted)")[0].strip())
+        except OSError:  # gone meanwhile, or another user's (it cannot map our 0600 blocks)
+            continue
+    return names
+
+
+def reap_orphan_pools(min_age_s: float = 10.0) -> tuple[int, int]:
+    """Unlink the shared memory of runs whose every process died without cleaning up (SIGKILL, OOM).
+
+    A run is dead when no process maps its ledger (the runner and every stage map it while they
+    live) and the ledger is older than ``min_age_s`` (a run being set up has not mapped it yet
+    for a moment). Only this user's blocks are looked at. Without ``/proc`` nothing is done.
+
+    Returns:
+        ``(blocks, bytes)`` unlinked.
+    """
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return 0, 0
+    ledgers = [e for e in entries if e.startswith(RUN_PREFIX) and e.endswith("-ledger")]
+    if not ledgers:
+        return 0, 0
+    mapped = _mapped_shm_names()
+    if mapped is None:
+        return 0, 0
+    now = time.time()
+    blocks = nbytes = 0
+    for ledger in ledgers:
+        try:
+            st = os.stat(f"{SHM_DIR}/{ledger}")
+        except OSError:
+            continue
+        if ledger in mapped or st.st_uid != os.getuid() or now - st.st_mtime < min_age_s:
+            continue
+        run = ledger[: -len("ledger")]  # "sd-<token>-"
+        for e in sorted(entries, key=lambda x: x == ledger):  # the ledger last: a retry finds the rest
+            if not e.startswith(run) or e in mapped:
+                continue
+            try:
+                size = os.stat(f"{SHM_DIR}/{e}").st_size
+                os.unlink(f"{SHM_DIR}/{e}")
+            except OSError:
+                continue
+            blocks += 1
+            nbytes += size
+    return blocks, nbytes
 
 
 class SlotCredits:

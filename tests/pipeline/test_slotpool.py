@@ -1,10 +1,12 @@
 import multiprocessing as mp
+import os
+import time
 import uuid
 
 import numpy as np
 import pytest
 
-from pipeline.slotpool import PoolCache, SlotCredits, SlotPool, SlotPoolError, unlink_pool
+from pipeline.slotpool import PoolCache, SlotCredits, SlotPool, SlotPoolError, reap_orphan_pools, unlink_pool
 
 
 def _name() -> str:
@@ -117,3 +119,38 @@ def test_refuses_more_than_dev_shm_holds(monkeypatch):
     monkeypatch.setattr(sp, "shm_free_bytes", lambda: 1000)
     with pytest.raises(SlotPoolError, match="free"):
         SlotPool.create(name=_name(), num_slots=2, slot_bytes=1000)
+
+
+def _leave_block(name: str, nbytes: int = 4096, age_s: float = 0.0) -> None:
+    """A block in /dev/shm that no process maps, as a SIGKILLed run leaves it."""
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    os.ftruncate(fd, nbytes)
+    os.close(fd)
+    if age_s:
+        t = time.time() - age_s
+        os.utime(f"/dev/shm/{name}", (t, t))
+
+
+def _exists(name: str) -> bool:
+    return os.path.exists(f"/dev/shm/{name}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc (Linux)")
+def test_blocks_of_runs_whose_processes_all_died_are_reaped_and_live_ones_kept():
+    dead, live, young = (f"sd-t{uuid.uuid4().hex[:7]}" for _ in range(3))
+    for run in (dead, young):
+        for part in ("f0.0", "t.0", "o0.1", "ledger"):
+            _leave_block(f"{run}-{part}", age_s=60 if run == dead else 0)
+    ledger = SlotPool.create(name=f"{live}-ledger", num_slots=1, slot_bytes=64)  # mapped by this process
+    _leave_block(f"{live}-f0.0", age_s=60)
+    try:
+        blocks, nbytes = reap_orphan_pools(min_age_s=10)
+        assert blocks >= 4 and nbytes >= 4 * 4096
+        assert not any(_exists(f"{dead}-{p}") for p in ("f0.0", "t.0", "o0.1", "ledger"))
+        assert all(_exists(f"{young}-{p}") for p in ("f0.0", "t.0", "o0.1", "ledger"))  # being set up, maybe
+        assert _exists(f"{live}-ledger") and _exists(f"{live}-f0.0")  # its ledger is mapped: alive
+    finally:
+        ledger.close()
+        for run in (dead, young, live):
+            for p in ("f0.0", "t.0", "o0.1", "ledger"):
+                unlink_pool(f"{run}-{p}")
