@@ -463,6 +463,8 @@ class Pipeline:
                     drain_deadline = time.monotonic() + JOIN_TIMEOUT_S
                 if time.monotonic() >= next_sample:
                     next_sample = time.monotonic() + RSS_SAMPLE_S
+                    if self._ledger is not None:  # the heartbeat that keeps other runs from reaping this one
+                        self._ledger.touch()
                     rss = sum(process_rss_kib(pid) for pid in self.child_pids())
                     summary.peak_rss_kib = max(summary.peak_rss_kib, rss)
                     if self.monitor is not None:

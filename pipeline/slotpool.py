@@ -254,12 +254,14 @@ def _mapped_shm_names() -> set[str] | None:
     return names
 
 
-def reap_orphan_pools(min_age_s: float = 10.0) -> tuple[int, int]:
+def reap_orphan_pools(min_age_s: float = 60.0) -> tuple[int, int]:
     """Unlink the shared memory of runs whose every process died without cleaning up (SIGKILL, OOM).
 
-    A run is dead when no process maps its ledger (the runner and every stage map it while they
-    live) and the ledger is older than ``min_age_s`` (a run being set up has not mapped it yet
-    for a moment). Only this user's blocks are looked at. Without ``/proc`` nothing is done.
+    A run is dead when no process this one can see maps its ledger (the runner and every stage
+    map it while they live) and its ledger was last modified more than ``min_age_s`` ago (the
+    runner touches it every :data:`~pipeline.runner.RSS_SAMPLE_S` while it lives, so that a run
+    in another PID namespace sharing ``/dev/shm``, invisible in ``/proc``, is not taken for
+    dead). Only this user's blocks are looked at. Without ``/proc`` nothing is done.
 
     Returns:
         ``(blocks, bytes)`` unlinked.

@@ -37,6 +37,7 @@ see the next generation.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import deque
@@ -45,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.slotpool import GENERATION_SEP, SlotPool, pool_name, split_pool_name
+from pipeline.slotpool import GENERATION_SEP, SHM_DIR, SlotPool, pool_name, split_pool_name
 
 __all__ = ["GENERATION_SEP", "Ledger", "LedgerRef", "RestartPolicy", "pool_name", "split_pool_name"]
 
@@ -108,6 +109,13 @@ class Ledger:
             SlotPoolError: if it does not exist.
         """
         return cls(SlotPool.attach(name))
+
+    def touch(self) -> None:
+        """Set its modification time to now: the runner's heartbeat (:func:`pipeline.slotpool.reap_orphan_pools`)."""
+        try:
+            os.utime(f"{SHM_DIR}/{self.name}")
+        except OSError:  # (no /dev/shm on this system, or already unlinked)
+            pass
 
     def close(self) -> None:
         """Unmap it (the runner's handle also unlinks it)."""

@@ -140,17 +140,31 @@ def test_blocks_of_runs_whose_processes_all_died_are_reaped_and_live_ones_kept()
     dead, live, young = (f"sd-t{uuid.uuid4().hex[:7]}" for _ in range(3))
     for run in (dead, young):
         for part in ("f0.0", "t.0", "o0.1", "ledger"):
-            _leave_block(f"{run}-{part}", age_s=60 if run == dead else 0)
+            _leave_block(f"{run}-{part}", age_s=120 if run == dead else 30)
     ledger = SlotPool.create(name=f"{live}-ledger", num_slots=1, slot_bytes=64)  # mapped by this process
-    _leave_block(f"{live}-f0.0", age_s=60)
+    _leave_block(f"{live}-f0.0", age_s=120)
     try:
-        blocks, nbytes = reap_orphan_pools(min_age_s=10)
+        blocks, nbytes = reap_orphan_pools()  # (untouched for 60 s)
         assert blocks >= 4 and nbytes >= 4 * 4096
         assert not any(_exists(f"{dead}-{p}") for p in ("f0.0", "t.0", "o0.1", "ledger"))
-        assert all(_exists(f"{young}-{p}") for p in ("f0.0", "t.0", "o0.1", "ledger"))  # being set up, maybe
+        assert all(_exists(f"{young}-{p}") for p in ("f0.0", "t.0", "o0.1", "ledger"))  # maybe a runner we cannot see
         assert _exists(f"{live}-ledger") and _exists(f"{live}-f0.0")  # its ledger is mapped: alive
     finally:
         ledger.close()
         for run in (dead, young, live):
             for p in ("f0.0", "t.0", "o0.1", "ledger"):
                 unlink_pool(f"{run}-{p}")
+
+
+def test_the_runners_heartbeat_touches_its_ledger():
+    from pipeline.supervise import Ledger
+
+    name = f"{_name()}-ledger"
+    ledger = Ledger.create(name=name, num_sources=1, num_chains=1)
+    try:
+        old = time.time() - 300
+        os.utime(f"/dev/shm/{name}", (old, old))
+        ledger.touch()
+        assert time.time() - os.stat(f"/dev/shm/{name}").st_mtime < 60
+    finally:
+        ledger.close()
