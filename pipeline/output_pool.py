@@ -34,7 +34,6 @@ stores, which may otherwise become visible before the ``written = 0`` before the
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -43,7 +42,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.slotpool import SLOT_ALIGN, PoolCache, SlotPool, SlotPoolError, StalePoolError
+from pipeline.slotpool import PoolCache, SlotPool, SlotPoolError, StalePoolError, align
 from streamdet.messages import INLINE_SLOT, ResultMsg, TensorSpec
 
 MIN_POOLED_BYTES = 64 * 1024
@@ -58,13 +57,9 @@ _FENCE = threading.Lock()
 """Taken and released for its locked instruction: a full memory fence on x86-64 (uncontended: tens of ns)."""
 
 
-def _aligned(n: int) -> int:
-    return (n + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
-
-
 def outputs_bytes(nbytes: Sequence[int]) -> int:
     """Bytes a slot needs for arrays of these sizes, each at a :data:`~pipeline.slotpool.SLOT_ALIGN` offset."""
-    return sum(_aligned(n) for n in nbytes)
+    return sum(align(n) for n in nbytes)
 
 
 class OutputPool:
@@ -115,7 +110,7 @@ class OutputPool:
         """
         if slot_bytes < MIN_POOLED_BYTES:
             return 0
-        n = min(wanted_slots, max_bytes // _aligned(slot_bytes) - 1)  # (the control words take a slot too)
+        n = min(wanted_slots, max_bytes // align(slot_bytes) - 1)  # (the control words take a slot too)
         return n if n >= 2 else 0
 
     @property
@@ -159,7 +154,7 @@ class OutputPool:
         offset = 0
         for a in arrays:
             np.copyto(np.frombuffer(buf, dtype=a.dtype, count=a.size, offset=offset).reshape(a.shape), a)
-            offset += _aligned(a.nbytes)
+            offset += align(a.nbytes)
         with _FENCE:  # ...and every new byte before the tag
             pass
         control[_WRITTEN] = tag
@@ -240,10 +235,8 @@ class OutputReader:
         arrays = []
         offset = 0
         for s in specs:
-            count = math.prod(s.shape)
-            arrays.append(np.frombuffer(buf, dtype=np.dtype(s.dtype), count=count, offset=offset)
-                          .reshape(s.shape).copy())
-            offset += _aligned(s.nbytes)
+            arrays.append(s.array_from(buf[offset : offset + s.nbytes]).copy())
+            offset += align(s.nbytes)
         control = pool.view(num_slots, (num_slots, 2), np.int64)
         if control[slot, _WRITTEN] != tag:
             return None

@@ -51,7 +51,7 @@ from pipeline.chains import ModelChain, PreparedRun, prepare_run, source_ids_for
 from pipeline.control.plane import ControlPlane, readiness
 from pipeline.restarts import Child, Restarter, environment, join_children, start_fork_server
 from pipeline.settings import Settings
-from pipeline.slotpool import SHM_DIR, pool_name, reap_orphan_pools, unlink_pool
+from pipeline.slotpool import RUN_PREFIX, SHM_DIR, pool_name, reap_orphan_pools, unlink_pool
 from pipeline.sources.probe import SourceInfo
 from pipeline.stages.base import StageSpec, runner_stdio, stage_main
 from pipeline.stages.cascade import SecondaryEngineSpec
@@ -263,16 +263,17 @@ class Pipeline:
                   "runs whose processes were all killed", file=sys.stderr)
         tmpdir = tempfile.mkdtemp(prefix="streamdet-")  # mode 0700: the ipc sockets are private
         token = uuid.uuid4().hex[:8]
-        pools = [f"sd-{token}-f{i}" for i in range(len(self._prepared.sources))]  # base names (generation 0 first)
+        run = f"{RUN_PREFIX}{token}-"  # every shared-memory name of the run starts with it (reap_orphan_pools)
+        pools = [f"{run}f{i}" for i in range(len(self._prepared.sources))]  # base names (generation 0 first)
         n_chains = len(self._prepared.chains)
-        tensor_pools = [f"sd-{token}-t"] + [f"sd-{token}-t{k}" for k in range(1, n_chains)]
+        tensor_pools = [f"{run}t"] + [f"{run}t{k}" for k in range(1, n_chains)]
         n_sec = len(self._prepared.secondaries)
-        secondary_pools = [f"sd-{token}-s{k}" for k in range(n_sec)]  # created by the postprocess stage
-        output_pools = [f"sd-{token}-o{k}" for k in range(n_chains)]  # created by the engine stages
+        secondary_pools = [f"{run}s{k}" for k in range(n_sec)]  # created by the postprocess stage
+        output_pools = [f"{run}o{k}" for k in range(n_chains)]  # created by the engine stages
         self._pool_names = {pool_name(base, 0) for base in [*pools, *tensor_pools, *secondary_pools, *output_pools]}
         ctx: zmq.Context[Any] = zmq.Context()
         control = None
-        ledger_name = f"sd-{token}-ledger"
+        ledger_name = f"{run}ledger"
         try:
             t = self.settings.transport
             endpoints = (tcp_endpoints(t.tcp_host, t.tcp_base_port, pools, n_chains) if t.mode is TransportMode.TCP

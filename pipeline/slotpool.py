@@ -62,7 +62,8 @@ def split_pool_name(name: str) -> tuple[str, int]:
     return name, 0
 
 
-def _align(n: int, a: int = SLOT_ALIGN) -> int:
+def align(n: int, a: int = SLOT_ALIGN) -> int:
+    """``n`` rounded up to a multiple of ``a`` (slot strides, offsets inside a slot)."""
     return (n + a - 1) // a * a
 
 
@@ -84,7 +85,7 @@ class SlotPool:
         self.num_slots = num_slots
         self.slot_bytes = slot_bytes
         self.owner = owner
-        self._stride = _align(slot_bytes)
+        self._stride = align(slot_bytes)
 
     @classmethod
     def create(cls, *, name: str, num_slots: int, slot_bytes: int) -> SlotPool:
@@ -104,7 +105,7 @@ class SlotPool:
         """
         if num_slots < 1 or slot_bytes < 1:
             raise ValueError(f"expected num_slots >= 1 and slot_bytes >= 1, got {num_slots} and {slot_bytes}")
-        size = HEADER_BYTES + num_slots * _align(slot_bytes)
+        size = HEADER_BYTES + num_slots * align(slot_bytes)
         free = shm_free_bytes()
         if free is not None and free < size:
             raise SlotPoolError(
@@ -134,7 +135,7 @@ class SlotPool:
             shm.close()
             raise SlotPoolError(f"shared memory {name!r}: too small for a slot pool ({shm.size} bytes)")
         magic, num_slots, slot_bytes = _HEADER.unpack_from(shm.buf, 0)
-        if magic != MAGIC or shm.size < HEADER_BYTES + num_slots * _align(slot_bytes):
+        if magic != MAGIC or shm.size < HEADER_BYTES + num_slots * align(slot_bytes):
             shm.close()
             raise SlotPoolError(f"shared memory {name!r}: not a streamdet slot pool")
         return cls(shm=shm, num_slots=int(num_slots), slot_bytes=int(slot_bytes), owner=False)

@@ -132,6 +132,10 @@ class Ledger:
             raise IndexError(f"expected a chain index in [0, {self.num_chains}), got {chain}")
         return _HEADER + _PER_SOURCE * self.num_sources + field_index * self.num_chains + chain
 
+    def _run(self, field_index: int) -> int:
+        """Index of a run-wide counter: 0 finished, 1 subscribers, 2 postprocess generation."""
+        return _HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains + field_index
+
     def _get(self, i: int) -> int:
         return int(self._a[i])
 
@@ -242,30 +246,29 @@ class Ledger:
     @property
     def finished(self) -> bool:
         """Whether every EOS has been published (the preprocess and engine stages may exit)."""
-        return bool(self._get(_HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains))
+        return bool(self._get(self._run(0)))
 
     def set_finished(self) -> None:
         """Mark the run finished (runner)."""
-        self._set(_HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains, 1)
+        self._set(self._run(0), 1)
 
     @property
     def subscribers(self) -> int:
         """Subscriptions the publish sink had last (a restarted postprocess stage waits for them to reconnect)."""
-        return self._get(_HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains + 1)
+        return self._get(self._run(1))
 
     def set_subscribers(self, count: int) -> None:
         """Record the publish sink's current subscriptions (postprocess stage)."""
-        self._set(_HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains + 1, count)
+        self._set(self._run(1), count)
 
     @property
     def postprocess_gen(self) -> int:
         """Postprocess restarts so far (an engine takes back the output slots it lent when it changes)."""
-        return self._get(_HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains + 2)
+        return self._get(self._run(2))
 
     def bump_postprocess_gen(self) -> None:
         """Count a postprocess restart, before the new process starts (runner)."""
-        self._set(_HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains + 2,
-                  self.postprocess_gen + 1)
+        self._set(self._run(2), self.postprocess_gen + 1)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,7 +36,7 @@ from pipeline.chains import ModelChain, PreparedRun, decode_spec, source_ids_for
 from pipeline.control.preview import PreviewHub
 from pipeline.restarts import Child
 from pipeline.settings import Settings
-from pipeline.slotpool import pool_name, split_pool_name, unlink_pool
+from pipeline.slotpool import RUN_PREFIX, pool_name, split_pool_name, unlink_pool
 from pipeline.sources.probe import SourceError, SourceInfo, probe_source
 from pipeline.stages.postprocess import PostprocessSpec
 from pipeline.summary import RunSummary, SourceReport, StatusBook
@@ -208,7 +208,7 @@ class ControlPlane:
         index = free[0]
         self.ledger.reset_source(index)
         self._added += 1
-        base = f"sd-{self.token}-a{self._added}"
+        base = f"{RUN_PREFIX}{self.token}-a{self._added}"
         credit_ep = f"ipc://{Path(self.run_dir) / f'credits-a{self._added}'}"
         chain: ModelChain = self.prepared.chains[cmd.chain]
         ep = dataclasses.replace(self.endpoints.for_chain(cmd.chain), frame_credits=((base, credit_ep),))
