@@ -7,28 +7,25 @@ run gives the same detections with one batch at a time and with two.
 """
 
 import json
-import os
 import threading
 
 import numpy as np
 import pytest
-import zmq
 
 from engines.base import Backend, EngineError
 from pipeline.chains import engine_parallelism, prepare_run, stage_specs
 from pipeline.runner import Pipeline
 from pipeline.settings import DEFAULT_MODEL
 from pipeline.stages.base import StageError
-from pipeline.stages.engine import EngineSpec, EngineStage
+from pipeline.stages.engine import EngineSpec
 from pipeline.stages.preprocess import PreprocessSpec
 from pipeline.summary import PipelineError
-from pipeline.transport import StageFlags, ipc_endpoints
-from streamdet.messages import INLINE_SLOT, BatchMsg, CreditMsg, EndOfStream, EosReason, ResultMsg, decode_message
+from pipeline.transport import ipc_endpoints
+from streamdet.messages import BatchMsg, CreditMsg, EndOfStream, ResultMsg, decode_message
 from tests.helpers.durable_sinks import record
+from tests.helpers.engine_stage import SHAPE, EngineHarness
 from tests.helpers.settings import settings_with
-from tests.helpers.standin import bikes_path, standin_card
-
-SHAPE = (2, 3, 384, 640)
+from tests.helpers.standin import bikes_path
 
 
 class _Engine:
@@ -65,61 +62,6 @@ class _Engine:
                 self.running -= 1
 
 
-class _Harness:
-    """An engine stage on inproc sockets, run on a thread; the test feeds batches and reads what it sends."""
-
-    def __init__(self, engines, **kw):
-        self.ctx = zmq.Context()
-        batches_in = self.ctx.socket(zmq.PULL)
-        batches_in.bind("inproc://batches")
-        self.feed = self.ctx.socket(zmq.PUSH)
-        self.feed.connect("inproc://batches")
-        self.results = self.ctx.socket(zmq.PULL)
-        self.results.bind("inproc://results")
-        self.credits = self.ctx.socket(zmq.PULL)
-        self.credits.bind("inproc://credits")
-        results_out = self.ctx.socket(zmq.PUSH)
-        results_out.connect("inproc://results")
-        credits_out = self.ctx.socket(zmq.PUSH)
-        credits_out.connect("inproc://credits")
-        ev = [threading.Event() for _ in range(3)]
-        self.flags = StageFlags(go=ev[0], stop_input=ev[1], abort=ev[2], parent_pid=os.getppid())
-        self.stage = EngineStage(engine=engines[0], more_engines=tuple(engines[1:]), card=standin_card(),
-                                 batches_in=batches_in, results_out=results_out, tensor_credits_out=credits_out,
-                                 status=None, flags=self.flags, num_sources=1, **kw)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        try:
-            self.stage.run()
-        except BaseException as e:  # handed to the test
-            self.error = e
-
-    def send_batch(self, k: int) -> None:
-        msg = BatchMsg((record(i=2 * k), record(i=2 * k + 1)), INLINE_SLOT, "", SHAPE, "float32", tag=k)
-        self.feed.send_multipart([msg.encode(), np.full(SHAPE, k, np.float32).tobytes()])
-
-    def send_eos(self) -> None:
-        self.feed.send_multipart([EndOfStream("cam", 10, EosReason.FINISHED).encode()])
-
-    def received(self, n: int, timeout_ms: int = 10_000) -> list[tuple[object, list[bytes]]]:
-        out = []
-        for _ in range(n):
-            assert self.results.poll(timeout_ms), f"only {len(out)} of {n} messages came"
-            parts = self.results.recv_multipart()
-            out.append((decode_message(parts[0]), parts[1:]))
-        return out
-
-    def close(self) -> None:
-        self.flags.abort.set()
-        self.thread.join(10)
-        self.stage.stop()
-        for s in (self.feed, self.results, self.credits):
-            s.close(0)
-        self.ctx.term()
-
-
 def test_two_instances_run_batches_at_once_and_results_keep_their_order():
     second_done = threading.Event()
 
@@ -130,7 +72,7 @@ def test_two_instances_run_batches_at_once_and_results_keep_their_order():
             second_done.set()
 
     engines = [_Engine(hook), _Engine(hook)]
-    h = _Harness(engines)
+    h = EngineHarness(engines)
     try:
         h.stage.start()
         h.thread.start()
@@ -176,7 +118,7 @@ def test_credits_go_back_in_batch_order_with_concurrent_batches(monkeypatch):
         else:
             release.set()
 
-    h = _Harness([_Engine(hook), _Engine(hook)])
+    h = EngineHarness([_Engine(hook), _Engine(hook)])
     monkeypatch.setattr(h.stage, "_pools", _Pools())
     try:
         h.stage.start()
@@ -202,7 +144,7 @@ def test_an_instance_error_fails_the_stage_after_the_earlier_batches_were_publis
         if value == 2:
             raise EngineError("model.onnx: bad batch 2")
 
-    h = _Harness([_Engine(hook), _Engine(hook)])
+    h = EngineHarness([_Engine(hook), _Engine(hook)])
     try:
         h.stage.start()
         h.thread.start()
@@ -218,7 +160,7 @@ def test_an_instance_error_fails_the_stage_after_the_earlier_batches_were_publis
 
 def test_concurrent_batches_are_refused_with_device_batches():
     with pytest.raises(StageError, match="host tensors only"):
-        _Harness([_Engine(), _Engine()], device_batches=True)
+        EngineHarness([_Engine(), _Engine()], device_batches=True)
 
 
 @pytest.mark.parametrize(

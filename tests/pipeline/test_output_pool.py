@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 import uuid
 
@@ -18,6 +17,7 @@ from pipeline.stages.engine import EngineSpec
 from pipeline.transport import ipc_endpoints, tcp_endpoints
 from streamdet.letterbox import letterbox_params
 from streamdet.messages import INLINE_SLOT, NO_SLOT, FrameMsg, FrameRecord, ResultMsg, TensorSpec, decode_message
+from tests.helpers.engine_stage import EngineHarness
 from tests.helpers.settings import settings_with
 from tests.helpers.standin import bikes_path
 
@@ -244,76 +244,32 @@ class _BigEngine:
         return [np.full((batch.shape[0], 14, 8190), batch[0, 0, 0, 0], np.float32)]
 
 
-class _EngineRun:
-    """An engine stage with a ledger and an output pool on inproc sockets, run on a thread."""
+def _engine_harness(**kw) -> EngineHarness:
+    """An engine stage with a ledger and an output pool, started, its thread running."""
+    from pipeline.supervise import Ledger
 
-    def __init__(self, **kw):
-        import os
-        import threading
+    tag = uuid.uuid4().hex[:8]
+    ledger = Ledger.create(name=f"sd-test-{tag}-ledger", num_sources=1, num_chains=1)  # (the stage closes it)
+    h = EngineHarness([_BigEngine()], warmup_batch=2, ledger=ledger, output_pool=f"sd-test-{tag}-o0.0", **kw)
+    h.stage.start()
+    h.thread.start()
+    return h
 
-        from pipeline.stages.engine import EngineStage
-        from pipeline.supervise import Ledger
-        from pipeline.transport import StageFlags
-        from tests.helpers.standin import standin_card
 
-        tag = uuid.uuid4().hex[:8]
-        self.ledger = Ledger.create(name=f"sd-test-{tag}-ledger", num_sources=1, num_chains=1)
-        self.ctx = zmq.Context()
-        batches_in = self.ctx.socket(zmq.PULL)
-        batches_in.bind(f"inproc://b{tag}")
-        self.feed = self.ctx.socket(zmq.PUSH)
-        self.feed.connect(f"inproc://b{tag}")
-        self.results = self.ctx.socket(zmq.PULL)
-        self.results.bind(f"inproc://r{tag}")
-        results_out = self.ctx.socket(zmq.PUSH)
-        results_out.connect(f"inproc://r{tag}")
-        credits_out = self.ctx.socket(zmq.PUSH)
-        credits_out.connect(f"inproc://c{tag}")
-        ev = [threading.Event() for _ in range(3)]
-        self.flags = StageFlags(go=ev[0], stop_input=ev[1], abort=ev[2], parent_pid=os.getppid())
-        self.stage = EngineStage(engine=_BigEngine(), card=standin_card(),  # type: ignore[arg-type]
-                                 batches_in=batches_in, results_out=results_out, tensor_credits_out=credits_out,
-                                 status=None,  # type: ignore[arg-type]
-                                 flags=self.flags, num_sources=1, warmup_batch=2, ledger=self.ledger,
-                                 output_pool=f"sd-test-{tag}-o0.0", **kw)
-        self.stage.start()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        from pipeline.transport import Stopped
-
-        with contextlib.suppress(Stopped):  # (the test aborts it)
-            self.stage.run()
-
-    def batch(self, k: int) -> tuple[ResultMsg, list[zmq.Frame]]:
-        from streamdet.messages import BatchMsg
-
-        shape = (2, 3, 384, 640)
-        msg = BatchMsg((_record(2 * k), _record(2 * k + 1)), INLINE_SLOT, "", shape, "float32", tag=k)
-        self.feed.send_multipart([msg.encode(), np.full(shape, k, np.float32).tobytes()])
-        assert self.results.poll(10_000)
-        parts = self.results.recv_multipart(copy=False)
-        result = decode_message(parts[0].buffer)
-        assert isinstance(result, ResultMsg)
-        return result, parts
-
-    def close(self) -> None:
-        self.flags.abort.set()
-        if self.thread.is_alive():
-            self.thread.join(10)
-        self.stage.stop()  # (closes the ledger too: the stage was handed this handle)
-        for s in (self.feed, self.results):
-            s.close(0)
-        self.ctx.term()
+def _result(h: EngineHarness, k: int) -> tuple[ResultMsg, list[bytes]]:
+    """Send batch ``k`` and return its result and the message parts after the header."""
+    h.send_batch(k)
+    [(msg, parts)] = h.received(1)
+    assert isinstance(msg, ResultMsg)
+    return msg, parts
 
 
 @pytest.fixture
 def engine_run():
-    runs: list[_EngineRun] = []
+    runs: list[EngineHarness] = []
 
     def make(**kw):
-        runs.append(_EngineRun(**kw))
-        runs[-1].thread.start()
+        runs.append(_engine_harness(**kw))
         return runs[-1]
 
     yield make
@@ -327,19 +283,19 @@ def test_the_engine_stage_lends_slots_goes_inline_when_none_is_free_and_takes_th
     pool = run.stage.outputs
     assert pool is not None and pool.num_slots == 4  # 2 per engine instance, and 2
     assert pool.slot_bytes == outputs_bytes([2 * 14 * 8190 * 4])  # the warm-up batch's outputs
-    held = [run.batch(k) for k in range(4)]
-    assert [m.outputs_slot for m, _ in held] == [0, 1, 2, 3] and all(len(p) == 1 for _, p in held)
-    inline, parts = run.batch(4)  # none free: inline, as on tcp://
-    assert inline.outputs_slot == INLINE_SLOT and len(parts) == 2
-    got = reader.arrays(*held[1])
+    held = [_result(run, k) for k in range(4)]
+    assert [m.outputs_slot for m, _ in held] == [0, 1, 2, 3] and all(p == [] for _, p in held)
+    inline, parts = _result(run, 4)  # none free: inline, as on tcp://
+    assert inline.outputs_slot == INLINE_SLOT and len(parts) == 1
+    got = reader.arrays(held[1][0], [b"", *held[1][1]])
     assert got is not None and np.all(got[0][0] == 1.0) and got[0][0].shape == (2, 14, 8190)
-    assert run.batch(5)[0].outputs_slot == 1  # the slot handed back is lent again
-    run.ledger.bump_replay_gen(0)  # another stage restarted: the postprocess stage still holds its slots
-    assert run.batch(6)[0].outputs_slot == INLINE_SLOT and run.stage.reclaimed_outputs == 0
-    run.ledger.bump_postprocess_gen()  # the postprocess stage died: what it held never comes back
-    again = [run.batch(7 + k)[0].outputs_slot for k in range(4)]
+    assert _result(run, 5)[0].outputs_slot == 1  # the slot handed back is lent again
+    run.stage.ledger.bump_replay_gen(0)  # another stage restarted: the postprocess stage still holds its slots
+    assert _result(run, 6)[0].outputs_slot == INLINE_SLOT and run.stage.reclaimed_outputs == 0
+    run.stage.ledger.bump_postprocess_gen()  # the postprocess stage died: what it held never comes back
+    again = [_result(run, 7 + k)[0].outputs_slot for k in range(4)]
     assert sorted(again) == [0, 1, 2, 3] and run.stage.reclaimed_outputs == 4
-    assert reader.arrays(*held[0]) is None  # its slot was written again: dropped, its frames replayed
+    assert reader.arrays(held[0][0], [b"", *held[0][1]]) is None  # its slot was written again: dropped, replayed
 
 
 @pytest.mark.parametrize(("kw", "free", "pooled"), [
@@ -347,12 +303,8 @@ def test_the_engine_stage_lends_slots_goes_inline_when_none_is_free_and_takes_th
     ({"device_nms": object()}, None, False),  # NMS on the device: the kept detections are small
     ({}, 8 * 2**20, False),  # an eighth of 8 MiB of /dev/shm holds fewer than 2 slots of 917 KB
 ])
-def test_when_the_engine_stage_makes_an_output_pool(monkeypatch, kw, free, pooled):
+def test_when_the_engine_stage_makes_an_output_pool(monkeypatch, engine_run, kw, free, pooled):
     import pipeline.stages.engine
 
     monkeypatch.setattr(pipeline.stages.engine, "shm_free_bytes", lambda: free)
-    run = _EngineRun(**kw)
-    try:
-        assert (run.stage.outputs is not None) is pooled
-    finally:
-        run.close()
+    assert (engine_run(**kw).stage.outputs is not None) is pooled
