@@ -35,7 +35,7 @@ from typing import Any
 
 import zmq
 
-from pipeline.slotpool import pool_name, split_pool_name, unlink_pool
+from pipeline.slotpool import SHM_DIR, pool_name, shm_free_bytes, split_pool_name, unlink_pool
 from pipeline.stages.base import StageSpec
 from pipeline.stages.colocated import ColocatedSpec
 from pipeline.stages.decode import DecodeSpec
@@ -84,8 +84,16 @@ class _Pending:
 
 
 def exit_reason(code: int | None) -> str:
-    """Why a process ended, from its exit code: ``killed by SIGKILL``, ``exit code 1``."""
+    """Why a process ended, from its exit code: ``killed by SIGKILL``, ``exit code 1``.
+
+    SIGBUS comes with the free room in ``/dev/shm``: a write into shared memory that tmpfs
+    cannot back (a block made elsewhere, or grown, without reserving its pages) ends that way.
+    """
     if code is not None and code < 0:
+        if -code == signal.SIGBUS:
+            free = shm_free_bytes()
+            room = "" if free is None else f"; {SHM_DIR} has {free / 2**20:.1f} MiB free"
+            return f"killed by SIGBUS (out of shared memory?{room})"
         try:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:

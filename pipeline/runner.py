@@ -51,7 +51,8 @@ from pipeline.chains import ModelChain, PreparedRun, prepare_run, source_ids_for
 from pipeline.control.plane import ControlPlane, readiness
 from pipeline.restarts import Child, Restarter, environment, join_children, start_fork_server
 from pipeline.settings import Settings
-from pipeline.slotpool import RUN_PREFIX, SHM_DIR, pool_name, reap_orphan_pools, unlink_pool
+from pipeline.shm_plan import fit_shared_memory
+from pipeline.slotpool import RUN_PREFIX, SHM_DIR, pool_name, reap_orphan_pools, shm_free_bytes, unlink_pool
 from pipeline.sources.probe import SourceInfo
 from pipeline.stages.base import StageSpec, runner_stdio, stage_main
 from pipeline.stages.cascade import SecondaryEngineSpec
@@ -298,10 +299,13 @@ class Pipeline:
                 raise
             except Exception as e:
                 raise PipelineError(str(e)) from e
-            self._supervise(summary, control,
-                            stage_specs(self.settings, self._prepared, endpoints, pools, tensor_pools,
-                                        ledger=ledger_name, forward=self.forward, secondary_pools=secondary_pools,
-                                        output_pools=output_pools))
+            specs, note = fit_shared_memory(
+                stage_specs(self.settings, self._prepared, endpoints, pools, tensor_pools, ledger=ledger_name,
+                            forward=self.forward, secondary_pools=secondary_pools, output_pools=output_pools),
+                shm_free_bytes())
+            if note:
+                print(f"warning: {note}", file=sys.stderr)
+            self._supervise(summary, control, specs)
         finally:
             if self._plane is not None:  # first: requests still waiting get their 503 before the server stops
                 summary.frames += self._plane.retired_totals[0]

@@ -67,6 +67,15 @@ def align(n: int, a: int = SLOT_ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
+def pool_bytes(num_slots: int, slot_bytes: int) -> int:
+    """Size of a pool's shared-memory block: the header and ``num_slots`` aligned slots."""
+    return HEADER_BYTES + num_slots * align(slot_bytes)
+
+
+SHM_ADVICE = "a larger /dev/shm (docker run --shm-size=...) or fewer slots (decode.slots)"
+"""What to do when shared memory runs out (every such error line ends with it)."""
+
+
 class SlotPool:
     """A fixed number of fixed-size byte slots in one shared-memory block.
 
@@ -99,22 +108,34 @@ class SlotPool:
         Returns:
             The owning :class:`SlotPool`.
 
+        The block's pages are reserved at once (``posix_fallocate`` on Linux): a ``/dev/shm`` too
+        small for it (docker's default is 64 MiB) fails here, with :class:`SlotPoolError`, instead
+        of killing a process with SIGBUS at its first write past the room left.
+
         Raises:
             ValueError: on non-positive sizes.
-            SlotPoolError: if the block cannot be created (name taken, out of memory).
+            SlotPoolError: if the block cannot be created (name taken) or reserved (out of memory).
         """
         if num_slots < 1 or slot_bytes < 1:
             raise ValueError(f"expected num_slots >= 1 and slot_bytes >= 1, got {num_slots} and {slot_bytes}")
-        size = HEADER_BYTES + num_slots * align(slot_bytes)
+        size = pool_bytes(num_slots, slot_bytes)
         free = shm_free_bytes()
         if free is not None and free < size:
-            raise SlotPoolError(
-                f"shared memory {name!r}: needs {size / 2**20:.1f} MiB but {SHM_DIR} has {free / 2**20:.1f} MiB "
-                "free (use fewer slots, e.g. decode.slots, or a larger /dev/shm, e.g. docker --shm-size)")
+            raise SlotPoolError(f"shared memory {name!r}: needs {size / 2**20:.1f} MiB but {SHM_DIR} has "
+                                f"{free / 2**20:.1f} MiB free: {SHM_ADVICE}")
         try:
             shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         except (OSError, ValueError) as e:
             raise SlotPoolError(f"shared memory {name!r}: cannot create {size} bytes ({e})") from e
+        try:
+            _reserve(shm.name, size)
+        except OSError as e:
+            shm.close()
+            shm.unlink()
+            free = shm_free_bytes()
+            room = "" if free is None else f" ({SHM_DIR} has {free / 2**20:.1f} MiB free)"
+            raise SlotPoolError(f"shared memory {name!r}: cannot reserve {size / 2**20:.1f} MiB{room}: "
+                                f"{e.strerror or e}: {SHM_ADVICE}") from e
         assert shm.buf is not None
         _HEADER.pack_into(shm.buf, 0, MAGIC, num_slots, slot_bytes)
         return cls(shm=shm, num_slots=num_slots, slot_bytes=slot_bytes, owner=True)
@@ -135,7 +156,7 @@ class SlotPool:
             shm.close()
             raise SlotPoolError(f"shared memory {name!r}: too small for a slot pool ({shm.size} bytes)")
         magic, num_slots, slot_bytes = _HEADER.unpack_from(shm.buf, 0)
-        if magic != MAGIC or shm.size < HEADER_BYTES + num_slots * align(slot_bytes):
+        if magic != MAGIC or shm.size < pool_bytes(num_slots, slot_bytes):
             shm.close()
             raise SlotPoolError(f"shared memory {name!r}: not a streamdet slot pool")
         return cls(shm=shm, num_slots=int(num_slots), slot_bytes=int(slot_bytes), owner=False)
@@ -202,6 +223,25 @@ class SlotPool:
 
 SHM_DIR = "/dev/shm"
 """Where POSIX shared memory lives on Linux (a tmpfs; writing past its size kills with SIGBUS)."""
+
+
+def _reserve(name: str, size: int) -> None:
+    """Allocate every page of block ``name`` now, where the system can (Linux tmpfs).
+
+    ``ftruncate`` (all ``SharedMemory`` does) makes a sparse file; tmpfs then finds a page at
+    each first write, and when none is left it kills the writer with SIGBUS.
+
+    Raises:
+        OSError: ENOSPC when the room is not there.
+    """
+    path = os.path.join(SHM_DIR, name.lstrip("/"))
+    if not hasattr(os, "posix_fallocate") or not os.path.exists(path):  # (no /dev/shm: other systems)
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
 
 
 def shm_free_bytes() -> int | None:

@@ -216,7 +216,8 @@ def create_app(plane: ControlPlane, *, token: str | None = None, host: str | Non
 
     @app.post("/sources", dependencies=auth, status_code=201,
               responses={400: {"description": "not JSON"}, 409: {"description": "id in use, or no room"},
-                         422: {"description": "malformed URL, source that cannot be opened, unknown model"}})
+                         422: {"description": "malformed URL, source that cannot be opened, unknown model"},
+                         507: {"description": "its frame pool does not fit in the free shared memory (/dev/shm)"}})
     def add_source(body: AddSource) -> SourceView:
         """Start decoding a source now, served by an already loaded model (others are refused)."""
         return SourceView(**plane.add_source(url=body.url, source_id=body.id, max_fps=body.max_fps,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,10 +37,11 @@ from pipeline.chains import ModelChain, PreparedRun, decode_spec, source_ids_for
 from pipeline.control.preview import PreviewHub
 from pipeline.restarts import Child
 from pipeline.settings import Settings
-from pipeline.slotpool import RUN_PREFIX, pool_name, split_pool_name, unlink_pool
+from pipeline.shm_plan import fit_shared_memory
+from pipeline.slotpool import RUN_PREFIX, pool_name, shm_free_bytes, split_pool_name, unlink_pool
 from pipeline.sources.probe import SourceError, SourceInfo, probe_source
 from pipeline.stages.postprocess import PostprocessSpec
-from pipeline.summary import RunSummary, SourceReport, StatusBook
+from pipeline.summary import PipelineError, RunSummary, SourceReport, StatusBook
 from pipeline.supervise import Ledger, LedgerRef
 from pipeline.transport import StageEndpoints, redact_url
 from streamdet.messages import (
@@ -206,19 +208,26 @@ class ControlPlane:
             raise ControlError(409, f"no room for source {cmd.source_id}: {len(self.running())} sources run "
                                     f"(control.max_sources={self.ledger.num_sources})")
         index = free[0]
-        self.ledger.reset_source(index)
-        self._added += 1
-        base = f"{RUN_PREFIX}{self.token}-a{self._added}"
-        credit_ep = f"ipc://{Path(self.run_dir) / f'credits-a{self._added}'}"
+        added_no = self._added + 1
+        base = f"{RUN_PREFIX}{self.token}-a{added_no}"
+        credit_ep = f"ipc://{Path(self.run_dir) / f'credits-a{added_no}'}"
         chain: ModelChain = self.prepared.chains[cmd.chain]
         ep = dataclasses.replace(self.endpoints.for_chain(cmd.chain), frame_credits=((base, credit_ep),))
         info = cmd.info
+        spec = decode_spec(self.settings, info, pool=pool_name(base, 0), endpoints=ep, batch=chain.max_batch,
+                           ledger=LedgerRef(name=self.ledger.name, chain=cmd.chain, source=index))
+        try:  # a file's frame pool is made at start: fewer slots, or no source, rather than a SIGBUS
+            fitted, note = fit_shared_memory([spec], shm_free_bytes())
+        except PipelineError as e:
+            raise ControlError(507, f"source {cmd.source_id}: {e}") from e
+        if note:
+            print(f"warning: source {cmd.source_id}: {note}", file=sys.stderr)
+        self._added = added_no
+        self.ledger.reset_source(index)
         self.ledger.set_active(index, True)
         added = SourceAddedMsg(info.source_id, index, info.is_live, cmd.chain, base, credit_ep, float(info.fps))
         if self.events is not None:
             self.events.send(added.encode())
-        spec = decode_spec(self.settings, info, pool=pool_name(base, 0), endpoints=ep, batch=chain.max_batch,
-                           ledger=LedgerRef(name=self.ledger.name, chain=cmd.chain, source=index))
         self.pool_names.add(pool_name(base, 0))
         rec = SourceRecord(info, cmd.chain, index, base, credit_ep)
         with self._lock:
@@ -227,7 +236,7 @@ class ControlPlane:
         report = SourceReport(info.source_id, info.display)
         self._summary.sources.append(report)
         self._book.reports[info.source_id] = report
-        rec.child = self.spawn(spec, f"decode:{info.source_id}")
+        rec.child = self.spawn(fitted[0], f"decode:{info.source_id}")
         self._refresh_postprocess_spec()
 
     def _stop(self, source_id: str) -> None:

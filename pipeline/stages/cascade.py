@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from pipeline.slotpool import SlotCredits, SlotPool, StalePoolError
+from pipeline.slotpool import SlotCredits, SlotPool, StalePoolError, pool_bytes
 from pipeline.stages.base import StageError, StatusReporter
 from pipeline.stages.engine import EngineSpec, EngineStage
 from pipeline.transport import StageFlags, close_socket, make_socket, send_parts
@@ -93,6 +93,17 @@ class SecondaryLink:
     results: str
     credits: str
     tensor_pool: str
+
+    @property
+    def tensor_slot_bytes(self) -> int:
+        """Bytes of one input tensor: ``max_batch`` crops at the card's input size."""
+        iw, ih = self.card.input_wh
+        return self.max_batch * 3 * ih * iw * np.dtype(self.card.input.dtype).itemsize
+
+    @property
+    def pool_bytes(self) -> int:
+        """Shared memory of its tensor pool (the postprocess stage creates it at start)."""
+        return pool_bytes(self.tensor_slots, self.tensor_slot_bytes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,7 +170,7 @@ class _Secondary:
         self.dtype = np.dtype(card.input.dtype)
         self.row_shape = (3, ih, iw)
         self.pool = SlotPool.create(name=link.tensor_pool, num_slots=link.tensor_slots,
-                                    slot_bytes=link.max_batch * 3 * ih * iw * self.dtype.itemsize)
+                                    slot_bytes=link.tensor_slot_bytes)
         self.free = SlotCredits(link.tensor_slots)
         self.batches_out = make_socket(ctx, zmq.PUSH, link.batches, bind=False)
         self.results_in = make_socket(ctx, zmq.PULL, link.results, bind=True)

@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from pipeline.slotpool import SlotCredits, SlotPool
+from pipeline.slotpool import SlotCredits, SlotPool, SlotPoolError, pool_bytes
 from pipeline.sources.ffmpeg import to_rgb24
 from pipeline.sources.file_reader import file_frames
 from pipeline.sources.live_reader import LiveFrame, LiveOutcome, LiveReader
@@ -110,6 +110,14 @@ class DecodeSpec(StageSpec):
     def source_id(self) -> str:
         """The decoded source's id."""
         return self.source.source_id
+
+    @property
+    def pool_bytes(self) -> int:
+        """Shared memory the stage creates at start: a file source's frame pool (a live one's comes later)."""
+        if self.endpoints.inline or not self.source.is_file:
+            return 0
+        h, w = self.source.frame_hw
+        return pool_bytes(self.num_slots, h * w * 3)
 
     def build(self, *, ctx: zmq.Context[Any], flags: StageFlags, status: StatusReporter) -> DecodeStage:
         """Bind the credit socket, connect the frame socket, create the pool and the stage."""
@@ -447,13 +455,16 @@ class DecodeStage(Stage):
         """Convert a live frame into a slot (creating the pool at the first one) and send it.
 
         Returns:
-            "" or the problem that ends the source (a frame larger than the slots).
+            "" or the problem that ends the source (a frame larger than the slots, no room for the pool).
         """
         t0 = time.perf_counter()
         rgb = to_rgb24(item.frame)
         h, w = rgb.shape[:2]
         if self.pool is None and self.pool_name:
-            self.pool = SlotPool.create(name=self.pool_name, num_slots=self.num_slots, slot_bytes=h * w * 3)
+            try:
+                self.pool = SlotPool.create(name=self.pool_name, num_slots=self.num_slots, slot_bytes=h * w * 3)
+            except SlotPoolError as e:  # (/dev/shm full: this source ends, the others go on)
+                return str(e)
             self.credits = SlotCredits(self.pool.num_slots)
             self._first_hw = (h, w)
             held = self.credits.acquire()

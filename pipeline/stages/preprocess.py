@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from pipeline.slotpool import PoolCache, SlotCredits, SlotPool, StalePoolError
+from pipeline.slotpool import PoolCache, SlotCredits, SlotPool, StalePoolError, pool_bytes
 from pipeline.stages.base import (
     Stage,
     StageError,
@@ -111,6 +111,19 @@ class PreprocessSpec(StageSpec):
 
     stage_name: ClassVar[StageName] = StageName.PREPROCESS
 
+    @property
+    def tensor_slot_bytes(self) -> int:
+        """Bytes of one input tensor: ``max_batch`` rows of the card's full input size."""
+        iw, ih = self.card.input_wh
+        return self.max_batch * 3 * ih * iw * np.dtype(self.card.input.dtype).itemsize
+
+    @property
+    def pool_bytes(self) -> int:
+        """Shared memory the stage creates at start: its tensor pool (none on a device or over tcp)."""
+        if self.tensor_device is not None or self.endpoints.inline:
+            return 0
+        return pool_bytes(self.tensor_slots, self.tensor_slot_bytes)
+
     def build(self, *, ctx: zmq.Context[Any], flags: StageFlags, status: StatusReporter) -> PreprocessStage:
         """Bind the frame and tensor-credit sockets, connect the others, create the tensor pool."""
         ep = self.endpoints
@@ -130,7 +143,7 @@ class PreprocessSpec(StageSpec):
                                                   device=self.tensor_device)
         elif not ep.inline:
             tensor_pool = SlotPool.create(name=self.tensor_pool, num_slots=self.tensor_slots,
-                                          slot_bytes=self.max_batch * 3 * ih * iw * dtype.itemsize)
+                                          slot_bytes=self.tensor_slot_bytes)
         return PreprocessStage(card=self.card, frames_in=frames_in, batches_out=batches_out,
                                tensor_credits_in=credits_in, frame_credits_out=frame_credits_out,
                                tensor_pool=tensor_pool, status=status, flags=flags, max_batch=self.max_batch,

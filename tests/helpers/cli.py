@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,19 +87,24 @@ def assert_no_orphans(marker: str) -> None:
     assert processes_with(marker) == []
 
 
-def start(args: list[str], extra_env: dict[str, str] | None = None, **kw: Any) -> tuple[subprocess.Popen[str], str]:
-    """Start ``run_pipeline.py ARGS`` with a fresh ``STREAMDET_TEST_MARKER``; returns the process and the marker."""
+def start(args: list[str], extra_env: dict[str, str] | None = None, prefix: Sequence[str] = (),
+          **kw: Any) -> tuple[subprocess.Popen[str], str]:
+    """Start ``run_pipeline.py ARGS`` with a fresh ``STREAMDET_TEST_MARKER``; returns the process and the marker.
+
+    ``prefix`` runs it through another command (e.g. :func:`tests.helpers.small_shm.small_shm_prefix`).
+    """
     marker = uuid.uuid4().hex
     env = {**os.environ, "STREAMDET_TEST_MARKER": marker, **(extra_env or {})}
     env.pop("STREAMDET_CONFIG", None)
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*prefix, sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
     return proc, marker
 
 
-def run(args: list[str], timeout: float = 120, extra_env: dict[str, str] | None = None) -> tuple[int, str, str]:
+def run(args: list[str], timeout: float = 120, extra_env: dict[str, str] | None = None,
+        prefix: Sequence[str] = ()) -> tuple[int, str, str]:
     """Run ``run_pipeline.py ARGS`` to the end; returns ``(exit code, stdout, stderr)`` after checking no orphans."""
-    proc, marker = start(args, extra_env)
+    proc, marker = start(args, extra_env, prefix)
     out, err = proc.communicate(timeout=timeout)
     assert_no_orphans(marker)
     return proc.returncode, out, err

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +57,12 @@ class ControlRun:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
 
-def start_pipeline(model: Path, *extra: str, port: int | None = None, token: str | None = None) -> ControlRun:
-    """``run_pipeline.py --control-port`` on the demo video (plus ``extra`` flags), not waited for."""
+def start_pipeline(model: Path, *extra: str, port: int | None = None, token: str | None = None,
+                   prefix: Sequence[str] = ()) -> ControlRun:
+    """``run_pipeline.py --control-port`` on the demo video (plus ``extra`` flags), not waited for.
+
+    ``prefix`` runs it through another command (e.g. :func:`tests.helpers.small_shm.small_shm_prefix`).
+    """
     port = port or free_port()
     marker = uuid.uuid4().hex
     env = {**os.environ, "STREAMDET_TEST_MARKER": marker}
@@ -67,15 +71,16 @@ def start_pipeline(model: Path, *extra: str, port: int | None = None, token: str
         env["STREAMDET_CONTROL__TOKEN"] = token
     args = [sys.executable, str(SCRIPT), "--model", str(model), "--source", str(DEMO), "--publish", "none",
             "--control-port", str(port), "--quiet", "--set", "engine.intra_op_threads=1", *extra]
-    proc = subprocess.Popen(["nice", "-n", "10", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*prefix, "nice", "-n", "10", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     return ControlRun(proc, f"http://127.0.0.1:{port}", marker, token)
 
 
 @contextmanager
-def control_pipeline(model: Path, *extra: str, token: str | None = None) -> Iterator[ControlRun]:
+def control_pipeline(model: Path, *extra: str, token: str | None = None,
+                     prefix: Sequence[str] = ()) -> Iterator[ControlRun]:
     """A pipeline with its control API, ready (``/readyz`` 200) on entry; stopped with SIGINT on exit."""
-    run = start_pipeline(model, *extra, token=token)
+    run = start_pipeline(model, *extra, token=token, prefix=prefix)
 
     def ready() -> bool:
         assert run.proc.poll() is None, run.proc.communicate()[1]

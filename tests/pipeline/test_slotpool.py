@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.slotpool import PoolCache, SlotCredits, SlotPool, SlotPoolError, reap_orphan_pools, unlink_pool
+from tests.helpers.cli import ROOT
+from tests.helpers.small_shm import small_shm_prefix, small_shm_unavailable
 
 
 def _name() -> str:
@@ -119,6 +121,57 @@ def test_refuses_more_than_dev_shm_holds(monkeypatch):
     monkeypatch.setattr(sp, "shm_free_bytes", lambda: 1000)
     with pytest.raises(SlotPoolError, match="free"):
         SlotPool.create(name=_name(), num_slots=2, slot_bytes=1000)
+
+
+def test_create_reserves_every_page():
+    # a sparse block would find its pages at first write, and kill the writer with SIGBUS when /dev/shm is full
+    with SlotPool.create(name=_name(), num_slots=3, slot_bytes=1 << 20) as pool:
+        st = os.stat(f"/dev/shm/{pool.name}")
+        assert st.st_blocks * 512 >= st.st_size >= 3 << 20
+
+
+def test_no_room_to_reserve_is_an_error_and_leaves_no_block(monkeypatch):
+    import errno
+
+    name = _name()
+
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(SlotPoolError) as e:
+        SlotPool.create(name=name, num_slots=2, slot_bytes=1000)
+    assert str(e.value).startswith(f"shared memory {name!r}: cannot reserve 0.0 MiB (/dev/shm has ")
+    assert "No space left on device: a larger /dev/shm (docker run --shm-size=...)" in str(e.value)
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+SECOND_POOL = """
+from pipeline.slotpool import SlotPool, SlotPoolError
+a = SlotPool.create(name="sd-test-a", num_slots=5, slot_bytes=1 << 20)
+try:
+    b = SlotPool.create(name="sd-test-b", num_slots=5, slot_bytes=1 << 20)
+    for k in range(5):  # (unreserved, b would be made, and this would die of SIGBUS past 3 MiB)
+        b.view(k, (1 << 20,))[...] = 1
+except SlotPoolError as e:
+    print(e)
+for k in range(5):
+    a.view(k, (1 << 20,))[...] = 1
+print("written")
+"""
+
+
+@pytest.mark.skipif(bool(small_shm_unavailable()), reason=small_shm_unavailable())
+def test_a_pool_that_does_not_fit_beside_another_is_refused():
+    import subprocess
+    import sys
+
+    out = subprocess.run([*small_shm_prefix(8), sys.executable, "-c", SECOND_POOL], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "shared memory 'sd-test-b': needs 5.0 MiB but /dev/shm has 3.0 MiB free: a larger /dev/shm (docker run "
+        "--shm-size=...) or fewer slots (decode.slots)", "written"]
 
 
 def _leave_block(name: str, nbytes: int = 4096, age_s: float = 0.0) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import pipeline.runner
-from pipeline.restarts import start_fork_server
+from pipeline.restarts import exit_reason, start_fork_server
 from pipeline.runner import Pipeline
 from pipeline.settings import DEFAULT_MODEL, DEFAULT_SOURCE
 from pipeline.slotpool import PoolCache, SlotPool, StalePoolError, pool_name, split_pool_name
@@ -297,6 +297,14 @@ def test_invalid_supervision_settings_are_rejected_at_startup(setting, value):
 
 
 # ------------------------------------------------------------------------------------- units
+@pytest.mark.parametrize(("code", "reason"), [
+    (1, "exit code 1"), (None, "exit code None"), (-signal.SIGKILL, "killed by SIGKILL"), (-99, "killed by signal 99"),
+    (-signal.SIGBUS, "killed by SIGBUS (out of shared memory?; /dev/shm has "),
+])
+def test_exit_reasons(code, reason):
+    assert exit_reason(code).startswith(reason)
+
+
 def test_pool_names_carry_their_generation():
     assert pool_name("sd-ab-f0", 3) == "sd-ab-f0.3"
     assert split_pool_name("sd-ab-f0.3") == ("sd-ab-f0", 3)

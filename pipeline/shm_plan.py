@@ -1,0 +1,154 @@
+"""Fit a run's shared-memory pools into ``/dev/shm`` before any stage starts.
+
+Every frame and tensor travels in a shared-memory slot pool (:mod:`pipeline.slotpool`), and
+``/dev/shm`` is a tmpfs of limited size: docker gives a container 64 MiB unless told otherwise
+(``docker run --shm-size``), less than twelve 1080p frames. Each pool reserves its pages when it
+is made, so a pool that does not fit fails with one line instead of a SIGBUS later; this module
+makes it fit in the first place. At start-up the runner adds up what the stages will create:
+the file sources' frame pools (``decode.slots`` frames each), the tensor pools and the secondary
+models' tensor pools. When that exceeds :data:`SHM_SHARE` of the free room, every file source's
+frame pool is capped at the same, largest slot count that fits, and when even
+:data:`MIN_FRAME_SLOTS` per source is too many, the tensor pools go down to
+:data:`MIN_TENSOR_SLOTS` as well (one warning line naming the ``--shm-size`` that would give them
+all); when that does not fit either, the run stops before it starts, with one error line.
+
+Fewer frame slots cost throughput, not correctness: a decoder waits for a slot to come back
+(backpressure) and a partial batch leaves after ``preprocess.max_wait_ms``.
+
+Room: pipeline (start-up planning, beside :mod:`pipeline.chains`; docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from pipeline.slotpool import SHM_DIR, pool_bytes
+from pipeline.stages.base import StageSpec
+from pipeline.stages.colocated import ColocatedSpec
+from pipeline.stages.decode import DecodeSpec
+from pipeline.stages.postprocess import PostprocessSpec
+from pipeline.stages.preprocess import PreprocessSpec
+from pipeline.summary import PipelineError
+
+SHM_SHARE = 0.75
+"""Share of the free ``/dev/shm`` the pools made at start-up may take. The rest is for what comes
+later: the engines' output pools (each at most an eighth of what is then free, else outputs travel
+inline), live sources' frame pools (made at their first frame), and a restarted stage's new pools
+while other stages still map the old ones."""
+
+MIN_FRAME_SLOTS = 2
+"""Fewest frame slots a file source runs with (``decode.slots`` accepts no fewer)."""
+
+MIN_TENSOR_SLOTS = 2
+"""Fewest input tensors in flight (``preprocess.tensor_slots`` accepts no fewer): one in the engine
+while the next is filled. Tensor slots are cut to it only when frame slots alone are not enough."""
+
+_MIB = 2**20
+
+
+def _decoders(spec: StageSpec) -> tuple[DecodeSpec, ...]:
+    if isinstance(spec, DecodeSpec):
+        return (spec,)
+    if isinstance(spec, ColocatedSpec):
+        return spec.decoders
+    return ()
+
+
+def fixed_pool_bytes(spec: StageSpec) -> int:
+    """Shared memory a stage's process creates at start, other than file sources' frame pools.
+
+    Args:
+        spec: a stage spec (decode, preprocess, colocated, postprocess, engine, ...).
+
+    Returns:
+        Bytes of its tensor pools: the preprocess stage's, the secondary models' (made by the
+        postprocess stage); 0 for the others (an engine's output pool sizes itself when made).
+    """
+    if isinstance(spec, PreprocessSpec):
+        return spec.pool_bytes
+    if isinstance(spec, ColocatedSpec):
+        return spec.preprocess.pool_bytes
+    if isinstance(spec, PostprocessSpec):
+        return sum(link.pool_bytes for link in spec.secondaries)
+    return 0
+
+
+def _cap_decoder(spec: DecodeSpec, cap: int) -> DecodeSpec:
+    return dataclasses.replace(spec, num_slots=min(spec.num_slots, cap)) if spec.pool_bytes else spec
+
+
+def _cap_tensors(spec: PreprocessSpec, cap: int | None) -> PreprocessSpec:
+    return spec if cap is None else dataclasses.replace(spec, tensor_slots=min(spec.tensor_slots, cap))
+
+
+def _capped(spec: StageSpec, frames: int, tensors: int | None = None) -> StageSpec:
+    """``spec`` with at most ``frames`` slots per file source's frame pool and ``tensors`` tensor slots.
+
+    ``tensors`` None leaves the tensor slots as they are.
+    """
+    if isinstance(spec, DecodeSpec):
+        return _cap_decoder(spec, frames)
+    if isinstance(spec, PreprocessSpec):
+        return _cap_tensors(spec, tensors)
+    if isinstance(spec, ColocatedSpec):
+        return dataclasses.replace(spec, preprocess=_cap_tensors(spec.preprocess, tensors),
+                                   decoders=tuple(_cap_decoder(d, frames) for d in spec.decoders))
+    return spec
+
+
+def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None) -> tuple[list[StageSpec], str]:
+    """Cap the frame slots (then the tensor slots) so that the run's pools fit in :data:`SHM_SHARE` of ``free_bytes``.
+
+    Args:
+        specs: the run's stage specs (:func:`pipeline.chains.stage_specs`), or one decode spec of a
+            source added at runtime.
+        free_bytes: free bytes in :data:`~pipeline.slotpool.SHM_DIR`
+            (:func:`~pipeline.slotpool.shm_free_bytes`); None: unknown (no ``/dev/shm``), nothing
+            is changed.
+
+    Returns:
+        The specs (the same list when everything fits) and a warning ("" when nothing was capped).
+
+    Raises:
+        PipelineError: when even :data:`MIN_FRAME_SLOTS` slots per file source and
+            :data:`MIN_TENSOR_SLOTS` per tensor pool do not fit; the
+            message names the free room, what the run needs and the ``--shm-size`` that gives it.
+    """
+    decoders = [d for sp in specs for d in _decoders(sp) if d.pool_bytes]
+    wanted = sum(fixed_pool_bytes(sp) for sp in specs) + sum(d.pool_bytes for d in decoders)
+    if free_bytes is None or wanted <= free_bytes * SHM_SHARE:
+        return specs, ""
+    budget = int(free_bytes * SHM_SHARE)
+    header = pool_bytes(0, 1)
+    frames = [(d.num_slots, (d.pool_bytes - header) // d.num_slots) for d in decoders]  # (slots, slot stride)
+    most = max((n for n, _ in frames), default=0)
+    configured = sorted({n for n, _ in frames})
+    advice = f"docker run --shm-size={math.ceil(wanted / SHM_SHARE / (64 * _MIB)) * 64}m"
+    room = f"{SHM_DIR} has {free_bytes / _MIB:.1f} MiB free"
+    least = wanted
+    for tensors in (None, MIN_TENSOR_SLOTS):  # the frame slots first, then the tensor slots too
+
+        def need(cap: int, tensors: int | None = tensors) -> int:
+            return sum(fixed_pool_bytes(_capped(sp, cap, tensors)) for sp in specs) \
+                + sum(header + min(n, cap) * stride for n, stride in frames)
+
+        least = need(MIN_FRAME_SLOTS)
+        if least > budget:
+            continue
+        cap = most
+        while need(cap) > budget:  # (at most decode.slots steps; need(MIN_FRAME_SLOTS) fits)
+            cap -= 1
+        also = "" if tensors is None else f" and {tensors} tensor slots"
+        if frames:
+            slots = str(configured[0]) if len(configured) == 1 else f"{configured[0]}-{configured[-1]}"
+            what, got = f"{slots} frame slots per file source", f"at most {cap} each{also}"
+        else:
+            what, got = "the tensor slots", also.removeprefix(" and ")
+        warning = (f"shared memory: {room}, too little for {what} ({wanted / _MIB:.1f} MiB with the tensor "
+                   f"pools): {got}, which may cost throughput ({advice} gives them all)")
+        return [_capped(sp, cap, tensors) for sp in specs], warning
+    raise PipelineError(
+        f"shared memory: {room}, and this run's frame and tensor pools need {least / _MIB:.1f} MiB at least "
+        f"({wanted / _MIB:.1f} MiB as configured; a run takes at most {SHM_SHARE:.0%} of the room): give it "
+        f"more ({advice}), or run fewer sources or a smaller batch")

@@ -1,0 +1,177 @@
+"""Fitting a run's shared-memory pools into a small /dev/shm (pipeline.shm_plan), and what a run does there.
+
+The unit tests plan the real stage specs of a run against a given free room. The end-to-end tests
+run ``run_pipeline.py`` with a tmpfs of docker's default size (64 MiB) and smaller mounted on
+``/dev/shm`` in a private mount namespace (tests/helpers/small_shm.py): before the plan, three
+720p sources there were killed by SIGBUS until the run failed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.chains import prepare_run, stage_specs
+from pipeline.settings import DEFAULT_MODEL, DEFAULT_SOURCE
+from pipeline.shm_plan import MIN_FRAME_SLOTS, SHM_SHARE, _capped, _decoders, fit_shared_memory, fixed_pool_bytes
+from pipeline.stages.base import StageSpec
+from pipeline.stages.colocated import ColocatedSpec
+from pipeline.summary import PipelineError
+from pipeline.transport import ipc_endpoints, tcp_endpoints
+from tests.helpers.cli import run
+from tests.helpers.settings import settings_with
+from tests.helpers.small_shm import small_shm_prefix, small_shm_unavailable
+from tests.helpers.standin import bikes_path
+
+MIB = 2**20
+BBB = bikes_path().parent / "bigbuckbunny.mp4"  # 1280x720: 2.6 MiB a frame slot
+
+
+def _specs(tmp_path: Path, sources: list[str], placement: str = "with_preprocess", **over: object) -> list[StageSpec]:
+    s = settings_with({"sources": sources, "model": str(DEFAULT_MODEL)}, decode__placement=placement, **over)
+    pools = [f"p{i}" for i in range(len(sources))]
+    return stage_specs(s, prepare_run(s), ipc_endpoints(tmp_path, pools), pools, ["t"])
+
+
+def _frame_slots(specs: list[StageSpec]) -> list[int]:
+    return [d.num_slots for sp in specs for d in _decoders(sp)]
+
+
+def _planned(specs: list[StageSpec]) -> int:
+    return sum(fixed_pool_bytes(sp) + sum(d.pool_bytes for d in _decoders(sp)) for sp in specs)
+
+
+def test_a_run_that_fits_is_left_as_it_is(tmp_path):
+    specs = _specs(tmp_path, [str(BBB)] * 3)
+    assert _frame_slots(specs) == [12, 12, 12]
+    for free in (None, 10**12, int(_planned(specs) / SHM_SHARE) + 1):
+        out, note = fit_shared_memory(specs, free)
+        assert out is specs and note == ""
+
+
+@pytest.mark.parametrize("placement", ["separate", "with_preprocess"])
+@pytest.mark.parametrize("free_mib", [36, 48, 64, 96])
+def test_frame_slots_are_capped_alike_at_the_most_that_fits(tmp_path, placement, free_mib):
+    specs = _specs(tmp_path, [str(BBB), str(bikes_path()), str(BBB)], placement)
+    free = free_mib * MIB
+    out, note = fit_shared_memory(specs, free)
+    slots = _frame_slots(out)
+    cap = max(slots)
+    assert all(n == cap for n in slots), slots  # one cap for all: the small bikes frames are not favoured
+    assert MIN_FRAME_SLOTS <= cap < 12
+    assert _planned(out) <= free * SHM_SHARE
+    assert _planned([_capped(sp, cap + 1) for sp in specs]) > free * SHM_SHARE  # one more slot each does not fit
+    assert f"has {free_mib}.0 MiB free" in note and f"at most {cap} each" in note
+    assert re.search(r"docker run --shm-size=(\d+)m gives them all", note)
+    size = int(re.search(r"--shm-size=(\d+)m", note).group(1)) * MIB  # type: ignore[union-attr]
+    assert fit_shared_memory(specs, size)[1] == ""  # the size it advises is enough
+    assert [type(sp) for sp in out] == [type(sp) for sp in specs]
+    assert [sp.source_id for sp in out] == [sp.source_id for sp in specs]
+
+
+def test_tensor_slots_go_down_too_when_two_frame_slots_each_are_too_many(tmp_path):
+    specs = _specs(tmp_path, [str(DEFAULT_SOURCE)], engine__intra_op_threads=1)  # one run of batch 4
+    pre = [sp.preprocess for sp in specs if isinstance(sp, ColocatedSpec)]
+    assert [(p.max_batch, p.tensor_slots) for p in pre] == [(4, 3)]  # 3 x 18.3 MiB
+    out, note = fit_shared_memory(specs, 64 * MIB)
+    assert _frame_slots(out) == [4]
+    assert [sp.preprocess.tensor_slots for sp in out if isinstance(sp, ColocatedSpec)] == [2]
+    assert "at most 4 each and 2 tensor slots, which may cost throughput (docker run --shm-size=128m" in note
+    assert _planned(out) <= 64 * MIB * SHM_SHARE < _planned([_capped(sp, 2) for sp in specs])
+
+
+@pytest.mark.parametrize("free_mib", [0, 4, 16, 20])
+def test_too_little_room_for_two_slots_each_is_one_error(tmp_path, free_mib):
+    specs = _specs(tmp_path, [str(BBB)] * 3)
+    with pytest.raises(PipelineError) as e:
+        fit_shared_memory(specs, free_mib * MIB)
+    text = str(e.value)
+    assert "\n" not in text
+    assert text.startswith(f"shared memory: /dev/shm has {free_mib}.0 MiB free, and this run's frame and tensor pools "
+                           "need 25.0 MiB at least (108.6 MiB as configured")
+    assert "docker run --shm-size=192m" in text
+
+
+def test_live_sources_and_tcp_are_not_planned(tmp_path):
+    live = _specs(tmp_path, ["rtsp://127.0.0.1:9/cam"])  # its pool is made at its first frame
+    assert [d.pool_bytes for sp in live for d in _decoders(sp)] == [0]
+    out, note = fit_shared_memory(live, 20 * MIB)
+    assert out is live and note == ""
+    s = settings_with({"sources": [str(BBB)], "model": str(DEFAULT_MODEL)}, transport__mode="tcp")
+    tcp = stage_specs(s, prepare_run(s), tcp_endpoints("127.0.0.1", 5700, ["p0"], 1), ["p0"], ["t"])
+    assert _planned(tcp) == 0 and fit_shared_memory(tcp, 0) == (tcp, "")  # pixels travel in the messages
+
+
+needs_small_shm = pytest.mark.skipif(bool(small_shm_unavailable()), reason=small_shm_unavailable())
+
+
+def _detections(path: Path) -> list[tuple[str, int, list[tuple[list[float], int, float]]]]:
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    return sorted((r["source_id"], r["frame_index"],
+                   [(d["box_xyxy"], d["class_id"], d["score"]) for d in r["detections"]])
+                  for r in rows if r["schema"].startswith("streamdet.detections"))
+
+
+@needs_small_shm
+def test_three_720p_sources_run_in_dockers_default_shm(tmp_path):
+    args = ["--source", str(BBB), "--source", str(BBB), "--source", str(BBB), "--max-frames", "40",
+            "--publish", "none"]
+    code, _, err = run([*args, "--jsonl", str(tmp_path / "small.jsonl")], prefix=small_shm_prefix(64))
+    assert code == 0, err
+    warnings = [x for x in err.splitlines() if "shared memory" in x]
+    assert len(warnings) == 1, err
+    assert re.fullmatch(r"warning: shared memory: /dev/shm has 64\.0 MiB free, too little for 12 frame slots per file "
+                        r"source \(\d+\.\d MiB with the tensor pools\): at most \d each, which may cost throughput "
+                        r"\(docker run --shm-size=\d+m gives them all\)", warnings[0]), warnings
+    assert "SIGBUS" not in err and "restarted" not in err
+    code, _, err = run([*args, "--jsonl", str(tmp_path / "big.jsonl")])
+    assert code == 0, err
+    small, big = _detections(tmp_path / "small.jsonl"), _detections(tmp_path / "big.jsonl")
+    assert len(small) == 120 and small == big
+
+
+@needs_small_shm
+def test_no_room_at_all_is_one_line_and_exit_1(tmp_path):
+    out = tmp_path / "out.jsonl"
+    code, stdout, err = run(["--source", str(BBB), "--source", str(BBB), "--publish", "none", "--jsonl", str(out)],
+                            prefix=small_shm_prefix(16))
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: shared memory: /dev/shm has 16.0 MiB free"), err
+    assert "Traceback" not in err + stdout
+
+
+def _clip_4k(path: Path, frames: int = 3) -> Path:
+    """A 3840x2160 MPEG-4 clip: 23.7 MiB a frame slot."""
+    import cv2
+    import numpy as np
+
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (3840, 2160))
+    assert out.isOpened()
+    for k in range(frames):
+        out.write(np.full((2160, 3840, 3), 40 * k, np.uint8))
+    out.release()
+    return path
+
+
+@needs_small_shm
+def test_a_source_added_at_runtime_gets_507_when_its_frames_do_not_fit(tmp_path):
+    import httpx
+
+    from tests.helpers.control import control_pipeline, wait_until
+
+    big = _clip_4k(tmp_path / "4k.mp4")
+    with control_pipeline(DEFAULT_MODEL, "--loop", "10000", prefix=small_shm_prefix(64)) as run:
+        r = httpx.post(run.url + "/sources", json={"url": str(big), "id": "big"}, timeout=30)
+        assert r.status_code == 507, r.text
+        assert r.json()["error"].startswith("source big: shared memory: /dev/shm has "), r.text
+        assert "docker run --shm-size=" in r.json()["error"]
+        r = httpx.post(run.url + "/sources", json={"url": str(BBB), "id": "bbb"}, timeout=30)
+        assert r.status_code == 201, r.text
+        wait_until(lambda: (httpx.get(run.url + "/sources/bbb").json().get("frames") or 0) >= 5, 30, "bbb frames")
+        assert [s["id"] for s in httpx.get(run.url + "/sources").json()] == ["demo", "bbb"]
+    assert run.returncode == 130, run.err
+    assert "SIGBUS" not in run.err and "restarted" not in run.err
