@@ -49,10 +49,10 @@ import zmq
 
 from pipeline.chains import ModelChain, PreparedRun, prepare_run, source_ids_for, stage_specs
 from pipeline.control.plane import ControlPlane, readiness
+from pipeline.host import fit_shared_memory, prepare_host
 from pipeline.restarts import Child, Restarter, environment, join_children, start_fork_server
 from pipeline.settings import Settings
-from pipeline.shm_plan import fit_shared_memory
-from pipeline.slotpool import RUN_PREFIX, SHM_DIR, pool_name, reap_orphan_pools, shm_free_bytes, unlink_pool
+from pipeline.slotpool import RUN_PREFIX, pool_name, shm_free_bytes, unlink_pool
 from pipeline.sources.probe import SourceInfo
 from pipeline.stages.base import StageSpec, runner_stdio, stage_main
 from pipeline.stages.cascade import SecondaryEngineSpec
@@ -243,6 +243,7 @@ class Pipeline:
             self.prepare()
         assert self._prepared is not None
         c = self.settings.control
+        prepare_host(max(len(self._prepared.sources), c.max_sources if c.port is not None else 0))
         control_sock = server = None
         if c.port is not None:  # bound first: a port in use is one line at start-up
             from pipeline.control.server import LOOPBACK_NAMES, ControlServer, bind_control_socket
@@ -258,10 +259,6 @@ class Pipeline:
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
-        reaped, reaped_bytes = reap_orphan_pools()
-        if reaped:
-            print(f"note: removed {reaped} shared-memory blocks ({reaped_bytes / 2**20:.0f} MiB) left in {SHM_DIR} by "
-                  "runs whose processes were all killed", file=sys.stderr)
         tmpdir = tempfile.mkdtemp(prefix="streamdet-")  # mode 0700: the ipc sockets are private
         token = uuid.uuid4().hex[:8]
         run = f"{RUN_PREFIX}{token}-"  # every shared-memory name of the run starts with it (reap_orphan_pools)

@@ -89,6 +89,7 @@ class SlotPool:
     """
 
     def __init__(self, *, shm: shared_memory.SharedMemory, num_slots: int, slot_bytes: int, owner: bool) -> None:
+        _release_fd(shm)
         self._shm: shared_memory.SharedMemory | None = shm
         self.name = shm.name
         self.num_slots = num_slots
@@ -223,6 +224,20 @@ class SlotPool:
 
 SHM_DIR = "/dev/shm"
 """Where POSIX shared memory lives on Linux (a tmpfs; writing past its size kills with SIGBUS)."""
+
+
+def _release_fd(shm: shared_memory.SharedMemory) -> None:
+    """Close a mapped block's file descriptor; the mapping stays.
+
+    ``SharedMemory`` keeps one open per handle until ``close()``, and a preprocess process with
+    its sources' decoders held 16 descriptors per source, 6 of them for blocks (the ledger and the
+    frame pools, each attached by several parts), so 64 sources passed the usual limit of 1024.
+    Nothing needs the descriptor once the block is mapped (``close()`` skips a closed one).
+    """
+    fd = getattr(shm, "_fd", -1)
+    if isinstance(fd, int) and fd >= 0:
+        os.close(fd)
+        shm._fd = -1  # type: ignore[attr-defined]
 
 
 def _reserve(name: str, size: int) -> None:

@@ -35,9 +35,9 @@ import zmq
 
 from pipeline.chains import ModelChain, PreparedRun, decode_spec, source_ids_for
 from pipeline.control.preview import PreviewHub
+from pipeline.host import fit_shared_memory
 from pipeline.restarts import Child
 from pipeline.settings import Settings
-from pipeline.shm_plan import fit_shared_memory
 from pipeline.slotpool import RUN_PREFIX, pool_name, shm_free_bytes, split_pool_name, unlink_pool
 from pipeline.sources.probe import SourceError, SourceInfo, probe_source
 from pipeline.stages.postprocess import PostprocessSpec

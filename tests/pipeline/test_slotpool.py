@@ -130,6 +130,18 @@ def test_create_reserves_every_page():
         assert st.st_blocks * 512 >= st.st_size >= 3 << 20
 
 
+def test_a_pool_handle_keeps_one_descriptor_its_mappings():
+    # SharedMemory keeps its own descriptor beside the mapping's: two a handle, and the preprocess
+    # process (every decoder's pools and ledger handle) reached the usual limit of 1024 at 64 sources
+    with SlotPool.create(name=_name(), num_slots=2, slot_bytes=64) as pool:
+        before = len(os.listdir("/proc/self/fd"))
+        handles = [SlotPool.attach(pool.name) for _ in range(10)]
+        assert len(os.listdir("/proc/self/fd")) - before == 10
+        for h in handles:
+            h.close()
+        assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_no_room_to_reserve_is_an_error_and_leaves_no_block(monkeypatch):
     import errno
 

@@ -1,4 +1,4 @@
-"""Fit a run's shared-memory pools into ``/dev/shm`` before any stage starts.
+"""Fit a run into the host before any stage starts: its pools into ``/dev/shm``, its sockets into the open-files limit.
 
 Every frame and tensor travels in a shared-memory slot pool (:mod:`pipeline.slotpool`), and
 ``/dev/shm`` is a tmpfs of limited size: docker gives a container 64 MiB unless told otherwise
@@ -15,6 +15,10 @@ all); when that does not fit either, the run stops before it starts, with one er
 Fewer frame slots cost throughput, not correctness: a decoder waits for a slot to come back
 (backpressure) and a partial batch leaves after ``preprocess.max_wait_ms``.
 
+Open files: every source costs the process that decodes it about :data:`FDS_PER_SOURCE`
+descriptors, and the usual soft limit of 1024 is reached near 64 sources; :func:`prepare_host`
+raises it to the hard limit for the run (the stage processes inherit it).
+
 Room: pipeline (start-up planning, beside :mod:`pipeline.chains`; docs/architecture.md).
 """
 
@@ -22,8 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
-from pipeline.slotpool import SHM_DIR, pool_bytes
+from pipeline.slotpool import SHM_DIR, pool_bytes, reap_orphan_pools
 from pipeline.stages.base import StageSpec
 from pipeline.stages.colocated import ColocatedSpec
 from pipeline.stages.decode import DecodeSpec
@@ -152,3 +157,68 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None) -> tuple[l
         f"shared memory: {room}, and this run's frame and tensor pools need {least / _MIB:.1f} MiB at least "
         f"({wanted / _MIB:.1f} MiB as configured; a run takes at most {SHM_SHARE:.0%} of the room): give it "
         f"more ({advice}), or run fewer sources or a smaller batch")
+
+
+FDS_PER_SOURCE = 14
+"""Open files one source costs the process that holds its decoder (the preprocess process, where
+the decoders run as its threads): ZeroMQ sockets and their mailboxes (credits, frames, status),
+the file, and a mapping of the ledger (measured with bikes.mp4: 130 descriptors with 8 sources,
+442 with 32, so 13 a source and 26 besides)."""
+
+FDS_BASE = 64
+"""Open files that process needs besides its sources (libraries, sockets to the other stages)."""
+
+
+def raise_open_files_limit(sources: int) -> int:
+    """Raise this process's soft limit on open files to its hard limit; the stage processes inherit it.
+
+    The soft limit is often 1024 (systemd's default, docker 25+) where the hard limit is far
+    higher (524288, 1048576): the process that decodes 72 sources needs about 1070.
+
+    Args:
+        sources: the most sources the run may hold at once.
+
+    Returns:
+        The soft limit now (``resource.RLIM_INFINITY``: none; -1 on systems without one).
+
+    Raises:
+        PipelineError: when even the hard limit is below what ``sources`` need (:data:`FDS_BASE` +
+            :data:`FDS_PER_SOURCE` per source): ZeroMQ would abort a stage process at its first
+            socket past the limit.
+    """
+    try:
+        import resource
+    except ImportError:  # (not a POSIX system)
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):  # (a hard limit the kernel caps lower: keep the soft one)
+            pass
+    need = FDS_BASE + FDS_PER_SOURCE * sources
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise PipelineError(
+            f"open files: limited to {soft} (ulimit -n, hard limit {hard}) and {sources} sources need about "
+            f"{need}: raise the hard limit (docker run --ulimit nofile={need}, LimitNOFILE= in a systemd unit) "
+            "or run fewer sources")
+    return soft
+
+
+def prepare_host(sources: int) -> None:
+    """Ready the host for a run of up to ``sources`` sources.
+
+    Raises the open-files limit (:func:`raise_open_files_limit`) and removes the shared memory of
+    runs whose processes were all killed (:func:`~pipeline.slotpool.reap_orphan_pools`; one
+    ``note:`` line on standard error when it finds some).
+
+    Raises:
+        PipelineError: when the open-files limit cannot be raised far enough.
+    """
+    raise_open_files_limit(sources)
+    reaped, reaped_bytes = reap_orphan_pools()
+    if reaped:
+        print(f"note: removed {reaped} shared-memory blocks ({reaped_bytes / 2**20:.0f} MiB) left in {SHM_DIR} by "
+              "runs whose processes were all killed", file=sys.stderr)
