@@ -66,7 +66,15 @@ from pipeline.summary import (
     process_rss_kib,
 )
 from pipeline.supervise import Ledger, RestartPolicy
-from pipeline.transport import CONTROL_HWM, POLL_MS, TransportMode, ipc_endpoints, make_socket, tcp_endpoints
+from pipeline.transport import (
+    CONTROL_HWM,
+    POLL_MS,
+    TransportMode,
+    ipc_endpoints,
+    make_socket,
+    new_context,
+    tcp_endpoints,
+)
 from streamdet.card import ModelCard
 from streamdet.constants import EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
 from streamdet.messages import StageName, StatusMsg
@@ -269,7 +277,7 @@ class Pipeline:
         secondary_pools = [f"{run}s{k}" for k in range(n_sec)]  # created by the postprocess stage
         output_pools = [f"{run}o{k}" for k in range(n_chains)]  # created by the engine stages
         self._pool_names = {pool_name(base, 0) for base in [*pools, *tensor_pools, *secondary_pools, *output_pools]}
-        ctx: zmq.Context[Any] = zmq.Context()
+        ctx = new_context()
         control = None
         ledger_name = f"{run}ledger"
         try:

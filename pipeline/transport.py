@@ -360,6 +360,27 @@ class StageFlags:
         return self.alive() and not self.stop_input.is_set() and not stopped
 
 
+def new_context() -> zmq.Context[Any]:
+    """A ZeroMQ context that may hold as many sockets as the process may open files.
+
+    libzmq allows 1023 sockets per context by default. The preprocess process holds four per
+    source (a decoder's credit, frame and status sockets, and its own credit socket back to the
+    decoder), so about 250 sources reached that, with ``ZMQError: Too many open files`` whatever
+    the open-files limit (raised by :func:`pipeline.host.prepare_host`). Set before any socket is made.
+    """
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        import resource
+    except ImportError:  # (not a POSIX system)
+        return ctx
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    cap = int(ctx.get(zmq.SOCKET_LIMIT))
+    want = cap if soft == resource.RLIM_INFINITY else min(cap, soft)
+    if want > int(ctx.get(zmq.MAX_SOCKETS)):
+        ctx.set(zmq.MAX_SOCKETS, want)
+    return ctx
+
+
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent dies (Linux ``prctl``).
 

@@ -10,6 +10,7 @@ lifecycle and reports ``ready``, errors and ``done`` to the runner's control soc
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -31,6 +32,7 @@ from pipeline.transport import (
     Stopped,
     close_socket,
     make_socket,
+    new_context,
     recv_parts,
     set_parent_death_signal,
     set_process_name,
@@ -318,7 +320,7 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
     set_process_name(process_name(spec))
     if not flags.parent_alive():  # the runner died before we got here
         return
-    ctx: zmq.Context[Any] = zmq.Context()
+    ctx = new_context()
     if spec.nice > 0:
         try:
             os.nice(spec.nice)
@@ -419,6 +421,12 @@ def describe_error(e: BaseException, stage: StageName) -> str:
 
     if isinstance(e, (StageError, EngineError, ModelCardError, TransportError, SlotPoolError)):
         text = str(e)
+    elif getattr(e, "errno", None) == errno.EMFILE:  # (ZMQError and OSError alike)
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        text = (f"the {stage.value} stage ran out of file descriptors ({e}; the open-files limit is "
+                f"{'unlimited' if soft == resource.RLIM_INFINITY else soft}: ulimit -n)")
     else:
         text = f"internal error in the {stage.value} stage: {type(e).__name__}: {e}"
     return " ".join(text.split())

@@ -192,15 +192,33 @@ def _hard_open_files() -> int:
 
 @pytest.mark.skipif(_hard_open_files() < 4096, reason="needs a hard open-files limit of 4096 or more")
 def test_many_sources_run_past_a_soft_open_files_limit_of_1024(tmp_path):
-    # 80 sources need about 1184 descriptors in the preprocess process: before the run raised its
-    # soft limit, ZeroMQ there failed with "Too many open files"
-    n = 80
+    # 260 sources: about 3400 descriptors and 1050 ZeroMQ sockets in the preprocess process. Before
+    # the run raised its soft limit, ZeroMQ there failed with "Too many open files" from 64 sources
+    # on; before the stages' contexts allowed more than libzmq's default 1023 sockets, from about 250.
+    n = 260
     out = tmp_path / "out.jsonl"
     args = [a for _ in range(n) for a in ("--source", str(bikes_path()))]
-    code, _, err = run([*args, "--max-frames", "2", "--publish", "none", "--jsonl", str(out)], prefix=_ulimit(1024))
+    code, _, err = run([*args, "--max-frames", "1", "--publish", "none", "--jsonl", str(out)], prefix=_ulimit(1024))
     assert code == 0, err[-2000:]
     frames = [json.loads(x) for x in out.read_text().splitlines()]
-    assert sum(1 for x in frames if x["schema"].startswith("streamdet.detections")) == 2 * n
+    assert sum(1 for x in frames if x["schema"].startswith("streamdet.detections")) == n
+
+
+def test_a_stage_context_holds_as_many_sockets_as_the_process_may_open_files():
+    import resource
+
+    import zmq
+
+    from pipeline.transport import new_context
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    ctx = new_context()
+    try:
+        limit = ctx.get(zmq.SOCKET_LIMIT)
+        want = limit if soft == resource.RLIM_INFINITY else min(limit, soft)
+        assert ctx.get(zmq.MAX_SOCKETS) == max(want, 1023)  # (libzmq's default: 1023)
+    finally:
+        ctx.term()
 
 
 def test_too_low_a_hard_open_files_limit_is_one_line_and_exit_1(tmp_path):
@@ -212,3 +230,18 @@ def test_too_low_a_hard_open_files_limit_is_one_line_and_exit_1(tmp_path):
         "error: open files: limited to 300 (ulimit -n, hard limit 300) and 30 sources need about 484: raise the hard "
         "limit (docker run --ulimit nofile=484, LimitNOFILE= in a systemd unit) or run fewer sources"], err
     assert not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").read_text() == ""
+
+
+def test_running_out_of_descriptors_in_a_stage_is_said_so():
+    import errno
+
+    import zmq
+
+    from pipeline.stages.base import describe_error
+    from streamdet.messages import StageName
+
+    for e in (zmq.ZMQError(errno.EMFILE), OSError(errno.EMFILE, "Too many open files")):
+        text = describe_error(e, StageName.PREPROCESS)
+        assert text.startswith("the preprocess stage ran out of file descriptors (")
+        assert "the open-files limit is " in text and text.endswith(": ulimit -n)")
+    assert describe_error(ValueError("x"), StageName.ENGINE) == "internal error in the engine stage: ValueError: x"
