@@ -37,7 +37,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -73,6 +72,7 @@ from pipeline.transport import (
     ipc_endpoints,
     make_socket,
     new_context,
+    private_run_dir,
     tcp_endpoints,
 )
 from streamdet.card import ModelCard
@@ -267,7 +267,7 @@ class Pipeline:
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
-        tmpdir = tempfile.mkdtemp(prefix="streamdet-")  # mode 0700: the ipc sockets are private
+        tmpdir = private_run_dir()  # mode 0700: the ipc sockets are private
         token = uuid.uuid4().hex[:8]
         run = f"{RUN_PREFIX}{token}-"  # every shared-memory name of the run starts with it (reap_orphan_pools)
         pools = [f"{run}f{i}" for i in range(len(self._prepared.sources))]  # base names (generation 0 first)

@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -358,6 +359,29 @@ class StageFlags:
         """False once decoders must stop reading (graceful stop, source removed) or the stage must stop at once."""
         stopped = self.source_stop is not None and self.source_stop()
         return self.alive() and not self.stop_input.is_set() and not stopped
+
+
+IPC_PATH_MAX = 107
+"""Longest ``ipc://`` path: a unix socket's address holds 108 bytes, its NUL included."""
+
+IPC_NAME_ROOM = 32
+"""Room kept for a socket's file name inside a run directory (the longest, ``tensor-credits-m12``, has 18)."""
+
+
+def private_run_dir(prefix: str = "streamdet-") -> str:
+    """Make a new private directory (mode 0700) for a run's ``ipc://`` sockets; returns its path.
+
+    In the system's temporary directory (``TMPDIR``), or in ``/tmp`` when that path leaves too
+    little of a unix socket's 107 bytes (a deep ``TMPDIR``; macOS's per-user one): binding
+    there failed with ``File name too long``.
+
+    Raises:
+        OSError: if the directory cannot be made.
+    """
+    base = tempfile.gettempdir()
+    if len(base.encode()) + len(prefix) + 9 + IPC_NAME_ROOM > IPC_PATH_MAX and os.path.isdir("/tmp"):
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
 
 
 def new_context() -> zmq.Context[Any]:

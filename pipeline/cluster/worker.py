@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ import zmq
 
 from pipeline.settings import Settings, SourceEntry
 from pipeline.stages.forward_sink import KIND_EOS, unpack
+from pipeline.transport import private_run_dir
 
 __all__ = ["BATCH_MAX", "BATCH_WAIT_S", "KIND_SUMMARY", "Message", "UnitRun", "UnitSpec", "unit_settings"]
 
@@ -128,7 +128,7 @@ class UnitRun:
         """Run the pipeline; yield its messages in batches, then the summary (:data:`KIND_SUMMARY`) last."""
         from pipeline.runner import Pipeline, PipelineError
 
-        tmp = Path(tempfile.mkdtemp(prefix="streamdet-unit-"))
+        tmp = Path(private_run_dir("streamdet-unit-"))
         endpoint = f"ipc://{tmp / 'forward'}"
         ctx: zmq.Context[Any] = zmq.Context()
         pull = ctx.socket(zmq.PULL)

@@ -129,3 +129,32 @@ def test_stage_flags():
     assert not f.alive()
     orphan = StageFlags(go=e[0], stop_input=e[1], abort=mp.get_context("spawn").Event(), parent_pid=-1)
     assert not orphan.parent_alive() and not orphan.alive()
+
+
+@pytest.mark.parametrize(("tmpdir_len", "in_tmpdir"), [(20, True), (50, True), (70, False), (200, False)])
+def test_run_dir_leaves_room_for_socket_names(monkeypatch, tmpdir_len, in_tmpdir):
+    import os
+    import shutil
+    import tempfile
+
+    from pipeline.transport import IPC_PATH_MAX, private_run_dir
+
+    top = tempfile.mkdtemp(prefix="sd-t", dir="/tmp")
+    deep = os.path.join(top, "d" * (tmpdir_len - len(top) - 1))
+    os.makedirs(deep)
+    assert len(deep) == tmpdir_len
+    monkeypatch.setattr(tempfile, "tempdir", deep)
+    run_dir = private_run_dir()
+    try:
+        assert os.path.dirname(run_dir) == (deep if in_tmpdir else "/tmp")
+        assert os.stat(run_dir).st_mode & 0o777 == 0o700
+        endpoint = os.path.join(run_dir, "tensor-credits-m12")
+        assert len(endpoint) <= IPC_PATH_MAX
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PULL)
+        sock.bind(f"ipc://{endpoint}")  # (failed with "File name too long" under a deep TMPDIR)
+        sock.close(0)
+        ctx.term()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(top, ignore_errors=True)
