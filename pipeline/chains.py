@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.base import Backend, DeviceEngine, EngineError
+from pipeline.host import machine_cores
 from pipeline.secondary import SecondaryModel, prepare_secondaries, secondary_specs
 from pipeline.settings import DEFAULT_MAX_BATCH, Settings
 from pipeline.slotpool import pool_name
@@ -212,30 +213,25 @@ def prepare_model(settings: Settings, model_path: Path, card_path: Path | None, 
     return ModelChain(info, card, max_batch, pad, source_ids, tensor_device, rect, concurrent, threads)
 
 
-def machine_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS tells, else ``os.cpu_count()``)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
-
-
 def engine_parallelism(settings: Settings, backend: Backend, device: str, *, device_batches: bool = False,
-                       cores: int | None = None) -> tuple[int, int]:
+                       cores: int | None = None, host_cores: int | None = None) -> tuple[int, int]:
     """Batches the engine runs at once and CPU threads per run, automatic values resolved.
 
     These are ``engine.concurrent_batches`` and ``engine.intra_op_threads``. Concurrent batches
     need ONNX Runtime on the CPU with host batches; auto is 2 there on 2 or more cores when the
     threads are automatic too, else 1 (threads set by hand are a CPU budget kept as given).
     With ``intra_op_threads`` 0 and several concurrent batches, each run gets the cores divided
-    among them (at least 1); with one batch at a time 0 is passed on (ONNX Runtime: one per core).
+    among them (at least 1); with one batch at a time 0 is passed on (ONNX Runtime: one per
+    core of the host), unless the run may use fewer cores than the host has (a container's CPU
+    quota, an affinity mask): then it gets that many.
 
     Args:
         settings: the run's settings.
         backend: the backend the run settled on (after any fallback).
         device: its device (``cpu``, ``cuda``, ``cuda:N``).
         device_batches: the preprocess writes the batches as device tensors.
-        cores: the machine's cores (None: :func:`machine_cores`).
+        cores: the cores the run may use (None: :func:`~pipeline.host.machine_cores`).
+        host_cores: the host's cores (None: ``os.cpu_count()``).
 
     Returns:
         ``(concurrent_batches, intra_op_threads)``.
@@ -251,7 +247,8 @@ def engine_parallelism(settings: Settings, backend: Backend, device: str, *, dev
         raise PipelineError(f"engine.concurrent_batches={eng.concurrent_batches}: concurrent batches need the "
                             f"onnxruntime backend on the CPU with host batches (this run: {where}); set it to 0 or 1")
     concurrent = eng.concurrent_batches or (2 if host_ort and n >= 2 and eng.intra_op_threads == 0 else 1)
-    threads = eng.intra_op_threads or (max(1, n // concurrent) if concurrent > 1 else 0)
+    limited = n < (host_cores if host_cores is not None else os.cpu_count() or n)
+    threads = eng.intra_op_threads or (max(1, n // concurrent) if concurrent > 1 or limited else 0)
     return concurrent, threads
 
 
@@ -286,7 +283,7 @@ def decode_placement(settings: Settings, cpu_count: int | None = None) -> Decode
 
     Args:
         settings: the run's settings.
-        cpu_count: the machine's cores (None: :func:`machine_cores`).
+        cpu_count: the cores the run may use (None: :func:`~pipeline.host.machine_cores`).
 
     Returns:
         :attr:`DecodePlacement.SEPARATE` or :attr:`DecodePlacement.WITH_PREPROCESS`.

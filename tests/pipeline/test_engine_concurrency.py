@@ -186,9 +186,25 @@ def test_engine_parallelism(concurrent, threads, backend, device, device_batches
     s = settings_with({}, engine__concurrent_batches=concurrent, engine__intra_op_threads=threads)
     if isinstance(expected, str):
         with pytest.raises(PipelineError, match=f"concurrent_batches={concurrent}: .*{expected}.*set it to 0 or 1"):
-            engine_parallelism(s, backend, device, device_batches=device_batches, cores=cores)
+            engine_parallelism(s, backend, device, device_batches=device_batches, cores=cores, host_cores=cores)
     else:
-        assert engine_parallelism(s, backend, device, device_batches=device_batches, cores=cores) == expected
+        assert engine_parallelism(s, backend, device, device_batches=device_batches, cores=cores,
+                                  host_cores=cores) == expected
+
+
+@pytest.mark.parametrize(
+    ("concurrent", "threads", "backend", "device", "cores", "expected"),
+    [  # the run may use fewer cores than the host has (a container's CPU quota): 64 cores, quota `cores`
+        (0, 0, Backend.ONNXRUNTIME, "cpu", 1, (1, 1)),  # not ORT's default: 64 threads on one core's quota
+        (1, 0, Backend.ONNXRUNTIME, "cpu", 4, (1, 4)),
+        (0, 0, Backend.ONNXRUNTIME, "cpu", 4, (2, 2)),
+        (0, 3, Backend.ONNXRUNTIME, "cpu", 1, (1, 3)),  # set by hand: kept
+        (0, 0, Backend.CUDA, "cpu", 2, (1, 2)),
+    ],
+)
+def test_engine_threads_follow_a_cpu_quota(concurrent, threads, backend, device, cores, expected):
+    s = settings_with({}, engine__concurrent_batches=concurrent, engine__intra_op_threads=threads)
+    assert engine_parallelism(s, backend, device, cores=cores, host_cores=64) == expected
 
 
 def test_the_preprocess_gets_a_tensor_slot_more_than_the_batches_in_flight(tmp_path):
