@@ -182,6 +182,11 @@ class ModelCard(_Frozen):
         """Model input size ``(width, height)`` in pixels."""
         return (self.input.width, self.input.height)
 
+    def batch_nbytes(self, batch: int) -> int:
+        """Bytes of an input batch of ``batch`` images: ``(batch, 3, height, width)`` of the input dtype."""
+        itemsize = 2 if self.input.dtype == "float16" else 4
+        return batch * 3 * self.input.height * self.input.width * itemsize
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
         if self.schema_version != CARD_SCHEMA:

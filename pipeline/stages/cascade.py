@@ -97,8 +97,7 @@ class SecondaryLink:
     @property
     def tensor_slot_bytes(self) -> int:
         """Bytes of one input tensor: ``max_batch`` crops at the card's input size."""
-        iw, ih = self.card.input_wh
-        return self.max_batch * 3 * ih * iw * np.dtype(self.card.input.dtype).itemsize
+        return self.card.batch_nbytes(self.max_batch)
 
     @property
     def pool_bytes(self) -> int:

@@ -114,8 +114,7 @@ class PreprocessSpec(StageSpec):
     @property
     def tensor_slot_bytes(self) -> int:
         """Bytes of one input tensor: ``max_batch`` rows of the card's full input size."""
-        iw, ih = self.card.input_wh
-        return self.max_batch * 3 * ih * iw * np.dtype(self.card.input.dtype).itemsize
+        return self.card.batch_nbytes(self.max_batch)
 
     @property
     def pool_bytes(self) -> int:

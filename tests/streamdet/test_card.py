@@ -189,3 +189,12 @@ def test_card_from_ultralytics_end2end_segment_and_sizes() -> None:
 def test_card_from_ultralytics_errors(meta: dict, input_shape: list, match: str) -> None:
     with pytest.raises(ModelCardError, match=match):
         card_from_ultralytics_metadata(meta, "images", input_shape, ["output0"], [[1, 5, 10]])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_batch_nbytes_is_the_size_of_an_input_batch(dtype):
+    import numpy as np
+
+    card = make_card(input=InputSpec(width=832, height=480, dtype=dtype))
+    assert card.batch_nbytes(4) == np.zeros((4, 3, 480, 832), dtype).nbytes
+    assert card.batch_nbytes(0) == 0
