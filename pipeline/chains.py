@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.base import Backend, DeviceEngine, EngineError
-from pipeline.host import machine_cores
+from pipeline.cgroups import machine_cores
 from pipeline.secondary import SecondaryModel, prepare_secondaries, secondary_specs
 from pipeline.settings import DEFAULT_MAX_BATCH, Settings
 from pipeline.slotpool import pool_name

@@ -19,10 +19,6 @@ Open files: every source costs the process that decodes it about :data:`FDS_PER_
 descriptors, and the usual soft limit of 1024 is reached near 64 sources; :func:`prepare_host`
 raises it to the hard limit for the run (the stage processes inherit it).
 
-Cores: a container's CPU limit (``docker run --cpus``, a Kubernetes ``limits.cpu``) is a cgroup
-quota, invisible to ``os.cpu_count()`` and to the CPU affinity; :func:`machine_cores` counts it,
-so that the engine's threads and the decoders' placement follow the cores the run may use.
-
 Room: pipeline (start-up planning, beside :mod:`pipeline.chains`; docs/architecture.md).
 """
 
@@ -30,10 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import posixpath
 import sys
-from collections.abc import Callable
 
 from pipeline.slotpool import SHM_DIR, pool_bytes, reap_orphan_pools
 from pipeline.stages.base import StageSpec
@@ -229,94 +222,3 @@ def prepare_host(sources: int) -> None:
     if reaped:
         print(f"note: removed {reaped} shared-memory blocks ({reaped_bytes / 2**20:.0f} MiB) left in {SHM_DIR} by "
               "runs whose processes were all killed", file=sys.stderr)
-
-
-def _v2_quota(path: str) -> float | None:
-    """Cores a cgroup v2 directory's ``cpu.max`` allows (None: none set, or no file)."""
-    try:
-        with open(posixpath.join(path, "cpu.max")) as f:
-            quota, period = f.read().split()[:2]
-    except (OSError, ValueError):
-        return None
-    return None if quota == "max" or int(period) <= 0 else int(quota) / int(period)
-
-
-def _v1_quota(path: str) -> float | None:
-    """Cores a cgroup v1 ``cpu`` directory's CFS quota allows (None: -1, or no file)."""
-    try:
-        with open(posixpath.join(path, "cpu.cfs_quota_us")) as f:
-            quota = int(f.read())
-        with open(posixpath.join(path, "cpu.cfs_period_us")) as f:
-            period = int(f.read())
-    except (OSError, ValueError):
-        return None
-    return None if quota <= 0 or period <= 0 else quota / period
-
-
-def _tightest(top: str, rel: str, read: Callable[[str], float | None]) -> float | None:
-    """The smallest quota on the way from cgroup ``rel`` up to the hierarchy's top (mounted at ``top``)."""
-    found: list[float] = []
-    rel = rel.strip("/")
-    while True:
-        q = read(posixpath.join(top, rel) if rel else top)
-        if q is not None:
-            found.append(q)
-        if not rel:
-            return min(found) if found else None
-        rel = posixpath.dirname(rel)
-
-
-def cpu_quota(proc: str = "/proc/self") -> float | None:
-    """The CPU limit of this process's cgroups, in cores (``2.5`` for ``docker run --cpus=2.5``).
-
-    Reads cgroup v2 (``cpu.max``) and v1 (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``) along the
-    process's cgroup path up to the top of each hierarchy (a Kubernetes pod's limit sits on a
-    parent of the container's cgroup), as the JDK's and Go's container support do.
-
-    Args:
-        proc: the ``/proc`` entry of the process (a fake tree in tests).
-
-    Returns:
-        The tightest quota in cores, or None without one (or off Linux).
-    """
-    try:
-        with open(f"{proc}/cgroup") as f:
-            groups = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
-        with open(f"{proc}/mountinfo") as f:
-            mounts = [line.split() for line in f]
-    except OSError:
-        return None
-    quotas: list[float] = []
-    for fields in mounts:
-        # ID parent major:minor root mount-point options [optional...] - fstype source super-options
-        dash = fields.index("-") if "-" in fields else -1
-        if dash < 5 or len(fields) <= dash + 3:
-            continue
-        fstype, options = fields[dash + 1], fields[dash + 3].split(",")
-        root, point = fields[3], fields[4]
-        for hid, controllers, path in groups:
-            v2 = fstype == "cgroup2" and hid == "0" and controllers == ""
-            v1 = fstype == "cgroup" and "cpu" in controllers.split(",") and "cpu" in options
-            if not (v2 or v1):
-                continue
-            rel = posixpath.relpath(path, root) if path.startswith(root) else path
-            q = _tightest(point, "" if rel == "." else rel, _v2_quota if v2 else _v1_quota)
-            if q is not None:
-                quotas.append(q)
-    return min(quotas) if quotas else None
-
-
-def machine_cores() -> int:
-    """The cores this process may use: its CPU affinity, capped by its cgroup's CPU quota (rounded up).
-
-    Returns:
-        At least 1.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # (not on Linux)
-        cores = os.cpu_count() or 1
-    quota = cpu_quota()
-    if quota is not None:
-        cores = min(cores, max(1, math.ceil(quota - 1e-9)))
-    return max(1, cores)

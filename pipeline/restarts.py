@@ -35,6 +35,7 @@ from typing import Any
 
 import zmq
 
+from pipeline.cgroups import OomWatch
 from pipeline.slotpool import SHM_DIR, pool_name, shm_free_bytes, split_pool_name, unlink_pool
 from pipeline.stages.base import StageSpec
 from pipeline.stages.colocated import ColocatedSpec
@@ -83,13 +84,17 @@ class _Pending:
     ready_before: int = -1  # the label's ready count when the new process started (-1: not started)
 
 
-def exit_reason(code: int | None) -> str:
+def exit_reason(code: int | None, oom: OomWatch | None = None) -> str:
     """Why a process ended, from its exit code: ``killed by SIGKILL``, ``exit code 1``.
 
     SIGBUS comes with the free room in ``/dev/shm``: a write into shared memory that tmpfs
     cannot back (a block made elsewhere, or grown, without reserving its pages) ends that way.
+    SIGKILL comes with the memory limit when ``oom`` has seen the OOM killer strike in the run's
+    cgroup (a container's ``--memory``).
     """
     if code is not None and code < 0:
+        if -code == signal.SIGKILL and oom is not None and (note := oom.note()):
+            return f"killed by SIGKILL ({note})"
         if -code == signal.SIGBUS:
             free = shm_free_bytes()
             room = "" if free is None else f"; {SHM_DIR} has {free / 2**20:.1f} MiB free"
@@ -132,10 +137,13 @@ class Restarter:
         spawn: starts a process for ``(spec, label)`` and returns it.
         events: PUSH socket to the postprocess stage's events endpoint (None: restarts are not published).
         pool_names: every pool name of the run (new generations are added; the runner unlinks them all at the end).
+        oom: counts the OOM killer's kills in the run's memory cgroup, to tell them from other
+            SIGKILLs (None: from now on).
     """
 
     def __init__(self, *, ledger: Ledger, policy: RestartPolicy, spawn: Callable[[StageSpec, str], Any],
-                 events: zmq.Socket[Any] | None, pool_names: set[str]) -> None:
+                 events: zmq.Socket[Any] | None, pool_names: set[str], oom: OomWatch | None = None) -> None:
+        self.oom = oom if oom is not None else OomWatch()
         self.ledger = ledger
         self.policy = policy
         self.spawn = spawn
@@ -174,7 +182,7 @@ class Restarter:
             if code in (None, 0) or child.handled:
                 continue
             child.handled = True
-            reason = book.last_error.pop(child.label, "") or exit_reason(code)
+            reason = book.last_error.pop(child.label, "") or exit_reason(code, self.oom)
             if book.restartable and not stopping:
                 error = self.died(child, reason)
                 if error:

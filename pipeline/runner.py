@@ -404,15 +404,15 @@ class Pipeline:
         mpctx = mp.get_context("spawn")
         go, stop_input, abort = mpctx.Event(), mpctx.Event(), mpctx.Event()
         self._abort = abort
-        self._start(specs, (go, stop_input, abort))
-        book = StatusBook(summary, abort)
         sv = self.settings.supervise
         policy = RestartPolicy(max_restarts=sv.max_restarts, window_s=sv.window_s,
                                backoff_initial_s=sv.backoff_initial_s, backoff_max_s=sv.backoff_max_s)
         assert self._ledger is not None
         restarter = Restarter(ledger=self._ledger, policy=policy, spawn=self._spawn, events=self._events,
-                              pool_names=self._pool_names)
+                              pool_names=self._pool_names)  # (first: it counts OOM kills from here on)
         self._restarter = restarter
+        self._start(specs, (go, stop_input, abort))
+        book = StatusBook(summary, abort)
         plane = self._plane
         if plane is not None:
             plane.attach(summary=summary, book=book, children=self._procs)

@@ -23,6 +23,7 @@ from typing import Any
 
 import zmq
 
+from pipeline.cgroups import prefer_for_oom_kill
 from pipeline.supervise import Ledger, LedgerRef
 from pipeline.transport import (
     CONTROL_HWM,
@@ -326,6 +327,7 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
             os.nice(spec.nice)
         except OSError:  # not allowed here: run at the normal priority
             pass
+    prefer_for_oom_kill()  # (the runner survives to restart it and say why)
     if spec.opencv_threads > 0:
         import cv2
 

@@ -22,7 +22,6 @@ from pipeline.stages.colocated import ColocatedSpec
 from pipeline.summary import PipelineError
 from pipeline.transport import ipc_endpoints, tcp_endpoints
 from tests.helpers.cli import run
-from tests.helpers.cpu_cgroup import cpu_cgroup, cpu_cgroup_unavailable
 from tests.helpers.settings import settings_with
 from tests.helpers.small_shm import small_shm_prefix, small_shm_unavailable
 from tests.helpers.standin import bikes_path
@@ -246,81 +245,3 @@ def test_running_out_of_descriptors_in_a_stage_is_said_so():
         assert text.startswith("the preprocess stage ran out of file descriptors (")
         assert "the open-files limit is " in text and text.endswith(": ulimit -n)")
     assert describe_error(ValueError("x"), StageName.ENGINE) == "internal error in the engine stage: ValueError: x"
-
-
-def _fake_proc(tmp_path: Path, cgroup: str, mounts: list[str]) -> str:
-    proc = tmp_path / "proc-self"
-    proc.mkdir()
-    (proc / "cgroup").write_text(cgroup)
-    (proc / "mountinfo").write_text("".join(f"{k + 30} 23 0:{k} {m}\n" for k, m in enumerate(mounts)))
-    return str(proc)
-
-
-def _files(root: Path, files: dict[str, str]) -> None:
-    for rel, text in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-
-
-@pytest.mark.parametrize(("version", "files", "expected"), [
-    ("v2", {}, None),  # no limit anywhere
-    ("v2", {"pod/ctr/cpu.max": "max 100000"}, None),
-    ("v2", {"pod/ctr/cpu.max": "250000 100000"}, 2.5),  # docker run --cpus=2.5
-    ("v2", {"pod/cpu.max": "150000 100000", "pod/ctr/cpu.max": "max 100000"}, 1.5),  # a Kubernetes pod's limit
-    ("v2", {"pod/cpu.max": "400000 100000", "pod/ctr/cpu.max": "50000 100000"}, 0.5),  # the tightest
-    ("v1", {"pod/ctr/cpu.cfs_quota_us": "-1", "pod/ctr/cpu.cfs_period_us": "100000"}, None),
-    ("v1", {"pod/ctr/cpu.cfs_quota_us": "200000", "pod/ctr/cpu.cfs_period_us": "100000"}, 2.0),
-    ("v1", {"pod/cpu.cfs_quota_us": "300000", "pod/cpu.cfs_period_us": "100000"}, 3.0),
-])
-def test_cpu_quota_from_cgroup_files(tmp_path, version, files, expected):
-    from pipeline.host import cpu_quota
-
-    top = tmp_path / "cgroup"
-    top.mkdir()
-    _files(top, files)
-    if version == "v2":
-        proc = _fake_proc(tmp_path, "0::/pod/ctr\n", [f"/ {top} rw,nosuid - cgroup2 cgroup2 rw"])
-    else:
-        proc = _fake_proc(tmp_path, "5:memory:/pod/ctr\n4:cpu,cpuacct:/pod/ctr\n0::/\n",
-                          [f"/ {tmp_path} rw - tmpfs tmpfs rw", f"/ {top} rw,nosuid - cgroup cgroup rw,cpu,cpuacct"])
-    assert cpu_quota(proc) == expected
-
-
-def test_cpu_quota_in_a_namespaced_container(tmp_path):
-    # inside the container: its cgroup is "/", mounted from the host's /kubepods/pod/ctr
-    from pipeline.host import cpu_quota
-
-    top = tmp_path / "cgroup"
-    _files(top, {"cpu.max": "100000 100000"})
-    proc = _fake_proc(tmp_path, "0::/\n", [f"/ {top} rw - cgroup2 cgroup2 rw"])
-    assert cpu_quota(proc) == 1.0
-    assert cpu_quota(str(tmp_path / "no-such-proc")) is None
-
-
-QUOTA_PROBE = """
-from pipeline.chains import decode_placement, engine_parallelism
-from pipeline.host import cpu_quota, machine_cores
-from tests.helpers.settings import settings_with
-from engines.base import Backend
-s = settings_with({})
-print(cpu_quota(), machine_cores(), engine_parallelism(s, Backend.ONNXRUNTIME, "cpu", host_cores=64),
-      decode_placement(s).value)
-"""
-
-
-@pytest.mark.skipif(bool(cpu_cgroup_unavailable()), reason=cpu_cgroup_unavailable() or "")
-@pytest.mark.parametrize(("cores", "expected"), [
-    (1.0, "1.0 1 (1, 1) with_preprocess"),
-    (1.5, "1.5 2 (2, 1) with_preprocess"),  # rounded up
-])
-def test_a_real_cpu_quota_sets_the_cores_a_run_uses(cores, expected):
-    import subprocess
-    import sys
-
-    from tests.helpers.cli import ROOT
-
-    with cpu_cgroup(cores) as prefix:
-        out = subprocess.run([*prefix, sys.executable, "-c", QUOTA_PROBE], capture_output=True, text=True,
-                             timeout=60, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == expected
