@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import posixpath
+import re
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -36,6 +37,11 @@ def _read(path: str) -> str | None:
             return f.read()
     except OSError:
         return None
+
+
+def _unescape(field: str) -> str:
+    r"""A ``mountinfo`` path: space, tab, newline and backslash come as octal escapes (``\040``)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _hierarchies(controller: str, proc: str) -> Iterator[tuple[bool, list[str]]]:
@@ -56,13 +62,14 @@ def _hierarchies(controller: str, proc: str) -> Iterator[tuple[bool, list[str]]]
         if dash < 5 or len(fields) <= dash + 3:
             continue
         fstype, options = fields[dash + 1], fields[dash + 3].split(",")
-        root, point = fields[3], fields[4]
+        root, point = _unescape(fields[3]), _unescape(fields[4])
         for hid, controllers, path in groups:
             v2 = fstype == "cgroup2" and hid == "0" and controllers == ""
             v1 = fstype == "cgroup" and controller in controllers.split(",") and controller in options
             if not (v2 or v1):
                 continue
-            rel = posixpath.relpath(path, root) if path.startswith(root) else path  # (namespaced: "/")
+            inside = path == root or path.startswith(root.rstrip("/") + "/")
+            rel = posixpath.relpath(path, root) if inside else "."  # (else the mount's own cgroup, as the JDK)
             rel = "" if rel == "." else rel.strip("/")
             dirs = []
             while True:

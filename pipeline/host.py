@@ -28,7 +28,7 @@ import dataclasses
 import math
 import sys
 
-from pipeline.slotpool import SHM_DIR, pool_bytes, reap_orphan_pools
+from pipeline.slotpool import SHM_DIR, reap_orphan_pools
 from pipeline.stages.base import StageSpec
 from pipeline.stages.colocated import ColocatedSpec
 from pipeline.stages.decode import DecodeSpec
@@ -37,10 +37,10 @@ from pipeline.stages.preprocess import PreprocessSpec
 from pipeline.summary import PipelineError
 
 SHM_SHARE = 0.75
-"""Share of the free ``/dev/shm`` the pools made at start-up may take. The rest is for what comes
-later: the engines' output pools (each at most an eighth of what is then free, else outputs travel
-inline), live sources' frame pools (made at their first frame), and a restarted stage's new pools
-while other stages still map the old ones."""
+"""Share of the free ``/dev/shm`` that the pools made at start-up, plus the room one restart needs
+(:func:`restart_bytes`), may take. The rest is for what comes later: the engines' output pools
+(each at most an eighth of what is then free, else outputs travel inline) and live sources' frame
+pools (made at their first frame)."""
 
 MIN_FRAME_SLOTS = 2
 """Fewest frame slots a file source runs with (``decode.slots`` accepts no fewer)."""
@@ -79,6 +79,35 @@ def fixed_pool_bytes(spec: StageSpec) -> int:
     return 0
 
 
+def restart_bytes(spec: StageSpec) -> int:
+    """Shared memory a restart of the stage needs on top of the run's: its old pools that others still map.
+
+    A restarted stage makes its pools again (the next generation) while the stages that read the
+    old ones keep them mapped until they see the new one: a decoder's frame pool by the preprocess
+    stage, a tensor pool by its engine, the frame pools of a colocated preprocess process by the
+    postprocess stage when it needs the pixels (annotated video, preview, secondary models), the
+    secondary models' tensor pools by their engines.
+
+    Args:
+        spec: a stage spec.
+
+    Returns:
+        Bytes.
+    """
+    if isinstance(spec, DecodeSpec):
+        return spec.pool_bytes
+    if isinstance(spec, ColocatedSpec):
+        pixels = sum(d.pool_bytes for d in spec.decoders) if spec.preprocess.keep_pixels else 0
+        return spec.preprocess.pool_bytes + pixels
+    return fixed_pool_bytes(spec)
+
+
+def planned_bytes(specs: list[StageSpec]) -> int:
+    """What the run needs in ``/dev/shm``: the pools made at start-up and the room of the largest restart."""
+    made = sum(fixed_pool_bytes(sp) + sum(d.pool_bytes for d in _decoders(sp)) for sp in specs)
+    return made + max((restart_bytes(sp) for sp in specs), default=0)
+
+
 def _cap_decoder(spec: DecodeSpec, cap: int) -> DecodeSpec:
     return dataclasses.replace(spec, num_slots=min(spec.num_slots, cap)) if spec.pool_bytes else spec
 
@@ -105,6 +134,8 @@ def _capped(spec: StageSpec, frames: int, tensors: int | None = None) -> StageSp
 def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None) -> tuple[list[StageSpec], str]:
     """Cap the frame slots (then the tensor slots) so that the run's pools fit in :data:`SHM_SHARE` of ``free_bytes``.
 
+    What must fit is :func:`planned_bytes`: the pools and the room of the largest restart.
+
     Args:
         specs: the run's stage specs (:func:`pipeline.chains.stage_specs`), or one decode spec of a
             source added at runtime.
@@ -120,43 +151,38 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None) -> tuple[l
             :data:`MIN_TENSOR_SLOTS` per tensor pool do not fit; the
             message names the free room, what the run needs and the ``--shm-size`` that gives it.
     """
-    decoders = [d for sp in specs for d in _decoders(sp) if d.pool_bytes]
-    wanted = sum(fixed_pool_bytes(sp) for sp in specs) + sum(d.pool_bytes for d in decoders)
+    wanted = planned_bytes(specs)
     if free_bytes is None or wanted <= free_bytes * SHM_SHARE:
         return specs, ""
     budget = int(free_bytes * SHM_SHARE)
-    header = pool_bytes(0, 1)
-    frames = [(d.num_slots, (d.pool_bytes - header) // d.num_slots) for d in decoders]  # (slots, slot stride)
-    most = max((n for n, _ in frames), default=0)
-    configured = sorted({n for n, _ in frames})
+    configured = sorted({d.num_slots for sp in specs for d in _decoders(sp) if d.pool_bytes})
     advice = f"docker run --shm-size={math.ceil(wanted / SHM_SHARE / (64 * _MIB)) * 64}m"
     room = f"{SHM_DIR} has {free_bytes / _MIB:.1f} MiB free"
     least = wanted
     for tensors in (None, MIN_TENSOR_SLOTS):  # the frame slots first, then the tensor slots too
 
         def need(cap: int, tensors: int | None = tensors) -> int:
-            return sum(fixed_pool_bytes(_capped(sp, cap, tensors)) for sp in specs) \
-                + sum(header + min(n, cap) * stride for n, stride in frames)
+            return planned_bytes([_capped(sp, cap, tensors) for sp in specs])
 
         least = need(MIN_FRAME_SLOTS)
         if least > budget:
             continue
-        cap = most
+        cap = max(configured, default=0)
         while need(cap) > budget:  # (at most decode.slots steps; need(MIN_FRAME_SLOTS) fits)
             cap -= 1
         also = "" if tensors is None else f" and {tensors} tensor slots"
-        if frames:
+        if configured:
             slots = str(configured[0]) if len(configured) == 1 else f"{configured[0]}-{configured[-1]}"
             what, got = f"{slots} frame slots per file source", f"at most {cap} each{also}"
         else:
             what, got = "the tensor slots", also.removeprefix(" and ")
         warning = (f"shared memory: {room}, too little for {what} ({wanted / _MIB:.1f} MiB with the tensor "
-                   f"pools): {got}, which may cost throughput ({advice} gives them all)")
+                   f"pools and the room of a restart): {got}, which may cost throughput ({advice} gives them all)")
         return [_capped(sp, cap, tensors) for sp in specs], warning
     raise PipelineError(
-        f"shared memory: {room}, and this run's frame and tensor pools need {least / _MIB:.1f} MiB at least "
-        f"({wanted / _MIB:.1f} MiB as configured; a run takes at most {SHM_SHARE:.0%} of the room): give it "
-        f"more ({advice}), or run fewer sources or a smaller batch")
+        f"shared memory: {room}, and this run's frame and tensor pools with the room of a restart need "
+        f"{least / _MIB:.1f} MiB at least ({wanted / _MIB:.1f} MiB as configured; a run takes at most "
+        f"{SHM_SHARE:.0%} of the room): give it more ({advice}), or run fewer sources or a smaller batch")
 
 
 FDS_PER_SOURCE = 14
@@ -169,55 +195,76 @@ FDS_BASE = 64
 """Open files that process needs besides its sources (libraries, sockets to the other stages)."""
 
 
-def raise_open_files_limit(sources: int) -> int:
-    """Raise this process's soft limit on open files to its hard limit; the stage processes inherit it.
+def open_files_need(sources: int) -> int:
+    """Open files a run of ``sources`` sources needs in its busiest process.
+
+    :data:`FDS_BASE` and :data:`FDS_PER_SOURCE` per source.
+    """
+    return FDS_BASE + FDS_PER_SOURCE * sources
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files as far as the system lets it; the stage processes inherit it.
 
     The soft limit is often 1024 (systemd's default, docker 25+) where the hard limit is far
-    higher (524288, 1048576): the process that decodes 72 sources needs about 1070.
-
-    Args:
-        sources: the most sources the run may hold at once.
+    higher (524288, 1048576): the process that decodes 72 sources needs about 1070. Where the
+    hard limit is unlimited and the kernel caps lower (macOS: soft 256, ``kern.maxfilesperproc``
+    some 10240), smaller steps are tried.
 
     Returns:
         The soft limit now (``resource.RLIM_INFINITY``: none; -1 on systems without one).
-
-    Raises:
-        PipelineError: when even the hard limit is below what ``sources`` need (:data:`FDS_BASE` +
-            :data:`FDS_PER_SOURCE` per source): ZeroMQ would abort a stage process at its first
-            socket past the limit.
     """
     try:
         import resource
     except ImportError:  # (not a POSIX system)
         return -1
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < want:
+    if soft == resource.RLIM_INFINITY:
+        return soft
+    tops = [hard] if hard != resource.RLIM_INFINITY else [1 << 20, 65536, 24576, 10240, 4096]
+    for want in tops:
+        if want <= soft:
+            break
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            soft = want
-        except (ValueError, OSError):  # (a hard limit the kernel caps lower: keep the soft one)
-            pass
-    need = FDS_BASE + FDS_PER_SOURCE * sources
-    if soft != resource.RLIM_INFINITY and soft < need:
-        raise PipelineError(
-            f"open files: limited to {soft} (ulimit -n, hard limit {hard}) and {sources} sources need about "
-            f"{need}: raise the hard limit (docker run --ulimit nofile={need}, LimitNOFILE= in a systemd unit) "
-            "or run fewer sources")
+            return want
+        except (ValueError, OSError):  # (the kernel caps lower: a smaller step)
+            continue
     return soft
 
 
-def prepare_host(sources: int) -> None:
-    """Ready the host for a run of up to ``sources`` sources.
+def prepare_host(sources: int, max_sources: int = 0) -> None:
+    """Ready the host for a run of ``sources`` sources at start-up, and up to ``max_sources`` later.
 
     Raises the open-files limit (:func:`raise_open_files_limit`) and removes the shared memory of
     runs whose processes were all killed (:func:`~pipeline.slotpool.reap_orphan_pools`; one
-    ``note:`` line on standard error when it finds some).
+    ``note:`` line on standard error when it finds some). When the limit is too low for
+    ``max_sources`` (the control API's ``control.max_sources``) but enough for ``sources``, one
+    ``warning:`` line.
 
     Raises:
-        PipelineError: when the open-files limit cannot be raised far enough.
+        PipelineError: when the open-files limit stays below what ``sources`` need
+            (:func:`open_files_need`): ZeroMQ would abort a stage process at its first socket
+            past the limit.
     """
-    raise_open_files_limit(sources)
+    limit = raise_open_files_limit()
+    if limit >= 0:
+        try:
+            import resource
+        except ImportError:  # pragma: no cover - (limit is -1 there)
+            return
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        unlimited = limit == resource.RLIM_INFINITY
+        need, most = open_files_need(sources), open_files_need(max(sources, max_sources))
+        hint = "raise the hard limit (docker run --ulimit nofile={n}, LimitNOFILE= in a systemd unit)"
+        if not unlimited and limit < need:
+            raise PipelineError(
+                f"open files: limited to {limit} (ulimit -n, hard limit {hard}) and {sources} sources need about "
+                f"{need}: {hint.format(n=need)} or run fewer sources")
+        if not unlimited and limit < most:
+            print(f"warning: open files: limited to {limit} (ulimit -n), enough for about "
+                  f"{(limit - FDS_BASE) // FDS_PER_SOURCE} sources, not control.max_sources={max_sources}: "
+                  f"{hint.format(n=most)}", file=sys.stderr)
     reaped, reaped_bytes = reap_orphan_pools()
     if reaped:
         print(f"note: removed {reaped} shared-memory blocks ({reaped_bytes / 2**20:.0f} MiB) left in {SHM_DIR} by "

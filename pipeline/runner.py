@@ -251,7 +251,7 @@ class Pipeline:
             self.prepare()
         assert self._prepared is not None
         c = self.settings.control
-        prepare_host(max(len(self._prepared.sources), c.max_sources if c.port is not None else 0))
+        prepare_host(len(self._prepared.sources), c.max_sources if c.port is not None else 0)
         control_sock = server = None
         if c.port is not None:  # bound first: a port in use is one line at start-up
             from pipeline.control.server import LOOPBACK_NAMES, ControlServer, bind_control_socket

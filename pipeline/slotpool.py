@@ -20,6 +20,8 @@ at start (:func:`reap_orphan_pools`).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 import struct
@@ -72,7 +74,8 @@ def pool_bytes(num_slots: int, slot_bytes: int) -> int:
     return HEADER_BYTES + num_slots * align(slot_bytes)
 
 
-SHM_ADVICE = "a larger /dev/shm (docker run --shm-size=...) or fewer slots (decode.slots)"
+SHM_ADVICE = ("a larger /dev/shm (docker run --shm-size=...) or fewer slots (decode.slots, decode.live_slots, "
+              "preprocess.tensor_slots)")
 """What to do when shared memory runs out (every such error line ends with it)."""
 
 
@@ -129,10 +132,11 @@ class SlotPool:
         except (OSError, ValueError) as e:
             raise SlotPoolError(f"shared memory {name!r}: cannot create {size} bytes ({e})") from e
         try:
-            _reserve(shm.name, size)
+            _reserve(shm, size)
         except OSError as e:
             shm.close()
-            shm.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                shm.unlink()
             free = shm_free_bytes()
             room = "" if free is None else f" ({SHM_DIR} has {free / 2**20:.1f} MiB free)"
             raise SlotPoolError(f"shared memory {name!r}: cannot reserve {size / 2**20:.1f} MiB{room}: "
@@ -240,23 +244,24 @@ def _release_fd(shm: shared_memory.SharedMemory) -> None:
         shm._fd = -1  # type: ignore[attr-defined]
 
 
-def _reserve(name: str, size: int) -> None:
-    """Allocate every page of block ``name`` now, where the system can (Linux tmpfs).
+def _reserve(shm: shared_memory.SharedMemory, size: int) -> None:
+    """Allocate every page of a new block now, where the system can (Linux tmpfs).
 
     ``ftruncate`` (all ``SharedMemory`` does) makes a sparse file; tmpfs then finds a page at
     each first write, and when none is left it kills the writer with SIGBUS.
 
     Raises:
-        OSError: ENOSPC when the room is not there.
+        OSError: ENOSPC (or ENOMEM) when the room is not there. Other failures (a file system
+            without ``fallocate``, a sandbox refusing it) leave the block sparse, as before.
     """
-    path = os.path.join(SHM_DIR, name.lstrip("/"))
-    if not hasattr(os, "posix_fallocate") or not os.path.exists(path):  # (no /dev/shm: other systems)
+    fd = getattr(shm, "_fd", -1)
+    if not hasattr(os, "posix_fallocate") or not isinstance(fd, int) or fd < 0:  # (other systems)
         return
-    fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, size)
-    finally:
-        os.close(fd)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise
 
 
 def shm_free_bytes() -> int | None:

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from pipeline.chains import prepare_run, stage_specs
-from pipeline.host import MIN_FRAME_SLOTS, SHM_SHARE, _capped, _decoders, fit_shared_memory, fixed_pool_bytes
+from pipeline.host import (
+    MIN_FRAME_SLOTS,
+    SHM_SHARE,
+    _capped,
+    _decoders,
+    fit_shared_memory,
+    planned_bytes,
+)
 from pipeline.settings import DEFAULT_MODEL, DEFAULT_SOURCE
 from pipeline.stages.base import StageSpec
 from pipeline.stages.colocated import ColocatedSpec
@@ -41,7 +48,7 @@ def _frame_slots(specs: list[StageSpec]) -> list[int]:
 
 
 def _planned(specs: list[StageSpec]) -> int:
-    return sum(fixed_pool_bytes(sp) + sum(d.pool_bytes for d in _decoders(sp)) for sp in specs)
+    return planned_bytes(specs)
 
 
 def test_a_run_that_fits_is_left_as_it_is(tmp_path):
@@ -53,7 +60,7 @@ def test_a_run_that_fits_is_left_as_it_is(tmp_path):
 
 
 @pytest.mark.parametrize("placement", ["separate", "with_preprocess"])
-@pytest.mark.parametrize("free_mib", [36, 48, 64, 96])
+@pytest.mark.parametrize("free_mib", [56, 64, 96, 120])
 def test_frame_slots_are_capped_alike_at_the_most_that_fits(tmp_path, placement, free_mib):
     specs = _specs(tmp_path, [str(BBB), str(bikes_path()), str(BBB)], placement)
     free = free_mib * MIB
@@ -76,11 +83,11 @@ def test_tensor_slots_go_down_too_when_two_frame_slots_each_are_too_many(tmp_pat
     specs = _specs(tmp_path, [str(DEFAULT_SOURCE)], engine__intra_op_threads=1)  # one run of batch 4
     pre = [sp.preprocess for sp in specs if isinstance(sp, ColocatedSpec)]
     assert [(p.max_batch, p.tensor_slots) for p in pre] == [(4, 3)]  # 3 x 18.3 MiB
-    out, note = fit_shared_memory(specs, 64 * MIB)
-    assert _frame_slots(out) == [4]
+    out, note = fit_shared_memory(specs, 128 * MIB)
+    assert _frame_slots(out) == [8]
     assert [sp.preprocess.tensor_slots for sp in out if isinstance(sp, ColocatedSpec)] == [2]
-    assert "at most 4 each and 2 tensor slots, which may cost throughput (docker run --shm-size=128m" in note
-    assert _planned(out) <= 64 * MIB * SHM_SHARE < _planned([_capped(sp, 2) for sp in specs])
+    assert "at most 8 each and 2 tensor slots, which may cost throughput (docker run --shm-size=192m" in note
+    assert _planned(out) <= 128 * MIB * SHM_SHARE < _planned([_capped(sp, 2) for sp in specs])
 
 
 @pytest.mark.parametrize("free_mib", [0, 4, 16, 20])
@@ -91,14 +98,14 @@ def test_too_little_room_for_two_slots_each_is_one_error(tmp_path, free_mib):
     text = str(e.value)
     assert "\n" not in text
     assert text.startswith(f"shared memory: /dev/shm has {free_mib}.0 MiB free, and this run's frame and tensor pools "
-                           "need 25.0 MiB at least (108.6 MiB as configured")
+                           "with the room of a restart need 34.1 MiB at least (122.3 MiB as configured")
     assert "docker run --shm-size=192m" in text
 
 
 def test_live_sources_and_tcp_are_not_planned(tmp_path):
     live = _specs(tmp_path, ["rtsp://127.0.0.1:9/cam"])  # its pool is made at its first frame
     assert [d.pool_bytes for sp in live for d in _decoders(sp)] == [0]
-    out, note = fit_shared_memory(live, 20 * MIB)
+    out, note = fit_shared_memory(live, 40 * MIB)
     assert out is live and note == ""
     s = settings_with({"sources": [str(BBB)], "model": str(DEFAULT_MODEL)}, transport__mode="tcp")
     tcp = stage_specs(s, prepare_run(s), tcp_endpoints("127.0.0.1", 5700, ["p0"], 1), ["p0"], ["t"])
@@ -124,8 +131,8 @@ def test_three_720p_sources_run_in_dockers_default_shm(tmp_path):
     warnings = [x for x in err.splitlines() if "shared memory" in x]
     assert len(warnings) == 1, err
     assert re.fullmatch(r"warning: shared memory: /dev/shm has 64\.0 MiB free, too little for 12 frame slots per file "
-                        r"source \(\d+\.\d MiB with the tensor pools\): at most \d each, which may cost throughput "
-                        r"\(docker run --shm-size=\d+m gives them all\)", warnings[0]), warnings
+                        r"source \(\d+\.\d MiB with the tensor pools and the room of a restart\): at most \d each, "
+                        r"which may cost throughput \(docker run --shm-size=\d+m gives them all\)", warnings[0])
     assert "SIGBUS" not in err and "restarted" not in err
     code, _, err = run([*args, "--jsonl", str(tmp_path / "big.jsonl")])
     assert code == 0, err
@@ -164,7 +171,7 @@ def test_a_source_added_at_runtime_gets_507_when_its_frames_do_not_fit(tmp_path)
     from tests.helpers.control import control_pipeline, wait_until
 
     big = _clip_4k(tmp_path / "4k.mp4")
-    with control_pipeline(DEFAULT_MODEL, "--loop", "10000", prefix=small_shm_prefix(64)) as run:
+    with control_pipeline(DEFAULT_MODEL, "--loop", "10000", "--batch", "1", prefix=small_shm_prefix(64)) as run:
         r = httpx.post(run.url + "/sources", json={"url": str(big), "id": "big"}, timeout=30)
         assert r.status_code == 507, r.text
         assert r.json()["error"].startswith("source big: shared memory: /dev/shm has "), r.text
@@ -245,3 +252,47 @@ def test_running_out_of_descriptors_in_a_stage_is_said_so():
         assert text.startswith("the preprocess stage ran out of file descriptors (")
         assert "the open-files limit is " in text and text.endswith(": ulimit -n)")
     assert describe_error(ValueError("x"), StageName.ENGINE) == "internal error in the engine stage: ValueError: x"
+
+
+def test_too_few_open_files_for_control_max_sources_is_a_warning_not_an_error():
+    import subprocess
+    import sys
+
+    from tests.helpers.cli import ROOT
+
+    probe = "from pipeline.host import prepare_host; prepare_host(1, 32); print('ran')"
+    out = subprocess.run([*_ulimit(300, 300), sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout == "ran\n", out.stderr
+    assert [x for x in out.stderr.splitlines() if x.startswith("warning")] == [
+        "warning: open files: limited to 300 (ulimit -n), enough for about 16 sources, not control.max_sources=32: "
+        "raise the hard limit (docker run --ulimit nofile=512, LimitNOFILE= in a systemd unit)"]
+
+
+@pytest.mark.parametrize(("soft", "hard", "kernel_cap", "expected"), [
+    (1024, 524288, None, 524288),  # systemd, docker 25+
+    (256, "inf", 10240, 10240),  # macOS: unlimited hard limit, kern.maxfilesperproc 10240
+    (256, "inf", 24576, 24576),
+    (256, "inf", 1000, 256),  # nothing above the soft limit is allowed: kept
+    (4096, 4096, None, 4096),
+    ("inf", "inf", None, "inf"),
+])
+def test_open_files_limit_is_raised_as_far_as_the_system_lets_it(monkeypatch, soft, hard, kernel_cap, expected):
+    import resource
+
+    from pipeline.host import raise_open_files_limit
+
+    inf = resource.RLIM_INFINITY
+    soft, hard, expected = (inf if v == "inf" else v for v in (soft, hard, expected))
+    state = {"soft": soft}
+
+    def setrlimit(kind: int, limits: tuple[int, int]) -> None:
+        assert kind == resource.RLIMIT_NOFILE and limits[1] == hard
+        if kernel_cap is not None and limits[0] > kernel_cap:
+            raise ValueError("not allowed to raise maximum limit")
+        state["soft"] = limits[0]
+
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (state["soft"], hard))
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    assert raise_open_files_limit() == expected
+    assert state["soft"] == expected

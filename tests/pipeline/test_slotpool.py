@@ -158,6 +158,20 @@ def test_no_room_to_reserve_is_an_error_and_leaves_no_block(monkeypatch):
     assert not os.path.exists(f"/dev/shm/{name}")
 
 
+def test_a_file_system_that_cannot_reserve_leaves_the_pool_sparse_as_before(monkeypatch):
+    import errno
+
+    def refused(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", refused)
+    with SlotPool.create(name=_name(), num_slots=2, slot_bytes=1000) as pool:
+        pool.view(1, (1000,))[...] = 7
+        other = SlotPool.attach(pool.name)
+        assert int(other.view(1, (1000,))[999]) == 7
+        other.close()
+
+
 SECOND_POOL = """
 from pipeline.slotpool import SlotPool, SlotPoolError
 a = SlotPool.create(name="sd-test-a", num_slots=5, slot_bytes=1 << 20)
@@ -183,7 +197,7 @@ def test_a_pool_that_does_not_fit_beside_another_is_refused():
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         "shared memory 'sd-test-b': needs 5.0 MiB but /dev/shm has 3.0 MiB free: a larger /dev/shm (docker run "
-        "--shm-size=...) or fewer slots (decode.slots)", "written"]
+        "--shm-size=...) or fewer slots (decode.slots, decode.live_slots, preprocess.tensor_slots)", "written"]
 
 
 def _leave_block(name: str, nbytes: int = 4096, age_s: float = 0.0) -> None:
