@@ -28,6 +28,17 @@ def _files(root: Path, files: dict[str, str]) -> None:
         (root / rel).write_text(text)
 
 
+def _pod_tree(tmp_path: Path, version: str, files: dict[str, str], *, v1_controllers: str) -> str:
+    """A process in cgroup /pod/ctr of one hierarchy (v2, or v1 with these controllers) holding ``files``."""
+    top = tmp_path / "cgroup"
+    top.mkdir()
+    _files(top, files)
+    if version == "v2":
+        return _fake_proc(tmp_path, "0::/pod/ctr\n", [f"/ {top} rw,nosuid - cgroup2 cgroup2 rw"])
+    return _fake_proc(tmp_path, f"5:pids:/pod/ctr\n4:{v1_controllers}:/pod/ctr\n0::/\n",
+                      [f"/ {tmp_path} rw - tmpfs tmpfs rw", f"/ {top} rw,nosuid - cgroup cgroup rw,{v1_controllers}"])
+
+
 @pytest.mark.parametrize(("version", "files", "expected"), [
     ("v2", {}, None),  # no limit anywhere
     ("v2", {"pod/ctr/cpu.max": "max 100000"}, None),
@@ -41,14 +52,7 @@ def _files(root: Path, files: dict[str, str]) -> None:
 def test_cpu_quota_from_cgroup_files(tmp_path, version, files, expected):
     from pipeline.cgroups import cpu_quota
 
-    top = tmp_path / "cgroup"
-    top.mkdir()
-    _files(top, files)
-    if version == "v2":
-        proc = _fake_proc(tmp_path, "0::/pod/ctr\n", [f"/ {top} rw,nosuid - cgroup2 cgroup2 rw"])
-    else:
-        proc = _fake_proc(tmp_path, "5:memory:/pod/ctr\n4:cpu,cpuacct:/pod/ctr\n0::/\n",
-                          [f"/ {tmp_path} rw - tmpfs tmpfs rw", f"/ {top} rw,nosuid - cgroup cgroup rw,cpu,cpuacct"])
+    proc = _pod_tree(tmp_path, version, files, v1_controllers="cpu,cpuacct")
     assert cpu_quota(proc) == expected
 
 
@@ -126,14 +130,7 @@ def test_a_real_cpu_quota_sets_the_cores_a_run_uses(cores):
 def test_memory_limit_and_oom_kills_from_cgroup_files(tmp_path, version, files, limit, kills):
     from pipeline.cgroups import memory_limit, oom_kills
 
-    top = tmp_path / "cgroup"
-    top.mkdir()
-    _files(top, files)
-    if version == "v2":
-        proc = _fake_proc(tmp_path, "0::/pod/ctr\n", [f"/ {top} rw,nosuid - cgroup2 cgroup2 rw"])
-    else:
-        proc = _fake_proc(tmp_path, "4:memory:/pod/ctr\n3:cpu:/pod/ctr\n",
-                          [f"/ {top} rw,nosuid - cgroup cgroup rw,memory"])
+    proc = _pod_tree(tmp_path, version, files, v1_controllers="memory")
     assert memory_limit(proc) == limit
     assert oom_kills(proc) == kills
 
