@@ -438,9 +438,9 @@ class DecodeStage(Stage):
                 if min_dt and item.capture_mono - last_sent < min_dt * 0.95:
                     self.skipped += 1
                     continue
-                problem = self._send_live(item, held)
-                if problem:
-                    return LiveOutcome.FATAL, problem
+                ended = self._send_live(item, held)
+                if ended is not None:
+                    return ended
                 held = None
                 last_sent = item.capture_mono
                 if self.max_frames is not None and self.frames_sent >= self.max_frames:
@@ -451,11 +451,13 @@ class DecodeStage(Stage):
             self._received_before += reader.frames
             self.received = self._received_before
 
-    def _send_live(self, item: LiveFrame, held: int | None) -> str:
+    def _send_live(self, item: LiveFrame, held: int | None) -> tuple[LiveOutcome, str] | None:
         """Convert a live frame into a slot (creating the pool at the first one) and send it.
 
         Returns:
-            "" or the problem that ends the source (a frame larger than the slots, no room for the pool).
+            None, or how following the stream ends: FATAL for a frame larger than the slots,
+            REFUSED (reported, then a reconnection after the backoff) when ``/dev/shm`` has no room
+            for the pool now.
         """
         t0 = time.perf_counter()
         rgb = to_rgb24(item.frame)
@@ -463,8 +465,8 @@ class DecodeStage(Stage):
         if self.pool is None and self.pool_name:
             try:
                 self.pool = SlotPool.create(name=self.pool_name, num_slots=self.num_slots, slot_bytes=h * w * 3)
-            except SlotPoolError as e:  # (/dev/shm full: this source ends, the others go on)
-                return str(e)
+            except SlotPoolError as e:  # (/dev/shm full for now: say so, try again at the next connection)
+                return LiveOutcome.REFUSED, str(e)
             self.credits = SlotCredits(self.pool.num_slots)
             self._first_hw = (h, w)
             held = self.credits.acquire()
@@ -478,20 +480,20 @@ class DecodeStage(Stage):
                 self.frames_out.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
                 self.dropped += 1
-                return ""
+                return None
         else:
             assert held is not None and self.credits is not None
             if h * w * 3 > self.pool.slot_bytes:  # the caller gives the held slot back
                 fh, fw = self._first_hw
-                return (f"resolution changed from {fw}x{fh} to {w}x{h}, larger than the frame slots "
-                        "(restart the pipeline to accept it)")
+                return LiveOutcome.FATAL, (f"resolution changed from {fw}x{fh} to {w}x{h}, larger than the frame "
+                                           "slots (restart the pipeline to accept it)")
             np.copyto(self.pool.view(held, (h, w, 3)), rgb)
             msg = FrameMsg(self.source.source_id, self.frames_sent, item.pts_s, (h, w), held, self.pool.name,
                            item.capture_mono, decode_ms + 0.0)
             self.book.lend(held, msg)
             send_parts(self.frames_out, [msg.encode()], self.flags.alive)
         self.frames_sent += 1
-        return ""
+        return None
 
     def stop(self) -> None:
         """Close the sockets and unlink the pool."""

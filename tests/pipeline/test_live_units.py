@@ -224,3 +224,75 @@ def test_live_decoder_keeps_the_newest_frame_and_counts_drops(tmp_path, monkeypa
         stage.stop()
         status.close()
         ctx.destroy(linger=0)
+
+
+def test_a_live_source_without_room_for_its_pool_says_so_and_tries_again(tmp_path, monkeypatch):
+    """/dev/shm full at the first frame: an error status, a reconnection after the backoff, then frames."""
+    import os
+    import threading
+    import uuid
+
+    import zmq
+
+    import pipeline.stages.decode as decode
+    from pipeline.slotpool import PoolCache, SlotPool, SlotPoolError
+    from pipeline.stages.base import StatusReporter
+    from pipeline.transport import StageFlags, ipc_endpoints, make_socket, recv_parts
+    from streamdet.messages import CreditMsg, EndOfStream, FrameMsg, StageName
+
+    monkeypatch.setattr(decode, "LiveReader", _FakeReader)
+    _FakeReader.instances.clear()
+    real_create, refusals = SlotPool.create, [1]
+
+    def create(**kw):
+        if refusals:
+            refusals.pop()
+            raise SlotPoolError(f"shared memory {kw['name']!r}: needs 0.0 MiB but /dev/shm has 0.0 MiB free")
+        return real_create(**kw)
+
+    monkeypatch.setattr(decode.SlotPool, "create", staticmethod(create))
+    pool_name = f"sd-test-{uuid.uuid4().hex[:8]}"
+    ep = ipc_endpoints(tmp_path, [pool_name])
+    ctx = zmq.Context()
+    frames_in = make_socket(ctx, zmq.PULL, ep.frames, bind=True)
+    events_in = make_socket(ctx, zmq.PULL, ep.events, bind=True)
+    credits_out = make_socket(ctx, zmq.PUSH, ep.credit_endpoint(pool_name), bind=False)
+    make_socket(ctx, zmq.PULL, ep.control, bind=True)
+    go, stop, abort = threading.Event(), threading.Event(), threading.Event()
+    flags = StageFlags(go=go, stop_input=stop, abort=abort, parent_pid=os.getppid())
+    status = StatusReporter(socket=make_socket(ctx, zmq.PUSH, ep.control, bind=False), stage=StageName.DECODE)
+    stage = decode.DecodeStage(source=probe_source("rtsp://127.0.0.1:1/cam", "cam"), pool=None, pool_name=pool_name,
+                               num_slots=2, flags=flags, status=status,
+                               credits_in=make_socket(ctx, zmq.PULL, ep.credit_endpoint(pool_name), bind=True),
+                               frames_out=make_socket(ctx, zmq.PUSH, ep.frames, bind=False),
+                               live=LiveOptions(stall_timeout_s=60, reconnect_initial_s=0.05),
+                               events_out=make_socket(ctx, zmq.PUSH, ep.events, bind=False))
+    t = threading.Thread(target=stage.run)
+    t.start()
+    go.set()
+    pools = PoolCache()
+    try:
+        first = decode_message(recv_parts(frames_in, 10_000)[0].buffer)
+        assert isinstance(first, FrameMsg) and first.frame_index == 0
+        assert len(_FakeReader.instances) == 2  # a second connection
+        stop.set()
+        msg = first
+        while not isinstance(msg, EndOfStream):  # every slot back, as the postprocess stage would
+            if isinstance(msg, FrameMsg):
+                credits_out.send(CreditMsg(msg.pool, msg.slot).encode())
+            msg = decode_message(recv_parts(frames_in, 10_000)[0].buffer)
+        t.join(10)
+        assert not t.is_alive()
+        states = []
+        while events_in.poll(100):
+            e = decode_message(events_in.recv())
+            states.append((e.state.value, e.message))
+        assert [s for s, _ in states][:5] == ["connecting", "connected", "error", "reconnecting", "connected"]
+        assert "cam: shared memory" in states[2][1] and "/dev/shm has 0.0 MiB free" in states[2][1]
+    finally:
+        abort.set()
+        t.join(5)
+        pools.close()
+        stage.stop()
+        status.close()
+        ctx.destroy(linger=0)
