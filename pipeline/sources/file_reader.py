@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.sources.ffmpeg import MAX_CONSECUTIVE_DECODE_ERRORS, SWSCALE_THREADS, ffmpeg_problem, open_input, to_rgb24
-from pipeline.sources.options import DecodeThreads
+from pipeline.sources.options import DecodeThreads, decoder_thread_count
 from pipeline.sources.probe import SourceInfo
 
 
@@ -54,6 +54,7 @@ def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callabl
             on_error(f"{hw.setting}: no hardware decoder for codec {stream.codec_context.name!r}")
             return
         stream.codec_context.thread_type = threads.value
+        stream.codec_context.thread_count = decoder_thread_count()
         h0, w0 = source.frame_hw
         fallback_dt = 1.0 / source.fps if source.fps > 0 else 0.0
         corrupt = failed = consecutive = 0

@@ -16,7 +16,13 @@ from enum import Enum
 from typing import Any
 
 from pipeline.sources.ffmpeg import MAX_CONSECUTIVE_DECODE_ERRORS, ffmpeg_problem, open_input
-from pipeline.sources.options import HWACCEL_FALLBACK_SETTING, DecodeThreads, HWAccelOptions, LiveOptions
+from pipeline.sources.options import (
+    HWACCEL_FALLBACK_SETTING,
+    DecodeThreads,
+    HWAccelOptions,
+    LiveOptions,
+    decoder_thread_count,
+)
 
 
 class LiveOutcome(Enum):
@@ -173,6 +179,7 @@ class LiveReader(threading.Thread):
                 return
             stream = container.streams.video[0]
             stream.codec_context.thread_type = self.threads.value
+            stream.codec_context.thread_count = decoder_thread_count()
             self.codec = stream.codec_context.name or ""
             self.frame_hw = (stream.codec_context.height, stream.codec_context.width)
             self.last_frame = time.monotonic()

@@ -6,10 +6,13 @@ called), so :mod:`pipeline.settings` can import it cheaply.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+from pipeline.cgroups import machine_cores
 
 
 class RtspTransport(str, Enum):
@@ -87,6 +90,22 @@ class DecodeThreads(str, Enum):
     FRAME = "FRAME"
     SLICE = "SLICE"
     NONE = "NONE"
+
+
+MAX_DECODER_THREADS = 16
+"""FFmpeg's own cap on automatic decoder threads."""
+
+
+def decoder_thread_count() -> int:
+    """``codec_context.thread_count`` for a software decoder: 0 (FFmpeg's automatic count), or fewer.
+
+    FFmpeg counts the CPU affinity, not a container's CPU quota: under ``docker run --cpus=2`` on
+    a 64-core host each decoder would start 16 threads, and frame threads delay every frame by
+    one frame per thread. Where the quota leaves fewer cores than the host has, the decoder gets
+    that many (:func:`pipeline.cgroups.machine_cores`).
+    """
+    cores = machine_cores()
+    return min(cores, MAX_DECODER_THREADS) if cores < (os.cpu_count() or cores) else 0
 
 
 class DecodePlacement(str, Enum):

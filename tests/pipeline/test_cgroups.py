@@ -6,6 +6,7 @@ container), then real cgroups made by the test where the machine allows (tests/h
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def test_cpu_quota_under_a_mount_point_with_a_space(tmp_path):
 QUOTA_PROBE = """
 import os
 from pipeline.cgroups import cpu_quota, machine_cores
-print(cpu_quota(), machine_cores(), len(os.sched_getaffinity(0)))
+from pipeline.sources.options import decoder_thread_count
+print(cpu_quota(), machine_cores(), len(os.sched_getaffinity(0)), decoder_thread_count())
 """
 
 
@@ -110,10 +112,25 @@ def test_a_real_cpu_quota_sets_the_cores_a_run_uses(cores):
         out = subprocess.run([*prefix, sys.executable, "-c", QUOTA_PROBE], capture_output=True, text=True,
                              timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    quota, counted, affinity = out.stdout.split()
+    quota, counted, affinity, decoder_threads = out.stdout.split()
     effective = min(cores, above) if above is not None else cores
     assert float(quota) == effective
     assert int(counted) == min(int(affinity), math.ceil(effective))  # 1.5 rounds up
+    assert int(decoder_threads) == (int(counted) if int(counted) < (os.cpu_count() or 1) else 0)
+
+
+@pytest.mark.parametrize(("cores", "host", "expected"), [
+    (64, 64, 0),  # no quota: FFmpeg's own count
+    (2, 64, 2),  # docker run --cpus=2 on 64 cores: not 16 threads a decoder
+    (1, 2, 1),
+    (32, 64, 16),  # FFmpeg's cap
+])
+def test_decoder_threads_follow_a_cpu_quota(monkeypatch, cores, host, expected):
+    import pipeline.sources.options as options
+
+    monkeypatch.setattr(options, "machine_cores", lambda: cores)
+    monkeypatch.setattr(options.os, "cpu_count", lambda: host)
+    assert options.decoder_thread_count() == expected
 
 
 @pytest.mark.parametrize(("version", "files", "limit", "kills"), [
