@@ -170,7 +170,7 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None) -> tuple[l
         cap = max(configured, default=0)
         while need(cap) > budget:  # (at most decode.slots steps; need(MIN_FRAME_SLOTS) fits)
             cap -= 1
-        also = "" if tensors is None else f" and {tensors} tensor slots"
+        also = "" if tensors is None else f" and {tensors} tensor slots (at most {tensors - 1} engine run at a time)"
         if configured:
             slots = str(configured[0]) if len(configured) == 1 else f"{configured[0]}-{configured[-1]}"
             what, got = f"{slots} frame slots per file source", f"at most {cap} each{also}"

@@ -86,7 +86,8 @@ def test_tensor_slots_go_down_too_when_two_frame_slots_each_are_too_many(tmp_pat
     out, note = fit_shared_memory(specs, 128 * MIB)
     assert _frame_slots(out) == [8]
     assert [sp.preprocess.tensor_slots for sp in out if isinstance(sp, ColocatedSpec)] == [2]
-    assert "at most 8 each and 2 tensor slots, which may cost throughput (docker run --shm-size=192m" in note
+    assert ("at most 8 each and 2 tensor slots (at most 1 engine run at a time), which may cost throughput "
+            "(docker run --shm-size=192m") in note
     assert _planned(out) <= 128 * MIB * SHM_SHARE < _planned([_capped(sp, 2) for sp in specs])
 
 
