@@ -28,7 +28,8 @@ import dataclasses
 import math
 import sys
 
-from pipeline.slotpool import SHM_DIR, reap_orphan_pools
+from pipeline.cgroups import memory_limit
+from pipeline.slotpool import SHM_DIR, reap_orphan_pools, shm_free_bytes
 from pipeline.stages.base import StageSpec
 from pipeline.stages.colocated import ColocatedSpec
 from pipeline.stages.decode import DecodeSpec
@@ -41,6 +42,12 @@ SHM_SHARE = 0.75
 (:func:`restart_bytes`), may take. The rest is for what comes later: the engines' output pools
 (each at most an eighth of what is then free, else outputs travel inline) and live sources' frame
 pools (made at their first frame)."""
+
+MEMORY_SHARE = 0.25
+"""Share of a memory limit (a container's ``--memory``) that shared memory may take: the pages of
+``/dev/shm`` count towards it, and the stage processes need the rest (the bundled detector's run:
+about 300 MiB besides its pools). Eight 720p files in a 500 MiB container with 12 frame slots
+each were killed by the OOM killer until the run failed; with 2 or 4 slots they ran."""
 
 MIN_FRAME_SLOTS = 2
 """Fewest frame slots a file source runs with (``decode.slots`` accepts no fewer)."""
@@ -131,10 +138,14 @@ def _capped(spec: StageSpec, frames: int, tensors: int | None = None) -> StageSp
     return spec
 
 
-def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None) -> tuple[list[StageSpec], str]:
-    """Cap the frame slots (then the tensor slots) so that the run's pools fit in :data:`SHM_SHARE` of ``free_bytes``.
+def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None,
+                      memory_limit: int | None = None) -> tuple[list[StageSpec], str]:
+    """Cap the frame slots (then the tensor slots) so that the run's pools fit in :data:`SHM_SHARE` of the room.
 
-    What must fit is :func:`planned_bytes`: the pools and the room of the largest restart.
+    What must fit is :func:`planned_bytes`: the pools and the room of the largest restart. The
+    room is the free ``/dev/shm``, and at most :data:`MEMORY_SHARE` of the run's memory limit:
+    shared memory counts towards a container's ``--memory``, and pools that take it all leave the
+    stages to the OOM killer.
 
     Args:
         specs: the run's stage specs (:func:`pipeline.chains.stage_specs`), or one decode spec of a
@@ -142,22 +153,33 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None) -> tuple[l
         free_bytes: free bytes in :data:`~pipeline.slotpool.SHM_DIR`
             (:func:`~pipeline.slotpool.shm_free_bytes`); None: unknown (no ``/dev/shm``), nothing
             is changed.
+        memory_limit: the run's memory limit in bytes (:func:`pipeline.cgroups.memory_limit`);
+            None: none.
 
     Returns:
         The specs (the same list when everything fits) and a warning ("" when nothing was capped).
 
     Raises:
         PipelineError: when even :data:`MIN_FRAME_SLOTS` slots per file source and
-            :data:`MIN_TENSOR_SLOTS` per tensor pool do not fit; the
-            message names the free room, what the run needs and the ``--shm-size`` that gives it.
+            :data:`MIN_TENSOR_SLOTS` per tensor pool do not fit; the message names the room, what
+            the run needs and the ``--shm-size`` (or ``--memory``) that gives it.
     """
     wanted = planned_bytes(specs)
-    if free_bytes is None or wanted <= free_bytes * SHM_SHARE:
+    if free_bytes is None:
         return specs, ""
-    budget = int(free_bytes * SHM_SHARE)
+    by_memory = memory_limit is not None and memory_limit * MEMORY_SHARE < free_bytes
+    room_bytes = int(memory_limit * MEMORY_SHARE) if memory_limit is not None and by_memory else free_bytes
+    if wanted <= room_bytes * SHM_SHARE:
+        return specs, ""
+    budget = int(room_bytes * SHM_SHARE)
     configured = sorted({d.num_slots for sp in specs for d in _decoders(sp) if d.pool_bytes})
-    advice = f"docker run --shm-size={math.ceil(wanted / SHM_SHARE / (64 * _MIB)) * 64}m"
-    room = f"{SHM_DIR} has {free_bytes / _MIB:.1f} MiB free"
+    if memory_limit is not None and by_memory:
+        advice = f"docker run --memory={math.ceil(wanted / SHM_SHARE / MEMORY_SHARE / (64 * _MIB)) * 64}m"
+        room = (f"the memory limit ({memory_limit / _MIB:.0f} MiB, cgroup) leaves {room_bytes / _MIB:.1f} MiB "
+                "for shared memory")
+    else:
+        advice = f"docker run --shm-size={math.ceil(wanted / SHM_SHARE / (64 * _MIB)) * 64}m"
+        room = f"{SHM_DIR} has {free_bytes / _MIB:.1f} MiB free"
     least = wanted
     for tensors in (None, MIN_TENSOR_SLOTS):  # the frame slots first, then the tensor slots too
 
@@ -183,6 +205,27 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None) -> tuple[l
         f"shared memory: {room}, and this run's frame and tensor pools with the room of a restart need "
         f"{least / _MIB:.1f} MiB at least ({wanted / _MIB:.1f} MiB as configured; a run takes at most "
         f"{SHM_SHARE:.0%} of the room): give it more ({advice}), or run fewer sources or a smaller batch")
+
+
+def fit_to_host(specs: list[StageSpec], *, memory: bool = True, label: str = "") -> list[StageSpec]:
+    """:func:`fit_shared_memory` against this host: the free ``/dev/shm`` and the run's memory limit.
+
+    Args:
+        specs: as for :func:`fit_shared_memory`.
+        memory: count the memory limit (:func:`pipeline.cgroups.memory_limit`) too. A source added
+            at runtime is fitted against ``/dev/shm`` only: the run's own pools are in the limit already.
+        label: prefix of the warning line (``source cam1: ``).
+
+    Returns:
+        The specs, capped where needed; a cap is said in one ``warning:`` line on standard error.
+
+    Raises:
+        PipelineError: as :func:`fit_shared_memory`.
+    """
+    fitted, note = fit_shared_memory(specs, shm_free_bytes(), memory_limit() if memory else None)
+    if note:
+        print(f"warning: {label}{note}", file=sys.stderr)
+    return fitted
 
 
 FDS_PER_SOURCE = 14

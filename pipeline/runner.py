@@ -48,10 +48,10 @@ import zmq
 
 from pipeline.chains import ModelChain, PreparedRun, prepare_run, source_ids_for, stage_specs
 from pipeline.control.plane import ControlPlane, readiness
-from pipeline.host import fit_shared_memory, prepare_host
+from pipeline.host import fit_to_host, prepare_host
 from pipeline.restarts import Child, Restarter, environment, join_children, start_fork_server
 from pipeline.settings import Settings
-from pipeline.slotpool import RUN_PREFIX, pool_name, shm_free_bytes, unlink_pool
+from pipeline.slotpool import RUN_PREFIX, pool_name, unlink_pool
 from pipeline.sources.probe import SourceInfo
 from pipeline.stages.base import StageSpec, runner_stdio, stage_main
 from pipeline.stages.cascade import SecondaryEngineSpec
@@ -304,12 +304,9 @@ class Pipeline:
                 raise
             except Exception as e:
                 raise PipelineError(str(e)) from e
-            specs, note = fit_shared_memory(
-                stage_specs(self.settings, self._prepared, endpoints, pools, tensor_pools, ledger=ledger_name,
-                            forward=self.forward, secondary_pools=secondary_pools, output_pools=output_pools),
-                shm_free_bytes())
-            if note:
-                print(f"warning: {note}", file=sys.stderr)
+            specs = fit_to_host(stage_specs(self.settings, self._prepared, endpoints, pools, tensor_pools,
+                                            ledger=ledger_name, forward=self.forward, secondary_pools=secondary_pools,
+                                            output_pools=output_pools))
             self._supervise(summary, control, specs)
         finally:
             if self._plane is not None:  # first: requests still waiting get their 503 before the server stops

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,10 +34,10 @@ import zmq
 
 from pipeline.chains import ModelChain, PreparedRun, decode_spec, source_ids_for
 from pipeline.control.preview import PreviewHub
-from pipeline.host import fit_shared_memory
+from pipeline.host import fit_to_host
 from pipeline.restarts import Child
 from pipeline.settings import Settings
-from pipeline.slotpool import RUN_PREFIX, pool_name, shm_free_bytes, split_pool_name, unlink_pool
+from pipeline.slotpool import RUN_PREFIX, pool_name, split_pool_name, unlink_pool
 from pipeline.sources.probe import SourceError, SourceInfo, probe_source
 from pipeline.stages.postprocess import PostprocessSpec
 from pipeline.summary import PipelineError, RunSummary, SourceReport, StatusBook
@@ -217,11 +216,9 @@ class ControlPlane:
         spec = decode_spec(self.settings, info, pool=pool_name(base, 0), endpoints=ep, batch=chain.max_batch,
                            ledger=LedgerRef(name=self.ledger.name, chain=cmd.chain, source=index))
         try:  # a file's frame pool is made at start: fewer slots, or no source, rather than a SIGBUS
-            fitted, note = fit_shared_memory([spec], shm_free_bytes())
+            fitted = fit_to_host([spec], memory=False, label=f"source {cmd.source_id}: ")
         except PipelineError as e:
             raise ControlError(507, f"source {cmd.source_id}: {e}") from e
-        if note:
-            print(f"warning: source {cmd.source_id}: {note}", file=sys.stderr)
         self._added = added_no
         self.ledger.reset_source(index)
         self.ledger.set_active(index, True)

@@ -28,6 +28,7 @@ from pipeline.stages.base import StageSpec
 from pipeline.stages.colocated import ColocatedSpec
 from pipeline.summary import PipelineError
 from pipeline.transport import ipc_endpoints, tcp_endpoints
+from tests.helpers.cgroup import cgroup_unavailable, limited_cgroup
 from tests.helpers.cli import run
 from tests.helpers.settings import settings_with
 from tests.helpers.small_shm import small_shm_prefix, small_shm_unavailable
@@ -103,6 +104,21 @@ def test_too_little_room_for_two_slots_each_is_one_error(tmp_path, free_mib):
     assert "docker run --shm-size=192m" in text
 
 
+@pytest.mark.parametrize(("free_mib", "limit_mib", "binding"), [
+    (64, None, "/dev/shm has 64.0 MiB free"),
+    (64, 4096, "/dev/shm has 64.0 MiB free"),  # a quarter of the limit is more than /dev/shm has
+    (1024, 500, "the memory limit (500 MiB, cgroup) leaves 125.0 MiB for shared memory"),
+])
+def test_a_memory_limit_bounds_the_pools_too(tmp_path, free_mib, limit_mib, binding):
+    specs = _specs(tmp_path, [str(BBB)] * 3)
+    out, note = fit_shared_memory(specs, free_mib * MIB, None if limit_mib is None else limit_mib * MIB)
+    assert note.startswith(f"shared memory: {binding}, too little for 12 frame slots")
+    room = min(free_mib, limit_mib / 4 if limit_mib else free_mib) * MIB
+    assert _planned(out) <= room * SHM_SHARE < _planned([_capped(sp, max(_frame_slots(out)) + 1) for sp in specs])
+    assert ("--memory=" in note) == binding.startswith("the memory limit")
+    assert fit_shared_memory(specs, 10**12, 10**12)[0] is specs
+
+
 def test_live_sources_and_tcp_are_not_planned(tmp_path):
     live = _specs(tmp_path, ["rtsp://127.0.0.1:9/cam"])  # its pool is made at its first frame
     assert [d.pool_bytes for sp in live for d in _decoders(sp)] == [0]
@@ -139,6 +155,21 @@ def test_three_720p_sources_run_in_dockers_default_shm(tmp_path):
     assert code == 0, err
     small, big = _detections(tmp_path / "small.jsonl"), _detections(tmp_path / "big.jsonl")
     assert len(small) == 120 and small == big
+
+
+@pytest.mark.skipif(bool(cgroup_unavailable("memory")), reason=cgroup_unavailable("memory") or "")
+def test_eight_720p_sources_run_in_a_500_mib_container(tmp_path):
+    # before the memory limit bounded the pools: 12 frame slots each, stages killed by the OOM killer
+    # until the run failed
+    out = tmp_path / "out.jsonl"
+    args = [a for _ in range(8) for a in ("--source", str(BBB))]
+    with limited_cgroup(memory_mib=500) as prefix:
+        code, _, err = run([*args, "--max-frames", "20", "--publish", "none", "--jsonl", str(out)], prefix=prefix)
+    assert code == 0, err[-3000:]
+    assert "OOM" not in err and "restarted" not in err
+    assert [x for x in err.splitlines() if "shared memory" in x][0].startswith(
+        "warning: shared memory: the memory limit (500 MiB, cgroup) leaves 125.0 MiB for shared memory")
+    assert len(_detections(out)) == 160
 
 
 @needs_small_shm
