@@ -1,6 +1,11 @@
 """Live-source building blocks without a server: URLs, backoff, mailbox, status messages, stats, settings."""
 
+import contextlib
 import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -159,8 +164,33 @@ class _FakeReader:
             self.mailbox.put(LiveFrame(frame=f, pts_s=v / 25, capture_mono=time.monotonic(), decode_ms=0.1))
 
 
-def test_live_decoder_keeps_the_newest_frame_and_counts_drops(tmp_path, monkeypatch):
-    """One slot, never handed back: the decoder sends the newest frame only; the others are dropped."""
+@dataclass
+class _LiveDecoder:
+    """A live decoder stage running in a thread on a :class:`_FakeReader`, with the sockets a test drives."""
+
+    frames_in: Any
+    events_in: Any
+    credits_out: Any
+    stop: Any
+    stage: Any
+    thread: Any
+    pools: Any
+
+    def next_message(self) -> Any:
+        from pipeline.transport import recv_parts
+
+        return decode_message(recv_parts(self.frames_in, 10_000)[0].buffer)
+
+    def events(self) -> list[Any]:
+        out = []
+        while self.events_in.poll(100):
+            out.append(decode_message(self.events_in.recv()))
+        return out
+
+
+@contextlib.contextmanager
+def _live_decoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, num_slots: int,
+                  live: LiveOptions) -> Iterator[_LiveDecoder]:
     import os
     import threading
     import uuid
@@ -170,87 +200,11 @@ def test_live_decoder_keeps_the_newest_frame_and_counts_drops(tmp_path, monkeypa
     import pipeline.stages.decode as decode
     from pipeline.slotpool import PoolCache
     from pipeline.stages.base import StatusReporter
-    from pipeline.transport import StageFlags, ipc_endpoints, make_socket, recv_parts
-    from streamdet.messages import CreditMsg, EndOfStream, EosReason, FrameMsg, StageName
+    from pipeline.transport import StageFlags, ipc_endpoints, make_socket
+    from streamdet.messages import StageName
 
     monkeypatch.setattr(decode, "LiveReader", _FakeReader)
     _FakeReader.instances.clear()
-    pool_name = f"sd-test-{uuid.uuid4().hex[:8]}"
-    ep = ipc_endpoints(tmp_path, [pool_name])
-    ctx = zmq.Context()
-    frames_in = make_socket(ctx, zmq.PULL, ep.frames, bind=True)
-    events_in = make_socket(ctx, zmq.PULL, ep.events, bind=True)
-    credits_out = make_socket(ctx, zmq.PUSH, ep.credit_endpoint(pool_name), bind=False)
-    make_socket(ctx, zmq.PULL, ep.control, bind=True)
-    go, stop, abort = threading.Event(), threading.Event(), threading.Event()
-    flags = StageFlags(go=go, stop_input=stop, abort=abort, parent_pid=os.getppid())
-    status = StatusReporter(socket=make_socket(ctx, zmq.PUSH, ep.control, bind=False), stage=StageName.DECODE)
-    src = probe_source("rtsp://127.0.0.1:1/cam", "cam")
-    stage = decode.DecodeStage(source=src, pool=None, pool_name=pool_name, num_slots=1,
-                               credits_in=make_socket(ctx, zmq.PULL, ep.credit_endpoint(pool_name), bind=True),
-                               frames_out=make_socket(ctx, zmq.PUSH, ep.frames, bind=False), status=status,
-                               flags=flags, live=LiveOptions(stall_timeout_s=60),
-                               events_out=make_socket(ctx, zmq.PUSH, ep.events, bind=False))
-    t = threading.Thread(target=stage.run)
-    t.start()
-    go.set()
-    pools = PoolCache()
-    try:
-        first = decode_message(recv_parts(frames_in, 10_000)[0].buffer)
-        assert isinstance(first, FrameMsg) and first.frame_index == 0
-        assert pools.get(first.pool).view(first.slot, (16, 16, 3))[0, 0, 0] == 29  # the newest of 30
-        _FakeReader.instances[0].push(range(30, 40))
-        assert recv_parts(frames_in, 300) is None  # no free slot: nothing queues
-        credits_out.send(CreditMsg(first.pool, first.slot).encode())
-        second = decode_message(recv_parts(frames_in, 10_000)[0].buffer)
-        assert isinstance(second, FrameMsg) and second.frame_index == 1
-        assert pools.get(second.pool).view(second.slot, (16, 16, 3))[0, 0, 0] == 39
-        stop.set()
-        eos = decode_message(recv_parts(frames_in, 10_000)[0].buffer)
-        assert eos == EndOfStream("cam", 2, EosReason.INTERRUPTED)
-        credits_out.send(CreditMsg(second.pool, second.slot).encode())
-        t.join(10)
-        assert not t.is_alive()
-        assert stage.dropped == 38
-        events = []
-        while events_in.poll(100):
-            events.append(decode_message(events_in.recv()))
-        assert [e.state.value for e in events if e.publish] == ["connecting", "connected", "eos"]
-        assert events[-1].dropped == 38
-    finally:
-        abort.set()
-        t.join(5)
-        pools.close()
-        stage.stop()
-        status.close()
-        ctx.destroy(linger=0)
-
-
-def test_a_live_source_without_room_for_its_pool_says_so_and_tries_again(tmp_path, monkeypatch):
-    """/dev/shm full at the first frame: an error status, a reconnection after the backoff, then frames."""
-    import os
-    import threading
-    import uuid
-
-    import zmq
-
-    import pipeline.stages.decode as decode
-    from pipeline.slotpool import PoolCache, SlotPool, SlotPoolError
-    from pipeline.stages.base import StatusReporter
-    from pipeline.transport import StageFlags, ipc_endpoints, make_socket, recv_parts
-    from streamdet.messages import CreditMsg, EndOfStream, FrameMsg, StageName
-
-    monkeypatch.setattr(decode, "LiveReader", _FakeReader)
-    _FakeReader.instances.clear()
-    real_create, refusals = SlotPool.create, [1]
-
-    def create(**kw):
-        if refusals:
-            refusals.pop()
-            raise SlotPoolError(f"shared memory {kw['name']!r}: needs 0.0 MiB but /dev/shm has 0.0 MiB free")
-        return real_create(**kw)
-
-    monkeypatch.setattr(decode.SlotPool, "create", staticmethod(create))
     pool_name = f"sd-test-{uuid.uuid4().hex[:8]}"
     ep = ipc_endpoints(tmp_path, [pool_name])
     ctx = zmq.Context()
@@ -262,33 +216,16 @@ def test_a_live_source_without_room_for_its_pool_says_so_and_tries_again(tmp_pat
     flags = StageFlags(go=go, stop_input=stop, abort=abort, parent_pid=os.getppid())
     status = StatusReporter(socket=make_socket(ctx, zmq.PUSH, ep.control, bind=False), stage=StageName.DECODE)
     stage = decode.DecodeStage(source=probe_source("rtsp://127.0.0.1:1/cam", "cam"), pool=None, pool_name=pool_name,
-                               num_slots=2, flags=flags, status=status,
+                               num_slots=num_slots, flags=flags, status=status, live=live,
                                credits_in=make_socket(ctx, zmq.PULL, ep.credit_endpoint(pool_name), bind=True),
                                frames_out=make_socket(ctx, zmq.PUSH, ep.frames, bind=False),
-                               live=LiveOptions(stall_timeout_s=60, reconnect_initial_s=0.05),
                                events_out=make_socket(ctx, zmq.PUSH, ep.events, bind=False))
     t = threading.Thread(target=stage.run)
     t.start()
     go.set()
     pools = PoolCache()
     try:
-        first = decode_message(recv_parts(frames_in, 10_000)[0].buffer)
-        assert isinstance(first, FrameMsg) and first.frame_index == 0
-        assert len(_FakeReader.instances) == 2  # a second connection
-        stop.set()
-        msg = first
-        while not isinstance(msg, EndOfStream):  # every slot back, as the postprocess stage would
-            if isinstance(msg, FrameMsg):
-                credits_out.send(CreditMsg(msg.pool, msg.slot).encode())
-            msg = decode_message(recv_parts(frames_in, 10_000)[0].buffer)
-        t.join(10)
-        assert not t.is_alive()
-        states = []
-        while events_in.poll(100):
-            e = decode_message(events_in.recv())
-            states.append((e.state.value, e.message))
-        assert [s for s, _ in states][:5] == ["connecting", "connected", "error", "reconnecting", "connected"]
-        assert "cam: shared memory" in states[2][1] and "/dev/shm has 0.0 MiB free" in states[2][1]
+        yield _LiveDecoder(frames_in, events_in, credits_out, stop, stage, t, pools)
     finally:
         abort.set()
         t.join(5)
@@ -296,3 +233,62 @@ def test_a_live_source_without_room_for_its_pool_says_so_and_tries_again(tmp_pat
         stage.stop()
         status.close()
         ctx.destroy(linger=0)
+
+
+def test_live_decoder_keeps_the_newest_frame_and_counts_drops(tmp_path, monkeypatch):
+    """One slot, never handed back: the decoder sends the newest frame only; the others are dropped."""
+    from pipeline.transport import recv_parts
+    from streamdet.messages import CreditMsg, EndOfStream, EosReason, FrameMsg
+
+    with _live_decoder(tmp_path, monkeypatch, num_slots=1, live=LiveOptions(stall_timeout_s=60)) as d:
+        first = d.next_message()
+        assert isinstance(first, FrameMsg) and first.frame_index == 0
+        assert d.pools.get(first.pool).view(first.slot, (16, 16, 3))[0, 0, 0] == 29  # the newest of 30
+        _FakeReader.instances[0].push(range(30, 40))
+        assert recv_parts(d.frames_in, 300) is None  # no free slot: nothing queues
+        d.credits_out.send(CreditMsg(first.pool, first.slot).encode())
+        second = d.next_message()
+        assert isinstance(second, FrameMsg) and second.frame_index == 1
+        assert d.pools.get(second.pool).view(second.slot, (16, 16, 3))[0, 0, 0] == 39
+        d.stop.set()
+        assert d.next_message() == EndOfStream("cam", 2, EosReason.INTERRUPTED)
+        d.credits_out.send(CreditMsg(second.pool, second.slot).encode())
+        d.thread.join(10)
+        assert not d.thread.is_alive()
+        assert d.stage.dropped == 38
+        events = d.events()
+        assert [e.state.value for e in events if e.publish] == ["connecting", "connected", "eos"]
+        assert events[-1].dropped == 38
+
+
+def test_a_live_source_without_room_for_its_pool_says_so_and_tries_again(tmp_path, monkeypatch):
+    """/dev/shm full at the first frame: an error status, a reconnection after the backoff, then frames."""
+    import pipeline.stages.decode as decode
+    from pipeline.slotpool import SlotPool, SlotPoolError
+    from streamdet.messages import CreditMsg, EndOfStream, FrameMsg
+
+    real_create, refusals = SlotPool.create, [1]
+
+    def create(**kw):
+        if refusals:
+            refusals.pop()
+            raise SlotPoolError(f"shared memory {kw['name']!r}: needs 0.0 MiB but /dev/shm has 0.0 MiB free")
+        return real_create(**kw)
+
+    monkeypatch.setattr(decode.SlotPool, "create", staticmethod(create))
+    live = LiveOptions(stall_timeout_s=60, reconnect_initial_s=0.05)
+    with _live_decoder(tmp_path, monkeypatch, num_slots=2, live=live) as d:
+        first = d.next_message()
+        assert isinstance(first, FrameMsg) and first.frame_index == 0
+        assert len(_FakeReader.instances) == 2  # a second connection
+        d.stop.set()
+        msg = first
+        while not isinstance(msg, EndOfStream):  # every slot back, as the postprocess stage would
+            if isinstance(msg, FrameMsg):
+                d.credits_out.send(CreditMsg(msg.pool, msg.slot).encode())
+            msg = d.next_message()
+        d.thread.join(10)
+        assert not d.thread.is_alive()
+        states = [(e.state.value, e.message) for e in d.events()]
+        assert [s for s, _ in states][:5] == ["connecting", "connected", "error", "reconnecting", "connected"]
+        assert "cam: shared memory" in states[2][1] and "/dev/shm has 0.0 MiB free" in states[2][1]
