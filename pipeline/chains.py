@@ -230,7 +230,7 @@ def engine_parallelism(settings: Settings, backend: Backend, device: str, *, dev
         backend: the backend the run settled on (after any fallback).
         device: its device (``cpu``, ``cuda``, ``cuda:N``).
         device_batches: the preprocess writes the batches as device tensors.
-        cores: the cores the run may use (None: :func:`~pipeline.host.machine_cores`).
+        cores: the cores the run may use (None: :func:`~pipeline.cgroups.machine_cores`).
         host_cores: the host's cores (None: ``os.cpu_count()``).
 
     Returns:
@@ -283,7 +283,7 @@ def decode_placement(settings: Settings, cpu_count: int | None = None) -> Decode
 
     Args:
         settings: the run's settings.
-        cpu_count: the cores the run may use (None: :func:`~pipeline.host.machine_cores`).
+        cpu_count: the cores the run may use (None: :func:`~pipeline.cgroups.machine_cores`).
 
     Returns:
         :attr:`DecodePlacement.SEPARATE` or :attr:`DecodePlacement.WITH_PREPROCESS`.

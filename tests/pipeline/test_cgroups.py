@@ -1,7 +1,7 @@
 """This process's cgroup limits (pipeline.cgroups): the CPU quota, the memory limit, the OOM killer's kills.
 
 Fake /proc and cgroup trees for each layout (v1, v2, a pod's limit on a parent, a namespaced
-container), then real cgroups made by the test where the machine allows (tests/helpers/cpu_cgroup.py).
+container), then real cgroups made by the test where the machine allows (tests/helpers/cgroup.py).
 """
 
 from __future__ import annotations
