@@ -29,7 +29,7 @@ import math
 import sys
 
 from pipeline.cgroups import memory_limit
-from pipeline.slotpool import SHM_DIR, reap_orphan_pools, shm_free_bytes
+from pipeline.slotpool import SHM_DIR, reap_orphan_pools, shm_free_bytes, shm_free_text
 from pipeline.stages.base import StageSpec
 from pipeline.stages.colocated import ColocatedSpec
 from pipeline.stages.decode import DecodeSpec
@@ -164,22 +164,21 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None,
             :data:`MIN_TENSOR_SLOTS` per tensor pool do not fit; the message names the room, what
             the run needs and the ``--shm-size`` (or ``--memory``) that gives it.
     """
-    wanted = planned_bytes(specs)
     if free_bytes is None:
         return specs, ""
-    by_memory = memory_limit is not None and memory_limit * MEMORY_SHARE < free_bytes
-    room_bytes = int(memory_limit * MEMORY_SHARE) if memory_limit is not None and by_memory else free_bytes
+    wanted = planned_bytes(specs)
+    room_bytes = free_bytes if memory_limit is None else min(free_bytes, int(memory_limit * MEMORY_SHARE))
     if wanted <= room_bytes * SHM_SHARE:
         return specs, ""
     budget = int(room_bytes * SHM_SHARE)
     configured = sorted({d.num_slots for sp in specs for d in _decoders(sp) if d.pool_bytes})
-    if memory_limit is not None and by_memory:
+    if memory_limit is not None and room_bytes < free_bytes:  # the memory limit binds
         advice = f"docker run --memory={math.ceil(wanted / SHM_SHARE / MEMORY_SHARE / (64 * _MIB)) * 64}m"
         room = (f"the memory limit ({memory_limit / _MIB:.0f} MiB, cgroup) leaves {room_bytes / _MIB:.1f} MiB "
                 "for shared memory")
     else:
         advice = f"docker run --shm-size={math.ceil(wanted / SHM_SHARE / (64 * _MIB)) * 64}m"
-        room = f"{SHM_DIR} has {free_bytes / _MIB:.1f} MiB free"
+        room = shm_free_text(free_bytes)
     least = wanted
     for tensors in (None, MIN_TENSOR_SLOTS):  # the frame slots first, then the tensor slots too
 
@@ -246,7 +245,7 @@ def open_files_need(sources: int) -> int:
     return FDS_BASE + FDS_PER_SOURCE * sources
 
 
-def raise_open_files_limit() -> int:
+def raise_open_files_limit() -> tuple[int, int] | None:
     """Raise this process's soft limit on open files as far as the system lets it; the stage processes inherit it.
 
     The soft limit is often 1024 (systemd's default, docker 25+) where the hard limit is far
@@ -255,25 +254,26 @@ def raise_open_files_limit() -> int:
     some 10240), smaller steps are tried.
 
     Returns:
-        The soft limit now (``resource.RLIM_INFINITY``: none; -1 on systems without one).
+        ``(soft, hard)`` limits now (``hard`` may be ``resource.RLIM_INFINITY``), or None when
+        there is no limit on open files (an unlimited soft one, or not a POSIX system).
     """
     try:
         import resource
     except ImportError:  # (not a POSIX system)
-        return -1
+        return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return soft
+        return None
     tops = [hard] if hard != resource.RLIM_INFINITY else [1 << 20, 65536, 24576, 10240, 4096]
     for want in tops:
         if want <= soft:
             break
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            return want
+            return want, hard
         except (ValueError, OSError):  # (the kernel caps lower: a smaller step)
             continue
-    return soft
+    return soft, hard
 
 
 def prepare_host(sources: int, max_sources: int = 0) -> None:
@@ -290,21 +290,16 @@ def prepare_host(sources: int, max_sources: int = 0) -> None:
             (:func:`open_files_need`): ZeroMQ would abort a stage process at its first socket
             past the limit.
     """
-    limit = raise_open_files_limit()
-    if limit >= 0:
-        try:
-            import resource
-        except ImportError:  # pragma: no cover - (limit is -1 there)
-            return
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        unlimited = limit == resource.RLIM_INFINITY
+    limits = raise_open_files_limit()
+    if limits is not None:
+        limit, hard = limits
         need, most = open_files_need(sources), open_files_need(max(sources, max_sources))
         hint = "raise the hard limit (docker run --ulimit nofile={n}, LimitNOFILE= in a systemd unit)"
-        if not unlimited and limit < need:
+        if limit < need:
             raise PipelineError(
                 f"open files: limited to {limit} (ulimit -n, hard limit {hard}) and {sources} sources need about "
                 f"{need}: {hint.format(n=need)} or run fewer sources")
-        if not unlimited and limit < most:
+        if limit < most:
             print(f"warning: open files: limited to {limit} (ulimit -n), enough for about "
                   f"{(limit - FDS_BASE) // FDS_PER_SOURCE} sources, not control.max_sources={max_sources}: "
                   f"{hint.format(n=most)}", file=sys.stderr)

@@ -36,7 +36,7 @@ from typing import Any
 import zmq
 
 from pipeline.cgroups import OomWatch
-from pipeline.slotpool import SHM_DIR, pool_name, shm_free_bytes, split_pool_name, unlink_pool
+from pipeline.slotpool import pool_name, shm_free_bytes, shm_free_text, split_pool_name, unlink_pool
 from pipeline.stages.base import StageSpec
 from pipeline.stages.colocated import ColocatedSpec
 from pipeline.stages.decode import DecodeSpec
@@ -96,9 +96,8 @@ def exit_reason(code: int | None, oom: OomWatch | None = None) -> str:
         if -code == signal.SIGKILL and oom is not None and (note := oom.note()):
             return f"killed by SIGKILL ({note})"
         if -code == signal.SIGBUS:
-            free = shm_free_bytes()
-            room = "" if free is None else f"; {SHM_DIR} has {free / 2**20:.1f} MiB free"
-            return f"killed by SIGBUS (out of shared memory?{room})"
+            room = shm_free_text(shm_free_bytes())
+            return f"killed by SIGBUS (out of shared memory?{'; ' + room if room else ''})"
         try:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
@@ -137,13 +136,14 @@ class Restarter:
         spawn: starts a process for ``(spec, label)`` and returns it.
         events: PUSH socket to the postprocess stage's events endpoint (None: restarts are not published).
         pool_names: every pool name of the run (new generations are added; the runner unlinks them all at the end).
-        oom: counts the OOM killer's kills in the run's memory cgroup, to tell them from other
-            SIGKILLs (None: from now on).
+
+    It counts the OOM killer's kills in the run's memory cgroup from its making on, to tell them
+    from other SIGKILLs (:class:`~pipeline.cgroups.OomWatch`).
     """
 
     def __init__(self, *, ledger: Ledger, policy: RestartPolicy, spawn: Callable[[StageSpec, str], Any],
-                 events: zmq.Socket[Any] | None, pool_names: set[str], oom: OomWatch | None = None) -> None:
-        self.oom = oom if oom is not None else OomWatch()
+                 events: zmq.Socket[Any] | None, pool_names: set[str]) -> None:
+        self.oom = OomWatch()
         self.ledger = ledger
         self.policy = policy
         self.spawn = spawn

@@ -125,8 +125,8 @@ class SlotPool:
         size = pool_bytes(num_slots, slot_bytes)
         free = shm_free_bytes()
         if free is not None and free < size:
-            raise SlotPoolError(f"shared memory {name!r}: needs {size / 2**20:.1f} MiB but {SHM_DIR} has "
-                                f"{free / 2**20:.1f} MiB free: {SHM_ADVICE}")
+            raise SlotPoolError(f"shared memory {name!r}: needs {size / 2**20:.1f} MiB but {shm_free_text(free)}: "
+                                f"{SHM_ADVICE}")
         try:
             shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         except (OSError, ValueError) as e:
@@ -137,8 +137,8 @@ class SlotPool:
             shm.close()
             with contextlib.suppress(FileNotFoundError):
                 shm.unlink()
-            free = shm_free_bytes()
-            room = "" if free is None else f" ({SHM_DIR} has {free / 2**20:.1f} MiB free)"
+            room = shm_free_text(shm_free_bytes())
+            room = f" ({room})" if room else ""
             raise SlotPoolError(f"shared memory {name!r}: cannot reserve {size / 2**20:.1f} MiB{room}: "
                                 f"{e.strerror or e}: {SHM_ADVICE}") from e
         assert shm.buf is not None
@@ -230,6 +230,12 @@ SHM_DIR = "/dev/shm"
 """Where POSIX shared memory lives on Linux (a tmpfs; writing past its size kills with SIGBUS)."""
 
 
+def _fd(shm: shared_memory.SharedMemory) -> int:
+    """``SharedMemory``'s own descriptor of the block (CPython's ``_fd``), or -1 where it keeps none."""
+    fd = getattr(shm, "_fd", -1)
+    return fd if isinstance(fd, int) else -1
+
+
 def _release_fd(shm: shared_memory.SharedMemory) -> None:
     """Close a mapped block's file descriptor; the mapping stays.
 
@@ -238,8 +244,8 @@ def _release_fd(shm: shared_memory.SharedMemory) -> None:
     frame pools, each attached by several parts), so 64 sources passed the usual limit of 1024.
     Nothing needs the descriptor once the block is mapped (``close()`` skips a closed one).
     """
-    fd = getattr(shm, "_fd", -1)
-    if isinstance(fd, int) and fd >= 0:
+    fd = _fd(shm)
+    if fd >= 0:
         os.close(fd)
         shm._fd = -1  # type: ignore[attr-defined]
 
@@ -254,14 +260,19 @@ def _reserve(shm: shared_memory.SharedMemory, size: int) -> None:
         OSError: ENOSPC (or ENOMEM) when the room is not there. Other failures (a file system
             without ``fallocate``, a sandbox refusing it) leave the block sparse, as before.
     """
-    fd = getattr(shm, "_fd", -1)
-    if not hasattr(os, "posix_fallocate") or not isinstance(fd, int) or fd < 0:  # (other systems)
+    fd = _fd(shm)
+    if not hasattr(os, "posix_fallocate") or fd < 0:  # (other systems)
         return
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.ENOMEM):
             raise
+
+
+def shm_free_text(free: int | None) -> str:
+    """``/dev/shm has 12.3 MiB free`` for ``free`` bytes (:func:`shm_free_bytes`), or "" for None."""
+    return "" if free is None else f"{SHM_DIR} has {free / 2**20:.1f} MiB free"
 
 
 def shm_free_bytes() -> int | None:

@@ -326,5 +326,5 @@ def test_open_files_limit_is_raised_as_far_as_the_system_lets_it(monkeypatch, so
 
     monkeypatch.setattr(resource, "getrlimit", lambda kind: (state["soft"], hard))
     monkeypatch.setattr(resource, "setrlimit", setrlimit)
-    assert raise_open_files_limit() == expected
+    assert raise_open_files_limit() == (None if expected == inf else (expected, hard))
     assert state["soft"] == expected
