@@ -64,7 +64,7 @@ from pipeline.summary import (
     format_summary,
     process_rss_kib,
 )
-from pipeline.supervise import Ledger, RestartPolicy
+from pipeline.supervise import Ledger, LedgerFlag, RestartPolicy
 from pipeline.transport import (
     CONTROL_HWM,
     POLL_MS,
@@ -164,6 +164,7 @@ class Pipeline:
         self._signals: list[int] = []
         self._pool_names: set[str] = set()
         self._ledger: Ledger | None = None
+        self._abort: LedgerFlag | None = None  # the run's abort flag (in the ledger)
         self._events: Any = None  # PUSH socket to the postprocess stage's events endpoint
         self._fork_server = False
         self._restarter: Restarter | None = None
@@ -327,6 +328,7 @@ class Pipeline:
             for name in self._pool_names:
                 unlink_pool(name)
             if self._ledger is not None:
+                self._abort = None  # (its flags live in the ledger)
                 self._ledger.close()
                 self._ledger = None
             unlink_pool(ledger_name)
@@ -398,13 +400,12 @@ class Pipeline:
             child.proc.close()
 
     def _supervise(self, summary: RunSummary, control: zmq.Socket[Any], specs: list[StageSpec]) -> None:
-        mpctx = mp.get_context("spawn")
-        go, stop_input, abort = mpctx.Event(), mpctx.Event(), mpctx.Event()
+        assert self._ledger is not None
+        go, stop_input, abort = self._ledger.run_flags()  # (no named semaphores to outlive a killed run)
         self._abort = abort
         sv = self.settings.supervise
         policy = RestartPolicy(max_restarts=sv.max_restarts, window_s=sv.window_s,
                                backoff_initial_s=sv.backoff_initial_s, backoff_max_s=sv.backoff_max_s)
-        assert self._ledger is not None
         restarter = Restarter(ledger=self._ledger, policy=policy, spawn=self._spawn, events=self._events,
                               pool_names=self._pool_names)  # (first: it counts OOM kills from here on)
         self._restarter = restarter
@@ -513,5 +514,5 @@ class Pipeline:
         """Join every stage process; kill those that do not exit in time."""
         if self._ledger is not None:
             self._ledger.set_finished()
-        join_children([c.proc for c in self._procs], getattr(self, "_abort", None), JOIN_TIMEOUT_S)
+        join_children([c.proc for c in self._procs], self._abort, JOIN_TIMEOUT_S)
         self._procs = []

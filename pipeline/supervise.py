@@ -46,14 +46,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.slotpool import GENERATION_SEP, SHM_DIR, SlotPool, pool_name, split_pool_name
+from pipeline.slotpool import GENERATION_SEP, SHM_DIR, SlotPool, SlotPoolError, pool_name, split_pool_name
 
-__all__ = ["GENERATION_SEP", "Ledger", "LedgerRef", "RestartPolicy", "pool_name", "split_pool_name"]
+__all__ = ["GENERATION_SEP", "Ledger", "LedgerFlag", "LedgerRef", "RestartPolicy", "pool_name", "split_pool_name"]
 
 _HEADER = 2  # n_sources, n_chains
 _PER_SOURCE = 8  # published, eos_done, sent, frames out, detections out, stop asked, active, preview viewers
 _PER_CHAIN = 3  # engine_gen, preprocess_ack, replay_gen
-_FINISHED = 0  # offset after the per-chain block
+_RUN_FIELDS = 6  # finished, subscribers, postprocess gen; the go, stop-input and abort flags
+_GO, _STOP_INPUT, _ABORT = 3, 4, 5  # run fields: the flags of :meth:`Ledger.run_flags`
+_FLAG_POLL_S = 0.002  # how often :meth:`LedgerFlag.wait` looks
 
 
 class Ledger:
@@ -67,7 +69,8 @@ class Ledger:
     generation. Plus a ``finished`` flag (every
     EOS published: the preprocess and engine stages exit), the publish sink's current
     subscription count (a restarted postprocess stage waits for its subscribers to reconnect) and
-    the postprocess generation (its restarts: the engines take back the output slots it held).
+    the postprocess generation (its restarts: the engines take back the output slots it held);
+    and the run's go, stop-input and abort flags (:meth:`run_flags`).
     Aligned int64 loads and stores are atomic on the platforms we run on; each counter has one
     writer (``finished``: the postprocess stage, and the runner at the end).
 
@@ -84,7 +87,7 @@ class Ledger:
 
     @staticmethod
     def _size(num_sources: int, num_chains: int) -> int:
-        return _HEADER + _PER_SOURCE * num_sources + _PER_CHAIN * num_chains + 3  # + finished, subscribers, pp gen
+        return _HEADER + _PER_SOURCE * num_sources + _PER_CHAIN * num_chains + _RUN_FIELDS
 
     @classmethod
     def create(cls, *, name: str, num_sources: int, num_chains: int) -> Ledger:
@@ -133,7 +136,7 @@ class Ledger:
         return _HEADER + _PER_SOURCE * self.num_sources + field_index * self.num_chains + chain
 
     def _run(self, field_index: int) -> int:
-        """Index of a run-wide counter: 0 finished, 1 subscribers, 2 postprocess generation."""
+        """Index of a run-wide counter: 0 finished, 1 subscribers, 2 postprocess generation, 3-5 flags."""
         return _HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains + field_index
 
     def _get(self, i: int) -> int:
@@ -269,6 +272,70 @@ class Ledger:
     def bump_postprocess_gen(self) -> None:
         """Count a postprocess restart, before the new process starts (runner)."""
         self._set(self._run(2), self.postprocess_gen + 1)
+
+    def run_flags(self) -> tuple[LedgerFlag, LedgerFlag, LedgerFlag]:
+        """The run's ``(go, stop_input, abort)`` flags (:class:`~pipeline.transport.StageFlags`), all clear at first."""
+        go, stop_input, abort = (LedgerFlag(self, self._run(k)) for k in (_GO, _STOP_INPUT, _ABORT))
+        return go, stop_input, abort
+
+
+_ATTACHED: dict[str, Ledger] = {}  # ledgers this process attached for its flags (mapped until it exits)
+
+
+class LedgerFlag:
+    """A run-wide flag in the ledger, set once and never cleared: the go, stop-input and abort signals.
+
+    It stands where a ``multiprocessing.Event`` would (``set``, ``is_set``, ``wait``) without
+    that event's five named POSIX semaphores, which outlive a run whose processes are all killed
+    (SIGKILL to the process group left 15 ``/dev/shm/sem.mp-*`` per run, which nobody removes),
+    where the ledger is reaped (:func:`pipeline.slotpool.reap_orphan_pools`). It pickles as the
+    ledger's name and the flag's place; a stage process attaches the ledger on first use. A ledger
+    that is gone (the runner ended) reads as every flag set.
+
+    Args:
+        ledger: the run's ledger (the runner), or its name (attached on first use).
+        index: the flag's counter in the ledger.
+    """
+
+    def __init__(self, ledger: Ledger | str, index: int) -> None:
+        self._ledger = ledger if isinstance(ledger, Ledger) else None
+        self._name = ledger.name if isinstance(ledger, Ledger) else ledger
+        self._index = index
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int]]:
+        return LedgerFlag, (self._name, self._index)
+
+    def _attached(self) -> Ledger | None:
+        if self._ledger is None:
+            ledger = _ATTACHED.get(self._name)
+            if ledger is None:
+                try:
+                    ledger = _ATTACHED[self._name] = Ledger.attach(self._name)
+                except SlotPoolError:
+                    return None
+            self._ledger = ledger
+        return self._ledger
+
+    def is_set(self) -> bool:
+        """Whether the flag was set (True when the ledger is gone)."""
+        ledger = self._attached()
+        return ledger is None or bool(ledger._get(self._index))
+
+    def set(self) -> None:
+        """Set the flag for every process of the run."""
+        ledger = self._attached()
+        if ledger is not None:
+            ledger._set(self._index, 1)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the flag is set or ``timeout`` seconds passed (None: no limit); returns :meth:`is_set`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = _FLAG_POLL_S if deadline is None else min(_FLAG_POLL_S, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            time.sleep(left)
+        return True
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -315,6 +315,9 @@ def recv_parts(sock: zmq.Socket[Any], timeout_ms: int = POLL_MS) -> list[zmq.Fra
 class StageFlags:
     """Process-shared flags that drive a stage's lifecycle, plus a parent-liveness check.
 
+    The runner passes its ledger's flags (:meth:`pipeline.supervise.Ledger.run_flags`); anything
+    with ``set``, ``is_set`` and ``wait`` does (the tests pass ``threading.Event``).
+
     Args:
         go: set by the runner once every stage is ready: decoders start reading.
         stop_input: set on SIGINT/SIGTERM: decoders stop reading and send EOS; the rest drains.

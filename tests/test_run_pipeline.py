@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from engines.select import cuda_available, tensorrt_available
+from pipeline.slotpool import reap_orphan_pools
 from tests.helpers.cli import ROOT, SCRIPT, assert_no_orphans, free_port, processes_with, run, start
 from tests.helpers.standin import bikes_path
 from tests.helpers.standin_seg import build_segment_standin, build_semantic_standin, segment_card
@@ -207,6 +208,30 @@ def test_killed_runner_takes_its_stages_along(standin_model):
     proc.kill()
     proc.communicate(timeout=30)
     assert_no_orphans(marker)
+
+
+def _semaphores() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("sem.mp-*")} if Path("/dev/shm").is_dir() else set()
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this system")
+def test_a_run_killed_with_its_process_group_leaves_no_semaphores(standin_model):
+    """``kill -9`` to the whole group (a container's or a service's stop) kills the resource tracker too.
+
+    Whatever named POSIX semaphores the run had made would stay in /dev/shm for good (the run's
+    flags were three ``multiprocessing.Event`` before, 15 ``sem.mp-*`` per killed run); its
+    shared-memory blocks are removed by the next run's reaper.
+    """
+    before = _semaphores()
+    proc, marker = start(base(standin_model, "--source", str(bikes_path()), "--loop", "100"), start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(processes_with(marker)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert_no_orphans(marker)
+    assert _semaphores() - before == set()
+    reap_orphan_pools(min_age_s=0.0)  # its blocks now, not with a note line in a later test's run
 
 
 def test_the_stages_cpu_time_counts_in_the_commands_own(standin_model):

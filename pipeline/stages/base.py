@@ -293,9 +293,10 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
 
     Args:
         spec: what to build.
-        go: event set by the runner when every stage is ready.
-        stop_input: event set by the runner on SIGINT/SIGTERM (graceful stop).
-        abort: event set by the runner to stop at once.
+        go: flag set by the runner when every stage is ready (a :class:`~pipeline.supervise.LedgerFlag`,
+            or any object with ``set``/``is_set``/``wait``, as ``threading.Event``).
+        stop_input: flag set by the runner on SIGINT/SIGTERM (graceful stop).
+        abort: flag set by the runner to stop at once.
         parent_pid: the runner's pid (a stage forked from the runner's fork server watches the
             server instead, which exits with the runner).
         environ: the environment to run with, the runner's at the time it started this stage (a

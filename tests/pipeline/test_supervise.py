@@ -9,6 +9,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 import pipeline.runner
+import pipeline.slotpool
 from pipeline.restarts import exit_reason, start_fork_server
 from pipeline.runner import Pipeline
 from pipeline.settings import DEFAULT_MODEL, DEFAULT_SOURCE
@@ -352,6 +354,46 @@ def test_ledger_is_shared_by_name():
         other.close()
     finally:
         ledger.close()
+
+
+def _set_flag_later(flag, delay_s):  # (a spawned process: the flag arrives pickled, by the ledger's name)
+    time.sleep(delay_s)
+    flag.set()
+
+
+def test_ledger_flags_cross_processes_and_wait():
+    name = f"sd-test-flags-{os.getpid()}"
+    ledger = Ledger.create(name=name, num_sources=1, num_chains=1)
+    try:
+        go, stop_input, abort = ledger.run_flags()
+        assert not (go.is_set() or stop_input.is_set() or abort.is_set())
+        started = time.monotonic()
+        assert go.wait(0.05) is False and time.monotonic() - started >= 0.05
+        proc = mp.get_context("spawn").Process(target=_set_flag_later, args=(stop_input, 0.2))
+        proc.start()
+        assert stop_input.wait(30) is True
+        proc.join(30)
+        assert proc.exitcode == 0 and not go.is_set() and not abort.is_set()
+        abort.set()
+        other = Ledger.attach(name)
+        assert [f.is_set() for f in other.run_flags()] == [False, True, True]
+        assert not other.finished and other.subscribers == 0 and other.postprocess_gen == 0  # (own fields)
+        other.close()
+    finally:
+        ledger.close()
+        pipeline.slotpool.unlink_pool(name)
+
+
+def test_a_ledger_flag_whose_run_is_gone_reads_as_set():
+    """A stage that outlived its runner (the ledger unlinked) stops: every flag reads set."""
+    name = f"sd-test-gone-{os.getpid()}"
+    ledger = Ledger.create(name=name, num_sources=1, num_chains=1)
+    _, _, abort = ledger.run_flags()
+    ledger.close()
+    pipeline.slotpool.unlink_pool(name)
+    orphan = pickle.loads(pickle.dumps(abort))  # as a stage process gets it
+    assert orphan.is_set() and orphan.wait(0)
+    orphan.set()  # (nothing to set: no error)
 
 
 def test_restart_policy_bounds_restarts_in_a_sliding_window_with_backoff():
