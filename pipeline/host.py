@@ -138,8 +138,8 @@ def _capped(spec: StageSpec, frames: int, tensors: int | None = None) -> StageSp
     return spec
 
 
-def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None,
-                      memory_limit: int | None = None) -> tuple[list[StageSpec], str]:
+def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None, memory_limit: int | None = None,
+                      held_bytes: int = 0) -> tuple[list[StageSpec], str]:
     """Cap the frame slots (then the tensor slots) so that the run's pools fit in :data:`SHM_SHARE` of the room.
 
     What must fit is :func:`planned_bytes`: the pools and the room of the largest restart. The
@@ -155,6 +155,8 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None,
             is changed.
         memory_limit: the run's memory limit in bytes (:func:`pipeline.cgroups.memory_limit`);
             None: none.
+        held_bytes: shared memory the run holds already (a source added at runtime: the run's own
+            pools, :func:`~pipeline.slotpool.run_shm_bytes`), taken from the memory limit's share.
 
     Returns:
         The specs (the same list when everything fits) and a warning ("" when nothing was capped).
@@ -167,15 +169,19 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None,
     if free_bytes is None:
         return specs, ""
     wanted = planned_bytes(specs)
-    room_bytes = free_bytes if memory_limit is None else min(free_bytes, int(memory_limit * MEMORY_SHARE))
+    room_bytes = free_bytes if memory_limit is None else min(
+        free_bytes, max(0, int(memory_limit * MEMORY_SHARE) - held_bytes))
     if wanted <= room_bytes * SHM_SHARE:
         return specs, ""
     budget = int(room_bytes * SHM_SHARE)
     configured = sorted({d.num_slots for sp in specs for d in _decoders(sp) if d.pool_bytes})
     if memory_limit is not None and room_bytes < free_bytes:  # the memory limit binds
-        advice = f"docker run --memory={math.ceil(wanted / SHM_SHARE / MEMORY_SHARE / (64 * _MIB)) * 64}m"
-        room = (f"the memory limit ({memory_limit / _MIB:.0f} MiB, cgroup) leaves {room_bytes / _MIB:.1f} MiB "
-                "for shared memory")
+        needed = wanted / SHM_SHARE + held_bytes
+        advice = f"docker run --memory={math.ceil(needed / MEMORY_SHARE / (64 * _MIB)) * 64}m"
+        share = int(memory_limit * MEMORY_SHARE)
+        held = f", of which this run holds {held_bytes / _MIB:.1f} MiB already" if held_bytes else ""
+        room = (f"the memory limit ({memory_limit / _MIB:.0f} MiB, cgroup) leaves {share / _MIB:.1f} MiB "
+                f"for shared memory{held}")
     else:
         advice = f"docker run --shm-size={math.ceil(wanted / SHM_SHARE / (64 * _MIB)) * 64}m"
         room = shm_free_text(free_bytes)
@@ -206,13 +212,12 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None,
         f"{SHM_SHARE:.0%} of the room): give it more ({advice}), or run fewer sources or a smaller batch")
 
 
-def fit_to_host(specs: list[StageSpec], *, memory: bool = True, label: str = "") -> list[StageSpec]:
+def fit_to_host(specs: list[StageSpec], *, held_bytes: int = 0, label: str = "") -> list[StageSpec]:
     """:func:`fit_shared_memory` against this host: the free ``/dev/shm`` and the run's memory limit.
 
     Args:
         specs: as for :func:`fit_shared_memory`.
-        memory: count the memory limit (:func:`pipeline.cgroups.memory_limit`) too. A source added
-            at runtime is fitted against ``/dev/shm`` only: the run's own pools are in the limit already.
+        held_bytes: shared memory the run holds already (a source added at runtime).
         label: prefix of the warning line (``source cam1: ``).
 
     Returns:
@@ -221,7 +226,7 @@ def fit_to_host(specs: list[StageSpec], *, memory: bool = True, label: str = "")
     Raises:
         PipelineError: as :func:`fit_shared_memory`.
     """
-    fitted, note = fit_shared_memory(specs, shm_free_bytes(), memory_limit() if memory else None)
+    fitted, note = fit_shared_memory(specs, shm_free_bytes(), memory_limit(), held_bytes)
     if note:
         print(f"warning: {label}{note}", file=sys.stderr)
     return fitted

@@ -284,6 +284,26 @@ def shm_free_bytes() -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def run_shm_bytes(prefix: str) -> int:
+    """Bytes of :data:`SHM_DIR` that the blocks whose names start with ``prefix`` (one run's: ``sd-<token>-``) take.
+
+    The pages given to them (``st_blocks``), which is what counts towards a memory limit; 0
+    without ``/dev/shm``.
+    """
+    try:
+        with os.scandir(SHM_DIR) as it:
+            entries = [e for e in it if e.name.startswith(prefix)]
+    except OSError:
+        return 0
+    total = 0
+    for e in entries:
+        try:
+            total += e.stat(follow_symlinks=False).st_blocks * 512
+        except OSError:  # (removed meanwhile)
+            continue
+    return total
+
+
 def unlink_pool(name: str) -> bool:
     """Remove a pool's shared-memory name if it still exists (cleanup after a crash).
 

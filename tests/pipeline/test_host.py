@@ -26,6 +26,7 @@ from pipeline.host import (
 from pipeline.settings import DEFAULT_MODEL, DEFAULT_SOURCE
 from pipeline.stages.base import StageSpec
 from pipeline.stages.colocated import ColocatedSpec
+from pipeline.stages.decode import DecodeSpec
 from pipeline.summary import PipelineError
 from pipeline.transport import ipc_endpoints, tcp_endpoints
 from tests.helpers.cgroup import cgroup_unavailable, limited_cgroup
@@ -102,6 +103,20 @@ def test_too_little_room_for_two_slots_each_is_one_error(tmp_path, free_mib):
     assert text.startswith(f"shared memory: /dev/shm has {free_mib}.0 MiB free, and this run's frame and tensor pools "
                            "with the room of a restart need 34.1 MiB at least (122.3 MiB as configured")
     assert "docker run --shm-size=192m" in text
+
+
+def test_a_source_added_at_runtime_gets_what_the_run_left_of_the_memory_limit(tmp_path):
+    """The run's own pools count towards the limit: a source added later gets the rest of its quarter."""
+    spec = next(sp for sp in _specs(tmp_path, [str(BBB)], placement="separate") if isinstance(sp, DecodeSpec))
+    assert fit_shared_memory([spec], 10**12, 500 * MIB)[0] == [spec]  # (12 slots: 62 MiB with a restart's room)
+    out, note = fit_shared_memory([spec], 10**12, 500 * MIB, held_bytes=100 * MIB)
+    assert note.startswith("shared memory: the memory limit (500 MiB, cgroup) leaves 125.0 MiB for shared memory, "
+                           "of which this run holds 100.0 MiB already, too little for 12 frame slots")
+    assert _planned(out) <= 25 * MIB * SHM_SHARE < _planned([_capped(spec, _frame_slots(out)[0] + 1)])
+    advised = int(re.search(r"--memory=(\d+)m", note).group(1)) * MIB  # type: ignore[union-attr]
+    assert fit_shared_memory([spec], 10**12, advised, held_bytes=100 * MIB)[1] == ""
+    with pytest.raises(PipelineError, match=r"leaves 125\.0 MiB for shared memory, of which this run holds 122\.0"):
+        fit_shared_memory([spec], 10**12, 500 * MIB, held_bytes=122 * MIB)
 
 
 @pytest.mark.parametrize(("free_mib", "limit_mib", "binding"), [
@@ -214,6 +229,28 @@ def test_a_source_added_at_runtime_gets_507_when_its_frames_do_not_fit(tmp_path)
         assert [s["id"] for s in httpx.get(run.url + "/sources").json()] == ["demo", "bbb"]
     assert run.returncode == 130, run.err
     assert "SIGBUS" not in run.err and "restarted" not in run.err
+
+
+@pytest.mark.skipif(bool(cgroup_unavailable("memory")), reason=cgroup_unavailable("memory") or "")
+def test_a_source_added_at_runtime_in_a_500_mib_container_gets_507_not_the_oom_killer(tmp_path):
+    # before: fitted against the free /dev/shm only, the 4K clip got 12 slots (284 MiB) in a 500 MiB limit
+    import httpx
+
+    from tests.helpers.control import control_pipeline, wait_until
+
+    big = _clip_4k(tmp_path / "4k.mp4")
+    with limited_cgroup(memory_mib=500) as prefix, control_pipeline(
+            DEFAULT_MODEL, "--loop", "10000", "--batch", "1", prefix=prefix) as run:
+        r = httpx.post(run.url + "/sources", json={"url": str(big), "id": "big"}, timeout=30)
+        assert r.status_code == 507, r.text
+        assert re.match(r"source big: shared memory: the memory limit \(500 MiB, cgroup\) leaves 125\.0 MiB for "
+                        r"shared memory, of which this run holds \d+\.\d MiB already", r.json()["error"]), r.text
+        assert "docker run --memory=" in r.json()["error"]
+        r = httpx.post(run.url + "/sources", json={"url": str(bikes_path()), "id": "bikes"}, timeout=30)
+        assert r.status_code == 201, r.text
+        wait_until(lambda: (httpx.get(run.url + "/sources/bikes").json().get("frames") or 0) >= 5, 30, "bikes frames")
+    assert run.returncode == 130, run.err
+    assert "OOM" not in run.err and "restarted" not in run.err
 
 
 def _ulimit(soft: int, hard: int | None = None) -> list[str]:
