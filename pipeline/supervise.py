@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -84,6 +85,9 @@ class Ledger:
         self.num_sources = int(raw[0])
         self.num_chains = int(raw[1])
         self._a = raw
+
+    def __del__(self) -> None:
+        self.__dict__.pop("_a", None)  # the view first: a pool dropped unclosed cannot unmap under it
 
     @staticmethod
     def _size(num_sources: int, num_chains: int) -> int:
@@ -280,6 +284,7 @@ class Ledger:
 
 
 _ATTACHED: dict[str, Ledger] = {}  # ledgers this process attached for its flags (mapped until it exits)
+_ATTACH_LOCK = threading.Lock()  # (a colocated process's decoder threads look at the flags at once)
 
 
 class LedgerFlag:
@@ -307,13 +312,14 @@ class LedgerFlag:
 
     def _attached(self) -> Ledger | None:
         if self._ledger is None:
-            ledger = _ATTACHED.get(self._name)
-            if ledger is None:
-                try:
-                    ledger = _ATTACHED[self._name] = Ledger.attach(self._name)
-                except SlotPoolError:
-                    return None
-            self._ledger = ledger
+            with _ATTACH_LOCK:  # one mapping per process: a second one, dropped, would be unmapped under its view
+                ledger = _ATTACHED.get(self._name)
+                if ledger is None:
+                    try:
+                        ledger = _ATTACHED[self._name] = Ledger.attach(self._name)
+                    except SlotPoolError:
+                        return None
+                self._ledger = ledger
         return self._ledger
 
     def is_set(self) -> bool:

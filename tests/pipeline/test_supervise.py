@@ -6,6 +6,7 @@ must equal the reference line for line (timing fields aside).
 """
 
 import contextlib
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -21,6 +23,7 @@ import pytest
 
 import pipeline.runner
 import pipeline.slotpool
+import pipeline.supervise
 from pipeline.restarts import exit_reason, start_fork_server
 from pipeline.runner import Pipeline
 from pipeline.settings import DEFAULT_MODEL, DEFAULT_SOURCE
@@ -382,6 +385,47 @@ def test_ledger_flags_cross_processes_and_wait():
     finally:
         ledger.close()
         pipeline.slotpool.unlink_pool(name)
+
+
+def test_a_ledger_dropped_unclosed_unmaps_quietly(monkeypatch):
+    """Before: ``Exception ignored ... BufferError: cannot close exported pointers exist`` on stderr."""
+    name = f"sd-test-drop-{os.getpid()}"
+    ledger = Ledger.create(name=name, num_sources=1, num_chains=1)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    try:
+        other = Ledger.attach(name)
+        del other
+        gc.collect()
+        assert unraisable == []
+    finally:
+        ledger.close()
+
+
+def test_the_decoder_threads_of_one_process_share_one_mapping_of_the_flags(monkeypatch):
+    name = f"sd-test-threads-{os.getpid()}"
+    ledger = Ledger.create(name=name, num_sources=1, num_chains=1)
+    attached = []
+    real_attach = Ledger.attach
+
+    def slow_attach(n):
+        time.sleep(0.05)  # (widens the window two threads could both attach in)
+        attached.append(n)
+        return real_attach(n)
+
+    monkeypatch.setattr(Ledger, "attach", staticmethod(slow_attach))
+    try:
+        go = pickle.loads(pickle.dumps(ledger.run_flags()[0]))
+        flags = [go, *(pickle.loads(pickle.dumps(f)) for f in ledger.run_flags())]
+        threads = [threading.Thread(target=f.is_set) for f in flags for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert attached == [name]
+    finally:
+        pipeline.supervise._ATTACHED.pop(name).close()
+        ledger.close()
 
 
 def test_a_ledger_flag_whose_run_is_gone_reads_as_set():
