@@ -46,7 +46,7 @@ class SinkSettings(Section):
             this many milliseconds: a killed sink process loses at most that window of lines.
         jsonl_rotate: start a new JSONL file every period (``30m``, ``1h``, ``1d``) or at a size
             (``100MB``, ``1GB``); files are named ``<stem>-<UTC start time><suffix>`` (null: one file).
-        video_out: write the annotated video here (H.264).
+        video_out: write the annotated video here (H.264; ``.mp4``, ``.mkv``, ``.mov`` or ``.avi``).
         stats_interval_s: print a stats line (per source: fps, drops, p50/p99 latency, state) and
             publish it on topic ``stats`` this often, seconds (0: never; printed only with live sources).
         metrics_port: serve Prometheus metrics on ``http://metrics_host:PORT/metrics`` (null: off).
@@ -122,6 +122,15 @@ class SinkSettings(Section):
 
         parse_mqtt_url(str(v))  # ValueError names the (redacted) URL and what is wrong
         return str(v)
+
+    @field_validator("video_out", mode="before")
+    @classmethod
+    def _video_out(cls, v: Any) -> Any:
+        if _off(v):
+            return None
+        from pipeline.stages.video_sink import check_video_path
+
+        return check_video_path(str(v))  # ValueError names the path and the suffixes accepted
 
     @field_validator("jsonl_rotate", mode="before")
     @classmethod

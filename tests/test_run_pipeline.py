@@ -75,6 +75,8 @@ def test_runs_and_reports_outputs(standin_model, tmp_path):
         ("bad_flag", 2, "--frobnicate"),
         ("bad_yaml", 2, "not a readable YAML"),
         ("port_in_use", 1, "Address already in use"),
+        ("video_suffix", 2, "expected a video file ending in .mp4, .mkv, .mov or .avi"),  # was: 3 restarts, exit 0
+        ("video_unwritable", 1, "cannot create output"),  # was: a restart, exit 0, no video
     ],
 )
 def test_bad_input_one_error_line(standin_model, tmp_path, case, code, needle):
@@ -111,6 +113,12 @@ def test_bad_input_one_error_line(standin_model, tmp_path, case, code, needle):
         named = str(tmp_path / "c.yaml")
         Path(named).write_text("engine: [1,\n")
         args = [*args, "--config", named]
+    elif case == "video_suffix":
+        named = str(tmp_path / "out.txt")
+        args = [*args, "--video-out", named]
+    elif case == "video_unwritable":
+        named = "/proc/streamdet-test.mp4"  # (the directory exists; no file can be made there, even by root)
+        args = [*args, "--video-out", named]
     s = None
     if case == "port_in_use":
         s = socket.socket()

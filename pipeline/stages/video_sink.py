@@ -26,7 +26,7 @@ from streamdet.messages import EndOfStream
 if TYPE_CHECKING:
     import av
 
-__all__ = ["KEYFRAME_INTERVAL_S", "VIDEO_CODEC", "VIDEO_OPTIONS", "VideoSink"]
+__all__ = ["CONTAINERS", "KEYFRAME_INTERVAL_S", "VIDEO_CODEC", "VIDEO_OPTIONS", "VideoSink", "check_video_path"]
 
 VIDEO_CODEC = "libx264"
 VIDEO_OPTIONS = {"preset": "veryfast", "crf": "23"}
@@ -39,8 +39,27 @@ FRAGMENTED_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof", 
 """Muxer options of the temporary MP4/MOV: a fragment per keyframe, each written out when complete."""
 
 
+CONTAINERS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".avi": "avi"}
+"""The annotated video's container (FFmpeg format name) by the output file's suffix."""
+
+
+def check_video_path(path: str | os.PathLike[str]) -> Path:
+    """The output path of the annotated video, if its suffix names a container the sink writes.
+
+    Raises:
+        ValueError: naming the path and the suffixes accepted (``.txt`` made the postprocess stage
+            fail at the first frame with FFmpeg's ``Could not determine output format``).
+    """
+    p = Path(path)
+    if p.suffix.lower() not in CONTAINERS:
+        *most, last = CONTAINERS
+        raise ValueError(f"{str(path)!r}: expected a video file ending in {', '.join(most)} or {last} "
+                         f"(the container comes from the suffix), got {p.suffix or 'no suffix'}")
+    return p
+
+
 def _container_format(path: Path) -> str | None:
-    return {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".avi": "avi"}.get(path.suffix.lower())
+    return CONTAINERS.get(path.suffix.lower())
 
 
 def _fragmented(path: Path) -> bool:
@@ -221,19 +240,31 @@ class VideoSink(Sink):
         return "video " + (", ".join(parts) if parts else f"{self.path} (no frames)")
 
     def open(self) -> None:
-        """Check the output directory exists (files come with the first frame); resume: keep crash leftovers.
+        """Check the output can be written (files come with the first frame); resume: keep crash leftovers.
 
         With ``resume``, each temporary file a crash left is kept as a segment (see the class).
+        The temporary file of ``path`` is created and removed again, so that an output that cannot
+        be written fails here, before the run starts, and not at the first frame (where the frame
+        is already published and the annotated one would be lost with each restart).
 
         Raises:
-            OSError: if the directory cannot be created or a segment cannot be written.
+            ValueError: if the suffix names no container the sink writes (:func:`check_video_path`).
+            OSError: naming ``path``, if the directory or the file cannot be created, or a segment
+                cannot be written.
         """
+        check_video_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.resume:
             paths = dict.fromkeys([self.path] + [self._source_path(sid) for sid in self.fps_by_source])
             for path in paths:
                 if _AtomicFile(path).tmp.exists():
                     self._keep_segment(path)
+        probe = _AtomicFile(self.path).tmp
+        try:
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def _keep_segment(self, path: Path) -> None:
         """Turn the temporary file of ``path`` left by a crash into ``<stem>-seg<k><suffix>``."""
