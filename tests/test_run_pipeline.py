@@ -77,6 +77,7 @@ def test_runs_and_reports_outputs(standin_model, tmp_path):
         ("port_in_use", 1, "Address already in use"),
         ("video_suffix", 2, "expected a video file ending in .mp4, .mkv, .mov or .avi"),  # was: 3 restarts, exit 0
         ("video_unwritable", 1, "cannot create output"),  # was: a restart, exit 0, no video
+        ("jsonl_directory", 1, "cannot create output (Is a directory)"),  # was: 6 restarts after the whole run
     ],
 )
 def test_bad_input_one_error_line(standin_model, tmp_path, case, code, needle):
@@ -119,6 +120,9 @@ def test_bad_input_one_error_line(standin_model, tmp_path, case, code, needle):
     elif case == "video_unwritable":
         named = "/proc/streamdet-test.mp4"  # (the directory exists; no file can be made there, even by root)
         args = [*args, "--video-out", named]
+    elif case == "jsonl_directory":
+        named = str(tmp_path)
+        args = [*args, "--jsonl", named]
     s = None
     if case == "port_in_use":
         s = socket.socket()

@@ -280,9 +280,11 @@ class JsonlSink(Sink):
         """Create (or with ``resume``, reopen) the temporary file.
 
         Raises:
-            OSError: if it cannot be created.
+            OSError: if it cannot be created, or ``path`` is a directory.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.rotate is None:
+            _AtomicFile(self.path).check_target()
         now = self._clock()
         self._last_flush = now
         if self.resume and self.rotate is None and _AtomicFile(self.path).tmp.exists():

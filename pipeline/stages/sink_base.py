@@ -7,6 +7,7 @@ never each other, so the modules form no import cycle.
 
 from __future__ import annotations
 
+import errno
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -102,6 +103,15 @@ class _AtomicFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+
+    def check_target(self) -> None:
+        """Raise ``IsADirectoryError`` naming ``path`` if a directory is there: the file could never be put in place.
+
+        Checked when a sink opens: the rename at its end failed with the run done (every restart of
+        the postprocess stage after writing the whole file again).
+        """
+        if self.path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(self.path))
 
     def commit(self) -> None:
         os.replace(self.tmp, self.path)

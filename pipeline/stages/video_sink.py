@@ -249,8 +249,8 @@ class VideoSink(Sink):
 
         Raises:
             ValueError: if the suffix names no container the sink writes (:func:`check_video_path`).
-            OSError: naming ``path``, if the directory or the file cannot be created, or a segment
-                cannot be written.
+            OSError: naming ``path``, if the directory or the file cannot be created (or ``path``
+                is a directory), or a segment cannot be written.
         """
         check_video_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,6 +259,7 @@ class VideoSink(Sink):
             for path in paths:
                 if _AtomicFile(path).tmp.exists():
                     self._keep_segment(path)
+        _AtomicFile(self.path).check_target()
         probe = _AtomicFile(self.path).tmp
         try:
             probe.touch()
