@@ -180,6 +180,12 @@ def run(args: argparse.Namespace, command: str) -> None:
                 raise CalibrationError(f"{out}: output would overwrite the input model")
             if not out.parent.is_dir():
                 raise CalibrationError(f"{out}: output directory {out.parent} does not exist")
+            probe = out.with_name(f".{out.name}.tmp")  # (the name _write_variant writes first)
+            try:  # before the calibration's minutes, not after them, blamed on the model
+                probe.touch()
+                probe.unlink()
+            except OSError as e:
+                raise CalibrationError(f"{out}: cannot write ({e.strerror or e})") from e
     if out_int8 is not None and not args.source:
         raise CalibrationError(f"{model}: INT8 calibration needs --source (a video or an image directory)")
     card = load_model_card(model)

@@ -168,6 +168,14 @@ def test_no_frames_one_error_no_output(tiny_detector_onnx: Path, tmp_path: Path,
     assert list(out_dir.iterdir()) == []
 
 
+def test_an_output_that_cannot_be_written_fails_before_the_calibration(tiny_detector_onnx: Path, image_dir: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: ``error: MODEL: static quantization failed (FileNotFoundError: ...)`` after calibrating."""
+    out = Path("/proc/streamdet-test.int8.onnx")  # (the directory exists; no file can be made there, even by root)
+    rc, _, err = run_cli([str(tiny_detector_onnx), "--source", str(image_dir), "--out-int8", str(out)], capsys)
+    assert rc == 1 and err.splitlines() == [f"error: {out}: cannot write (No such file or directory)"], err
+
+
 def test_int8_needs_a_source_and_fp16_alone_does_not(tiny_detector_onnx: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("onnxconverter_common")  # in the train and gpu extras
