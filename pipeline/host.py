@@ -24,12 +24,16 @@ Room: pipeline (start-up planning, beside :mod:`pipeline.chains`; docs/architect
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import math
+import os
 import sys
+from collections.abc import Iterator
 
 from pipeline.cgroups import memory_limit
-from pipeline.slotpool import SHM_DIR, reap_orphan_pools, shm_free_bytes, shm_free_text
+from pipeline.slotpool import RUN_PREFIX, SHM_DIR, reap_orphan_pools, run_shm_bytes, shm_free_bytes, shm_free_text
 from pipeline.stages.base import StageSpec
 from pipeline.stages.colocated import ColocatedSpec
 from pipeline.stages.decode import DecodeSpec
@@ -139,7 +143,7 @@ def _capped(spec: StageSpec, frames: int, tensors: int | None = None) -> StageSp
 
 
 def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None, memory_limit: int | None = None,
-                      held_bytes: int = 0) -> tuple[list[StageSpec], str]:
+                      held_bytes: int = 0, claimed_bytes: int = 0) -> tuple[list[StageSpec], str]:
     """Cap the frame slots (then the tensor slots) so that the run's pools fit in :data:`SHM_SHARE` of the room.
 
     What must fit is :func:`planned_bytes`: the pools and the room of the largest restart. The
@@ -157,6 +161,7 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None, memory_lim
             None: none.
         held_bytes: shared memory the run holds already (a source added at runtime: the run's own
             pools, :func:`~pipeline.slotpool.run_shm_bytes`), taken from the memory limit's share.
+        claimed_bytes: of ``free_bytes``, what other runs starting have planned and not made yet.
 
     Returns:
         The specs (the same list when everything fits) and a warning ("" when nothing was capped).
@@ -169,6 +174,9 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None, memory_lim
     if free_bytes is None:
         return specs, ""
     wanted = planned_bytes(specs)
+    free_text = shm_free_text(free_bytes) + (
+        f", {claimed_bytes / _MIB:.1f} MiB of it planned by other runs" if claimed_bytes else "")
+    free_bytes = max(0, free_bytes - claimed_bytes)
     room_bytes = free_bytes if memory_limit is None else min(
         free_bytes, max(0, int(memory_limit * MEMORY_SHARE) - held_bytes))
     if wanted <= room_bytes * SHM_SHARE:
@@ -183,8 +191,8 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None, memory_lim
         room = (f"the memory limit ({memory_limit / _MIB:.0f} MiB, cgroup) leaves {share / _MIB:.1f} MiB "
                 f"for shared memory{held}")
     else:
-        advice = f"docker run --shm-size={math.ceil(wanted / SHM_SHARE / (64 * _MIB)) * 64}m"
-        room = shm_free_text(free_bytes)
+        advice = f"docker run --shm-size={math.ceil((wanted / SHM_SHARE + claimed_bytes) / (64 * _MIB)) * 64}m"
+        room = free_text
     least = wanted
     for tensors in (None, MIN_TENSOR_SLOTS):  # the frame slots first, then the tensor slots too
 
@@ -212,12 +220,56 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None, memory_lim
         f"{SHM_SHARE:.0%} of the room): give it more ({advice}), or run fewer sources or a smaller batch")
 
 
-def fit_to_host(specs: list[StageSpec], *, held_bytes: int = 0, label: str = "") -> list[StageSpec]:
+CLAIMS_FILE = "sd-claims"
+"""In :data:`~pipeline.slotpool.SHM_DIR`: what each run sharing it planned (one line each: ``<run prefix>
+<bytes>``), so that runs starting at once do not each plan against the same free room. A run's
+claim counts, less what its blocks already take (which the free room no longer shows), while its
+ledger exists; the file is read and written under an exclusive ``flock``."""
+
+
+@contextlib.contextmanager
+def _claims() -> Iterator[dict[str, int] | None]:
+    """The claims of the runs sharing ``/dev/shm``, locked; written back on exit (None: no claims file here)."""
+    try:
+        fd = os.open(f"{SHM_DIR}/{CLAIMS_FILE}", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # (no /dev/shm, or another user's file)
+        yield None
+        return
+    with os.fdopen(fd, "r+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):  # (the owner makes it writable for every user's runs)
+                os.fchmod(f.fileno(), 0o666)
+            claims: dict[str, int] = {}
+            for line in f.read().splitlines():
+                run, _, size = line.partition(" ")
+                if run.startswith(RUN_PREFIX) and size.isdigit() and os.path.exists(f"{SHM_DIR}/{run}ledger"):
+                    claims[run] = int(size)  # (a finished run's line goes: its ledger is unlinked)
+            yield claims
+            f.seek(0)
+            f.truncate()
+            f.write("".join(f"{run} {size}\n" for run, size in claims.items()))
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _pending(claims: dict[str, int], run: str) -> int:
+    """Bytes the other runs' claims have not made yet (the planned room less their blocks)."""
+    return sum(max(0, size - run_shm_bytes(other)) for other, size in claims.items() if other != run)
+
+
+def fit_to_host(specs: list[StageSpec], *, run: str, added: bool = False, label: str = "") -> list[StageSpec]:
     """:func:`fit_shared_memory` against this host: the free ``/dev/shm`` and the run's memory limit.
+
+    The room other runs sharing ``/dev/shm`` planned and have not made yet is not free
+    (:data:`CLAIMS_FILE`); a run starting claims what it plans. Two runs starting at once in 64
+    MiB planned 48 MiB each before: the later one failed making its pools.
 
     Args:
         specs: as for :func:`fit_shared_memory`.
-        held_bytes: shared memory the run holds already (a source added at runtime).
+        run: the run's block prefix, ``sd-<token>-``.
+        added: ``specs`` is a source added at runtime: what the run's blocks take already comes
+            off the memory limit's share (:func:`~pipeline.slotpool.run_shm_bytes`).
         label: prefix of the warning line (``source cam1: ``).
 
     Returns:
@@ -226,7 +278,12 @@ def fit_to_host(specs: list[StageSpec], *, held_bytes: int = 0, label: str = "")
     Raises:
         PipelineError: as :func:`fit_shared_memory`.
     """
-    fitted, note = fit_shared_memory(specs, shm_free_bytes(), memory_limit(), held_bytes)
+    with _claims() as claims:
+        free = shm_free_bytes()
+        pending = _pending(claims, run) if claims is not None and free is not None else 0
+        fitted, note = fit_shared_memory(specs, free, memory_limit(), run_shm_bytes(run) if added else 0, pending)
+        if claims is not None and not added:
+            claims[run] = planned_bytes(fitted)
     if note:
         print(f"warning: {label}{note}", file=sys.stderr)
     return fitted

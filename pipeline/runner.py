@@ -307,7 +307,7 @@ class Pipeline:
                 raise PipelineError(str(e)) from e
             specs = fit_to_host(stage_specs(self.settings, self._prepared, endpoints, pools, tensor_pools,
                                             ledger=ledger_name, forward=self.forward, secondary_pools=secondary_pools,
-                                            output_pools=output_pools))
+                                            output_pools=output_pools), run=run)
             self._supervise(summary, control, specs)
         finally:
             if self._plane is not None:  # first: requests still waiting get their 503 before the server stops

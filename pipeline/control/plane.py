@@ -37,7 +37,7 @@ from pipeline.control.preview import PreviewHub
 from pipeline.host import fit_to_host
 from pipeline.restarts import Child
 from pipeline.settings import Settings
-from pipeline.slotpool import RUN_PREFIX, pool_name, run_shm_bytes, split_pool_name, unlink_pool
+from pipeline.slotpool import RUN_PREFIX, pool_name, split_pool_name, unlink_pool
 from pipeline.sources.probe import SourceError, SourceInfo, probe_source
 from pipeline.stages.postprocess import PostprocessSpec
 from pipeline.summary import PipelineError, RunSummary, SourceReport, StatusBook
@@ -216,7 +216,7 @@ class ControlPlane:
         spec = decode_spec(self.settings, info, pool=pool_name(base, 0), endpoints=ep, batch=chain.max_batch,
                            ledger=LedgerRef(name=self.ledger.name, chain=cmd.chain, source=index))
         try:  # a file's frame pool is made at start: fewer slots, or no source, rather than a SIGBUS
-            fitted = fit_to_host([spec], held_bytes=run_shm_bytes(f"{RUN_PREFIX}{self.token}-"),
+            fitted = fit_to_host([spec], run=f"{RUN_PREFIX}{self.token}-", added=True,
                                  label=f"source {cmd.source_id}: ")
         except PipelineError as e:
             raise ControlError(507, f"source {cmd.source_id}: {e}") from e

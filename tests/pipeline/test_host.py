@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.chains import prepare_run, stage_specs
 from pipeline.host import (
+    CLAIMS_FILE,
     MIN_FRAME_SLOTS,
     SHM_SHARE,
     _capped,
@@ -185,6 +186,44 @@ def test_eight_720p_sources_run_in_a_500_mib_container(tmp_path):
     assert [x for x in err.splitlines() if "shared memory" in x][0].startswith(
         "warning: shared memory: the memory limit (500 MiB, cgroup) leaves 125.0 MiB for shared memory")
     assert len(_detections(out)) == 160
+
+
+@needs_small_shm
+def test_room_another_run_planned_is_not_free(tmp_path):
+    """A run that is starting beside it (its claim of 30 MiB, its ledger there) leaves 34 of the 64 MiB.
+
+    Before the claims, runs starting at once each planned against the whole free room, and the
+    later one failed making its pools (``needs 13.7 MiB but /dev/shm has 1.9 MiB free``).
+    """
+    other = "sd-0000beef-"
+    prefix = small_shm_prefix(64)
+    prefix[-2] = prefix[-2].replace(" && exec", f" && echo '{other} {30 * MIB}' > /dev/shm/{CLAIMS_FILE} && "
+                                              f": > /dev/shm/{other}ledger && exec")
+    code, _, err = run(["--source", str(BBB), "--max-frames", "10", "--publish", "none"], prefix=prefix)
+    assert code == 0, err
+    assert re.fullmatch(r"warning: shared memory: /dev/shm has 64\.0 MiB free, 30\.0 MiB of it planned by other "
+                        r"runs, too little for 12 frame slots per file source \(.*\): at most 2 each and 2 tensor "
+                        r"slots .*",
+                        err.strip()), err
+    code, _, err = run(["--source", str(BBB), "--max-frames", "10", "--publish", "none"], prefix=small_shm_prefix(64))
+    assert code == 0 and "at most 7 each" in err, err  # alone
+
+
+def test_claims_are_kept_while_their_run_lives(tmp_path, monkeypatch):
+    import pipeline.host as host
+    import pipeline.slotpool
+
+    monkeypatch.setattr(host, "SHM_DIR", str(tmp_path))
+    monkeypatch.setattr(pipeline.slotpool, "SHM_DIR", str(tmp_path))
+    (tmp_path / "sd-aaaaaaaa-ledger").touch()
+    (tmp_path / "sd-aaaaaaaa-f0.0").write_bytes(b"x" * 8192)  # 8 KiB made of its 100 KiB
+    (tmp_path / CLAIMS_FILE).write_text(f"sd-aaaaaaaa- {100 * 1024}\nsd-bbbbbbbb- 5000\ngarbage\n")
+    with host._claims() as claims:
+        assert claims == {"sd-aaaaaaaa-": 100 * 1024}  # (bbbbbbbb's ledger is gone: it ended)
+        assert host._pending(claims, "sd-cccccccc-") == 92 * 1024
+        assert host._pending(claims, "sd-aaaaaaaa-") == 0
+        claims["sd-cccccccc-"] = 7
+    assert (tmp_path / CLAIMS_FILE).read_text() == f"sd-aaaaaaaa- {100 * 1024}\nsd-cccccccc- 7\n"
 
 
 @needs_small_shm
