@@ -7,7 +7,7 @@ API's client (``python -m pipeline.ctl``); ``streamdet calibrate`` and ``streamd
 are the deployment tools of :mod:`engines.deploy`. The training tools are ``streamdet-train``
 (:mod:`training.commands`), which needs the ``train`` extra. Exit status: 0 finished, 1 failed (bad
 input, model, port in use, decode error), 2 invalid settings or arguments, 130 stopped by SIGINT,
-143 by SIGTERM.
+143 by SIGTERM, 129 by SIGHUP (the terminal closed).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def _settings_epilog() -> str:
     for name, default, env in rows:
         lines.append(f"  {name:<{width}}  default {default}  (env {env})")
     lines.append("")
-    lines.append("exit status: 0 finished, 1 failed, 2 invalid settings/arguments, 130 SIGINT, 143 SIGTERM")
+    lines.append("exit status: 0 finished, 1 failed, 2 invalid settings/arguments, 130 SIGINT, 143 SIGTERM, "
+                 "129 SIGHUP")
     return "\n".join(lines)
 
 
@@ -147,8 +148,8 @@ def run_main(argv: list[str] | None = None, *, prog: str = "run_pipeline.py") ->
         prog: the program name in usage, help and error lines.
 
     Returns:
-        The exit status: 0 finished, 1 failed, 2 invalid settings or arguments, 130 / 143 stopped
-        by SIGINT / SIGTERM.
+        The exit status: 0 finished, 1 failed, 2 invalid settings or arguments, 130 / 143 / 129
+        stopped by SIGINT / SIGTERM / SIGHUP.
     """
     args = build_parser(prog).parse_args(argv)
     from pipeline.runner import Pipeline, PipelineError, format_summary

@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -306,6 +307,73 @@ def environment(env: dict[str, str]) -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""The signals that stop a run gracefully (the first closes the inputs, a second aborts). SIGHUP is
+what a closed terminal or a dropped ssh session sends the whole process group: before, every
+process died of it at once, the output files stayed ``.partial`` and the run's shared memory stayed
+until the next run removed it."""
+
+
+@contextlib.contextmanager
+def hangup_ignored() -> Iterator[None]:
+    """SIGHUP ignored while helper processes start (main thread only; elsewhere nothing changes).
+
+    An ignored signal stays ignored across ``exec``: multiprocessing's resource tracker and the
+    fork server started meanwhile outlive a hangup of the process group and stay until the
+    runner, which decides, has stopped the run (they exit with it).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, old)
+
+
+_TERMINAL_FDS: list[int] = []  # standard output and error, where they were a terminal at the run's start
+
+
+def install_stop_handlers(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """Install ``handler`` for :data:`STOP_SIGNALS` (main thread); returns the handlers it replaced.
+
+    Starts multiprocessing's resource tracker first, with SIGHUP ignored (:func:`hangup_ignored`);
+    a SIGHUP then quiets a hung-up terminal (:func:`quiet_hung_up_terminal`) before ``handler``.
+    """
+    from multiprocessing import resource_tracker
+
+    with hangup_ignored():
+        resource_tracker.ensure_running()
+    _TERMINAL_FDS[:] = [fd for fd in (1, 2) if os.isatty(fd)]
+
+    def on_signal(signum: int, frame: Any) -> None:
+        quiet_hung_up_terminal(signum)
+        handler(signum, frame)
+
+    return {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+
+
+def quiet_hung_up_terminal(signum: int) -> None:
+    """After SIGHUP: standard output and error that were a terminal now hung up go to ``/dev/null``.
+
+    Writing to a hung-up terminal fails (``EIO``): the run's last warnings, its progress bar and
+    its summary would raise in the middle of the graceful stop. A terminal still there is kept
+    (``kill -HUP`` from elsewhere).
+    """
+    if signum != signal.SIGHUP:
+        return
+    import termios
+
+    for fd in _TERMINAL_FDS:
+        try:
+            termios.tcgetattr(fd)
+        except (termios.error, OSError):  # hung up
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+
+
 def start_fork_server(env: dict[str, str]) -> bool:
     """Start the fork server the stage processes are forked from, importing the stage modules in it.
 
@@ -327,7 +395,7 @@ def start_fork_server(env: dict[str, str]) -> bool:
         from multiprocessing import forkserver
 
         mp.get_context("forkserver").set_forkserver_preload(FORK_SERVER_PRELOAD)
-        with environment(env):
+        with environment(env), hangup_ignored():
             forkserver.ensure_running()
         return True
     except (OSError, ValueError, RuntimeError):

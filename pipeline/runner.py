@@ -19,9 +19,9 @@ published exactly once and in order across restarts (the protocol is described i
 :mod:`pipeline.supervise`). A restart is published as ``status.<source_id>`` (state
 ``stage_restarted``) and counted in the summary, the stats line and the Prometheus metrics.
 
-Stopping: the first SIGINT/SIGTERM closes the inputs (decoders send EOS, the rest drains, sinks
-flush; exit 130/143); a second one, a stage error or a drain longer than
-:data:`DRAIN_TIMEOUT_S` aborts at once. Children ignore SIGINT, watch their parent and die with
+Stopping: the first SIGINT/SIGTERM/SIGHUP closes the inputs (decoders send EOS, the rest
+drains, sinks flush; exit 130/143/129); a second one, a stage error or a drain longer than
+:data:`DRAIN_TIMEOUT_S` aborts at once. Children ignore SIGINT and SIGHUP, watch their parent and die with
 it; the runner joins them and kills any that remain, so no process outlives a run.
 
 This module spawns and supervises the stage processes; the start-up checks and the stages'
@@ -49,7 +49,7 @@ import zmq
 from pipeline.chains import ModelChain, PreparedRun, prepare_run, source_ids_for, stage_specs
 from pipeline.control.plane import ControlPlane, readiness
 from pipeline.host import fit_to_host, prepare_host
-from pipeline.restarts import Child, Restarter, environment, join_children, start_fork_server
+from pipeline.restarts import Child, Restarter, environment, install_stop_handlers, join_children, start_fork_server
 from pipeline.settings import Settings
 from pipeline.slotpool import RUN_PREFIX, pool_name, unlink_pool
 from pipeline.sources.probe import SourceInfo
@@ -264,10 +264,7 @@ class Pipeline:
                       file=sys.stderr)
         summary = RunSummary(model=self._prepared.model_names,
                              sources=[SourceReport(src.source_id, src.display) for src in self._prepared.sources])
-        old_handlers: dict[int, Any] = {}
-        if handle_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old_handlers[sig] = signal.signal(sig, self._on_signal)
+        old_handlers = install_stop_handlers(self._on_signal) if handle_signals else {}  # (SIGHUP too)
         tmpdir = private_run_dir()  # mode 0700: the ipc sockets are private
         token = uuid.uuid4().hex[:8]
         run = f"{RUN_PREFIX}{token}-"  # every shared-memory name of the run starts with it (reap_orphan_pools)

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamdet.constants import EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
+from streamdet.constants import EXIT_FAILURE, EXIT_OK, EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM
 from streamdet.messages import StageName, StatusKind, StatusMsg
 
 
@@ -87,9 +87,10 @@ class RunSummary:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
     def stopped_by(self, signum: int) -> None:
-        """Record a stop signal: exit code 143 for SIGTERM, else 130, unless the run already has one."""
+        """Record a stop signal: exit code 143 for SIGTERM, 129 for SIGHUP, else 130, unless the run already has one."""
         if self.exit_code == EXIT_OK:
-            self.exit_code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+            codes: dict[int, int] = {signal.SIGTERM: EXIT_SIGTERM, signal.SIGHUP: EXIT_SIGHUP}
+            self.exit_code = codes.get(signum, EXIT_SIGINT)
 
     def fail(self, message: str) -> None:
         """Record a problem that fails the run (exit code 1 unless a signal already set one)."""

@@ -36,3 +36,6 @@ EXIT_SIGINT: Final = 128 + signal.SIGINT
 
 EXIT_SIGTERM: Final = 128 + signal.SIGTERM
 """Process exit code after SIGTERM."""
+
+EXIT_SIGHUP: Final = 128 + signal.SIGHUP
+"""Process exit code after SIGHUP (a closed terminal, a dropped ssh session)."""

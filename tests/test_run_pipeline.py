@@ -1,5 +1,6 @@
 """The command line: exit codes, one error line per failure, signals, no orphan processes."""
 
+import contextlib
 import json
 import os
 import signal
@@ -244,6 +245,44 @@ def test_a_run_killed_with_its_process_group_leaves_no_semaphores(standin_model)
     assert_no_orphans(marker)
     assert _semaphores() - before == set()
     reap_orphan_pools(min_age_s=0.0)  # its blocks now, not with a note line in a later test's run
+
+
+def test_a_closed_terminal_stops_the_run_as_sigterm_does(standin_model, tmp_path):
+    """The terminal the run was started in goes away (window closed, ssh dropped): SIGHUP to the group.
+
+    Before: every process died of it at once (exit -1), the JSONL stayed ``.partial`` and the run's
+    shared memory stayed until the next run removed it. Now the inputs close, the rest drains.
+    """
+    import pty
+    import select
+    import uuid
+
+    out = tmp_path / "out.jsonl"
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "STREAMDET_TEST_MARKER": marker}
+    env.pop("STREAMDET_CONFIG", None)
+    pid, master = pty.fork()
+    if pid == 0:  # (the child: a new session whose controlling terminal is the pty)
+        os.chdir(ROOT)
+        os.execve(sys.executable, [sys.executable, str(SCRIPT), *base(standin_model, "--source", str(bikes_path()),
+                                                                        "--loop", "100", "--jsonl", str(out))], env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.parent / ".out.partial.jsonl").exists() or len(processes_with(marker)) < 4:
+            assert time.monotonic() < deadline, "the run did not start"
+            if select.select([master], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):
+                    os.read(master, 4096)
+        time.sleep(1.0)
+    finally:
+        os.close(master)  # the hangup
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 129
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert records[-1]["schema"] == "streamdet.eos/1" and records[-1]["reason"] == "interrupted"
+    assert records[-1]["frames"] == len(records) - 1 > 0
+    assert not (out.parent / ".out.partial.jsonl").exists()
+    assert_no_orphans(marker)
 
 
 def test_the_stages_cpu_time_counts_in_the_commands_own(standin_model):

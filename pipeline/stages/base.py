@@ -313,6 +313,7 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
         _release_fork_server()
     flags = StageFlags(go=go, stop_input=stop_input, abort=abort, parent_pid=parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the runner decides
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (so does a closed terminal's hangup)
 
     def _on_term(signum: int, frame: FrameType | None) -> None:
         flags.terminated = True
