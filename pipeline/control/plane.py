@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ class SourceRecord:
         reason: how it ended (the EOS reason), once ended.
         error: its problem, if any.
         done: set once it is retired (a ``DELETE`` waits for it).
+        eos_at: when its EOS was first seen published (``time.monotonic()``; 0: not yet).
     """
 
     info: SourceInfo
@@ -99,6 +101,12 @@ class SourceRecord:
     reason: str = ""
     error: str = ""
     done: threading.Event = field(default_factory=threading.Event)
+    eos_at: float = 0.0
+
+
+END_STATUS_WAIT_S = 2.0
+"""Longest wait, once a source's EOS is published, for the postprocess stage's ``source_end``
+status (its reason) before the source is retired without it."""
 
 
 @dataclass
@@ -249,6 +257,10 @@ class ControlPlane:
             child = rec.child
             if child is None or child.proc.exitcode != 0 or not self.ledger.eos_done(rec.index):
                 continue
+            report = self._book.reports.get(rec.info.source_id) if self._book is not None else None
+            rec.eos_at = rec.eos_at or time.monotonic()
+            if report is not None and not report.reason and time.monotonic() - rec.eos_at < END_STATUS_WAIT_S:
+                continue  # (the ledger says the EOS is out; its status, with the reason, is still on its way)
             self.forget_child(child)
             rec.child = None
             for name in [n for n in self.pool_names if split_pool_name(n)[0] == rec.pool]:
@@ -257,7 +269,6 @@ class ControlPlane:
             frames, detections = self.ledger.reset_source(rec.index)
             self.retired_totals[0] += frames
             self.retired_totals[1] += detections
-            report = self._book.reports.get(rec.info.source_id) if self._book is not None else None
             rec.reason = report.reason if report is not None else ""
             rec.error = report.error if report is not None else ""
             rec.state = "ended"
