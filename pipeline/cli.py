@@ -13,6 +13,8 @@ input, model, port in use, decode error), 2 invalid settings or arguments, 130 s
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -176,13 +178,20 @@ def run_main(argv: list[str] | None = None, *, prog: str = "run_pipeline.py") ->
         return e.exit_code
     finally:  # the stages' CPU time then counts in this process's children (time, wait4)
         stop_fork_server()
-    for line in format_summary(summary):
-        print(line)
-    for warn in summary.warnings:
-        print(f"warning: {warn}", file=sys.stderr)
-    for err in summary.errors:
-        print(f"error: {err}", file=sys.stderr)
-    sys.stdout.flush()
+    try:
+        for line in format_summary(summary):
+            print(line)
+        for warn in summary.warnings:
+            print(f"warning: {warn}", file=sys.stderr)
+        for err in summary.errors:
+            print(f"error: {err}", file=sys.stderr)
+        sys.stdout.flush()
+    except BrokenPipeError:  # (| head, a dropped session): the run's outputs are done; its exit status stands
+        null = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(null, stream.fileno())  # (so that the flush at exit does not fail again)
+        os.close(null)
     return summary.exit_code
 
 

@@ -285,6 +285,19 @@ def test_a_closed_terminal_stops_the_run_as_sigterm_does(standin_model, tmp_path
     assert_no_orphans(marker)
 
 
+def test_a_closed_standard_output_leaves_the_run_and_its_exit_status_alone(standin_model, tmp_path):
+    """``run_pipeline.py ... | head -c 0``: before, a BrokenPipeError traceback and exit 1 after a whole run."""
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *base(standin_model, "--source", str(bikes_path()),
+                                                                "--max-frames", "20", "--jsonl", str(out))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    proc.stdout.close()  # (nobody reads the summary)
+    err = proc.stderr.read() if proc.stderr is not None else ""
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and len(out.read_text().splitlines()) == 21
+
+
 def test_the_stages_cpu_time_counts_in_the_commands_own(standin_model):
     """``time run_pipeline.py ...`` (``os.wait4``) includes the stages' CPU time, forked or spawned.
 
