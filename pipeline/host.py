@@ -238,6 +238,10 @@ def _claims() -> Iterator[dict[str, int] | None]:
     with os.fdopen(fd, "r+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # (a file system without locks)
+            yield None
+            return
+        try:
             with contextlib.suppress(OSError):  # (the owner makes it writable for every user's runs)
                 os.fchmod(f.fileno(), 0o666)
             claims: dict[str, int] = {}
@@ -246,9 +250,9 @@ def _claims() -> Iterator[dict[str, int] | None]:
                 if run.startswith(RUN_PREFIX) and size.isdigit() and os.path.exists(f"{SHM_DIR}/{run}ledger"):
                     claims[run] = int(size)  # (a finished run's line goes: its ledger is unlinked)
             yield claims
-            f.seek(0)
-            f.truncate()
-            f.write("".join(f"{run} {size}\n" for run, size in claims.items()))
+            with contextlib.suppress(OSError):  # (a full /dev/shm: the claim is lost, the run goes on)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, "".join(f"{run} {size}\n" for run, size in claims.items()).encode(), 0)
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
