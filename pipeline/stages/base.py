@@ -47,6 +47,18 @@ DEBUG_ENV = "STREAMDET_DEBUG"
 """Set this environment variable to print full tracebacks of stage failures to stderr."""
 
 
+def say(line: str) -> None:
+    """Print one line on standard error, never raising: a reader gone or a terminal hung up drops it.
+
+    After SIGHUP (a closed terminal), which the stages ignore while the run drains, writing there
+    fails with ``EIO``; the periodic stats line of live sources would have failed the stage.
+    """
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 class StageError(RuntimeError):
     """A stage cannot go on; the message names the input (file, model, endpoint) and the problem."""
 

@@ -24,7 +24,6 @@ Reading a model's interface and checking its card live in :mod:`pipeline.stages.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +44,7 @@ from pipeline.stages.base import (
     check_alive,
     close_sockets,
     receive,
+    say,
 )
 from pipeline.supervise import Ledger
 from pipeline.transport import (
@@ -342,7 +342,7 @@ class EngineStage(Stage):
         try:
             self.outputs = OutputPool.create(name=self.output_pool_name, num_slots=slots, slot_bytes=slot_bytes)
         except SlotPoolError as e:
-            print(f"warning: engine: model outputs travel inline in the messages ({e})", file=sys.stderr, flush=True)
+            say(f"warning: engine: model outputs travel inline in the messages ({e})")
 
     def _send_result(self, frames: tuple[FrameRecord, ...], engine_ms: float, names: tuple[str, ...],
                      outputs: list[Any], pixel_parts: list[Any]) -> None:

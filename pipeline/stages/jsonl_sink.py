@@ -13,13 +13,13 @@ from __future__ import annotations
 import calendar
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from pipeline.stages.base import say
 from pipeline.stages.payloads import dumps, eos_payload
 from pipeline.stages.sink_base import FrameResult, Sink, _AtomicFile
 from streamdet.messages import EndOfStream
@@ -140,7 +140,7 @@ def _drop_torn_tail(path: Path) -> int:
 
 
 def _default_warn(line: str) -> None:
-    print(f"warning: {line}", file=sys.stderr, flush=True)
+    say(f"warning: {line}")
 
 
 class _Segment:

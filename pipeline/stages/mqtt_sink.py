@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.stages.base import StageError
+from pipeline.stages.base import StageError, say
 from pipeline.stages.payloads import dumps, eos_payload
 from pipeline.stages.sink_base import FrameResult, Sink
 from streamdet.messages import EndOfStream
@@ -209,14 +209,6 @@ class MqttConfig:
     client_id: str = ""
 
 
-def _say(line: str) -> None:
-    """Print one line on stderr (from paho's thread too: never raises)."""
-    try:
-        print(line, file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
-
-
 def _oserror_text(e: BaseException | None) -> str:
     """A short reason for a failed connection attempt (``Connection refused``, ``timed out``...)."""
     if e is None:
@@ -352,7 +344,7 @@ class MqttSink(Sink):
             if self._warned or self._closing:
                 return
             self._warned = True
-        _say(f"warning: {self._shown()}: {problem}; retrying, holding up to {self.config.buffer} messages")
+        say(f"warning: {self._shown()}: {problem}; retrying, holding up to {self.config.buffer} messages")
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if getattr(reason, "is_failure", False):
@@ -373,7 +365,7 @@ class MqttSink(Sink):
             self._sweep_lost()
         self._first_done.set()
         if was_warned and not self._closing:
-            _say(f"mqtt {self._shown()}: connected")
+            say(f"mqtt {self._shown()}: connected")
 
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
         # paho calls this inside its ``except OSError`` block: the exception is the current one

@@ -16,7 +16,6 @@ unpacked (:func:`streamdet.postprocess.unpack_detections`) and fed to the sinks.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pipeline.stages.base import (
     credit_socket,
     frame_credit_sockets,
     receive,
+    say,
 )
 from pipeline.stages.cascade import Cascade, SecondaryLink, pixels_of
 from pipeline.stages.jsonl_sink import JsonlSink
@@ -275,7 +275,7 @@ class PostprocessStage(DynamicSources, Stage):
                 if isinstance(sink, MqttSink):
                     self.live_stats.set_sink_dropped("mqtt", sink.dropped)
             line, payload = self.live_stats.report()
-            print(line, file=sys.stderr, flush=True)
+            say(line)
             for sink in self._opened:
                 sink.stats(payload)
 

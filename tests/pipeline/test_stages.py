@@ -1,5 +1,7 @@
+import errno
 import json
 import os
+import sys
 import threading
 import uuid
 
@@ -553,3 +555,23 @@ def test_engine_classes_of_the_device_backends_are_device_engines():
     from engines.select import engine_class
 
     assert {b for b in Backend if issubclass(engine_class(b), DeviceEngine)} == {Backend.CUDA, Backend.TENSORRT}
+
+
+class _HungUpTerminal:
+    """A standard error whose terminal was hung up: every write fails with EIO."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def flush(self) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_stage_line_to_a_hung_up_terminal_is_dropped_not_raised(monkeypatch, capsys):
+    """After SIGHUP the stages drain on; before, the live sources' stats line raised EIO in the postprocess stage."""
+    from pipeline.stages.base import say
+
+    say("warning: shown")
+    assert capsys.readouterr().err == "warning: shown\n"
+    monkeypatch.setattr(sys, "stderr", _HungUpTerminal())
+    say("warning: nobody sees this")  # (no error)
