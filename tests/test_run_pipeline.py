@@ -1,6 +1,5 @@
 """The command line: exit codes, one error line per failure, signals, no orphan processes."""
 
-import contextlib
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ import pytest
 
 from engines.select import cuda_available, tensorrt_available
 from pipeline.slotpool import reap_orphan_pools
-from tests.helpers.cli import ROOT, SCRIPT, assert_no_orphans, free_port, processes_with, run, start
+from tests.helpers.cli import ROOT, SCRIPT, assert_no_orphans, free_port, hang_up, processes_with, run, start
 from tests.helpers.standin import bikes_path
 from tests.helpers.standin_seg import build_segment_standin, build_semantic_standin, segment_card
 
@@ -253,35 +252,19 @@ def test_a_closed_terminal_stops_the_run_as_sigterm_does(standin_model, tmp_path
     Before: every process died of it at once (exit -1), the JSONL stayed ``.partial`` and the run's
     shared memory stayed until the next run removed it. Now the inputs close, the rest drains.
     """
-    import pty
-    import select
-    import uuid
-
     out = tmp_path / "out.jsonl"
-    marker = uuid.uuid4().hex
-    env = {**os.environ, "STREAMDET_TEST_MARKER": marker}
-    env.pop("STREAMDET_CONFIG", None)
-    pid, master = pty.fork()
-    if pid == 0:  # (the child: a new session whose controlling terminal is the pty)
-        os.chdir(ROOT)
-        os.execve(sys.executable, [sys.executable, str(SCRIPT), *base(standin_model, "--source", str(bikes_path()),
-                                                                        "--loop", "100", "--jsonl", str(out))], env)
-    try:
-        deadline = time.monotonic() + 60
-        while not (out.parent / ".out.partial.jsonl").exists() or len(processes_with(marker)) < 4:
-            assert time.monotonic() < deadline, "the run did not start"
-            if select.select([master], [], [], 0.1)[0]:
-                with contextlib.suppress(OSError):
-                    os.read(master, 4096)
-        time.sleep(1.0)
-    finally:
-        os.close(master)  # the hangup
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 129
+    partial = tmp_path / ".out.partial.jsonl"
+
+    def ready(marker: str) -> bool:  # (the stages run and lines are written)
+        return partial.exists() and partial.stat().st_size > 2000 and len(processes_with(marker)) >= 4
+
+    code, marker = hang_up(base(standin_model, "--source", str(bikes_path()), "--loop", "100", "--jsonl", str(out)),
+                           ready)
+    assert code == 129
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert records[-1]["schema"] == "streamdet.eos/1" and records[-1]["reason"] == "interrupted"
     assert records[-1]["frames"] == len(records) - 1 > 0
-    assert not (out.parent / ".out.partial.jsonl").exists()
+    assert not partial.exists()
     assert_no_orphans(marker)
 
 

@@ -39,6 +39,7 @@ from engines.base import Backend
 from pipeline.chains import PreparedRun, prepare_run
 from pipeline.cluster.relay import Relay
 from pipeline.cluster.worker import KIND_PLACED, KIND_SUMMARY, Message, UnitSpec, unit_settings
+from pipeline.restarts import install_stop_handlers
 from pipeline.settings import Settings, SourceEntry
 from pipeline.stages.base import StageError
 from pipeline.stages.mqtt_sink import MqttSink
@@ -198,15 +199,14 @@ class ClusterRun:
         summary = RunSummary(model=prepared.model_names,
                              sources=[SourceReport(src.source_id, src.display) for src in prepared.sources])
         connect(address, s.cluster.connect_timeout_s)
-        old: dict[signal.Signals, Any] = {}
+        old: dict[int, Any] = {}
         ctx: zmq.Context[Any] = zmq.Context()
         sinks: list[Sink] = []
         try:
             self._check_cluster(address)
             sinks = self._open_sinks(ctx, prepared)
-            if handle_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    old[sig] = signal.signal(sig, self._on_signal)
+            if handle_signals:  # (SIGHUP too: a closed terminal stops the run as SIGTERM does)
+                old.update(install_stop_handlers(self._on_signal))
             self._run(summary, sinks, prepared)
         finally:
             for sink in sinks:

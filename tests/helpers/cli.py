@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +108,38 @@ def run(args: list[str], timeout: float = 120, extra_env: dict[str, str] | None 
     out, err = proc.communicate(timeout=timeout)
     assert_no_orphans(marker)
     return proc.returncode, out, err
+
+
+def hang_up(args: list[str], ready: Callable[[str], bool], timeout: float = 60) -> tuple[int, str]:
+    """Run ``run_pipeline.py ARGS`` in a terminal of its own, and close that terminal once ``ready(marker)``.
+
+    The child is a new session whose controlling terminal is a pty; closing the pty's master is
+    what closing a terminal window or dropping an ssh session does: the kernel sends SIGHUP.
+
+    Returns:
+        ``(exit code, marker)`` (the code as :func:`os.waitstatus_to_exitcode` gives it: -1 for a
+        death by SIGHUP).
+    """
+    import pty
+    import select
+
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "STREAMDET_TEST_MARKER": marker}
+    env.pop("STREAMDET_CONFIG", None)
+    pid, master = pty.fork()
+    if pid == 0:  # (the child)
+        os.chdir(ROOT)
+        os.execve(sys.executable, [sys.executable, str(SCRIPT), *args], env)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready(marker):
+            assert time.monotonic() < deadline, "the run did not get ready"
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    os.read(master, 4096)
+                except OSError:
+                    break
+    finally:
+        os.close(master)  # the hangup
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), marker

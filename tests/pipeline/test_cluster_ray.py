@@ -24,7 +24,7 @@ import pytest
 from pipeline.cli import run_main
 from pipeline.cluster.driver import ClusterRun
 from pipeline.runner import Pipeline
-from tests.helpers.cli import free_port
+from tests.helpers.cli import free_port, hang_up
 from tests.helpers.mosquitto import Mosquitto, Subscriber
 from tests.helpers.ray_cluster import LocalCluster, wait_for
 from tests.helpers.settings import settings_with
@@ -236,6 +236,17 @@ def test_cameras_move_to_a_live_node_within_10_s(fresh_cluster, tmp_path, standi
 def ray_processes() -> set[int]:
     out = subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True, text=True).stdout
     return {int(p) for p in out.split()}
+
+
+def test_a_closed_terminal_stops_a_cluster_run_as_sigterm_does(cluster, tmp_path, standin_model):
+    """SIGHUP to the driver (its terminal closed): before, it died at once (-1) and left its JSONL ``.partial``."""
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / ".out.partial.jsonl"
+    args = ["--ray-address", cluster.address, "--model", str(standin_model), "--source", str(bikes_path()),
+            "--loop", "50", "--publish", "none", "--quiet", "--jsonl", str(out)]
+    code, _ = hang_up(args, lambda marker: partial.exists() and partial.stat().st_size > 2000, timeout=120)
+    assert code == 129
+    assert not partial.exists() and len(out.read_text().splitlines()) > 0
 
 
 def test_unreachable_ray_address_is_one_line_within_10_s(capsys):
