@@ -33,7 +33,7 @@ import sys
 from collections.abc import Iterator
 
 from pipeline.cgroups import memory_limit
-from pipeline.slotpool import RUN_PREFIX, SHM_DIR, reap_orphan_pools, run_shm_bytes, shm_free_bytes, shm_free_text
+from pipeline.slotpool import RUN_PREFIX, SHM_DIR, reap_orphan_pools, shm_bytes_by_run, shm_free_bytes, shm_free_text
 from pipeline.stages.base import StageSpec
 from pipeline.stages.colocated import ColocatedSpec
 from pipeline.stages.decode import DecodeSpec
@@ -160,7 +160,7 @@ def fit_shared_memory(specs: list[StageSpec], free_bytes: int | None, memory_lim
         memory_limit: the run's memory limit in bytes (:func:`pipeline.cgroups.memory_limit`);
             None: none.
         held_bytes: shared memory the run holds already (a source added at runtime: the run's own
-            pools, :func:`~pipeline.slotpool.run_shm_bytes`), taken from the memory limit's share.
+            pools, :func:`~pipeline.slotpool.shm_bytes_by_run`), taken from the memory limit's share.
         claimed_bytes: of ``free_bytes``, what other runs starting have planned and not made yet.
 
     Returns:
@@ -257,9 +257,9 @@ def _claims() -> Iterator[dict[str, int] | None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _pending(claims: dict[str, int], run: str) -> int:
-    """Bytes the other runs' claims have not made yet (the planned room less their blocks)."""
-    return sum(max(0, size - run_shm_bytes(other)) for other, size in claims.items() if other != run)
+def _pending(claims: dict[str, int], run: str, made: dict[str, int]) -> int:
+    """Bytes the other runs' claims have not made yet (the planned room less their blocks, ``made`` by run)."""
+    return sum(max(0, size - made.get(other, 0)) for other, size in claims.items() if other != run)
 
 
 def fit_to_host(specs: list[StageSpec], *, run: str, added: bool = False, label: str = "") -> list[StageSpec]:
@@ -273,7 +273,7 @@ def fit_to_host(specs: list[StageSpec], *, run: str, added: bool = False, label:
         specs: as for :func:`fit_shared_memory`.
         run: the run's block prefix, ``sd-<token>-``.
         added: ``specs`` is a source added at runtime: what the run's blocks take already comes
-            off the memory limit's share (:func:`~pipeline.slotpool.run_shm_bytes`).
+            off the memory limit's share (:func:`~pipeline.slotpool.shm_bytes_by_run`).
         label: prefix of the warning line (``source cam1: ``).
 
     Returns:
@@ -284,8 +284,9 @@ def fit_to_host(specs: list[StageSpec], *, run: str, added: bool = False, label:
     """
     with _claims() as claims:
         free = shm_free_bytes()
-        pending = _pending(claims, run) if claims is not None and free is not None else 0
-        fitted, note = fit_shared_memory(specs, free, memory_limit(), run_shm_bytes(run) if added else 0, pending)
+        made = shm_bytes_by_run() if claims or added else {}  # (one scan of /dev/shm, under the lock)
+        pending = _pending(claims, run, made) if claims is not None and free is not None else 0
+        fitted, note = fit_shared_memory(specs, free, memory_limit(), made.get(run, 0) if added else 0, pending)
         if claims is not None and not added:
             claims[run] = planned_bytes(fitted)
     if note:

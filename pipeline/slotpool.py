@@ -284,24 +284,27 @@ def shm_free_bytes() -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def run_shm_bytes(prefix: str) -> int:
-    """Bytes of :data:`SHM_DIR` that the blocks whose names start with ``prefix`` (one run's: ``sd-<token>-``) take.
+def shm_bytes_by_run() -> dict[str, int]:
+    """Bytes of :data:`SHM_DIR` that each run's blocks take, by run prefix (``sd-<token>-``), in one scan.
 
-    The pages given to them (``st_blocks``), which is what counts towards a memory limit; 0
+    The pages given to them (``st_blocks``), which is what counts towards a memory limit; empty
     without ``/dev/shm``.
     """
+    by_run: dict[str, int] = {}
     try:
         with os.scandir(SHM_DIR) as it:
-            entries = [e for e in it if e.name.startswith(prefix)]
+            for e in it:
+                end = e.name.find("-", len(RUN_PREFIX)) + 1  # (past the token; 0: not a run's block)
+                if not e.name.startswith(RUN_PREFIX) or end == 0:
+                    continue
+                try:
+                    size = e.stat(follow_symlinks=False).st_blocks * 512
+                except OSError:  # (removed meanwhile)
+                    continue
+                by_run[e.name[:end]] = by_run.get(e.name[:end], 0) + size
     except OSError:
-        return 0
-    total = 0
-    for e in entries:
-        try:
-            total += e.stat(follow_symlinks=False).st_blocks * 512
-        except OSError:  # (removed meanwhile)
-            continue
-    return total
+        pass
+    return by_run
 
 
 def unlink_pool(name: str) -> bool:

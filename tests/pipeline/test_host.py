@@ -220,8 +220,10 @@ def test_claims_are_kept_while_their_run_lives(tmp_path, monkeypatch):
     (tmp_path / CLAIMS_FILE).write_text(f"sd-aaaaaaaa- {100 * 1024}\nsd-bbbbbbbb- 5000\ngarbage\n")
     with host._claims() as claims:
         assert claims == {"sd-aaaaaaaa-": 100 * 1024}  # (bbbbbbbb's ledger is gone: it ended)
-        assert host._pending(claims, "sd-cccccccc-") == 92 * 1024
-        assert host._pending(claims, "sd-aaaaaaaa-") == 0
+        made = pipeline.slotpool.shm_bytes_by_run()
+        assert made == {"sd-aaaaaaaa-": 8192}  # (its empty ledger takes no page; sd-claims is no run's)
+        assert host._pending(claims, "sd-cccccccc-", made) == 92 * 1024
+        assert host._pending(claims, "sd-aaaaaaaa-", made) == 0
         claims["sd-cccccccc-"] = 7
     assert (tmp_path / CLAIMS_FILE).read_text() == f"sd-aaaaaaaa- {100 * 1024}\nsd-cccccccc- 7\n"
 
