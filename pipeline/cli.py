@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -169,7 +168,7 @@ def run_main(argv: list[str] | None = None, *, prog: str = "run_pipeline.py") ->
         pipeline = ClusterRun(settings=settings)
     else:
         pipeline = Pipeline(settings=settings)
-    from pipeline.restarts import stop_fork_server
+    from pipeline.restarts import stop_fork_server, to_devnull
 
     try:
         summary = pipeline.run()
@@ -187,11 +186,8 @@ def run_main(argv: list[str] | None = None, *, prog: str = "run_pipeline.py") ->
             print(f"error: {err}", file=sys.stderr)
         sys.stdout.flush()
     except BrokenPipeError:  # (| head, a dropped session): the run's outputs are done; its exit status stands
-        null = os.open(os.devnull, os.O_WRONLY)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                os.dup2(null, stream.fileno())  # (so that the flush at exit does not fail again)
-        os.close(null)
+        with contextlib.suppress(OSError, ValueError):  # (streams without a descriptor: nothing to flush there)
+            to_devnull([sys.stdout.fileno(), sys.stderr.fileno()])  # (so that the flush at exit does not fail again)
     return summary.exit_code
 
 

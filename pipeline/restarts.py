@@ -332,46 +332,56 @@ def hangup_ignored() -> Iterator[None]:
         signal.signal(signal.SIGHUP, old)
 
 
-_TERMINAL_FDS: list[int] = []  # standard output and error, where they were a terminal at the run's start
-
-
-def install_stop_handlers(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+def install_stop_handlers(handler: Callable[[int, Any], None], *, tracker: bool = True) -> dict[int, Any]:
     """Install ``handler`` for :data:`STOP_SIGNALS` (main thread); returns the handlers it replaced.
 
-    Starts multiprocessing's resource tracker first, with SIGHUP ignored (:func:`hangup_ignored`);
-    a SIGHUP then quiets a hung-up terminal (:func:`quiet_hung_up_terminal`) before ``handler``.
-    """
-    from multiprocessing import resource_tracker
+    A SIGHUP first sends standard output and error to ``/dev/null`` where they were a terminal,
+    now hung up: writing there fails (``EIO``), and the run's last warnings, its progress bar and
+    its summary would raise in the middle of the graceful stop. A terminal still there is kept
+    (``kill -HUP`` from elsewhere).
 
-    with hangup_ignored():
-        resource_tracker.ensure_running()
-    _TERMINAL_FDS[:] = [fd for fd in (1, 2) if os.isatty(fd)]
+    Args:
+        handler: the run's own handler.
+        tracker: start multiprocessing's resource tracker first, with SIGHUP ignored
+            (:func:`hangup_ignored`): a run's shared memory starts it otherwise, open to the hangup.
+    """
+    if tracker:
+        from multiprocessing import resource_tracker
+
+        with hangup_ignored():
+            resource_tracker.ensure_running()
+    terminals = [fd for fd in (1, 2) if os.isatty(fd)]
 
     def on_signal(signum: int, frame: Any) -> None:
-        quiet_hung_up_terminal(signum)
+        if signum == signal.SIGHUP:
+            to_devnull([fd for fd in terminals if _hung_up(fd)])
         handler(signum, frame)
 
     return {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
 
 
-def quiet_hung_up_terminal(signum: int) -> None:
-    """After SIGHUP: standard output and error that were a terminal now hung up go to ``/dev/null``.
-
-    Writing to a hung-up terminal fails (``EIO``): the run's last warnings, its progress bar and
-    its summary would raise in the middle of the graceful stop. A terminal still there is kept
-    (``kill -HUP`` from elsewhere).
-    """
-    if signum != signal.SIGHUP:
-        return
+def _hung_up(fd: int) -> bool:
+    """Whether the terminal on ``fd`` is gone (its attributes can no longer be read)."""
     import termios
 
-    for fd in _TERMINAL_FDS:
-        try:
-            termios.tcgetattr(fd)
-        except (termios.error, OSError):  # hung up
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, fd)
-            os.close(null)
+    try:
+        termios.tcgetattr(fd)
+    except (termios.error, OSError):
+        return True
+    return False
+
+
+def to_devnull(fds: Sequence[int]) -> None:
+    """Point these descriptors at ``/dev/null``: output nobody can read any more (a hung-up terminal, a closed pipe)."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def start_fork_server(env: dict[str, str]) -> bool:

@@ -206,7 +206,7 @@ class ClusterRun:
             self._check_cluster(address)
             sinks = self._open_sinks(ctx, prepared)
             if handle_signals:  # (SIGHUP too: a closed terminal stops the run as SIGTERM does)
-                old.update(install_stop_handlers(self._on_signal))
+                old.update(install_stop_handlers(self._on_signal, tracker=False))  # (no shared memory here)
             self._run(summary, sinks, prepared)
         finally:
             for sink in sinks:
