@@ -259,11 +259,11 @@ class VideoSink(Sink):
             for path in paths:
                 if _AtomicFile(path).tmp.exists():
                     self._keep_segment(path)
-        _AtomicFile(self.path).check_target()
-        probe = _AtomicFile(self.path).tmp
+        target = _AtomicFile(self.path)
+        target.check_target()
         try:
-            probe.touch()
-            probe.unlink()
+            target.tmp.touch()
+            target.tmp.unlink()
         except OSError as e:
             raise OSError(e.errno, e.strerror, str(self.path)) from e
 
