@@ -87,15 +87,21 @@ def assert_no_orphans(marker: str) -> None:
     assert processes_with(marker) == []
 
 
+def _marked_env(extra_env: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    """A fresh ``STREAMDET_TEST_MARKER`` and the environment of a run that carries it (no ``STREAMDET_CONFIG``)."""
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "STREAMDET_TEST_MARKER": marker, **(extra_env or {})}
+    env.pop("STREAMDET_CONFIG", None)
+    return marker, env
+
+
 def start(args: list[str], extra_env: dict[str, str] | None = None, prefix: Sequence[str] = (),
           **kw: Any) -> tuple[subprocess.Popen[str], str]:
     """Start ``run_pipeline.py ARGS`` with a fresh ``STREAMDET_TEST_MARKER``; returns the process and the marker.
 
     ``prefix`` runs it through another command (e.g. :func:`tests.helpers.small_shm.small_shm_prefix`).
     """
-    marker = uuid.uuid4().hex
-    env = {**os.environ, "STREAMDET_TEST_MARKER": marker, **(extra_env or {})}
-    env.pop("STREAMDET_CONFIG", None)
+    marker, env = _marked_env(extra_env)
     proc = subprocess.Popen([*prefix, sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
     return proc, marker
@@ -123,9 +129,7 @@ def hang_up(args: list[str], ready: Callable[[str], bool], timeout: float = 60) 
     import pty
     import select
 
-    marker = uuid.uuid4().hex
-    env = {**os.environ, "STREAMDET_TEST_MARKER": marker}
-    env.pop("STREAMDET_CONFIG", None)
+    marker, env = _marked_env()
     pid, master = pty.fork()
     if pid == 0:  # (the child)
         os.chdir(ROOT)
