@@ -44,6 +44,7 @@ from pipeline.stages.decode import DecodeSpec
 from pipeline.stages.engine import EngineSpec
 from pipeline.stages.postprocess import PostprocessSpec
 from pipeline.stages.preprocess import PreprocessSpec
+from pipeline.stages.sink_config import finish_left_outputs
 from pipeline.summary import RunSummary, StatusBook
 from pipeline.supervise import Ledger, RestartPolicy
 from streamdet.messages import StageName, StageRestartMsg
@@ -151,6 +152,16 @@ class Restarter:
         self.events = events
         self.pool_names = pool_names
         self.pending: list[_Pending] = []
+
+    @staticmethod
+    def finish_outputs(children: Sequence[Child]) -> list[str]:
+        """The output files of a postprocess stage whose last process failed, finished (:func:`finish_left_outputs`).
+
+        Returns:
+            Their output lines (none when the stage ended cleanly: it finished its files itself).
+        """
+        return [line for c in children if c.stage is StageName.POSTPROCESS and c.proc.exitcode not in (None, 0)
+                and isinstance(c.spec, PostprocessSpec) for line in finish_left_outputs(c.spec.sinks)]
 
     def died(self, child: Child, reason: str) -> str | None:
         """Schedule a dead stage's restart.

@@ -119,7 +119,15 @@ class Stage(ABC):
 
     @abstractmethod
     def stop(self) -> None:
-        """Release everything (idempotent; called after ``run`` returns or fails)."""
+        """Release everything (idempotent; called after ``run`` returns or stops)."""
+
+    def abandon(self) -> None:
+        """Release everything after ``run`` (or ``start``) failed: the runner may start the stage again.
+
+        Called instead of :meth:`stop`; what a restarted stage continues (its output files) is left
+        as a crash would leave it. Default: :meth:`stop`.
+        """
+        self.stop()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -299,6 +307,12 @@ def runner_stdio() -> RunnerStdio | None:
     return RunnerStdio()
 
 
+FINISH_FAILED = -1
+"""Internal to :func:`stage_main`: the stage's run ended cleanly and its ``stop()`` failed (an output that
+could not be finished). Its error goes to the runner marked ``final`` (the run fails once it has
+drained) and the process exits 0: a restart would have nothing left to do."""
+
+
 def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid: int, *,
                environ: dict[str, str] | None = None, stdio: InheritedStdio | None = None) -> None:
     """Entry point of a stage process (``multiprocessing`` target, forkserver or spawn start method).
@@ -364,17 +378,19 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
     finally:
         if stage is not None:
             try:
-                stage.stop()
-            except Exception as e:
-                code = 1
-                status.send(StatusKind.STAGE_ERROR, message=describe_error(e, spec.stage_name))
-        if code:
+                stage.abandon() if code else stage.stop()
+            except Exception as e:  # (after a clean run: its work is done, a restart would redo nothing)
+                status.send(StatusKind.STAGE_ERROR, message=describe_error(e, spec.stage_name), final=int(not code))
+                code = code or FINISH_FAILED
+        if code == FINISH_FAILED:
+            status.send(StatusKind.DONE)
+        elif code:
             status.send(StatusKind.DONE, failed=1)
         else:
             status.send(StatusKind.DONE)
         status.close()
         ctx.term()
-    if code:
+    if code and code != FINISH_FAILED:
         raise SystemExit(code)
 
 

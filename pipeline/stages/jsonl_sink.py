@@ -11,6 +11,7 @@ written are counted and the sink retries once a second.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import os
 import re
 import time
@@ -468,6 +469,29 @@ class JsonlSink(Sink):
     def end_of_stream(self, eos: EndOfStream) -> None:
         """Append the EOS payload (never raises for a write error: see the class)."""
         self._line(eos_payload(eos))
+
+    def abandon(self) -> None:
+        """Flush and close, the file left under its temporary name for a restarted sink (never raises)."""
+        was_open, self._state = self._state == "open", "closed"
+        if was_open:
+            self._flush(self._clock())
+            fh, self._fh = self._fh, None
+            if fh is not None:
+                with contextlib.suppress(OSError):
+                    fh.close()
+
+    def finish_left(self) -> bool:
+        """Rename what a dead sink left into place (a torn last line cut; for the runner). Whether there was any.
+
+        Raises:
+            OSError: if a file cannot be renamed.
+        """
+        left = _AtomicFile(self.path).tmp.exists() if self.rotate is None else bool(self._unfinished())
+        if left:
+            self.resume, self.after_finish = True, False
+            self.open()
+            self.close()
+        return left
 
     def close(self) -> None:
         """Flush, close and rename into place (idempotent).

@@ -45,13 +45,7 @@ from pipeline.stages.ordering import PublishOrder, Verdict, catch_up_with_last_l
 from pipeline.stages.payloads import restart_payload
 from pipeline.stages.postprocess_dynamic import DynamicSources
 from pipeline.stages.sink_config import SinkConfig, open_sink
-from pipeline.stages.sinks import (
-    FrameResult,
-    Sink,
-    detections_payload,
-    dumps,
-    status_payload,
-)
+from pipeline.stages.sinks import FrameResult, Sink, detections_payload, dumps, status_payload
 from pipeline.stages.stats import LiveStats, StatsConfig
 from pipeline.supervise import Ledger
 from pipeline.transport import (
@@ -492,16 +486,22 @@ class PostprocessStage(DynamicSources, Stage):
 
     def stop(self) -> None:
         """Flush and close the sinks, report where outputs went, close the sockets."""
+        self._release(finish=True)
+
+    def abandon(self) -> None:
+        """As :meth:`stop`, but files stay for the restarted stage to resume and report (:meth:`Sink.abandon`)."""
+        self._release(finish=False)
+
+    def _release(self, *, finish: bool) -> None:
         self._report_progress(now=True)
         errors: list[str] = []
         for sink in self._opened:
             try:
-                sink.close()
+                sink.close() if finish else sink.abandon()
             except Exception as e:  # a sink failing to flush must not keep the others from flushing
                 errors.append(f"{sink.describe()}: cannot finish ({e})")
-        lines = self.outputs_summary()
+        lines = self.outputs_summary() + (self.cascade.summary_lines() if self.cascade else []) if finish else []
         if self.cascade is not None:
-            lines += self.cascade.summary_lines()
             self.cascade.close()
         for line in lines:
             self.status.send(StatusKind.OUTPUT, message=line)

@@ -7,6 +7,7 @@ never each other, so the modules form no import cycle.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from abc import ABC, abstractmethod
@@ -89,6 +90,16 @@ class Sink(ABC):
     @abstractmethod
     def close(self) -> None:
         """Flush and release everything (idempotent)."""
+
+    def abandon(self) -> None:
+        """Flush and release everything, leaving files to be resumed: the stage failed and may be restarted.
+
+        What was written stays, under its temporary name, for the restarted sink (``resume``) to
+        continue, as after a crash; nothing is finished at its path. Default: :meth:`close`
+        (sinks without files). Never raises.
+        """
+        with contextlib.suppress(Exception):
+            self.close()
 
     def status(self, payload: Mapping[str, Any]) -> None:  # noqa: B027 (optional hook)
         """A live source's status event (:func:`status_payload`); ignored unless the sink publishes it."""

@@ -17,7 +17,7 @@ from pipeline.stages.mqtt_sink import MqttConfig, MqttSink
 from pipeline.stages.sinks import JsonlSink, PubSink, Sink, VideoSink
 from pipeline.supervise import Ledger
 
-__all__ = ["RESUME_SUBSCRIBERS_WAIT_S", "SinkConfig", "open_sink"]
+__all__ = ["RESUME_SUBSCRIBERS_WAIT_S", "SinkConfig", "finish_left_outputs", "open_sink"]
 
 RESUME_SUBSCRIBERS_WAIT_S = 5.0
 """Longest wait of a restarted postprocess stage for the subscribers of the dead one to reconnect
@@ -105,3 +105,31 @@ class SinkConfig:
                                    class_names=class_names, class_names_by_source=class_names_by_source,
                                    resume=self.resume))
         return sinks
+
+
+def finish_left_outputs(config: SinkConfig) -> list[str]:
+    """Finish the files a postprocess stage that is not started again left under temporary names.
+
+    The JSONL file is renamed into place (a torn last line cut), the annotated videos are kept as
+    segments, as a restarted stage would have done (:meth:`JsonlSink.finish_left`,
+    :meth:`VideoSink.finish_left`); PUB, MQTT and forwarding have nothing to finish. For the runner,
+    once the stage died for good (its restarts used up, or not restartable). Never raises.
+
+    Returns:
+        One output line per finished file (as the stage reports its outputs), or a line saying why
+        one could not be finished.
+    """
+    lines: list[str] = []
+    sinks: list[JsonlSink | VideoSink] = []
+    if config.jsonl:
+        sinks.append(JsonlSink(path=config.jsonl, rotate=config.jsonl_rotate))
+    if config.video_out:
+        sinks.append(VideoSink(path=config.video_out, fps_by_source=dict(config.fps_by_source), class_names=()))
+    for sink in sinks:
+        try:
+            if sink.finish_left():
+                lines.append(f"{sink.describe()} (finished after the postprocess stage failed)")
+        except Exception as e:  # (an FFmpeg error remuxing a segment too)
+            lines.append(f"{sink.describe()}: cannot finish ({e})")
+    return lines
+

@@ -10,9 +10,11 @@ sink (``resume=True``) keeps the partial files a crash left as finished segments
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,13 +22,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.stages.base import say
 from pipeline.stages.sink_base import FrameResult, Sink, _AtomicFile
 from streamdet.messages import EndOfStream
 
 if TYPE_CHECKING:
     import av
 
-__all__ = ["CONTAINERS", "KEYFRAME_INTERVAL_S", "VIDEO_CODEC", "VIDEO_OPTIONS", "VideoSink", "check_video_path"]
+__all__ = ["CONTAINERS", "KEYFRAME_INTERVAL_S", "MAX_PTS_GAP_S", "PTS_TIME_BASE", "VIDEO_CODEC", "VIDEO_OPTIONS",
+           "VideoSink", "check_video_path"]
 
 VIDEO_CODEC = "libx264"
 VIDEO_OPTIONS = {"preset": "veryfast", "crf": "23"}
@@ -37,6 +41,20 @@ KEYFRAME_INTERVAL_S = 2.0
 
 FRAGMENTED_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}
 """Muxer options of the temporary MP4/MOV: a fragment per keyframe, each written out when complete."""
+
+PTS_TIME_BASE = Fraction(1, 90000)
+"""Time base of the annotated video's frames: each frame is shown for as long as the source shows it
+(variable frame rates kept), at the container's own precision (Matroska: milliseconds). AVI, a
+constant-rate container, counts in frames of the source's nominal rate instead."""
+
+MAX_PTS_GAP_S = 10.0
+"""A source's frames further apart than this (a camera's outage), or going back (a reconnect, a
+looped file), are one frame apart in the annotated video, at the source's nominal rate."""
+
+
+def _even(n: int) -> int:
+    """The largest even size up to ``n``, at least 2 (yuv420p: a 1-pixel side is scaled to 2)."""
+    return max(2, n - n % 2)
 
 
 CONTAINERS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".avi": "avi"}
@@ -120,10 +138,10 @@ def _remux(src: Path, dst: Path) -> int:
     shift: int | None = None
     with av.open(str(src)) as inp:
         s_in = inp.streams.video[0]
-        with av.open(str(work), mode="w", format=_container_format(dst)) as out:
-            s_out = out.add_stream_from_template(s_in)
-            try:
-                for packet in inp.demux(s_in):
+        try:
+            with av.open(str(work), mode="w", format=_container_format(dst)) as out:
+                s_out = out.add_stream_from_template(s_in)
+                for packet in _packets_until_cut(inp.demux(s_in)):
                     if packet.dts is None or packet.pts is None or packet.is_corrupt:
                         continue
                     if shift is None:  # the first frame at 0, as a directly written file has it
@@ -133,13 +151,24 @@ def _remux(src: Path, dst: Path) -> int:
                     packet.stream = s_out
                     out.mux(packet)
                     n += 1
-            except av.FFmpegError:
-                pass  # a cut-off end: keep what came before
+            if n and _count_packets(work) != n:  # (FFmpeg does not always report a failed write)
+                raise OSError(errno.EIO, f"the copy of {n} frames could not be read back in full", str(dst))
+        except BaseException:  # (no room for the copy, say: no half-written file left behind)
+            work.unlink(missing_ok=True)
+            raise
     if n == 0:
         work.unlink(missing_ok=True)
     else:
         os.replace(work, dst)
     return n
+
+
+def _packets_until_cut(packets: Iterator[av.Packet]) -> Iterator[av.Packet]:
+    """``packets`` until the first demuxing error (a cut-off end: what came before is kept)."""
+    import av
+
+    with contextlib.suppress(av.FFmpegError):
+        yield from packets
 
 
 def _count_packets(path: Path) -> int:
@@ -172,21 +201,42 @@ class _VideoOut:
             options["g"] = str(max(1, round(KEYFRAME_INTERVAL_S * float(rate))))
         stream = self.container.add_stream(VIDEO_CODEC, rate=rate, options=options)
         assert isinstance(stream, av.VideoStream)
+        self.time_base = PTS_TIME_BASE if _container_format(path) != "avi" else 1 / rate  # (AVI: constant rate)
+        stream.codec_context.time_base = self.time_base
         h, w = frame_hw
-        stream.width, stream.height = w - w % 2, h - h % 2  # yuv420p needs even sizes
+        stream.width, stream.height = _even(w), _even(h)  # yuv420p needs even sizes
         stream.pix_fmt = "yuv420p"
         self.stream: av.VideoStream = stream
         self.frames = 0
+        self._frame_ticks = max(1, round(1 / (rate * self.time_base)))
+        self._pts = -1  # the last frame's, in ``time_base``
+        self._pts_s = 0.0  # the last frame's source PTS, seconds
 
-    def write(self, image_rgb: npt.NDArray[np.uint8]) -> None:
+    def _next_pts(self, pts_s: float) -> int:
+        """The frame's PTS: the source's spacing of frames kept, a jump back or beyond MAX_PTS_GAP_S one frame long."""
+        step = pts_s - self._pts_s
+        ticks = round(step / self.time_base) if self._pts >= 0 and 0 < step <= MAX_PTS_GAP_S else self._frame_ticks
+        self._pts = 0 if self._pts < 0 else self._pts + max(1, ticks)
+        self._pts_s = pts_s
+        return self._pts
+
+    def write(self, image_rgb: npt.NDArray[np.uint8], pts_s: float) -> None:
         import av
 
         frame = av.VideoFrame.from_ndarray(image_rgb, format="rgb24")
-        frame.pts = self.frames
-        frame.time_base = self.stream.codec_context.time_base or Fraction(1, 25)
+        frame.pts = self._next_pts(pts_s)
+        frame.time_base = self.time_base
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
         self.frames += 1
+
+    def abandon(self) -> None:
+        """Flush the encoder and close the file, leaving it under its temporary name (never raises)."""
+        with contextlib.suppress(Exception):
+            for packet in self.stream.encode(None):
+                self.container.mux(packet)
+        with contextlib.suppress(Exception):
+            self.container.close()
 
     def close(self) -> None:
         """Flush the encoder and finish the file at its path (a fragmented one remuxed into a regular one)."""
@@ -195,10 +245,18 @@ class _VideoOut:
         self.container.close()
         if not self.fragmented:
             self.file.commit()
-        elif _remux(self.file.tmp, self.file.path) or self.frames == 0:
-            self.file.tmp.unlink()
-        else:
-            raise OSError(f"{self.file.tmp}: no frame could be read back to finish {self.file.path}")
+            return
+        tmp = self.file.tmp
+        try:
+            copied = _remux(tmp, self.file.path)
+            tmp.unlink()
+        except OSError:  # no room for the regular copy: the fragmented file plays as it is
+            if (end := _whole_fragments_end(tmp)) < tmp.stat().st_size:
+                os.truncate(tmp, end)  # (a last fragment cut short by a full disk)
+            copied = _count_packets(tmp)
+            tmp.unlink() if copied == 0 else self.file.commit()
+        if copied < self.frames:  # (FFmpeg does not always report a failed write)
+            raise OSError(errno.EIO, f"{copied} of its {self.frames} frames could be read back", str(self.file.path))
 
 
 class VideoSink(Sink):
@@ -231,13 +289,29 @@ class VideoSink(Sink):
         self.class_names = tuple(class_names)
         self.class_names_by_source = {k: tuple(v) for k, v in (class_names_by_source or {}).items()}
         self.resume = resume
+        self.frames_not_written = 0
         self._outs: dict[str, _VideoOut] = {}
         self._done: list[tuple[Path, int]] = []
+        self._broken: dict[str, tuple[Path, str]] = {}  # source id -> its file, what went wrong
 
     def describe(self) -> str:
-        """``video <path> (N frames)`` per file (segments kept after a crash first)."""
+        """``video <path> (N frames)`` per file (segments kept after a crash first), and frames not written."""
         parts = [f"{p} ({n} frames)" for p, n in self._done + [(o.file.path, o.frames) for o in self._outs.values()]]
-        return "video " + (", ".join(parts) if parts else f"{self.path} (no frames)")
+        lost = f", {self.frames_not_written} frames not written" if self.frames_not_written else ""
+        return "video " + (", ".join(parts) if parts else f"{self.path} (no frames)") + lost
+
+    def _break(self, sid: str, path: Path, e: Exception) -> None:
+        """A file that cannot be written (a full disk, a failed remux): its frames are dropped from here on.
+
+        The run goes on (the detections are published and in the JSONL already); :meth:`close`
+        keeps what can be read back of the file and fails the stage's finish with the reason.
+        """
+        out = self._outs.pop(sid, None)
+        if out is not None:
+            out.abandon()
+        problem = f"{path}: cannot write ({getattr(e, 'strerror', None) or e})"
+        self._broken[sid] = (path, problem)
+        say(f"warning: {problem}; the annotated frames of source {sid} are not written from here on")
 
     def open(self) -> None:
         """Check the output can be written (files come with the first frame); resume: keep crash leftovers.
@@ -306,26 +380,75 @@ class VideoSink(Sink):
 
         if result.pixels is None:
             return
+        import av
+
         sid = result.record.frame.source_id
+        if sid in self._broken:
+            self.frames_not_written += 1
+            return
         out = self._outs.get(sid)
-        if out is None:
-            out = _VideoOut(self._path_for(sid), self.fps_by_source.get(sid, 0.0), result.record.frame.frame_hw)
-            self._outs[sid] = out
         image = result.pixels if result.pixels.flags.writeable else result.pixels.copy()
         annotate_result(image, result.detections, self.class_names_by_source.get(sid, self.class_names),
                         result.children)
-        out.write(image)
+        path = out.file.path if out is not None else self._path_for(sid)
+        try:
+            if out is None:
+                out = self._outs[sid] = _VideoOut(path, self.fps_by_source.get(sid, 0.0), result.record.frame.frame_hw)
+            out.write(image, result.record.frame.pts_s)
+        except (OSError, av.FFmpegError) as e:
+            self._break(sid, path, e)
+            self.frames_not_written += 1
 
     def end_of_stream(self, eos: EndOfStream) -> None:
         """Finish the source's file."""
-        out = self._outs.pop(eos.source_id, None)
+        self._finish(eos.source_id)
+
+    def _finish(self, sid: str) -> None:
+        import av
+
+        out = self._outs.pop(sid, None)
         if out is not None:
-            out.close()
-            self._done.append((out.file.path, out.frames))
+            try:
+                out.close()
+                self._done.append((out.file.path, out.frames))
+            except (OSError, av.FFmpegError) as e:
+                self._break(sid, out.file.path, e)
 
     def close(self) -> None:
-        """Finish every open file."""
+        """Finish every open file; keep what can be read back of those that could not be written.
+
+        Raises:
+            OSError: naming each file that could not be written and why (the others are finished).
+        """
         for sid in list(self._outs):
-            out = self._outs.pop(sid)
-            out.close()
-            self._done.append((out.file.path, out.frames))
+            self._finish(sid)
+        problems = []
+        for path, problem in self._broken.values():
+            with contextlib.suppress(Exception):  # (what could be written; nothing on a full disk)
+                if _AtomicFile(path).tmp.exists():
+                    self._keep_segment(path)
+            problems.append(problem)
+        self._broken.clear()
+        if problems:
+            raise OSError("; ".join(problems))
+
+    def abandon(self) -> None:
+        """Close every open file under its temporary name: a restarted sink keeps each as a segment."""
+        for out in self._outs.values():
+            out.abandon()
+        self._outs.clear()
+
+    def finish_left(self) -> bool:
+        """Keep the temporary files a dead sink left as finished segments (as a restarted sink does).
+
+        For the runner when the postprocess stage is not started again.
+
+        Returns:
+            Whether there was a file to keep (then :meth:`describe` names the segments).
+
+        Raises:
+            OSError: if a segment cannot be written.
+        """
+        self.resume = True
+        self.open()
+        return bool(self._done)

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
+import pytest
 
 from pipeline.stages.sinks import FrameResult
 from streamdet.letterbox import letterbox_params
 from streamdet.messages import FrameMsg, FrameRecord
 from streamdet.postprocess import Detections
 
-__all__ = ["FPS", "HW", "T0", "Clock", "Disk", "decoded", "killed_writer", "no_dets", "record",
+__all__ = ["FPS", "HW", "T0", "Clock", "Disk", "decoded", "killed_writer", "mounted_tmpfs", "no_dets", "record",
            "times", "top_boxes", "video_result"]
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -36,8 +40,8 @@ class Clock:
         return self.t
 
 
-def record(sid: str = "cam", i: int = 0, hw: tuple[int, int] = (272, 640)) -> FrameRecord:
-    f = FrameMsg(sid, i, i * 0.04, hw, -2, "", 1.0, 2.0)
+def record(sid: str = "cam", i: int = 0, hw: tuple[int, int] = (272, 640), pts_s: float | None = None) -> FrameRecord:
+    f = FrameMsg(sid, i, i * 0.04 if pts_s is None else pts_s, hw, -2, "", 1.0, 2.0)
     return FrameRecord(f, letterbox_params(hw, (640, 384)), 0.5)
 
 
@@ -98,8 +102,9 @@ def frame(i: int) -> np.ndarray:
     return img
 
 
-def video_result(i: int, sid: str = "cam") -> FrameResult:
-    return FrameResult(record(sid, i, HW), no_dets(), {}, frame(i))
+def video_result(i: int, sid: str = "cam", pts_s: float | None = None) -> FrameResult:
+    """Frame ``i`` of a source at :data:`FPS` (``pts_s``: another presentation time)."""
+    return FrameResult(record(sid, i, HW, i / FPS if pts_s is None else pts_s), no_dets(), {}, frame(i))
 
 
 def top_boxes(path: Path) -> list[bytes]:
@@ -149,3 +154,20 @@ def killed_writer(out: Path, frames: int) -> None:
         p.wait(timeout=30)
         p.stdin.close()
         p.stdout.close()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (``64k``) at ``mnt``, a disk that really fills up (skips the test without root)."""
+    if sys.platform != "linux" or shutil.which("mount") is None:
+        pytest.skip("a real full disk needs Linux and mount(8) to mount a tmpfs")
+    mnt.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                       text=True, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root with CAP_SYS_ADMIN): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -23,6 +20,7 @@ from tests.helpers.durable_sinks import (
     Disk,
     decoded,
     killed_writer,
+    mounted_tmpfs,
     no_dets,
     record,
     times,
@@ -349,18 +347,8 @@ def test_a_full_disk_at_close_loses_the_buffered_lines_only(tmp_path, disk):
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A 64 KiB tmpfs (needs root with CAP_SYS_ADMIN: skipped otherwise)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if sys.platform != "linux" or shutil.which("mount") is None:
-        pytest.skip("a real full disk needs Linux and mount(8) to mount a tmpfs")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True,
-                       text=True, check=False)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root with CAP_SYS_ADMIN): {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny", "64k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_a_really_full_disk(tmp_path, tiny_fs):
