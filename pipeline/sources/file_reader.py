@@ -6,6 +6,7 @@ A truncated or corrupt file keeps every frame that decodes; the problem is hande
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -15,6 +16,7 @@ import numpy.typing as npt
 from pipeline.sources.ffmpeg import MAX_CONSECUTIVE_DECODE_ERRORS, SWSCALE_THREADS, ffmpeg_problem, open_input, to_rgb24
 from pipeline.sources.options import DecodeThreads, decoder_thread_count
 from pipeline.sources.probe import SourceInfo
+from pipeline.sources.truncation import MATROSKA_FORMATS, matroska_declared_size
 
 
 def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callable[[str], None],
@@ -102,5 +104,22 @@ def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callabl
             what = [f"{corrupt} corrupt packets"] if corrupt else []
             what += [f"{failed} packets failed to decode"] if failed else []
             on_error("truncated or corrupt (" + ", ".join(what) + ")")
+        elif not read_error and (cut := _cut_short(source.url, container.format.name)):
+            on_error(cut)
+        elif not read_error and index == 0:
+            on_error("no frame decoded (the video stream holds none)")
     finally:
         container.close()
+
+
+def _cut_short(url: str, format_name: str) -> str:
+    """The problem of a local file shorter than its header declares, or "" (see :mod:`pipeline.sources.truncation`)."""
+    if format_name not in MATROSKA_FORMATS or not os.path.isfile(url):
+        return ""
+    try:
+        declared, size = matroska_declared_size(url), os.path.getsize(url)
+    except OSError:
+        return ""
+    return f"truncated (the file has {size} of the {declared} bytes its header declares)" \
+        if declared is not None and size < declared else ""
+
