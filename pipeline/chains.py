@@ -30,6 +30,7 @@ from pipeline.stages.live_view import PreviewConfig
 from pipeline.stages.model_check import ModelInfo, batching, checked_card, inspect_onnx
 from pipeline.stages.postprocess import PostprocessSpec
 from pipeline.stages.preprocess import PreprocessSpec
+from pipeline.stages.sink_config import check_outputs_apart
 from pipeline.stages.stats import StatsConfig
 from pipeline.summary import PipelineError
 from pipeline.supervise import LedgerRef
@@ -145,6 +146,11 @@ def prepare_run(settings: Settings, tensor_device: str | None = None) -> Prepare
                             f"frame pools), got {s.transport.mode.value}")
     entries = s.source_entries()
     ids = source_ids_for([e.url for e in entries], given=[e.id for e in entries])
+    try:
+        check_outputs_apart(jsonl=s.sinks.jsonl, video_out=s.sinks.video_out, jsonl_rotate=s.sinks.jsonl_rotate,
+                            sources=[(sid, e.url) for sid, e in zip(ids, entries, strict=True)])
+    except ValueError as e:
+        raise PipelineError(str(e)) from e
     infos = []
     for entry, sid in zip(entries, ids, strict=True):
         try:

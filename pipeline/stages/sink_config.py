@@ -5,8 +5,10 @@ Split from :mod:`pipeline.stages.postprocess` (which re-exports these names).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -17,7 +19,7 @@ from pipeline.stages.mqtt_sink import MqttConfig, MqttSink
 from pipeline.stages.sinks import JsonlSink, PubSink, Sink, VideoSink
 from pipeline.supervise import Ledger
 
-__all__ = ["RESUME_SUBSCRIBERS_WAIT_S", "SinkConfig", "finish_left_outputs", "open_sink"]
+__all__ = ["RESUME_SUBSCRIBERS_WAIT_S", "SinkConfig", "check_outputs_apart", "finish_left_outputs", "open_sink"]
 
 RESUME_SUBSCRIBERS_WAIT_S = 5.0
 """Longest wait of a restarted postprocess stage for the subscribers of the dead one to reconnect
@@ -132,4 +134,44 @@ def finish_left_outputs(config: SinkConfig) -> list[str]:
         except Exception as e:  # (an FFmpeg error remuxing a segment too)
             lines.append(f"{sink.describe()}: cannot finish ({e})")
     return lines
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # (a hard link)
+    except OSError:
+        return False
+
+
+def check_outputs_apart(*, jsonl: str | os.PathLike[str] | None, video_out: str | os.PathLike[str] | None,
+                        sources: Sequence[tuple[str, str]], jsonl_rotate: str | None = None) -> None:
+    """Check that no two outputs are one file and that no output is a source file, before anything is written.
+
+    Args:
+        jsonl: the JSONL file (not checked with ``jsonl_rotate``: the files are named by time).
+        video_out: the annotated video of the first source; the others get ``<stem>-<source_id><suffix>``.
+        sources: ``(source_id, url)`` in the run's order (URLs with ``://`` are not files).
+        jsonl_rotate: the JSONL rotation, if any.
+
+    Raises:
+        ValueError: naming the two settings and the file (the run would write over its own input,
+            or two sinks would write one file under the same temporary name).
+    """
+    outputs: list[tuple[str, str]] = []
+    if jsonl is not None and jsonl_rotate is None:
+        outputs.append(("sinks.jsonl", str(jsonl)))
+    if video_out is not None:
+        video = Path(video_out)
+        for k, (sid, _) in enumerate(sources):
+            named = video if k == 0 else video.with_name(f"{video.stem}-{sid}{video.suffix}")
+            outputs.append(("sinks.video_out" + ("" if k == 0 else f" (source {sid})"), str(named)))
+    for i, (name, path) in enumerate(outputs):
+        for other, other_path in outputs[i + 1:]:
+            if _same_file(path, other_path):
+                raise ValueError(f"{name} and {other} name the same file ({path})")
+        for sid, url in sources:
+            if "://" not in url and _same_file(path, url):
+                raise ValueError(f"{name} {path}: is the input of source {sid}; the run would write over it")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,7 +24,7 @@ import pytest
 import zmq
 
 from pipeline.stages.base import Stage, StageSpec, stage_main
-from pipeline.stages.sink_config import SinkConfig, finish_left_outputs
+from pipeline.stages.sink_config import SinkConfig, check_outputs_apart, finish_left_outputs
 from pipeline.stages.sinks import FrameResult, JsonlSink, VideoSink
 from pipeline.stages.video_sink import MAX_PTS_GAP_S
 from pipeline.summary import RunSummary, StatusBook
@@ -285,3 +287,48 @@ def _indices_and_eos(path: Path) -> list[Any]:
     import json
 
     return [x.get("frame_index", "eos") for x in map(json.loads, path.read_bytes().splitlines())]
+
+
+# ---------------------------------------------------------------- outputs that are inputs, or each other
+@pytest.mark.parametrize("jsonl,video,rotate,sources,error", [
+    ("o.jsonl", "o.mp4", None, [("a", "in.mp4")], None),
+    ("in.mp4", None, None, [("a", "in.mp4")], "sinks.jsonl {d}/in.mp4: is the input of source a; the run would write "
+                                               "over it"),
+    (None, "in.mp4", None, [("a", "in.mp4")], "sinks.video_out {d}/in.mp4: is the input of source a"),
+    (None, "./sub/../in.mp4", None, [("a", "in.mp4")], "sinks.video_out {d}/sub/../in.mp4: is the input of source a"),
+    (None, "link.mp4", None, [("a", "in.mp4")], "sinks.video_out {d}/link.mp4: is the input of source a"),  # hard link
+    (None, "v.mp4", None, [("a", "x.mp4"), ("in", "in.mp4")], None),  # v-in.mp4 is not in.mp4
+    (None, "v.mp4", None, [("a", "x.mp4"), ("b", "v-b.mp4")], "sinks.video_out (source b) {d}/v-b.mp4: is the input"),
+    ("o.mkv", "o.mkv", None, [("a", "in.mp4")], "sinks.jsonl and sinks.video_out name the same file ({d}/o.mkv)"),
+    ("o.mkv", "o.mkv", "1h", [("a", "in.mp4")], None),  # rotated: the JSONL files are named by time
+    ("v-b.mp4", "v.mp4", None, [("a", "in.mp4"), ("b", "rtsp://cam/b")], "sinks.jsonl and sinks.video_out (source b)"),
+    ("rtsp.jsonl", None, None, [("a", "rtsp://host/in.mp4")], None),
+])
+def test_outputs_must_be_apart_from_each_other_and_the_inputs(tmp_path, jsonl, video, rotate, sources, error):
+    (tmp_path / "in.mp4").write_bytes(b"video")
+    (tmp_path / "sub").mkdir()
+    os.link(tmp_path / "in.mp4", tmp_path / "link.mp4")
+    (tmp_path / "v-b.mp4").write_bytes(b"video")
+    d = str(tmp_path)
+
+    def at(name: str | None) -> str | None:
+        return None if name is None else f"{d}/{name}"
+
+    kwargs = {"jsonl": at(jsonl), "video_out": at(video), "jsonl_rotate": rotate,
+              "sources": [(sid, url if "://" in url else at(url)) for sid, url in sources]}
+    if error is None:
+        check_outputs_apart(**kwargs)
+    else:
+        with pytest.raises(ValueError, match="^" + re.escape(error.format(d=d))):
+            check_outputs_apart(**kwargs)
+
+
+def test_a_run_refuses_to_write_over_its_input(tmp_path):
+    src = tmp_path / "in.mp4"
+    shutil.copy(DEMO, src)
+    before = src.read_bytes()
+    r = subprocess.run([sys.executable, "run_pipeline.py", "--publish", "none", "--quiet", "--source", str(src),
+                        "--video-out", str(src)], cwd=DEMO.parents[2], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"error: sinks.video_out {src}: is the input of source in; the run would write over it"]
+    assert src.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
