@@ -179,6 +179,10 @@ class Ledger:
         self._set(self._src(3, source), self._get(self._src(3, source)) + 1)
         self._set(self._src(4, source), self._get(self._src(4, source)) + detections)
 
+    def frames_published(self, source: int) -> int:
+        """Frames of ``source`` published so far (over every restart of the postprocess stage)."""
+        return self._get(self._src(3, source))
+
     def published_totals(self) -> tuple[int, int]:
         """``(frames, detections)`` published over every source so far."""
         frames = sum(self._get(self._src(3, i)) for i in range(self.num_sources))

@@ -57,9 +57,11 @@ PUB_HWM = 10_000
 PUB_LINGER_MS = 2_000
 """How long closing the PUB sink waits to deliver the last messages (EOS) to subscribers."""
 
-# up to the last "@" before a space, "?" or "#": a password may hold "@" or "/" (over-redacting a rare "@" in a
-# path is the safe side)
-_CREDENTIALS = re.compile(r"(?<=://)[^\s?#]*@")
+# The authority of "scheme://": up to the first "/" (or the end of the line); its credentials end at its last "@".
+# A raw space, "?", "#" or "@" in a password stays in the authority, so the whole password is hidden.
+_AUTHORITY = re.compile(r"(?<=://)[^/\n]*")
+# what an authority without "@" must look like to be HOST[:PORT] (else "user:pa/ss@host": a raw "/" in a password)
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]*\]|[^:@\s]*)(:[0-9]*)?")
 
 
 class TransportMode(str, Enum):
@@ -78,7 +80,16 @@ class Stopped(Exception):  # noqa: N818 (a control-flow signal, not an error)
 
 
 def redact_url(url: str) -> str:
-    """Hide credentials in a URL: ``rtsp://user:pass@host/x`` -> ``rtsp://***@host/x``.
+    """Hide credentials in a URL, or in a line of text holding URLs: ``rtsp://user:pass@host/x`` -> ``rtsp://***@host/x``.
+
+    The rule: after each ``://``, the authority runs to the first ``/`` (or the end of the line),
+    and everything up to its last ``@`` is replaced. So a raw space, ``?``, ``#`` or ``@`` in a
+    password is hidden with the rest of it (``rtsp://***@10.0.0.5/stream``), while an ``@`` after
+    the first ``/`` is in the path and stays (``rtsp://host/p?x=a@b``). A raw ``/`` in a password
+    cannot be told from the path; it is recognised when the text before it cannot be
+    ``HOST[:PORT]`` (``rtsp://admin:pa/ss@cam/x``: ``pa`` is no port), and the credentials then
+    end at the last ``@`` before the next ``/``. When in doubt more is hidden, never less (text
+    after a URL without a path, up to an ``@`` on the same line, is hidden too).
 
     Args:
         url: any string (paths are returned unchanged).
@@ -86,7 +97,32 @@ def redact_url(url: str) -> str:
     Returns:
         The string with every ``scheme://userinfo@`` part replaced by ``scheme://***@``.
     """
-    return _CREDENTIALS.sub("***@", url)
+    out, pos = [], 0
+    for m in _AUTHORITY.finditer(url):
+        if m.start() < pos:  # (inside credentials already hidden)
+            continue
+        end = _credentials_end(url, m)
+        if end:
+            out += [url[pos:m.start()], "***@"]
+            pos = end
+    return "".join(out) + url[pos:]
+
+
+def _credentials_end(text: str, authority: re.Match[str]) -> int:
+    """Where the credentials of a ``scheme://`` authority end (just past their ``@``), or 0 for none."""
+    start, end = authority.span()
+    at = text.rfind("@", start, end)
+    if at >= 0:
+        return at + 1
+    if end == len(text) or text[end] != "/" or _HOST_PORT.fullmatch(text, start, end):
+        return 0
+    line_end = text.find("\n", end)
+    line_end = len(text) if line_end < 0 else line_end
+    first_at = text.find("@", end, line_end)
+    if first_at < 0:
+        return 0
+    path = text.find("/", first_at, line_end)
+    return text.rfind("@", first_at, path if path >= 0 else line_end) + 1
 
 
 @dataclass(frozen=True)

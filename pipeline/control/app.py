@@ -84,8 +84,16 @@ def _one_line(e: RequestValidationError) -> tuple[int, str]:
     return 422, f"{loc}: {first.get('msg', 'invalid')}"
 
 
+MAX_BODY_BYTES = 64 * 1024
+"""Largest ``POST /sources`` body (413 beyond it): a URL, an id, a rate and a model name fit many times over."""
+
+
 class _JsonBodies:
-    """ASGI middleware: a ``POST /sources`` body is read as JSON, whatever its Content-Type (``curl -d``: a form)."""
+    """ASGI middleware for ``POST /sources``: the body is JSON whatever its Content-Type, and at most 64 KiB.
+
+    ``curl -d`` sends a form Content-Type; a body larger than :data:`MAX_BODY_BYTES` is refused (413)
+    before the app reads it.
+    """
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -94,7 +102,46 @@ class _JsonBodies:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/sources":
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+            body = await _read_body(scope, receive)
+            if body is None:
+                too_large = f"body is larger than {MAX_BODY_BYTES // 1024} KiB"
+                await JSONResponse({"error": too_large}, status_code=413)(scope, receive, send)
+                return
+            receive = _replay(body, receive)
         await self.app(scope, receive, send)
+
+
+async def _read_body(scope: Any, receive: Any) -> bytes | None:
+    """The request's whole body, or None if it is (or announces itself) larger than :data:`MAX_BODY_BYTES`."""
+    length = dict(scope["headers"]).get(b"content-length", b"0")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        return None
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":  # (the client went away: an empty body, nobody reads the answer)
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI ``receive`` that gives ``body`` once, then waits on the real one (for the disconnect)."""
+    sent = False
+
+    async def replay() -> Any:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 class _SameOrigin:
@@ -216,6 +263,7 @@ def create_app(plane: ControlPlane, *, token: str | None = None, host: str | Non
 
     @app.post("/sources", dependencies=auth, status_code=201,
               responses={400: {"description": "not JSON"}, 409: {"description": "id in use, or no room"},
+                         413: {"description": f"body larger than {MAX_BODY_BYTES // 1024} KiB"},
                          422: {"description": "malformed URL, source that cannot be opened, unknown model"},
                          507: {"description": "its frame pool does not fit in the free shared memory (/dev/shm)"}})
     def add_source(body: AddSource) -> SourceView:

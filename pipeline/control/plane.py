@@ -160,6 +160,7 @@ class ControlPlane:
         self._metrics = b""
         self._ready_reason: str | None = "stages starting"
         self._stopping = False
+        self._closed = False  # set by close(): every command submitted later is refused (503)
         self.retired_totals = [0, 0]
         """Frames and detections published by sources whose ledger slot was freed (for the run's totals)."""
         self._live = ctx.socket(zmq.PULL)
@@ -313,10 +314,11 @@ class ControlPlane:
                 self._metrics = msg.metrics
 
     def close(self) -> None:
-        """Close the live socket, wake the requests still waiting, end the preview streams."""
+        """Close the live socket, wake the requests still waiting, refuse later ones, end the preview streams."""
         self._live.close(0)
         self.preview.close()
         with self._lock:
+            self._closed = True
             for cmd in self._commands:
                 cmd.error = ControlError(503, "the pipeline is stopping")
                 cmd.done.set()
@@ -361,7 +363,8 @@ class ControlPlane:
                 "model": self.prepared.chains[r.chain].card.name, "fps": snap.get("fps"),
                 "dropped": snap.get("dropped", 0), "latency_p50_ms": snap.get("latency_p50_ms"),
                 "latency_p99_ms": snap.get("latency_p99_ms"),
-                "frames": report.frames if r.state == "ended" and report is not None else snap.get("frames", 0),
+                "frames": report.frames if r.state == "ended" and report is not None  # (the ledger's: over restarts)
+                else max(self.ledger.frames_published(r.index), snap.get("frames", 0)),
                 "restarts": restarts.get(f"decode:{sid}", 0), "reason": r.reason or None,
                 "error": r.error or None,
             })
@@ -393,9 +396,11 @@ class ControlPlane:
             ControlError: 409 for an id in use or no free slot, 422 for a malformed URL, a source
                 that cannot be opened or an unknown model, 503 while stopping or on a timeout.
         """
-        if not url or not url.strip() or any(c.isspace() for c in url.strip()) or url != url.strip():
-            raise ControlError(422, f"url {redact_url(url)!r}: expected a file path or a URL without spaces")
-        if "://" in url:
+        if not url.strip():
+            raise ControlError(422, f"url {url!r}: expected a file path or a URL")
+        if "://" in url:  # the start-up rule: spaces are refused in a URL only (a file path may hold them)
+            if any(c.isspace() for c in url):
+                raise ControlError(422, f"url {redact_url(url)!r}: malformed (expected a URL without spaces)")
             scheme, rest = url.split("://", 1)
             if not scheme.isalpha() or not rest.split("/", 1)[0].rsplit("@", 1)[-1]:
                 raise ControlError(422, f"url {redact_url(url)!r}: malformed (expected SCHEME://HOST[:PORT]/...)")
@@ -438,9 +443,14 @@ class ControlPlane:
         self._submit(_Command("remove", source_id), COMMAND_TIMEOUT_S)
         if not rec.done.wait(REMOVE_TIMEOUT_S):
             raise ControlError(503, f"source {source_id!r} did not stop within {REMOVE_TIMEOUT_S:.0f} s")
+        if rec.state != "ended":  # woken by close(): the run stops every source itself
+            raise ControlError(503, "the pipeline is stopping")
 
     def _submit(self, cmd: _Command, timeout_s: float) -> None:
+        """Hand a command to the runner's thread and wait for its outcome (503 once the plane is closed)."""
         with self._lock:
+            if self._closed:  # the runner no longer steps: nobody would ever take it
+                raise ControlError(503, "the pipeline is stopping")
             self._commands.append(cmd)
         if not cmd.done.wait(timeout_s):
             with self._lock:  # withdrawn unless the runner has taken it already: then its outcome stands

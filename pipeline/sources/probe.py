@@ -129,6 +129,10 @@ def probe_source(url: str, source_id: str, *, max_fps: float | None = None,
                    warning=f"{info.display}: {problem}; decoding in software ({HWACCEL_FALLBACK_SETTING}=true)")
 
 
+_SHOWN_PATH_MAX = 200
+"""Longest file path an error line shows (a longer one is cut, ``…`` added)."""
+
+
 def _probe(url: str, source_id: str, *, max_fps: float | None) -> SourceInfo:
     """:func:`probe_source` without the hardware decoder."""
     import av
@@ -141,7 +145,16 @@ def _probe(url: str, source_id: str, *, max_fps: float | None) -> SourceInfo:
                           max_fps=max_fps)
     if is_file:
         p = Path(url)
-        if not p.exists():
+        shown = shown if len(shown) <= _SHOWN_PATH_MAX else shown[:_SHOWN_PATH_MAX] + "…"
+        shown = shown.replace("\0", "\\0")
+        try:
+            if "\0" in url:  # (Path.exists says False: "no such file")
+                raise ValueError("embedded null byte")
+            exists = p.exists()
+        except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise SourceError(f"{shown}: not a readable path ({reason})") from e
+        if not exists:
             raise SourceError(f"{shown}: no such file{relative_path_note(p)}")
         if not p.is_file():
             raise SourceError(f"{shown}: not a file")

@@ -242,7 +242,7 @@ class PostprocessStage(DynamicSources, Stage):
                 # a SIGKILL between the dead stage's last JSONL line and its ledger update
                 catch_up_with_last_line(self.order, sink.resumed_last_line)
         try:
-            self.live_stats.open()
+            self.live_stats.open(frames=self.published_by_source())
         except OSError as e:
             port = self.live_stats.config.metrics_port
             raise StageError(f"metrics port {port}: cannot serve Prometheus metrics ({e.strerror or e})") from e

@@ -47,6 +47,12 @@ class DynamicSources:
     num_sources: int
     ledger: Ledger | None
 
+    def published_by_source(self) -> dict[str, int]:
+        """Frames each source published before this process (the ledger's counts; none without a ledger)."""
+        ledger = self.ledger
+        return {} if ledger is None else {sid: ledger.frames_published(i) for sid in self._sources
+                                          if (i := self.order.index(sid)) >= 0}
+
     def _finished(self) -> bool:
         """Done: ``num_sources`` EOS published; dynamic: the input closed and every running source's EOS out."""
         if self._ctx is None or self.ledger is None:
@@ -77,7 +83,7 @@ class DynamicSources:
             raise StageError(f"postprocess: source {ev.source_id} added, but the control API is off")
         sid = ev.source_id
         self.order.add(sid, ev.live, ev.ledger_index)
-        self.live_stats.add_source(sid, ev.live)
+        self.live_stats.add_source(sid, ev.live, self.ledger.frames_published(ev.ledger_index) if self.ledger else 0)
         if sid not in self._sources:  # (announced again after a restart of this stage: once)
             self._sources.append(sid)
         card = self._chain_cards[ev.chain] if ev.chain < len(self._chain_cards) else self.card

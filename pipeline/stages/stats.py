@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,12 +108,19 @@ class LiveStats:
         self.sink_dropped: dict[str, int] = {}
         """Messages each lossy sink dropped so far (total), by sink name (``mqtt``)."""
 
-    def open(self) -> None:
+    def open(self, frames: Mapping[str, int] | None = None) -> None:
         """Start the Prometheus endpoint if configured.
+
+        Args:
+            frames: frames each source published before this process (a restarted postprocess
+                stage): its count and ``streamdet_frames_total`` go on from there, never back to 0.
 
         Raises:
             OSError: if the port cannot be bound.
         """
+        for sid, n in (frames or {}).items():
+            if sid in self.sources:
+                self.sources[sid].frames = n
         if self.config.metrics_port is None and not self.config.control:
             return
         import prometheus_client as pc
@@ -137,12 +145,20 @@ class LiveStats:
             "state": pc.Enum("streamdet_source_state", "Source state", ["source"],
                              states=["", "file"] + [s.value for s in SourceState], registry=reg),
         }
+        for sid, st in self.sources.items():
+            if st.frames > 0:
+                self._metrics["frames"].labels(sid).inc(st.frames)
         if self.config.metrics_port is not None:
             self._server = pc.start_http_server(self.config.metrics_port, addr=self.config.metrics_host, registry=reg)
 
-    def add_source(self, source_id: str, live: bool) -> None:
-        """Start keeping figures for a source (one added at runtime through the control API)."""
-        self.sources[source_id] = _SourceStats(live=live, state="" if live else "file")
+    def add_source(self, source_id: str, live: bool, frames: int = 0) -> None:
+        """Start keeping figures for a source (one added at runtime through the control API).
+
+        ``frames``: published before (announced again to a restarted postprocess stage).
+        """
+        self.sources[source_id] = _SourceStats(live=live, state="" if live else "file", frames=frames)
+        if frames > 0 and self._metrics:
+            self._metrics["frames"].labels(source_id).inc(frames)
 
     def remove_source(self, source_id: str) -> None:
         """Forget a source that ended (control API runs: sources come and go), its metric series too."""

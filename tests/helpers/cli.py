@@ -69,6 +69,20 @@ def processes_with(marker: str) -> list[int]:
     return pids
 
 
+def comm_pids(marker: str, name: str) -> list[int]:
+    """Live processes of the run marked ``marker`` whose name (``/proc/PID/comm``) is ``name`` (``sd-engine``)."""
+    out = []
+    for pid in processes_with(marker):
+        try:
+            comm = open(f"/proc/{pid}/comm").read().strip()
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if comm == name and state != "Z":
+            out.append(pid)
+    return out
+
+
 def parent_pid(pid: int) -> int:
     """The parent of process ``pid``, from ``/proc/<pid>/stat``.
 

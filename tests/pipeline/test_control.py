@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.cli import ROOT, processes_with
+from tests.helpers.cli import ROOT, comm_pids, processes_with
 from tests.helpers.control import DEMO, ControlRun, control_pipeline, start_pipeline, wait_until
 from tests.helpers.standin import bikes_path
 
@@ -101,7 +102,7 @@ def test_token_is_required(api, path, token):
 def test_list_shows_the_running_source(api):
     def listed():  # its first frames (and their stats) arrive within a second on an idle machine, later under load
         (d,) = [s for s in api.get("/sources").json() if s["id"] == "demo"]
-        return d if d["frames"] > 0 and d["fps"] is not None else None
+        return d if d["frames"] > 0 and d["fps"] is not None and d["latency_p50_ms"] is not None else None
 
     demo = wait_until(listed, 30, "the demo source's first published frames in GET /sources")
     assert demo["kind"] == "file" and demo["model"] and demo["url"].endswith("demo.mp4")
@@ -132,6 +133,9 @@ BAD_POSTS = [
     ("bad-id", {"url": str(DEMO), "id": "a b"}, 422, "id"),
     ("unknown-model", {"url": str(DEMO), "model": "yolo-nope"}, 422, "not loaded"),
     ("negative-max-fps", {"url": "rtsp://127.0.0.1:9/x", "max_fps": -1}, 422, "max_fps"),
+    ("name-too-long", {"url": "/tmp/" + "y" * 256 + ".mp4"}, 422, "…: not a readable path (File name too long)"),
+    ("space-in-password", {"url": "rtsp://admin:hunter2 x@127.0.0.1:9/x"}, 422, "'rtsp://***@127.0.0.1:9/x'"),
+    ("body-too-large", b'{"url": "' + b"x" * 70_000 + b'"}', 413, "body is larger than 64 KiB"),
 ]
 
 
@@ -145,7 +149,7 @@ def test_bad_post_starts_nothing(api, body, status, reason):
         r = api.post(body)
     assert r.status_code == status, r.text
     line = r.json()["error"]
-    assert reason in line and "\n" not in line
+    assert reason in line and "\n" not in line and "hunter2" not in line and len(line) < 300
     assert api.ids() == before
     assert api.get("/readyz").status_code == 200
 
@@ -168,6 +172,15 @@ def test_add_a_file_then_remove_it(api):
     assert api.ids() == ["demo"]
     wait_until(lambda: api.get("/sources/demo").json()["frames"] > demo_before, 10, "demo going on")
     assert api.delete("bikes").status_code == 404
+
+
+def test_add_a_file_with_spaces_in_its_path(api, tmp_path):
+    spaced = tmp_path / "cam 1.mp4"  # as --source takes it at start-up
+    spaced.symlink_to(DEMO)
+    r = api.post({"url": str(spaced), "id": "spaced"})
+    assert r.status_code == 201, r.text
+    assert (r.json()["kind"], r.json()["url"]) == ("file", str(spaced))
+    assert api.delete("spaced").status_code == 204
 
 
 def test_camera_credentials_never_shown(api):
@@ -206,6 +219,9 @@ def test_ctl_client(api):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "422" in r.stderr and "no such file" in r.stderr
     r = ctl("remove", "ghost")
     assert r.returncode == 1 and "404" in r.stderr
+    r = ctl("remove", "demo/")  # not a source id: refused before any request (was a 307 taken for "removed")
+    assert (r.returncode, r.stdout) == (2, "") and r.stderr.startswith("error: ID 'demo/': ")
+    assert "demo" in api.ids()
     assert ctl("health").stdout.strip() == "alive, ready"
 
 
@@ -225,3 +241,28 @@ def test_control_needs_ipc_transport(standin_model, tmp_path):
     run = start_pipeline(standin_model, "--set", "transport.mode=tcp")
     out, err = run.proc.communicate(timeout=60)
     assert run.proc.returncode == 1 and err.strip().startswith("error: control.port needs transport.mode ipc")
+
+
+def _frames_total(metrics: str, source: str) -> float:
+    prefix = f'streamdet_frames_total{{source="{source}"}} '
+    return next((float(x[len(prefix):]) for x in metrics.splitlines() if x.startswith(prefix)), 0.0)
+
+
+def test_frame_counts_go_on_over_a_postprocess_restart(standin_model):
+    """GET /sources and streamdet_frames_total count what was published, not what the restarted process did."""
+    with control_pipeline(standin_model, "--loop", "10000") as run:
+
+        def figures() -> tuple[int, float]:
+            (demo,) = [s for s in httpx.get(run.url + "/sources", timeout=5).json() if s["id"] == "demo"]
+            return demo["frames"], _frames_total(httpx.get(run.url + "/metrics", timeout=5).text, "demo")
+
+        wait_until(lambda: figures()[1] >= 30, 60, "30 frames published")
+        before = figures()
+        (pid,) = comm_pids(run.marker, "sd-postprocess")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: comm_pids(run.marker, "sd-postprocess") not in ([], [pid]), 30, "the restarted stage")
+        seen = [before]
+        wait_until(lambda: seen.append(figures()) or seen[-1][1] >= before[1] + 20, 60, "20 frames more")
+    frames, totals = [f for f, _ in seen], [t for _, t in seen]
+    assert frames == sorted(frames) and totals == sorted(totals), seen  # never back to 0
+    assert "restarted the postprocess stage" in run.err

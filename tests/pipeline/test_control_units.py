@@ -2,35 +2,45 @@
 
 Covers the ledger's per-source control fields and its layout, publication order for sources added
 at runtime, the stats' control-API side (snapshot, metrics, sources coming and going), the preview
-hub, the readiness rule, the FastAPI app against a fake control plane (``TestClient``, no socket)
-and the ``pipeline.ctl`` client.
+hub, the readiness rule, the control plane's request checks and its stop (a real ``ControlPlane``
+stepped by the test, no stage), the FastAPI app against a fake control plane (``TestClient``, no
+socket) and the ``pipeline.ctl`` client against that app (``test_ctl_client.py``: against scripted answers).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import zmq
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+import pipeline.control.plane as plane_mod
 import pipeline.stages.stats as stats_mod
 from pipeline import ctl
-from pipeline.control.app import create_app
-from pipeline.control.plane import ControlError, readiness
+from pipeline.control.app import MAX_BODY_BYTES, create_app
+from pipeline.control.plane import ControlError, ControlPlane, readiness
 from pipeline.control.preview import PreviewHub
 from pipeline.slotpool import unlink_pool
+from pipeline.sources.probe import SourceError, SourceInfo, probe_source
 from pipeline.stages.ordering import PublishOrder, Verdict
 from pipeline.stages.stats import SNAPSHOT_WINDOW_S, LiveStats, StatsConfig
+from pipeline.summary import RunSummary, StatusBook
 from pipeline.supervise import Ledger
-from streamdet.messages import EndOfStream, EosReason, SourceState, SourceStatusMsg
+from streamdet.messages import EndOfStream, EosReason, SourceState, SourceStatusMsg, StageName
+from tests.helpers.cli import ROOT
+from tests.helpers.control import DEMO
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -534,6 +544,138 @@ def test_control_error_carries_status_and_reason():
     assert (e.status, e.reason, str(e)) == (409, "id 'x' is already in use", "id 'x' is already in use")
 
 
+@pytest.fixture
+def real_plane(make_ledger, monkeypatch) -> Iterator[ControlPlane]:
+    """A :class:`ControlPlane` following a run of one camera ``cam`` (no stage runs; the test steps it as the runner).
+
+    Commands time out after 2 s (not 10) so that a request nobody takes fails fast.
+    """
+    monkeypatch.setattr(plane_mod, "COMMAND_TIMEOUT_S", 2.0)
+    cam = SourceInfo(source_id="cam", url="rtsp://cam/x", is_file=False, frame_hw=(0, 0), fps=0.0, frames=0)
+    chain = SimpleNamespace(source_ids=("cam",), card=SimpleNamespace(name="detector"),
+                            model=SimpleNamespace(path=Path("det.onnx")))
+    ctx = zmq.Context()
+    plane = ControlPlane(
+        settings=SimpleNamespace(decode=SimpleNamespace(hwaccel_options=lambda: None)),  # type: ignore[arg-type]
+        prepared=SimpleNamespace(sources=[cam], chains=[chain]),  # type: ignore[arg-type]
+        endpoints=SimpleNamespace(live=f"inproc://live-{uuid.uuid4().hex}",  # type: ignore[arg-type]
+                                  frame_credits=(("sd-test-pool", "ipc:///nowhere"),)),
+        run_dir="/nowhere", token="t", ledger=make_ledger(2, 1), ctx=ctx, events=None,
+        spawn=lambda spec, label: pytest.fail("no source should start"), forget_child=lambda child: None,
+        pool_names=set())
+    summary = RunSummary(model="detector", sources=[])
+    postprocess = SimpleNamespace(label="postprocess", stage=StageName.POSTPROCESS, spec=None)
+    plane.attach(summary=summary, book=StatusBook(summary, threading.Event()), children=[postprocess])  # type: ignore[list-item]
+    yield plane
+    plane.close()
+    ctx.term()
+
+
+def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``call`` in a thread (an HTTP request); the dict gets its ``result`` or ``error``."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = call()
+        except ControlError as e:
+            out["error"] = (e.status, e.reason)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+CLOSED_PLANE_REQUESTS = [
+    ("add", lambda plane: plane.add_source(url="rtsp://cam2/x", source_id="cam2")),
+    ("add-default-id", lambda plane: plane.add_source(url="rtsp://cam2/x")),
+    ("remove", lambda plane: plane.remove_source("cam")),
+]
+
+
+@pytest.mark.parametrize("request_", [c[1] for c in CLOSED_PLANE_REQUESTS], ids=[c[0] for c in CLOSED_PLANE_REQUESTS])
+def test_plane_refuses_requests_once_closed(real_plane, request_):
+    real_plane.close()  # the run stops: the runner no longer steps the plane
+    t0 = time.monotonic()
+    with pytest.raises(ControlError) as e:
+        request_(real_plane)
+    assert (e.value.status, e.value.reason) == (503, "the pipeline is stopping")
+    assert time.monotonic() - t0 < 1.0  # at once, not after a wait that outlives the server's graceful shutdown
+    assert real_plane.is_running("cam") and not real_plane.is_running("cam2")
+
+
+def test_plane_delete_waiting_for_its_source_when_the_run_stops_is_503(real_plane):
+    thread, out = _in_thread(lambda: real_plane.remove_source("cam"))
+
+    def removing() -> bool:  # the runner takes the command: the decoder is asked to stop
+        real_plane.step()
+        return real_plane.source("cam")["state"] == "removing"
+
+    assert _wait_for(removing)
+    assert real_plane.ledger.stop_requested(0)
+    real_plane.close()  # SIGTERM before the source's EOS was published
+    thread.join(5)
+    assert out == {"error": (503, "the pipeline is stopping")}
+
+
+def test_plane_request_queued_before_close_is_503(real_plane):
+    thread, out = _in_thread(lambda: real_plane.add_source(url="rtsp://cam2/x", source_id="cam2"))
+    time.sleep(0.3)  # (queued: nobody steps the plane)
+    real_plane.close()
+    thread.join(5)
+    assert out == {"error": (503, "the pipeline is stopping")}
+
+
+LONG_NAME = "/tmp/" + "y" * 256 + ".mp4"
+PLANE_URLS = [
+    # (id, url, status, error): what POST /sources answers for a url (the start-up check's line for files)
+    ("blank", "   ", 422, "url '   ': expected a file path or a URL"),
+    ("url-with-space", "rtsp://cam one/x", 422, "url 'rtsp://cam one/x': malformed (expected a URL without spaces)"),
+    ("url-with-tab", "rtsp://cam/x\ty", 422, "url 'rtsp://cam/x\\ty': malformed (expected a URL without spaces)"),
+    ("url-leading-space", " rtsp://cam/x", 422, "url ' rtsp://cam/x': malformed (expected a URL without spaces)"),
+    ("password-with-space", "rtsp://admin:pa ss@10.0.0.5/stream", 422,
+     "url 'rtsp://***@10.0.0.5/stream': malformed (expected a URL without spaces)"),
+    ("no-host", "rtsp://", 422, "url 'rtsp://': malformed (expected SCHEME://HOST[:PORT]/...)"),
+    ("path-with-spaces-missing", "/no/such dir/cam 1.mp4", 422, "/no/such dir/cam 1.mp4: no such file"),
+    ("name-too-long", LONG_NAME, 422, LONG_NAME[:200] + "…: not a readable path (File name too long)"),
+    ("path-too-long", "/tmp/" + "d/" * 3000 + "x.mp4", 422,
+     ("/tmp/" + "d/" * 3000)[:200] + "…: not a readable path (File name too long)"),
+    ("not-a-video", str(ROOT / "pyproject.toml"), 422, f"{ROOT / 'pyproject.toml'}: no video stream"),
+]
+
+
+@pytest.mark.parametrize(("url", "status", "error"), [c[1:] for c in PLANE_URLS], ids=[c[0] for c in PLANE_URLS])
+def test_plane_add_source_checks_the_url(real_plane, url, status, error):
+    with pytest.raises(ControlError) as e:
+        real_plane.add_source(url=url, source_id="new")
+    assert (e.value.status, e.value.reason) == (status, error)
+    assert [s["id"] for s in real_plane.list_sources()] == ["cam"]
+
+
+@pytest.mark.parametrize("name", ["cam 1.mp4", " lead.mp4", "trail .mp4", "tab\there.mp4"],
+                         ids=["inner-space", "leading-space", "trailing-space", "tab"])
+def test_plane_add_source_takes_a_file_path_with_spaces(real_plane, tmp_path, name):
+    """As ``--source`` at start-up: the probe passes and the source goes to the runner (here: stopping)."""
+    path = tmp_path / name
+    shutil.copyfile(DEMO, path)
+    real_plane.close()  # nobody would start it: the answer shows the request got past every check
+    with pytest.raises(ControlError) as e:
+        real_plane.add_source(url=str(path), source_id="spaced")
+    assert (e.value.status, e.value.reason) == (503, "the pipeline is stopping")
+    assert probe_source(str(path), "spaced").frame_hw == (720, 1280)
+
+
+@pytest.mark.parametrize("url,error", [
+    (LONG_NAME, LONG_NAME[:200] + "…: not a readable path (File name too long)"),
+    ("/tmp/a\x00b.mp4", "/tmp/a\\0b.mp4: not a readable path (embedded null byte)"),
+], ids=["name-too-long", "nul-byte"])
+def test_probe_path_check_is_one_error(url, error):
+    """The start-up check (``--source``) that ``POST /sources`` shares: a SourceError, never an OSError."""
+    with pytest.raises(SourceError) as e:
+        probe_source(url, "x")
+    assert str(e.value) == error
+
+
 # ---------------------------------------------------------------------------------------------- app
 
 
@@ -709,6 +851,31 @@ def test_app_post_bad_bodies(client, plane, kwargs, status, error):
     if error is not None:
         assert error in line
     assert plane.add_calls == []
+
+
+def _body_of(size: int) -> bytes:
+    """A JSON body of exactly ``size`` bytes (a valid request, its URL padded)."""
+    head, tail = b'{"url": "rtsp://cam2/x?', b'", "id": "cam2"}'
+    return head + b"p" * (size - len(head) - len(tail)) + tail
+
+
+@pytest.mark.parametrize("size,chunked,status", [
+    (MAX_BODY_BYTES, False, 201),
+    (MAX_BODY_BYTES + 1, False, 413),
+    (10 * MAX_BODY_BYTES, False, 413),
+    (MAX_BODY_BYTES, True, 201),
+    (MAX_BODY_BYTES + 1, True, 413),
+], ids=["at-limit", "one-over", "ten-times", "chunked-at-limit", "chunked-one-over"])
+def test_app_post_body_size_limit(client, plane, size, chunked, status):
+    body = _body_of(size)
+    content: Any = iter([body[:1000], body[1000:]]) if chunked else body
+    r = client.post("/sources", headers=JSON_HEADERS, content=content)
+    assert r.status_code == status, r.text[:200]
+    if status == 413:
+        assert _one_line_error(r) == "body is larger than 64 KiB"
+        assert plane.add_calls == []
+    else:
+        assert [c["source_id"] for c in plane.add_calls] == ["cam2"]
 
 
 def test_app_post_unknown_field_names_the_field(client):

@@ -32,7 +32,7 @@ from pipeline.stages.base import runner_stdio
 from pipeline.stages.ordering import PublishOrder, Verdict, catch_up_with_last_line
 from pipeline.supervise import Ledger, RestartPolicy
 from streamdet.messages import EndOfStream, EosReason
-from tests.helpers.cli import ROOT, assert_no_orphans, parent_pid, processes_with, start
+from tests.helpers.cli import ROOT, assert_no_orphans, comm_pids, parent_pid, start
 from tests.helpers.settings import settings_with
 from tests.helpers.standin import bikes_path
 
@@ -240,19 +240,6 @@ def test_a_stage_that_fails_at_every_start_ends_the_run_after_the_bound(tmp_path
     assert time.monotonic() - t0 < 60
     time.sleep(0.2)
     assert not [p for p in pids if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
-
-
-def comm_pids(marker: str, name: str) -> list[int]:
-    out = []
-    for pid in processes_with(marker):
-        try:
-            comm = open(f"/proc/{pid}/comm").read().strip()
-            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if comm == name and state != "Z":
-            out.append(pid)
-    return out
 
 
 def wait_new(marker: str, name: str, old: set[int], timeout: float = 30.0) -> int:

@@ -37,6 +37,38 @@ def test_redact_url(url, shown):
     assert "secret" not in redact_url(url)
 
 
+REDACT_EDGES = [
+    # (id, text, shown): credentials hidden whatever raw characters the password holds
+    ("space-in-password", "rtsp://admin:pa secret@10.0.0.5/stream", "rtsp://***@10.0.0.5/stream"),
+    ("question-mark", "rtsp://admin:pa?secret@10.0.0.5/stream", "rtsp://***@10.0.0.5/stream"),
+    ("hash", "rtsp://admin:pa#secret@10.0.0.5/stream", "rtsp://***@10.0.0.5/stream"),
+    ("at-sign", "rtsp://admin:p@secret@10.0.0.5/stream", "rtsp://***@10.0.0.5/stream"),
+    ("percent-encoded-at", "rtsp://admin:p%40secret@10.0.0.5/stream", "rtsp://***@10.0.0.5/stream"),
+    ("all-of-them", "rtsp://admin:a b?c#d@e%40secret@10.0.0.5:554/s", "rtsp://***@10.0.0.5:554/s"),
+    ("no-path", "rtsp://admin:pa ss secret@10.0.0.5", "rtsp://***@10.0.0.5"),
+    ("user-only", "rtsp://secret@cam/x", "rtsp://***@cam/x"),
+    ("ipv6-host", "rtsp://admin:secret@[::1]:554/x", "rtsp://***@[::1]:554/x"),
+    ("raw-slash-and-at", "rtsp://admin:pa/se@secret@cam/x", "rtsp://***@cam/x"),
+    ("in-a-message", "url 'rtsp://admin:pa secret@10.0.0.5/stream': malformed",
+     "url 'rtsp://***@10.0.0.5/stream': malformed"),
+    ("two-urls-one-line", "http://a:secret@h/x?u=rtsp://c:d secret@e/f", "http://***@h/x?u=rtsp://***@e/f"),
+    ("per-line", "rtsp://u:secret@h/a\nrtsp://v:secret@i/b", "rtsp://***@h/a\nrtsp://***@i/b"),
+    # not credentials: an "@" after the first "/" following HOST[:PORT] is in the path, and stays
+    ("at-in-query", "rtsp://host/path?x=a@b", "rtsp://host/path?x=a@b"),
+    ("at-in-path", "rtsp://host:554/clips/a@b.mp4", "rtsp://host:554/clips/a@b.mp4"),
+    ("at-in-path-ipv6", "rtsp://[fe80::1]:554/a@b", "rtsp://[fe80::1]:554/a@b"),
+    ("file-url", "file:///videos/a@b.mp4", "file:///videos/a@b.mp4"),
+    ("endpoint", "tcp://127.0.0.1:5556", "tcp://127.0.0.1:5556"),
+    ("no-scheme", "admin:secret@cam/x is not a URL", "admin:secret@cam/x is not a URL"),
+    ("empty", "", ""),
+]
+
+
+@pytest.mark.parametrize(("text", "shown"), [c[1:] for c in REDACT_EDGES], ids=[c[0] for c in REDACT_EDGES])
+def test_redact_url_edges(text, shown):
+    assert redact_url(text) == shown
+
+
 def test_endpoints(tmp_path):
     ep = ipc_endpoints(tmp_path, ["p0", "p1"])
     assert not ep.inline and ep.frames.startswith("ipc://") and ep.credit_endpoint("p1").endswith("credits-1")
