@@ -326,21 +326,24 @@ until the next run removed it."""
 
 
 @contextlib.contextmanager
-def hangup_ignored() -> Iterator[None]:
-    """SIGHUP ignored while helper processes start (main thread only; elsewhere nothing changes).
+def group_signals_ignored() -> Iterator[None]:
+    """SIGHUP and SIGTERM ignored while helper processes start (main thread only; elsewhere nothing changes).
 
     An ignored signal stays ignored across ``exec``: multiprocessing's resource tracker and the
-    fork server started meanwhile outlive a hangup of the process group and stay until the
-    runner, which decides, has stopped the run (they exit with it).
+    fork server started meanwhile outlive a hangup or a SIGTERM of the whole process group (a
+    closed terminal, ``systemctl stop``) and stay until the runner, which decides, has stopped the
+    run (they exit with it). A fork server dead of the group's SIGTERM took every stage forked from
+    it along (they watch it): the runner restarted all of them while it drained (``exit code 255``).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGHUP, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGHUP, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def install_stop_handlers(handler: Callable[[int, Any], None], *, tracker: bool = True) -> dict[int, Any]:
@@ -354,12 +357,12 @@ def install_stop_handlers(handler: Callable[[int, Any], None], *, tracker: bool 
     Args:
         handler: the run's own handler.
         tracker: start multiprocessing's resource tracker first, with SIGHUP ignored
-            (:func:`hangup_ignored`): a run's shared memory starts it otherwise, open to the hangup.
+            (:func:`group_signals_ignored`): a run's shared memory starts it otherwise, open to the hangup.
     """
     if tracker:
         from multiprocessing import resource_tracker
 
-        with hangup_ignored():
+        with group_signals_ignored():
             resource_tracker.ensure_running()
     terminals = [fd for fd in (1, 2) if os.isatty(fd)]
 
@@ -416,7 +419,7 @@ def start_fork_server(env: dict[str, str]) -> bool:
         from multiprocessing import forkserver
 
         mp.get_context("forkserver").set_forkserver_preload(FORK_SERVER_PRELOAD)
-        with environment(env), hangup_ignored():
+        with environment(env), group_signals_ignored():
             forkserver.ensure_running()
         return True
     except (OSError, ValueError, RuntimeError):

@@ -21,7 +21,7 @@ published exactly once and in order across restarts (the protocol is described i
 
 Stopping: the first SIGINT/SIGTERM/SIGHUP closes the inputs (decoders send EOS, the rest
 drains, sinks flush; exit 130/143/129); a second one, a stage error or a drain longer than
-:data:`DRAIN_TIMEOUT_S` aborts at once. Children ignore SIGINT and SIGHUP, watch their parent and die with
+:data:`DRAIN_TIMEOUT_S` aborts at once. Children ignore SIGINT, SIGHUP and SIGTERM, watch their parent and die with
 it; the runner joins them and kills any that remain, so no process outlives a run.
 
 This module spawns and supervises the stage processes; the start-up checks and the stages'

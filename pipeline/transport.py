@@ -379,8 +379,8 @@ class StageFlags:
     def derive(self) -> StageFlags:
         """A copy for one of several stages sharing this process (threads).
 
-        It has the same events and its own ``terminated`` and ``source_stop``; this process's
-        SIGTERM (``terminated`` set here) stops it too.
+        It has the same events and its own ``terminated`` and ``source_stop``; ``terminated`` set
+        on this process's flags (a thread of the process failed) stops it too.
         """
         child = StageFlags(go=self.go, stop_input=self.stop_input, abort=self.abort, parent_pid=self.parent_pid)
         child.base = self
@@ -391,7 +391,7 @@ class StageFlags:
         return self.terminated or (self.base is not None and self.base._terminated())
 
     def alive(self) -> bool:
-        """False once the stage must stop at once (abort, SIGTERM to this process, parent gone)."""
+        """False once the stage must stop at once (abort, ``terminated``, parent gone)."""
         return not (self._terminated() or self.abort.is_set()) and self.parent_alive()
 
     def input_open(self) -> bool:

@@ -190,21 +190,27 @@ def test_truncated_file_keeps_every_decoded_frame(standin_model, tmp_path, trunc
     assert f"kept {n} frames" in lines[0]
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_stops_cleanly(standin_model, tmp_path, sig, code):
+@pytest.mark.parametrize("sig,code,group", [
+    (signal.SIGINT, 130, False), (signal.SIGTERM, 143, False),
+    (signal.SIGINT, 130, True),  # Ctrl-C in a terminal
+    (signal.SIGTERM, 143, True),  # systemctl stop (KillMode=control-group), kill -TERM -PGID
+], ids=["SIGINT", "SIGTERM", "SIGINT-to-the-group", "SIGTERM-to-the-group"])
+def test_signal_stops_cleanly(standin_model, tmp_path, sig, code, group):
+    """The first signal drains the run, whether it reaches the runner alone or every process of the group."""
     out_path = tmp_path / "o.jsonl"
-    proc, marker = start(base(standin_model, "--source", str(bikes_path()), "--loop", "100", "--jsonl", str(out_path)))
+    proc, marker = start(base(standin_model, "--source", str(bikes_path()), "--loop", "100", "--jsonl", str(out_path)),
+                         start_new_session=group)
     deadline = time.monotonic() + 60
     partial = out_path.with_name(".o.partial.jsonl")
     while time.monotonic() < deadline:  # wait until frames flow
         if partial.exists() and partial.stat().st_size > 0:
             break
         time.sleep(0.1)
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert_no_orphans(marker)
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "restarted" not in err and "error" not in err, err
     records = [json.loads(x) for x in out_path.read_text().splitlines()]
     assert records[-1]["schema"] == "streamdet.eos/1" and records[-1]["reason"] == "interrupted"
     assert records[-1]["frames"] == len(records) - 1 > 0

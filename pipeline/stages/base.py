@@ -18,7 +18,6 @@ import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import zmq
@@ -182,7 +181,7 @@ def check_alive(flags: StageFlags) -> None:
     """Return while the stage may go on; raise :class:`~pipeline.transport.Stopped` once it must stop at once.
 
     Args:
-        flags: the stage's lifecycle flags (abort, SIGTERM to this process, parent gone).
+        flags: the stage's lifecycle flags (abort, terminated, parent gone).
 
     Raises:
         Stopped: when ``flags.alive()`` is False.
@@ -313,6 +312,12 @@ could not be finished). Its error goes to the runner marked ``final`` (the run f
 drained) and the process exits 0: a restart would have nothing left to do."""
 
 
+GROUP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
+"""Signals a stage process ignores: they reach the whole process group (Ctrl-C, a closed terminal,
+``systemctl stop`` or ``kill -TERM -PGID``) and the runner stops the run gracefully on them. A
+stage stops when the runner says so (its flags), or dies with it (``PR_SET_PDEATHSIG``)."""
+
+
 def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid: int, *,
                environ: dict[str, str] | None = None, stdio: InheritedStdio | None = None) -> None:
     """Entry point of a stage process (``multiprocessing`` target, forkserver or spawn start method).
@@ -338,13 +343,10 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
         parent_pid = os.getppid()
         _release_fork_server()
     flags = StageFlags(go=go, stop_input=stop_input, abort=abort, parent_pid=parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the runner decides
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (so does a closed terminal's hangup)
-
-    def _on_term(signum: int, frame: FrameType | None) -> None:
-        flags.terminated = True
-
-    signal.signal(signal.SIGTERM, _on_term)
+    # Ctrl-C reaches the whole process group, so do a closed terminal's hangup and a service manager's
+    # SIGTERM (systemd's KillMode=control-group, kill -TERM -PGID): the runner decides (graceful stop)
+    for signum in GROUP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     set_parent_death_signal(signal.SIGKILL)
     set_process_name(process_name(spec))
     if not flags.parent_alive():  # the runner died before we got here
