@@ -14,6 +14,7 @@ Invalid values raise :class:`SettingsError` with one line naming the setting.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+from pydantic_settings.exceptions import SettingsError as PydanticSettingsError
 
 from engines.base import Backend
 from pipeline.settings_sections import DEFAULT_PUBLISH as DEFAULT_PUBLISH  # re-exported
@@ -44,7 +46,7 @@ from pipeline.sources.options import (
     LiveOptions,
     RtspTransport,
 )
-from pipeline.transport import TransportMode
+from pipeline.transport import TransportMode, redact_url
 from streamdet.cli import relative_path_note
 from streamdet.postprocess import NmsMethod, PostprocessConfig
 
@@ -335,18 +337,48 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
 
 
+SECRET_SETTINGS = frozenset({"token", "mqtt_password"})
+"""Settings whose values an error line never shows (a mistyped token is still a token)."""
+
+
+def _union_branch_errors(errors: list[Any]) -> list[Any]:
+    """The errors worth showing: a union's ``str`` branch is left out where the value was meant for another.
+
+    A source is a string or a mapping (``str | SourceEntry``): a mapping with one bad field failed
+    both branches, and the first error (``Input should be a valid string``) said nothing of the field.
+    """
+    def other_branch(x: Any) -> bool:
+        loc = tuple(x["loc"])
+        return bool(loc) and loc[-1] == "str" and any(
+            tuple(y["loc"])[:len(loc) - 1] == loc[:-1] and tuple(y["loc"]) != loc for y in errors)
+
+    return [x for x in errors if not other_branch(x)] or errors
+
+
 def _format_error(e: ValidationError) -> str:
-    first = e.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"]) or "settings"
+    errors = _union_branch_errors(e.errors())
+    first = errors[0]
+    loc = ".".join(str(x) for x in first["loc"] if x != "SourceEntry") or "settings"
     msg = first["msg"]
     if first.get("type") == "extra_forbidden":
         return f"unknown setting {loc!r}"
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) else f" (got {redact_url(repr(value))})"
+    if first["loc"] and first["loc"][-1] in SECRET_SETTINGS:
+        shown = f" (the value is not shown; quote one that YAML reads as a number: --set '{loc}=\"123\"')"
     if first.get("type") == "value_error":
         msg, shown = msg.removeprefix("Value error, "), ""
-    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"invalid setting {loc}: {msg}{shown}{more}"
+
+
+def _env_error(e: PydanticSettingsError) -> str:
+    """One line for a ``STREAMDET_*`` variable pydantic-settings could not parse (a list or a section wants JSON)."""
+    m = re.search(r'field "(\w+)"', str(e))
+    name = m[1] if m else "?"
+    cause = f" ({' '.join(str(e.__cause__).split())})" if e.__cause__ is not None else ""
+    return (f"invalid setting {name} (${ENV_PREFIX}{name.upper()}): expected JSON, e.g. "
+            f"{ENV_PREFIX}SOURCES='[\"a.mp4\", \"b.mp4\"]' or {ENV_PREFIX}DECODE__LOOP=2 for one field{cause}")
 
 
 def load_settings(
@@ -369,7 +401,11 @@ def load_settings(
     path = config_file if config_file is not None else os.environ.get(CONFIG_ENV) or None
     cls: type[Settings] = Settings
     if path is not None:
+        if not str(path).strip():
+            raise SettingsError("config file: expected a path, got an empty one")
         p = Path(path)
+        if p.is_dir():
+            raise SettingsError(f"{p}: the config file is a directory")
         if not p.is_file():
             raise SettingsError(f"{p}: config file not found{relative_path_note(p)}")
         try:
@@ -389,6 +425,8 @@ def load_settings(
     except ValidationError as e:
         where = f" (config {path})" if path is not None else ""
         raise SettingsError(_format_error(e) + where) from e
+    except PydanticSettingsError as e:
+        raise SettingsError(_env_error(e)) from e
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

@@ -123,6 +123,11 @@ class SinkSettings(Section):
         parse_mqtt_url(str(v))  # ValueError names the (redacted) URL and what is wrong
         return str(v)
 
+    @field_validator("jsonl", mode="before")
+    @classmethod
+    def _jsonl(cls, v: Any) -> Any:
+        return None if _off(v) else v  # (none, off, empty: no JSONL, as for video_out; not a file named "none")
+
     @field_validator("video_out", mode="before")
     @classmethod
     def _video_out(cls, v: Any) -> Any:

@@ -247,7 +247,10 @@ class JsonlSink(Sink):
     def _new_segment(self, now: float) -> None:
         """Start a new file (truncating a stale partial of the same name)."""
         seg = _Segment(self._segment_path(now) if self.rotate else self.path, now)
-        self._fh = _open_raw(seg.file.tmp, append=False)
+        try:
+            self._fh = _open_raw(seg.file.tmp, append=False)
+        except OSError as e:  # named as the user named it, not by its temporary name
+            raise OSError(e.errno, e.strerror, str(seg.file.path)) from e
         self._segments.append(seg)
 
     def _reopen(self, seg: _Segment) -> None:

@@ -195,3 +195,53 @@ def test_describe_settings_covers_every_leaf():
     assert {"sources", "engine.intra_op_threads", "sinks.publish_wait_subscribers", "postprocess.nms"} <= names
     env = dict((n, e) for n, _, e in describe_settings())
     assert env["engine.intra_op_threads"] == "STREAMDET_ENGINE__INTRA_OP_THREADS"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # a source given as a mapping: its own field's problem, not the string branch's "Input should be a valid string"
+    ({"sources": [{"id": "cam1", "url": "a.mp4", "max_fps": 0}]},
+     "invalid setting sources.0.max_fps: Input should be greater than 0 (got 0)"),
+    ({"sources": [{"url": "a.mp4", "fps": 5}]}, "unknown setting 'sources.0.fps'"),
+    ({"sources": [{"id": "cam1"}]}, "invalid setting sources.0.url: Field required"),
+    ({"sources": ["a.mp4", 5]},
+     "invalid setting sources.1: Input should be a valid dictionary or instance of SourceEntry (got 5)"),
+    # secrets are never shown, credentials in URLs are redacted
+    ({"control": {"token": 123456}}, "invalid setting control.token: Input should be a valid string (the value "
+     "is not shown; quote one that YAML reads as a number: --set 'control.token=\"123\"')"),
+    ({"sinks": {"mqtt_password": 987654}}, "invalid setting sinks.mqtt_password: Input should be a valid string "
+     "(the value is not shown; quote one that YAML reads as a number: --set 'sinks.mqtt_password=\"123\"')"),
+    ({"sources": "rtsp://admin:hunter2@cam1/stream"},
+     "invalid setting sources: Input should be a valid list (got 'rtsp://***@cam1/stream')"),
+])
+def test_invalid_settings_say_what_is_wrong_and_keep_secrets(overrides, message):
+    with pytest.raises(SettingsError) as e:
+        load_settings(overrides=overrides)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("name,value,field", [
+    ("STREAMDET_SOURCES", "a.mp4", "sources"),  # a list wants JSON
+    ("STREAMDET_SOURCES", '["a.mp4"', "sources"),
+    ("STREAMDET_DECODE", "abc", "decode"),  # a section wants JSON (or STREAMDET_DECODE__FIELD)
+    ("STREAMDET_SECONDARY", "abc", "secondary"),
+])
+def test_an_env_variable_that_is_not_json_is_one_line(monkeypatch, name, value, field):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as e:
+        load_settings()
+    assert str(e.value).startswith(f"invalid setting {field} (${name}): expected JSON, e.g. ")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value", ["", "none", "off", "null", " None "])
+def test_jsonl_off_values_mean_no_jsonl(value):
+    assert load_settings(overrides={"sinks": {"jsonl": value}}).sinks.jsonl is None  # not a file named "none"
+
+
+def test_a_config_path_that_is_a_directory_or_empty(tmp_path):
+    with pytest.raises(SettingsError) as e:
+        load_settings(config_file=tmp_path)
+    assert str(e.value) == f"{tmp_path}: the config file is a directory"
+    with pytest.raises(SettingsError) as e:
+        load_settings(config_file="")
+    assert str(e.value) == "config file: expected a path, got an empty one"

@@ -332,3 +332,9 @@ def test_a_run_refuses_to_write_over_its_input(tmp_path):
     assert r.returncode == 1 and r.stderr.splitlines() == [
         f"error: sinks.video_out {src}: is the input of source in; the run would write over it"]
     assert src.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+
+
+def test_a_jsonl_that_cannot_be_created_is_named_as_given():
+    with pytest.raises(OSError) as e:
+        JsonlSink(path="/proc/x.jsonl").open()  # (a directory where nothing can be created)
+    assert e.value.filename == "/proc/x.jsonl"  # not its temporary name, /proc/.x.partial.jsonl
