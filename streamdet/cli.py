@@ -1,20 +1,27 @@
 """What every streamdet command line shares: one ``error:`` line and an exit code for bad input.
 
-Each tool (``python -m training.train``, ``python -m training.calibrate``, ...) is a parser and a
-``run(args)`` function; :func:`run_tool` does the rest the same way for all of them: parse, run,
-turn the tool's own errors into one ``error: ...`` line on stderr and exit status 1, and an
-``OSError`` into ``error: FILE: reason``. :func:`enum_type` makes an Enum option print and accept
-its values (``--method percentile``), not ``CalibrationMethod.PERCENTILE``. :class:`Command`
-runs a command with subcommands (``streamdet run``, ``streamdet-train evaluate``).
+Each tool (``python -m training.train``, ``python -m training.calibrate``, ...) is a parser (a
+:class:`OneLineErrorParser`) and a ``run(args)`` function; :func:`run_tool` does the rest the same
+way for all of them: parse, run, turn the tool's own errors into one ``error: ...`` line on stderr
+and exit status 1, an ``OSError`` into ``error: FILE: reason``, and a :class:`UsageError` (options
+that parse but do not go together) into one line and exit status 2, as argparse does for a bad
+argument. The ``type=`` converters :func:`finite_float` and :func:`bounded_int` (and
+:data:`positive_int`, :data:`non_negative_int`) check a number's range while parsing, so a bad
+value is one line naming its option, exit status 2. :func:`enum_type` makes an Enum option print
+and accept its values (``--method percentile``), not ``CalibrationMethod.PERCENTILE``.
+:class:`Command` runs a command with subcommands (``streamdet run``, ``streamdet-train evaluate``)
+and names the program in a tool's usage and help as the user typed it (``streamdet calibrate``).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum
 from typing import NoReturn, TypeVar
@@ -22,6 +29,8 @@ from typing import NoReturn, TypeVar
 from streamdet.constants import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 E = TypeVar("E", bound=Enum)
+
+_PROGRAM: ContextVar[str | None] = ContextVar("streamdet_program", default=None)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -31,6 +40,115 @@ class OneLineErrorParser(argparse.ArgumentParser):
         """Print one ``error:`` line on stderr and exit with status 2 (argparse's usage error)."""
         print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+class UsageError(ValueError):
+    """Arguments that parse one by one but not together (``--images`` fewer than ``--batch``).
+
+    :func:`run_tool` prints the message as one ``error:`` line and returns exit status 2, the status
+    of a bad argument; the message names the option: ``--images: expected at least ...``.
+    """
+
+
+def _number(value: float) -> str:
+    """A bound as users type it: ``1`` for 1.0, ``0.5``, ``4294967295``."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else repr(float(value))
+
+
+def _range_text(ge: float | None, gt: float | None, le: float | None) -> str:
+    """``" from 0 to 5"``, ``" > 0 and <= 1"``, ``" >= 1"`` or ``""``."""
+    if ge is not None and le is not None:
+        return f" from {_number(ge)} to {_number(le)}"
+    parts = [f"{op} {_number(v)}" for op, v in ((">=", ge), (">", gt), ("<=", le)) if v is not None]
+    return " " + " and ".join(parts) if parts else ""
+
+
+def finite_float(*, ge: float | None = None, gt: float | None = None,
+                 le: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type=`` for a finite number in a range (``nan`` and ``inf`` are refused).
+
+    A bad value is one ``error: argument --lr: expected a finite number > 0 and <= 1, got 'nan'``
+    line and exit status 2 (through :class:`OneLineErrorParser`).
+
+    Args:
+        ge: the smallest allowed value, if any.
+        gt: a value that the number must exceed, if any.
+        le: the largest allowed value, if any.
+
+    Returns:
+        A converter from the typed text to the float that raises ``argparse.ArgumentTypeError``.
+    """
+    expected = "expected a finite number" + _range_text(ge, gt, le)
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+        if (not math.isfinite(value) or (ge is not None and value < ge) or (gt is not None and value <= gt)
+                or (le is not None and value > le)):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+        return value
+
+    convert.__name__ = "finite_float"
+    return convert
+
+
+def bounded_int(*, ge: int | None = None, le: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type=`` for an integer in ``[ge, le]`` (either bound may be omitted).
+
+    A bad value is one ``error: argument --frames: expected an integer >= 1, got '0'`` line and
+    exit status 2 (through :class:`OneLineErrorParser`).
+
+    Args:
+        ge: the smallest allowed value, if any.
+        le: the largest allowed value, if any.
+
+    Returns:
+        A converter from the typed text to the int that raises ``argparse.ArgumentTypeError``.
+    """
+    expected = "expected an integer" + _range_text(ge, None, le)
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+        if (ge is not None and value < ge) or (le is not None and value > le):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+        return value
+
+    convert.__name__ = "bounded_int"
+    return convert
+
+
+positive_int = bounded_int(ge=1)
+"""An argparse ``type=`` for a count: an integer >= 1."""
+
+non_negative_int = bounded_int(ge=0)
+"""An argparse ``type=`` for an integer >= 0 (a limit where 0 means none, a seed)."""
+
+
+@contextmanager
+def program_name(name: str) -> Iterator[None]:
+    """Name the program ``name`` in the usage, help and errors of the tools run inside.
+
+    :class:`Command` wraps each subcommand in it (``streamdet calibrate``, not ``python -m
+    training.calibrate``); :func:`run_tool` applies it to the tool's parser.
+
+    Args:
+        name: the program as the user typed it.
+    """
+    token = _PROGRAM.set(name)
+    try:
+        yield
+    finally:
+        _PROGRAM.reset(token)
+
+
+def invoked_as(default: str) -> str:
+    """The program name the user typed: the innermost :func:`program_name`, else ``default``."""
+    return _PROGRAM.get() or default
 
 
 def enum_type(enum: type[E]) -> Callable[[str], E]:
@@ -108,18 +226,27 @@ def run_tool(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
              errors: tuple[type[BaseException], ...] = (ValueError,)) -> int:
     """Parse the arguments, run the tool, and report its failures as one line.
 
+    The parser's program name becomes the one the user typed (:func:`invoked_as`).
+
     Args:
-        parser: the tool's parser (argparse exits with status 2 on a bad argument, as usual).
-        run: the tool's work; it raises one of ``errors`` (or ``OSError``) on bad input.
+        parser: the tool's parser (a :class:`OneLineErrorParser`: one line, exit status 2 on a bad
+            argument).
+        run: the tool's work; it raises one of ``errors`` (or ``OSError``) on bad input, and
+            :class:`UsageError` on options that do not go together.
         argv: arguments without the program name (``sys.argv[1:]`` when None).
         errors: the tool's own error types; each becomes ``error: <message>``.
 
     Returns:
-        0 on success, 1 after printing one ``error:`` line on stderr.
+        0 on success; 1 after printing one ``error:`` line on stderr; 2 after one for a
+        :class:`UsageError`.
     """
+    parser.prog = invoked_as(parser.prog)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE
@@ -165,7 +292,8 @@ class Command:
         """Run ``PROG COMMAND [ARGS...]``: pick the subcommand and hand it the rest of the arguments.
 
         Each subcommand parses its own arguments (``PROG COMMAND --help`` prints its options), so a
-        tool behaves the same as a subcommand and as ``python -m ...``.
+        tool behaves the same as a subcommand and as ``python -m ...``; it runs inside
+        :func:`program_name` ``("PROG COMMAND")``, so its usage names the command the user typed.
 
         Args:
             argv: arguments without the program name (``sys.argv[1:]`` when None).
@@ -184,7 +312,8 @@ class Command:
             print(f"error: {self.prog}: unknown command {args[0]!r} (choose from {', '.join(by_name)}; see --help)",
                   file=sys.stderr)
             return EXIT_USAGE
-        return command.main(args[1:])
+        with program_name(f"{self.prog} {command.name}"):
+            return command.main(args[1:])
 
     def usage(self) -> str:
         """The ``--help`` text: usage line, description, the subcommands with their help, epilog."""

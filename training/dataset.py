@@ -38,10 +38,9 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from streamdet.cli import run_tool
-from streamdet.constants import EXIT_USAGE
+from streamdet.cli import OneLineErrorParser, positive_int, run_tool
 from streamdet.masks import encode_rle
-from training.cli_common import cannot_write, command_line, wh_type
+from training.cli_common import cannot_write, command_line, seed_int, wh_type
 from training.synth import CLASS_NAMES, Sample, SyntheticDataset
 
 __all__ = ["CocoDataset", "DatasetError", "categories", "coco_document", "encode_rle", "load_coco_dataset", "main",
@@ -336,10 +335,10 @@ def load_coco_dataset(root: str | os.PathLike[str]) -> CocoDataset:
 
 def main(argv: Iterable[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
-    ap = argparse.ArgumentParser(prog="python -m training.dataset", description=__doc__.split("\n")[0])
+    ap = OneLineErrorParser(prog="python -m training.dataset", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
-    ap.add_argument("--images", required=True, type=int, help="number of images")
-    ap.add_argument("--seed", type=int, default=0, help="dataset seed")
+    ap.add_argument("--images", required=True, type=positive_int, help="number of images")
+    ap.add_argument("--seed", type=seed_int, default=0, help="dataset seed (0..2^32-1)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--scene", choices=("shapes", "plates", "plate_chars"), default="shapes",
                     help="shapes, plate-scene frames, or letterboxed plate crops")
@@ -348,8 +347,6 @@ def main(argv: Iterable[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def run(args: argparse.Namespace) -> None:
-        if args.images < 1:
-            ap.exit(EXIT_USAGE, f"error: --images: expected a positive count, got {args.images}\n")
         with cannot_write(args.out, DatasetError):
             write_dataset(args.out, num_images=args.images, seed=args.seed, show_progress=not args.quiet,
                           command=command_line("training.dataset", argv, quote=False), scene=args.scene,

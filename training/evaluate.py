@@ -44,7 +44,7 @@ from tqdm import tqdm
 from engines.base import EngineError
 from engines.onnxruntime_backend import OnnxRuntimeEngine
 from streamdet.card import ModelCard, ModelCardError, Task, card_from_ultralytics_metadata, card_path_for, load_card
-from streamdet.cli import run_tool
+from streamdet.cli import OneLineErrorParser, finite_float, non_negative_int, positive_int, run_tool
 from streamdet.masks import prototype_masks_to_rle
 from streamdet.postprocess import (
     EVAL_CONFIG,
@@ -391,26 +391,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: command-line arguments without the program name (``sys.argv[1:]`` when None).
 
     Returns:
-        0 on success, 1 on bad input (one ``error: <path>: <problem>`` line on stderr).
+        0 on success, 1 on bad input (one ``error: <path>: <problem>`` line on stderr), 2 on a bad
+        argument (one ``error:`` line naming it).
     """
-    ap = argparse.ArgumentParser(prog="python -m training.evaluate",
-                                 description="COCO mAP (pycocotools) or mIoU of an ONNX model on a dataset directory.")
+    ap = OneLineErrorParser(prog="python -m training.evaluate",
+                            description="COCO mAP (pycocotools) or mIoU of an ONNX model on a dataset directory.")
     ap.add_argument("--model", required=True, type=Path, help="ONNX model")
     ap.add_argument("--data", required=True, type=Path, help="dataset directory (annotations.json, images/, semantic/)")
     ap.add_argument("--card", type=Path, default=None, help="model card (default: MODEL.json beside the model)")
-    ap.add_argument("--batch", type=int, default=8, help="images per batch")
+    ap.add_argument("--batch", type=positive_int, default=8, help="images per batch")
     ap.add_argument("--plot", type=Path, default=None, help="save a precision-recall plot (PNG)")
-    ap.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    ap.add_argument("--max-images", type=positive_int, default=None, help="evaluate only the first N images")
     ap.add_argument("--json-out", type=Path, default=None, help="also write the metrics as JSON")
-    ap.add_argument("--conf", type=float, default=EVAL_CONFIG.score_threshold, help="score threshold")
-    ap.add_argument("--iou", type=float, default=EVAL_CONFIG.iou_threshold, help="NMS IoU threshold")
+    ap.add_argument("--conf", type=finite_float(ge=0, le=1), default=EVAL_CONFIG.score_threshold,
+                    help="score threshold (0..1)")
+    ap.add_argument("--iou", type=finite_float(ge=0, le=1), default=EVAL_CONFIG.iou_threshold,
+                    help="NMS IoU threshold (0..1)")
     ap.add_argument("--single-label", action="store_true",
                     help="one candidate per anchor (its best class) instead of one per class above --conf")
-    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
+    ap.add_argument("--threads", type=non_negative_int, default=0,
+                    help="ONNX Runtime intra-op threads (0: one per core)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--text", action="store_true",
                     help="also read each plate crop's text and report exact match (plate_chars sets)")
-    ap.add_argument("--min-score", type=float, default=0.25, help="--text: score a character needs to be read")
+    ap.add_argument("--min-score", type=finite_float(ge=0, le=1), default=0.25,
+                    help="--text: score a character needs to be read (0..1)")
     return run_tool(ap, _run, argv, errors=(EvaluationError,))
 
 

@@ -50,14 +50,18 @@ from streamdet.card import (
     card_path_for,
     save_card,
 )
-from streamdet.cli import name_os_errors, run_tool
+from streamdet.cli import OneLineErrorParser, bounded_int, name_os_errors, non_negative_int, run_tool
 from streamdet.constants import PAD_VALUE
-from training.cli_common import command_line, remove_leftovers
+from training.cli_common import command_line, remove_leftovers, seed_int
 from training.errors import ExportError
 from training.model import CHECKPOINT_FORMAT, NUM_MASK_COEFFS, Detector, DetectorConfig, model_summary
 
 PARITY_TOLERANCE = 1e-4
 """Largest allowed absolute difference between ONNX Runtime and PyTorch outputs."""
+MIN_OPSET = 17
+"""The lowest ONNX opset the export writes (``--opset``)."""
+MAX_OPSET = 20
+"""The highest: that of PyTorch's TorchScript exporter (``dynamo=False``), which the export uses."""
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[Detector, dict[str, Any]]:
@@ -111,23 +115,23 @@ def ultralytics_metadata(config: DetectorConfig, class_names: Sequence[str], tas
     }
 
 
-def export_onnx(model: Detector, path: str | os.PathLike[str], opset: int = 17,
+def export_onnx(model: Detector, path: str | os.PathLike[str], opset: int = MIN_OPSET,
                 metadata: dict[str, str] | None = None) -> None:
     """Export ``model`` (eval mode) to ``path`` with the TorchScript-based exporter.
 
     Args:
         model: the detector.
         path: destination ``.onnx`` (written directly; callers pass a temporary name).
-        opset: ONNX opset (>= 17).
+        opset: ONNX opset (:data:`MIN_OPSET` to :data:`MAX_OPSET`).
         metadata: ``metadata_props`` to embed.
 
     Raises:
-        ExportError: on an opset below 17 or a failed export.
+        ExportError: on an opset out of that range or a failed export.
     """
     import onnx
 
-    if opset < 17:
-        raise ExportError(f"--opset: expected >= 17, got {opset}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset: expected {MIN_OPSET} to {MAX_OPSET}, got {opset}")
     model.eval()
     w, h = model.config.input_wh
     x = torch.zeros(1, 3, h, w)
@@ -280,14 +284,16 @@ def _evaluate_on_synthetic(onnx_path: Path, card_path: Path, seed: int, n: int, 
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="training checkpoint (RUN_DIR/best.pt or last.pt)")
     p.add_argument("--out", required=True, help="output MODEL.onnx (the card goes to MODEL.json)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=bounded_int(ge=MIN_OPSET, le=MAX_OPSET), default=MIN_OPSET,
+                   help=f"ONNX opset ({MIN_OPSET} to {MAX_OPSET})")
     p.add_argument("--name", default=None, help="model name in the card (default: the file stem)")
     p.add_argument("--metrics-json", default=None, help="metrics JSON to copy into the card")
-    p.add_argument("--data-seed", type=int, default=None, help="evaluate on synthetic images of this seed")
-    p.add_argument("--val-images", type=int, default=0, help="number of synthetic images to evaluate on")
+    p.add_argument("--data-seed", type=seed_int, default=None,
+                   help="evaluate on synthetic images of this seed (0..2^32-1)")
+    p.add_argument("--val-images", type=non_negative_int, default=0, help="number of synthetic images to evaluate on")
     p.add_argument("--torch-export", action="store_true",
                    help="also write MODEL.pt2, the torch.export program that --backend cuda runs")
     return p

@@ -28,7 +28,7 @@ import numpy.typing as npt
 import torch
 
 from streamdet.card import HeadLayout, HeadSpec, InputSpec, ModelCard, Normalization, Task, card_path_for, save_card
-from streamdet.cli import name_os_errors, run_tool
+from streamdet.cli import OneLineErrorParser, name_os_errors, run_tool
 from streamdet.constants import PAD_VALUE
 from streamdet.letterbox import letterbox
 from training.cli_common import remove_leftovers
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success; 1 with one ``error:`` line on stderr on a bad checkpoint or unwritable output.
     """
-    p = argparse.ArgumentParser(prog="python -m training.export_semantic", description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(prog="python -m training.export_semantic", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="semantic checkpoint (best.pt)")
     p.add_argument("--out", required=True, help="destination MODEL.onnx (the card goes to MODEL.json)")
     p.add_argument("--metrics-json", default=None,

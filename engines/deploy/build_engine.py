@@ -38,13 +38,15 @@ from typing import TYPE_CHECKING, Any
 
 from engines.base import EngineError
 from engines.engine_file import BatchProfile, EngineHeader, Precision, RuntimeInfo, file_sha256, write_engine_file
-from streamdet.cli import enum_type, name_os_errors, run_tool
+from streamdet.cli import OneLineErrorParser, bounded_int, enum_type, finite_float, name_os_errors, run_tool
 
 if TYPE_CHECKING:
     import tensorrt
 
 DEFAULT_WORKSPACE_GIB = 4.0
 """Builder workspace (scratch memory for tactics), GiB."""
+MAX_WORKSPACE_GIB = 1024.0
+"""The largest ``--workspace-gib``."""
 
 
 class BuildError(ValueError):
@@ -242,18 +244,33 @@ PROG = "python -m training.build_engine"
 """How users run this CLI."""
 
 
+def batch_profile(text: str) -> BatchProfile:
+    """An argparse ``type=`` for ``--batch MIN,OPT,MAX`` (or ``N``): a bad profile is one usage error line.
+
+    Raises:
+        argparse.ArgumentTypeError: if the text is not a valid :class:`~engines.engine_file.BatchProfile`.
+    """
+    try:
+        return BatchProfile.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI's argument parser."""
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    """The CLI's argument parser: a bad option is one ``error:`` line naming it, exit status 2."""
+    p = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="ONNX model (FP32, or the FP16 / INT8 Q/DQ output of engines.deploy.calibrate)")
     precisions = [pr.value for pr in Precision]
     p.add_argument("--precision", type=enum_type(Precision), required=True, metavar="{" + ",".join(precisions) + "}",
                    help=f"the ONNX graph's precision (one of: {', '.join(precisions)})")
-    p.add_argument("--batch", default="1,8,32", help="dynamic batch profile MIN,OPT,MAX (default 1,8,32)")
+    p.add_argument("--batch", type=batch_profile, default=BatchProfile(1, 8, 32),
+                   help="dynamic batch profile MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, or N (default 1,8,32)")
     p.add_argument("--out", required=True, help="engine file to write (MODEL.engine)")
     p.add_argument("--timing-cache", default=None, help="timing cache file (loaded if present, then saved)")
-    p.add_argument("--workspace-gib", type=float, default=DEFAULT_WORKSPACE_GIB)
-    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
+    p.add_argument("--workspace-gib", type=finite_float(gt=0, le=MAX_WORKSPACE_GIB), default=DEFAULT_WORKSPACE_GIB,
+                   help=f"builder workspace limit, GiB (> 0, at most {MAX_WORKSPACE_GIB:g}; default "
+                        f"{DEFAULT_WORKSPACE_GIB:g})")
+    p.add_argument("--opt-level", type=bounded_int(ge=0, le=5), default=3, help="builder optimization level 0..5")
     p.add_argument("--device", default="cuda", help="CUDA device (cuda or cuda:N)")
     return p
 
@@ -265,14 +282,11 @@ def run(args: argparse.Namespace) -> None:
         args: the parsed arguments (:func:`build_parser`).
 
     Raises:
-        BuildError: on bad input (``--batch`` included) or a failed build.
+        BuildError: on bad input or a failed build.
         EngineError: TensorRT or a CUDA GPU is missing.
         OSError: if the output or the timing cache cannot be written.
     """
-    try:
-        batch = BatchProfile.parse(args.batch)
-    except ValueError as e:
-        raise BuildError(f"--batch: {e}") from e
+    batch: BatchProfile = args.batch  # (parsed and checked by the parser)
     with name_os_errors(args.out):
         header = build_engine(onnx_path=args.model, out_path=args.out, precision=args.precision, batch=batch,
                               timing_cache=args.timing_cache, workspace_gib=args.workspace_gib,
@@ -289,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (``sys.argv[1:]`` when None).
 
     Returns:
-        0 on success, 1 on bad input or a missing TensorRT/GPU (one ``error:`` line on stderr).
+        0 on success, 1 on bad input or a missing TensorRT/GPU (one ``error:`` line on stderr), 2 on a
+        bad argument (one ``error:`` line naming it).
     """
     return run_tool(build_parser(), run, argv, errors=(BuildError, EngineError))
 

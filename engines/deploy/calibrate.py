@@ -56,7 +56,7 @@ from engines.deploy.graph import (
 from engines.deploy.options import CalibrationError, CalibrationMethod, Int8Target, OutputPrecision
 from engines.deploy.quantize import FP16_INSTALL_HINT, INT8_OP_TYPES, convert_fp16, quantize_int8
 from streamdet.card import ModelCard, card_path_for
-from streamdet.cli import enum_option, name_os_errors, run_tool
+from streamdet.cli import OneLineErrorParser, enum_option, name_os_errors, positive_int, run_tool
 
 __all__ = [
     "DEFAULT_FRAMES",
@@ -115,12 +115,13 @@ def _write_variant(out: Path, card: ModelCard, make: Callable[[Path], dict[str, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI's argument parser."""
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    """The CLI's argument parser: a bad option is one ``error:`` line naming it, exit status 2."""
+    p = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="FP32 MODEL.onnx (its card MODEL.json beside it, or ultralytics metadata)")
     p.add_argument("--source", action="append", default=[],
                    help="calibration video or image directory (repeatable); needed for INT8")
-    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="calibration frames, evenly spaced")
+    p.add_argument("--frames", type=positive_int, default=DEFAULT_FRAMES,
+                   help=f"calibration frames, evenly spaced (default {DEFAULT_FRAMES})")
     p.add_argument("--out-int8", default=None, help="INT8 Q/DQ output (default MODEL.int8.onnx)")
     p.add_argument("--out-fp16", default=None, help="FP16 output (default MODEL.fp16.onnx)")
     enum_option(p, "--method", CalibrationMethod, default=CalibrationMethod.MINMAX,
@@ -138,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (``sys.argv[1:]`` when None).
 
     Returns:
-        0 on success, 1 on bad input (one ``error:`` line on stderr).
+        0 on success, 1 on bad input (one ``error:`` line on stderr), 2 on a bad argument (one
+        ``error:`` line naming it).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = f"{PROG} " + shlex.join(argv)

@@ -28,9 +28,12 @@ def load_model_card(model_path: str | os.PathLike[str]) -> ModelCard:
 
     p = Path(model_path)
     beside = card_path_for(p)
-    try:
-        if beside.is_file():
+    if beside.is_file():
+        try:
             return load_card(beside)
+        except ModelCardError as e:  # (its own message names the card and why)
+            raise CalibrationError(str(e)) from e
+    try:
         engine = OnnxRuntimeEngine(model_path=p, intra_op_threads=1)
         engine.start()
         try:

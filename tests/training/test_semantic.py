@@ -234,15 +234,17 @@ def test_cache_is_deterministic_with_h264() -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "status", "message"),
     [
-        (["--resume"], "last.pt: checkpoint not found"),
-        (["--images", "1", "--batch", "4"], "--images"),
-        (["--crop", "700x100"], "--crop"),
+        (["--resume"], 1, "last.pt: checkpoint not found"),
+        (["--images", "1", "--batch", "4"], 2, "error: --images: expected at least --batch (4) images, got 1"),
+        (["--crop", "700x100"], 2, "error: --crop: expected a crop inside --input 640x384, got 700x100"),
     ],
 )
-def test_training_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
-    assert ts.main(["--out", str(tmp_path / "r"), *args]) == 1
+def test_training_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], status: int,
+                            message: str) -> None:
+    # (every option's table: tests/training/test_cli_args.py)
+    assert ts.main(["--out", str(tmp_path / "r"), *args]) == status
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
@@ -352,14 +354,15 @@ def test_pan_fcn_init_from_detector_and_export(tiny_detector_ckpt: Path, tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "status", "message"),
     [
-        (["--init", "nope.pt"], "--init: expected --arch pan_fcn"),
-        (["--arch", "pan_fcn", "--init", "nope.pt"], "nope.pt: not a torch checkpoint"),
+        (["--init", "nope.pt"], 2, "--init: expected --arch pan_fcn"),
+        (["--arch", "pan_fcn", "--init", "nope.pt"], 1, "nope.pt: not a torch checkpoint"),
     ],
 )
-def test_pan_fcn_bad_init(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
-    assert ts.main(["--out", str(tmp_path / "r"), *args]) == 1
+def test_pan_fcn_bad_init(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], status: int,
+                          message: str) -> None:
+    assert ts.main(["--out", str(tmp_path / "r"), *args]) == status
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 

@@ -259,11 +259,21 @@ def test_semantic_task_dispatches(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen == [["--out", "x", "--epochs", "2"]]
 
 
-@pytest.mark.parametrize("argv", [["--images", "0"], ["--batch", "9", "--images", "4"], ["--lr", "-1"]])
-def test_cli_rejects_bad_options(tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--out", str(tmp_path / "run"), *argv]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ")
+@pytest.mark.parametrize("argv, message", [
+    (["--images", "0"], "error: argument --images: expected an integer >= 1, got '0' (see --help)"),
+    (["--batch", "9", "--images", "4"], "error: --images: expected at least --batch (9) images, got 4"),
+    (["--lr", "-1"], "error: argument --lr: expected a finite number > 0 and <= 1, got '-1' (see --help)"),
+])
+def test_cli_rejects_bad_options(tmp_path: Path, argv: list[str], message: str,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # (every option's table: tests/training/test_cli_args.py)
+    try:
+        rc = main(["--out", str(tmp_path / "run"), *argv])
+    except SystemExit as e:  # argparse's usage error
+        rc = e.code
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines() == [message]
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_without_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -85,15 +85,19 @@ def test_without_tensorrt_one_error_line(models: dict[str, Path], tmp_path: Path
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--batch", "8,4,16"], "--batch: expected 1 <= min <= opt <= max"),
-    (["--batch", "x"], "--batch: expected MIN,OPT,MAX"),
-    (["--opt-level", "9"], "--opt-level: expected 0..5"),
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "8,4,16"], "argument --batch: expected 1 <= min <= opt <= max, got 8,4,16"),
+    (["--batch", "x"], "argument --batch: expected MIN,OPT,MAX batch sizes, got 'x'"),
+    (["--opt-level", "9"], "argument --opt-level: expected an integer from 0 to 5, got '9'"),
 ])
 def test_bad_options(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
-                     match: str) -> None:
-    rc, err = run_cli([str(models["fp32"]), "--precision", "fp32", "--out", str(tmp_path / "m.engine"), *args], capsys)
-    assert rc == 1 and match in err and len(err.splitlines()) == 1
+                     message: str) -> None:
+    """A bad option is a usage error: one line, exit 2, nothing built."""
+    with pytest.raises(SystemExit) as e:
+        main([str(models["fp32"]), "--precision", "fp32", "--out", str(tmp_path / "m.engine"), *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "m.engine").exists()
 
 
 def test_missing_or_broken_onnx(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -243,3 +243,15 @@ def test_quantized_map_close_to_fp32(tmp_path: Path, held_out: Path) -> None:
     d = np.abs(outs[1] - outs[0])
     assert (d[:, :4] / np.array([w, h, w, h], np.float32).reshape(1, 4, 1)).max() <= 1e-2
     assert d[:, 4:].max() <= 1e-2
+
+
+@pytest.mark.parametrize("card_text", ["{bad", "[1, 2]", '{"schema": "streamdet.card/999"}'])
+def test_a_broken_card_beside_the_model_is_named_once(tmp_path, card_text):
+    from engines.deploy.calibrate import CalibrationError, load_model_card
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes((ROOT / "engines" / "models" / "detector.onnx").read_bytes())
+    (tmp_path / "m.json").write_text(card_text)
+    with pytest.raises(CalibrationError) as e:
+        load_model_card(model)
+    assert str(e.value).startswith(f"{tmp_path / 'm.json'}: ") and "no model card at" not in str(e.value)
