@@ -3,15 +3,19 @@
 Prints one line per message (``--json``: the message itself, one JSON object per line with its
 ``topic`` added). ``--count N`` stops after N messages, ``--until-eos`` after the end of stream of
 every source seen (``--sources N``: of N sources), ``--timeout S`` after S seconds without a
-message (exit status 1). Subscribing to a PUB socket is asynchronous: start the subscriber first
-and run the pipeline with ``--wait-subscribers 1`` to receive every message (see docs/schema.md).
+message (exit status 1; ``inf``, the default, waits forever). Subscribing to a PUB socket is
+asynchronous: start the subscriber first and run the pipeline with ``--wait-subscribers 1`` to
+receive every message (see docs/schema.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +24,9 @@ import zmq
 
 from pipeline.stages.payloads import DETECTIONS_SCHEMA, EOS_SCHEMA, EOS_TOPIC
 from streamdet.cli import OneLineErrorParser
+
+POLL_CHUNK_MS = 60_000
+"""Longest single wait on the socket: longer timeouts are waited in chunks (``zmq_poll`` takes a C ``long``)."""
 
 
 class SubscribeTimeout(TimeoutError):
@@ -76,14 +83,15 @@ class Subscriber:
         """The next message.
 
         Args:
-            timeout_s: longest wait (None: forever).
+            timeout_s: longest wait in seconds (None or ``inf``: forever; 0 or less: only what has arrived).
 
         Raises:
             SubscribeTimeout: if nothing arrives in time.
-            ValueError: if a message is not ``[topic, JSON object]``.
+            ValueError: if ``timeout_s`` is NaN, or a message is not ``[topic, JSON object]``.
         """
-        timeout_ms = -1 if timeout_s is None else max(0, int(timeout_s * 1000))
-        if not self._sock.poll(timeout_ms, zmq.POLLIN):
+        if timeout_s is not None and math.isnan(timeout_s):
+            raise ValueError(f"{self.endpoint}: expected a timeout in seconds, got {timeout_s}")
+        if not self._wait(timeout_s):
             raise SubscribeTimeout(f"{self.endpoint}: no message within {timeout_s} s")
         parts = self._sock.recv_multipart()
         if len(parts) != 2:
@@ -92,6 +100,16 @@ class Subscriber:
         if not isinstance(payload, dict):
             raise ValueError(f"{self.endpoint}: expected a JSON object, got {type(payload).__name__}")
         return Published(parts[0].decode(), payload)
+
+    def _wait(self, timeout_s: float | None) -> bool:
+        """Whether a message arrives within ``timeout_s`` (None or ``inf``: wait for one), polling in chunks."""
+        deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            left_ms = max(0.0, (deadline - time.monotonic()) * 1000)  # inf when waiting forever
+            if self._sock.poll(math.ceil(min(POLL_CHUNK_MS, left_ms)), zmq.POLLIN):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     def messages(self, *, count: int | None = None, until_eos: bool = False, sources: int | None = None,
                  timeout_s: float | None = None) -> Iterator[Published]:
@@ -146,6 +164,36 @@ def format_line(msg: Published) -> str:
     return f"{msg.topic} {json.dumps(p)}"
 
 
+def _positive_int(text: str) -> int:
+    """An argparse ``type=`` for a count: an integer of at least 1.
+
+    Raises:
+        argparse.ArgumentTypeError: otherwise (argparse names the option: one line, exit status 2).
+    """
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _timeout_seconds(text: str) -> float | None:
+    """An argparse ``type=`` for ``--timeout``: seconds above 0, or ``inf`` (returned as None: wait forever).
+
+    Raises:
+        argparse.ArgumentTypeError: for anything else (NaN, 0, negative, not a number).
+    """
+    try:
+        s = float(text)
+    except ValueError:
+        s = math.nan
+    if not s > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, or inf, got {text!r}")
+    return None if math.isinf(s) else s
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: print the messages of a pipeline's PUB endpoint.
 
@@ -156,10 +204,13 @@ def main(argv: list[str] | None = None) -> int:
                            description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556", help="PUB endpoint (default %(default)s)")
     p.add_argument("--topic", action="append", help="topic prefix, e.g. detections.bikes (repeatable; default all)")
-    p.add_argument("--count", type=int, help="stop after N messages")
+    p.add_argument("--count", type=_positive_int, metavar="N", help="stop after N messages (N >= 1)")
     p.add_argument("--until-eos", action="store_true", help="stop after the EOS of every source seen")
-    p.add_argument("--sources", type=int, help="with --until-eos: wait for the EOS of N sources")
-    p.add_argument("--timeout", type=float, help="give up after S seconds without a message (exit 1)")
+    p.add_argument("--sources", type=_positive_int, metavar="N",
+                   help="with --until-eos: wait for the EOS of N sources (N >= 1)")
+    p.add_argument("--timeout", type=_timeout_seconds, metavar="S",
+                   help="give up after S seconds without a message (exit 1); S > 0, or inf: wait forever "
+                        "(the default)")
     p.add_argument("--json", action="store_true", help="print each message as JSON (with its topic)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)

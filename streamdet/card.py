@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -71,10 +73,13 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+INPUT_DTYPES = ("float32", "float16")
+"""The input dtypes a card may declare: what the preprocess writes and the engines feed the model."""
+
 _INPUT_CHOICES: dict[str, tuple[str, ...]] = {
     "layout": ("NCHW",),
     "channel_order": ("RGB", "BGR"),
-    "dtype": ("float32", "float16"),
+    "dtype": INPUT_DTYPES,
 }
 """The values each :class:`InputSpec` text field accepts."""
 
@@ -112,11 +117,41 @@ class InputSpec(_Frozen):
         return v
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+"""The preprocess normalises in float32: the largest value, and the smallest whose reciprocal is finite."""
+
+
+def _listed(values: tuple[float, ...]) -> str:
+    """``[0, 0, 0]``, ``[nan, 1, 2.5]``: values as a short list for messages."""
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
 class Normalization(_Frozen):
-    """``x = (pixel - mean) / std`` per channel, pixels in ``[0, 255]``, in the input's channel order."""
+    """``x = (pixel - mean) / std`` per channel, pixels in ``[0, 255]``, in the input's channel order.
+
+    Both are checked when the card is read: finite float32 values, ``std`` positive (a zero, NaN or
+    infinite value would make every input NaN or infinite, hence no detections or a failed stage).
+
+    Attributes:
+        mean: per-channel mean in pixel units.
+        std: per-channel standard deviation in pixel units.
+    """
 
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (255.0, 255.0, 255.0)
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _finite(cls, v: tuple[float, float, float], info: ValidationInfo) -> tuple[float, float, float]:
+        std = info.field_name == "std"
+        if not all(math.isfinite(x) and (x > 0 or not std) for x in v):
+            raise ValueError(f"expected finite {'positive ' if std else ''}values, got {_listed(v)}")
+        low = _FLOAT32_TINY if std else 0.0
+        if not all(low <= abs(x) <= _FLOAT32_MAX for x in v):
+            span = f"{low:g} to {_FLOAT32_MAX:g}" if std else f"magnitude at most {_FLOAT32_MAX:g}"
+            raise ValueError(f"expected float32 values ({span}), got {_listed(v)}")
+        return v
 
 
 class HeadSpec(_Frozen):
@@ -269,12 +304,14 @@ def card_from_ultralytics_metadata(
     output_names: list[str],
     output_shapes: list[list[int | str | None]],
     name: str = "ultralytics",
+    input_dtype: str = "float32",
 ) -> ModelCard:
     """Build a card for a user's ultralytics ONNX export from its embedded metadata.
 
     Ultralytics writes ``names`` (a Python dict literal ``{0: 'person', ...}``), ``imgsz``
     (``[h, w]``), ``stride``, ``task`` and ``description`` into the ONNX ``metadata_props``. Its
-    models take RGB float32 in ``[0, 1]`` (pixels / 255), letterboxed with pad value 114; RT-DETR
+    models take RGB in ``[0, 1]`` (pixels / 255), float32 unless exported with ``half=True``, letterboxed
+    with pad value 114; RT-DETR
     exports (``description`` naming ``rtdetr``, or one output ``(B, Q, 4 + C)``) get the ``rtdetr``
     head and the ``stretch`` resize its predictor uses.
 
@@ -285,12 +322,14 @@ def card_from_ultralytics_metadata(
         output_names: the ONNX output names.
         output_shapes: their shapes.
         name: model name for the card.
+        input_dtype: the ONNX input's dtype, one of :data:`INPUT_DTYPES` (``float16`` for a ``half=True`` export).
 
     Returns:
         A :class:`ModelCard`.
 
     Raises:
-        ModelCardError: if the metadata lacks class names or the head cannot be recognised.
+        ModelCardError: if the metadata lacks class names or the head cannot be recognised, or
+            ``input_dtype`` is not one of :data:`INPUT_DTYPES`.
     """
     if "names" not in metadata:
         raise ModelCardError("ONNX metadata has no 'names' (not an ultralytics export) and no model card was given")
@@ -337,9 +376,12 @@ def card_from_ultralytics_metadata(
     else:
         raise ModelCardError(f"ultralytics task {task!r} is not supported (detect, segment)")
     dyn = not isinstance(input_shape[0], int) if input_shape else True
+    if input_dtype not in INPUT_DTYPES:
+        raise ModelCardError(f"input dtype {input_dtype} is not supported ({' or '.join(INPUT_DTYPES)})")
     return ModelCard(
         name=name, task=t, head=head,
-        input=InputSpec(name=input_name, width=int(w), height=int(h), dynamic_batch=dyn, resize=resize),
+        input=InputSpec(name=input_name, width=int(w), height=int(h), dtype=input_dtype, dynamic_batch=dyn,
+                        resize=resize),
         normalization=Normalization(), pad_value=PAD_VALUE, class_names=class_names,
         provenance={"source": "ultralytics ONNX metadata", **{k: metadata[k] for k in ("version", "description")
                                                               if k in metadata}},

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from engines.base import EngineError
-from streamdet.card import ModelCard, ModelCardError, card_from_ultralytics_metadata, card_path_for, load_card
+from streamdet.card import (
+    INPUT_DTYPES,
+    ModelCard,
+    ModelCardError,
+    card_from_ultralytics_metadata,
+    card_path_for,
+    load_card,
+)
 from streamdet.cli import relative_path_note
 
 Dim = int | str | None
@@ -32,6 +39,8 @@ class ModelInfo:
         output_names: output names, in graph order.
         output_shapes: their shapes.
         metadata: ``metadata_props`` (ultralytics exports keep ``names``, ``imgsz``... here).
+        input_dtype: the input's element type as numpy names it (``float32``, ``float16``, ``uint8``...),
+            None when the graph does not say.
     """
 
     path: Path
@@ -40,6 +49,7 @@ class ModelInfo:
     output_names: tuple[str, ...]
     output_shapes: tuple[tuple[Dim, ...], ...]
     metadata: dict[str, str]
+    input_dtype: str | None = None
 
     @property
     def static_batch(self) -> int | None:
@@ -61,6 +71,24 @@ def _dims(value_info: Any) -> tuple[Dim, ...]:
         else:
             out.append(None)
     return tuple(out)
+
+
+_ONNX_DTYPES = {"FLOAT": "float32", "DOUBLE": "float64"}
+"""ONNX element type names whose numpy name is not simply the name in lower case."""
+
+
+def _dtype(value_info: Any) -> str | None:
+    """A tensor's element type as numpy names it (``FLOAT`` -> ``float32``), None if undefined or unknown."""
+    from onnx import TensorProto
+
+    elem = value_info.type.tensor_type.elem_type
+    if elem == TensorProto.UNDEFINED:
+        return None
+    try:
+        name = TensorProto.DataType.Name(elem)
+    except ValueError:
+        return None
+    return _ONNX_DTYPES.get(name, name.lower())
 
 
 def inspect_onnx(path: str | os.PathLike[str]) -> ModelInfo:
@@ -100,13 +128,15 @@ def inspect_onnx(path: str | os.PathLike[str]) -> ModelInfo:
         output_names=tuple(o.name for o in graph.output),
         output_shapes=tuple(_dims(o) for o in graph.output),
         metadata={m.key: m.value for m in model.metadata_props},
+        input_dtype=_dtype(inputs[0]),
     )
 
 
 def resolve_card(info: ModelInfo, card_path: str | os.PathLike[str] | None = None) -> ModelCard:
     """Find the model card: the given file, else ``MODEL.json`` beside the model, else ONNX metadata.
 
-    The last resort is the ultralytics metadata inside the ONNX file (class names, image size).
+    The last resort is the ultralytics metadata inside the ONNX file (class names, image size); its
+    card takes the model's input dtype when the pipeline can feed it (``half=True`` exports take float16).
 
     Args:
         info: the inspected model.
@@ -124,17 +154,21 @@ def resolve_card(info: ModelInfo, card_path: str | os.PathLike[str] | None = Non
     beside = card_path_for(info.path)
     if beside.is_file():
         return load_card(beside)
+    dtype = info.input_dtype if info.input_dtype in INPUT_DTYPES else "float32"
     try:
         return card_from_ultralytics_metadata(
             info.metadata, info.input_name, list(info.input_shape), list(info.output_names),
-            [list(s) for s in info.output_shapes], name=info.path.stem,
+            [list(s) for s in info.output_shapes], name=info.path.stem, input_dtype=dtype,
         )
     except ModelCardError as e:
         raise ModelCardError(f"{info.path}: no model card {beside.name} beside it and {e}") from e
 
 
 def check_card_against_model(card: ModelCard, info: ModelInfo, card_name: str = "model card") -> None:
-    """Check that a card describes the model: input name, layout and size, output names.
+    """Check that a card describes the model: input name, dtype, layout and size, output names.
+
+    The engines feed the model the card's dtype as it is (ONNX Runtime refuses another type at the
+    first batch, TensorRT compares it with its input binding), so the two must be equal.
 
     Also runs ``streamdet.postprocess.check_outputs_against_card`` on the declared output shapes.
 
@@ -149,6 +183,10 @@ def check_card_against_model(card: ModelCard, info: ModelInfo, card_name: str = 
     where = f"{card_name} contradicts {info.path}"
     if card.input.name != info.input_name:
         raise ModelCardError(f"{where}: input name {card.input.name!r} vs {info.input_name!r} in the model")
+    if info.input_dtype is not None and card.input.dtype != info.input_dtype:
+        fed = "" if info.input_dtype in INPUT_DTYPES else f" (the pipeline feeds {' or '.join(INPUT_DTYPES)} only)"
+        raise ModelCardError(f"{where}: input dtype {card.input.dtype} in the card, {info.input_dtype} in the "
+                             f"model{fed}")
     shape = info.input_shape
     if len(shape) != 4:
         raise ModelCardError(f"{where}: expected a 4-D NCHW input, the model has shape {list(shape)}")

@@ -98,3 +98,100 @@ def test_main_timeout_is_one_error_line(capsys):
     assert main([free_endpoint(), "--timeout", "0.2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+
+# ---------------------------------------------------------------- arguments and long timeouts
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--timeout", "nan"], "argument --timeout: expected a number of seconds above 0, or inf, got 'nan'"),
+    (["--timeout", "-1"], "argument --timeout: expected a number of seconds above 0, or inf, got '-1'"),
+    (["--timeout", "0"], "argument --timeout: expected a number of seconds above 0, or inf, got '0'"),
+    (["--timeout=-inf"], "argument --timeout: expected a number of seconds above 0, or inf, got '-inf'"),
+    (["--timeout", "soon"], "argument --timeout: expected a number of seconds above 0, or inf, got 'soon'"),
+    (["--count", "-1"], "argument --count: expected a positive integer, got '-1'"),
+    (["--count", "0"], "argument --count: expected a positive integer, got '0'"),
+    (["--count", "1.5"], "argument --count: expected a positive integer, got '1.5'"),
+    (["--until-eos", "--sources", "0"], "argument --sources: expected a positive integer, got '0'"),
+    (["--until-eos", "--sources", "-2"], "argument --sources: expected a positive integer, got '-2'"),
+])
+def test_main_bad_arguments_are_one_line_exit_2(capsys, argv, problem):
+    with pytest.raises(SystemExit) as exc:
+        main([free_endpoint(), "--timeout", "0.5", *argv])  # (the old code waited instead of refusing)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {problem} (see --help)"]
+
+
+@pytest.mark.parametrize("timeout", ["inf", "Infinity", "1e30", "1e308"])
+def test_main_waits_forever_or_for_huge_timeouts(capsys, timeout):
+    ep = free_endpoint()
+    t = threading.Thread(target=publish, args=(ep, 2))
+    t.start()
+    code = main([ep, "--until-eos", "--json", "--timeout", timeout])
+    t.join()
+    assert code == 0
+    assert [json.loads(x)["topic"] for x in capsys.readouterr().out.splitlines()] == ["detections.cam"] * 2 + \
+        ["eos.cam"]
+
+
+def test_help_says_what_inf_means(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "inf: wait forever" in " ".join(capsys.readouterr().out.split())
+
+
+class ReadyAfter:
+    """A socket stand-in whose poll finds a message on call ``polls``; records each poll's timeout."""
+
+    def __init__(self, polls: int) -> None:
+        self.polls = polls
+        self.timeouts: list[int] = []
+
+    def poll(self, timeout: int, flags: int) -> bool:
+        self.timeouts.append(timeout)
+        return len(self.timeouts) >= self.polls
+
+    def recv_multipart(self) -> list[bytes]:
+        return [b"eos.cam", json.dumps(eos_payload(EndOfStream("cam", 1, EosReason.FINISHED))).encode()]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("timeout_s", [None, float("inf"), 1e30, 1e308, 3600.0])
+def test_recv_polls_long_timeouts_in_bounded_chunks(timeout_s):
+    from pipeline.subscribe import POLL_CHUNK_MS
+
+    with Subscriber(free_endpoint()) as sub:
+        sub._sock.close()
+        sub._sock = fake = ReadyAfter(3)  # type: ignore[assignment]
+        msg = sub.recv(timeout_s)
+    assert msg.is_eos and msg.source_id == "cam"
+    assert fake.timeouts == [POLL_CHUNK_MS] * 3 and all(type(t) is int for t in fake.timeouts)
+
+
+@pytest.mark.parametrize("timeout_s, polls", [(0.0, [0]), (-1.0, [0]), (float("-inf"), [0])])
+def test_recv_with_no_time_left_polls_once(timeout_s, polls):
+    with Subscriber(free_endpoint()) as sub:
+        sub._sock.close()
+        sub._sock = fake = ReadyAfter(99)  # type: ignore[assignment]
+        with pytest.raises(SubscribeTimeout) as exc:
+            sub.recv(timeout_s)
+    assert fake.timeouts == polls and str(exc.value) == f"{sub.endpoint}: no message within {timeout_s} s"
+
+
+def test_recv_refuses_a_nan_timeout():
+    with Subscriber(free_endpoint()) as sub, pytest.raises(ValueError) as exc:
+        sub.recv(float("nan"))
+    assert str(exc.value) == f"{sub.endpoint}: expected a timeout in seconds, got nan"
+
+
+def test_a_timeout_longer_than_a_chunk_still_ends_on_time(monkeypatch):
+    import pipeline.subscribe as subscribe
+
+    monkeypatch.setattr(subscribe, "POLL_CHUNK_MS", 40)
+    with Subscriber(free_endpoint()) as sub:
+        t0 = time.monotonic()
+        with pytest.raises(SubscribeTimeout):
+            sub.recv(0.25)
+        assert 0.25 <= time.monotonic() - t0 < 2.0

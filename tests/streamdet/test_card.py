@@ -115,6 +115,56 @@ def test_card_rejects_bad_fields(kw: dict) -> None:
         make_card(**kw)
 
 
+# ---------------------------------------------------------------- Normalization
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("std", (0, 0, 0), "expected finite positive values, got [0, 0, 0]"),
+    ("std", (255, 0, 255), "expected finite positive values, got [255, 0, 255]"),
+    ("std", (-1, 1, 1), "expected finite positive values, got [-1, 1, 1]"),
+    ("std", (NAN, NAN, NAN), "expected finite positive values, got [nan, nan, nan]"),
+    ("std", (INF, 1, 1), "expected finite positive values, got [inf, 1, 1]"),
+    ("std", (1e-50, 1, 1), "expected float32 values (1.17549e-38 to 3.40282e+38), got [1e-50, 1, 1]"),
+    ("std", (1, 1, 1e39), "expected float32 values (1.17549e-38 to 3.40282e+38), got [1, 1, 1e+39]"),
+    ("mean", (NAN, 0, 0), "expected finite values, got [nan, 0, 0]"),
+    ("mean", (0, -INF, 0), "expected finite values, got [0, -inf, 0]"),
+    ("mean", (0, 0, 1e39), "expected float32 values (magnitude at most 3.40282e+38), got [0, 0, 1e+39]"),
+])
+def test_normalization_rejects_values_that_make_the_input_nan(field: str, value: tuple, message: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        Normalization(**{field: value})
+    assert first_error(exc) == f"Value error, {message}"
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375)}, {"mean": (-1, 0, 1e38), "std": (1, 2, 4)},
+    {"std": (1.2e-38, 1, 3.4e38)},
+])
+def test_normalization_accepts_finite_values_and_positive_std(kw: dict) -> None:
+    norm = Normalization(**kw)
+    assert (norm.mean, norm.std) == (kw.get("mean", (0.0, 0.0, 0.0)), kw.get("std", (255.0, 255.0, 255.0)))
+
+
+@pytest.mark.parametrize("field, text, message", [
+    ("std", "[0, 0, 0]", "expected finite positive values, got [0, 0, 0]"),
+    ("std", "[NaN, NaN, NaN]", "expected finite positive values, got [nan, nan, nan]"),  # Python's json reads NaN
+    ("std", "[255, Infinity, 255]", "expected finite positive values, got [255, inf, 255]"),
+    ("mean", "[NaN, 0, 0]", "expected finite values, got [nan, 0, 0]"),
+    ("mean", "[0, 0, -Infinity]", "expected finite values, got [0, 0, -inf]"),
+])
+def test_load_card_refuses_bad_normalization_naming_file_and_field(tmp_path: Path, field: str, text: str,
+                                                                   message: str) -> None:
+    path = tmp_path / "card.json"
+    data = json.loads(make_card().to_json())
+    data["normalization"][field] = "@"
+    path.write_text(json.dumps(data).replace('"@"', text))
+    with pytest.raises(ModelCardError) as exc:
+        load_card(path)
+    assert str(exc.value) == f"{path}: invalid model card: normalization.{field}: Value error, {message}"
+
+
 # ---------------------------------------------------------------- files
 
 
@@ -178,6 +228,22 @@ def test_card_from_ultralytics_end2end_segment_and_sizes() -> None:
     listed = card_from_ultralytics_metadata({"names": "['a', 'b']", "stride": "64"}, "x", [1, 3, 128, 256],
                                             ["o"], [[1, 6, 99]])
     assert listed.class_names == ("a", "b") and listed.input_wh == (256, 128) and listed.head.strides == (8, 16, 32, 64)
+
+
+@pytest.mark.parametrize("dtype, error", [
+    ("float32", None), ("float16", None),
+    ("uint8", "input dtype uint8 is not supported (float32 or float16)"),
+    ("float64", "input dtype float64 is not supported (float32 or float16)"),
+])
+def test_card_from_ultralytics_takes_the_input_dtype(dtype: str, error: str | None) -> None:
+    args = (META, "images", ["batch", 3, 384, 640], ["output0"], [["batch", 7, 5040]])
+    assert card_from_ultralytics_metadata(*args).input.dtype == "float32"
+    if error is None:
+        assert card_from_ultralytics_metadata(*args, input_dtype=dtype).input.dtype == dtype
+        return
+    with pytest.raises(ModelCardError) as exc:
+        card_from_ultralytics_metadata(*args, input_dtype=dtype)
+    assert str(exc.value) == error
 
 
 @pytest.mark.parametrize("meta, input_shape, match", [
