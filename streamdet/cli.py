@@ -29,6 +29,7 @@ from typing import NoReturn, TypeVar
 from streamdet.constants import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 E = TypeVar("E", bound=Enum)
+T = TypeVar("T", int, float)
 
 _PROGRAM: ContextVar[str | None] = ContextVar("streamdet_program", default=None)
 
@@ -63,6 +64,26 @@ def _range_text(ge: float | None, gt: float | None, le: float | None) -> str:
     return " " + " and ".join(parts) if parts else ""
 
 
+def _in_range(value: float, ge: float | None, gt: float | None, le: float | None) -> bool:
+    return not ((ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le))
+
+
+def _checked(parse: Callable[[str], T], expected: str, name: str, ok: Callable[[T], bool]) -> Callable[[str], T]:
+    """An argparse ``type=``: ``parse`` the text, then ``ok`` the value (else ``ArgumentTypeError``, ``expected``)."""
+
+    def convert(text: str) -> T:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+        return value
+
+    convert.__name__ = name
+    return convert
+
+
 def finite_float(*, ge: float | None = None, gt: float | None = None,
                  le: float | None = None) -> Callable[[str], float]:
     """An argparse ``type=`` for a finite number in a range (``nan`` and ``inf`` are refused).
@@ -78,20 +99,8 @@ def finite_float(*, ge: float | None = None, gt: float | None = None,
     Returns:
         A converter from the typed text to the float that raises ``argparse.ArgumentTypeError``.
     """
-    expected = "expected a finite number" + _range_text(ge, gt, le)
-
-    def convert(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
-        if (not math.isfinite(value) or (ge is not None and value < ge) or (gt is not None and value <= gt)
-                or (le is not None and value > le)):
-            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
-        return value
-
-    convert.__name__ = "finite_float"
-    return convert
+    return _checked(float, "expected a finite number" + _range_text(ge, gt, le), "finite_float",
+                    lambda v: math.isfinite(v) and _in_range(v, ge, gt, le))
 
 
 def bounded_int(*, ge: int | None = None, le: int | None = None) -> Callable[[str], int]:
@@ -107,19 +116,8 @@ def bounded_int(*, ge: int | None = None, le: int | None = None) -> Callable[[st
     Returns:
         A converter from the typed text to the int that raises ``argparse.ArgumentTypeError``.
     """
-    expected = "expected an integer" + _range_text(ge, None, le)
-
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
-        if (ge is not None and value < ge) or (le is not None and value > le):
-            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
-        return value
-
-    convert.__name__ = "bounded_int"
-    return convert
+    return _checked(int, "expected an integer" + _range_text(ge, None, le), "bounded_int",
+                    lambda v: _in_range(v, ge, None, le))
 
 
 positive_int = bounded_int(ge=1)

@@ -19,13 +19,13 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.stages.sinks import FrameResult
+from pipeline.stages.sinks import FrameResult, VideoSink
 from streamdet.letterbox import letterbox_params
 from streamdet.messages import FrameMsg, FrameRecord
 from streamdet.postprocess import Detections
 
-__all__ = ["FPS", "HW", "T0", "Clock", "Disk", "decoded", "killed_writer", "mounted_tmpfs", "no_dets", "record",
-           "times", "top_boxes", "video_result"]
+__all__ = ["FPS", "HW", "T0", "Clock", "Disk", "decoded", "killed_writer", "mounted_tmpfs", "no_dets", "open_video",
+           "record", "times", "top_boxes", "video_result"]
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
@@ -170,4 +170,11 @@ def mounted_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def open_video(path: Path, *, fps: float = FPS, resume: bool = False) -> VideoSink:
+    """An opened annotated-video sink of one source ``cam`` at ``fps``."""
+    sink = VideoSink(path=path, fps_by_source={"cam": fps}, class_names=["a"], resume=resume)
+    sink.open()
+    return sink
 

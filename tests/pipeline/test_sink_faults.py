@@ -25,11 +25,21 @@ import zmq
 
 from pipeline.stages.base import Stage, StageSpec, stage_main
 from pipeline.stages.sink_config import SinkConfig, check_outputs_apart, finish_left_outputs
-from pipeline.stages.sinks import FrameResult, JsonlSink, VideoSink
+from pipeline.stages.sinks import FrameResult, JsonlSink
 from pipeline.stages.video_sink import MAX_PTS_GAP_S
 from pipeline.summary import RunSummary, StatusBook
 from streamdet.messages import EndOfStream, EosReason, StageName, StatusKind, StatusMsg, decode_message
-from tests.helpers.durable_sinks import FPS, decoded, mounted_tmpfs, no_dets, record, times, top_boxes, video_result
+from tests.helpers.durable_sinks import (
+    FPS,
+    decoded,
+    mounted_tmpfs,
+    no_dets,
+    open_video,
+    record,
+    times,
+    top_boxes,
+    video_result,
+)
 
 DEMO = Path(__file__).resolve().parents[2] / "pipeline" / "samples" / "demo.mp4"
 
@@ -68,14 +78,12 @@ def test_an_abandoned_jsonl_is_resumed_not_overwritten(tmp_path):
 
 def test_an_abandoned_video_is_kept_whole_by_the_restarted_sink(tmp_path):
     out = tmp_path / "a.mp4"
-    first = VideoSink(path=out, fps_by_source={"cam": FPS}, class_names=["a"])
-    first.open()
+    first = open_video(out)
     for i in range(13):  # a fragment (10 frames at FPS 5) and 3 frames of the next one
         first.write(video_result(i))
     first.abandon()  # the encoder is flushed: the last fragment is whole too
     assert not out.exists() and decoded(_partial(out)) == 13
-    again = VideoSink(path=out, fps_by_source={"cam": FPS}, class_names=["a"], resume=True)
-    again.open()
+    open_video(out, resume=True)  # (keeps the partial as a segment)
     assert decoded(tmp_path / "a-seg1.mp4") == 13
 
 
@@ -84,8 +92,7 @@ def test_the_runner_finishes_what_a_dead_stage_left_and_nothing_else(tmp_path, l
     jsonl, video = tmp_path / "r.jsonl", tmp_path / "v.mp4"
     if left:
         _partial(jsonl).write_bytes(b'{"frame_index":0}\n{"frame_index":1}\n{"frame_in')  # a torn last line
-        sink = VideoSink(path=video, fps_by_source={"cam": FPS}, class_names=["a"])
-        sink.open()
+        sink = open_video(video)
         for i in range(4):
             sink.write(video_result(i))
         sink.abandon()
@@ -190,8 +197,7 @@ def test_a_final_error_fails_the_run_without_aborting_it():
 def test_the_annotated_video_keeps_a_variable_frame_rate(tmp_path, suffix):
     pts = [3.0, 3.04, 3.08, 3.3, 3.31, 3.32, 4.0, 4.04, 4.041, 5.0, 5.04]  # from a file that starts at 3 s
     out = tmp_path / f"a{suffix}"
-    sink = VideoSink(path=out, fps_by_source={"cam": 30.0}, class_names=["a"])
-    sink.open()
+    sink = open_video(out, fps=30.0)
     for i, t in enumerate(pts):
         sink.write(video_result(i, pts_s=t))
     sink.close()
@@ -201,8 +207,7 @@ def test_the_annotated_video_keeps_a_variable_frame_rate(tmp_path, suffix):
 def test_a_jump_back_or_a_long_gap_is_one_frame_at_the_nominal_rate(tmp_path):
     pts = [0.0, 0.2, 0.4, 0.0, 0.2, 0.4 + MAX_PTS_GAP_S + 1, 0.6 + MAX_PTS_GAP_S + 1]  # a reconnect, an outage
     out = tmp_path / "a.mp4"
-    sink = VideoSink(path=out, fps_by_source={"cam": FPS}, class_names=["a"])
-    sink.open()
+    sink = open_video(out)
     for i, t in enumerate(pts):
         sink.write(video_result(i, pts_s=t))
     sink.close()
@@ -212,8 +217,7 @@ def test_a_jump_back_or_a_long_gap_is_one_frame_at_the_nominal_rate(tmp_path):
 @pytest.mark.parametrize("hw,coded_wh", [((1, 64), (64, 2)), ((64, 1), (2, 64)), ((1, 1), (2, 2)), ((5, 3), (2, 4))])
 def test_frames_with_a_side_of_one_pixel_are_written(tmp_path, hw, coded_wh):
     out = tmp_path / "a.mp4"
-    sink = VideoSink(path=out, fps_by_source={"cam": FPS}, class_names=["a"])
-    sink.open()
+    sink = open_video(out)
     for i in range(6):
         rgb = np.full((*hw, 3), 40 * i, np.uint8)
         sink.write(FrameResult(record("cam", i, hw, i / FPS), no_dets(), {}, rgb))
@@ -232,8 +236,7 @@ def _noise(i: int) -> FrameResult:  # frames that do not compress: a few KiB eac
 def test_a_full_disk_drops_the_annotated_frames_not_the_run(tmp_path, capfd):
     with mounted_tmpfs(tmp_path / "small", "128k") as small:
         out = small / "v.mp4"
-        sink = VideoSink(path=out, fps_by_source={"cam": FPS}, class_names=["a"])
-        sink.open()
+        sink = open_video(out)
         for i in range(200):  # far more than fits: never raises
             sink.write(_noise(i))
         assert 0 < sink.frames_not_written < 200
@@ -250,16 +253,14 @@ def test_a_full_disk_drops_the_annotated_frames_not_the_run(tmp_path, capfd):
 def test_no_room_for_the_regular_copy_keeps_the_fragmented_file(tmp_path):
     """The fragmented file fits, its remuxed copy does not: the fragmented one is the output, every frame in it."""
     probe = tmp_path / "probe.mp4"
-    sink = VideoSink(path=probe, fps_by_source={"cam": FPS}, class_names=["a"])
-    sink.open()
+    sink = open_video(probe)
     for i in range(20):
         sink.write(_noise(i))
     sink.abandon()
     size = _partial(probe).stat().st_size
     with mounted_tmpfs(tmp_path / "small", f"{(size * 3 // 2) // 4096 * 4096 + 4096}") as small:
         out = small / "v.mp4"
-        sink = VideoSink(path=out, fps_by_source={"cam": FPS}, class_names=["a"])
-        sink.open()
+        sink = open_video(out)
         for i in range(20):
             sink.write(_noise(i))
         sink.end_of_stream(EndOfStream("cam", 20, EosReason.FINISHED))
