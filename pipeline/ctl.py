@@ -22,7 +22,7 @@ import sys
 from typing import Any
 from urllib.parse import quote
 
-from streamdet.cli import OneLineErrorParser
+from streamdet.cli import OneLineErrorParser, invoked_as
 from streamdet.constants import EXIT_FAILURE, EXIT_OK
 
 DEFAULT_URL = "http://127.0.0.1:8090"
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 done, 1 refused or unreachable, 2 bad arguments.
     """
-    p = OneLineErrorParser(prog="python -m pipeline.ctl", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = OneLineErrorParser(prog=invoked_as("python -m pipeline.ctl"),
+                           description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL),
                    help=f"the control API (default ${URL_ENV}, else {DEFAULT_URL})")
     p.add_argument("--token", help=f"bearer token (default ${TOKEN_ENV})")

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 if TYPE_CHECKING:
     from pipeline.stages.mqtt_sink import MqttConfig
@@ -83,6 +83,13 @@ class SinkSettings(Section):
     mqtt_buffer: int = Field(default=10_000, ge=1, le=10_000_000)
     mqtt_flush_timeout_s: float = Field(default=5.0, ge=0.0, le=600.0)
     mqtt_ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _subscribers_need_publishing(self) -> SinkSettings:
+        if self.publish is None and self.publish_wait_subscribers > 0:  # (the run would wait for nobody, silently)
+            raise ValueError(f"publish_wait_subscribers={self.publish_wait_subscribers} needs a publish endpoint, "
+                             "and sinks.publish is none")
+        return self
 
     def sink_config(self, *, fps_by_source: tuple[tuple[str, float], ...] = (),
                     forward: str | None = None) -> SinkConfig:

@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 
 from pipeline.stages.payloads import DETECTIONS_SCHEMA, EOS_SCHEMA, EOS_TOPIC
-from streamdet.cli import OneLineErrorParser
+from streamdet.cli import OneLineErrorParser, invoked_as
 
 POLL_CHUNK_MS = 60_000
 """Longest single wait on the socket: longer timeouts are waited in chunks (``zmq_poll`` takes a C ``long``)."""
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 when done, 1 on timeout or a bad message, 130 on Ctrl-C.
     """
-    p = OneLineErrorParser(prog="python -m pipeline.subscribe",
+    p = OneLineErrorParser(prog=invoked_as("python -m pipeline.subscribe"),
                            description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556", help="PUB endpoint (default %(default)s)")
     p.add_argument("--topic", action="append", help="topic prefix, e.g. detections.bikes (repeatable; default all)")

@@ -212,6 +212,9 @@ def test_describe_settings_covers_every_leaf():
      "(the value is not shown; quote one that YAML reads as a number: --set 'sinks.mqtt_password=\"123\"')"),
     ({"sources": "rtsp://admin:hunter2@cam1/stream"},
      "invalid setting sources: Input should be a valid list (got 'rtsp://***@cam1/stream')"),
+    # waiting for subscribers of nothing (it was accepted, and the run waited for nobody)
+    ({"sinks": {"publish": "none", "publish_wait_subscribers": 1}},
+     "invalid setting sinks: publish_wait_subscribers=1 needs a publish endpoint, and sinks.publish is none"),
 ])
 def test_invalid_settings_say_what_is_wrong_and_keep_secrets(overrides, message):
     with pytest.raises(SettingsError) as e:
