@@ -86,6 +86,21 @@ _REFUSALS = ("HTTPClientError", "HTTPBadRequestError", "HTTPUnauthorizedError", 
              "HTTPNotFoundError", "HTTPOtherClientError", "HTTPServerError", "InvalidDataError")
 
 
+def _timed_out(e: Exception, waited_s: float, live: LiveOptions) -> bool:
+    """Whether an open failed because nothing answered in time, not because the server refused.
+
+    FFmpeg's RTSP client reports a server that accepts the connection and never replies as
+    ``InvalidDataError`` once the open timeout has passed (measured: 2.01 s for 2 s), the same
+    error as a reply it cannot parse: the time it took tells them apart.
+    """
+    return type(e).__name__ == "InvalidDataError" and waited_s >= 0.9 * _answer_timeout_s(live)
+
+
+def _answer_timeout_s(live: LiveOptions) -> float:
+    """How long an open waits for an answer: the open timeout, or the RTSP socket read timeout if shorter."""
+    return min(live.open_timeout_s, live.read_timeout_s)
+
+
 class LiveReader(threading.Thread):
     """Opens a live stream and decodes it into a :class:`Mailbox` (daemon thread; abandoned on cancel).
 
@@ -127,10 +142,14 @@ class LiveReader(threading.Thread):
         """Open, demux and decode until cancelled, the stream ends or an error."""
         import av
 
+        started = time.monotonic()
         try:
             self._read(av)
         except av.FFmpegError as e:
             refused = type(e).__name__ in _REFUSALS
+            if refused and not self.connected.is_set() and _timed_out(e, time.monotonic() - started, self.live):
+                self.outcome, self.problem = LiveOutcome.LOST, f"no answer within {_answer_timeout_s(self.live):g} s"
+                return
             what = "refused" if refused else ("cannot connect" if not self.connected.is_set() else "read error")
             self.outcome = LiveOutcome.REFUSED if refused else LiveOutcome.LOST
             self.problem = f"{what} ({ffmpeg_problem(e)})"

@@ -292,3 +292,47 @@ def test_a_live_source_without_room_for_its_pool_says_so_and_tries_again(tmp_pat
         states = [(e.state.value, e.message) for e in d.events()]
         assert [s for s, _ in states][:5] == ["connecting", "connected", "error", "reconnecting", "connected"]
         assert "cam: shared memory" in states[2][1] and "/dev/shm has 0.0 MiB free" in states[2][1]
+
+
+@contextlib.contextmanager
+def _fake_camera(answer: bytes | None) -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that takes connections and never answers (``answer`` None) or answers garbage."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                held.append(conn)
+                if answer is not None:
+                    conn.recv(4096)
+                    conn.sendall(answer)
+                    conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.parametrize("answer,open_s,read_s,outcome,problem", [
+    (None, 1.0, 5.0, "LOST", "no answer within 1 s"),  # a hung camera, a black hole: reconnect, no error
+    (None, 3.0, 1.0, "LOST", "no answer within 1 s"),  # (the RTSP socket's read timeout comes first)
+    (b"HELLO\r\n\r\n", 2.0, 2.0, "REFUSED", "refused (Invalid data found when processing input)"),  # not RTSP
+])
+def test_a_camera_that_never_answers_is_lost_not_refused(answer, open_s, read_s, outcome, problem):
+    from pipeline.sources.live_reader import LiveOutcome, LiveReader
+    from pipeline.sources.options import DecodeThreads
+
+    with _fake_camera(answer) as port:
+        reader = LiveReader(url=f"rtsp://u:secret@127.0.0.1:{port}/cam", threads=DecodeThreads.AUTO,
+                            live=LiveOptions(open_timeout_s=open_s, read_timeout_s=read_s))
+        reader.run()  # (in this thread)
+    assert reader.outcome is LiveOutcome[outcome] and reader.problem == problem
