@@ -185,8 +185,7 @@ class StatusBook:
                     r.error = msg.message
             case StatusKind.STAGE_ERROR:
                 if msg.counts.get("final"):  # its work was done, finishing failed: the run drains, then fails
-                    summary.errors.append(msg.message)
-                    summary.exit_code = summary.exit_code or EXIT_FAILURE
+                    summary.fail(msg.message)
                     return False
                 if self.restartable:  # the stage exits and is restarted; this is the reason
                     self.last_error[label] = msg.message

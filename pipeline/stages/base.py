@@ -384,9 +384,7 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
             except Exception as e:  # (after a clean run: its work is done, a restart would redo nothing)
                 status.send(StatusKind.STAGE_ERROR, message=describe_error(e, spec.stage_name), final=int(not code))
                 code = code or FINISH_FAILED
-        if code == FINISH_FAILED:
-            status.send(StatusKind.DONE)
-        elif code:
+        if code and code != FINISH_FAILED:
             status.send(StatusKind.DONE, failed=1)
         else:
             status.send(StatusKind.DONE)
