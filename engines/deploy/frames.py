@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from engines.deploy.options import CalibrationError
 from streamdet.card import ModelCard
+from streamdet.orientation import upright
 from streamdet.preprocess_ops import preprocess_batch
 
 __all__ = [
@@ -157,7 +158,8 @@ def _video_frames_at(path: Path, indices: Sequence[int]) -> Iterator[npt.NDArray
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
                 if i == wanted[0]:
-                    yield np.asarray(frame.to_ndarray(format="rgb24"), dtype=np.uint8)
+                    rgb = upright(frame.to_ndarray(format="rgb24"), frame.rotation)  # as the pipeline sees it
+                    yield np.ascontiguousarray(rgb, dtype=np.uint8)
                     wanted.popleft()
                     if not wanted:
                         return

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.sources.options import HWAccelOptions
 from pipeline.transport import redact_url
+from streamdet.orientation import upright
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,17 +29,21 @@ instead of 0.9-1.2 ms of CPU per frame (decode included) at 640x272, 1.85 instea
 """
 
 
-def to_rgb24(frame: Any) -> npt.NDArray[np.uint8]:
-    """A decoded frame as RGB24 pixels, converted by swscale in one thread (:data:`SWSCALE_THREADS`).
+def to_rgb24(frame: Any, rotation_deg: float | None = None) -> npt.NDArray[np.uint8]:
+    """A decoded frame as upright RGB24 pixels, converted by swscale in one thread (:data:`SWSCALE_THREADS`).
 
     Args:
         frame: a PyAV ``VideoFrame`` in host memory, any pixel format.
+        rotation_deg: the display matrix's angle to turn it by (:mod:`streamdet.orientation`);
+            None: the frame's own (``frame.rotation``).
 
     Returns:
-        uint8 array ``(H, W, 3)``, RGB, the frame's own size (FFmpeg's colour matrix for the frame).
+        uint8 array ``(H, W, 3)``, RGB (FFmpeg's colour matrix for the frame), turned upright: the
+        frame's own size, or its width and height swapped for a quarter turn (then a
+        non-contiguous view).
     """
     rgb: npt.NDArray[np.uint8] = frame.to_ndarray(format="rgb24", threads=SWSCALE_THREADS)
-    return rgb
+    return upright(rgb, frame.rotation if rotation_deg is None else rotation_deg)
 
 
 def open_input(url: str, *, hwaccel: HWAccelOptions, **kwargs: Any) -> Any:

@@ -17,13 +17,15 @@ from pipeline.sources.ffmpeg import MAX_CONSECUTIVE_DECODE_ERRORS, SWSCALE_THREA
 from pipeline.sources.options import DecodeThreads, decoder_thread_count
 from pipeline.sources.probe import SourceInfo
 from pipeline.sources.truncation import MATROSKA_FORMATS, matroska_declared_size
+from streamdet.orientation import upright_hw
 
 
 def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callable[[str], None],
                 skip: int = 0) -> Iterator[tuple[npt.NDArray[np.uint8] | None, float, float]]:
     """Decode a probed file source once, from its first frame to its last.
 
-    Frames whose size differs from the probed ``frame_hw`` are rescaled to it (the frame slots
+    Frames are turned upright as their display matrix says (:mod:`streamdet.orientation`); those
+    whose upright size differs from the probed ``frame_hw`` are rescaled to it (the frame slots
     keep their size). A frame without a timestamp gets ``index / fps``.
 
     Args:
@@ -36,7 +38,8 @@ def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callabl
             ``rgb`` None (a restarted decoder resuming after the frames already published).
 
     Yields:
-        ``(rgb, pts_s, decode_ms)``: the frame, ``(H, W, 3)`` uint8 RGB (None for a skipped
+        ``(rgb, pts_s, decode_ms)``: the upright frame, ``(H, W, 3)`` uint8 RGB, possibly a
+        non-contiguous view (None for a skipped
         frame); its presentation time, seconds; the time spent reading, decoding and converting
         it, milliseconds.
     """
@@ -91,9 +94,11 @@ def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callabl
                     yield None, pts_s, 0.0
                     t0 = time.perf_counter()
                     continue
-                if frame.height != h0 or frame.width != w0:  # size change mid-stream: keep the slot size
-                    frame = frame.reformat(width=w0, height=h0, threads=SWSCALE_THREADS)
-                rgb = to_rgb24(frame)
+                rotation = frame.rotation
+                if upright_hw((frame.height, frame.width), rotation) != (h0, w0):  # size change: keep the slot size
+                    ch, cw = upright_hw((h0, w0), rotation)  # (the coded size that turns into h0 x w0)
+                    frame = frame.reformat(width=cw, height=ch, threads=SWSCALE_THREADS)
+                rgb = to_rgb24(frame, rotation)
                 pts_s = float(frame.time) if frame.time is not None else index * fallback_dt
                 index += 1
                 yield rgb, pts_s, (time.perf_counter() - t0) * 1000.0

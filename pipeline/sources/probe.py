@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from pipeline.sources.ffmpeg import ffmpeg_problem
 from pipeline.sources.hwaccel import hwaccel_problem
 from pipeline.sources.options import HWACCEL_FALLBACK_SETTING, HWAccelOptions
 from pipeline.transport import redact_url
 from streamdet.cli import relative_path_note
+from streamdet.orientation import upright_hw
 
 LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "rtp", "srt", "udp", "tcp", "http", "https", "hls")
 """URL schemes accepted as live sources."""
@@ -170,6 +172,23 @@ def _probe(url: str, source_id: str, *, max_fps: float | None) -> SourceInfo:
                 raise SourceError(f"{shown}: video stream has no frame size")
             fps = float(stream.average_rate) if stream.average_rate else 0.0
             frames = int(stream.frames or 0)
+            h, w = upright_hw((h, w), _first_rotation(container, stream))
     except av.FFmpegError as e:
         raise SourceError(f"{shown}: not a readable video ({ffmpeg_problem(e)})") from e
     return SourceInfo(source_id=source_id, url=url, is_file=is_file, frame_hw=(h, w), fps=fps, frames=frames)
+
+
+def _first_rotation(container: Any, stream: Any) -> float:
+    """The display matrix angle of the stream's first frame (:mod:`streamdet.orientation`), 0 if none decodes.
+
+    PyAV exposes the matrix on decoded frames only. A first frame that does not decode is left to
+    the decoder to report; its frames are then taken as they are coded.
+    """
+    import av
+
+    try:
+        for frame in container.decode(stream):
+            return float(frame.rotation)
+    except (av.FFmpegError, ValueError):
+        pass
+    return 0.0
