@@ -55,6 +55,11 @@ ENV_NESTED_DELIMITER = "__"
 CONFIG_ENV = "STREAMDET_CONFIG"
 """Environment variable naming a YAML preset (the ``--config`` flag wins over it)."""
 
+OTHER_ENV = frozenset({CONFIG_ENV, "STREAMDET_CONTROL_URL", "STREAMDET_DEBUG", "STREAMDET_ULTRALYTICS_PYTHON",
+                       "STREAMDET_QUANT_MODEL", "STREAMDET_UPDATE_SCREENSHOT"})
+"""``STREAMDET_*`` variables that are not settings: the preset, ``streamdet ctl``'s URL, the stages'
+debug switch, the benchmarks' and tests' own (and any ``STREAMDET_TEST_*``)."""
+
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = PACKAGE_ROOT / "engines" / "models" / "detector.onnx"
 """The bundled detector."""
@@ -381,6 +386,32 @@ def _env_error(e: PydanticSettingsError) -> str:
             f"{ENV_PREFIX}SOURCES='[\"a.mp4\", \"b.mp4\"]' or {ENV_PREFIX}DECODE__LOOP=2 for one field{cause}")
 
 
+def _check_env_names() -> None:
+    """Refuse a ``STREAMDET_*`` variable that names no section or setting (pydantic-settings ignores those).
+
+    A misspelt field inside a section is already refused (``unknown setting 'decode.threadz'``);
+    a name missing its section (``STREAMDET_SCORE_THRESHOLD``) was silently ignored.
+
+    Raises:
+        SettingsError: naming the variable and the setting it most likely meant.
+    """
+    import difflib
+
+    fields = set(Settings.model_fields)
+    for var in sorted(os.environ):
+        upper = var.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in OTHER_ENV or upper.startswith(ENV_PREFIX + "TEST_"):
+            continue
+        if upper[len(ENV_PREFIX):].split(ENV_NESTED_DELIMITER)[0].lower() in fields:
+            continue
+        name = upper[len(ENV_PREFIX):]
+        known = {env[len(ENV_PREFIX):]: env for _, _, env in describe_settings()}
+        near = [known[k] for k in difflib.get_close_matches(name, list(known), n=1, cutoff=0.7)]
+        near = near or [env for k, env in known.items() if k.endswith(ENV_NESTED_DELIMITER + name)][:1]
+        hint = f"; did you mean {near[0]}?" if near else f"; see {ENV_PREFIX}<SECTION>__<FIELD> in --help"
+        raise SettingsError(f"{var}: not a setting (an environment variable with the {ENV_PREFIX} prefix{hint})")
+
+
 def load_settings(
     *, overrides: Mapping[str, Any] | None = None, config_file: str | os.PathLike[str] | None = None
 ) -> Settings:
@@ -420,6 +451,7 @@ def load_settings(
             model_config = SettingsConfigDict(yaml_file=str(p))
 
         cls = _WithYaml
+    _check_env_names()
     try:
         return cls(**dict(overrides or {}))
     except ValidationError as e:

@@ -236,6 +236,30 @@ def test_an_env_variable_that_is_not_json_is_one_line(monkeypatch, name, value, 
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("name,meant", [
+    ("STREAMDET_SCORE_THRESHOLD", "STREAMDET_POSTPROCESS__SCORE_THRESHOLD"),  # the section left out
+    ("STREAMDET_LOOP", "STREAMDET_DECODE__LOOP"),
+    ("STREAMDET_SOURCE", "STREAMDET_SOURCES"),  # misspelt
+    ("STREAMDET_DECOD__LOOP", "STREAMDET_DECODE__LOOP"),  # a misspelt section (its field is checked once it exists)
+    ("streamdet_max_frame", "STREAMDET_MAX_FRAMES"),  # (the names are not case-sensitive)
+    ("STREAMDET_FOO", None),
+])
+def test_an_env_variable_that_names_no_setting_is_refused(monkeypatch, name, meant):
+    monkeypatch.setenv(name, "0.9")  # pydantic-settings ignored it: the run went on without the setting
+    with pytest.raises(SettingsError) as e:
+        load_settings()
+    hint = f"did you mean {meant}?" if meant else "see STREAMDET_<SECTION>__<FIELD> in --help"
+    assert str(e.value) == f"{name}: not a setting (an environment variable with the STREAMDET_ prefix; {hint})"
+
+
+@pytest.mark.parametrize("name", ["STREAMDET_CONFIG", "STREAMDET_CONTROL_URL", "STREAMDET_DEBUG", "STREAMDET_TEST_X"])
+def test_the_tools_own_env_variables_are_not_settings_and_not_refused(monkeypatch, tmp_path, name):
+    value = str(tmp_path / "preset.yaml") if name == "STREAMDET_CONFIG" else "1"
+    (tmp_path / "preset.yaml").write_text("quiet: true\n")
+    monkeypatch.setenv(name, value)
+    load_settings()
+
+
 @pytest.mark.parametrize("value", ["", "none", "off", "null", " None "])
 def test_jsonl_off_values_mean_no_jsonl(value):
     assert load_settings(overrides={"sinks": {"jsonl": value}}).sinks.jsonl is None  # not a file named "none"
