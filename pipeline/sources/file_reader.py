@@ -64,6 +64,7 @@ def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callabl
         fallback_dt = 1.0 / source.fps if source.fps > 0 else 0.0
         corrupt = failed = consecutive = 0
         index = 0
+        pts_s = 0.0
         read_error = ""
         packets = container.demux(stream)
         while True:
@@ -105,6 +106,10 @@ def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callabl
                 t0 = time.perf_counter()
             if packet is None:
                 break
+        if (corrupt or failed) and index and not hw.enabled and threads in (DecodeThreads.AUTO, DecodeThreads.FRAME):
+            for rgb, tail_pts_s in _tail_frames(source, after_pts_s=pts_s):
+                index += 1
+                yield rgb if index > skip else None, tail_pts_s, 0.0
         if not read_error and (corrupt or failed):
             what = [f"{corrupt} corrupt packets"] if corrupt else []
             what += [f"{failed} packets failed to decode"] if failed else []
@@ -113,6 +118,45 @@ def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callabl
             on_error(cut)
         elif not read_error and index == 0:
             on_error("no frame decoded (the video stream holds none)")
+    finally:
+        container.close()
+
+
+def _tail_frames(source: SourceInfo, *, after_pts_s: float) -> Iterator[tuple[npt.NDArray[np.uint8], float]]:
+    """The frames after ``after_pts_s`` that a single-threaded decoder still gets out of a damaged file.
+
+    FFmpeg's frame-threaded H.264 decoder drops the frames it holds in its threads when a packet
+    fails (the last, partial packet of a cut MP4: 2 of 55 frames on 2 cores, as OpenCV's reader
+    loses them too); decoded again in one thread from the keyframe before, they come out. Only
+    the tail is recovered; a frame that does not decode at all stays lost.
+    """
+    import av
+
+    try:
+        container = av.open(source.url, mode="r", timeout=10.0)
+    except (av.FFmpegError, OSError):
+        return
+    try:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_type = DecodeThreads.NONE.value
+        if stream.time_base:
+            container.seek(int(after_pts_s / stream.time_base), stream=stream, backward=True, any_frame=False)
+        h0, w0 = source.frame_hw
+        for packet in container.demux(stream):
+            try:
+                frames = stream.codec_context.decode(packet)
+            except av.FFmpegError:
+                continue
+            for frame in frames:
+                if frame.time is None or frame.time <= after_pts_s + 1e-9:
+                    continue
+                rotation = frame.rotation
+                if upright_hw((frame.height, frame.width), rotation) != (h0, w0):
+                    ch, cw = upright_hw((h0, w0), rotation)
+                    frame = frame.reformat(width=cw, height=ch, threads=SWSCALE_THREADS)
+                yield to_rgb24(frame, rotation), float(frame.time)
+    except av.FFmpegError:
+        return
     finally:
         container.close()
 

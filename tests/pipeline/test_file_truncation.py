@@ -85,3 +85,45 @@ def test_an_mp4_declares_nothing_here(tmp_path):
     copy = tmp_path / "demo.mkv"  # a lying suffix: the content decides
     shutil.copy(src, copy)
     assert matroska_declared_size(copy) is None
+
+
+@pytest.fixture(scope="module")
+def faststart_mp4(tmp_path_factory):
+    """60 frames of bikes.mp4 re-encoded as an MP4 with its index first (so that a cut file still opens)."""
+    from tests.helpers.standin import bikes_path
+
+    with av.open(str(bikes_path())) as c:
+        frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(60), c.decode(c.streams.video[0]))]
+    path = tmp_path_factory.mktemp("mp4") / "whole.mp4"
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        for i, img in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    return path
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.8, 0.95])
+@pytest.mark.parametrize("skip", [0, 20])
+def test_frame_threads_keep_every_frame_of_a_cut_mp4_that_one_thread_decodes(faststart_mp4, tmp_path, fraction, skip):
+    """The frame-threaded decoder dropped the 2 frames it held when the last, partial packet failed."""
+    cut = tmp_path / "cut.mp4"
+    data = faststart_mp4.read_bytes()
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    info = probe_source(str(cut), "a")
+    got = {}
+    for threads in (DecodeThreads.NONE, DecodeThreads.AUTO, DecodeThreads.FRAME):
+        errors: list[str] = []
+        got[threads] = list(file_frames(info, threads=threads, on_error=errors.append, skip=skip))
+        assert errors and errors[0].startswith("truncated or corrupt (1 corrupt packets")
+    reference = got[DecodeThreads.NONE]
+    assert 20 < len(reference) < 60
+    for threads in (DecodeThreads.AUTO, DecodeThreads.FRAME):
+        assert [pts for _, pts, _ in got[threads]] == [pts for _, pts, _ in reference]
+        for (a, _, _), (b, _, _) in zip(got[threads], reference, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
