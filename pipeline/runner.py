@@ -486,6 +486,7 @@ class Pipeline:
                 self._apply(book, msg)
             if self._ledger is not None:  # what was published (a dead postprocess stage's last reports are lost)
                 summary.frames, summary.detections = self._ledger.published_totals()
+                summary.count_unfinished(self._ledger.frames_by_source([src.source_id for src in self.sources]))
             summary.outputs += restarter.finish_outputs(self._procs)
         finally:
             if book.bar is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,8 @@ class SourceReport:
     Attributes:
         source_id: its id.
         display: path or URL (credentials redacted).
-        frames: frames that went through the whole pipeline.
+        frames: frames that went through the whole pipeline (from its end report; one that did not
+            finish: what was published of it, :meth:`RunSummary.count_unfinished`).
         reason: how it ended (``finished``, ``max_frames``, ``interrupted``, ``error``), empty if it did not.
         error: the source's problem, if any.
     """
@@ -97,6 +99,16 @@ class RunSummary:
         self.errors.append(message)
         if self.exit_code == EXIT_OK:
             self.exit_code = EXIT_FAILURE
+
+    def count_unfinished(self, published: Mapping[str, int]) -> None:
+        """Give each source that did not finish the frames published of it (by source id; others are left alone).
+
+        A source's frames come with its end report, which never comes when the run fails first
+        (a stage's restarts used up, the drain timed out): without this its line said 0 frames.
+        """
+        for r in self.sources:
+            if not r.reason and r.source_id in published:
+                r.frames = published[r.source_id]
 
     def settle_sources(self, live: set[str]) -> None:
         """Turn the sources' errors into errors or warnings and set the exit code.

@@ -42,6 +42,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,8 +55,9 @@ __all__ = ["GENERATION_SEP", "Ledger", "LedgerFlag", "LedgerRef", "RestartPolicy
 _HEADER = 2  # n_sources, n_chains
 _PER_SOURCE = 8  # published, eos_done, sent, frames out, detections out, stop asked, active, preview viewers
 _PER_CHAIN = 3  # engine_gen, preprocess_ack, replay_gen
-_RUN_FIELDS = 6  # finished, subscribers, postprocess gen; the go, stop-input and abort flags
+_RUN_FIELDS = 7  # finished, subscribers, postprocess gen; the go, stop-input and abort flags; PUB messages
 _GO, _STOP_INPUT, _ABORT = 3, 4, 5  # run fields: the flags of :meth:`Ledger.run_flags`
+_PUB_MESSAGES = 6  # run field: messages the publish sink sent (over every postprocess process)
 _FLAG_POLL_S = 0.002  # how often :meth:`LedgerFlag.wait` looks
 
 
@@ -71,7 +73,8 @@ class Ledger:
     EOS published: the preprocess and engine stages exit), the publish sink's current
     subscription count (a restarted postprocess stage waits for its subscribers to reconnect) and
     the postprocess generation (its restarts: the engines take back the output slots it held);
-    and the run's go, stop-input and abort flags (:meth:`run_flags`).
+    the run's go, stop-input and abort flags (:meth:`run_flags`); and the messages the publish
+    sink sent (:attr:`pub_messages`: the run's summary counts every postprocess process's).
     Aligned int64 loads and stores are atomic on the platforms we run on; each counter has one
     writer (``finished``: the postprocess stage, and the runner at the end).
 
@@ -140,7 +143,7 @@ class Ledger:
         return _HEADER + _PER_SOURCE * self.num_sources + field_index * self.num_chains + chain
 
     def _run(self, field_index: int) -> int:
-        """Index of a run-wide counter: 0 finished, 1 subscribers, 2 postprocess generation, 3-5 flags."""
+        """Index of a run-wide counter: 0 finished, 1 subscribers, 2 postprocess generation, 3-5 flags, 6 PUB sent."""
         return _HEADER + _PER_SOURCE * self.num_sources + _PER_CHAIN * self.num_chains + field_index
 
     def _get(self, i: int) -> int:
@@ -187,6 +190,10 @@ class Ledger:
         """``(frames, detections)`` published over every source so far."""
         frames = sum(self._get(self._src(3, i)) for i in range(self.num_sources))
         return frames, sum(self._get(self._src(4, i)) for i in range(self.num_sources))
+
+    def frames_by_source(self, source_ids: Sequence[str]) -> dict[str, int]:
+        """Frames published per source, the i-th id's from slot i (a run's first sources hold the first slots)."""
+        return {sid: self.frames_published(i) for i, sid in enumerate(source_ids)}
 
     def stop_requested(self, source: int) -> bool:
         """Whether the source was asked to stop (its decoder sends EOS, reason ``removed``)."""
@@ -280,6 +287,15 @@ class Ledger:
     def bump_postprocess_gen(self) -> None:
         """Count a postprocess restart, before the new process starts (runner)."""
         self._set(self._run(2), self.postprocess_gen + 1)
+
+    @property
+    def pub_messages(self) -> int:
+        """Messages the publish sink sent in the run so far, over every process of the postprocess stage."""
+        return self._get(self._run(_PUB_MESSAGES))
+
+    def set_pub_messages(self, count: int) -> None:
+        """Record the publish sink's running total (postprocess stage; a restarted one goes on from it)."""
+        self._set(self._run(_PUB_MESSAGES), count)
 
     def run_flags(self) -> tuple[LedgerFlag, LedgerFlag, LedgerFlag]:
         """The run's ``(go, stop_input, abort)`` flags (:class:`~pipeline.transport.StageFlags`), all clear at first."""

@@ -94,7 +94,7 @@ class SinkConfig:
             if self.resume and ledger is not None:
                 wait, timeout = ledger.subscribers, RESUME_SUBSCRIBERS_WAIT_S
             sinks.append(PubSink(ctx=ctx, endpoint=self.publish, wait_subscribers=wait, wait_timeout_s=timeout,
-                                 on_subscribers=ledger.set_subscribers if ledger is not None else None))
+                                 on_subscribers=ledger.set_subscribers if ledger is not None else None, ledger=ledger))
         if self.jsonl:
             sinks.append(JsonlSink(path=self.jsonl, flush_ms=self.jsonl_flush_ms, rotate=self.jsonl_rotate,
                                    resume=self.resume, after_finish=ledger is not None and ledger.finished))

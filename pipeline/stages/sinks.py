@@ -46,6 +46,7 @@ from pipeline.stages.payloads import (
 )
 from pipeline.stages.sink_base import FrameResult, Sink
 from pipeline.stages.video_sink import VideoSink
+from pipeline.supervise import Ledger
 from pipeline.transport import PUB_HWM, PUB_LINGER_MS, TransportError, redact_url
 from streamdet.messages import EndOfStream
 
@@ -82,10 +83,17 @@ class PubSink(Sink):
         wait_timeout_s: give up waiting after this long (then publish anyway).
         on_subscribers: called with the number of current subscriptions whenever it changes (a
             restarted postprocess stage waits for as many before it publishes again).
+        ledger: the run's ledger (None: no supervision): the message count lives there, so the
+            sink of a restarted postprocess stage counts on from the dead one's (a PUB socket has
+            no file to recount) and :meth:`describe` gives the run's total.
+
+    Attributes:
+        messages: messages sent in the run (with a ledger: by every process of the stage).
     """
 
     def __init__(self, *, ctx: zmq.Context[Any], endpoint: str, wait_subscribers: int = 0,
-                 wait_timeout_s: float = 10.0, on_subscribers: Callable[[int], None] | None = None) -> None:
+                 wait_timeout_s: float = 10.0, on_subscribers: Callable[[int], None] | None = None,
+                 ledger: Ledger | None = None) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
         self.wait_subscribers = wait_subscribers
@@ -93,7 +101,8 @@ class PubSink(Sink):
         self.on_subscribers = on_subscribers
         self.subscriptions = 0
         self.current = 0
-        self.messages = 0
+        self._ledger = ledger
+        self.messages = ledger.pub_messages if ledger is not None else 0
         self._sock: zmq.Socket[Any] | None = None
 
     def describe(self) -> str:
@@ -147,6 +156,8 @@ class PubSink(Sink):
         assert self._sock is not None
         self._sock.send_multipart([topic_bytes, payload if isinstance(payload, bytes) else dumps(payload)])
         self.messages += 1
+        if self._ledger is not None:  # (a SIGKILL in between costs the count this one message)
+            self._ledger.set_pub_messages(self.messages)
 
     def write(self, result: FrameResult) -> None:
         """Publish ``detections.<source_id>``."""
