@@ -5,7 +5,9 @@ when the sink closes (or, with rotation, when a segment is finished), so a dead 
 posing as complete. Lines reach the kernel every ``flush_ms`` (default: every line), so a SIGKILLed
 process loses at most that window; a restarted one (``resume=True``) appends to the partial file it
 left. A full disk (or any other write error) never stops the pipeline: the lines that cannot be
-written are counted and the sink retries once a second.
+written are counted and the sink retries once a second. While a sink may write, it holds a lock
+beside the file (:class:`~pipeline.stages.sink_base._OutputLock`): a second run naming the same file
+is refused at start-up, before it touches anything.
 """
 
 from __future__ import annotations
@@ -18,11 +20,20 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from pipeline.stages.base import say
 from pipeline.stages.payloads import dumps, eos_payload
-from pipeline.stages.sink_base import FrameResult, Sink, _AtomicFile
+from pipeline.stages.sink_base import (
+    FrameResult,
+    OutputInUseError,
+    Sink,
+    _AtomicFile,
+    _count_lines,
+    _drop_torn_tail,
+    _last_line,
+    _OutputLock,
+)
 from streamdet.messages import EndOfStream
 
 __all__ = ["RETRY_S", "JsonlRotate", "JsonlSink", "parse_rotate"]
@@ -94,50 +105,6 @@ class _RawFile(Protocol):
 def _open_raw(path: Path, *, append: bool) -> _RawFile:
     """Open ``path`` unbuffered for writing (the sink does its own buffering; tests replace this)."""
     return open(path, "ab" if append else "wb", buffering=0)  # noqa: SIM115 (closed by the sink)
-
-
-def _last_newline(f: BinaryIO, end: int) -> int:
-    """The offset of the last newline before offset ``end`` of an open file, or -1 (read backwards in 64 KiB steps)."""
-    pos = end
-    while pos > 0:
-        step = min(pos, 65536)
-        f.seek(pos - step)
-        i = f.read(step).rfind(b"\n")
-        if i >= 0:
-            return pos - step + i
-        pos -= step
-    return -1
-
-
-def _last_line(path: Path) -> bytes | None:
-    """The last line of a file that ends with a newline (without the newline); None for an empty file."""
-    with open(path, "rb") as f:
-        end = f.seek(0, os.SEEK_END) - 1  # the final newline
-        if end < 0:
-            return None
-        start = _last_newline(f, end) + 1
-        f.seek(start)
-        return f.read(end - start)
-
-
-def _count_lines(path: Path) -> int:
-    """The newline-terminated lines in a file."""
-    with open(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-
-
-def _drop_torn_tail(path: Path) -> int:
-    """Truncate ``path`` after its last newline (a line cut short by a crash or a full disk).
-
-    Returns:
-        The file's size afterwards.
-    """
-    with open(path, "r+b") as f:
-        end = f.seek(0, os.SEEK_END)
-        keep = _last_newline(f, end) + 1
-        if keep != end:
-            f.truncate(keep)
-    return keep
 
 
 def _default_warn(line: str) -> None:
@@ -221,6 +188,7 @@ class JsonlSink(Sink):
         self._episode_lost = 0
         self._state = "new"  # new -> open -> closed
         self.resumed_last_line: bytes | None = None  # with ``resume``: the partial file's last line
+        self._lock = _OutputLock(self.path)  # held from open() to close() or abandon()
 
     # ---------------------------------------------------------------- summary
     def describe(self) -> str:
@@ -281,14 +249,19 @@ class JsonlSink(Sink):
         return sorted(found)
 
     def open(self) -> None:
-        """Create (or with ``resume``, reopen) the temporary file.
+        """Take the output's lock and create (or with ``resume``, reopen) the temporary file.
 
         Raises:
+            OutputInUseError: if another sink (another run) holds the lock: nothing is touched.
             OSError: if it cannot be created, or ``path`` is a directory.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.rotate is None:
             _AtomicFile(self.path).check_target()
+        with self._lock.taking():
+            self._open()
+
+    def _open(self) -> None:
         now = self._clock()
         self._last_flush = now
         if self.resume and self.rotate is None and _AtomicFile(self.path).tmp.exists():
@@ -482,9 +455,12 @@ class JsonlSink(Sink):
             if fh is not None:
                 with contextlib.suppress(OSError):
                     fh.close()
+        self._lock.release()
 
     def finish_left(self) -> bool:
         """Rename what a dead sink left into place (a torn last line cut; for the runner). Whether there was any.
+
+        Files another run holds the lock of are its own: left alone (False).
 
         Raises:
             OSError: if a file cannot be renamed.
@@ -492,7 +468,10 @@ class JsonlSink(Sink):
         left = _AtomicFile(self.path).tmp.exists() if self.rotate is None else bool(self._unfinished())
         if left:
             self.resume, self.after_finish = True, False
-            self.open()
+            try:
+                self.open()
+            except OutputInUseError:
+                return False
             self.close()
         return left
 
@@ -505,6 +484,12 @@ class JsonlSink(Sink):
         Raises:
             OSError: if closing or renaming the file fails.
         """
+        try:
+            self._close()
+        finally:
+            self._lock.release(remove=True)
+
+    def _close(self) -> None:
         if self._state != "open":
             self._state = "closed"
             return

@@ -1,5 +1,8 @@
 """What every sink shares: the :class:`Sink` interface, :class:`FrameResult`, the temporary-name file.
 
+Also the lock that keeps a second run off an output file in use (:class:`_OutputLock`) and the
+line-file helpers a resumed JSONL file is read back with.
+
 The sinks themselves live in :mod:`pipeline.stages.sinks` (ZeroMQ PUB, and the re-exports),
 :mod:`pipeline.stages.jsonl_sink` and :mod:`pipeline.stages.video_sink`; they import this module,
 never each other, so the modules form no import cycle.
@@ -9,20 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.stages.base import StageError
 from pipeline.stages.payloads import dumps
 from streamdet.messages import EndOfStream, FrameRecord
 
-__all__ = ["FrameResult", "Sink"]
+__all__ = ["FrameResult", "OutputInUseError", "Sink"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,3 +131,136 @@ class _AtomicFile:
 
     def commit(self) -> None:
         os.replace(self.tmp, self.path)
+
+
+class OutputInUseError(StageError):
+    """An output file another sink (another run, as a rule) is writing: ``<path>: in use by another run (pid N)``."""
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding a POSIX lock on the file open as ``fd``, from ``/proc/locks`` (None if not found there)."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii") as f:
+            for line in f:  # "1: POSIX  ADVISORY  WRITE <pid> <maj>:<min>:<inode> 0 EOF" (waiters: "1: -> POSIX")
+                fields = line.split()
+                if fields[1:2] == ["POSIX"] and fields[5:6] == [key]:
+                    return int(fields[4])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class _OutputLock:
+    """An exclusive lock on ``.<name>.lock`` beside an output, held while a sink may write it.
+
+    The kernel releases it when the holding process dies, however it dies, so the restarted sink of
+    the same run takes it again and resumes what its predecessor left, and so does a later run after
+    a crash. The lock file stays empty (nothing to fill a full disk with) and is removed when the
+    sink finishes; a killed holder leaves it behind, to be taken (and removed) by the next sink.
+
+    A POSIX record lock (``lockf``), not ``flock``: it belongs to the process, so a process's later
+    sink of the same file takes it over (the suite stands for a killed sink with one never closed,
+    in the same process), and it also works over NFS. Closing any descriptor of the lock file
+    releases it, so nothing but this class opens that file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = path.with_name(f".{path.name}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock (nothing if held already).
+
+        Raises:
+            OutputInUseError: if another sink holds it (naming ``path``, and the holder's pid if known).
+            OSError: naming ``path``, if the lock file cannot be created.
+        """
+        while self._fd is None:
+            try:
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EACCES, errno.EAGAIN):
+                    pid = _lock_holder(fd)
+                    os.close(fd)
+                    held_by = f" (pid {pid})" if pid else ""
+                    raise OutputInUseError(f"{self.path}: in use by another run{held_by}") from None
+                # (a file system without locks, ENOLCK: written unlocked, as before)
+            try:  # a holder that finished meanwhile removed the file it locked: lock the one in place
+                if os.path.samestat(os.fstat(fd), os.stat(self.file)):
+                    self._fd = fd
+                    continue
+            except OSError:
+                pass
+            os.close(fd)
+
+    def release(self, *, remove: bool = False) -> None:
+        """Release the lock (nothing if not held); ``remove``: the sink is done, remove the file too. Never raises."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            if remove:  # (while still locked: a sink that opened it before is told by acquire's check)
+                with contextlib.suppress(OSError):
+                    self.file.unlink()
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def taking(self) -> Iterator[None]:
+        """Take the lock for what the body opens; released again if the body raises (nothing was opened)."""
+        self.acquire()
+        try:
+            yield
+        except BaseException:
+            self.release()
+            raise
+
+
+# ---------------------------------------------------------------- line files (a resumed JSONL file)
+def _last_newline(f: BinaryIO, end: int) -> int:
+    """The offset of the last newline before offset ``end`` of an open file, or -1 (read backwards in 64 KiB steps)."""
+    pos = end
+    while pos > 0:
+        step = min(pos, 65536)
+        f.seek(pos - step)
+        i = f.read(step).rfind(b"\n")
+        if i >= 0:
+            return pos - step + i
+        pos -= step
+    return -1
+
+
+def _last_line(path: Path) -> bytes | None:
+    """The last line of a file that ends with a newline (without the newline); None for an empty file."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END) - 1  # the final newline
+        if end < 0:
+            return None
+        start = _last_newline(f, end) + 1
+        f.seek(start)
+        return f.read(end - start)
+
+
+def _count_lines(path: Path) -> int:
+    """The newline-terminated lines in a file."""
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _drop_torn_tail(path: Path) -> int:
+    """Truncate ``path`` after its last newline (a line cut short by a crash or a full disk).
+
+    Returns:
+        The file's size afterwards.
+    """
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        keep = _last_newline(f, end) + 1
+        if keep != end:
+            f.truncate(keep)
+    return keep

@@ -5,7 +5,9 @@ when its source ends or the sink closes. The temporary file survives a crash: MP
 fragmented (a fragment per keyframe, a keyframe every :data:`KEYFRAME_INTERVAL_S`), so a killed
 process loses at most the last couple of seconds; Matroska is readable as it is. A clean finish
 remuxes the fragmented file (stream copy, no re-encoding) into a regular MP4/MOV, and a restarted
-sink (``resume=True``) keeps the partial files a crash left as finished segments.
+sink (``resume=True``) keeps the partial files a crash left as finished segments. From :meth:`VideoSink.open`
+to its close, the sink holds a lock beside ``path`` (:class:`~pipeline.stages.sink_base._OutputLock`): a
+second run naming the same file is refused at start-up, before it touches anything.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.stages.base import say
-from pipeline.stages.sink_base import FrameResult, Sink, _AtomicFile
+from pipeline.stages.sink_base import FrameResult, OutputInUseError, Sink, _AtomicFile, _OutputLock
 from streamdet.messages import EndOfStream
 
 if TYPE_CHECKING:
@@ -293,6 +295,7 @@ class VideoSink(Sink):
         self._outs: dict[str, _VideoOut] = {}
         self._done: list[tuple[Path, int]] = []
         self._broken: dict[str, tuple[Path, str]] = {}  # source id -> its file, what went wrong
+        self._lock = _OutputLock(self.path)  # held from open() to close() or abandon()
 
     def describe(self) -> str:
         """``video <path> (N frames)`` per file (segments kept after a crash first), and frames not written."""
@@ -323,11 +326,16 @@ class VideoSink(Sink):
 
         Raises:
             ValueError: if the suffix names no container the sink writes (:func:`check_video_path`).
+            OutputInUseError: if another sink (another run) holds the lock of ``path``: nothing is touched.
             OSError: naming ``path``, if the directory or the file cannot be created (or ``path``
                 is a directory), or a segment cannot be written.
         """
         check_video_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock.taking():
+            self._open()
+
+    def _open(self) -> None:
         if self.resume:
             paths = dict.fromkeys([self.path] + [self._source_path(sid) for sid in self.fps_by_source])
             for path in paths:
@@ -420,6 +428,12 @@ class VideoSink(Sink):
         Raises:
             OSError: naming each file that could not be written and why (the others are finished).
         """
+        try:
+            self._close()
+        finally:
+            self._lock.release(remove=True)
+
+    def _close(self) -> None:
         for sid in list(self._outs):
             self._finish(sid)
         problems = []
@@ -437,6 +451,7 @@ class VideoSink(Sink):
         for out in self._outs.values():
             out.abandon()
         self._outs.clear()
+        self._lock.release()
 
     def finish_left(self) -> bool:
         """Keep the temporary files a dead sink left as finished segments (as a restarted sink does).
@@ -444,11 +459,16 @@ class VideoSink(Sink):
         For the runner when the postprocess stage is not started again.
 
         Returns:
-            Whether there was a file to keep (then :meth:`describe` names the segments).
+            Whether there was a file to keep (then :meth:`describe` names the segments); False for
+            files another run holds the lock of (they are its own, being written).
 
         Raises:
             OSError: if a segment cannot be written.
         """
         self.resume = True
-        self.open()
+        try:
+            self.open()
+        except OutputInUseError:
+            return False
+        self._lock.release(remove=True)
         return bool(self._done)
