@@ -176,6 +176,13 @@ class HeadSpec(_Frozen):
     mask_hw: tuple[int, int] | None = None
     num_queries: int | None = Field(default=None, gt=0)
 
+    @field_validator("strides")
+    @classmethod
+    def _positive_strides(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not all(s > 0 for s in v):  # a zero stride divides by zero, a negative one counts negative anchors
+            raise ValueError(f"expected positive integers, got {list(v)}")
+        return v
+
 
 class ModelCard(_Frozen):
     """Everything the pipeline needs to run a model, plus how it was made and how well it does.
@@ -328,34 +335,43 @@ def card_from_ultralytics_metadata(
         A :class:`ModelCard`.
 
     Raises:
-        ModelCardError: if the metadata lacks class names or the head cannot be recognised, or
-            ``input_dtype`` is not one of :data:`INPUT_DTYPES`.
+        ModelCardError: in one line, if the metadata lacks class names, has a ``names``, ``imgsz`` or
+            ``stride`` it cannot read (class ids not ``0`` to ``N-1``, sizes and strides not positive
+            integers), gives no input size, or the head cannot be recognised, or ``input_dtype`` is not
+            one of :data:`INPUT_DTYPES`.
     """
     if "names" not in metadata:
         raise ModelCardError("ONNX metadata has no 'names' (not an ultralytics export) and no model card was given")
-    try:
-        names_obj = ast.literal_eval(metadata["names"])
-    except (ValueError, SyntaxError) as e:
-        raise ModelCardError(f"ONNX metadata 'names' is not a dict literal: {metadata['names'][:80]!r}") from e
-    if isinstance(names_obj, dict):
-        class_names = tuple(str(names_obj[k]) for k in sorted(names_obj))
-    else:
-        class_names = tuple(str(n) for n in names_obj)
+    class_names = _metadata_class_names(metadata["names"])
     h = input_shape[2] if len(input_shape) == 4 else None
     w = input_shape[3] if len(input_shape) == 4 else None
     if "imgsz" in metadata:
-        imgsz = ast.literal_eval(metadata["imgsz"])
-        h, w = (imgsz, imgsz) if isinstance(imgsz, int) else (imgsz[0], imgsz[1])
+        h, w = _metadata_imgsz(metadata["imgsz"])
     if not isinstance(h, int) or not isinstance(w, int):
         raise ModelCardError(f"cannot tell the input size: input shape {input_shape} and no 'imgsz' metadata")
     task = metadata.get("task", "detect")
-    stride = int(ast.literal_eval(metadata.get("stride", "32")))
+    stride = _metadata_stride(metadata.get("stride", "32"))
+    try:
+        return _ultralytics_card(metadata, task, stride, class_names, (w, h), input_name, input_shape,
+                                 output_names, output_shapes, name, input_dtype)
+    except ValidationError as e:  # e.g. a size the card refuses: one line, like a card file's errors
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or "card"
+        raise ModelCardError(f"ONNX metadata gives an invalid model card: {loc}: {first['msg']}") from e
+
+
+def _ultralytics_card(metadata: dict[str, str], task: str, stride: int, class_names: tuple[str, ...],
+                      input_wh: tuple[int, int], input_name: str, input_shape: list[int | str | None],
+                      output_names: list[str], output_shapes: list[list[int | str | None]], name: str,
+                      input_dtype: str) -> ModelCard:
+    """The card of :func:`card_from_ultralytics_metadata` from its parsed metadata (raises ``ValidationError``)."""
+    w, h = input_wh
     strides = tuple(s for s in (8, 16, 32, 64) if s <= stride) or (stride,)
     nc = len(class_names)
     out0 = list(output_shapes[0]) if output_shapes else []
     resize = ResizeMode.LETTERBOX
     if task == "detect" and _is_ultralytics_rtdetr(metadata, out0, nc):
-        q = out0[1] if isinstance(out0[1], int) else None
+        q = out0[1] if len(out0) > 1 and isinstance(out0[1], int) else None
         head = HeadSpec(layout=HeadLayout.RTDETR, num_classes=nc, strides=(), outputs=tuple(output_names),
                         num_queries=q)
         t, resize = Task.DETECT, ResizeMode.STRETCH  # its predictor stretches: LetterBox(scale_fill=True)
@@ -380,12 +396,80 @@ def card_from_ultralytics_metadata(
         raise ModelCardError(f"input dtype {input_dtype} is not supported ({' or '.join(INPUT_DTYPES)})")
     return ModelCard(
         name=name, task=t, head=head,
-        input=InputSpec(name=input_name, width=int(w), height=int(h), dtype=input_dtype, dynamic_batch=dyn,
+        input=InputSpec(name=input_name, width=w, height=h, dtype=input_dtype, dynamic_batch=dyn,
                         resize=resize),
         normalization=Normalization(), pad_value=PAD_VALUE, class_names=class_names,
         provenance={"source": "ultralytics ONNX metadata", **{k: metadata[k] for k in ("version", "description")
                                                               if k in metadata}},
     )
+
+
+_LITERAL_ERRORS = (ValueError, TypeError, SyntaxError, MemoryError, RecursionError)
+"""What ``ast.literal_eval`` raises on text that is not a Python literal (or one too deeply nested)."""
+
+
+def _literal(key: str, text: str, what: str) -> Any:
+    """The Python literal in metadata ``key``, else ModelCardError ``ONNX metadata 'KEY' is not WHAT: 'TEXT'``."""
+    try:
+        return ast.literal_eval(text)
+    except _LITERAL_ERRORS as e:
+        raise _not_a(key, text, what) from e
+
+
+def _not_a(key: str, text: str, what: str) -> ModelCardError:
+    return ModelCardError(f"ONNX metadata {key!r} is not {what}: {text[:80]!r}")
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _metadata_class_names(text: str) -> tuple[str, ...]:
+    """Class names from ultralytics' ``names``: ``{0: 'person', 1: 'car'}`` (ids 0 to N-1), or a list of names.
+
+    Raises:
+        ModelCardError: if it is not such a dict or list, or names no class.
+    """
+    obj = _literal("names", text, "a dict literal")
+    if isinstance(obj, dict):
+        ids = list(obj)
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in ids) or sorted(ids) != list(range(len(ids))):
+            raise _not_a("names", text, f"a dict of class ids 0 to {len(ids) - 1}")
+        names = tuple(str(obj[k]) for k in sorted(ids))
+    elif isinstance(obj, (list, tuple)):
+        names = tuple(str(n) for n in obj)
+    else:
+        raise _not_a("names", text, "a dict literal")
+    if not names:
+        raise ModelCardError(f"ONNX metadata 'names' lists no classes: {text[:80]!r}")
+    return names
+
+
+def _metadata_imgsz(text: str) -> tuple[int, int]:
+    """``(height, width)`` from ultralytics' ``imgsz``: ``[h, w]``, or one size for both.
+
+    Raises:
+        ModelCardError: if it is not one or two positive integers.
+    """
+    what = "an image size [height, width] of positive integers"
+    obj = _literal("imgsz", text, what)
+    if _positive_int(obj):
+        return obj, obj
+    if isinstance(obj, (list, tuple)) and len(obj) == 2 and all(_positive_int(v) for v in obj):
+        return obj[0], obj[1]
+    raise _not_a("imgsz", text, what)
+
+
+def _metadata_stride(text: str) -> int:
+    """The largest head stride from ultralytics' ``stride``.
+
+    Raises:
+        ModelCardError: if it is not a positive integer.
+    """
+    obj = _literal("stride", text, "a positive integer")
+    if not _positive_int(obj):
+        raise _not_a("stride", text, "a positive integer")
+    return int(obj)
 
 
 def _is_ultralytics_rtdetr(metadata: dict[str, str], out0: list[int | str | None], nc: int) -> bool:

@@ -2,7 +2,8 @@
 
 :func:`inspect_onnx` reads the model's inputs, outputs and metadata without running it;
 :func:`resolve_card` finds its card (a file, ``MODEL.json`` beside it, or ultralytics' metadata
-inside it); :func:`check_card_against_model` and :func:`checked_card` check that they agree;
+inside it); :func:`check_card_against_model` and :func:`checked_card` check that they agree
+(outputs whose sizes the graph leaves symbolic are sized by shape inference, else one CPU run);
 :func:`batching` says how big its batches are. The runner calls these at start-up, before any
 decoding (:mod:`pipeline.chains`), so a wrong card fails in one line before a frame is read.
 """
@@ -165,12 +166,15 @@ def resolve_card(info: ModelInfo, card_path: str | os.PathLike[str] | None = Non
 
 
 def check_card_against_model(card: ModelCard, info: ModelInfo, card_name: str = "model card") -> None:
-    """Check that a card describes the model: input name, dtype, layout and size, output names.
+    """Check that a card describes the model: input name, dtype, layout and size, output names and shapes.
 
     The engines feed the model the card's dtype as it is (ONNX Runtime refuses another type at the
     first batch, TensorRT compares it with its input binding), so the two must be equal.
 
-    Also runs ``streamdet.postprocess.check_outputs_against_card`` on the declared output shapes.
+    Also runs ``streamdet.postprocess.check_outputs_against_card`` on the declared output shapes, then,
+    where those leave dimensions symbolic (a ``dynamic=True`` export's anchor count, a dynamic input
+    size), on the shapes the outputs have for the card's input size (:func:`output_shapes_at_card_size`),
+    so that a card with the wrong head layout or strides fails here, not in the postprocess.
 
     Args:
         card: the card.
@@ -210,6 +214,104 @@ def check_card_against_model(card: ModelCard, info: ModelInfo, card_name: str = 
         check_outputs_against_card(card, shapes)
     except (ValueError, ModelCardError) as e:
         raise ModelCardError(f"{where}: {e}") from e
+    if not any(_unsized(s) for s in shapes):
+        return
+    sized = [list(s) for s in output_shapes_at_card_size(info, card)]
+    sized = [sized[i] for i in order]
+    if sized == shapes:
+        return
+    try:
+        check_outputs_against_card(card, sized)
+    except (ValueError, ModelCardError) as e:
+        iw, ih = card.input_wh
+        got = ", ".join(f"{n} {s}" for n, s in zip(card.head.outputs, sized))
+        raise ModelCardError(f"{where}: {e} (its outputs for a {iw}x{ih} input: {got})") from e
+
+
+def _unsized(shape: tuple[Dim, ...] | list[Dim]) -> bool:
+    """Whether a shape leaves something the checks read unknown: its rank, or a dimension after the batch."""
+    return not shape or not all(isinstance(d, int) for d in shape[1:])
+
+
+def _filled(declared: tuple[Dim, ...], found: tuple[Dim, ...] | None) -> tuple[Dim, ...]:
+    """``declared`` with its unknown dimensions after the batch (its rank too, if unknown) taken from ``found``."""
+    if found is None or (declared and len(found) != len(declared)):
+        return declared
+    if not declared:
+        return found
+    rest = (d if isinstance(d, int) or not isinstance(f, int) else f for d, f in zip(declared[1:], found[1:]))
+    return (declared[0], *rest)
+
+
+def output_shapes_at_card_size(info: ModelInfo, card: ModelCard) -> tuple[tuple[Dim, ...], ...]:
+    """The model's output shapes for one batch of the card's input size, as far as they can be told.
+
+    The dimensions the graph declares symbolic (an ultralytics ``dynamic=True`` export's
+    ``('batch', 84, 'anchors')``, every output of a model with a dynamic input size) are found by
+    ONNX shape inference with the input fixed to ``(batch, 3, card height, card width)``; those it
+    leaves unknown (e.g. after a ``Shape``-computed ``Split``), by one ONNX Runtime run on zeros of
+    that size on the CPU. The batch is the model's fixed one, else 1. Dimensions the graph fixes, and
+    a symbolic batch, are kept as it declares them.
+
+    Args:
+        info: the inspected model.
+        card: its card (input size and dtype).
+
+    Returns:
+        One shape per output, in ``info.output_names`` order; dimensions nothing could tell stay
+        symbolic (a model ONNX Runtime cannot load or run on the CPU keeps what shape inference found).
+    """
+    feed = (info.static_batch or 1, 3, card.input.height, card.input.width)
+    shapes = tuple(_filled(d, f) for d, f in zip(info.output_shapes, _inferred_output_shapes(info, feed)))
+    if any(_unsized(s) for n, s in zip(info.output_names, shapes) if n in card.head.outputs):
+        ran = _run_output_shapes(info, card.input.dtype, feed)
+        shapes = tuple(_filled(d, f) for d, f in zip(shapes, ran))
+    return shapes
+
+
+def _inferred_output_shapes(info: ModelInfo, feed: tuple[int, ...]) -> list[tuple[Dim, ...] | None]:
+    """Output shapes by ONNX shape inference with the input's shape set to ``feed`` (None each where it fails)."""
+    import onnx
+    from onnx import shape_inference
+
+    none: list[tuple[Dim, ...] | None] = [None] * len(info.output_names)
+    try:
+        model = onnx.load(str(info.path), load_external_data=False)
+        graph = model.graph
+        (image,) = [i for i in graph.input if i.name == info.input_name]
+        shape = image.type.tensor_type.shape
+        del shape.dim[:]
+        for v in feed:
+            shape.dim.add().dim_value = v
+        for out in graph.output:  # inferred afresh: declared symbolic dims would be kept as they are
+            out.type.tensor_type.ClearField("shape")
+        del graph.value_info[:]
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # a graph onnx cannot infer (custom ops, > 2 GiB): ONNX Runtime may still tell
+        return none
+    found = {o.name: _dims(o) for o in inferred.graph.output}
+    return [found.get(n) or None for n in info.output_names]
+
+
+def _run_output_shapes(info: ModelInfo, dtype: str, feed: tuple[int, ...]) -> list[tuple[Dim, ...] | None]:
+    """Output shapes of one ONNX Runtime run (CPU) on zeros of shape ``feed`` (None each if it cannot run)."""
+    import numpy as np
+
+    none: list[tuple[Dim, ...] | None] = [None] * len(info.output_names)
+    try:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # no warnings about declared output shapes: this is what looks at them
+        opts.intra_op_num_threads = min(4, os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(info.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        outs = sess.run(None, {info.input_name: np.zeros(feed, np.dtype(dtype))})
+        names = [o.name for o in sess.get_outputs()]
+    except Exception:  # ops the CPU provider lacks (a TensorRT-only model), too little memory: not checked here
+        return none
+    found = {n: tuple(int(d) for d in np.shape(o)) for n, o in zip(names, outs)}
+    return [found.get(n) for n in info.output_names]
 
 
 def checked_card(info: ModelInfo, card_path: str | os.PathLike[str] | None = None) -> ModelCard:

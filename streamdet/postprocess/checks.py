@@ -25,7 +25,10 @@ def check_outputs_against_card(
 ) -> None:
     """Check a model's output shapes against its card, before any frame is read.
 
-    Symbolic dimensions (strings or ``None``, e.g. a dynamic batch) are not checked.
+    Symbolic dimensions (strings or ``None``, e.g. a dynamic batch) are not checked: a caller that can
+    size them for the card's input (the pipeline's start-up check, ``pipeline.stages.model_check``, by
+    ONNX shape inference or one run) passes those sizes, so that an ultralytics ``dynamic=True`` export's
+    ``('batch', 84, 'anchors')`` is checked too.
 
     Args:
         card: the model card.

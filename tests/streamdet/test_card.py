@@ -115,6 +115,33 @@ def test_card_rejects_bad_fields(kw: dict) -> None:
         make_card(**kw)
 
 
+@pytest.mark.parametrize("strides, ok", [
+    ((8, 16, 32), True), ((), True), ((1,), True), ((8, 0, 32), False), ((0,), False), ((-8, 16, 32), False),
+    ((8, -16), False),
+])
+def test_head_strides_must_be_positive(strides: tuple[int, ...], ok: bool) -> None:
+    """Was: a zero stride accepted, then a ZeroDivisionError traceback counting anchors; a negative one accepted."""
+    if ok:
+        assert HeadSpec(layout=HeadLayout.ULTRALYTICS_DETECT, num_classes=2, strides=strides).strides == strides
+        return
+    with pytest.raises(ValidationError) as exc:
+        HeadSpec(layout=HeadLayout.ULTRALYTICS_DETECT, num_classes=2, strides=strides)
+    assert exc.value.errors()[0]["loc"] == ("strides",)
+    assert first_error(exc) == f"Value error, expected positive integers, got {list(strides)}"
+
+
+@pytest.mark.parametrize("text", ["[8, 0, 32]", "[0]", "[-8, 16, 32]"])
+def test_load_card_refuses_non_positive_strides_naming_file_and_field(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "card.json"
+    data = json.loads(make_card().to_json())
+    data["head"]["strides"] = "@"
+    path.write_text(json.dumps(data).replace('"@"', text))
+    with pytest.raises(ModelCardError) as exc:
+        load_card(path)
+    assert str(exc.value) == f"{path}: invalid model card: head.strides: Value error, expected positive integers, " \
+                             f"got {text}"
+
+
 # ---------------------------------------------------------------- Normalization
 
 NAN, INF = float("nan"), float("inf")
@@ -255,6 +282,61 @@ def test_card_from_ultralytics_takes_the_input_dtype(dtype: str, error: str | No
 def test_card_from_ultralytics_errors(meta: dict, input_shape: list, match: str) -> None:
     with pytest.raises(ModelCardError, match=match):
         card_from_ultralytics_metadata(meta, "images", input_shape, ["output0"], [[1, 5, 10]])
+
+
+IMGSZ = "an image size [height, width] of positive integers"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("imgsz", "abc", f"ONNX metadata 'imgsz' is not {IMGSZ}: 'abc'"),  # was: ValueError malformed node
+    ("imgsz", "[480]", f"ONNX metadata 'imgsz' is not {IMGSZ}: '[480]'"),  # was: IndexError
+    ("imgsz", "[-480, 832]", f"ONNX metadata 'imgsz' is not {IMGSZ}: '[-480, 832]'"),  # was: ValidationError
+    ("imgsz", "[480, 0]", f"ONNX metadata 'imgsz' is not {IMGSZ}: '[480, 0]'"),
+    ("imgsz", "[480, 832, 3]", f"ONNX metadata 'imgsz' is not {IMGSZ}: '[480, 832, 3]'"),
+    ("imgsz", "[480.5, 832]", f"ONNX metadata 'imgsz' is not {IMGSZ}: '[480.5, 832]'"),
+    ("imgsz", "'480x832'", f"ONNX metadata 'imgsz' is not {IMGSZ}: \"'480x832'\""),  # was: "no 'imgsz' metadata"
+    ("imgsz", "0", f"ONNX metadata 'imgsz' is not {IMGSZ}: '0'"),
+    ("imgsz", "[[" * 200, f"ONNX metadata 'imgsz' is not {IMGSZ}: {('[[' * 40)!r}"),
+    ("stride", "x", "ONNX metadata 'stride' is not a positive integer: 'x'"),  # was: ValueError malformed node
+    ("stride", "0", "ONNX metadata 'stride' is not a positive integer: '0'"),  # was: ZeroDivisionError
+    ("stride", "-32", "ONNX metadata 'stride' is not a positive integer: '-32'"),
+    ("stride", "[32]", "ONNX metadata 'stride' is not a positive integer: '[32]'"),
+    ("stride", "True", "ONNX metadata 'stride' is not a positive integer: 'True'"),
+    ("names", "{}", "ONNX metadata 'names' lists no classes: '{}'"),  # was: ValidationError (num_classes)
+    ("names", "[]", "ONNX metadata 'names' lists no classes: '[]'"),
+    ("names", "5", "ONNX metadata 'names' is not a dict literal: '5'"),
+    ("names", "'person'", "ONNX metadata 'names' is not a dict literal: \"'person'\""),
+    ("names", "{0: 'a', 2: 'b'}", "ONNX metadata 'names' is not a dict of class ids 0 to 1: \"{0: 'a', 2: 'b'}\""),
+    ("names", "{'a': 0}", "ONNX metadata 'names' is not a dict of class ids 0 to 0: \"{'a': 0}\""),
+])
+def test_card_from_ultralytics_refuses_bad_metadata_in_one_line(key: str, value: str, message: str) -> None:
+    with pytest.raises(ModelCardError) as exc:
+        card_from_ultralytics_metadata({**META, key: value}, "images", ["batch", 3, 384, 640], ["output0"],
+                                       [["batch", 7, 5040]])
+    assert str(exc.value) == message
+
+
+@pytest.mark.parametrize("key, value, want", [
+    ("imgsz", "[384, 640]", {"input_wh": (640, 384)}),
+    ("imgsz", "(384, 640)", {"input_wh": (640, 384)}),
+    ("imgsz", "384", {"input_wh": (384, 384)}),
+    ("stride", "64", {"strides": (8, 16, 32, 64)}),
+    ("stride", "4", {"strides": (4,)}),
+    ("names", "{1: 'b', 0: 'a'}", {"class_names": ("a", "b")}),
+    ("names", "('a', 'b', 'c')", {"class_names": ("a", "b", "c")}),
+])
+def test_card_from_ultralytics_reads_good_metadata(key: str, value: str, want: dict) -> None:
+    card = card_from_ultralytics_metadata({**META, key: value}, "images", ["batch", 3, "h", "w"], ["output0"],
+                                          [["batch", 7, "anchors"]])
+    got = {"input_wh": card.input_wh, "strides": card.head.strides, "class_names": card.class_names}
+    assert {k: got[k] for k in want} == want
+
+
+def test_card_from_ultralytics_without_imgsz_refuses_an_empty_input_size_in_one_line() -> None:
+    meta = {k: v for k, v in META.items() if k != "imgsz"}
+    with pytest.raises(ModelCardError) as exc:
+        card_from_ultralytics_metadata(meta, "images", ["batch", 3, 0, 640], ["output0"], [["batch", 7, 5040]])
+    assert str(exc.value) == "ONNX metadata gives an invalid model card: height: Input should be greater than 0"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
