@@ -35,7 +35,7 @@ from pipeline.stages.stats import StatsConfig
 from pipeline.summary import PipelineError
 from pipeline.supervise import LedgerRef
 from pipeline.transport import StageEndpoints, TransportMode, redact_url
-from streamdet.card import ModelCard, ModelCardError
+from streamdet.card import HeadLayout, ModelCard, ModelCardError
 from streamdet.letterbox import ResizeMode
 from streamdet.messages import check_source_id
 from streamdet.postprocess import device_nms_supported
@@ -261,7 +261,10 @@ def engine_parallelism(settings: Settings, backend: Backend, device: str, *, dev
 def rect_stride(info: ModelInfo, card: ModelCard) -> int | None:
     """The stride to letterbox into a minimum rectangle with, if the model's input height and width are dynamic.
 
-    The stride is the card's largest head stride, else the ``stride`` of ultralytics metadata, else 32.
+    The stride is the card's largest head stride, else the ``stride`` of ultralytics metadata (when a
+    positive integer), else 32. A ``semantic_logits`` card's strides are its logits' output stride
+    (``[1]``: logits at input resolution), not the network's downsampling, so they are not used: such
+    a model gets the metadata's ``stride``, else 32 (ultralytics' largest stride; a 5-stage U-Net's).
     Models whose card asks for the ``stretch`` resize always get their full input.
 
     Args:
@@ -276,12 +279,13 @@ def rect_stride(info: ModelInfo, card: ModelCard) -> int | None:
         return None
     if card.input.resize is not ResizeMode.LETTERBOX:  # a stretched frame fills the input: no rectangle
         return None
-    if card.head.strides:
+    if card.head.strides and card.head.layout is not HeadLayout.SEMANTIC_LOGITS:
         return int(max(card.head.strides))
     try:
-        return int(info.metadata.get("stride", "32"))
+        stride = int(info.metadata.get("stride", "32"))
     except ValueError:
         return 32
+    return stride if stride > 0 else 32
 
 
 def decode_placement(settings: Settings, cpu_count: int | None = None) -> DecodePlacement:

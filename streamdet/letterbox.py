@@ -250,7 +250,8 @@ def boxes_input_to_frame(boxes_xyxy: FloatArray, params: LetterboxParams, clip: 
         clip: clip the result to the frame.
 
     Returns:
-        ``(N, 4)`` float32 xyxy boxes in frame pixels.
+        ``(N, 4)`` float32 xyxy boxes in frame pixels. A NaN coordinate stays NaN (clipping does
+        not fix it): the postprocess decoders drop candidates whose box is not finite first.
     """
     sx, sy = params.scale_xy
     px, py = params.pad_xy

@@ -2,8 +2,9 @@
 
 The set-prediction heads (``detr``, ``rtdetr``) decode in :mod:`streamdet.postprocess.detr`.
 
-Score threshold first (cheap, before any box work), ``pre_nms_topk``, cxcywh -> xyxy, the
-configured NMS (:mod:`streamdet.nms`), ``max_detections``, then the letterbox undone and clipped.
+Score threshold first (cheap, before any box work), the candidates above it whose box or score is
+not finite (NaN, inf) dropped, ``pre_nms_topk``, cxcywh -> xyxy, the configured NMS
+(:mod:`streamdet.nms`), ``max_detections``, then the letterbox undone and clipped.
 
 Reference: ultralytics ``utils/ops.py`` (``non_max_suppression``, ``scale_boxes``).
 """
@@ -20,7 +21,7 @@ from streamdet.boxes import FloatArray, cxcywh_to_xyxy
 from streamdet.card import HeadLayout, ModelCard
 from streamdet.letterbox import LetterboxParams, boxes_input_to_frame
 from streamdet.nms import IndexArray, SoftNmsMethod, batched_nms, batched_soft_nms, soft_nms
-from streamdet.postprocess.detr import decode_detr, decode_rtdetr
+from streamdet.postprocess.detr import decode_detr, decode_rtdetr, finite_rows
 from streamdet.postprocess.results import Candidates, Detections, NmsMethod, PostprocessConfig
 
 
@@ -46,8 +47,10 @@ def decode_ultralytics_detect(
     """Decode an ultralytics detect (or segment) head and run NMS, per image.
 
     Per image: best class score and its class (or, with ``cfg.multi_label``, every class above the
-    threshold), score threshold first (cheap, before any box work), ``pre_nms_topk``, cxcywh ->
-    xyxy, NMS, at most ``max_detections``. Only the candidate columns are transposed.
+    threshold), score threshold first (cheap, before any box work), the candidates above it whose
+    box or score is not finite (NaN, inf) dropped (a NaN score already fails the threshold; an
+    anchor with a NaN class score has a NaN best score), ``pre_nms_topk``, cxcywh -> xyxy, NMS, at
+    most ``max_detections``. Only the candidate columns are transposed.
 
     Args:
         output0: ``(B, 4 + C [+ nm], N)`` raw output: rows 0..3 cxcywh in input pixels, rows
@@ -56,7 +59,7 @@ def decode_ultralytics_detect(
         cfg: :class:`PostprocessConfig`.
 
     Returns:
-        One :class:`Candidates` per image (boxes in input pixels, descending score).
+        One :class:`Candidates` per image (boxes in input pixels, finite, descending score).
 
     Raises:
         ValueError: if ``output0`` is not 3-D with at least ``4 + C`` rows.
@@ -79,26 +82,41 @@ def decode_ultralytics_detect(
         if ai.shape[0] == 0:
             results.append(Candidates.empty())
             continue
+        raw = pred[0:4, ai]  # (4, K) cxcywh of the candidates above the threshold only
+        ok = finite_rows(raw.T, sc)
+        if ok is not None:
+            ai, ci, sc, raw = ai[ok], ci[ok], sc[ok], raw[:, ok]
+            if ai.shape[0] == 0:
+                results.append(Candidates.empty())
+                continue
         if ai.shape[0] > cfg.pre_nms_topk:
             top = np.argpartition(-sc, cfg.pre_nms_topk - 1)[: cfg.pre_nms_topk]
             top.sort()  # keep anchor order so ties break by anchor index
-            ai, ci, sc = ai[top], ci[top], sc[top]
+            ai, ci, sc, raw = ai[top], ci[top], sc[top], raw[:, top]
         scores = sc.astype(np.float32, copy=False)
         class_ids = ci.astype(np.int64, copy=False)
-        boxes = cxcywh_to_xyxy(pred[0:4, ai].T)
+        boxes = cxcywh_to_xyxy(raw.T)
         keep, kept_scores = _suppress(boxes, scores, class_ids, cfg)
         results.append(Candidates(boxes[keep], kept_scores.astype(np.float32, copy=False), class_ids[keep],
                                   ai[keep].astype(np.int64, copy=False)))
     return results
 
 
-def decode_end2end(outputs: Sequence[npt.NDArray[Any]], *, cfg: PostprocessConfig) -> list[Candidates]:
+def decode_end2end(outputs: Sequence[npt.NDArray[Any]], *, cfg: PostprocessConfig,
+                   num_classes: int | None = None) -> list[Candidates]:
     """Decode an end2end head (NMS already inside the model): score threshold and top-k only.
+
+    Rows the model should not have given are dropped before the top-k, never published: a box or
+    score that is not finite (NaN, inf), and, with ``num_classes``, a class that is not an integer
+    in ``[0, num_classes)`` (e.g. 5 or -1 for a 1-class card, or 0.5): the class id indexes the
+    card's ``class_names``.
 
     Args:
         outputs: either one ``(B, K, 6)`` array of rows ``x1, y1, x2, y2, score, class`` in input
             pixels, or three arrays: boxes ``(B, K, 4)`` xyxy, scores ``(B, K)``, labels ``(B, K)``.
         cfg: :class:`PostprocessConfig` (``score_threshold``, ``max_detections``).
+        num_classes: the card's class count ``C``; None: class ids are not range-checked (only
+            non-integer ones are dropped).
 
     Returns:
         One :class:`Candidates` per image (``anchor_ids`` = row index), by descending score.
@@ -122,9 +140,20 @@ def decode_end2end(outputs: Sequence[npt.NDArray[Any]], *, cfg: PostprocessConfi
     results = []
     for boxes, scores, labels in zip(boxes_b, scores_b, labels_b, strict=True):
         sel = np.flatnonzero(scores > cfg.score_threshold)
-        sel = sel[np.argsort(-scores[sel], kind="stable")][: cfg.max_detections]
-        results.append(Candidates(boxes[sel].astype(np.float32), scores[sel].astype(np.float32),
-                                  np.rint(labels[sel]).astype(np.int64), sel.astype(np.int64)))
+        bx, sc, lab = boxes[sel].astype(np.float32), scores[sel], labels[sel]
+        sc32 = sc.astype(np.float32, copy=False)
+        ok = finite_rows(bx, sc32)  # on the published float32 values
+        if lab.dtype.kind == "f":  # a finite integer
+            whole = np.isfinite(lab)
+            whole &= lab == np.floor(lab)
+            ok = whole if ok is None else ok & whole
+        if num_classes is not None:
+            in_range = (lab >= 0) & (lab < num_classes)
+            ok = in_range if ok is None else ok & in_range
+        if ok is not None and not ok.all():
+            sel, bx, sc, sc32, lab = sel[ok], bx[ok], sc[ok], sc32[ok], lab[ok]
+        order = np.argsort(-sc, kind="stable")[: cfg.max_detections]
+        results.append(Candidates(bx[order], sc32[order], lab[order].astype(np.int64), sel[order].astype(np.int64)))
     return results
 
 
@@ -183,7 +212,7 @@ def postprocess_detect(
     layout = card.head.layout
     nc = card.head.num_classes
     if layout is HeadLayout.END2END:
-        cands = decode_end2end(outputs, cfg=cfg)
+        cands = decode_end2end(outputs, cfg=cfg, num_classes=nc)
     elif layout is HeadLayout.DETR:
         if len(outputs) != 2:
             raise ValueError(f"expected 2 outputs (class logits, boxes) for head layout detr, got {len(outputs)}")

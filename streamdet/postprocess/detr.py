@@ -14,7 +14,8 @@ Selection, the same for both: with ``cfg.multi_label`` every (query, class) pair
 ``cfg.score_threshold`` competes and the best ``cfg.max_detections`` are kept (the RT-DETR reference
 post-processor's top-K over queries and classes, so one query may give two classes); without it each
 query gives its best class only (the DETR post-processor, ultralytics' RT-DETR predictor). Ties keep
-query order. Boxes are scaled to the image's input size (its :class:`~streamdet.letterbox.LetterboxParams`
+query order. A candidate whose box or score is not finite (NaN, inf) is dropped before the top-K
+(:func:`finite_rows`). Boxes are scaled to the image's input size (its :class:`~streamdet.letterbox.LetterboxParams`
 ``input_wh``) and converted to xyxy; the resize the card names (letterbox or stretch) is undone
 afterwards by :func:`~streamdet.postprocess.detect.candidates_to_detections`.
 """
@@ -32,9 +33,31 @@ from streamdet.letterbox import LetterboxParams
 from streamdet.postprocess.results import Candidates, PostprocessConfig
 
 
-def _select(scores_qc: npt.NDArray[np.float32], cfg: PostprocessConfig
-            ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """Queries, classes and scores kept from one image's ``(Q, C)`` class scores, by descending score."""
+def finite_rows(boxes: npt.NDArray[Any], scores: npt.NDArray[Any]) -> npt.NDArray[np.bool_] | None:
+    """Which candidates have a finite box and score: None when all do (the usual case, one cheap check).
+
+    The decoders call it on the candidates above the score threshold only (a NaN score already
+    fails the threshold), before top-k and NMS, so a NaN or infinite box never takes a slot.
+
+    Args:
+        boxes: ``(K, 4)`` boxes.
+        scores: ``(K,)`` scores.
+
+    Returns:
+        None if every row is finite, else the ``(K,)`` bool mask of the finite rows.
+    """
+    if np.isfinite(boxes).all() and np.isfinite(scores).all():
+        return None
+    ok: npt.NDArray[np.bool_] = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
+    return ok
+
+
+def _select(scores_qc: npt.NDArray[np.float32], boxes_cxcywh_norm: npt.NDArray[Any], input_wh: tuple[int, int],
+            cfg: PostprocessConfig) -> Candidates:
+    """One image's candidates from its ``(Q, C)`` class scores and ``(Q, 4)`` boxes, by descending score.
+
+    Candidates whose box or score is not finite are dropped before the top-k.
+    """
     thr = cfg.score_threshold
     if cfg.multi_label:
         qi, ci = np.nonzero(scores_qc > thr)  # row-major: query order, then class order
@@ -44,17 +67,15 @@ def _select(scores_qc: npt.NDArray[np.float32], cfg: PostprocessConfig
         best = scores_qc[np.arange(scores_qc.shape[0]), ci]
         qi = np.flatnonzero(best > thr)
         ci, sc = ci[qi], best[qi]
+    raw = np.asarray(boxes_cxcywh_norm[qi], dtype=np.float32)
+    ok = finite_rows(raw, sc)
+    if ok is not None:
+        qi, ci, sc, raw = qi[ok], ci[ok], sc[ok], raw[ok]
     order = np.argsort(-sc, kind="stable")[: cfg.max_detections]
-    return (qi[order].astype(np.int64, copy=False), ci[order].astype(np.int64, copy=False),
-            sc[order].astype(np.float32, copy=False))
-
-
-def _candidates(boxes_cxcywh_norm: npt.NDArray[Any], qi: npt.NDArray[np.int64], ci: npt.NDArray[np.int64],
-                sc: npt.NDArray[np.float32], input_wh: tuple[int, int]) -> Candidates:
     iw, ih = input_wh
-    scale = np.array([iw, ih, iw, ih], dtype=np.float32)
-    boxes = cxcywh_to_xyxy(np.asarray(boxes_cxcywh_norm[qi], dtype=np.float32) * scale)
-    return Candidates(boxes, sc, ci, qi)
+    boxes = cxcywh_to_xyxy(raw[order] * np.array([iw, ih, iw, ih], dtype=np.float32))
+    return Candidates(boxes, sc[order].astype(np.float32, copy=False), ci[order].astype(np.int64, copy=False),
+                      qi[order].astype(np.int64, copy=False))
 
 
 def _check_batch(b: int, letterboxes: Sequence[LetterboxParams]) -> None:
@@ -90,7 +111,7 @@ def decode_detr(logits: npt.NDArray[Any], boxes: npt.NDArray[Any], *, num_classe
 
     Returns:
         One :class:`Candidates` per image: boxes xyxy in input pixels, ``anchor_ids`` the query
-        indices, by descending score.
+        indices, by descending score; queries whose box or score is not finite are left out.
 
     Raises:
         ValueError: if the shapes are not ``(B, Q, C + 1)`` and ``(B, Q, 4)`` or the batch and the
@@ -105,8 +126,7 @@ def decode_detr(logits: npt.NDArray[Any], boxes: npt.NDArray[Any], *, num_classe
     out = []
     for i, lb in enumerate(letterboxes):
         prob = softmax_last(lg[i])[:, :num_classes]
-        qi, ci, sc = _select(prob, cfg)
-        out.append(_candidates(bx[i], qi, ci, sc, lb.input_wh))
+        out.append(_select(prob, bx[i], lb.input_wh, cfg))
     return out
 
 
@@ -123,7 +143,7 @@ def decode_rtdetr(output0: npt.NDArray[Any], *, num_classes: int, letterboxes: S
 
     Returns:
         One :class:`Candidates` per image: boxes xyxy in input pixels, ``anchor_ids`` the query
-        indices, by descending score.
+        indices, by descending score; queries whose box or score is not finite are left out.
 
     Raises:
         ValueError: if the shape is not ``(B, Q, 4 + C)`` or the batch and the letterboxes differ.
@@ -134,6 +154,5 @@ def decode_rtdetr(output0: npt.NDArray[Any], *, num_classes: int, letterboxes: S
     _check_batch(o.shape[0], letterboxes)
     out = []
     for i, lb in enumerate(letterboxes):
-        qi, ci, sc = _select(np.asarray(o[i, :, 4:], dtype=np.float32), cfg)
-        out.append(_candidates(o[i, :, :4], qi, ci, sc, lb.input_wh))
+        out.append(_select(np.asarray(o[i, :, 4:], dtype=np.float32), o[i, :, :4], lb.input_wh, cfg))
     return out
