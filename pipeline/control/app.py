@@ -41,6 +41,28 @@ PREVIEW_POLL_S = 0.02
 
 MJPEG_BOUNDARY = "streamdet-frame"
 
+MAX_CLOSE_REASON_BYTES = 123
+"""Longest WebSocket close reason in UTF-8 bytes: a close frame carries 125, 2 of them the code (RFC 6455 5.5)."""
+
+
+def close_reason(template: str, value: str) -> str:
+    """``template.format(value)`` as a WebSocket close reason, ``value`` cut (``…``) so that it fits.
+
+    The values are what the client sent (a source id, an ``Origin``, a ``Host``), of any length; a
+    reason over :data:`MAX_CLOSE_REASON_BYTES` of UTF-8 is a protocol error (uvicorn logs a traceback
+    and drops the connection without a close code).
+    """
+
+    def encoded(shown: str) -> bytes:
+        return template.format(shown).encode("utf-8", "replace")
+
+    lo, hi = (len(value), len(value)) if len(encoded(value)) <= MAX_CLOSE_REASON_BYTES else (0, len(value) - 1)
+    while lo < hi:  # the longest prefix that fits with its "…"
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(encoded(value[:mid] + "…")) <= MAX_CLOSE_REASON_BYTES else (lo, mid - 1)
+    text = encoded(value if lo == len(value) else value[:lo] + "…")
+    return text[:MAX_CLOSE_REASON_BYTES].decode("utf-8", "ignore")
+
 
 class AddSource(BaseModel):
     """Body of ``POST /sources``."""
@@ -163,19 +185,23 @@ class _SameOrigin:
             problem = self._problem(headers.get(b"host", ""), headers.get(b"origin", ""))
             if problem:
                 if scope["type"] == "http":
-                    await JSONResponse({"error": problem}, status_code=403)(scope, receive, send)
-                else:
-                    await send({"type": "websocket.close", "code": 4403, "reason": problem})
+                    await JSONResponse({"error": problem[0].format(problem[1])}, status_code=403)(scope, receive, send)
+                elif (await receive())["type"] == "websocket.connect":
+                    # accepted, then closed: uvicorn answers a close before the accept with HTTP 403,
+                    # which a browser reports as 1006, without the code
+                    await send({"type": "websocket.accept"})
+                    await send({"type": "websocket.close", "code": 4403, "reason": close_reason(*problem)})
                 return
         await self.app(scope, receive, send)
 
-    def _problem(self, host: str, origin: str) -> str:
+    def _problem(self, host: str, origin: str) -> tuple[str, str] | None:
+        """Why the request is refused, as a template and the value it names; None if it is not."""
         name = host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
         if self.loopback_only and host and name not in LOOPBACK_NAMES:
-            return f"Host {host!r} refused: the API listens on a loopback address"
+            return "Host {!r} refused: the API listens on a loopback address", host
         if origin and urlsplit(origin).netloc != host:
-            return f"cross-origin request from {origin!r} refused"
-        return ""
+            return "cross-origin request from {!r} refused", origin
+        return None
 
 
 def create_app(plane: ControlPlane, *, token: str | None = None, host: str | None = None) -> FastAPI:
@@ -285,9 +311,9 @@ def create_app(plane: ControlPlane, *, token: str | None = None, host: str | Non
             await websocket.close(code=4401, reason="missing or wrong token")
             return
         if not plane.is_running(source_id):
-            await websocket.close(code=4404, reason=f"no running source {source_id}")
+            await websocket.close(code=4404, reason=close_reason("no running source {}", source_id))
             return
-        receiving = asyncio.ensure_future(websocket.receive())  # done when the viewer leaves
+        receiving = asyncio.ensure_future(_until_disconnect(websocket))  # done when the viewer leaves
         try:
             async for jpeg in _frames(plane, source_id, lambda: receiving.done()):
                 await websocket.send_bytes(jpeg)
@@ -315,6 +341,15 @@ def create_app(plane: ControlPlane, *, token: str | None = None, host: str | Non
                                  headers={"Cache-Control": "no-store"})
 
     return app
+
+
+async def _until_disconnect(websocket: WebSocket) -> None:
+    """Return once the viewer leaves (or its connection breaks); what it sends is ignored: a viewer only watches."""
+    try:
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+    except Exception:  # (the connection broke: gone too)
+        pass
 
 
 async def _frames(plane: ControlPlane, source_id: str, gone: Any) -> AsyncIterator[bytes]:

@@ -29,7 +29,7 @@ from starlette.websockets import WebSocketDisconnect
 import pipeline.control.plane as plane_mod
 import pipeline.stages.stats as stats_mod
 from pipeline import ctl
-from pipeline.control.app import MAX_BODY_BYTES, create_app
+from pipeline.control.app import MAX_BODY_BYTES, MAX_CLOSE_REASON_BYTES, close_reason, create_app
 from pipeline.control.plane import ControlError, ControlPlane, readiness
 from pipeline.control.preview import PreviewHub
 from pipeline.slotpool import unlink_pool
@@ -1121,9 +1121,31 @@ def test_app_any_host_when_listening_beyond_loopback(plane):
 
 
 def test_app_refuses_cross_origin_websockets(plane):
+    """Accepted, then closed with 4403 (uvicorn answers a close before the accept with HTTP 403: test_preview_ws.py)."""
     plane.preview.put("cam", b"\xff\xd8jpeg")
     with TestClient(create_app(plane, host="127.0.0.1")) as c:  # type: ignore[arg-type]
         headers = {"Host": "127.0.0.1:8090", "Origin": "https://evil.example"}
-        with pytest.raises(WebSocketDisconnect) as info, c.websocket_connect("/sources/cam/preview", headers=headers):
-            pass
-        assert info.value.code == 4403
+        with c.websocket_connect("/sources/cam/preview", headers=headers) as ws:  # (the accept)
+            with pytest.raises(WebSocketDisconnect) as info:
+                ws.receive_bytes()
+    assert info.value.code == 4403 and info.value.reason == "cross-origin request from 'https://evil.example' refused"
+    assert plane.preview.viewers("cam") == 0
+
+
+CLOSE_REASONS = [  # (template, value, expected) ; "…" marks a cut, the reason's UTF-8 is at most 123 bytes
+    ("no running source {}", "a" * 105, "no running source " + "a" * 105),
+    ("no running source {}", "a" * 106, "no running source " + "a" * 102 + "…"),
+    ("no running source {}", "é" * 60, "no running source " + "é" * 51 + "…"),
+    ("no running source {}", "🎥" * 40, "no running source " + "🎥" * 25 + "…"),
+    ("no running source {}", "\udcff" * 200, "no running source " + "?" * 102 + "…"),  # (not UTF-8: replaced)
+    ("cross-origin request from {!r} refused", "https://" + "e" * 200, "cross-origin request from 'https://"
+     + "e" * 76 + "…' refused"),
+    ("no running source {}", "", "no running source "),
+]
+
+
+@pytest.mark.parametrize(("template", "value", "expected"), CLOSE_REASONS)
+def test_close_reason_fits_a_close_frame(template, value, expected):
+    reason = close_reason(template, value)
+    assert reason == expected
+    assert len(reason.encode()) <= MAX_CLOSE_REASON_BYTES
