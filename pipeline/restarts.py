@@ -188,6 +188,8 @@ class Restarter:
         Returns:
             The children whose process has ended, dealt with or not (:func:`ended_children`).
         """
+        if not aborting:
+            self._kill_hung(children, book)
         ended = ended_children(children)
         for child in ended:
             code = child.proc.exitcode
@@ -202,6 +204,31 @@ class Restarter:
             elif not aborting:
                 book.fail(f"the {child.label} stage exited unexpectedly ({reason})")
         return ended
+
+    def _kill_hung(self, children: Sequence[Child], book: StatusBook) -> None:
+        """SIGKILL each running stage whose heartbeat is older than the policy's ``hang_timeout_s``.
+
+        Its death is then dealt with as any other (restart, or the run's error), its reason
+        saying it hung. A stage beats only while it runs (not while it starts or finishes).
+        """
+        limit_ms = self.policy.hang_timeout_s * 1000.0
+        if limit_ms <= 0:
+            return
+        now_ms = time.monotonic() * 1000.0
+        for child in children:
+            hb = getattr(child.proc, "heartbeat", None)
+            if hb is None or child.handled or child.proc.exitcode is not None:
+                continue
+            last = self.ledger.last_beat_ms(hb)
+            if last <= 0 or now_ms - last <= limit_ms:
+                continue
+            hb.off()  # (once)
+            reason = (f"made no progress for {(now_ms - last) / 1000.0:.0f} s "
+                      f"(hung; supervise.hang_timeout_s={self.policy.hang_timeout_s:g}), killed")
+            print(f"warning: the {child.label} stage {reason}", file=sys.stderr)
+            book.last_error[child.label] = reason
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.proc.pid, signal.SIGKILL)
 
     def step(self, book: StatusBook, summary: RunSummary, aborted: bool) -> None:
         """Start the restarts that are due; finish those whose new process reported ready."""

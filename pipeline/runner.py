@@ -353,8 +353,11 @@ class Pipeline:
         kwargs: dict[str, Any] = {"environ": {**os.environ, **env}}
         if self._fork_server:  # a spawned child inherits them anyway
             kwargs["stdio"] = runner_stdio()
+        if self._ledger is not None:  # (watched while it runs: Restarter.reap, supervise.hang_timeout_s)
+            kwargs["heartbeat"] = self._ledger.new_heartbeat()
         proc = ctx.Process(target=stage_main, args=(spec, *self._events_args, os.getpid()), kwargs=kwargs,
                            name=f"streamdet-{label}", daemon=True)
+        proc.heartbeat = kwargs.get("heartbeat")
         with environment(env):  # a spawned child starts with the parent's environment
             proc.start()
         return proc
@@ -401,7 +404,7 @@ class Pipeline:
         go, stop_input, abort = self._ledger.run_flags()  # (no named semaphores to outlive a killed run)
         self._abort = abort
         sv = self.settings.supervise
-        policy = RestartPolicy(max_restarts=sv.max_restarts, window_s=sv.window_s,
+        policy = RestartPolicy(max_restarts=sv.max_restarts, window_s=sv.window_s, hang_timeout_s=sv.hang_timeout_s,
                                backoff_initial_s=sv.backoff_initial_s, backoff_max_s=sv.backoff_max_s)
         restarter = Restarter(ledger=self._ledger, policy=policy, spawn=self._spawn, events=self._events,
                               pool_names=self._pool_names)  # (first: it counts OOM kills from here on)

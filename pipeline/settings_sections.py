@@ -181,6 +181,10 @@ class SuperviseSettings(Section):
             has the stage modules imported (Linux; started with the run): the stages import them
             once instead of once each, and a restart takes about 0.2-0.3 s instead of 0.6-0.8 s,
             for one more process. False: each stage is spawned (a fresh interpreter).
+        hang_timeout_s: a running stage that has not looked at its flags for this long (it
+            does between messages and at least every 0.1 s while it waits) is taken as hung (a
+            deadlock, a stopped process, a call that never returns), killed and restarted as if
+            it had died; it must exceed the longest inference of one batch. 0: never.
     """
 
     max_restarts: int = Field(default=5, ge=0, le=1000)
@@ -188,6 +192,7 @@ class SuperviseSettings(Section):
     backoff_initial_s: float = Field(default=0.5, ge=0.0)
     backoff_max_s: float = Field(default=5.0, ge=0.0)
     fork_server: bool = True
+    hang_timeout_s: float = Field(default=60.0, ge=0.0)
 
 
 class ClusterSettings(Section):

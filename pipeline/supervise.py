@@ -50,7 +50,8 @@ import numpy as np
 
 from pipeline.slotpool import GENERATION_SEP, SHM_DIR, SlotPool, SlotPoolError, pool_name, split_pool_name
 
-__all__ = ["GENERATION_SEP", "Ledger", "LedgerFlag", "LedgerRef", "RestartPolicy", "pool_name", "split_pool_name"]
+__all__ = ["GENERATION_SEP", "HEARTBEATS", "Heartbeat", "Ledger", "LedgerFlag", "LedgerRef", "RestartPolicy",
+           "pool_name", "split_pool_name"]
 
 _HEADER = 2  # n_sources, n_chains
 _PER_SOURCE = 8  # published, eos_done, sent, frames out, detections out, stop asked, active, preview viewers
@@ -59,6 +60,9 @@ _RUN_FIELDS = 7  # finished, subscribers, postprocess gen; the go, stop-input an
 _GO, _STOP_INPUT, _ABORT = 3, 4, 5  # run fields: the flags of :meth:`Ledger.run_flags`
 _PUB_MESSAGES = 6  # run field: messages the publish sink sent (over every postprocess process)
 _FLAG_POLL_S = 0.002  # how often :meth:`LedgerFlag.wait` looks
+HEARTBEATS = 256
+"""Heartbeat cells in the ledger, handed to stage processes in turn (:meth:`Ledger.heartbeat`); a
+cell is used again after this many process starts, long after its last holder ended."""
 
 
 class Ledger:
@@ -94,7 +98,7 @@ class Ledger:
 
     @staticmethod
     def _size(num_sources: int, num_chains: int) -> int:
-        return _HEADER + _PER_SOURCE * num_sources + _PER_CHAIN * num_chains + _RUN_FIELDS
+        return _HEADER + _PER_SOURCE * num_sources + _PER_CHAIN * num_chains + _RUN_FIELDS + HEARTBEATS
 
     @classmethod
     def create(cls, *, name: str, num_sources: int, num_chains: int) -> Ledger:
@@ -297,6 +301,17 @@ class Ledger:
         """Record the publish sink's running total (postprocess stage; a restarted one goes on from it)."""
         self._set(self._run(_PUB_MESSAGES), count)
 
+    def new_heartbeat(self) -> Heartbeat:
+        """The next heartbeat cell for a stage process (runner), cleared: not watched until the process beats."""
+        self._cells = getattr(self, "_cells", -1) + 1
+        hb = Heartbeat(self, self._run(_RUN_FIELDS) + self._cells % HEARTBEATS)
+        hb.off()
+        return hb
+
+    def last_beat_ms(self, hb: Heartbeat) -> int:
+        """When the heartbeat's process last showed life (:func:`time.monotonic` ms), 0: not watched."""
+        return self._get(hb.index)
+
     def run_flags(self) -> tuple[LedgerFlag, LedgerFlag, LedgerFlag]:
         """The run's ``(go, stop_input, abort)`` flags (:class:`~pipeline.transport.StageFlags`), all clear at first."""
         go, stop_input, abort = (LedgerFlag(self, self._run(k)) for k in (_GO, _STOP_INPUT, _ABORT))
@@ -364,6 +379,41 @@ class LedgerFlag:
         return True
 
 
+class Heartbeat:
+    """A stage process's sign of life in the ledger: the last time it looked at its flags.
+
+    A stage beats whenever it checks whether to go on (:meth:`pipeline.transport.StageFlags.alive`,
+    at least every poll interval while it waits, once per message while it works), from the end
+    of its start-up to the start of its finishing; the runner restarts a stage whose heartbeat is
+    older than ``supervise.hang_timeout_s`` (:meth:`pipeline.restarts.Restarter.reap`): a deadlock,
+    a stopped (SIGSTOP) process, a call that never returns. It pickles as the ledger's name and
+    the cell, like :class:`LedgerFlag`.
+
+    Args:
+        ledger: the run's ledger (the runner), or its name (attached on first use).
+        index: the cell's counter in the ledger.
+    """
+
+    def __init__(self, ledger: Ledger | str, index: int) -> None:
+        self._flag = LedgerFlag(ledger, index)
+        self.index = index
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int]]:
+        return Heartbeat, (self._flag._name, self.index)
+
+    def beat(self) -> None:
+        """Record that this process is alive now (``time.monotonic()`` in ms; about 0.2 µs)."""
+        ledger = self._flag._attached()
+        if ledger is not None:
+            ledger._a[self.index] = int(time.monotonic() * 1000.0) or 1
+
+    def off(self) -> None:
+        """Stop being watched (start-up, finishing: work with no beat for a while, e.g. loading a model)."""
+        ledger = self._flag._attached()
+        if ledger is not None:
+            ledger._set(self.index, 0)
+
+
 @dataclass(frozen=True, kw_only=True)
 class LedgerRef:
     """Where a stage finds the ledger and its place in it (picklable, part of a stage spec).
@@ -394,12 +444,15 @@ class RestartPolicy:
         window_s: the sliding window, seconds.
         backoff_initial_s: delay before the second restart within the window.
         backoff_max_s: longest delay.
+        hang_timeout_s: a running stage whose heartbeat is older than this is killed and so
+            restarted (:class:`Heartbeat`); 0: never.
     """
 
     max_restarts: int
     window_s: float
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 5.0
+    hang_timeout_s: float = 0.0
     _times: dict[str, deque[float]] = field(default_factory=dict)
 
     def record(self, label: str, now: float | None = None) -> int | None:

@@ -366,6 +366,8 @@ class StageFlags:
         self.stop_input = stop_input
         self.abort = abort
         self.parent_pid = parent_pid
+        self.heartbeat: Any = None
+        """The process's :class:`~pipeline.supervise.Heartbeat` while it runs (set by ``stage_main``), or None."""
         self.terminated = False
         self.base: StageFlags | None = None
         """The flags this copy was derived from (:meth:`derive`): their ``terminated`` counts here too."""
@@ -390,8 +392,18 @@ class StageFlags:
         """``terminated`` here or on the flags this copy was derived from (the events are shared)."""
         return self.terminated or (self.base is not None and self.base._terminated())
 
+    def beat(self) -> None:
+        """Show the runner this process is alive (its heartbeat, if it has one while it runs)."""
+        flags: StageFlags | None = self
+        while flags is not None:  # (derived flags: their process's heartbeat)
+            if flags.heartbeat is not None:
+                flags.heartbeat.beat()
+                return
+            flags = flags.base
+
     def alive(self) -> bool:
-        """False once the stage must stop at once (abort, ``terminated``, parent gone)."""
+        """False once the stage must stop at once (abort, ``terminated``, parent gone); beats the heartbeat."""
+        self.beat()
         return not (self._terminated() or self.abort.is_set()) and self.parent_alive()
 
     def input_open(self) -> bool:

@@ -210,6 +210,7 @@ def receive(sock: zmq.Socket[Any], flags: StageFlags, timeout_ms: int = POLL_MS)
     if parts is None:
         check_alive(flags)
         return None
+    flags.beat()  # (a busy stage: every message)
     return decode_message(parts[0].buffer), parts
 
 
@@ -319,7 +320,8 @@ stage stops when the runner says so (its flags), or dies with it (``PR_SET_PDEAT
 
 
 def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid: int, *,
-               environ: dict[str, str] | None = None, stdio: InheritedStdio | None = None) -> None:
+               environ: dict[str, str] | None = None, stdio: InheritedStdio | None = None,
+               heartbeat: Any = None) -> None:
     """Entry point of a stage process (``multiprocessing`` target, forkserver or spawn start method).
 
     Args:
@@ -333,6 +335,8 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
         environ: the environment to run with, the runner's at the time it started this stage (a
             process forked from the fork server otherwise has the server's, from the run's start).
         stdio: the runner's standard output and error (a forked stage; see :class:`RunnerStdio`).
+        heartbeat: the process's :class:`~pipeline.supervise.Heartbeat` (the runner watches it
+            while the stage runs: from its ready report to the start of its finishing), or None.
     """
     if stdio is not None:
         stdio.adopt()
@@ -369,6 +373,7 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
         stage = spec.build(ctx=ctx, flags=flags, status=status)
         stage.start()
         status.send(StatusKind.READY)
+        flags.heartbeat = heartbeat
         stage.run()
     except Stopped:
         pass
@@ -378,6 +383,9 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc(file=sys.stderr)
     finally:
+        flags.heartbeat = None
+        if heartbeat is not None:  # (finishing, e.g. remuxing a long video, beats no more)
+            heartbeat.off()
         if stage is not None:
             try:
                 stage.abandon() if code else stage.stop()

@@ -82,6 +82,26 @@ def run_and_kill(s, victim: str | None, at_frame: int = 40):
     return summary, seen_pids
 
 
+def run_and_stop(s, victim: str, at_frame: int = 40):
+    """Run the pipeline; SIGSTOP (hang) the stage labelled ``victim`` once ``at_frame`` frames are published."""
+    stopped: list[int] = []
+
+    def monitor(p: Pipeline) -> None:
+        if not stopped and p.frames_done >= at_frame:
+            pid = p.stage_pids()[victim]
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+    try:
+        summary = Pipeline(settings=s, monitor=monitor).run(handle_signals=False)
+    finally:
+        for pid in stopped:  # (the watchdog killed it; a stopped process left behind would hang the suite)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert stopped, f"the run ended before {victim} could be stopped"
+    return summary
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
@@ -134,6 +154,38 @@ def test_postprocess_restart_keeps_the_annotated_video_as_playable_segments(tmp_
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert len(lines) == n + 1  # the JSONL loses nothing
     assert not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.parametrize(("victim", "placement"), [
+    ("engine", "with_preprocess"),
+    ("postprocess", "with_preprocess"),
+    ("preprocess", "with_preprocess"),  # its decoder threads with it
+    ("decode:demo", "separate"),
+])
+def test_a_hung_stage_is_killed_and_restarted_and_loses_and_repeats_nothing(tmp_path, reference, victim, placement):
+    """A stage that stops showing life (SIGSTOP: as a deadlock or a call that never returns) is taken as dead.
+
+    Before the heartbeat the run stalled silently for ever (a SIGINT then waited out the drain timeout).
+    """
+    summary = run_and_stop(settings(tmp_path, "out", decode__placement=placement, supervise__hang_timeout_s=1.5),
+                           victim)
+    assert summary.exit_code == 0, summary.errors
+    assert summary.restarts == {victim: 1}
+    label, attempt, reason, _ = summary.restart_log[0]
+    assert (label, attempt) == (victim, 1)
+    assert reason.startswith("made no progress for ") and reason.endswith(
+        " s (hung; supervise.hang_timeout_s=1.5), killed")
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [m["frame_index"] for m in got if "frame_index" in m] == list(range(FRAMES))
+    assert strip_timing(got) == strip_timing(reference)
+
+
+def test_a_stage_that_waits_is_not_taken_as_hung(tmp_path, reference):
+    """Stages beat while they wait (every poll), start up and finish unwatched: a short limit kills nothing."""
+    summary, _ = run_and_kill(settings(tmp_path, "out", supervise__hang_timeout_s=1.0, preprocess__max_wait_ms=500),
+                              None)
+    assert summary.exit_code == 0, summary.errors
+    assert summary.restarts == {}
 
 
 def test_stages_and_their_restarts_fork_from_the_fork_server_and_lose_nothing(tmp_path, reference):
