@@ -348,7 +348,7 @@ def stage_specs(settings: Settings, prepared: PreparedRun, endpoints: StageEndpo
                         config=s.postprocess.to_config(), sinks=sinks, endpoints=endpoints, num_sources=n,
                         stats=StatsConfig(
                             sources=tuple((src.source_id, src.is_live) for src in p.sources),
-                            interval_s=s.sinks.stats_interval_s if not s.quiet else 0.0,
+                            interval_s=s.sinks.stats_interval_s, console=not s.quiet,  # (--quiet: no console line)
                             metrics_port=s.sinks.metrics_port, metrics_host=s.sinks.metrics_host, control=dynamic),
                         cards_by_source=tuple((sid, c.card) for c in p.chains[1:] for sid in c.source_ids),
                         ledger=LedgerRef(name=ledger) if ledger else None, dynamic=dynamic,

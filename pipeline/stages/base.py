@@ -50,8 +50,11 @@ def say(line: str) -> None:
     """Print one line on standard error, never raising: a reader gone or a terminal hung up drops it.
 
     After SIGHUP (a closed terminal), which the stages ignore while the run drains, writing there
-    fails with ``EIO``; the periodic stats line of live sources would have failed the stage.
+    fails with ``EIO``; the periodic stats line of live sources would have failed the stage. An
+    empty line is not printed.
     """
+    if not line:
+        return
     try:
         print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):

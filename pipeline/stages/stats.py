@@ -45,6 +45,8 @@ class StatsConfig:
         metrics_host: interface of the Prometheus endpoint.
         control: keep what the control API shows (:meth:`LiveStats.snapshot`, :meth:`LiveStats.metrics_text`:
             the Prometheus registry is built even without ``metrics_port``).
+        console: print each interval's line on stderr; False (``--quiet``): the ``stats``
+            payloads only (they are data: subscribers and MQTT read them).
     """
 
     sources: tuple[tuple[str, bool], ...] = ()
@@ -52,6 +54,7 @@ class StatsConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     control: bool = False
+    console: bool = True
 
 
 @dataclass
@@ -284,7 +287,7 @@ class LiveStats:
             frames, dropped, skipped, received, reconnects, latency_p50_ms, latency_p99_ms}}, restarts}``
             (latencies null when no frame was published in the interval), plus ``sink_dropped: {sink:
             total}`` once a sink reported its drops (:meth:`set_sink_dropped`); the line ends with
-            `` mqtt_dropped=N`` when that sink dropped messages.
+            `` mqtt_dropped=N`` when that sink dropped messages; the line is "" without ``config.console``.
         """
         t = time.monotonic() if now is None else now
         dt = max(1e-9, t - self._last)
@@ -306,4 +309,4 @@ class LiveStats:
             payload["sink_dropped"] = dict(self.sink_dropped)
         tail = f" | restarts={self.restarts_total}" if self.restarts_total else ""
         tail += "".join(f" {name}_dropped={n}" for name, n in self.sink_dropped.items() if n > 0)
-        return "stats " + " | ".join(parts) + tail, payload
+        return ("stats " + " | ".join(parts) + tail if self.config.console else ""), payload

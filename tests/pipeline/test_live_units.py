@@ -336,3 +336,24 @@ def test_a_camera_that_never_answers_is_lost_not_refused(answer, open_s, read_s,
                             live=LiveOptions(open_timeout_s=open_s, read_timeout_s=read_s))
         reader.run()  # (in this thread)
     assert reader.outcome is LiveOutcome[outcome] and reader.problem == problem
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_drops_the_stats_line_and_keeps_the_stats_payload(tmp_path, quiet):
+    """``--quiet`` is "no progress bar"; the ``stats`` payloads are data (subscribers, MQTT): it had stopped them."""
+    from pipeline.chains import prepare_run, stage_specs
+    from pipeline.settings import DEFAULT_MODEL
+    from pipeline.stages.postprocess import PostprocessSpec
+    from pipeline.transport import ipc_endpoints
+    from tests.helpers.settings import settings_with
+    from tests.helpers.standin import bikes_path
+
+    s = settings_with({"sources": [str(bikes_path())], "model": str(DEFAULT_MODEL), "quiet": quiet},
+                      sinks__stats_interval_s=2.0)
+    specs = stage_specs(s, prepare_run(s), ipc_endpoints(tmp_path, ["pool"]), ["pool"], ["tensors"])
+    config = next(sp for sp in specs if isinstance(sp, PostprocessSpec)).stats
+    assert (config.interval_s, config.console) == (2.0, not quiet)
+    st = LiveStats(config=StatsConfig(sources=(("cam", True),), interval_s=1.0, console=config.console))
+    line, payload = st.report(now=st._last + 1.0)
+    assert "cam" in payload["sources"]
+    assert (line == "") is quiet
