@@ -194,7 +194,7 @@ def postprocess_detect_torch(
     out = output0.float()
     cls_scores = out[:, 4 : 4 + num_classes]  # (B, C, N)
     best, best_cls = cls_scores.max(dim=1)  # (B, N): first max on ties, as numpy argmax
-    cand = best > cfg.score_threshold
+    cand = (best > cfg.score_threshold) & torch.isfinite(best) & torch.isfinite(out[:, 0:4]).all(dim=1)  # (no NaN)
     counts = cand.sum(dim=1)
     k = min(int(counts.max().item()) if bsz else 0, cfg.pre_nms_topk)
     if k == 0:

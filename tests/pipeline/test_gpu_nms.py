@@ -110,6 +110,29 @@ def test_postprocess_matches_cpu(seed: int, cfg: PostprocessConfig) -> None:
         np.testing.assert_allclose(g.boxes_xyxy, w.boxes_xyxy, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_non_finite_candidates_are_dropped_as_on_the_cpu(seed: int) -> None:
+    """A NaN or infinite box or score never reaches NMS or the JSON writer (which refuses NaN)."""
+    rng = np.random.default_rng(seed)
+    nc = 3
+    out0 = fake_output0(rng, 2, nc)
+    hot = rng.choice(out0.shape[2], 12, replace=False)
+    out0[:, 4, hot] = 0.99  # the bad anchors would score highest
+    out0[0, 0, hot[0:3]] = np.nan
+    out0[0, 3, hot[3:5]] = np.inf
+    out0[1, 4, hot[5:7]] = np.inf
+    out0[1, 5, hot[7:9]] = np.nan  # a NaN in another class's column
+    lbs = [letterbox_params(hw, (640, 384)) for hw in [(720, 1280), (480, 640)]]
+    cfg = PostprocessConfig(score_threshold=0.05)
+    want = postprocess_detect([out0], lbs, card(nc), cfg)
+    got = postprocess_detect_torch(torch.from_numpy(out0), lbs, num_classes=nc, cfg=cfg)
+    for g, w in zip(got, want, strict=True):
+        assert np.isfinite(g.boxes_xyxy).all() and np.isfinite(g.scores).all()
+        np.testing.assert_array_equal(g.class_ids, w.class_ids)
+        np.testing.assert_array_equal(g.scores, w.scores)
+        np.testing.assert_allclose(g.boxes_xyxy, w.boxes_xyxy, rtol=0, atol=1e-4)
+
+
 def test_postprocess_rejects_soft_nms_and_bad_batch() -> None:
     out0 = torch.zeros(2, 5, 10)
     lbs = [letterbox_params((720, 1280), (640, 384))] * 2
