@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from engines.deploy.commands import BUILD_ENGINE, CALIBRATE
 from pipeline import ctl, subscribe
 from streamdet.cli import Command, OneLineErrorParser, Subcommand
-from streamdet.constants import EXIT_USAGE
+from streamdet.constants import EXIT_SIGINT, EXIT_USAGE
 
 if TYPE_CHECKING:
     from pipeline.cluster.driver import ClusterRun
@@ -175,6 +175,8 @@ def run_main(argv: list[str] | None = None, *, prog: str = "run_pipeline.py") ->
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # (Ctrl-C before the run's own stop handling is in place: while checking the inputs)
+        return EXIT_SIGINT
     finally:  # the stages' CPU time then counts in this process's children (time, wait4)
         stop_fork_server()
     try:

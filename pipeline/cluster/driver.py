@@ -15,7 +15,8 @@ and then runs:
   live node when its node dies, and the driver follows it there (``status`` state ``moved``).
 
 The first SIGINT/SIGTERM stops the cameras gracefully (EOS) and cancels the file units; a second
-one ends the run at once. Ray is imported here only.
+one ends the run at once. One during the set-up (joining the cluster, the checks, opening the sinks,
+``--wait-subscribers``) ends the run there, with the same exit status. Ray is imported here only.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -64,15 +66,63 @@ message, is given up (its cameras end with an error EOS): Ray restarts it for ev
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+class _Stopped(BaseException):
+    """A stop signal during the set-up (joining, checks, sinks): the run ends there (``args[0]``: the signal)."""
+
+
+@contextlib.contextmanager
+def _cpp_logs_hidden(thread: threading.Thread) -> Iterator[None]:
+    """Descriptor 2 on /dev/null while ``thread`` (``ray.init``) tries: Ray's C++ client logs each failed try there.
+
+    (A warning a second, for an address that answers but is not a Ray head; no Ray log setting
+    applies that early.) If the try goes on (timed out, stopped), ``sys.stderr`` moves to a copy.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        yield
+    finally:
+        try:
+            on_fd2 = sys.stderr.fileno() == 2
+        except (OSError, ValueError, AttributeError):  # (captured: restored, the try's lines may show)
+            on_fd2 = False
+        if thread.is_alive() and on_fd2:
+            sys.stderr.flush()
+            sys.stderr = open(saved, "w", buffering=1, encoding=sys.stderr.encoding,  # (for the rest of the process)
+                              errors="backslashreplace")
+        else:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def connect(address: str, timeout_s: float) -> None:
     """Join the Ray cluster at ``address`` (``HOST:PORT`` or ``auto``) as a driver.
 
-    Nothing is started on this host: an address with no cluster behind it fails here.
+    Nothing is started on this host: an address with no cluster behind it fails here. Ray's own
+    console output stays off the driver's (its client's retries, the cluster's error messages).
 
     Raises:
         PipelineError: one line naming the address and the problem, within ``timeout_s``.
     """
-    if address != "auto" and address.removeprefix("ray://").rpartition(":")[0].strip("[]") in _LOOPBACK:
+    target = os.environ.get("RAY_ADDRESS", "").strip() if address == "auto" else address
+    if target in ("", "auto"):  # as Ray does: else the cluster `ray start` left on this host
+        from ray._private.services import get_ray_address_from_environment
+
+        with contextlib.suppress(Exception):  # (ConnectionError: none found)
+            target = get_ray_address_from_environment("auto", None) or ""
+        if target in ("", "auto"):
+            raise PipelineError("--ray-address auto: no Ray cluster found on this host (start one with ray start)")
+    shown = address if target == address else f"{address} ({target})"
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")
+    if host in _LOOPBACK:
         # a cluster bound to the loopback interface: Ray would rewrite 127.0.0.1 into this host's
         # network address, where nothing listens, unless told that the cluster is local
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -81,24 +131,15 @@ def connect(address: str, timeout_s: float) -> None:
 
             ray_constants.ENABLE_RAY_CLUSTER = False
     import ray
+    from ray._private import worker as ray_worker
 
-    target = address
-    if address == "auto":
-        try:
-            from ray._private.services import canonicalize_bootstrap_address
-
-            target = canonicalize_bootstrap_address("auto") or ""
-        except Exception as e:
-            raise PipelineError(f"--ray-address auto: no Ray cluster found on this host ({e})") from e
-        if not target:
-            raise PipelineError("--ray-address auto: no Ray cluster found on this host (start one with ray start)")
-    host, _, port = target.removeprefix("ray://").rpartition(":")
-    host = host.strip("[]")
+    # mute the printer of the cluster's errors ("(raylet) The node ... has been marked dead"), on despite log_to_driver
+    ray_worker._worker_logs_enabled = False
     try:
         socket.create_connection((host, int(port)), timeout=min(timeout_s, 5.0)).close()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, OverflowError) as e:
         why = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise PipelineError(f"--ray-address {address}: no Ray cluster reachable there ({why})") from e
+        raise PipelineError(f"--ray-address {shown}: no Ray cluster reachable there ({why})") from e
     kwargs: dict[str, Any] = {"_node_ip_address": "127.0.0.1"} if host in _LOOPBACK else {}
     outcome: list[BaseException | None] = []
 
@@ -112,14 +153,15 @@ def connect(address: str, timeout_s: float) -> None:
 
     # ray.init retries for ever when the address answers but is not a Ray head: bounded here
     thread = threading.Thread(target=init, name="streamdet-ray-init", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
+    with _cpp_logs_hidden(thread):
+        thread.start()
+        thread.join(timeout_s)
     if not outcome:
-        raise PipelineError(f"--ray-address {address}: the Ray cluster did not answer within {timeout_s:g} s "
+        raise PipelineError(f"--ray-address {shown}: the Ray cluster did not answer within {timeout_s:g} s "
                             "(cluster.connect_timeout_s)")
     if outcome[0] is not None:
         why = " ".join(str(outcome[0]).split())[:300]
-        raise PipelineError(f"--ray-address {address}: cannot join the Ray cluster ({why})") from outcome[0]
+        raise PipelineError(f"--ray-address {shown}: cannot join the Ray cluster ({why})") from outcome[0]
 
 
 @dataclass
@@ -133,8 +175,10 @@ class _Unit:
     gen: Any = None
     summary: dict[str, Any] | None = None
     node: dict[str, Any] = field(default_factory=dict)
+    nodes: set[str] = field(default_factory=set)
     moves: int = 0
     failures: int = 0
+    runs: int = 0
 
 
 class ClusterRun:
@@ -150,6 +194,7 @@ class ClusterRun:
         self.settings = settings
         self.progress = (not settings.quiet and sys.stderr.isatty()) if progress is None else progress
         self._signals: list[int] = []
+        self._starting = False
         self._prepared: PreparedRun | None = None
         self.units: list[_Unit] = []
         self.relay: Relay | None = None
@@ -183,7 +228,8 @@ class ClusterRun:
 
         Returns:
             The :class:`~pipeline.summary.RunSummary` (frames and detections as published by the
-            driver's sinks; ``exit_code`` 1 if a file failed for good).
+            driver's sinks; ``exit_code`` 1 if a file failed for good, 130/143/129 if stopped,
+            in the set-up too).
 
         Raises:
             PipelineError: bad input, an unreachable cluster, a cluster that cannot serve the run,
@@ -198,25 +244,32 @@ class ClusterRun:
         assert address is not None
         summary = RunSummary(model=prepared.model_names,
                              sources=[SourceReport(src.source_id, src.display) for src in prepared.sources])
-        connect(address, s.cluster.connect_timeout_s)
-        old: dict[int, Any] = {}
+        # before joining: a stop signal in the set-up (slow cluster, --wait-subscribers) ends it there
+        old = install_stop_handlers(self._on_signal, tracker=False) if handle_signals else {}  # (no shared memory)
+        self._starting = handle_signals
         ctx: zmq.Context[Any] = zmq.Context()
         sinks: list[Sink] = []
+        connected = False
         try:
+            connect(address, s.cluster.connect_timeout_s)
+            connected = True
             self._check_cluster(address)
             sinks = self._open_sinks(ctx, prepared)
-            if handle_signals:  # (SIGHUP too: a closed terminal stops the run as SIGTERM does)
-                old.update(install_stop_handlers(self._on_signal, tracker=False))  # (no shared memory here)
+            self._starting = False
             self._run(summary, sinks, prepared)
+        except _Stopped as e:
+            summary.stopped_by(e.args[0])
         finally:
+            self._starting = False
             for sink in sinks:
                 try:
                     sink.close()
                 except Exception as e:
                     summary.errors.append(f"{sink.describe()}: cannot finish ({e})")
             summary.outputs = [sink.describe() for sink in sinks] + ([self.cluster_line] if self.cluster_line else [])
-            ctx.term()
-            self._release()
+            ctx.destroy(linger=0)  # (the sinks closed above keep their own linger)
+            if connected:
+                self._release()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
         return summary
@@ -250,10 +303,14 @@ class ClusterRun:
         for sink in self.settings.sinks.sink_config().build(ctx=ctx, class_names=prepared.first_card.class_names):
             try:
                 open_sink(sink)
-            except (TransportError, StageError) as e:
-                for done in opened:
-                    done.close()
-                raise PipelineError(str(e)) from e
+            except BaseException as e:
+                refused = isinstance(e, (TransportError, StageError))
+                for done in opened if refused else [*opened, sink]:  # (one interrupted part way is closed too)
+                    with contextlib.suppress(Exception):
+                        done.close()
+                if refused:
+                    raise PipelineError(str(e)) from e
+                raise
             opened.append(sink)
         return opened
 
@@ -289,7 +346,8 @@ class ClusterRun:
             if unit.actor is None:
                 unit.actor = CameraShard.options(num_cpus=c.shard_cpus, num_gpus=gpus,
                                                  scheduling_strategy="SPREAD").remote(unit.spec)
-            unit.gen = unit.actor.run.options(num_returns="streaming").remote()
+            unit.gen = unit.actor.run.options(num_returns="streaming").remote(unit.runs)
+            unit.runs += 1
         else:
             unit.gen = run_file_unit.options(num_returns="streaming", num_cpus=c.unit_cpus, num_gpus=gpus,
                                              scheduling_strategy="SPREAD").remote(unit.spec, unit.attempt)
@@ -359,11 +417,15 @@ class ClusterRun:
         summary.detections = sum(t.detections for t in relay.tally.values())
         for err in relay.errors:
             summary.fail(err)
+        self.cluster_line = self._cluster_line()
+
+    def _cluster_line(self) -> str:
+        """``cluster: N units on M nodes, ...``: M counts every node a unit ran on, a retried one's first too."""
         retries = sum(u.attempt for u in self.units if not u.spec.live)
         moves = sum(u.moves for u in self.units if u.spec.live)
-        nodes = {str(u.node.get("node_id", "")) for u in self.units if u.node}
-        self.cluster_line = (f"cluster: {len(self.units)} units on {len(nodes)} nodes, {retries} file retries, "
-                             f"{moves} shard moves")
+        nodes = set().union(*(u.nodes for u in self.units))
+        return (f"cluster: {len(self.units)} units on {len(nodes)} nodes, {retries} file retries, "
+                f"{moves} shard moves")
 
     def _receive(self, unit: _Unit, batch: list[Message]) -> None:
         assert self.relay is not None
@@ -374,6 +436,7 @@ class ClusterRun:
                 unit.moves += int(moved)
                 self.relay.place(unit.spec.source_ids, node)
             unit.node = node
+            unit.nodes.add(str(node.get("node_id", "")))
             batch = batch[1:]
         if batch:
             unit.failures = 0
@@ -439,6 +502,9 @@ class ClusterRun:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals.append(signum)
+        if self._starting:  # the first one in the set-up ends it (the run's loop sees the others)
+            self._starting = False
+            raise _Stopped(signum)
 
     def _release(self) -> None:
         import ray

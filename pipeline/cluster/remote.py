@@ -72,19 +72,20 @@ class _CameraShard:
     def __init__(self, spec: UnitSpec) -> None:
         self.spec = spec
         self.unit: UnitRun | None = None
-        self.runs = 0
 
-    def run(self) -> Iterator[list[Message]]:
+    def run(self, attempt: int = 0) -> Iterator[list[Message]]:
         """Run the shard's pipeline (call with ``.options(num_returns="streaming")``).
 
+        Args:
+            attempt: the driver's count of this shard's earlier runs (0 the first time; a run
+                after Ray restarted the actor on a live node has 1 or more).
+
         Yields:
-            Batches of messages: the placement first (``attempt`` counts this actor's runs and
-            Ray's restarts of it), then the pipeline's messages until it ends, the summary last.
+            Batches of messages: the placement first, then the pipeline's messages until it ends,
+            the summary last.
         """
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        self.runs += 1
         _lean_spawn()
-        yield [placement(self.runs + (1 if restarted else 0) - 1)]
+        yield [placement(attempt)]
         self.unit = UnitRun(self.spec)
         yield from self.unit.batches()
 

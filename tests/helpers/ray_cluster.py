@@ -7,6 +7,13 @@ Usage::
     cluster.kill_node(node_id)          # a node dies (raylet and its workers SIGKILLed)
     cluster.close()                     # always (the fixtures do it)
 
+``shared_cluster`` is a session-wide two-node cluster for tests that do not kill nodes (import it
+into a test module to use it: the cluster is started once for every module that does).
+
+Ray's ports are chosen by the system unless ``STREAMDET_TEST_RAY_PORTS=BASE`` is set (a shared
+machine): the head and one worker node then take theirs from ``BASE`` .. ``BASE + 99``, two
+clusters at a time at most.
+
 Ray rewrites a loopback address into the host's network address unless
 ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is set before it is imported: this module sets it first.
 Without the ``ray`` package (the ``cluster`` extra) the tests are skipped.
@@ -18,6 +25,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +39,22 @@ FAST_FAILURE_DETECTION = {"health_check_period_ms": 500, "health_check_failure_t
                           "health_check_initial_delay_ms": 0}
 """GCS settings of the test cluster: a dead node is noticed within ~2 s (Ray's defaults: ~15-30 s)."""
 
+_BLOCKS: set[int] = set()
+"""Port blocks (``STREAMDET_TEST_RAY_PORTS``) of the clusters running now."""
+
+
+def _ports(block: int | None, node: int) -> dict[str, Any]:
+    """Ray's ports for node ``node`` (0: the head) of a cluster in the 50 ports from ``block`` (None: the system's)."""
+    if block is None or node > 1:
+        return {}
+    p = block + 25 * node
+    names = ("node_manager_port", "object_manager_port", "metrics_agent_port", "metrics_export_port",
+             "dashboard_agent_listen_port", "runtime_env_agent_port")
+    ports: dict[str, Any] = {name: p + 1 + i for i, name in enumerate(names)}
+    if node == 0:
+        ports["gcs_server_port"] = p
+    return {**ports, "min_worker_port": p + 10, "max_worker_port": p + 24}
+
 
 class LocalCluster:
     """``ray.cluster_utils.Cluster`` with ``nodes`` nodes of ``cpus`` logical CPUs each, on 127.0.0.1."""
@@ -38,10 +62,15 @@ class LocalCluster:
     def __init__(self, nodes: int = 2, cpus: int = 2) -> None:
         from ray.cluster_utils import Cluster
 
+        base = os.environ.get("STREAMDET_TEST_RAY_PORTS")
+        self.block = next((b for b in (int(base), int(base) + 50) if b not in _BLOCKS), None) if base else None
+        if self.block is not None:
+            _BLOCKS.add(self.block)
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": cpus, "node_ip_address": "127.0.0.1", "include_dashboard": False,
-            "_system_config": FAST_FAILURE_DETECTION})
-        self.workers = [self.cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1") for _ in range(nodes - 1)]
+            "_system_config": FAST_FAILURE_DETECTION, **_ports(self.block, 0)})
+        self.workers = [self.cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1", **_ports(self.block, 1 + i))
+                        for i in range(nodes - 1)]
 
     @property
     def address(self) -> str:
@@ -81,6 +110,25 @@ class LocalCluster:
         if ray.is_initialized():
             ray.shutdown()
         self.cluster.shutdown()
+        _BLOCKS.discard(self.block or -1)
+
+
+@pytest.fixture(scope="session")
+def shared_cluster() -> Iterator[LocalCluster]:
+    """A two-node cluster for the whole session (for tests that leave its nodes alone)."""
+    c = LocalCluster(nodes=2)
+    yield c
+    c.close()
+
+
+def spare_port() -> int:
+    """A free TCP port for a test's own socket (with ``STREAMDET_TEST_RAY_PORTS``: one Ray leaves free there)."""
+    base = os.environ.get("STREAMDET_TEST_RAY_PORTS")
+    if base:
+        return int(base) + 8  # (between the head's own ports and its workers', in either block's layout)
+    from tests.helpers.cli import free_port
+
+    return free_port()
 
 
 def descendants(pid: int) -> list[int]:

@@ -12,7 +12,7 @@ import pytest
 from pydantic import SecretStr
 
 from pipeline.cluster.relay import Relay, placement_status
-from pipeline.cluster.worker import KIND_SUMMARY, UnitRun, UnitSpec, unit_settings
+from pipeline.cluster.worker import KIND_PLACED, KIND_SUMMARY, UnitRun, UnitSpec, unit_settings
 from pipeline.settings import SourceEntry
 from pipeline.stages.forward_sink import KIND_DETECTIONS, KIND_EOS, KIND_STATUS
 from pipeline.stages.sink_base import FrameResult, Sink
@@ -108,6 +108,26 @@ def test_a_file_failed_for_good_gets_an_error_eos_once():
     relay.fail("a", "again")
     assert [g for g in sink.got if g[0] == "eos"] == [("eos", "a", (1, "error"))]
     assert relay.errors[0].startswith("a.mp4: failed on the cluster after 4 attempts")
+
+
+def test_the_cluster_line_counts_every_node_a_unit_ran_on():
+    """A file retried on another node ran on both: before, only its last placement counted ("on 1 nodes")."""
+    from pipeline.cluster.driver import ClusterRun, _Unit
+
+    run = ClusterRun(settings=settings_with({"sinks": {"publish": None}}, cluster__ray_address="127.0.0.1:1"))
+    run.relay = Relay(sinks=[Recorder()], sources=[("a", False), ("b", False)])
+    a, b = (_Unit(spec=UnitSpec(settings={}, source_ids=(sid,)), display=f"{sid}.mp4") for sid in "ab")
+    run.units = [a, b]
+
+    def placed(node: str) -> list[tuple[bytes, str, bytes, int]]:
+        return [(KIND_PLACED, "", json.dumps({"node_id": node, "node_ip": "127.0.0.1", "pid": 1}).encode(), -1)]
+
+    run._receive(a, placed("n1"))
+    run._receive(b, placed("n2"))
+    run._receive(a, [det("a", 0)])
+    a.attempt = 1  # n1 died: a runs again, on n2 (where b runs)
+    run._receive(a, placed("n2"))
+    assert run._cluster_line() == "cluster: 2 units on 2 nodes, 1 file retries, 0 shard moves"
 
 
 def test_unit_settings_keep_only_the_unit_and_make_paths_absolute(monkeypatch, tmp_path):

@@ -24,9 +24,14 @@ import pytest
 from pipeline.cli import run_main
 from pipeline.cluster.driver import ClusterRun
 from pipeline.runner import Pipeline
-from tests.helpers.cli import free_port, hang_up
+from tests.helpers.cli import hang_up
 from tests.helpers.mosquitto import Mosquitto, Subscriber
-from tests.helpers.ray_cluster import LocalCluster, wait_for
+from tests.helpers.ray_cluster import (  # noqa: F401  (shared_cluster: a fixture)
+    LocalCluster,
+    shared_cluster,
+    spare_port,
+    wait_for,
+)
 from tests.helpers.settings import settings_with
 from tests.helpers.standin import bikes_path
 
@@ -52,11 +57,9 @@ def rendered(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster(nodes=2)
-    yield c
-    c.close()
+@pytest.fixture
+def cluster(shared_cluster):  # noqa: F811  (the session's two nodes, shared with test_cluster_signals.py)
+    return shared_cluster
 
 
 @pytest.fixture
@@ -180,7 +183,7 @@ def test_cameras_move_to_a_live_node_within_10_s(fresh_cluster, tmp_path, standi
         over = {FAST_RECONNECT[i + 1].split("=")[0]: FAST_RECONNECT[i + 1].split("=")[1]
                 for i in range(0, len(FAST_RECONNECT), 2)}
         cams = [{"url": srv.url("clip"), "id": "cam1"}, {"url": srv.url("clip"), "id": "cam2"}]
-        port = free_port()
+        port = spare_port()
         tree: dict[str, Any] = {"sources": cams, "model": str(standin_model), "quiet": True,
                                 "sinks": {"publish": f"tcp://127.0.0.1:{port}", "publish_wait_subscribers": 1}}
         for key, value in over.items():
@@ -251,7 +254,7 @@ def test_a_closed_terminal_stops_a_cluster_run_as_sigterm_does(cluster, tmp_path
 
 def test_unreachable_ray_address_is_one_line_within_10_s(capsys):
     before = ray_processes()
-    port = free_port()
+    port = spare_port()
     t0 = time.monotonic()
     code = run_main(["--ray-address", f"127.0.0.1:{port}", "--publish", "none", "--quiet"])
     took = time.monotonic() - t0
