@@ -226,8 +226,9 @@ class ClusterSettings(Section):
         if _off(v):
             return None
         v = str(v).strip()
-        if v != "auto" and not re.match(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$", v):
-            raise ValueError(f"expected HOST:PORT of the Ray head or 'auto', got {v!r}")
+        m = re.match(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:(\d{1,5})$", v)
+        if v != "auto" and (m is None or not 0 < int(m.group(2)) < 65536):
+            raise ValueError(f"expected HOST:PORT of the Ray head (port 1..65535) or 'auto', got {v!r}")
         return v
 
 

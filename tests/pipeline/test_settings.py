@@ -272,3 +272,18 @@ def test_a_config_path_that_is_a_directory_or_empty(tmp_path):
     with pytest.raises(SettingsError) as e:
         load_settings(config_file="")
     assert str(e.value) == "config file: expected a path, got an empty one"
+
+
+@pytest.mark.parametrize("address,ok", [
+    ("127.0.0.1:6379", True), ("ray://head:10001", True), ("auto", True), ("[::1]:6379", True),
+    ("127.0.0.1:99999", False), ("127.0.0.1:0", False), ("127.0.0.1", False), ("head:", False),
+])
+def test_ray_address_port_is_checked_at_startup(address, ok):
+    """A port out of range was accepted and failed later as an unreachable cluster (exit 1, not 2)."""
+    if ok:
+        assert load_settings(overrides={"cluster": {"ray_address": address}}).cluster.ray_address == address
+        return
+    with pytest.raises(SettingsError) as e:
+        load_settings(overrides={"cluster": {"ray_address": address}})
+    assert "expected HOST:PORT of the Ray head (port 1..65535) or 'auto'" in str(e.value)
+    assert "\n" not in str(e.value)
