@@ -12,14 +12,17 @@ The payloads are byte for byte the JSON the ZeroMQ PUB sink publishes and the JS
 (``docs/schema.md``). Every message has the QoS of ``MqttConfig.qos`` (1 by default).
 
 The broker never stalls the pipeline. paho-mqtt runs the connection in a thread of its own
-(``loop_start``) and reconnects by itself (1 s, doubling up to 30 s). With QoS 1 or 2, messages
-published while the broker is away are held (paho keeps them and sends them once it is back,
-QoS 1 ones possibly twice: at least once); at most ``MqttConfig.buffer`` messages are held, the
-ones beyond are dropped. With QoS 0 a message published while disconnected, or lost with the
-connection before it was written, is dropped. Every dropped message is counted in
-:attr:`MqttSink.dropped` (and shows in the stats as ``sink_dropped``); at :meth:`MqttSink.close`
-the sink waits up to ``flush_timeout_s`` for the held messages to be acknowledged and counts the
-rest as dropped.
+(``loop_start``), speaking MQTT v5 (3.1.1 with a broker that refuses v5 at start-up), and reconnects
+by itself (1 s, doubling up to 30 s). With QoS 1 or 2, messages published while the broker is away
+are held (paho keeps them and sends them once it is back, QoS 1 ones possibly twice: at least
+once); at most ``MqttConfig.buffer`` messages are held, the ones beyond are dropped. With QoS 0 a
+message published while disconnected, or lost with the connection before it was written, is
+dropped. A message larger than the broker's Maximum Packet Size (announced in its MQTT v5 CONNACK)
+is dropped instead of sent, and so is one the broker refuses in its PUBACK (an ACL denial, QoS 1);
+one warning line for each kind, once per run (``pipeline/stages/mqtt_limits.py``). Every dropped
+message is counted in :attr:`MqttSink.dropped` (and shows in the stats as ``sink_dropped``); at
+:meth:`MqttSink.close` the sink waits up to ``flush_timeout_s`` for the held messages to be
+acknowledged and counts the rest as dropped.
 
 Credentials (``mqtt://user:pass@host``, or ``MqttConfig.username`` / ``password``) are never shown:
 errors, warnings and :meth:`MqttSink.describe` name the broker as ``mqtt://***@HOST:PORT`` or
@@ -31,7 +34,6 @@ paho-mqtt is imported by :meth:`MqttSink.open` only (every postprocess process i
 from __future__ import annotations
 
 import os
-import re
 import sys
 import threading
 import time
@@ -41,6 +43,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stages.base import StageError, say
+from pipeline.stages.mqtt_limits import BrokerLimits, forget_held, held_messages, publish_packet_size, set_window
+from pipeline.stages.mqtt_url import MqttUrl, parse_mqtt_url
 from pipeline.stages.payloads import dumps, eos_payload
 from pipeline.stages.sink_base import FrameResult, Sink
 from streamdet.messages import EndOfStream
@@ -49,12 +53,6 @@ if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
 __all__ = ["MqttConfig", "MqttSink", "MqttUrl", "parse_mqtt_url"]
-
-DEFAULT_PORT = 1883
-"""Port of ``mqtt://`` URLs without one."""
-
-DEFAULT_TLS_PORT = 8883
-"""Port of ``mqtts://`` URLs without one."""
 
 RECONNECT_MIN_S = 1
 """First delay before reconnecting after a failed attempt or a lost connection, seconds (then doubled)."""
@@ -68,9 +66,6 @@ LOGIN_WAIT_S = 3.0
 KEEPALIVE_S = 20
 """MQTT keep-alive, seconds (a silent broker is found out after about 1.5 times this)."""
 
-MAX_INFLIGHT = 100
-"""QoS 1/2 messages sent and not yet acknowledged at a time (the rest wait in the buffer)."""
-
 STOP_WAIT_S = 0.5
 """At close, longest wait for paho's network thread to end (a daemon thread; told to stop, it ends within 1 s)."""
 
@@ -80,106 +75,13 @@ _FATAL_REFUSALS = {
     "Not authorized",
     "Banned",
     "Bad authentication method",
+    "Unsupported protocol version",
 }
-"""CONNACK refusals that retrying will not cure: they fail :meth:`MqttSink.open`."""
+"""CONNACK refusals that retrying will not cure: they fail :meth:`MqttSink.open` (the last one after trying 3.1.1)."""
+
+_EVERY_SUCH = "every such message is dropped and counted; this warning is not repeated"
 
 _LOGIN_REFUSALS = {"Bad user name or password", "Not authorized", "Banned", "Bad authentication method"}
-
-_HOSTPORT_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]]*))(?::(?P<port>.*))?")
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
-
-
-def _redact(url: str) -> str:
-    """``url`` with any userinfo hidden (``mqtt://***@host``) and control characters escaped (one line)."""
-    head, sep, rest = url.partition("://")
-    if not sep:
-        head, rest = "", url
-    if "@" in rest:
-        rest = "***@" + rest.rpartition("@")[2]
-    text = f"{head}{sep}{rest}"
-    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
-
-
-@dataclass(frozen=True)
-class MqttUrl:
-    """A parsed broker URL.
-
-    Attributes:
-        tls: ``mqtts://``.
-        host: broker host.
-        port: broker port (default 1883, or 8883 with TLS).
-        username: login from the URL's userinfo, or None (never printed: ``repr=False``).
-        password: password from the URL's userinfo, or None (never printed: ``repr=False``).
-    """
-
-    tls: bool
-    host: str
-    port: int
-    username: str | None = field(default=None, repr=False)
-    password: str | None = field(default=None, repr=False)
-
-    def display(self) -> str:
-        """``mqtt://HOST:PORT`` without credentials (for messages and logs)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
-
-
-def parse_mqtt_url(url: str) -> MqttUrl:
-    """Parse ``mqtt[s]://[user[:pass]@]HOST[:PORT]``.
-
-    ``HOST`` is a name, an IPv4 address or a bracketed IPv6 address; the port defaults to 1883
-    (``mqtt://``) or 8883 (``mqtts://``). User and password may be percent-encoded. A trailing
-    ``/`` is allowed; any other path, a query or a fragment is not.
-
-    Args:
-        url: the broker URL, e.g. ``mqtt://127.0.0.1:1883`` or ``mqtts://user:pass@broker.example``.
-
-    Returns:
-        The parsed URL.
-
-    Raises:
-        ValueError: one line naming the URL (credentials redacted) and what is wrong.
-    """
-    from urllib.parse import unquote
-
-    shown = _redact(url)
-
-    def bad(problem: str) -> ValueError:
-        return ValueError(f"MQTT URL {shown!r}: {problem}")
-
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in ("mqtt", "mqtts"):
-        raise bad("expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
-    if any(c.isspace() or not c.isprintable() for c in url):
-        raise bad("expected no blanks or control characters")
-    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority, tail = rest[:cut], rest[cut:]
-    if tail not in ("", "/"):
-        raise bad("expected nothing after HOST[:PORT] (no path, query or fragment)")
-    userinfo, at, hostport = authority.rpartition("@")
-    m = _HOSTPORT_RE.fullmatch(hostport)
-    if m is None:
-        raise bad("invalid host (expected a name, an IPv4 address or [an IPv6 address])")
-    host = m["v6"] or m["name"]
-    if not host:
-        raise bad("no host")
-    if m["name"] is not None and not _NAME_RE.fullmatch(host):
-        raise bad(f"invalid host {host!r}")
-    tls = scheme.lower() == "mqtts"
-    port = DEFAULT_TLS_PORT if tls else DEFAULT_PORT
-    if m["port"] is not None:
-        if not m["port"].isdigit() or not 1 <= int(m["port"]) <= 65535:
-            raise bad(f"invalid port {m['port']!r} (expected 1-65535)")
-        port = int(m["port"])
-    username: str | None = None
-    password: str | None = None
-    if at:
-        user, colon, pw = userinfo.partition(":")
-        if not user:
-            raise bad("empty user name before '@'")
-        username = unquote(user)
-        password = unquote(pw) if colon else None
-    return MqttUrl(tls=tls, host=host, port=port, username=username, password=password)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,7 +138,9 @@ class MqttSink(Sink):
         messages: messages handed to the sink (detections, eos, status, stats).
         delivered: messages the broker acknowledged (QoS 0: written to the connection).
         dropped: messages not delivered: refused by a full buffer, QoS 0 while disconnected or
-            lost with the connection, or still unacknowledged when :meth:`close` gave up waiting.
+            lost with the connection, larger than the broker's limit, refused by the broker
+            (PUBACK), or still unacknowledged when :meth:`close` gave up waiting.
+        too_large: of the dropped, those larger than the broker's Maximum Packet Size.
 
     Raises:
         ValueError: if ``config.url`` is not a valid broker URL (see :func:`parse_mqtt_url`).
@@ -250,12 +154,18 @@ class MqttSink(Sink):
         self.messages = 0
         self.delivered = 0
         self.dropped = 0
+        self.too_large = 0
         self._client: mqtt.Client | None = None
         self._lock = threading.Condition()
-        self._pending: dict[int, Any] = {}  # mid -> MQTTMessageInfo, handed to paho and not yet acknowledged
-        self._acked_early: set[int] = set()  # acknowledged before publish() returned its mid
+        # mid -> (MQTTMessageInfo, topic, packet bytes), handed to paho and not yet acknowledged
+        self._pending: dict[int, tuple[Any, str, int]] = {}
+        self._acked_early: dict[int, str | None] = {}  # acknowledged before publish() returned: mid -> refusal
+        self._v5 = True  # the protocol spoken: MQTT v5, else 3.1.1
+        self._limits = BrokerLimits()  # as the last CONNACK announced them
+        self._told: set[str] = set()  # the once-per-run warnings given
         self._opening = False  # open() waits for the first connection attempt
-        self._first_done = threading.Event()
+        self._first_done = threading.Event()  # the first connection attempt of self._attempt is answered
+        self._attempt: Any = None  # the client open() started last
         self._refused: str | None = None  # a login refused during open()
         self._up = False  # connected (CONNACK accepted)
         self._warned = False  # an episode of unreachable / lost / refused was reported
@@ -282,9 +192,13 @@ class MqttSink(Sink):
         return f"{prefix}/{kind}" if source_id is None else f"{prefix}/{source_id}/{kind}"
 
     def describe(self) -> str:
-        """``mqtt mqtt://HOST:PORT: N messages, D dropped (topics ...)`` (credentials hidden)."""
+        """``mqtt mqtt://HOST:PORT: N messages, D dropped[, B of them too large for the broker] (topics ...)``.
+
+        Credentials hidden.
+        """
         p = self.config.topic_prefix.rstrip("/")
-        return (f"mqtt {self._shown()}: {self.messages} messages, {self.dropped} dropped "
+        big = f", {self.too_large} of them too large for the broker" if self.too_large else ""
+        return (f"mqtt {self._shown()}: {self.messages} messages, {self.dropped} dropped{big} "
                 f"(topics {p}/<source_id>/detections, .../status, .../eos, {p}/stats)")
 
     def __repr__(self) -> str:
@@ -302,10 +216,34 @@ class MqttSink(Sink):
             return
         import paho.mqtt.client as mqtt
 
+        for protocol in (mqtt.MQTTv5, mqtt.MQTTv311):
+            client = self._start(protocol)
+            self._first_done.wait(LOGIN_WAIT_S)
+            with self._lock:
+                self._opening = False
+                refused, self._refused = self._refused, None
+                self._closing = refused is not None
+            if refused is None:
+                self._client = client
+                return
+            client.disconnect()
+            _stop_loop(client)
+            if refused != "Unsupported protocol version" or protocol != mqtt.MQTTv5:
+                break
+            self._closing = False  # a broker without MQTT v5: try again with 3.1.1
+        raise StageError(f"{self._shown()}: the broker refused the "
+                         f"{'login' if refused in _LOGIN_REFUSALS else 'connection'} ({refused})")
+
+    def _start(self, protocol: mqtt.MQTTProtocolVersion) -> mqtt.Client:
+        """A paho client speaking ``protocol``, its network thread started and connecting."""
+        import paho.mqtt.client as mqtt
+
         cfg = self.config
+        self._v5 = protocol == mqtt.MQTTv5
         client_id = cfg.client_id or f"streamdet-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
-                             protocol=mqtt.MQTTv311)
+        # a clean session at every connection (v5: clean start, and it ends with the connection)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+                             clean_session=None if self._v5 else True)
         if self._username() is not None or self._password() is not None:
             client.username_pw_set(self._username() or "", self._password())
         if self.url.tls:
@@ -315,8 +253,10 @@ class MqttSink(Sink):
                 problem = getattr(e, "strerror", None) or str(e)
                 raise StageError(f"{self._shown()}: cannot use the CA certificates {cfg.ca_file or '(system)'} "
                                  f"({' '.join(str(problem).split())})") from e
+        self._attempt = client
+        self._first_done.clear()
         client.max_queued_messages_set(cfg.buffer)
-        client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.max_inflight_messages_set(self._limits.inflight)  # until the CONNACK tells the broker's
         client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -324,19 +264,10 @@ class MqttSink(Sink):
         client.on_publish = self._on_publish
         with self._lock:
             self._opening = True
-        client.connect_async(self.url.host, self.url.port, keepalive=KEEPALIVE_S)
+        client.connect_async(self.url.host, self.url.port, keepalive=KEEPALIVE_S,
+                             clean_start=True if self._v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY)
         client.loop_start()
-        self._first_done.wait(LOGIN_WAIT_S)
-        with self._lock:
-            self._opening = False
-            refused = self._refused
-        if refused is not None:
-            self._closing = True
-            client.disconnect()
-            _stop_loop(client)
-            raise StageError(f"{self._shown()}: the broker refused the "
-                             f"{'login' if refused in _LOGIN_REFUSALS else 'connection'} ({refused})")
-        self._client = client
+        return client
 
     def _episode(self, problem: str) -> None:
         """Report the start of a disconnected episode (once until connected again)."""
@@ -357,21 +288,31 @@ class MqttSink(Sink):
             if not fatal_now:
                 what = "login" if text in _LOGIN_REFUSALS else "connection"
                 self._episode(f"the broker refused the {what} ({text})")
-            self._first_done.set()
+            self._answered(client)
             return
-        with self._lock:
+        limits = BrokerLimits.from_connack(properties, v5=self._v5)
+        with held_messages(client), self._lock:  # paho resends the held messages after this returns
+            set_window(client, limits.inflight)
             self._up = True
+            self._limits = limits
             was_warned, self._warned = self._warned, False
             self._sweep_lost()
-        self._first_done.set()
+            big = self._forget_too_large(client)
+        self._answered(client)
+        if big is not None:
+            self._warn_too_large(*big)
         if was_warned and not self._closing:
             say(f"mqtt {self._shown()}: connected")
+
+    def _answered(self, client: Any) -> None:
+        if client is self._attempt:  # not a client open() gave up on
+            self._first_done.set()
 
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
         # paho calls this inside its ``except OSError`` block: the exception is the current one
         problem = _oserror_text(sys.exc_info()[1])
         self._episode(f"broker unreachable ({problem})")
-        self._first_done.set()  # after the warning: open() returns with it printed
+        self._answered(client)  # after the warning: open() returns with it printed
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         with self._lock:
@@ -379,16 +320,59 @@ class MqttSink(Sink):
         if was_up:
             text = str(reason)
             self._episode("connection lost" + ("" if text in ("Unspecified error", "Success") else f" ({text})"))
-        self._first_done.set()
+        self._answered(client)
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        refused = str(reason) if getattr(reason, "is_failure", False) else None  # v5 PUBACK: e.g. Not authorized
         with self._lock:
-            if self._pending.pop(mid, None) is not None:
-                self.delivered += 1
-                if not self._pending:
-                    self._lock.notify_all()
-            else:
-                self._acked_early.add(mid)
+            entry = self._pending.pop(mid, None)
+            if entry is None:
+                self._acked_early[mid] = refused
+                return
+            self._settle(refused)
+            if not self._pending:
+                self._lock.notify_all()
+        if refused is not None:
+            self._warn_refused(entry[1], refused)
+
+    def _settle(self, refused: str | None) -> None:
+        """Count an acknowledged message: delivered, or dropped if the broker refused it (lock held)."""
+        if refused is None:
+            self.delivered += 1
+        else:
+            self.dropped += 1
+
+    def _forget_too_large(self, client: Any) -> tuple[str, int] | None:
+        """Drop the held messages over the broker's limit (paho's queue and the sink's lock held).
+
+        Returns:
+            The topic and size of one of them, or None.
+        """
+        limit = self._limits.max_packet
+        if limit is None:
+            return None
+        over = [mid for mid, (_, _, size) in self._pending.items() if size > limit]
+        big = None
+        for mid in forget_held(client, over):
+            _, topic, size = self._pending.pop(mid)
+            self.dropped += 1
+            self.too_large += 1
+            big = big or (topic, size)
+        return big
+
+    def _warn_once(self, key: str, text: str) -> None:
+        with self._lock:
+            if key in self._told or self._closing:
+                return
+            self._told.add(key)
+        say(f"warning: {self._shown()}: {text}")
+
+    def _warn_too_large(self, topic: str, size: int) -> None:
+        self._warn_once("too large", f"a message on {topic} is {size} bytes, over the broker's limit of "
+                        f"{self._limits.max_packet}: dropped ({_EVERY_SUCH})")
+
+    def _warn_refused(self, topic: str, refused: str) -> None:
+        self._warn_once(refused, f"the broker refused a message on {topic} ({refused}): dropped ({_EVERY_SUCH})")
 
     def _sweep_lost(self) -> None:
         """Count QoS 0 messages paho gave up with a lost connection (call with the lock held)."""
@@ -396,7 +380,7 @@ class MqttSink(Sink):
             return  # QoS 1/2 messages are kept by paho until acknowledged
         import paho.mqtt.client as mqtt
 
-        lost = [mid for mid, info in self._pending.items() if info.rc == mqtt.MQTT_ERR_CONN_LOST]
+        lost = [mid for mid, (info, _, _) in self._pending.items() if info.rc == mqtt.MQTT_ERR_CONN_LOST]
         for mid in lost:
             del self._pending[mid]
         self.dropped += len(lost)
@@ -410,12 +394,19 @@ class MqttSink(Sink):
 
         qos = self.config.qos
         self.messages += 1
+        size = publish_packet_size(topic, len(payload), qos, v5=self._v5)
         with self._lock:
-            if len(self._pending) >= self.config.buffer:
+            limit = self._limits.max_packet
+            big = limit is not None and size > limit  # sent, the broker would close the connection
+            if not big and len(self._pending) >= self.config.buffer:
                 self._sweep_lost()
-            if len(self._pending) >= self.config.buffer:
-                self.dropped += 1
-                return
+            full = not big and len(self._pending) >= self.config.buffer
+            self.dropped += big or full
+            self.too_large += big
+        if big:
+            self._warn_too_large(topic, size)
+        if big or full:
+            return
         try:
             info = client.publish(topic, payload, qos=qos, retain=retain)
         except ValueError:  # an invalid topic (cannot happen with checked source ids)
@@ -425,14 +416,23 @@ class MqttSink(Sink):
         # QoS 1/2: paho keeps every message it did not refuse for a full queue (MQTT_ERR_NO_CONN
         # included: sent after reconnecting); QoS 0: only those it could queue on a connection
         held = info.rc != mqtt.MQTT_ERR_QUEUE_SIZE if qos > 0 else info.rc == mqtt.MQTT_ERR_SUCCESS
+        refused = None
         with self._lock:
             if not held:
                 self.dropped += 1
             elif info.mid in self._acked_early:
-                self._acked_early.discard(info.mid)
-                self.delivered += 1
+                refused = self._acked_early.pop(info.mid)
+                self._settle(refused)
             else:
-                self._pending[info.mid] = info
+                self._pending[info.mid] = (info, topic, size)
+            late = limit is None and self._limits.max_packet is not None  # connected meanwhile: check it
+        if late:
+            with held_messages(client), self._lock:
+                gone = self._forget_too_large(client)
+            if gone is not None:
+                self._warn_too_large(*gone)
+        if refused is not None:
+            self._warn_refused(topic, refused)
 
     def write(self, result: FrameResult) -> None:
         """Publish ``<prefix>/<source_id>/detections``."""

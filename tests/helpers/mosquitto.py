@@ -9,8 +9,11 @@ Usage::
 
 ``Mosquitto(tmp_path, users={"bob": "pw"})`` requires a login (a ``password_file`` made with
 ``mosquitto_passwd``); ``persistent=True`` keeps sessions (persistent subscribers and the
-messages queued for them) across a restart. Without the broker binary the tests are skipped,
-except as root with ``apt-get`` at hand, where Debian's package is installed once.
+messages queued for them) across a restart; ``conf=["max_packet_size 360"]`` adds configuration
+lines. Without the broker binary the tests are skipped, except as root with ``apt-get`` at hand,
+where Debian's package is installed once.
+
+:class:`Mqtt311Broker` stands in for a broker that speaks MQTT 3.1.1 only.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -69,10 +72,11 @@ class Mosquitto:
         users: ``{user: password}`` to require a login; None: anonymous clients allowed.
         persistent: keep sessions and queued messages across a restart (``persistence true``).
         port: the port (default: a free one).
+        conf: more lines for ``mosquitto.conf`` (``max_packet_size 360``, ``acl_file PATH``...).
     """
 
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None, persistent: bool = False,
-                 port: int | None = None) -> None:
+                 port: int | None = None, conf: Sequence[str] = ()) -> None:
         ensure_mosquitto()
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +98,7 @@ class Mosquitto:
             lines += ["allow_anonymous false", f"password_file {pw}"]
         else:
             lines.append("allow_anonymous true")
+        lines += conf
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
 
@@ -184,3 +189,57 @@ class Subscriber:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class Mqtt311Broker:
+    """A stand-in broker on 127.0.0.1 that speaks MQTT 3.1.1 only, as one that predates MQTT v5.
+
+    It answers an MQTT v5 CONNECT with the 3.1.1 refusal "unacceptable protocol version" (CONNACK
+    return code 1) and closes; a 3.1.1 CONNECT is accepted, and every PUBLISH is acknowledged (QoS 1)
+    and its topic recorded in :attr:`topics`. One client at a time.
+    """
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.server.getsockname()[1])
+        self.levels: list[int] = []  # the protocol level of each CONNECT: 5, 4 (3.1.1)
+        self.topics: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            with conn, conn.makefile("rb") as f:
+                while (packet := _read_packet(f)) is not None:
+                    kind, body = packet
+                    if kind >> 4 == 1:  # CONNECT: 2-byte length, "MQTT", then the level
+                        self.levels.append(body[6])
+                        conn.sendall(b"\x20\x02\x00" + (b"\x00" if body[6] == 4 else b"\x01"))
+                        if body[6] != 4:
+                            break
+                    elif kind >> 4 == 3:  # PUBLISH
+                        n = int.from_bytes(body[:2], "big")
+                        self.topics.append(body[2:2 + n].decode())
+                        if kind & 0x06:  # QoS 1: PUBACK with its packet id
+                            conn.sendall(b"\x40\x02" + body[2 + n:4 + n])
+                    elif kind >> 4 == 14:  # DISCONNECT
+                        break
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _read_packet(f) -> tuple[int, bytes] | None:
+    """One MQTT packet ``(first byte, rest)`` from a socket file, or None at its end."""
+    head = f.read(1)
+    if not head:
+        return None
+    length, shift = 0, 0
+    while (byte := f.read(1)) and byte[0] & 0x80:
+        length, shift = length + ((byte[0] & 0x7F) << shift), shift + 7
+    length += (byte[0] if byte else 0) << shift
+    return head[0], f.read(length)
+

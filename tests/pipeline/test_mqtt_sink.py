@@ -19,7 +19,7 @@ from pipeline.stages.base import StageError
 from pipeline.stages.mqtt_sink import MqttConfig, MqttSink, MqttUrl, parse_mqtt_url
 from pipeline.stages.stats import LiveStats, StatsConfig
 from tests.helpers.cli import ROOT
-from tests.helpers.mosquitto import Mosquitto, Subscriber, free_port
+from tests.helpers.mosquitto import Mosquitto, Mqtt311Broker, Subscriber, free_port
 from tests.helpers.settings import settings_with
 from tests.helpers.standin import bikes_path
 
@@ -266,6 +266,116 @@ def test_refused_login_fails_the_run(standin_model, tmp_path, capfd):
     assert any(line in e for e in summary.errors), summary.errors
     out = capfd.readouterr()
     assert SECRET not in out.err + out.out + " ".join(summary.errors)
+
+
+# ------------------------------------------------------------------------------------------ the broker's limits
+def big_warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "over the broker's limit" in line]
+
+
+def test_a_message_too_large_for_the_broker_is_dropped_and_the_others_arrive(tmp_path, subscribers, capfd):
+    """Before, the broker cut the connection at each resend of the large one: nothing behind it arrived."""
+    b = Mosquitto(tmp_path / "small", conf=["max_packet_size 360"])
+    b.start()
+    try:
+        sub = subscribers(b.port)
+        sink = sink_for(b.url, flush_timeout_s=3)
+        sink.open()
+        sent = [b'{"i":%d}' % i for i in range(20)]
+        for i, p in enumerate(sent):
+            sink.write_json("cam", p)
+            if i in (5, 12):  # PUBLISH: 3-byte header, topic 2 + 24, packet id 2, properties 1, payload 400
+                sink.write_json("cam" if i == 5 else "cam2", b"x" * 400)
+        sink.close()
+        assert payloads(sub.wait(20)) == sent
+    finally:
+        b.close()
+    assert (sink.messages, sink.delivered, sink.dropped, sink.too_large) == (22, 20, 2, 2)
+    assert sink.describe().startswith(f"mqtt {b.url}: 22 messages, 2 dropped, 2 of them too large for the broker (")
+    err = capfd.readouterr().err
+    assert big_warnings(err) == [f"warning: {b.url}: a message on streamdet/cam/detections is 432 bytes, over the "
+                                 "broker's limit of 360: dropped (every such message is dropped and counted; "
+                                 "this warning is not repeated)"]
+    assert "connection lost" not in err
+
+
+def test_a_held_message_too_large_is_dropped_when_the_broker_tells_its_limit(tmp_path, subscribers, capfd):
+    """The broker is down at start-up: the sink holds the messages, then learns the limit from the CONNACK."""
+    b = Mosquitto(tmp_path / "small", persistent=True, conf=["max_packet_size 300"])
+    b.start()
+    sub = subscribers(b.port)
+    b.stop()
+    try:
+        sink = sink_for(b.url, flush_timeout_s=10)
+        sink.open()
+        sink.write_json("cam", b"1")
+        sink.write_json("cam", b"x" * 300)
+        sink.write_json("cam", b"2")
+        b.start()
+        sink.close()
+        assert payloads(sub.wait(2)) == [b"1", b"2"]
+    finally:
+        b.close()
+    assert (sink.delivered, sink.dropped, sink.too_large) == (2, 1, 1)
+    assert len(big_warnings(capfd.readouterr().err)) == 1
+
+
+def test_qos2_burst_beyond_the_brokers_receive_maximum_loses_nothing(tmp_path, subscribers):
+    """Mosquitto takes 5 QoS 2 messages in flight here; before, the sink sent 100 and the rest were lost unseen."""
+    b = Mosquitto(tmp_path / "narrow", persistent=True, conf=["max_inflight_messages 5"])
+    b.start()
+    sub = subscribers(b.port)
+    b.stop()  # down at start-up: 100 messages held, sent once it is up
+    try:
+        sink = sink_for(b.url, qos=2, flush_timeout_s=20)
+        sink.open()
+        sent = [b"%d" % i for i in range(300)]
+        for p in sent[:100]:
+            sink.write_json("cam", p)
+        b.start()
+        for p in sent[100:]:
+            sink.write_json("cam", p)
+        sink.close()
+        assert (sink.delivered, sink.dropped) == (300, 0)
+        assert payloads(sub.wait(300, timeout_s=10)) == sent
+    finally:
+        b.close()
+
+
+def test_a_message_the_broker_refuses_is_dropped_with_one_warning(tmp_path, subscribers, capfd):
+    """An ACL denial comes back in the MQTT v5 PUBACK (QoS 1); before, it counted as delivered."""
+    (tmp_path / "acl").write_text("topic write streamdet/ok/#\ntopic read #\n")
+    b = Mosquitto(tmp_path / "acl-broker", conf=[f"acl_file {tmp_path / 'acl'}"])
+    b.start()
+    try:
+        sub = subscribers(b.port)
+        sink = sink_for(b.url)
+        sink.open()
+        for i in range(3):
+            sink.write_json("ok", b"%d" % i)
+            sink.write_json("no", b"%d" % i)
+        sink.close()
+        assert payloads(sub.wait(3)) == [b"0", b"1", b"2"]
+    finally:
+        b.close()
+    assert (sink.messages, sink.delivered, sink.dropped) == (6, 3, 3)
+    err = capfd.readouterr().err
+    assert err.splitlines() == [f"warning: {b.url}: the broker refused a message on streamdet/no/detections "
+                                "(Not authorized): dropped (every such message is dropped and counted; "
+                                "this warning is not repeated)"]
+
+
+def test_a_broker_without_mqtt_v5_gets_mqtt_311():
+    b = Mqtt311Broker()
+    try:
+        sink = sink_for(f"mqtt://127.0.0.1:{b.port}", flush_timeout_s=5)
+        sink.open()
+        sink.write_json("cam", b"{}")
+        sink.close()
+    finally:
+        b.close()
+    assert b.levels == [5, 4] and b.topics == ["streamdet/cam/detections"]
+    assert (sink.delivered, sink.dropped) == (1, 0)
 
 
 # ------------------------------------------------------------------------------------------ stats
