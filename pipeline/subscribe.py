@@ -5,7 +5,9 @@ Prints one line per message (``--json``: the message itself, one JSON object per
 every source seen (``--sources N``: of N sources), ``--timeout S`` after S seconds without a
 message (exit status 1; ``inf``, the default, waits forever). Subscribing to a PUB socket is
 asynchronous: start the subscriber first and run the pipeline with ``--wait-subscribers 1`` to
-receive every message (see docs/schema.md).
+receive every message (see docs/schema.md). The endpoint is checked as the run checks its
+``--publish`` (``tcp://HOST:PORT`` with a port in 1..65535, or ``ipc://PATH``), and a TCP host name
+must resolve: anything else is one ``error:`` line, exit status 2, not a silent wait.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import argparse
 import json
 import math
 import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,11 +26,16 @@ from typing import Any
 
 import zmq
 
+from pipeline.settings_sections import SinkSettings
 from pipeline.stages.payloads import DETECTIONS_SCHEMA, EOS_SCHEMA, EOS_TOPIC
 from streamdet.cli import OneLineErrorParser, invoked_as
+from streamdet.constants import EXIT_USAGE
 
 POLL_CHUNK_MS = 60_000
 """Longest single wait on the socket: longer timeouts are waited in chunks (``zmq_poll`` takes a C ``long``)."""
+
+RESOLVE_TIMEOUT_S = 5.0
+"""Longest wait for the command line's look-up of the endpoint's host name."""
 
 
 class SubscribeTimeout(TimeoutError):
@@ -52,21 +61,67 @@ class Published:
 
     @property
     def source_id(self) -> str:
-        """The source the message is about."""
+        """The source the message is about ("" for a topic of no source: ``stats``)."""
         return self.topic.split(".", 1)[1] if "." in self.topic else ""
+
+
+def check_endpoint(endpoint: str) -> str:
+    """``endpoint`` if a pipeline can publish there: what the run accepts for its ``--publish``.
+
+    Raises:
+        ValueError: naming the endpoint and what is expected (a port out of 1..65535, no port,
+            another transport, ``none``).
+    """
+    try:
+        published = SinkSettings._publish(endpoint)  # (the run's own check)
+    except ValueError as e:
+        raise ValueError(str(e).replace(" (or none)", "")) from None  # (none: publishing nowhere)
+    if published is None:
+        raise ValueError(f"expected tcp://HOST:PORT or ipc://PATH, got {endpoint!r}")
+    return endpoint
+
+
+def resolve_endpoint_host(endpoint: str, timeout_s: float = RESOLVE_TIMEOUT_S) -> None:
+    """Check that a ``tcp://`` endpoint's host name resolves (ZeroMQ would retry it silently forever).
+
+    Raises:
+        ValueError: naming the endpoint, if the look-up fails or takes longer than ``timeout_s``.
+    """
+    if not endpoint.startswith("tcp://"):
+        return
+    host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+    failed: list[str] = []
+
+    def look_up() -> None:
+        try:
+            socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as e:  # socket.gaierror is an OSError
+            failed.append(str(e.strerror or e) if isinstance(e, OSError) else str(e))
+
+    t = threading.Thread(target=look_up, daemon=True)  # (a stuck resolver is not waited for)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        failed.append(f"no answer within {timeout_s:g} s")
+    if failed:
+        raise ValueError(f"expected a host name that resolves, got {endpoint!r} ({host}: {failed[0]})")
 
 
 class Subscriber:
     """A SUB socket connected to a pipeline's PUB endpoint.
 
     Args:
-        endpoint: e.g. ``tcp://127.0.0.1:5556``.
+        endpoint: e.g. ``tcp://127.0.0.1:5556`` (see :func:`check_endpoint`; a host name need not
+            resolve yet: ZeroMQ connects once it does).
         topics: topic prefixes to subscribe to (default: everything).
         ctx: a ZeroMQ context (default: the process's shared one).
+
+    Raises:
+        ValueError: if the endpoint is not one a pipeline can publish on, or ZeroMQ refuses it.
     """
 
     def __init__(self, endpoint: str, *, topics: Sequence[str] = ("",), ctx: zmq.Context[Any] | None = None) -> None:
-        self.endpoint = endpoint
+        self.endpoint = check_endpoint(endpoint)
         self._ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket[Any] = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -117,7 +172,8 @@ class Subscriber:
 
         Args:
             count: stop after this many messages.
-            until_eos: stop after the EOS of every source seen (or of ``sources`` sources).
+            until_eos: stop after the EOS of every source seen (a message of a source: its
+                ``detections``, ``status`` or ``eos``; ``stats`` is of none), or of ``sources`` sources.
             sources: with ``until_eos``, the number of EOS messages to wait for.
             timeout_s: longest wait for each message.
 
@@ -130,7 +186,8 @@ class Subscriber:
         while count is None or n < count:
             msg = self.recv(timeout_s)
             n += 1
-            seen.add(msg.source_id)
+            if msg.source_id:  # (stats: of no source, it never ends)
+                seen.add(msg.source_id)
             if msg.is_eos:
                 ended.add(msg.source_id)
             yield msg
@@ -179,6 +236,19 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _endpoint(text: str) -> str:
+    """An argparse ``type=`` for the endpoint: :func:`check_endpoint`, and a TCP host name must resolve.
+
+    Raises:
+        argparse.ArgumentTypeError: otherwise (argparse names the argument: one line, exit status 2).
+    """
+    try:
+        resolve_endpoint_host(check_endpoint(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _timeout_seconds(text: str) -> float | None:
     """An argparse ``type=`` for ``--timeout``: seconds above 0, or ``inf`` (returned as None: wait forever).
 
@@ -198,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: print the messages of a pipeline's PUB endpoint.
 
     Returns:
-        0 when done, 1 on timeout or a bad message, 130 on Ctrl-C.
+        0 when done, 1 on timeout or a bad message, 2 for a bad argument or an unusable endpoint,
+        130 on Ctrl-C.
     """
     p = OneLineErrorParser(prog=invoked_as("python -m pipeline.subscribe"),
                            description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556", help="PUB endpoint (default %(default)s)")
+    p.add_argument("endpoint", nargs="?", type=_endpoint, default="tcp://127.0.0.1:5556",
+                   help="PUB endpoint: tcp://HOST:PORT or ipc://PATH (default %(default)s)")
     p.add_argument("--topic", action="append", help="topic prefix, e.g. detections.bikes (repeatable; default all)")
     p.add_argument("--count", type=_positive_int, metavar="N", help="stop after N messages (N >= 1)")
     p.add_argument("--until-eos", action="store_true", help="stop after the EOS of every source seen")
@@ -215,7 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with Subscriber(args.endpoint, topics=args.topic or ("",)) as sub:
+        subscriber = Subscriber(args.endpoint, topics=args.topic or ("",))
+    except ValueError as e:  # (ZeroMQ refused the endpoint: as unusable as a bad argument)
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with subscriber as sub:
             for msg in sub.messages(count=args.count, until_eos=args.until_eos, sources=args.sources,
                                     timeout_s=args.timeout):
                 if args.json:

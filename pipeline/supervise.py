@@ -75,7 +75,7 @@ class Ledger:
     generation, the generation the preprocess stage has seen (its acknowledgement), the replay
     generation. Plus a ``finished`` flag (every
     EOS published: the preprocess and engine stages exit), the publish sink's current
-    subscription count (a restarted postprocess stage waits for its subscribers to reconnect) and
+    subscriber count (a restarted postprocess stage waits for its subscribers to reconnect) and
     the postprocess generation (its restarts: the engines take back the output slots it held);
     the run's go, stop-input and abort flags (:meth:`run_flags`); and the messages the publish
     sink sent (:attr:`pub_messages`: the run's summary counts every postprocess process's).
@@ -276,11 +276,11 @@ class Ledger:
 
     @property
     def subscribers(self) -> int:
-        """Subscriptions the publish sink had last (a restarted postprocess stage waits for them to reconnect)."""
+        """Subscribers the publish sink had last (a restarted postprocess stage waits for them to reconnect)."""
         return self._get(self._run(1))
 
     def set_subscribers(self, count: int) -> None:
-        """Record the publish sink's current subscriptions (postprocess stage)."""
+        """Record the publish sink's current subscriber count (postprocess stage)."""
         self._set(self._run(1), count)
 
     @property

@@ -48,7 +48,7 @@ class SinkConfig:
 
     Attributes:
         publish: ZeroMQ PUB endpoint, or None for no publishing.
-        publish_wait_subscribers: wait for this many subscriptions before the run starts.
+        publish_wait_subscribers: wait for this many subscribers before the run starts.
         publish_wait_timeout_s: longest wait for them.
         jsonl: JSONL output file, or None.
         video_out: annotated video file, or None.
@@ -85,7 +85,7 @@ class SinkConfig:
               ledger: Ledger | None = None) -> list[Sink]:
         """Create the sinks (not opened); ``class_names_by_source`` overrides the names per source.
 
-        With a ledger the publish sink records its subscriptions there; resuming, it first waits
+        With a ledger the publish sink records its subscriber count there; resuming, it first waits
         (up to :data:`RESUME_SUBSCRIBERS_WAIT_S`) until the dead sink's subscribers have reconnected.
         """
         sinks: list[Sink] = []

@@ -17,12 +17,19 @@ in ``docs/schema.md`` (built in :mod:`pipeline.stages.payloads`, re-exported her
 
 PUB semantics: a subscriber receives only what is published after its subscription reached the
 socket. The PUB sink is an XPUB socket, so it can wait at start-up until
-``publish_wait_subscribers`` subscriptions have arrived (then no message is lost to them); a
+``publish_wait_subscribers`` subscribers have subscribed (then no message is lost to them); a
 subscriber that falls :data:`~pipeline.transport.PUB_HWM` messages behind loses messages.
+
+A subscriber is a connection (a peer) with at least one subscription, however many topics it
+subscribed to: each subscription message names its connection (its file descriptor, ZeroMQ's
+``SRCFD``), and a socket monitor tells which connection went away (``EVENT_DISCONNECTED``; a
+connection's unsubscriptions on its way out name none). The monitor is read only when
+subscriptions changed, so publishing costs what it did.
 """
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -73,15 +80,29 @@ __all__ = [
 ]
 
 
+_PEER_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+"""The publish socket's monitor events: a subscriber's connection made and gone (value: its file descriptor)."""
+
+
+def _source_fd(frame: zmq.Frame) -> int:
+    """The file descriptor of the connection a subscription message came on (-1: made by the socket itself)."""
+    try:
+        return int(frame.get(zmq.SRCFD))
+    except zmq.ZMQError:  # (EINVAL: the unsubscriptions XPUB makes for a connection that went away)
+        return -1
+
+
 class PubSink(Sink):
     """Publishes results on a ZeroMQ XPUB socket as ``[topic, JSON]`` multipart messages.
 
     Args:
         ctx: the process's ZeroMQ context.
         endpoint: where to bind, e.g. ``tcp://127.0.0.1:5556``.
-        wait_subscribers: at :meth:`open`, wait until this many subscriptions arrived (0: don't wait).
+        wait_subscribers: at :meth:`open`, wait until this many subscribers are subscribed (0: don't
+            wait); a subscriber counts once however many topics it subscribed to, and no longer
+            once it has disconnected.
         wait_timeout_s: give up waiting after this long (then publish anyway).
-        on_subscribers: called with the number of current subscriptions whenever it changes (a
+        on_subscribers: called with the number of current subscribers whenever it changes (a
             restarted postprocess stage waits for as many before it publishes again).
         ledger: the run's ledger (None: no supervision): the message count lives there, so the
             sink of a restarted postprocess stage counts on from the dead one's (a PUB socket has
@@ -99,11 +120,16 @@ class PubSink(Sink):
         self.wait_subscribers = wait_subscribers
         self.wait_timeout_s = wait_timeout_s
         self.on_subscribers = on_subscribers
-        self.subscriptions = 0
-        self.current = 0
         self._ledger = ledger
         self.messages = ledger.pub_messages if ledger is not None else 0
         self._sock: zmq.Socket[Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None
+        self._peers: dict[int, int] = {}  # a connection's file descriptor: its subscriptions (1 or more)
+
+    @property
+    def subscribers(self) -> int:
+        """Connections with at least one subscription now (as of the last look at the socket)."""
+        return len(self._peers)
 
     def describe(self) -> str:
         """``zmq PUB <endpoint> (...)``."""
@@ -111,7 +137,7 @@ class PubSink(Sink):
                 "(topics detections.<source_id>, eos.<source_id>, status.<source_id>, stats)")
 
     def open(self) -> None:
-        """Bind the socket and wait for the configured number of subscriptions.
+        """Bind the socket and wait for the configured number of subscribers.
 
         Raises:
             TransportError: if the endpoint cannot be bound (e.g. the port is in use).
@@ -120,15 +146,19 @@ class PubSink(Sink):
         sock.setsockopt(zmq.SNDHWM, PUB_HWM)
         sock.setsockopt(zmq.LINGER, PUB_LINGER_MS)
         sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe (a subscriber gone: unsubscribe)
+        monitor = sock.get_monitor_socket(_PEER_EVENTS)  # (before the bind: every connection is seen)
+        monitor.setsockopt(zmq.LINGER, 0)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as e:
+            sock.disable_monitor()
+            monitor.close(0)
             sock.close(0)
             problem = zmq.strerror(e.errno or 0)
             raise TransportError(f"{redact_url(self.endpoint)}: cannot bind the publish socket ({problem})") from e
-        self._sock = sock
+        self._sock, self._monitor = sock, monitor
         deadline = time.monotonic() + self.wait_timeout_s
-        while self.subscriptions < self.wait_subscribers:
+        while self.subscribers < self.wait_subscribers:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 break
@@ -136,21 +166,50 @@ class PubSink(Sink):
                 self._read_subscriptions()
 
     def _read_subscriptions(self) -> None:
+        """Take in the subscriptions that arrived, and (only then) the connections that came and went."""
         assert self._sock is not None
+        changes: list[tuple[int, int]] = []  # (connection, +1 subscribed / -1 unsubscribed)
         while True:
             try:
-                event = self._sock.recv(zmq.NOBLOCK)
+                frame = self._sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
-            if event[:1] == b"\x01":
-                self.subscriptions += 1
-                self.current += 1
-            elif event[:1] == b"\x00":
-                self.current = max(0, self.current - 1)
+                break
+            kind = frame.bytes[:1]
+            if kind in (b"\x01", b"\x00"):
+                changes.append((_source_fd(frame), 1 if kind == b"\x01" else -1))
+        if not changes:
+            return
+        before = self.subscribers
+        # The monitor after the messages: a connection's ACCEPTED is queued before its first
+        # subscription arrives, its DISCONNECTED before the unsubscriptions made for it.
+        last: dict[int, int] = {}
+        for event, fd in self._monitor_events():
+            last[fd] = event
+            if event == zmq.EVENT_DISCONNECTED:
+                self._peers.pop(fd, None)
+        for fd, delta in changes:
+            if fd < 0 or last.get(fd) == zmq.EVENT_DISCONNECTED:
+                continue  # a gone connection's unsubscriptions (the monitor removed it), or its last words
+            n = self._peers.get(fd, 0) + delta
+            if n > 0:
+                self._peers[fd] = n
             else:
-                continue
-            if self.on_subscribers is not None:
-                self.on_subscribers(self.current)
+                self._peers.pop(fd, None)
+        if self.on_subscribers is not None and self.subscribers != before:
+            self.on_subscribers(self.subscribers)
+
+    def _monitor_events(self) -> list[tuple[int, int]]:
+        """The monitor's queued ``(event, file descriptor)`` pairs, oldest first."""
+        assert self._monitor is not None
+        events: list[tuple[int, int]] = []
+        while True:
+            try:
+                parts = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return events
+            if len(parts) == 2 and len(parts[0]) == 6:
+                event, value = struct.unpack("=Hi", parts[0])
+                events.append((event, value))
 
     def _send(self, topic_bytes: bytes, payload: Mapping[str, Any] | bytes) -> None:
         assert self._sock is not None
@@ -189,5 +248,9 @@ class PubSink(Sink):
     def close(self) -> None:
         """Close the socket (lingering up to :data:`PUB_LINGER_MS` to deliver the last messages)."""
         if self._sock is not None:
+            self._sock.disable_monitor()
             self._sock.close()
             self._sock = None
+        if self._monitor is not None:
+            self._monitor.close(0)
+            self._monitor = None

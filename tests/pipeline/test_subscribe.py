@@ -94,6 +94,41 @@ def test_main_json_until_eos(capsys):
     assert lines[0]["schema"] == "streamdet.detections/2"
 
 
+def test_main_until_eos_ends_at_the_eos_when_stats_came(capsys):
+    """A live run publishes ``stats`` (of no source): the EOS of every source seen still ends it."""
+    ep = free_endpoint()
+    ctx = zmq.Context()
+    sink = PubSink(ctx=ctx, endpoint=ep, wait_subscribers=1, wait_timeout_s=20)
+    done = threading.Event()
+
+    def live_run() -> None:
+        sink.open()
+        sink.status({"schema": "streamdet.status/1", "source_id": "cam1", "state": "connected"})
+        sink.stats({"schema": "streamdet.stats/1", "time": 0, "interval_s": 5, "sources": {}})
+        _, _, p = payload(0, "cam1")
+        sink.write_json("cam1", json.dumps(p).encode())
+        sink.end_of_stream(EndOfStream("cam1", 1, EosReason.MAX_FRAMES))
+        sink.stats({"schema": "streamdet.stats/1", "time": 5, "interval_s": 5, "sources": {}})
+        done.wait(30)  # (the socket stays open: the subscriber must stop by itself)
+        sink.close()
+
+    t = threading.Thread(target=live_run)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        code = main([ep, "--until-eos", "--json", "--timeout", "3"])  # (the old code: exit 1 after 3 s)
+        took = time.monotonic() - t0
+    finally:
+        done.set()
+        t.join()
+        ctx.term()
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert [json.loads(x)["topic"] for x in out.splitlines()] == ["status.cam1", "stats", "detections.cam1",
+                                                                  "eos.cam1"]
+    assert took < 3
+
+
 def test_main_timeout_is_one_error_line(capsys):
     assert main([free_endpoint(), "--timeout", "0.2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -120,6 +155,46 @@ def test_main_bad_arguments_are_one_line_exit_2(capsys, argv, problem):
         main([free_endpoint(), "--timeout", "0.5", *argv])  # (the old code waited instead of refusing)
     assert exc.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"error: {problem} (see --help)"]
+
+
+@pytest.mark.parametrize("endpoint, problem", [
+    ("tcp://127.0.0.1:99999", "expected a port in 1..65535, got 'tcp://127.0.0.1:99999'"),
+    ("tcp://127.0.0.1:0", "expected a port in 1..65535, got 'tcp://127.0.0.1:0'"),
+    ("tcp://[::1:5556", "expected tcp://HOST:PORT or ipc://PATH, got 'tcp://[::1:5556'"),
+    ("tcp://127.0.0.1", "expected tcp://HOST:PORT or ipc://PATH, got 'tcp://127.0.0.1'"),
+    ("127.0.0.1:5556", "expected tcp://HOST:PORT or ipc://PATH, got '127.0.0.1:5556'"),
+    ("udp://127.0.0.1:5556", "expected tcp://HOST:PORT or ipc://PATH, got 'udp://127.0.0.1:5556'"),
+    ("none", "expected tcp://HOST:PORT or ipc://PATH, got 'none'"),
+    ("", "expected tcp://HOST:PORT or ipc://PATH, got ''"),
+    ("tcp://nohost.invalid:5556", "expected a host name that resolves, got 'tcp://nohost.invalid:5556' "
+                                  "(nohost.invalid: "),
+])
+def test_main_refuses_an_unusable_endpoint_at_once(capsys, endpoint, problem):
+    """One line, exit status 2, at once (the old code waited: ZeroMQ connects asynchronously)."""
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as exc:
+        main([endpoint, "--timeout", "0.5"])
+    assert exc.value.code == 2 and time.monotonic() - t0 < 0.5 + 5
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: argument endpoint: {problem}"), err
+    assert err[0].endswith(" (see --help)")
+
+
+def test_main_refuses_what_zeromq_refuses_with_exit_2(capsys):
+    assert main(["tcp://*:5556", "--timeout", "0.5"]) == 2  # (a wildcard: binds, never connects)
+    assert capsys.readouterr().err.splitlines() == ["error: tcp://*:5556: cannot connect (Invalid argument)"]
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://localhost:{port}", "tcp://127.0.0.1:{port}", "ipc://{tmp}/pub"])
+def test_main_accepts_a_usable_endpoint(capsys, tmp_path, endpoint):
+    port = free_endpoint().rsplit(":", 1)[1]
+    assert main([endpoint.format(port=port, tmp=tmp_path), "--timeout", "0.2"]) == 1  # (waited: nobody publishes)
+    assert "no message within 0.2 s" in capsys.readouterr().err
+
+
+def test_subscriber_refuses_a_port_out_of_range():
+    with pytest.raises(ValueError, match=r"expected a port in 1\.\.65535, got 'tcp://127.0.0.1:65536'"):
+        Subscriber("tcp://127.0.0.1:65536")
 
 
 @pytest.mark.parametrize("timeout", ["inf", "Infinity", "1e30", "1e308"])
