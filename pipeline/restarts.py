@@ -152,6 +152,7 @@ class Restarter:
         self.events = events
         self.pool_names = pool_names
         self.pending: list[_Pending] = []
+        self._next_watch_ms = 0.0  # next look at the heartbeats (:meth:`_kill_hung`)
 
     @staticmethod
     def finish_outputs(children: Sequence[Child]) -> list[str]:
@@ -212,15 +213,16 @@ class Restarter:
         saying it hung. A stage beats only while it runs (not while it starts or finishes).
         """
         limit_ms = self.policy.hang_timeout_s * 1000.0
-        if limit_ms <= 0:
-            return
         now_ms = time.monotonic() * 1000.0
+        if limit_ms <= 0 or now_ms < self._next_watch_ms:
+            return
+        self._next_watch_ms = now_ms + min(limit_ms / 4.0, 500.0)  # (a few ledger reads, twice a second)
         for child in children:
             hb = getattr(child.proc, "heartbeat", None)
-            if hb is None or child.handled or child.proc.exitcode is not None:
+            if hb is None or child.handled:
                 continue
             last = self.ledger.last_beat_ms(hb)
-            if last <= 0 or now_ms - last <= limit_ms:
+            if last <= 0 or now_ms - last <= limit_ms or child.proc.exitcode is not None:  # (exitcode: a syscall)
                 continue
             hb.off()  # (once)
             reason = (f"made no progress for {(now_ms - last) / 1000.0:.0f} s "
