@@ -13,6 +13,7 @@ from pipeline.sources.file_reader import file_frames
 from pipeline.sources.options import DecodeThreads
 from pipeline.sources.probe import SourceError, probe_source
 from pipeline.sources.truncation import matroska_declared_size
+from tests.helpers.clips import write_h264
 
 FRAMES = 30
 
@@ -94,16 +95,7 @@ def faststart_mp4(tmp_path_factory):
 
     with av.open(str(bikes_path())) as c:
         frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(60), c.decode(c.streams.video[0]))]
-    path = tmp_path_factory.mktemp("mp4") / "whole.mp4"
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
-        s = c.add_stream("libx264", rate=25)
-        s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
-        for i, img in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            c.mux(s.encode(frame))
-        c.mux(s.encode())
-    return path
+    return write_h264(tmp_path_factory.mktemp("mp4") / "whole.mp4", frames, container_options={"movflags": "faststart"})
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.8, 0.95])

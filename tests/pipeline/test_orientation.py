@@ -25,6 +25,7 @@ from streamdet.orientation import quarter_turns
 from streamdet.postprocess import postprocess
 from streamdet.preprocess_ops import preprocess_batch
 from tests.helpers.cli import ROOT
+from tests.helpers.clips import write_h264
 
 DEMO = ROOT / "pipeline" / "samples" / "demo.mp4"
 MODEL = ROOT / "engines" / "models" / "detector.onnx"
@@ -43,18 +44,8 @@ def _upright_demo_frames(n: int = FRAMES) -> list[npt.NDArray[np.uint8]]:
 
 def _turned_clip(path: Path, upright_rgb: list[npt.NDArray[np.uint8]], rotation: int) -> Path:
     """An H.264 MP4 whose coded frames are ``upright_rgb`` turned away, and whose display matrix turns them back."""
-    coded = [np.ascontiguousarray(np.rot90(img, -quarter_turns(rotation))) for img in upright_rgb]
-    h, w = coded[0].shape[:2]
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=25, options={"crf": "12"})
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        s.set_display_rotation(rotation)
-        for i, img in enumerate(coded):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            c.mux(s.encode(frame))
-        c.mux(s.encode())
-    return path
+    coded = [np.rot90(img, -quarter_turns(rotation)) for img in upright_rgb]
+    return write_h264(path, coded, stream_options={"crf": "12"}, display_rotation=rotation)
 
 
 def _opencv_rgb(path: Path) -> list[npt.NDArray[np.uint8]]:
