@@ -61,6 +61,21 @@ def say(line: str) -> None:
         pass
 
 
+_RUNNING: StageFlags | None = None
+"""This process's flags while its stage runs (set by :func:`stage_main`), for :func:`show_life`."""
+
+
+def show_life() -> None:
+    """Beat this stage process's heartbeat during one long step (copying a long video), if it has one.
+
+    A stage beats whenever it takes a message or looks at its flags; a single step longer than
+    ``supervise.hang_timeout_s`` (finishing a source's annotated video at its EOS: remuxing
+    gigabytes) calls this every so often, or the runner would take the stage as hung.
+    """
+    if _RUNNING is not None:
+        _RUNNING.beat()
+
+
 class StageError(RuntimeError):
     """A stage cannot go on; the message names the input (file, model, endpoint) and the problem."""
 
@@ -377,6 +392,8 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
         stage.start()
         status.send(StatusKind.READY)
         flags.heartbeat = heartbeat
+        global _RUNNING
+        _RUNNING = flags
         stage.run()
     except Stopped:
         pass
@@ -387,6 +404,7 @@ def stage_main(spec: StageSpec, go: Any, stop_input: Any, abort: Any, parent_pid
             traceback.print_exc(file=sys.stderr)
     finally:
         flags.heartbeat = None
+        _RUNNING = None
         if heartbeat is not None:  # (finishing, e.g. remuxing a long video, beats no more)
             heartbeat.off()
         if stage is not None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.stages.base import say
+from pipeline.stages.base import say, show_life
 from pipeline.stages.sink_base import FrameResult, OutputInUseError, Sink, _AtomicFile, _OutputLock
 from streamdet.messages import EndOfStream
 
@@ -153,6 +153,8 @@ def _remux(src: Path, dst: Path) -> int:
                     packet.stream = s_out
                     out.mux(packet)
                     n += 1
+                    if n % 512 == 0:  # (a long video: the runner must not take the stage as hung)
+                        show_life()
             if n and _count_packets(work) != n:  # (FFmpeg does not always report a failed write)
                 raise OSError(errno.EIO, f"the copy of {n} frames could not be read back in full", str(dst))
         except BaseException:  # (no room for the copy, say: no half-written file left behind)
@@ -180,8 +182,10 @@ def _count_packets(path: Path) -> int:
     n = 0
     try:
         with av.open(str(path)) as c:
-            for packet in c.demux(c.streams.video[0]):
+            for i, packet in enumerate(c.demux(c.streams.video[0])):
                 n += packet.size > 0
+                if i % 512 == 511:
+                    show_life()
     except (av.FFmpegError, IndexError):
         pass
     return n

@@ -561,3 +561,26 @@ def test_publish_order(live, arrivals, expected, lost):
     assert out == expected
     assert lost_total == lost
     assert order.all_ended
+
+
+def test_a_long_video_remux_shows_life(tmp_path, monkeypatch):
+    """Finishing a source's annotated video at its EOS is one long step of the postprocess stage: it beats meanwhile.
+
+    Without it a long video's remux (gigabytes) outlasted ``supervise.hang_timeout_s`` and the stage was killed
+    as hung (seen at 0.5 s with two short clips and ``--video-out``).
+    """
+    import pipeline.stages.base as base
+    from pipeline.stages.video_sink import _remux
+    from tests.helpers.clips import write_h264
+
+    frames = [np.full((48, 64, 3), i % 250, np.uint8) for i in range(1100)]
+    src = write_h264(tmp_path / "frag.mp4", frames, container_options={"movflags": "frag_keyframe+empty_moov"})
+    beats: list[int] = []
+
+    class Flags:
+        def beat(self) -> None:
+            beats.append(1)
+
+    monkeypatch.setattr(base, "_RUNNING", Flags())
+    assert _remux(src, tmp_path / "regular.mp4") == 1100
+    assert len(beats) >= 4  # every 512 packets, while copying and while reading the copy back
