@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -60,7 +61,6 @@ def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callabl
             return
         stream.codec_context.thread_type = threads.value
         stream.codec_context.thread_count = decoder_thread_count()
-        h0, w0 = source.frame_hw
         fallback_dt = 1.0 / source.fps if source.fps > 0 else 0.0
         corrupt = failed = consecutive = 0
         index = 0
@@ -95,11 +95,7 @@ def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callabl
                     yield None, pts_s, 0.0
                     t0 = time.perf_counter()
                     continue
-                rotation = frame.rotation
-                if upright_hw((frame.height, frame.width), rotation) != (h0, w0):  # size change: keep the slot size
-                    ch, cw = upright_hw((h0, w0), rotation)  # (the coded size that turns into h0 x w0)
-                    frame = frame.reformat(width=cw, height=ch, threads=SWSCALE_THREADS)
-                rgb = to_rgb24(frame, rotation)
+                rgb = _slot_rgb(frame, source.frame_hw)
                 pts_s = float(frame.time) if frame.time is not None else index * fallback_dt
                 index += 1
                 yield rgb, pts_s, (time.perf_counter() - t0) * 1000.0
@@ -122,6 +118,18 @@ def file_frames(source: SourceInfo, *, threads: DecodeThreads, on_error: Callabl
         container.close()
 
 
+def _slot_rgb(frame: Any, frame_hw: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """A decoded frame as upright RGB of the probed ``frame_hw`` (a size change mid-stream is rescaled).
+
+    The frame slots keep their size, so a frame of another size is scaled to it before the turn.
+    """
+    rotation = frame.rotation  # (read before a reformat, which may not carry the display matrix)
+    if upright_hw((frame.height, frame.width), rotation) != frame_hw:
+        ch, cw = upright_hw(frame_hw, rotation)  # the coded size that turns into frame_hw
+        frame = frame.reformat(width=cw, height=ch, threads=SWSCALE_THREADS)
+    return to_rgb24(frame, rotation)
+
+
 def _tail_frames(source: SourceInfo, *, after_pts_s: float) -> Iterator[tuple[npt.NDArray[np.uint8], float]]:
     """The frames after ``after_pts_s`` that a single-threaded decoder still gets out of a damaged file.
 
@@ -141,7 +149,6 @@ def _tail_frames(source: SourceInfo, *, after_pts_s: float) -> Iterator[tuple[np
         stream.codec_context.thread_type = DecodeThreads.NONE.value
         if stream.time_base:
             container.seek(int(after_pts_s / stream.time_base), stream=stream, backward=True, any_frame=False)
-        h0, w0 = source.frame_hw
         for packet in container.demux(stream):
             try:
                 frames = stream.codec_context.decode(packet)
@@ -150,11 +157,7 @@ def _tail_frames(source: SourceInfo, *, after_pts_s: float) -> Iterator[tuple[np
             for frame in frames:
                 if frame.time is None or frame.time <= after_pts_s + 1e-9:
                     continue
-                rotation = frame.rotation
-                if upright_hw((frame.height, frame.width), rotation) != (h0, w0):
-                    ch, cw = upright_hw((h0, w0), rotation)
-                    frame = frame.reformat(width=cw, height=ch, threads=SWSCALE_THREADS)
-                yield to_rgb24(frame, rotation), float(frame.time)
+                yield _slot_rgb(frame, source.frame_hw), float(frame.time)
     except av.FFmpegError:
         return
     finally:
