@@ -61,7 +61,7 @@ _GO, _STOP_INPUT, _ABORT = 3, 4, 5  # run fields: the flags of :meth:`Ledger.run
 _PUB_MESSAGES = 6  # run field: messages the publish sink sent (over every postprocess process)
 _FLAG_POLL_S = 0.002  # how often :meth:`LedgerFlag.wait` looks
 HEARTBEATS = 256
-"""Heartbeat cells in the ledger, handed to stage processes in turn (:meth:`Ledger.heartbeat`); a
+"""Heartbeat cells in the ledger, handed to stage processes in turn (:meth:`Ledger.new_heartbeat`); a
 cell is used again after this many process starts, long after its last holder ended."""
 
 
@@ -92,6 +92,7 @@ class Ledger:
         self.num_sources = int(raw[0])
         self.num_chains = int(raw[1])
         self._a = raw
+        self._cells = -1  # the last heartbeat cell handed out (:meth:`new_heartbeat`, runner)
 
     def __del__(self) -> None:
         self.__dict__.pop("_a", None)  # the view first: a pool dropped unclosed cannot unmap under it
@@ -303,7 +304,7 @@ class Ledger:
 
     def new_heartbeat(self) -> Heartbeat:
         """The next heartbeat cell for a stage process (runner), cleared: not watched until the process beats."""
-        self._cells = getattr(self, "_cells", -1) + 1
+        self._cells += 1
         hb = Heartbeat(self, self._run(_RUN_FIELDS) + self._cells % HEARTBEATS)
         hb.off()
         return hb
@@ -322,7 +323,45 @@ _ATTACHED: dict[str, Ledger] = {}  # ledgers this process attached for its flags
 _ATTACH_LOCK = threading.Lock()  # (a colocated process's decoder threads look at the flags at once)
 
 
-class LedgerFlag:
+class _LedgerCell:
+    """One counter of the run's ledger, usable in any process.
+
+    It pickles as the ledger's name and the counter's place, and attaches the ledger on first use
+    (one mapping per process).
+
+    Args:
+        ledger: the run's ledger (the runner), or its name (attached on first use).
+        index: the counter's place in the ledger.
+    """
+
+    def __init__(self, ledger: Ledger | str, index: int) -> None:
+        self._ledger = ledger if isinstance(ledger, Ledger) else None
+        self._name = ledger.name if isinstance(ledger, Ledger) else ledger
+        self._index = index
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int]]:
+        return type(self), (self._name, self._index)
+
+    @property
+    def index(self) -> int:
+        """The counter's place in the ledger."""
+        return self._index
+
+    def _attached(self) -> Ledger | None:
+        """The ledger, attached on first use; None once it is gone (the runner ended)."""
+        if self._ledger is None:
+            with _ATTACH_LOCK:  # one mapping per process: a second one, dropped, would be unmapped under its view
+                ledger = _ATTACHED.get(self._name)
+                if ledger is None:
+                    try:
+                        ledger = _ATTACHED[self._name] = Ledger.attach(self._name)
+                    except SlotPoolError:
+                        return None
+                self._ledger = ledger
+        return self._ledger
+
+
+class LedgerFlag(_LedgerCell):
     """A run-wide flag in the ledger, set once and never cleared: the go, stop-input and abort signals.
 
     It stands where a ``multiprocessing.Event`` would (``set``, ``is_set``, ``wait``) without
@@ -336,26 +375,6 @@ class LedgerFlag:
         ledger: the run's ledger (the runner), or its name (attached on first use).
         index: the flag's counter in the ledger.
     """
-
-    def __init__(self, ledger: Ledger | str, index: int) -> None:
-        self._ledger = ledger if isinstance(ledger, Ledger) else None
-        self._name = ledger.name if isinstance(ledger, Ledger) else ledger
-        self._index = index
-
-    def __reduce__(self) -> tuple[Any, tuple[str, int]]:
-        return LedgerFlag, (self._name, self._index)
-
-    def _attached(self) -> Ledger | None:
-        if self._ledger is None:
-            with _ATTACH_LOCK:  # one mapping per process: a second one, dropped, would be unmapped under its view
-                ledger = _ATTACHED.get(self._name)
-                if ledger is None:
-                    try:
-                        ledger = _ATTACHED[self._name] = Ledger.attach(self._name)
-                    except SlotPoolError:
-                        return None
-                self._ledger = ledger
-        return self._ledger
 
     def is_set(self) -> bool:
         """Whether the flag was set (True when the ledger is gone)."""
@@ -379,7 +398,7 @@ class LedgerFlag:
         return True
 
 
-class Heartbeat:
+class Heartbeat(_LedgerCell):
     """A stage process's sign of life in the ledger: the last time it looked at its flags.
 
     A stage beats whenever it checks whether to go on (:meth:`pipeline.transport.StageFlags.alive`,
@@ -394,24 +413,17 @@ class Heartbeat:
         index: the cell's counter in the ledger.
     """
 
-    def __init__(self, ledger: Ledger | str, index: int) -> None:
-        self._flag = LedgerFlag(ledger, index)
-        self.index = index
-
-    def __reduce__(self) -> tuple[Any, tuple[str, int]]:
-        return Heartbeat, (self._flag._name, self.index)
-
     def beat(self) -> None:
         """Record that this process is alive now (``time.monotonic()`` in ms; about 0.2 µs)."""
-        ledger = self._flag._attached()
+        ledger = self._attached()
         if ledger is not None:
-            ledger._a[self.index] = int(time.monotonic() * 1000.0) or 1
+            ledger._set(self._index, int(time.monotonic() * 1000.0) or 1)
 
     def off(self) -> None:
         """Stop being watched (start-up, finishing: work with no beat for a while, e.g. loading a model)."""
-        ledger = self._flag._attached()
+        ledger = self._attached()
         if ledger is not None:
-            ledger._set(self.index, 0)
+            ledger._set(self._index, 0)
 
 
 @dataclass(frozen=True, kw_only=True)
