@@ -21,8 +21,8 @@ from streamdet.boxes import FloatArray, cxcywh_to_xyxy
 from streamdet.card import HeadLayout, ModelCard
 from streamdet.letterbox import LetterboxParams, boxes_input_to_frame
 from streamdet.nms import IndexArray, SoftNmsMethod, batched_nms, batched_soft_nms, soft_nms
-from streamdet.postprocess.detr import decode_detr, decode_rtdetr, finite_rows
-from streamdet.postprocess.results import Candidates, Detections, NmsMethod, PostprocessConfig
+from streamdet.postprocess.detr import decode_detr, decode_rtdetr
+from streamdet.postprocess.results import Candidates, Detections, NmsMethod, PostprocessConfig, finite_rows
 
 
 def _suppress(

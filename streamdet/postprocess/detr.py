@@ -30,26 +30,7 @@ import numpy.typing as npt
 
 from streamdet.boxes import cxcywh_to_xyxy
 from streamdet.letterbox import LetterboxParams
-from streamdet.postprocess.results import Candidates, PostprocessConfig
-
-
-def finite_rows(boxes: npt.NDArray[Any], scores: npt.NDArray[Any]) -> npt.NDArray[np.bool_] | None:
-    """Which candidates have a finite box and score: None when all do (the usual case, one cheap check).
-
-    The decoders call it on the candidates above the score threshold only (a NaN score already
-    fails the threshold), before top-k and NMS, so a NaN or infinite box never takes a slot.
-
-    Args:
-        boxes: ``(K, 4)`` boxes.
-        scores: ``(K,)`` scores.
-
-    Returns:
-        None if every row is finite, else the ``(K,)`` bool mask of the finite rows.
-    """
-    if np.isfinite(boxes).all() and np.isfinite(scores).all():
-        return None
-    ok: npt.NDArray[np.bool_] = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
-    return ok
+from streamdet.postprocess.results import Candidates, PostprocessConfig, finite_rows
 
 
 def _select(scores_qc: npt.NDArray[np.float32], boxes_cxcywh_norm: npt.NDArray[Any], input_wh: tuple[int, int],

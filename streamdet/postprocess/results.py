@@ -191,3 +191,22 @@ class Candidates:
         """No candidates."""
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
                    np.zeros(0, np.int64))
+
+
+def finite_rows(boxes: npt.NDArray[Any], scores: npt.NDArray[Any]) -> npt.NDArray[np.bool_] | None:
+    """Which candidates have a finite box and score: None when all do (the usual case, one cheap check).
+
+    The decoders call it on the candidates above the score threshold only (a NaN score already
+    fails the threshold), before top-k and NMS, so a NaN or infinite box never takes a slot.
+
+    Args:
+        boxes: ``(K, 4)`` boxes.
+        scores: ``(K,)`` scores.
+
+    Returns:
+        None if every row is finite, else the ``(K,)`` bool mask of the finite rows.
+    """
+    if np.isfinite(boxes).all() and np.isfinite(scores).all():
+        return None
+    ok: npt.NDArray[np.bool_] = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
+    return ok
